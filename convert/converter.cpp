@@ -1,0 +1,253 @@
+#include "convert/converter.h"
+
+#include <algorithm>
+#include <cstring>
+#include <future>
+#include <set>
+#include <vector>
+
+#include "runtime/core/error.h"
+#include "runtime/io/interrupt.h"
+#include "runtime/io/progress.h"
+#include "runtime/io/sha256.h"
+#include "runtime/io/staging_dir.h"
+#include "runtime/text/tokenizer_files.h"
+#include "runtime/workspace/workspace.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using nlohmann::ordered_json;
+
+namespace kiln {
+
+DType resolve_target_dtype(const std::string& requested, const HfCheckpoint& ckpt) {
+  if (requested == "fp32") return DType::F32;
+  if (requested == "fp16") return DType::F16;
+  if (requested == "bf16") return DType::BF16;
+  if (requested != "auto") throw Error("--dtype '" + requested + "' is not one of auto, bf16, fp16, fp32");
+  for (const char* key : {"torch_dtype", "dtype"}) {
+    auto it = ckpt.config().find(key);
+    if (it != ckpt.config().end() && it->is_string()) {
+      std::string d = it->get<std::string>();
+      if (d == "float32") return DType::F32;
+      if (d == "float16") return DType::F16;
+      if (d == "bfloat16") return DType::BF16;
+    }
+  }
+  for (const auto& [name, t] : ckpt.tensors())
+    if (dtype_is_float(t.info->dtype) && t.info->dtype != DType::F64) return t.info->dtype;
+  return DType::F32;
+}
+
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+float load_as_f32(DType t, const uint8_t* p, size_t i) {
+  switch (t) {
+    case DType::F32: {
+      float f;
+      std::memcpy(&f, p + 4 * i, 4);
+      return f;
+    }
+    case DType::BF16: {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      return bf16_to_f32(h);
+    }
+    default: {
+      uint16_t h;
+      std::memcpy(&h, p + 2 * i, 2);
+      return f16_to_f32(h);
+    }
+  }
+}
+
+// Converts a chunk; every source value passes through fp32 exactly, then rounds once to the target.
+void convert_chunk(DType from, const uint8_t* src, size_t count, DType to, std::vector<uint8_t>& out,
+                   const std::string& name) {
+  out.resize(count * dtype_size(to));
+  for (size_t i = 0; i < count; ++i) {
+    float f = load_as_f32(from, src, i);
+    if (to == DType::F32) {
+      std::memcpy(out.data() + 4 * i, &f, 4);
+    } else if (to == DType::BF16) {
+      uint16_t h = f32_to_bf16(f);
+      std::memcpy(out.data() + 2 * i, &h, 2);
+    } else {
+      if (f16_overflows(f))
+        throw Error("tensor '" + name + "' holds " + std::to_string(f) +
+                    ", beyond the fp16 range (+-65504); convert with --dtype bf16 or fp32");
+      uint16_t h = f32_to_f16(f);
+      std::memcpy(out.data() + 2 * i, &h, 2);
+    }
+  }
+}
+
+}  // namespace
+
+void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& m, DType target,
+                 const std::function<void(const void*, size_t)>& sink) {
+  int64_t rows = 0;
+  std::vector<const SourceTensor*> parts;
+  for (const auto& name : m.sources) {
+    const SourceTensor* t = ckpt.find(name);
+    if (!t) throw Error(ckpt.dir().string() + ": tensor '" + name + "' is missing from the checkpoint");
+    const TensorInfo& info = *t->info;
+    if (info.dtype != DType::F32 && info.dtype != DType::F16 && info.dtype != DType::BF16)
+      throw Error(t->file->path() + ": tensor '" + name + "' has dtype " + std::string(dtype_name(info.dtype)) +
+                  "; expected F32, F16 or BF16");
+    // Every part shares the trailing dims of the canonical tensor; parts stack along dim 0.
+    bool ok = info.shape.size() == m.shape.size();
+    for (size_t d = 1; ok && d < m.shape.size(); ++d) ok = info.shape[d] == m.shape[d];
+    if (!ok || info.shape.empty())
+      throw Error(t->file->path() + ": tensor '" + name + "' has shape " + shape_str(info.shape) +
+                  ", which does not fit the config (" + m.canonical + " is " + shape_str(m.shape) + ")");
+    rows += info.shape[0];
+    parts.push_back(t);
+  }
+  if (rows != m.shape[0])
+    throw Error(ckpt.dir().string() + ": tensors for " + m.canonical + " have " + std::to_string(rows) +
+                " rows in total; the config implies " + std::to_string(m.shape[0]));
+
+  constexpr size_t kChunkElements = 1 << 20;
+  std::vector<uint8_t> buf;
+  for (const SourceTensor* t : parts) {
+    const TensorInfo& info = *t->info;
+    const uint8_t* src = t->data();
+    const MappedFile& file = t->file->file();
+    const uint64_t file_off = t->file->data_start() + info.begin;
+    if (info.dtype == target) {
+      // Same dtype: bit-exact copy straight from the map.
+      for (uint64_t off = 0; off < info.nbytes(); off += kChunkElements * 4) {
+        check_interrupt();
+        size_t n = size_t(std::min<uint64_t>(kChunkElements * 4, info.nbytes() - off));
+        sink(src + off, n);
+      }
+    } else {
+      const size_t esz = dtype_size(info.dtype);
+      for (uint64_t i = 0; i < info.numel(); i += kChunkElements) {
+        check_interrupt();
+        size_t n = size_t(std::min<uint64_t>(kChunkElements, info.numel() - i));
+        convert_chunk(info.dtype, src + i * esz, n, target, buf, info.name);
+        sink(buf.data(), buf.size());
+      }
+    }
+    // Drop the source pages we are done with so resident memory stays bounded on models bigger than RAM.
+    file.dont_need(file_off, info.nbytes());
+  }
+}
+
+namespace {
+
+// Tensors present in the checkpoint that no mapping consumes. A tied lm_head and known weightless buffers are fine;
+// anything else means the checkpoint is not what its config says, and converting it would silently drop weights.
+void check_unused_tensors(const HfCheckpoint& ckpt, const std::vector<TensorMapping>& mappings, const ArchEntry& arch,
+                          const ModelSpec& spec) {
+  std::set<std::string> used;
+  for (const auto& m : mappings) used.insert(m.sources.begin(), m.sources.end());
+  for (const auto& [name, t] : ckpt.tensors()) {
+    if (used.count(name)) continue;
+    if (spec.tie_word_embeddings && name == arch.names->lm_head) continue;
+    bool ignored = false;
+    for (const char* suffix : arch.names->ignored)
+      ignored |= name.size() >= std::strlen(suffix) && name.compare(name.size() - std::strlen(suffix), std::string::npos, suffix) == 0;
+    if (!ignored)
+      throw Error(t.file->path() + ": tensor '" + name + "' is not part of a " + arch.hf_architecture +
+                  " with this config.json; refusing to drop it");
+  }
+}
+
+ordered_json hash_sources(const fs::path& dir, const HfCheckpoint& ckpt) {
+  std::vector<std::string> files = {"config.json"};
+  std::error_code ec;
+  if (fs::exists(dir / "model.safetensors.index.json", ec)) files.push_back("model.safetensors.index.json");
+  for (const auto& s : ckpt.shards()) files.push_back(fs::path(s->path()).filename().string());
+  for (const auto& f : tokenizer_file_names())
+    if (fs::is_regular_file(dir / f, ec)) files.push_back(f);
+  if (fs::is_regular_file(dir / "chat_template.jinja", ec)) files.push_back("chat_template.jinja");
+  std::sort(files.begin(), files.end());
+  ordered_json out = ordered_json::object();
+  for (const auto& f : files) {
+    size_t size = 0;
+    std::string h = sha256_file((dir / f).string(), &size);
+    out[f] = {{"sha256", h}, {"size", size}};
+  }
+  return out;
+}
+
+}  // namespace
+
+ConvertResult convert_checkpoint(const ConvertOptions& opt) {
+  // Refuse an existing output before doing any work.
+  StagingDir staging(opt.output, opt.force);
+  HfCheckpoint ckpt(opt.source);
+  const std::string config_label = (opt.source / "config.json").string();
+  ModelSpec spec = spec_from_hf_config(ckpt.config(), ckpt.generation_config(), config_label);
+  const ArchEntry& arch = find_architecture(ckpt.config(), config_label);
+  const DType target = resolve_target_dtype(opt.dtype, ckpt);
+  std::vector<TensorMapping> mappings = tensor_mappings(spec, arch);
+  check_unused_tensors(ckpt, mappings, arch, spec);
+
+  // Source hashes for provenance are computed on the second core while the first converts.
+  auto source_hashes = std::async(std::launch::async, hash_sources, opt.source, std::cref(ckpt));
+
+  std::vector<TensorPlan> plan;
+  uint64_t total = 0;
+  for (const auto& m : mappings) {
+    plan.push_back({m.canonical, target, m.shape});
+    total += plan.back().nbytes();
+  }
+  WorkspaceWriter writer(staging.path(), plan, opt.max_shard_bytes);
+  {
+    Progress progress("converting", total, opt.progress);
+    for (const auto& m : mappings) {
+      writer.begin_tensor();
+      emit_tensor(ckpt, m, target, [&](const void* p, size_t n) {
+        writer.write(p, n);
+        progress.advance(n);
+      });
+    }
+    progress.finish();
+  }
+
+  // Tokenizer files verbatim, then the resolved chat template.
+  std::error_code ec;
+  std::vector<std::string> tokenizer_files;
+  for (const auto& f : tokenizer_file_names()) {
+    if (fs::is_regular_file(opt.source / f, ec)) {
+      writer.copy_file(opt.source / f, f);
+      tokenizer_files.push_back(f);
+    }
+  }
+  TokenizerFiles text_files;
+  text_files.dir = opt.source;
+  if (fs::is_regular_file(opt.source / "tokenizer_config.json", ec)) text_files.tokenizer_config = opt.source / "tokenizer_config.json";
+  std::optional<std::string> chat_template = resolve_chat_template(text_files);
+  if (chat_template) writer.add_file("chat_template.jinja", *chat_template);
+
+  ordered_json doc;
+  doc["format"] = kWorkspaceFormat;
+  doc["format_version"] = kWorkspaceFormatVersion;
+  doc["model"] = spec_to_json(spec);
+  doc["dtype"] = workspace_dtype_name(target);
+  doc["quantization"] = {{"weights", {{"method", "none"}}}, {"kv_cache", {{"dtype", "auto"}}}};
+  doc["weights"] = {{"files", writer.weight_files()}, {"tensor_count", plan.size()}, {"tensor_bytes", total}};
+  doc["tokenizer"] = {{"files", tokenizer_files}, {"chat_template", chat_template ? json("chat_template.jinja") : json(nullptr)}};
+  doc["provenance"] = {{"source", fs::absolute(opt.source).lexically_normal().string()},
+                       {"source_files", source_hashes.get()},
+                       {"kiln_version", KILN_VERSION},
+                       {"command", opt.command}};
+  ConvertResult result;
+  result.kiln_json = writer.finish(std::move(doc));
+  result.tensor_bytes = total;
+  check_interrupt();
+  staging.commit();
+  return result;
+}
+
+}  // namespace kiln

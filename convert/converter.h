@@ -1,0 +1,40 @@
+#pragma once
+// HF checkpoint -> workspace. Streams one tensor at a time from the mmapped source through dtype conversion into the
+// output shards, so memory stays at a few buffers however big the model is.
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "convert/arch_table.h"
+#include "convert/hf_checkpoint.h"
+
+namespace kiln {
+
+struct ConvertOptions {
+  std::filesystem::path source;
+  std::filesystem::path output;
+  std::string dtype = "auto";  // auto | bf16 | fp16 | fp32
+  bool force = false;
+  bool progress = true;
+  uint64_t max_shard_bytes = 2ull << 30;
+  std::string command;  // recorded in provenance; must not contain run-specific paths (determinism)
+};
+
+struct ConvertResult {
+  nlohmann::ordered_json kiln_json;
+  uint64_t tensor_bytes = 0;
+};
+
+ConvertResult convert_checkpoint(const ConvertOptions& options);
+
+// The dtype `auto` resolves to: config's torch_dtype/dtype if it is a float type, else the embedding's dtype.
+DType resolve_target_dtype(const std::string& requested, const HfCheckpoint& ckpt);
+
+// Emits the bytes of one canonical tensor in `target` dtype: its sources concatenated, each converted with round to
+// nearest even. Checks every source's presence, dtype and shape. Throws naming the HF tensor on overflow to fp16.
+void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& mapping, DType target,
+                 const std::function<void(const void*, size_t)>& sink);
+
+}  // namespace kiln

@@ -1,0 +1,94 @@
+#include "convert/hf_checkpoint.h"
+
+#include <set>
+
+#include "runtime/core/error.h"
+#include "runtime/io/staging_dir.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace kiln {
+
+static json read_json_object(const fs::path& path) {
+  json j = json::parse(read_text_file(path), nullptr, false);
+  if (j.is_discarded()) throw Error(path.string() + ": not valid JSON");
+  if (!j.is_object()) throw Error(path.string() + ": expected a JSON object");
+  return j;
+}
+
+bool is_hf_checkpoint(const fs::path& dir) {
+  std::error_code ec;
+  return fs::is_regular_file(dir / "config.json", ec);
+}
+
+HfCheckpoint::HfCheckpoint(const fs::path& dir) : dir_(dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) throw Error(dir.string() + ": not a directory");
+  if (!fs::is_regular_file(dir / "config.json", ec))
+    throw Error(dir.string() + ": no config.json; not a Hugging Face checkpoint directory");
+  config_ = read_json_object(dir / "config.json");
+  generation_config_ = fs::is_regular_file(dir / "generation_config.json", ec)
+                           ? read_json_object(dir / "generation_config.json")
+                           : json::object();
+
+  const fs::path index_path = dir / "model.safetensors.index.json";
+  std::map<std::string, std::string> weight_map;  // tensor -> shard file name
+  std::vector<std::string> shard_names;
+  if (fs::is_regular_file(index_path, ec)) {
+    json index = read_json_object(index_path);
+    auto wm = index.find("weight_map");
+    if (wm == index.end() || !wm->is_object())
+      throw Error(index_path.string() + ": has no 'weight_map' object");
+    std::set<std::string> seen;
+    for (auto it = wm->begin(); it != wm->end(); ++it) {
+      if (!it.value().is_string()) throw Error(index_path.string() + ": weight_map entry '" + it.key() + "' is not a file name");
+      std::string shard = it.value().get<std::string>();
+      // Shard names must stay inside the checkpoint directory.
+      if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..")
+        throw Error(index_path.string() + ": weight_map names an invalid shard file '" + shard + "'");
+      weight_map[it.key()] = shard;
+      if (seen.insert(shard).second) shard_names.push_back(shard);
+    }
+    std::sort(shard_names.begin(), shard_names.end());
+    for (const auto& s : shard_names)
+      if (!fs::is_regular_file(dir / s, ec))
+        throw Error((dir / s).string() + ": shard named by model.safetensors.index.json is missing");
+  } else if (fs::is_regular_file(dir / "model.safetensors", ec)) {
+    shard_names.push_back("model.safetensors");
+  } else if (fs::is_regular_file(dir / "pytorch_model.bin", ec) || fs::is_regular_file(dir / "pytorch_model.bin.index.json", ec)) {
+    throw Error(dir.string() + ": only PyTorch .bin weights found; kiln reads safetensors (re-save with save_pretrained(safe_serialization=True))");
+  } else {
+    throw Error(dir.string() + ": no model.safetensors or model.safetensors.index.json");
+  }
+
+  for (const auto& s : shard_names) {
+    shards_.push_back(std::make_unique<SafetensorsFile>((dir / s).string()));
+    const SafetensorsFile* f = shards_.back().get();
+    for (const auto& t : f->tensors()) {
+      auto [it, inserted] = tensors_.emplace(t.name, SourceTensor{f, &t});
+      if (!inserted)
+        throw Error(f->path() + ": tensor '" + t.name + "' also appears in " + it->second.file->path());
+    }
+  }
+  for (const auto& [name, shard] : weight_map) {
+    auto it = tensors_.find(name);
+    if (it == tensors_.end())
+      throw Error((dir / shard).string() + ": tensor '" + name + "' named by the index is not in the shard");
+    if (fs::path(it->second.file->path()).filename() != shard)
+      throw Error((dir / shard).string() + ": tensor '" + name + "' is in " + it->second.file->path() + ", not where the index says");
+  }
+}
+
+const SourceTensor* HfCheckpoint::find(const std::string& name) const {
+  auto it = tensors_.find(name);
+  return it == tensors_.end() ? nullptr : &it->second;
+}
+
+uint64_t HfCheckpoint::total_tensor_bytes() const {
+  uint64_t n = 0;
+  for (const auto& [_, t] : tensors_) n += t.info->nbytes();
+  return n;
+}
+
+}  // namespace kiln

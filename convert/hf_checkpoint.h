@@ -1,0 +1,47 @@
+#pragma once
+// A Hugging Face checkpoint directory: config.json plus safetensors weights, either one model.safetensors or shards
+// listed by model.safetensors.index.json. Every shard is mmapped and validated on open.
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "runtime/io/safetensors.h"
+
+namespace kiln {
+
+struct SourceTensor {
+  const SafetensorsFile* file;
+  const TensorInfo* info;
+  const uint8_t* data() const { return file->data(*info); }
+};
+
+class HfCheckpoint {
+ public:
+  // Throws kiln::Error naming the file on anything missing or malformed.
+  explicit HfCheckpoint(const std::filesystem::path& dir);
+
+  const std::filesystem::path& dir() const { return dir_; }
+  const nlohmann::json& config() const { return config_; }
+  // generation_config.json, or an empty object.
+  const nlohmann::json& generation_config() const { return generation_config_; }
+  const std::vector<std::unique_ptr<SafetensorsFile>>& shards() const { return shards_; }
+  // Every tensor by name, across shards.
+  const std::map<std::string, SourceTensor>& tensors() const { return tensors_; }
+  const SourceTensor* find(const std::string& name) const;
+  uint64_t total_tensor_bytes() const;
+
+ private:
+  std::filesystem::path dir_;
+  nlohmann::json config_;
+  nlohmann::json generation_config_;
+  std::vector<std::unique_ptr<SafetensorsFile>> shards_;
+  std::map<std::string, SourceTensor> tensors_;
+};
+
+// True when the directory looks like an HF checkpoint (has config.json).
+bool is_hf_checkpoint(const std::filesystem::path& dir);
+
+}  // namespace kiln

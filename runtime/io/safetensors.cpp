@@ -1,0 +1,212 @@
+#include "runtime/io/safetensors.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "runtime/core/error.h"
+
+namespace kiln {
+
+using nlohmann::json;
+
+static bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) { return __builtin_mul_overflow(a, b, out); }
+
+uint64_t TensorInfo::numel() const {
+  uint64_t n = 1;
+  for (int64_t d : shape) n *= uint64_t(d);
+  return n;
+}
+
+uint64_t TensorPlan::nbytes() const {
+  uint64_t n = dtype_size(dtype);
+  for (int64_t d : shape) n *= uint64_t(d);
+  return n;
+}
+
+SafetensorsHeader parse_safetensors_header(const uint8_t* data, uint64_t size, const std::string& label) {
+  if (size < 8) throw Error(label + ": not a safetensors file (shorter than its 8-byte header length)");
+  uint64_t hlen = 0;
+  for (int i = 7; i >= 0; --i) hlen = (hlen << 8) | data[i];
+  if (hlen > kMaxSafetensorsHeader)
+    throw Error(label + ": safetensors header length " + std::to_string(hlen) + " exceeds the " +
+                std::to_string(kMaxSafetensorsHeader) + "-byte limit");
+  if (hlen > size - 8)
+    throw Error(label + ": safetensors header length " + std::to_string(hlen) + " runs past the end of the file (" +
+                std::to_string(size) + " bytes); the file is truncated or corrupt");
+  SafetensorsHeader h;
+  h.data_start = 8 + hlen;
+  const uint64_t data_size = size - h.data_start;
+
+  json j = json::parse(data + 8, data + 8 + hlen, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) throw Error(label + ": safetensors header is not valid JSON");
+  if (!j.is_object()) throw Error(label + ": safetensors header is not a JSON object");
+
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string& name = it.key();
+    const json& v = it.value();
+    if (name == "__metadata__") {
+      if (!v.is_object()) throw Error(label + ": __metadata__ is not an object");
+      for (auto m = v.begin(); m != v.end(); ++m) {
+        if (!m.value().is_string()) throw Error(label + ": __metadata__ value '" + m.key() + "' is not a string");
+        h.metadata[m.key()] = m.value().get<std::string>();
+      }
+      continue;
+    }
+    const std::string where = label + ": tensor '" + name + "'";
+    if (!v.is_object()) throw Error(where + " is not described by an object");
+    auto dt = v.find("dtype");
+    auto sh = v.find("shape");
+    auto off = v.find("data_offsets");
+    if (dt == v.end() || !dt->is_string()) throw Error(where + " has no dtype string");
+    if (sh == v.end() || !sh->is_array()) throw Error(where + " has no shape array");
+    if (off == v.end() || !off->is_array() || off->size() != 2) throw Error(where + " has no [begin, end] data_offsets");
+    TensorInfo t;
+    t.name = name;
+    auto d = dtype_from_name(dt->get<std::string>());
+    if (!d) throw Error(where + " has unknown dtype '" + dt->get<std::string>() + "'");
+    t.dtype = *d;
+    uint64_t bytes = dtype_size(t.dtype);
+    for (const json& e : *sh) {
+      if (!e.is_number_unsigned()) throw Error(where + " has a shape entry that is not a non-negative integer");
+      uint64_t dim = e.get<uint64_t>();
+      if (dim > (1ull << 48) || mul_overflows(bytes, dim, &bytes)) throw Error(where + " has an absurd shape");
+      t.shape.push_back(int64_t(dim));
+    }
+    for (const json& e : *off)
+      if (!e.is_number_unsigned()) throw Error(where + " has data_offsets that are not non-negative integers");
+    t.begin = (*off)[0].get<uint64_t>();
+    t.end = (*off)[1].get<uint64_t>();
+    if (t.end < t.begin) throw Error(where + " has data_offsets with end before begin");
+    if (t.end > data_size)
+      throw Error(where + " lies past the end of the file (needs byte " + std::to_string(h.data_start + t.end) +
+                  ", file has " + std::to_string(size) + "); the file is truncated or corrupt");
+    if (t.end - t.begin != bytes)
+      throw Error(where + " spans " + std::to_string(t.end - t.begin) + " bytes but its shape and dtype need " +
+                  std::to_string(bytes));
+    h.tensors.push_back(std::move(t));
+  }
+
+  std::vector<const TensorInfo*> by_offset;
+  for (const auto& t : h.tensors) by_offset.push_back(&t);
+  std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) {
+    return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
+  });
+  uint64_t cursor = 0;
+  for (const TensorInfo* t : by_offset) {
+    if (t->begin < cursor)
+      throw Error(label + ": tensor '" + t->name + "' overlaps the bytes of another tensor (offset " +
+                  std::to_string(t->begin) + ")");
+    if (t->begin > cursor)
+      throw Error(label + ": unreferenced gap in the data section before tensor '" + t->name + "'");
+    cursor = t->end;
+  }
+  if (cursor != data_size)
+    throw Error(label + ": data section has " + std::to_string(data_size - cursor) +
+                " trailing bytes that no tensor references");
+  return h;
+}
+
+SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {
+  header_ = parse_safetensors_header(file_.data(), file_.size(), path);
+  for (size_t i = 0; i < header_.tensors.size(); ++i) index_[header_.tensors[i].name] = i;
+}
+
+const TensorInfo* SafetensorsFile::find(const std::string& name) const {
+  auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &header_.tensors[it->second];
+}
+
+// ---- writer ----
+
+static constexpr size_t kWriteBuffer = 8u << 20;
+
+SafetensorsWriter::SafetensorsWriter(const std::string& path, std::vector<TensorPlan> plan,
+                                     const std::map<std::string, std::string>& metadata)
+    : path_(path), buf_(kWriteBuffer) {
+  // The header is ordered_json in plan order so the bytes depend only on the plan.
+  nlohmann::ordered_json header = nlohmann::ordered_json::object();
+  if (!metadata.empty()) {
+    nlohmann::ordered_json m = nlohmann::ordered_json::object();
+    for (const auto& [k, v] : metadata) m[k] = v;
+    header["__metadata__"] = m;
+  }
+  uint64_t offset = 0;
+  for (const auto& t : plan) {
+    uint64_t n = t.nbytes();
+    header[t.name] = {{"dtype", std::string(dtype_name(t.dtype))}, {"shape", t.shape}, {"data_offsets", {offset, offset + n}}};
+    offset += n;
+  }
+  expected_ = offset;
+  std::string text = header.dump();
+  // Pad with spaces so the data section starts 8-byte aligned, as the reference writer does.
+  while ((text.size() + 8) % 8 != 0) text.push_back(' ');
+
+  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd_ < 0) throw Error(path + ": cannot create: " + std::strerror(errno));
+  uint8_t len[8];
+  uint64_t hl = text.size();
+  for (int i = 0; i < 8; ++i) len[i] = uint8_t(hl >> (8 * i));
+  std::memcpy(buf_.data(), len, 8);
+  buf_used_ = 8;
+  // Header text may exceed the buffer for huge models; go through write() which handles that.
+  written_ = 0;
+  uint64_t saved_expected = expected_;
+  expected_ = UINT64_MAX;
+  write(text.data(), text.size());
+  expected_ = saved_expected;
+  written_ = 0;
+}
+
+SafetensorsWriter::~SafetensorsWriter() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+void SafetensorsWriter::write(const void* bytes, size_t n) {
+  if (written_ + n > expected_) throw Error(path_ + ": internal error: more tensor bytes than planned");
+  const uint8_t* p = static_cast<const uint8_t*>(bytes);
+  written_ += n;
+  while (n > 0) {
+    size_t take = std::min(n, buf_.size() - buf_used_);
+    std::memcpy(buf_.data() + buf_used_, p, take);
+    buf_used_ += take;
+    p += take;
+    n -= take;
+    if (buf_used_ == buf_.size()) flush();
+  }
+}
+
+void SafetensorsWriter::flush() {
+  hash_.update(buf_.data(), buf_used_);
+  size_t off = 0;
+  while (off < buf_used_) {
+    ssize_t w = ::write(fd_, buf_.data() + off, buf_used_ - off);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      throw Error(path_ + ": write failed: " + std::strerror(errno));
+    }
+    off += size_t(w);
+  }
+  file_bytes_ += buf_used_;
+  buf_used_ = 0;
+}
+
+SafetensorsWriter::Result SafetensorsWriter::finish() {
+  if (written_ != expected_)
+    throw Error(path_ + ": internal error: wrote " + std::to_string(written_) + " tensor bytes, planned " +
+                std::to_string(expected_));
+  flush();
+  if (::fsync(fd_) != 0) throw Error(path_ + ": fsync failed: " + std::strerror(errno));
+  if (::close(fd_) != 0) {
+    fd_ = -1;
+    throw Error(path_ + ": close failed: " + std::strerror(errno));
+  }
+  fd_ = -1;
+  return {hash_.hex_digest(), file_bytes_};
+}
+
+}  // namespace kiln

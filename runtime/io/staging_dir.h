@@ -1,0 +1,34 @@
+#pragma once
+// Atomic directory output: everything is written into a hidden temporary sibling of the destination, which is renamed
+// into place only by commit(). An exception, Ctrl-C (see interrupt.h) or a crash leaves no half-written output.
+#include <filesystem>
+#include <string>
+
+namespace kiln {
+
+class StagingDir {
+ public:
+  // Refuses an existing destination unless `force`; the refusal happens here, before any work is done.
+  StagingDir(const std::filesystem::path& destination, bool force);
+  ~StagingDir();  // removes the staging directory unless committed
+  StagingDir(const StagingDir&) = delete;
+  StagingDir& operator=(const StagingDir&) = delete;
+
+  const std::filesystem::path& path() const { return staging_; }
+  const std::filesystem::path& destination() const { return destination_; }
+  // Moves the staging directory into place. With force, an existing destination is replaced only after the new
+  // one is complete.
+  void commit();
+
+ private:
+  std::filesystem::path destination_;
+  std::filesystem::path staging_;
+  bool force_;
+  bool committed_ = false;
+};
+
+// Writes a small file completely or throws, naming the path.
+void write_text_file(const std::filesystem::path& path, const std::string& content);
+std::string read_text_file(const std::filesystem::path& path);
+
+}  // namespace kiln

@@ -1,0 +1,84 @@
+#pragma once
+// The canonical description of a decoder-only transformer: everything the runtime needs, independent of which HF
+// architecture it came from. convert/ fills it from config.json through the architecture table; the workspace stores it
+// in kiln.json under "model" (see docs/workspace.md).
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace kiln {
+
+struct RopeScaling {
+  std::string type = "none";  // none | linear | dynamic | llama3
+  double factor = 1.0;
+  // llama3 only
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  int64_t original_max_position_embeddings = 0;
+};
+
+struct ModelSpec {
+  std::string architecture;     // the HF class, e.g. "LlamaForCausalLM"
+  std::string family;           // the canonical family, e.g. "llama", "qwen2", "qwen3"
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;
+  int64_t num_layers = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t max_position_embeddings = 0;
+  double norm_eps = 1e-6;
+  std::string hidden_act = "silu";
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  bool tie_word_embeddings = false;
+  bool qkv_bias = false;   // bias on the fused q/k/v projection
+  bool o_bias = false;     // bias on the attention output projection
+  bool mlp_bias = false;   // biases on gate/up and down
+  bool qk_norm = false;    // per-head RMSNorm on q and k before RoPE (Qwen3)
+  int64_t sliding_window = 0;  // 0 = full attention
+  int64_t bos_token_id = -1;
+  std::vector<int64_t> eos_token_ids;
+
+  int64_t q_size() const { return num_heads * head_dim; }
+  int64_t kv_size() const { return num_kv_heads * head_dim; }
+};
+
+nlohmann::ordered_json spec_to_json(const ModelSpec& spec);
+// Validates as it reads: a workspace with a missing or nonsensical field is refused with the field's name.
+ModelSpec spec_from_json(const nlohmann::json& j, const std::string& label);
+
+// Canonical engine tensor names, the same for every architecture (see docs/workspace.md).
+namespace names {
+inline const char* kEmbedding = "tok_embeddings.weight";
+inline const char* kFinalNorm = "norm.weight";
+inline const char* kLmHead = "lm_head.weight";
+std::string layer(int64_t i, const char* suffix);  // "layers.{i}.{suffix}"
+inline const char* kAttnNorm = "attn_norm.weight";
+inline const char* kQkv = "attn.qkv.weight";
+inline const char* kQkvBias = "attn.qkv.bias";
+inline const char* kQNorm = "attn.q_norm.weight";
+inline const char* kKNorm = "attn.k_norm.weight";
+inline const char* kO = "attn.o.weight";
+inline const char* kOBias = "attn.o.bias";
+inline const char* kFfnNorm = "ffn_norm.weight";
+inline const char* kGateUp = "ffn.gate_up.weight";
+inline const char* kGateUpBias = "ffn.gate_up.bias";
+inline const char* kDown = "ffn.down.weight";
+inline const char* kDownBias = "ffn.down.bias";
+}  // namespace names
+
+struct CanonicalTensor {
+  std::string name;
+  std::vector<int64_t> shape;
+  int64_t layer = -1;      // -1 for tensors outside the layer stack
+  std::string suffix;      // the name without "layers.{i}." (equal to name outside the stack)
+};
+
+// Every tensor a model with this spec has, in the workspace's fixed order. Shapes follow the HF (out, in) convention
+// for linear weights; fused tensors concatenate their parts along dim 0 (q, k, v and gate, up).
+std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& spec);
+
+}  // namespace kiln

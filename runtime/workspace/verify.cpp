@@ -1,0 +1,89 @@
+#include "runtime/workspace/verify.h"
+
+#include <set>
+
+#include "runtime/core/error.h"
+#include "runtime/io/progress.h"
+#include "runtime/io/sha256.h"
+#include "runtime/workspace/workspace.h"
+
+namespace fs = std::filesystem;
+
+namespace kiln {
+
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "[";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + "]";
+}
+
+void check_manifest(const WorkspaceInfo& info, bool show_progress, VerifyReport& r) {
+  std::error_code ec;
+  uint64_t total = 0;
+  for (const auto& [name, e] : info.manifest) total += e.size;
+  Progress progress("verifying", total, show_progress);
+  for (const auto& [name, e] : info.manifest) {
+    fs::path p = info.dir / name;
+    if (!fs::is_regular_file(p, ec)) {
+      r.problems.push_back(name + ": listed in the manifest but missing");
+      continue;
+    }
+    size_t size = 0;
+    std::string h = sha256_file(p.string(), &size);
+    r.files_checked++;
+    r.bytes_checked += size;
+    progress.advance(size);
+    if (size != e.size)
+      r.problems.push_back(name + ": size " + std::to_string(size) + " differs from the manifest's " + std::to_string(e.size));
+    else if (h != e.sha256)
+      r.problems.push_back(name + ": sha256 " + h + " differs from the manifest's " + e.sha256);
+  }
+  progress.finish();
+  for (const auto& entry : fs::directory_iterator(info.dir, ec)) {
+    std::string name = entry.path().filename().string();
+    if (name != kWorkspaceFile && !info.manifest.count(name)) r.problems.push_back(name + ": not listed in the manifest");
+  }
+  for (const auto& f : info.weight_files)
+    if (!info.manifest.count(f)) r.problems.push_back(f + ": weight file is not covered by the manifest");
+}
+
+void check_tensors(const WorkspaceInfo& info, VerifyReport& r) {
+  Workspace ws(info.dir);  // parses and validates every shard header
+  DType dtype = workspace_dtype(info.dtype, kWorkspaceFile);
+  std::set<std::string> expected;
+  for (const CanonicalTensor& c : canonical_tensors(info.spec)) {
+    expected.insert(c.name);
+    const Workspace::Tensor* t = ws.find(c.name);
+    if (!t) {
+      r.problems.push_back("tensor '" + c.name + "' is missing");
+      continue;
+    }
+    if (t->info->shape != c.shape)
+      r.problems.push_back("tensor '" + c.name + "' has shape " + shape_str(t->info->shape) + ", the spec needs " +
+                           shape_str(c.shape));
+    if (t->info->dtype != dtype)
+      r.problems.push_back("tensor '" + c.name + "' is " + std::string(dtype_name(t->info->dtype)) + ", kiln.json says " +
+                           info.dtype);
+  }
+  for (const auto& [name, t] : ws.tensors())
+    if (!expected.count(name)) r.problems.push_back("tensor '" + name + "' is not part of the model spec");
+}
+
+}  // namespace
+
+VerifyReport verify_workspace(const fs::path& dir, bool show_progress) {
+  VerifyReport r;
+  WorkspaceInfo info = read_workspace_info(dir);  // an unreadable kiln.json is an error, not a report line
+  check_manifest(info, show_progress, r);
+  if (!r.ok()) return r;  // structure checks would only repeat what a corrupt file already explains
+  try {
+    check_tensors(info, r);
+  } catch (const Error& e) {
+    r.problems.push_back(e.what());
+  }
+  return r;
+}
+
+}  // namespace kiln

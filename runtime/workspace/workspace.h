@@ -1,0 +1,98 @@
+#pragma once
+// The workspace: a directory with kiln.json (format, model spec, dtype, quantization, provenance, manifest), weights
+// in safetensors shards under canonical tensor names, and the tokenizer files. See docs/workspace.md.
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "runtime/io/safetensors.h"
+#include "runtime/model/model_spec.h"
+
+namespace kiln {
+
+constexpr int kWorkspaceFormatVersion = 1;
+constexpr const char* kWorkspaceFormat = "kiln-workspace";
+constexpr const char* kWorkspaceFile = "kiln.json";
+
+struct ManifestEntry {
+  std::string sha256;
+  uint64_t size = 0;
+};
+
+// kiln.json, parsed and validated.
+struct WorkspaceInfo {
+  std::filesystem::path dir;
+  nlohmann::json json;  // the whole document
+  ModelSpec spec;
+  std::string dtype;                      // "fp32" | "fp16" | "bf16"
+  std::vector<std::string> weight_files;  // shard file names, in order
+  std::map<std::string, ManifestEntry> manifest;
+};
+
+bool is_workspace(const std::filesystem::path& dir);
+// Throws kiln::Error naming kiln.json and the field on anything missing or malformed.
+WorkspaceInfo read_workspace_info(const std::filesystem::path& dir);
+
+// Workspace dtype names <-> element types.
+std::string workspace_dtype_name(DType t);  // F32 -> "fp32", F16 -> "fp16", BF16 -> "bf16"
+DType workspace_dtype(const std::string& name, const std::string& label);
+
+// The shard file name for shard k (0-based) of n.
+std::string weight_file_name(size_t k, size_t n);
+
+// Splits tensors (in order) into shards of at most max_bytes each (a tensor bigger than that gets a shard of its own).
+std::vector<std::vector<TensorPlan>> split_into_shards(const std::vector<TensorPlan>& plan, uint64_t max_bytes);
+
+// Streams a workspace into a (staging) directory: weight shards in plan order, then extra files, then kiln.json
+// with the manifest of everything written.
+class WorkspaceWriter {
+ public:
+  WorkspaceWriter(std::filesystem::path dir, const std::vector<TensorPlan>& plan, uint64_t max_shard_bytes);
+  ~WorkspaceWriter();
+  // Starts the next tensor of the plan; its bytes follow through write().
+  void begin_tensor();
+  void write(const void* bytes, size_t n);
+  // Adds a file (verbatim copy or given content) to the workspace and the manifest.
+  void copy_file(const std::filesystem::path& source, const std::string& name);
+  void add_file(const std::string& name, const std::string& content);
+  const std::vector<std::string>& weight_files() const { return weight_files_; }
+  // Closes the last shard, adds "manifest" to doc and writes kiln.json. Returns the final document.
+  nlohmann::ordered_json finish(nlohmann::ordered_json doc);
+
+ private:
+  void open_shard(size_t k);
+  std::filesystem::path dir_;
+  std::vector<std::vector<TensorPlan>> shards_;
+  std::vector<std::string> weight_files_;
+  size_t shard_ = 0, tensor_in_shard_ = 0;
+  bool started_ = false;
+  std::unique_ptr<SafetensorsWriter> writer_;
+  std::map<std::string, ManifestEntry> manifest_;
+};
+
+// A workspace opened for reading: its info and every weight tensor, mmapped.
+class Workspace {
+ public:
+  explicit Workspace(const std::filesystem::path& dir);
+  const WorkspaceInfo& info() const { return info_; }
+  const ModelSpec& spec() const { return info_.spec; }
+  struct Tensor {
+    const SafetensorsFile* file;
+    const TensorInfo* info;
+    const uint8_t* data() const { return file->data(*info); }
+  };
+  const std::map<std::string, Tensor>& tensors() const { return tensors_; }
+  const Tensor* find(const std::string& name) const;
+  // Throws naming the tensor when it is absent.
+  const Tensor& get(const std::string& name) const;
+
+ private:
+  WorkspaceInfo info_;
+  std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::map<std::string, Tensor> tensors_;
+};
+
+}  // namespace kiln

@@ -1,0 +1,58 @@
+"""Shared pytest fixtures: the kiln binary, the real test tokenizers, and the transformers-written fixture models."""
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "tests" / "data"
+sys.path.insert(0, str(REPO / "scripts"))
+
+
+def kiln_binary() -> Path:
+    return Path(os.environ.get("KILN_BIN", REPO / "build" / "tools" / "kiln"))
+
+
+@pytest.fixture(scope="session")
+def kiln_bin():
+    path = kiln_binary()
+    if not path.exists():
+        pytest.fail(f"kiln binary not found at {path}; build first or set KILN_BIN")
+    return path
+
+
+def run_kiln(*args, check=True, input=None, env=None, timeout=600):
+    """Runs kiln; returns CompletedProcess with text stdout/stderr."""
+    proc = subprocess.run([str(kiln_binary()), *map(str, args)], capture_output=True, text=True, input=input,
+                          env=env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"kiln {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def real_tokenizers(tmp_path_factory):
+    """Directory with llama2/ and qwen3/ subdirectories, each holding tokenizer.json and tokenizer_config.json."""
+    root = tmp_path_factory.mktemp("tokenizers")
+    for name in ("llama2", "qwen3"):
+        src = DATA / "tokenizers" / name
+        dst = root / name
+        dst.mkdir()
+        with gzip.open(src / "tokenizer.json.gz", "rb") as f, open(dst / "tokenizer.json", "wb") as out:
+            shutil.copyfileobj(f, out)
+        shutil.copy(src / "tokenizer_config.json", dst / "tokenizer_config.json")
+    return root
+
+
+@pytest.fixture(scope="session")
+def fixture_models(real_tokenizers):
+    """Tiny checkpoints written by transformers (scripts/make_fixtures.py), one directory per variant."""
+    root = Path(os.environ.get("KILN_FIXTURES", REPO / "build" / "fixtures"))
+    if not (root / "index.json").exists():
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_fixtures.py"), "--out", str(root),
+                        "--tokenizers", str(real_tokenizers)], check=True)
+    return root

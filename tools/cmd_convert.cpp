@@ -1,0 +1,56 @@
+// kiln convert HF_DIR -o WS: Hugging Face checkpoint -> workspace.
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+
+#include "convert/converter.h"
+#include "tools/command.h"
+
+namespace kiln::tools {
+
+static Action setup_convert(CLI::App& sub) {
+  auto opt = std::make_shared<ConvertOptions>();
+  auto json_out = std::make_shared<bool>(false);
+  auto shard_mb = std::make_shared<uint64_t>(2048);
+  sub.add_option("HF_DIR", opt->source, "Hugging Face checkpoint directory (config.json + safetensors)")->required();
+  sub.add_option("-o,--output", opt->output, "workspace directory to create")->required();
+  sub.add_option("--dtype", opt->dtype,
+                 "weight dtype: auto keeps the checkpoint's (config torch_dtype), or bf16, fp16, fp32; "
+                 "conversion rounds to nearest even and refuses fp16 overflow")
+      ->check(CLI::IsMember({"auto", "bf16", "fp16", "fp32"}))
+      ->capture_default_str();
+  sub.add_option("--shard-size-mb", *shard_mb, "largest weight shard in MiB")->capture_default_str()->check(CLI::PositiveNumber);
+  sub.add_flag("--force", opt->force, "replace an existing output (only once the new one is complete)");
+  sub.add_flag("--json", *json_out, "print a JSON summary on stdout instead of text");
+  sub.footer("The output is written to a hidden sibling directory and renamed into place when complete, so an error or\n"
+             "Ctrl-C leaves nothing behind. Converting the same input twice gives byte-identical workspaces.");
+  return [=]() {
+    opt->progress = !*json_out;
+    opt->max_shard_bytes = *shard_mb << 20;
+    opt->command = "kiln convert " + std::filesystem::absolute(opt->source).lexically_normal().string() + " --dtype " + opt->dtype;
+    auto t0 = std::chrono::steady_clock::now();
+    ConvertResult r = convert_checkpoint(*opt);
+    double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const auto& doc = r.kiln_json;
+    if (*json_out) {
+      nlohmann::ordered_json out = {{"output", opt->output.string()},
+                                    {"architecture", doc["model"]["architecture"]},
+                                    {"dtype", doc["dtype"]},
+                                    {"tensors", doc["weights"]["tensor_count"]},
+                                    {"tensor_bytes", r.tensor_bytes},
+                                    {"seconds", secs},
+                                    {"manifest", doc["manifest"]}};
+      print_json(out.dump(2));
+    } else {
+      std::printf("converted %s -> %s: %s, %s, %zu tensors, %.1f MB in %.2f s\n", opt->source.c_str(), opt->output.c_str(),
+                  doc["model"]["architecture"].get<std::string>().c_str(), doc["dtype"].get<std::string>().c_str(),
+                  size_t(doc["weights"]["tensor_count"]), double(r.tensor_bytes) / 1e6, secs);
+    }
+    return 0;
+  };
+}
+
+KILN_COMMAND(10, "convert", "Convert a Hugging Face checkpoint into a kiln workspace", setup_convert);
+
+}  // namespace kiln::tools

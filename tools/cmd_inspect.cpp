@@ -1,0 +1,97 @@
+// kiln inspect PATH: what a workspace or HF checkpoint holds.
+#include <cstdio>
+#include <map>
+
+#include "convert/arch_table.h"
+#include "convert/hf_checkpoint.h"
+#include "runtime/core/error.h"
+#include "runtime/workspace/workspace.h"
+#include "tools/command.h"
+
+namespace kiln::tools {
+
+using nlohmann::ordered_json;
+
+template <class TensorMap>
+static void add_tensor_totals(ordered_json& out, const TensorMap& tensors) {
+  uint64_t params = 0, bytes = 0;
+  std::map<std::string, uint64_t> by_dtype;
+  for (const auto& [name, t] : tensors) {
+    params += t.info->numel();
+    bytes += t.info->nbytes();
+    by_dtype[std::string(dtype_name(t.info->dtype))] += t.info->numel();
+  }
+  out["tensors"] = tensors.size();
+  out["parameters"] = params;
+  out["tensor_bytes"] = bytes;
+  out["parameters_by_dtype"] = by_dtype;
+}
+
+static ordered_json inspect_path(const std::filesystem::path& path) {
+  ordered_json out;
+  if (is_workspace(path)) {
+    Workspace ws(path);
+    const auto& j = ws.info().json;
+    out["kind"] = "workspace";
+    out["path"] = path.string();
+    out["format_version"] = j["format_version"];
+    out["model"] = spec_to_json(ws.spec());
+    out["dtype"] = ws.info().dtype;
+    out["quantization"] = j.value("quantization", nlohmann::json::object());
+    out["weight_files"] = ws.info().weight_files;
+    add_tensor_totals(out, ws.tensors());
+    out["provenance"] = j.value("provenance", nlohmann::json::object());
+  } else if (is_hf_checkpoint(path)) {
+    HfCheckpoint ckpt(path);
+    const std::string label = (path / "config.json").string();
+    out["kind"] = "hf_checkpoint";
+    out["path"] = path.string();
+    out["model"] = spec_to_json(spec_from_hf_config(ckpt.config(), ckpt.generation_config(), label));
+    auto td = ckpt.config().find("torch_dtype");
+    out["config_dtype"] = td != ckpt.config().end() ? *td : nlohmann::json(nullptr);
+    out["shards"] = ckpt.shards().size();
+    add_tensor_totals(out, ckpt.tensors());
+  } else {
+    throw Error(path.string() + ": neither a kiln workspace (kiln.json) nor a Hugging Face checkpoint (config.json)");
+  }
+  return out;
+}
+
+static void print_human(const ordered_json& j) {
+  const auto& m = j["model"];
+  std::printf("%s: %s\n", j["kind"].get<std::string>().c_str(), j["path"].get<std::string>().c_str());
+  std::printf("  architecture   %s (%s)\n", m["architecture"].get<std::string>().c_str(), m["family"].get<std::string>().c_str());
+  std::printf("  layers         %lld, hidden %lld, ffn %lld, vocab %lld\n", (long long)m["num_layers"], (long long)m["hidden_size"],
+              (long long)m["intermediate_size"], (long long)m["vocab_size"]);
+  std::printf("  attention      %lld heads, %lld kv heads, head_dim %lld\n", (long long)m["num_heads"],
+              (long long)m["num_kv_heads"], (long long)m["head_dim"]);
+  std::printf("  rope           theta %g, scaling %s\n", m["rope"]["theta"].get<double>(),
+              m["rope"]["scaling"].get<std::string>().c_str());
+  std::printf("  context        %lld\n", (long long)m["max_position_embeddings"]);
+  std::printf("  tied embedding %s, qkv bias %s, qk norm %s\n", m["tie_word_embeddings"].get<bool>() ? "yes" : "no",
+              m["qkv_bias"].get<bool>() ? "yes" : "no", m["qk_norm"].get<bool>() ? "yes" : "no");
+  if (j.contains("dtype")) std::printf("  dtype          %s\n", j["dtype"].get<std::string>().c_str());
+  if (j.contains("quantization")) std::printf("  quantization   %s\n", j["quantization"].dump().c_str());
+  std::printf("  parameters     %.3f M in %zu tensors, %.1f MB\n", double(j["parameters"].get<uint64_t>()) / 1e6,
+              size_t(j["tensors"]), double(j["tensor_bytes"].get<uint64_t>()) / 1e6);
+}
+
+static Action setup_inspect(CLI::App& sub) {
+  auto path = std::make_shared<std::string>();
+  auto json_out = std::make_shared<bool>(false);
+  sub.add_option("PATH", *path, "workspace or Hugging Face checkpoint directory")->required();
+  sub.add_flag("--json", *json_out, "print the description as JSON");
+  return [=]() {
+    ordered_json j = inspect_path(*path);
+    if (*json_out)
+      print_json(j.dump(2));
+    else
+      print_human(j);
+    return 0;
+  };
+}
+
+KILN_COMMAND(20, "inspect", "Describe a workspace or Hugging Face checkpoint: architecture, dims, dtype, sizes",
+             setup_inspect);
+
+}  // namespace kiln::tools
