@@ -234,7 +234,7 @@ std::vector<TensorMapping> tensor_mappings(const ModelSpec& s, const ArchEntry& 
   for (const CanonicalTensor& c : canonical_tensors(s)) {
     auto it = std::find_if(table.begin(), table.end(), [&](const Parts& p) { return c.suffix == p.canonical; });
     if (it == table.end()) throw Error("internal error: no HF source for canonical tensor '" + c.name + "'");
-    TensorMapping m{c.name, {}, c.shape};
+    TensorMapping m{c.name, {}, c.shape, c.part_rows};
     for (auto [pattern, suffix] : it->hf) m.sources.push_back(layer_name(pattern, c.layer, suffix));
     out.push_back(std::move(m));
   }

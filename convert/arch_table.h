@@ -51,7 +51,8 @@ ModelSpec spec_from_hf_config(const nlohmann::json& config, const nlohmann::json
 struct TensorMapping {
   std::string canonical;
   std::vector<std::string> sources;
-  std::vector<int64_t> shape;  // canonical shape
+  std::vector<int64_t> shape;      // canonical shape
+  std::vector<int64_t> part_rows;  // expected rows of each source
 };
 
 // Every canonical tensor of the model, in the workspace's fixed order.

@@ -92,27 +92,23 @@ void convert_chunk(DType from, const uint8_t* src, size_t count, DType to, std::
 
 void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& m, DType target,
                  const std::function<void(const void*, size_t)>& sink) {
-  int64_t rows = 0;
   std::vector<const SourceTensor*> parts;
-  for (const auto& name : m.sources) {
+  for (size_t p = 0; p < m.sources.size(); ++p) {
+    const std::string& name = m.sources[p];
     const SourceTensor* t = ckpt.find(name);
     if (!t) throw Error(ckpt.dir().string() + ": tensor '" + name + "' is missing from the checkpoint");
     const TensorInfo& info = *t->info;
     if (info.dtype != DType::F32 && info.dtype != DType::F16 && info.dtype != DType::BF16)
       throw Error(t->file->path() + ": tensor '" + name + "' has dtype " + std::string(dtype_name(info.dtype)) +
                   "; expected F32, F16 or BF16");
-    // Every part shares the trailing dims of the canonical tensor; parts stack along dim 0.
-    bool ok = info.shape.size() == m.shape.size();
-    for (size_t d = 1; ok && d < m.shape.size(); ++d) ok = info.shape[d] == m.shape[d];
-    if (!ok || info.shape.empty())
-      throw Error(t->file->path() + ": tensor '" + name + "' has shape " + shape_str(info.shape) +
-                  ", which does not fit the config (" + m.canonical + " is " + shape_str(m.shape) + ")");
-    rows += info.shape[0];
+    // Each part has the canonical trailing dims and its own row count; parts stack along dim 0.
+    std::vector<int64_t> want = m.shape;
+    want[0] = m.part_rows[p];
+    if (info.shape != want)
+      throw Error(t->file->path() + ": tensor '" + name + "' has shape " + shape_str(info.shape) + "; config.json implies " +
+                  shape_str(want));
     parts.push_back(t);
   }
-  if (rows != m.shape[0])
-    throw Error(ckpt.dir().string() + ": tensors for " + m.canonical + " have " + std::to_string(rows) +
-                " rows in total; the config implies " + std::to_string(m.shape[0]));
 
   constexpr size_t kChunkElements = 1 << 20;
   std::vector<uint8_t> buf;

@@ -128,15 +128,20 @@ ModelSpec spec_from_json(const json& j, const std::string& label) {
 std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& s) {
   std::vector<CanonicalTensor> out;
   const int64_t H = s.hidden_size, I = s.intermediate_size, qkv = s.q_size() + 2 * s.kv_size();
-  auto global = [&](const char* name, std::vector<int64_t> shape) { out.push_back({name, std::move(shape), -1, name}); };
+  auto global = [&](const char* name, std::vector<int64_t> shape) {
+    int64_t rows = shape[0];
+    out.push_back({name, std::move(shape), -1, name, {rows}});
+  };
   global(names::kEmbedding, {s.vocab_size, H});
   for (int64_t i = 0; i < s.num_layers; ++i) {
-    auto add = [&](const char* suffix, std::vector<int64_t> shape) {
-      out.push_back({names::layer(i, suffix), std::move(shape), i, suffix});
+    auto add = [&](const char* suffix, std::vector<int64_t> shape, std::vector<int64_t> parts = {}) {
+      if (parts.empty()) parts = {shape[0]};
+      out.push_back({names::layer(i, suffix), std::move(shape), i, suffix, std::move(parts)});
     };
+    const std::vector<int64_t> qkv_parts = {s.q_size(), s.kv_size(), s.kv_size()}, gate_up_parts = {I, I};
     add(names::kAttnNorm, {H});
-    add(names::kQkv, {qkv, H});
-    if (s.qkv_bias) add(names::kQkvBias, {qkv});
+    add(names::kQkv, {qkv, H}, qkv_parts);
+    if (s.qkv_bias) add(names::kQkvBias, {qkv}, qkv_parts);
     if (s.qk_norm) {
       add(names::kQNorm, {s.head_dim});
       add(names::kKNorm, {s.head_dim});
@@ -144,8 +149,8 @@ std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& s) {
     add(names::kO, {H, s.q_size()});
     if (s.o_bias) add(names::kOBias, {H});
     add(names::kFfnNorm, {H});
-    add(names::kGateUp, {2 * I, H});
-    if (s.mlp_bias) add(names::kGateUpBias, {2 * I});
+    add(names::kGateUp, {2 * I, H}, gate_up_parts);
+    if (s.mlp_bias) add(names::kGateUpBias, {2 * I}, gate_up_parts);
     add(names::kDown, {H, I});
     if (s.mlp_bias) add(names::kDownBias, {H});
   }

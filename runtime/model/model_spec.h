@@ -75,6 +75,7 @@ struct CanonicalTensor {
   std::vector<int64_t> shape;
   int64_t layer = -1;      // -1 for tensors outside the layer stack
   std::string suffix;      // the name without "layers.{i}." (equal to name outside the stack)
+  std::vector<int64_t> part_rows;  // rows of each fused part along dim 0 (q, k, v / gate, up); one entry if unfused
 };
 
 // Every tensor a model with this spec has, in the workspace's fixed order. Shapes follow the HF (out, in) convention
