@@ -1,0 +1,102 @@
+// kiln tokenize PATH (--text T | --file F) [--json] [--no-special] [--lines | --json-lines] [--raw]
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <memory>
+#include <sstream>
+#include <string>
+
+#include "runtime/core/error.h"
+#include "runtime/text/tokenizer.h"
+#include "tools/command.h"
+
+namespace kiln::tools {
+namespace {
+
+struct TokenizeOptions {
+  std::string path, text, file;
+  bool json = false, no_special = false, lines = false, json_lines = false, raw = false;
+};
+
+std::string read_input(const std::string& file) {
+  if (file == "-") {
+    std::ostringstream ss;
+    ss << std::cin.rdbuf();
+    return ss.str();
+  }
+  std::ifstream in(file, std::ios::binary);
+  if (!in) throw Error(file + ": cannot be read");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+void print_result(const Tokenizer& tok, const std::vector<int32_t>& ids, bool as_json) {
+  if (as_json) {
+    nlohmann::json tokens = nlohmann::json::array();
+    for (int32_t id : ids) tokens.push_back(tok.id_to_token(id).value_or(""));
+    nlohmann::json out{{"ids", ids}, {"tokens", tokens}};
+    print_json(out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+    return;
+  }
+  std::string line;
+  for (size_t i = 0; i < ids.size(); ++i) line += (i ? " " : "") + std::to_string(ids[i]);
+  line += '\n';
+  std::fwrite(line.data(), 1, line.size(), stdout);
+}
+
+Action setup(CLI::App& sub) {
+  auto o = std::make_shared<TokenizeOptions>();
+  sub.add_option("PATH", o->path, "Workspace, Hugging Face model directory, tokenizer directory or tokenizer.json")
+      ->required();
+  auto* input = sub.add_option_group("input", "Exactly one of --text and --file");
+  input->add_option("--text", o->text, "Text to tokenize");
+  input->add_option("--file", o->file, "File whose contents are tokenized ('-' for stdin); invalid UTF-8 becomes U+FFFD");
+  input->require_option(1);
+  sub.add_flag("--json", o->json, "Print {\"ids\": [...], \"tokens\": [...]} instead of space-separated ids");
+  sub.add_flag("--no-special", o->no_special, "Do not add BOS/EOS or other post-processor tokens");
+  auto* lines = sub.add_flag("--lines", o->lines,
+                             "With --file: tokenize each line separately (without its newline) and print one result "
+                             "per line");
+  sub.add_flag("--json-lines", o->json_lines,
+                "With --file: each line is a JSON string; tokenize each and print one result per line")
+      ->excludes(lines);
+  sub.add_flag("--raw", o->raw,
+               "Run tokenizer.json exactly as the `tokenizers` library does, ignoring tokenizer_config.json "
+               "(default: match transformers' AutoTokenizer)");
+  return [o]() -> int {
+    if ((o->lines || o->json_lines) && o->file.empty()) throw Error("--lines and --json-lines need --file");
+    Tokenizer tok = Tokenizer::load(locate_tokenizer_files(o->path),
+                                    o->raw ? TokenizerCompat::TokenizersLibrary : TokenizerCompat::Transformers);
+    const bool special = !o->no_special;
+    if (!o->lines && !o->json_lines) {
+      std::string text = o->file.empty() ? o->text : read_input(o->file);
+      print_result(tok, tok.encode(text, special), o->json);
+      return 0;
+    }
+    std::string all = read_input(o->file);
+    size_t start = 0, number = 0;
+    while (start < all.size()) {
+      size_t end = all.find('\n', start);
+      if (end == std::string::npos) end = all.size();
+      std::string line = all.substr(start, end - start);
+      start = end + 1;
+      ++number;
+      if (o->json_lines) {
+        auto j = nlohmann::json::parse(line, nullptr, false);
+        if (j.is_discarded() || !j.is_string())
+          throw Error(o->file + ": line " + std::to_string(number) + " is not a JSON string");
+        line = j.get<std::string>();
+      }
+      print_result(tok, tok.encode(line, special), o->json);
+    }
+    std::fflush(stdout);
+    return 0;
+  };
+}
+
+}  // namespace
+
+KILN_COMMAND(40, "tokenize", "Tokenize text with a model's tokenizer and print the ids", setup);
+
+}  // namespace kiln::tools
