@@ -1,4 +1,4 @@
-// kiln tokenize PATH (--text T | --file F) [--json] [--no-special] [--lines | --json-lines] [--raw]
+// kiln tokenize PATH (--text T | --file F) [--json] [--no-special] [--lines | --json-lines] [--raw] [--decode]
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -7,6 +7,7 @@
 #include <string>
 
 #include "runtime/core/error.h"
+#include "runtime/text/detokenizer.h"
 #include "runtime/text/tokenizer.h"
 #include "tools/command.h"
 
@@ -15,7 +16,8 @@ namespace {
 
 struct TokenizeOptions {
   std::string path, text, file;
-  bool json = false, no_special = false, lines = false, json_lines = false, raw = false;
+  bool json = false, no_special = false, lines = false, json_lines = false, raw = false, decode = false;
+  bool skip_special = false;
 };
 
 std::string read_input(const std::string& file) {
@@ -45,6 +47,52 @@ void print_result(const Tokenizer& tok, const std::vector<int32_t>& ids, bool as
   std::fwrite(line.data(), 1, line.size(), stdout);
 }
 
+// Ids for --decode: a JSON list, or integers separated by spaces or commas.
+std::vector<int32_t> parse_ids(const std::string& s) {
+  std::vector<int32_t> ids;
+  auto j = nlohmann::json::parse(s, nullptr, false);
+  if (!j.is_discarded() && j.is_array()) {
+    for (const auto& v : j) {
+      if (!v.is_number_integer()) throw Error("--decode expects integer token ids, got " + v.dump());
+      ids.push_back(v.get<int32_t>());
+    }
+    return ids;
+  }
+  std::string cur;
+  for (char c : s + " ") {
+    if (c == ' ' || c == ',' || c == '\n' || c == '\t' || c == '\r') {
+      if (cur.empty()) continue;
+      try {
+        size_t used = 0;
+        long long v = std::stoll(cur, &used);
+        if (used != cur.size()) throw std::invalid_argument(cur);
+        ids.push_back(static_cast<int32_t>(v));
+      } catch (const std::exception&) {
+        throw Error("--decode expects integer token ids, got '" + cur + "'");
+      }
+      cur.clear();
+    } else {
+      cur += c;
+    }
+  }
+  return ids;
+}
+
+void print_decoded(const Tokenizer& tok, const std::vector<int32_t>& ids, bool skip_special, bool as_json) {
+  std::string text = tok.decode(ids, skip_special);
+  if (!as_json) {
+    text += '\n';
+    std::fwrite(text.data(), 1, text.size(), stdout);
+    return;
+  }
+  IncrementalDetokenizer detok(tok, skip_special);
+  nlohmann::json pieces = nlohmann::json::array();
+  for (int32_t id : ids) pieces.push_back(detok.push(id));
+  pieces.push_back(detok.finish());
+  nlohmann::json out{{"text", text}, {"pieces", pieces}};
+  print_json(out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+}
+
 Action setup(CLI::App& sub) {
   auto o = std::make_shared<TokenizeOptions>();
   sub.add_option("PATH", o->path, "Workspace, Hugging Face model directory, tokenizer directory or tokenizer.json")
@@ -59,11 +107,15 @@ Action setup(CLI::App& sub) {
                              "With --file: tokenize each line separately (without its newline) and print one result "
                              "per line");
   sub.add_flag("--json-lines", o->json_lines,
-                "With --file: each line is a JSON string; tokenize each and print one result per line")
+                "With --file: each line is a JSON string (a JSON list of ids with --decode); print one result per line")
       ->excludes(lines);
   sub.add_flag("--raw", o->raw,
                "Run tokenizer.json exactly as the `tokenizers` library does, ignoring tokenizer_config.json "
                "(default: match transformers' AutoTokenizer)");
+  sub.add_flag("--decode", o->decode,
+               "Decode instead: the input holds token ids (a JSON list, or integers separated by spaces or commas); "
+               "--json prints {\"text\": ..., \"pieces\": [...]} where pieces are the streaming detokenizer's output");
+  sub.add_flag("--skip-special", o->skip_special, "With --decode: leave special tokens out of the text");
   return [o]() -> int {
     if ((o->lines || o->json_lines) && o->file.empty()) throw Error("--lines and --json-lines need --file");
     Tokenizer tok = Tokenizer::load(locate_tokenizer_files(o->path),
@@ -71,7 +123,10 @@ Action setup(CLI::App& sub) {
     const bool special = !o->no_special;
     if (!o->lines && !o->json_lines) {
       std::string text = o->file.empty() ? o->text : read_input(o->file);
-      print_result(tok, tok.encode(text, special), o->json);
+      if (o->decode)
+        print_decoded(tok, parse_ids(text), o->skip_special, o->json);
+      else
+        print_result(tok, tok.encode(text, special), o->json);
       return 0;
     }
     std::string all = read_input(o->file);
@@ -82,6 +137,10 @@ Action setup(CLI::App& sub) {
       std::string line = all.substr(start, end - start);
       start = end + 1;
       ++number;
+      if (o->decode) {
+        print_decoded(tok, parse_ids(line), o->skip_special, o->json);
+        continue;
+      }
       if (o->json_lines) {
         auto j = nlohmann::json::parse(line, nullptr, false);
         if (j.is_discarded() || !j.is_string())

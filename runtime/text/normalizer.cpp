@@ -118,7 +118,8 @@ class StripAccents final : public Normalizer {
     for (size_t i = 0; i < p.text.size();) {
       size_t at = i;
       char32_t c = next_char(p.text, i);
-      if (utf8proc_category(static_cast<utf8proc_int32_t>(c)) == UTF8PROC_CATEGORY_MN) continue;
+      auto cat = utf8proc_category(static_cast<utf8proc_int32_t>(c));
+      if (cat == UTF8PROC_CATEGORY_MN || cat == UTF8PROC_CATEGORY_MC || cat == UTF8PROC_CATEGORY_ME) continue;
       out.append(p.text, at, i - at);
       if (at < p.origin_len) origin = out.size();
     }

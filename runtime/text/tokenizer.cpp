@@ -21,6 +21,8 @@ std::optional<std::string> TokenizerImpl::model_id_to_token(int32_t id) const {
 
 size_t TokenizerImpl::model_id_limit() const { return bpe ? bpe->id_limit() : sp_size(*sp); }
 
+size_t TokenizerImpl::model_vocab_count() const { return bpe ? bpe->vocab().size() : sp_size(*sp); }
+
 void TokenizerImpl::model_tokenize(std::string_view word, std::vector<int32_t>& out) const {
   if (bpe)
     bpe->tokenize(word, out);
@@ -67,7 +69,7 @@ std::string Tokenizer::decode(std::span<const int32_t> ids, bool skip_special_to
     for (int32_t id : ids) {
       if (const auto* a = t.added.find_by_id(id)) {
         flush();
-        if (!(skip_special_tokens && a->special)) out += a->content;
+        if (!(skip_special_tokens && a->special)) out += a->display;
       } else if (id >= 0 && static_cast<size_t>(id) < t.model_id_limit()) {
         run.push_back(id);
       }
@@ -79,7 +81,7 @@ std::string Tokenizer::decode(std::span<const int32_t> ids, bool skip_special_to
   tokens.reserve(ids.size());
   for (int32_t id : ids) {
     if (const auto* a = t.added.find_by_id(id)) {
-      if (!(skip_special_tokens && a->special)) tokens.push_back(a->content);
+      if (!(skip_special_tokens && a->special)) tokens.push_back(a->display);
     } else if (const std::string* s = t.bpe->id_to_token(id)) {
       tokens.push_back(*s);
     }
@@ -96,7 +98,7 @@ std::string Tokenizer::decode(std::span<const int32_t> ids, bool skip_special_to
 }
 
 std::optional<std::string> Tokenizer::id_to_token(int32_t id) const {
-  if (const auto* a = impl_->added.find_by_id(id)) return a->content;
+  if (const auto* a = impl_->added.find_by_id(id)) return a->display;
   return impl_->model_id_to_token(id);
 }
 

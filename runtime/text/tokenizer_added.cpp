@@ -48,12 +48,14 @@ long TokenTrie::match_at(std::string_view text, size_t pos, size_t& len) const {
 void AddedVocabulary::build(std::vector<AddedToken> tokens, const Normalizer* normalizer) {
   tokens_ = std::move(tokens);
   for (size_t i = 0; i < tokens_.size(); ++i) {
-    const AddedToken& t = tokens_[i];
+    AddedToken& t = tokens_[i];
+    t.display = t.content;
     by_id_.emplace(t.id, i);
     by_content_.emplace(t.content, i);
     if (t.normalized) {
       Piece p{t.content, t.content.empty() ? 0 : char_len(t.content[0]), -1};
       if (normalizer) normalizer->normalize(p);
+      t.display = p.text;
       normalized_.add(p.text, normalized_map_.size());
       normalized_map_.push_back(i);
     } else {

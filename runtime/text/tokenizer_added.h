@@ -1,6 +1,7 @@
 #pragma once
 // Added tokens (tokenizer.json "added_tokens"): matched in the raw text before normalization (normalized=false) or in
 // the normalized text (normalized=true), with HF's leftmost-longest rule and its lstrip/rstrip/single_word options.
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -13,6 +14,7 @@ namespace kiln::text {
 
 struct AddedToken {
   std::string content;
+  std::string display;  // what id_to_token/decode show: HF keeps normalized tokens in their normalized form
   int32_t id = -1;
   bool special = false;
   bool lstrip = false, rstrip = false, single_word = false, normalized = false;
@@ -39,7 +41,7 @@ class TokenTrie {
 
 class AddedVocabulary {
  public:
-  // Tokens are matched in the order HF builds its matchers; `normalizer` pre-normalizes normalized=true patterns.
+  // `normalizer` pre-normalizes normalized=true patterns. Ids must already be assigned (see assign_added_ids).
   void build(std::vector<AddedToken> tokens, const Normalizer* normalizer);
 
   // HF's extract_and_normalize: cut out raw-text added tokens, normalize the rest, then cut out normalized ones.
@@ -58,5 +60,29 @@ class AddedVocabulary {
   TokenTrie raw_, normalized_;
   std::vector<size_t> raw_map_, normalized_map_;  // trie pattern index -> tokens_ index
 };
+
+// HF ignores the ids written in tokenizer.json's added_tokens and assigns them again in order: the model's id when the
+// content is in the model vocabulary, otherwise the next free id past the model vocabulary (counted, not max id).
+// Duplicated contents are dropped. `model_id` answers -1 for tokens outside the model vocabulary.
+template <class ModelId>
+void assign_added_ids(std::vector<AddedToken>& tokens, size_t model_vocab_count, ModelId model_id) {
+  std::vector<AddedToken> out;
+  int64_t max_id = -1;
+  for (auto& t : tokens) {
+    if (t.content.empty()) continue;
+    bool dup = false;
+    for (const auto& o : out) dup |= o.content == t.content;
+    if (dup) continue;
+    int32_t id = model_id(t.content);
+    if (id < 0) {
+      auto n = static_cast<int64_t>(model_vocab_count);
+      id = static_cast<int32_t>(max_id < 0 ? n : (max_id >= n || n == 0 ? max_id + 1 : n));
+    }
+    t.id = id;
+    max_id = std::max<int64_t>(max_id, id);
+    out.push_back(std::move(t));
+  }
+  tokens.swap(out);
+}
 
 }  // namespace kiln::text

@@ -35,6 +35,7 @@ struct TokenizerImpl {
   int32_t model_token_to_id(std::string_view token) const;
   std::optional<std::string> model_id_to_token(int32_t id) const;
   size_t model_id_limit() const;
+  size_t model_vocab_count() const;
   void model_tokenize(std::string_view word, std::vector<int32_t>& out) const;
   std::string model_decode(const std::vector<int32_t>& ids) const;  // only for SentencePiece models
 };

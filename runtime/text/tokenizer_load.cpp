@@ -210,6 +210,9 @@ std::shared_ptr<TokenizerImpl> build(const json* tok_json, const std::string& na
       impl->decoder = text::make_llama_decoder(add_prefix_space);
     }
   }
+  if (tok_json)
+    text::assign_added_ids(added, impl->model_vocab_count(),
+                           [&](const std::string& c) { return impl->model_token_to_id(c); });
   impl->added.build(added, impl->normalizer.get());
   // BOS/EOS ids are facts about the model, so they come from tokenizer_config.json in both compat modes.
   const json names = cfg_in.is_object() ? cfg_in : json::object();
