@@ -99,7 +99,7 @@ Value get_attr(const Value& obj, const std::string& name) {
     return Value::undefined("access to attribute '" + name + "' of '" + obj.type_name() + "' object is unsafe.");
   if (obj.is_string() || obj.is_sequence() || obj.is_dict()) {
     Value m = bound_method(obj, name);
-    if (!m.is_undefined()) return m;
+    if (!m.is_undefined() || !m.str().empty()) return m;  // a method, or the sandbox's refusal of a mutating one
   }
   if (obj.is_dict() || obj.is_namespace()) {
     if (const Value* v = obj.dict_ref().find(name)) return *v;
