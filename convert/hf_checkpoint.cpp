@@ -17,6 +17,24 @@ static json read_json_object(const fs::path& path) {
   return j;
 }
 
+std::map<std::string, std::string> parse_safetensors_index(const std::string& text, const std::string& label) {
+  json index = json::parse(text, nullptr, false);
+  if (index.is_discarded()) throw Error(label + ": not valid JSON");
+  if (!index.is_object()) throw Error(label + ": expected a JSON object");
+  auto wm = index.find("weight_map");
+  if (wm == index.end() || !wm->is_object()) throw Error(label + ": has no 'weight_map' object");
+  std::map<std::string, std::string> out;
+  for (auto it = wm->begin(); it != wm->end(); ++it) {
+    if (!it.value().is_string()) throw Error(label + ": weight_map entry '" + it.key() + "' is not a file name");
+    std::string shard = it.value().get<std::string>();
+    if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..")
+      throw Error(label + ": weight_map names an invalid shard file '" + shard + "'");
+    out[it.key()] = shard;
+  }
+  if (out.empty()) throw Error(label + ": weight_map is empty");
+  return out;
+}
+
 bool is_hf_checkpoint(const fs::path& dir) {
   std::error_code ec;
   return fs::is_regular_file(dir / "config.json", ec);
@@ -36,20 +54,10 @@ HfCheckpoint::HfCheckpoint(const fs::path& dir) : dir_(dir) {
   std::map<std::string, std::string> weight_map;  // tensor -> shard file name
   std::vector<std::string> shard_names;
   if (fs::is_regular_file(index_path, ec)) {
-    json index = read_json_object(index_path);
-    auto wm = index.find("weight_map");
-    if (wm == index.end() || !wm->is_object())
-      throw Error(index_path.string() + ": has no 'weight_map' object");
+    weight_map = parse_safetensors_index(read_text_file(index_path), index_path.string());
     std::set<std::string> seen;
-    for (auto it = wm->begin(); it != wm->end(); ++it) {
-      if (!it.value().is_string()) throw Error(index_path.string() + ": weight_map entry '" + it.key() + "' is not a file name");
-      std::string shard = it.value().get<std::string>();
-      // Shard names must stay inside the checkpoint directory.
-      if (shard.empty() || shard.find('/') != std::string::npos || shard == "." || shard == "..")
-        throw Error(index_path.string() + ": weight_map names an invalid shard file '" + shard + "'");
-      weight_map[it.key()] = shard;
+    for (const auto& [tensor, shard] : weight_map)
       if (seen.insert(shard).second) shard_names.push_back(shard);
-    }
     std::sort(shard_names.begin(), shard_names.end());
     for (const auto& s : shard_names)
       if (!fs::is_regular_file(dir / s, ec))

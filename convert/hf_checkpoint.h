@@ -41,6 +41,10 @@ class HfCheckpoint {
   std::map<std::string, SourceTensor> tensors_;
 };
 
+// Parses model.safetensors.index.json text into tensor -> shard file name, refusing shard names that would leave the
+// checkpoint directory. `label` names the file in errors.
+std::map<std::string, std::string> parse_safetensors_index(const std::string& text, const std::string& label);
+
 // True when the directory looks like an HF checkpoint (has config.json).
 bool is_hf_checkpoint(const std::filesystem::path& dir);
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole test suite from a fresh clone: set-up, build (with CUDA when nvcc is present), unit tests, oracle tests
+# against transformers, the unit tests again under ASan+UBSan, and each libFuzzer target for a bounded time.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+echo "== build"
+bash scripts/build.sh
+
+echo "== unit tests"
+ctest --test-dir build --output-on-failure -j"$(nproc)" | tail -n 5
+
+echo "== oracle tests (pytest against transformers / tokenizers)"
+python3 -m pytest -q tests/python -p no:cacheprovider
+
+echo "== unit tests under AddressSanitizer + UndefinedBehaviorSanitizer"
+cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DKILN_SANITIZE=ON -DKILN_CUDA=OFF >/dev/null
+ninja -C build-asan -j"$(nproc)" kiln_unit_tests
+ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --test-dir build-asan --output-on-failure -j"$(nproc)" | tail -n 5
+
+echo "== fuzzing (libFuzzer, ${FUZZ_SECONDS:-20}s per target)"
+cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKILN_FUZZ=ON -DKILN_TESTS=ON \
+  -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 >/dev/null
+targets=$(cd tests/fuzz && ls fuzz_*.cpp | sed 's/\.cpp$//')
+ninja -C build-fuzz -j"$(nproc)" $targets
+for t in $targets; do
+  corpus=$(mktemp -d)
+  [ -d "tests/fuzz/corpus/$t" ] && cp -r "tests/fuzz/corpus/$t/." "$corpus/"
+  echo "-- $t"
+  "build-fuzz/tests/$t" -max_total_time="${FUZZ_SECONDS:-20}" -max_len=65536 -print_final_stats=0 "$corpus" 2>&1 | tail -n 1
+  rm -rf "$corpus"
+done
+echo "all test stages passed"

