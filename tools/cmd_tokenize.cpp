@@ -1,4 +1,5 @@
 // kiln tokenize PATH (--text T | --file F) [--json] [--no-special] [--lines | --json-lines] [--raw] [--decode]
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -17,7 +18,7 @@ namespace {
 struct TokenizeOptions {
   std::string path, text, file;
   bool json = false, no_special = false, lines = false, json_lines = false, raw = false, decode = false;
-  bool skip_special = false;
+  bool skip_special = false, bench = false;
 };
 
 std::string read_input(const std::string& file) {
@@ -116,6 +117,9 @@ Action setup(CLI::App& sub) {
                "Decode instead: the input holds token ids (a JSON list, or integers separated by spaces or commas); "
                "--json prints {\"text\": ..., \"pieces\": [...]} where pieces are the streaming detokenizer's output");
   sub.add_flag("--skip-special", o->skip_special, "With --decode: leave special tokens out of the text");
+  sub.add_flag("--bench", o->bench,
+               "With --lines/--json-lines: print only {\"encode_seconds\": ..., \"texts\": ..., \"tokens\": ...}, "
+               "timing encode() alone (used by scripts/bench_tokenizer.py)");
   return [o]() -> int {
     if ((o->lines || o->json_lines) && o->file.empty()) throw Error("--lines and --json-lines need --file");
     Tokenizer tok = Tokenizer::load(locate_tokenizer_files(o->path),
@@ -131,6 +135,7 @@ Action setup(CLI::App& sub) {
     }
     std::string all = read_input(o->file);
     size_t start = 0, number = 0;
+    std::vector<std::string> bench_texts;
     while (start < all.size()) {
       size_t end = all.find('\n', start);
       if (end == std::string::npos) end = all.size();
@@ -147,7 +152,17 @@ Action setup(CLI::App& sub) {
           throw Error(o->file + ": line " + std::to_string(number) + " is not a JSON string");
         line = j.get<std::string>();
       }
-      print_result(tok, tok.encode(line, special), o->json);
+      if (o->bench)
+        bench_texts.push_back(std::move(line));
+      else
+        print_result(tok, tok.encode(line, special), o->json);
+    }
+    if (o->bench) {
+      size_t tokens = 0;
+      auto t0 = std::chrono::steady_clock::now();
+      for (const auto& t : bench_texts) tokens += tok.encode(t, special).size();
+      double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      print_json(nlohmann::json{{"encode_seconds", secs}, {"texts", bench_texts.size()}, {"tokens", tokens}}.dump());
     }
     std::fflush(stdout);
     return 0;
