@@ -32,6 +32,9 @@ int64_t length(const Value& v);
 Value slice(const Value& obj, const Value& start, const Value& stop, const Value& step);
 [[noreturn]] void fail_undefined(const Value& v);  // raises the UndefinedError jinja2 would
 
+// Python's `fmt % args`.
+std::string percent_format(const std::string& fmt, const List& args);
+
 Value apply_filter(const std::string& name, const Value& subject, Args& args);
 bool apply_test(const std::string& name, const Value& subject, Args& args);
 

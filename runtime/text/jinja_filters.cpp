@@ -114,10 +114,12 @@ Value to_int(const Value& v, const Value& dflt, int base) {
     char* end = nullptr;
     errno = 0;
     long long i = std::strtoll(digits.c_str(), &end, base);
-    if (!digits.empty() && end && *end == '\0' && errno == 0 && digits[0] != ' ') return Value::integer(i);
+    if (!digits.empty() && end && *end == '\0' && errno == 0) return Value::integer(i);
+    // jinja2 retries int(float(s)) so that "42.5"|int is 42; Python's float() knows no hex.
     end = nullptr;
     double f = std::strtod(digits.c_str(), &end);
-    if (!digits.empty() && end && *end == '\0' && std::isfinite(f)) return Value::integer(static_cast<int64_t>(f));
+    bool hex = digits.find_first_of("xX") != std::string::npos;
+    if (!digits.empty() && !hex && end && *end == '\0' && std::isfinite(f)) return Value::integer(static_cast<int64_t>(f));
   }
   return dflt;
 }
@@ -426,6 +428,10 @@ Value apply_filter(const std::string& name, const Value& v, Args& a) {
     return total;
   }
   if (name == "min" || name == "max") return min_max(v, a, name == "max");
+  if (name == "format") {
+    if (!a.kw.empty()) throw Failure("the format filter with keyword arguments is not supported");
+    return str_value(percent_format(soft_str(v), a.pos));
+  }
   if (name == "attr") {
     a.check("attr", 1, {});
     return get_attr(v, to_str(a.get(0, nullptr)));

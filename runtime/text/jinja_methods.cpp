@@ -200,6 +200,15 @@ Value str_method(const std::string& name, const Value& self, Args& a) {
     if (fill.size() != 1) throw Failure("The fill character must be exactly one character long");
     return Value::string(py_center(s, opt_int(a.get(0, nullptr), 0), fill[0]));
   }
+  if (name == "zfill") {
+    a.check("zfill", 1, {});
+    std::u32string cps = utf8_decode(s);
+    long width = opt_int(a.get(0, nullptr), 0);
+    if (width <= static_cast<long>(cps.size())) return self;
+    size_t sign = !cps.empty() && (cps[0] == '+' || cps[0] == '-') ? 1 : 0;
+    cps.insert(sign, std::u32string(static_cast<size_t>(width) - cps.size(), U'0'));
+    return Value::string(utf8_encode(cps));
+  }
   if (name == "isspace") return all_chars<is_py_space>(self, a);
   if (name == "isdigit") return all_chars<is_digit>(self, a);
   if (name == "isalpha") return all_chars<is_alpha>(self, a);

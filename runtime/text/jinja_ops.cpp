@@ -177,7 +177,8 @@ Value binary_op(const std::string& op, const Value& a, const Value& b) {
   }
   if (op == "//" || op == "%") {
     if (!nums) {
-      if (op == "%" && a.is_string()) throw Failure("printf-style string formatting with % is not supported");
+      if (op == "%" && a.is_string())
+        return Value::string(percent_format(a.str(), b.kind() == Value::Kind::Tuple ? b.items() : List{b}));
       unsupported_operands(op, a, b);
     }
     if (ints) {
