@@ -283,3 +283,26 @@ def hf_decode(hf, ids, skip):
         if type(e).__name__ != "PanicException":
             raise
         return None
+
+
+# ---------------------------------------------------------------- SentencePiece-only directories
+
+def test_sentencepiece_model_matches_libsentencepiece(tmp_path):
+    spm = pytest.importorskip("sentencepiece")
+    train_file = tmp_path / "train.txt"
+    train_file.write_text("\n".join(PROSE + [t for t in CORPUS if "\n" not in t]), "utf-8")
+    spm.SentencePieceTrainer.train(input=str(train_file), model_prefix=str(tmp_path / "tokenizer"), vocab_size=1000,
+                                   model_type="bpe", byte_fallback=True, character_coverage=0.98,
+                                   bos_id=1, eos_id=2, unk_id=0, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    # Literal control tokens are split out as special tokens (as transformers does); plain SentencePiece spells them.
+    texts = [t for t in CORPUS if not any(s in t for s in ("<s>", "</s>", "<unk>"))]
+    got = kiln_lines(tmp_path, texts)
+    assert_same(texts, [g["ids"] for g in got], [[1] + sp.encode(t) for t in texts], "sentencepiece")
+    # add_bos_token / add_eos_token from tokenizer_config.json are honoured.
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False, "add_eos_token": True,
+                                                                "eos_token": "</s>"}))
+    got = kiln_lines(tmp_path, texts)
+    assert_same(texts, [g["ids"] for g in got], [sp.encode(t) + [2] for t in texts], "sentencepiece eos")
+    dec = kiln_decode_lines(tmp_path, [sp.encode(t) for t in texts])
+    assert [d["text"] for d in dec] == [sp.decode(sp.encode(t)) for t in texts]
