@@ -30,7 +30,8 @@ TokenizerFiles template_files(const fs::path& path) {
   std::error_code ec;
   fs::path dir = fs::is_directory(path, ec) ? path : path.parent_path();
   if (dir.empty()) dir = ".";
-  if (fs::exists(path, ec) && (fs::exists(dir / "tokenizer_config.json", ec) || fs::exists(dir / "chat_template.jinja", ec))) {
+  if (fs::exists(path, ec) &&
+      (fs::exists(dir / "tokenizer_config.json", ec) || fs::exists(dir / "chat_template.jinja", ec))) {
     TokenizerFiles f;
     f.dir = dir;
     if (fs::is_regular_file(dir / "tokenizer_config.json", ec)) f.tokenizer_config = dir / "tokenizer_config.json";

@@ -64,8 +64,9 @@ ChatTemplate ChatTemplate::from_files(const TokenizerFiles& files, bool for_tool
   }
   std::optional<std::string> source = resolve_chat_template(files);
   if (!source)
-    throw Error(files.dir.string() + ": no chat template (tokenizer_config.json has no \"chat_template\" and there is "
-                                     "no chat_template.jinja)");
+    throw Error(files.dir.string() +
+                ": no chat template (tokenizer_config.json has no \"chat_template\" and there is "
+                "no chat_template.jinja)");
   return ChatTemplate(std::move(*source), cfg);
 }
 

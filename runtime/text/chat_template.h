@@ -3,11 +3,10 @@
 // the same input clean-up (None-valued message keys dropped, reasoning fields aliased), the same special-token
 // variables, and kiln's own Jinja interpreter in place of jinja2.
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "runtime/text/tokenizer_files.h"
 

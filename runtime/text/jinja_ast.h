@@ -61,7 +61,7 @@ struct Stmt {
     With,         // params assigned in a new scope, then bodies[0]
     Break,
     Continue,
-    Generation,   // transformers' {% generation %}: renders bodies[0]
+    Generation,  // transformers' {% generation %}: renders bodies[0]
   };
   Kind kind;
   int line = 0;

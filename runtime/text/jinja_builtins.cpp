@@ -32,7 +32,8 @@ Value range_fn(Args& a) {
 
 // dict(*args, **kwargs) into `out`, as Python's dict constructor fills it.
 void fill_dict(Dict& out, Args& a, const char* fn) {
-  if (a.pos.size() > 1) throw Failure(std::string(fn) + " expected at most 1 argument, got " + std::to_string(a.pos.size()));
+  if (a.pos.size() > 1)
+    throw Failure(std::string(fn) + " expected at most 1 argument, got " + std::to_string(a.pos.size()));
   if (!a.pos.empty()) {
     const Value& src = a.pos[0];
     if (src.is_dict() || src.is_namespace()) {
@@ -62,8 +63,8 @@ void add_builtin_globals(Scope& scope) {
     fill_dict(ns.dict_ref(), a, "namespace");
     for (const auto& [k, v] : ns.dict_ref().entries)
       if (k.is_string() && !k.str().empty() && k.str()[0] == '_')
-        throw Failure("Chat templates cannot store underscore-prefixed attributes on a namespace, but got " +
-                      repr(k) + ". Please rename the attribute.");
+        throw Failure("Chat templates cannot store underscore-prefixed attributes on a namespace, but got " + repr(k) +
+                      ". Please rename the attribute.");
     return ns;
   });
   scope.vars["joiner"] = Value::function("joiner", [](Args& a) {

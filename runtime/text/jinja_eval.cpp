@@ -1,9 +1,10 @@
 // Statement execution and expression evaluation. Scoping follows jinja2: `for` iterations, macro calls and `with`
 // blocks get a fresh scope (so `set` inside them does not leak out, which is why templates use namespace()), while
 // `if` does not.
+#include "runtime/text/jinja_eval.h"
+
 #include "runtime/core/error.h"
 #include "runtime/text/jinja.h"
-#include "runtime/text/jinja_eval.h"
 
 namespace kiln::jinja {
 
@@ -47,7 +48,9 @@ class Evaluator {
   Flow exec(const Stmt& s, const ScopePtr& scope, std::string& out) {
     using K = Stmt::Kind;
     switch (s.kind) {
-      case K::Data: out += s.text; return Flow::Normal;
+      case K::Data:
+        out += s.text;
+        return Flow::Normal;
       case K::Output: {
         Value v = eval(*s.exprs[0], scope);
         out += guarded(s.line, [&] { return to_str(v); });
@@ -58,8 +61,11 @@ class Evaluator {
           if (eval(*s.exprs[i], scope).truthy()) return exec(s.bodies[i], scope, out);
         if (s.bodies.size() > s.exprs.size()) return exec(s.bodies.back(), scope, out);
         return Flow::Normal;
-      case K::For: return exec_for(s, scope, out);
-      case K::Set: exec_set(s, scope); return Flow::Normal;
+      case K::For:
+        return exec_for(s, scope, out);
+      case K::Set:
+        exec_set(s, scope);
+        return Flow::Normal;
       case K::SetBlock: {
         std::string text;
         exec(s.bodies[0], scope, text);
@@ -72,7 +78,9 @@ class Evaluator {
         out += guarded(s.line, [&] { return to_str(pipe(s, Value::string(std::move(text)), scope)); });
         return Flow::Normal;
       }
-      case K::Macro: scope->vars[s.name] = make_macro(s, scope); return Flow::Normal;
+      case K::Macro:
+        scope->vars[s.name] = make_macro(s, scope);
+        return Flow::Normal;
       case K::CallBlock: {
         const Expr& call = *s.exprs[0];
         Value caller = make_macro(s, scope);
@@ -88,9 +96,12 @@ class Evaluator {
         for (const auto& [name, expr] : s.params) inner->vars[name] = eval(*expr, scope);
         return exec(s.bodies[0], inner, out);
       }
-      case K::Generation: return exec(s.bodies[0], scope, out);
-      case K::Break: return Flow::Break;
-      case K::Continue: return Flow::Continue;
+      case K::Generation:
+        return exec(s.bodies[0], scope, out);
+      case K::Break:
+        return Flow::Break;
+      case K::Continue:
+        return Flow::Continue;
     }
     return Flow::Normal;
   }
@@ -223,9 +234,9 @@ class Evaluator {
             found = true;
           }
         if (!found)
-          local->vars[params[i].first] = params[i].second ? eval(*params[i].second, local)
-                                                          : Value::undefined("parameter '" + params[i].first +
-                                                                             "' was not provided");
+          local->vars[params[i].first] = params[i].second
+                                             ? eval(*params[i].second, local)
+                                             : Value::undefined("parameter '" + params[i].first + "' was not provided");
       }
       for (const auto& [k, v] : args.kw) {
         bool known = k == "caller";
@@ -249,12 +260,14 @@ class Evaluator {
   Value eval_inner(const Expr& e, const ScopePtr& scope) {
     using K = Expr::Kind;
     switch (e.kind) {
-      case K::Const: return e.value;
+      case K::Const:
+        return e.value;
       case K::Name: {
         const Value* v = scope->lookup(e.name);
         return v ? *v : Value::undefined("'" + e.name + "' is undefined");
       }
-      case K::Getattr: return get_attr(eval(*e.args[0], scope), e.name);
+      case K::Getattr:
+        return get_attr(eval(*e.args[0], scope), e.name);
       case K::Getitem: {
         Value obj = eval(*e.args[0], scope);
         const Expr& idx = *e.args[1];
@@ -266,7 +279,8 @@ class Evaluator {
         }
         return get_item(obj, eval(idx, scope));
       }
-      case K::Slice: throw Failure("unexpected slice");
+      case K::Slice:
+        throw Failure("unexpected slice");
       case K::List:
       case K::Tuple: {
         List items;
@@ -292,17 +306,22 @@ class Evaluator {
         if (v.as_int() == INT64_MIN) throw Failure("integer overflow");
         return Value::integer(-v.as_int());
       }
-      case K::Binary: return binary_op(e.name, eval(*e.args[0], scope), eval(*e.args[1], scope));
+      case K::Binary:
+        return binary_op(e.name, eval(*e.args[0], scope), eval(*e.args[1], scope));
       case K::Compare: {
         Value left = eval(*e.args[0], scope);
         for (size_t i = 0; i < e.ops.size(); ++i) {
           Value right = eval(*e.args[i + 1], scope);
           const std::string& op = e.ops[i];
           bool ok;
-          if (op == "==") ok = equals(left, right);
-          else if (op == "!=") ok = !equals(left, right);
-          else if (op == "in") ok = contains(right, left);
-          else if (op == "notin") ok = !contains(right, left);
+          if (op == "==")
+            ok = equals(left, right);
+          else if (op == "!=")
+            ok = !equals(left, right);
+          else if (op == "in")
+            ok = contains(right, left);
+          else if (op == "notin")
+            ok = !contains(right, left);
           else {
             int c = compare(left, right, op.c_str());
             ok = op == "<" ? c < 0 : op == "<=" ? c <= 0 : op == ">" ? c > 0 : c >= 0;
@@ -320,7 +339,8 @@ class Evaluator {
         Value a = eval(*e.args[0], scope);
         return a.truthy() ? a : eval(*e.args[1], scope);
       }
-      case K::Not: return Value::boolean(!eval(*e.args[0], scope).truthy());
+      case K::Not:
+        return Value::boolean(!eval(*e.args[0], scope).truthy());
       case K::CondExpr:
         if (eval(*e.args[0], scope).truthy()) return eval(*e.args[1], scope);
         if (e.args[2]) return eval(*e.args[2], scope);
@@ -351,8 +371,7 @@ class Evaluator {
 
 }  // namespace
 
-Template::Template(std::string_view source)
-    : body_(std::make_shared<const Body>(parse_template(source))) {}
+Template::Template(std::string_view source) : body_(std::make_shared<const Body>(parse_template(source))) {}
 
 std::string Template::render(const std::vector<std::pair<std::string, Value>>& vars) const {
   auto globals = std::make_shared<Scope>();

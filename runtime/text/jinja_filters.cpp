@@ -61,7 +61,8 @@ std::string jinja_title(const std::string& s) {
 }
 
 std::string jinja_indent(std::string s, const Value& width, bool first, bool blank) {
-  std::string ind = width.is_string() ? width.str() : std::string(static_cast<size_t>(std::max<int64_t>(0, width.as_int())), ' ');
+  std::string ind =
+      width.is_string() ? width.str() : std::string(static_cast<size_t>(std::max<int64_t>(0, width.as_int())), ' ');
   s += "\n";
   std::vector<std::string> lines = py_splitlines(s, false);
   std::string rv;
@@ -119,7 +120,8 @@ Value to_int(const Value& v, const Value& dflt, int base) {
     end = nullptr;
     double f = std::strtod(digits.c_str(), &end);
     bool hex = digits.find_first_of("xX") != std::string::npos;
-    if (!digits.empty() && !hex && end && *end == '\0' && std::isfinite(f)) return Value::integer(static_cast<int64_t>(f));
+    if (!digits.empty() && !hex && end && *end == '\0' && std::isfinite(f))
+      return Value::integer(static_cast<int64_t>(f));
   }
   return dflt;
 }
@@ -303,7 +305,8 @@ Value apply_filter(const std::string& name, const Value& v, Args& a) {
   if (name == "list") return Value::list(iterate(v));
   if (name == "int") {
     a.check("int", 2, {"default", "base"});
-    return to_int(v, a.get(0, "default", Value::integer(0)), static_cast<int>(a.get(1, "base", Value::integer(10)).as_int()));
+    return to_int(v, a.get(0, "default", Value::integer(0)),
+                  static_cast<int>(a.get(1, "base", Value::integer(10)).as_int()));
   }
   if (name == "float") {
     a.check("float", 1, {"default"});
@@ -316,7 +319,8 @@ Value apply_filter(const std::string& name, const Value& v, Args& a) {
   }
   if (name == "round") {
     a.check("round", 2, {"precision", "method"});
-    return do_round(v, a.get(0, "precision", Value::integer(0)).as_int(), to_str(a.get(1, "method", Value::string("common"))));
+    return do_round(v, a.get(0, "precision", Value::integer(0)).as_int(),
+                    to_str(a.get(1, "method", Value::string("common"))));
   }
   if (name == "map") {
     List out;

@@ -38,7 +38,9 @@ std::string percent_format(const std::string& fmt, const List& args) {
     std::string spec = "%" + flags + width + (has_precision ? "." + precision : "");
     char buf[1100];
     switch (conv) {
-      case '%': out += '%'; break;
+      case '%':
+        out += '%';
+        break;
       case 's':
       case 'r':
       case 'a': {
@@ -79,7 +81,8 @@ std::string percent_format(const std::string& fmt, const List& args) {
         out += buf;
         break;
       }
-      default: throw Failure(std::string("unsupported format character '") + conv + "'");
+      default:
+        throw Failure(std::string("unsupported format character '") + conv + "'");
     }
   }
   if (next < args.size()) throw Failure("not all arguments converted during string formatting");

@@ -78,17 +78,38 @@ std::string unescape(std::string_view s, int line) {
     }
     char c = s[++i];
     switch (c) {
-      case '\n': break;
-      case '\\': out += '\\'; break;
-      case '\'': out += '\''; break;
-      case '"': out += '"'; break;
-      case 'a': out += '\a'; break;
-      case 'b': out += '\b'; break;
-      case 'f': out += '\f'; break;
-      case 'n': out += '\n'; break;
-      case 'r': out += '\r'; break;
-      case 't': out += '\t'; break;
-      case 'v': out += '\v'; break;
+      case '\n':
+        break;
+      case '\\':
+        out += '\\';
+        break;
+      case '\'':
+        out += '\'';
+        break;
+      case '"':
+        out += '"';
+        break;
+      case 'a':
+        out += '\a';
+        break;
+      case 'b':
+        out += '\b';
+        break;
+      case 'f':
+        out += '\f';
+        break;
+      case 'n':
+        out += '\n';
+        break;
+      case 'r':
+        out += '\r';
+        break;
+      case 't':
+        out += '\t';
+        break;
+      case 'v':
+        out += '\v';
+        break;
       case 'x':
       case 'u':
       case 'U': {
@@ -104,7 +125,8 @@ std::string unescape(std::string_view s, int line) {
         i += digits;
         break;
       }
-      case 'N': fail(line, "\\N{...} escapes are not supported");
+      case 'N':
+        fail(line, "\\N{...} escapes are not supported");
       default:
         if (c >= '0' && c <= '7') {
           uint32_t cp = static_cast<uint32_t>(c - '0');
@@ -282,8 +304,9 @@ class Lexer {
   void lex_tag(bool variable) {
     std::string balance;
     while (true) {
-      if (pos_ >= src_.size()) fail(line_of(pos_), variable ? "unexpected end of template, expected '}}'" :
-                                                               "unexpected end of template, expected '%}'");
+      if (pos_ >= src_.size())
+        fail(line_of(pos_),
+             variable ? "unexpected end of template, expected '}}'" : "unexpected end of template, expected '%}'");
       if (balance.empty() && end_tag(variable)) return;
       size_t ws = skip_spaces(src_, pos_);
       if (ws > pos_) {
@@ -371,8 +394,7 @@ class Lexer {
       // 0(_?0)*: a leading zero only continues with more zeros.
       digits = "0";
       ++j;
-      while (j < src_.size() && (src_[j] == '0' || (src_[j] == '_' && j + 1 < src_.size() && src_[j + 1] == '0')))
-        ++j;
+      while (j < src_.size() && (src_[j] == '0' || (src_[j] == '_' && j + 1 < src_.size() && src_[j + 1] == '0'))) ++j;
     } else {
       while (j < src_.size() && (ok(src_[j]) || (src_[j] == '_' && j + 1 < src_.size() && ok(src_[j + 1])))) {
         if (src_[j] != '_') digits += src_[j];
@@ -403,7 +425,8 @@ class Lexer {
     if (c == ')' || c == ']' || c == '}') {
       if (balance.empty()) fail(line_of(pos_), "unexpected '" + std::string(1, c) + "'");
       if (balance.back() != c)
-        fail(line_of(pos_), "unexpected '" + std::string(1, c) + "', expected '" + std::string(1, balance.back()) + "'");
+        fail(line_of(pos_),
+             "unexpected '" + std::string(1, c) + "', expected '" + std::string(1, balance.back()) + "'");
       balance.pop_back();
     }
     emit(Tok::Op, std::string(1, c), pos_);

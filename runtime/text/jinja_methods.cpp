@@ -12,8 +12,7 @@ namespace {
 using Method = Value (*)(const Value& self, Args& args);
 
 std::string arg_str(const Value& v, const char* method) {
-  if (!v.is_string())
-    throw Failure(std::string(method) + "() argument must be str, not " + v.type_name());
+  if (!v.is_string()) throw Failure(std::string(method) + "() argument must be str, not " + v.type_name());
   return v.str();
 }
 
@@ -188,7 +187,8 @@ Value str_method(const std::string& name, const Value& self, Args& a) {
     a.check(name.c_str(), 1, {});
     std::string affix = arg_str(a.get(0, nullptr), name.c_str());
     if (affix.size() <= s.size()) {
-      if (name == "removeprefix" && s.compare(0, affix.size(), affix) == 0) return Value::string(s.substr(affix.size()));
+      if (name == "removeprefix" && s.compare(0, affix.size(), affix) == 0)
+        return Value::string(s.substr(affix.size()));
       if (name == "removesuffix" && s.compare(s.size() - affix.size(), affix.size(), affix) == 0)
         return Value::string(s.substr(0, s.size() - affix.size()));
     }
@@ -277,12 +277,12 @@ Value seq_method(const std::string& name, const Value& self, Args& a) {
 }
 
 const std::set<std::string> kStrMethods = {
-    "capitalize", "casefold",  "center",     "count",      "encode",     "endswith",    "expandtabs", "find",
-    "format",     "format_map", "index",     "isalnum",    "isalpha",    "isascii",     "isdecimal",  "isdigit",
-    "isidentifier", "islower", "isnumeric",  "isprintable", "isspace",   "istitle",     "isupper",    "join",
-    "ljust",      "lower",     "lstrip",     "maketrans",  "partition",  "removeprefix", "removesuffix", "replace",
-    "rfind",      "rindex",    "rjust",      "rpartition", "rsplit",     "rstrip",      "split",      "splitlines",
-    "startswith", "strip",     "swapcase",   "title",      "translate",  "upper",       "zfill"};
+    "capitalize",   "casefold",   "center",    "count",       "encode",    "endswith",     "expandtabs",   "find",
+    "format",       "format_map", "index",     "isalnum",     "isalpha",   "isascii",      "isdecimal",    "isdigit",
+    "isidentifier", "islower",    "isnumeric", "isprintable", "isspace",   "istitle",      "isupper",      "join",
+    "ljust",        "lower",      "lstrip",    "maketrans",   "partition", "removeprefix", "removesuffix", "replace",
+    "rfind",        "rindex",     "rjust",     "rpartition",  "rsplit",    "rstrip",       "split",        "splitlines",
+    "startswith",   "strip",      "swapcase",  "title",       "translate", "upper",        "zfill"};
 const std::set<std::string> kDictMethods = {"copy", "fromkeys", "get", "items", "keys", "values"};
 const std::set<std::string> kDictMutators = {"clear", "pop", "popitem", "setdefault", "update"};
 const std::set<std::string> kListMethods = {"copy", "count", "index"};

@@ -24,12 +24,23 @@ std::string html_escape(const std::string& s) {
   std::string out;
   for (char c : s) {
     switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '\'': out += "&#39;"; break;
-      case '"': out += "&#34;"; break;
-      default: out += c;
+      case '&':
+        out += "&amp;";
+        break;
+      case '<':
+        out += "&lt;";
+        break;
+      case '>':
+        out += "&gt;";
+        break;
+      case '\'':
+        out += "&#39;";
+        break;
+      case '"':
+        out += "&#34;";
+        break;
+      default:
+        out += c;
     }
   }
   return out;
@@ -39,8 +50,9 @@ std::string html_escape(const std::string& s) {
 
 Value int_op(char op, int64_t a, int64_t b) {
   int64_t r = 0;
-  bool bad = op == '+' ? __builtin_add_overflow(a, b, &r)
-                       : op == '-' ? __builtin_sub_overflow(a, b, &r) : __builtin_mul_overflow(a, b, &r);
+  bool bad = op == '+'   ? __builtin_add_overflow(a, b, &r)
+             : op == '-' ? __builtin_sub_overflow(a, b, &r)
+                         : __builtin_mul_overflow(a, b, &r);
   if (bad) overflow();
   return Value::integer(r);
 }
@@ -89,9 +101,7 @@ int64_t py_index(const Value& v) {
 
 }  // namespace
 
-void fail_undefined(const Value& v) {
-  throw Failure(v.str().empty() ? "value is undefined" : v.str());
-}
+void fail_undefined(const Value& v) { throw Failure(v.str().empty() ? "value is undefined" : v.str()); }
 
 Value get_attr(const Value& obj, const std::string& name) {
   if (obj.is_undefined()) fail_undefined(obj);
@@ -218,26 +228,30 @@ Value binary_op(const std::string& op, const Value& a, const Value& b) {
 
 bool contains(const Value& container, const Value& item) {
   switch (container.kind()) {
-    case Value::Kind::Undefined: return false;
+    case Value::Kind::Undefined:
+      return false;
     case Value::Kind::String:
-      if (!item.is_string())
-        throw Failure("'in <string>' requires string as left operand, not " + item.type_name());
+      if (!item.is_string()) throw Failure("'in <string>' requires string as left operand, not " + item.type_name());
       return container.str().find(item.str()) != std::string::npos;
     case Value::Kind::List:
     case Value::Kind::Tuple:
       for (const Value& v : container.items())
         if (equals(v, item)) return true;
       return false;
-    case Value::Kind::Dict: return container.dict_ref().find(item) != nullptr;
-    default: throw Failure("argument of type '" + container.type_name() + "' is not iterable");
+    case Value::Kind::Dict:
+      return container.dict_ref().find(item) != nullptr;
+    default:
+      throw Failure("argument of type '" + container.type_name() + "' is not iterable");
   }
 }
 
 List iterate(const Value& v) {
   switch (v.kind()) {
-    case Value::Kind::Undefined: return {};
+    case Value::Kind::Undefined:
+      return {};
     case Value::Kind::List:
-    case Value::Kind::Tuple: return v.items();
+    case Value::Kind::Tuple:
+      return v.items();
     case Value::Kind::String: {
       List out;
       for (char32_t c : utf8_decode(v.str())) out.push_back(Value::string(utf8_encode(std::u32string(1, c))));
@@ -248,25 +262,32 @@ List iterate(const Value& v) {
       for (const auto& [k, val] : v.dict_ref().entries) out.push_back(k);
       return out;
     }
-    default: throw Failure("'" + v.type_name() + "' object is not iterable");
+    default:
+      throw Failure("'" + v.type_name() + "' object is not iterable");
   }
 }
 
 int64_t length(const Value& v) {
   switch (v.kind()) {
-    case Value::Kind::Undefined: return 0;
-    case Value::Kind::String: return static_cast<int64_t>(utf8_length(v.str()));
+    case Value::Kind::Undefined:
+      return 0;
+    case Value::Kind::String:
+      return static_cast<int64_t>(utf8_length(v.str()));
     case Value::Kind::List:
-    case Value::Kind::Tuple: return static_cast<int64_t>(v.items().size());
-    case Value::Kind::Dict: return static_cast<int64_t>(v.dict_ref().entries.size());
-    default: throw Failure("object of type '" + v.type_name() + "' has no len()");
+    case Value::Kind::Tuple:
+      return static_cast<int64_t>(v.items().size());
+    case Value::Kind::Dict:
+      return static_cast<int64_t>(v.dict_ref().entries.size());
+    default:
+      throw Failure("object of type '" + v.type_name() + "' has no len()");
   }
 }
 
 Value slice(const Value& obj, const Value& start_v, const Value& stop_v, const Value& step_v) {
   int64_t step = step_v.is_none() ? 1 : py_index(step_v);
   if (step == 0) throw Failure("slice step cannot be zero");
-  if (!obj.is_string() && !obj.is_sequence()) return Value::undefined("'" + object_type_repr(obj) + "' is not sliceable");
+  if (!obj.is_string() && !obj.is_sequence())
+    return Value::undefined("'" + object_type_repr(obj) + "' is not sliceable");
   std::u32string cps;
   int64_t n;
   if (obj.is_string()) {

@@ -13,23 +13,25 @@ namespace {
 // implement fail only when evaluated, as a branch that never runs renders fine in jinja2.
 const std::set<std::string>& jinja2_filters() {
   static const std::set<std::string> names = {
-      "abs",        "attr",      "batch",    "capitalize", "center",    "count",    "d",         "default",
-      "dictsort",   "e",         "escape",   "filesizeformat",        "first",    "float",     "forceescape",
-      "format",     "groupby",   "indent",   "int",        "join",      "last",     "length",    "list",
-      "lower",      "items",     "map",      "min",        "max",       "pprint",   "random",    "reject",
-      "rejectattr", "replace",   "reverse",  "round",      "safe",      "select",   "selectattr", "slice",
-      "sort",       "string",    "striptags", "sum",       "title",     "trim",     "truncate",  "unique",
-      "upper",      "urlencode", "urlize",   "wordcount",  "wordwrap",  "xmlattr",  "tojson"};
+      "abs",       "attr",       "batch",       "capitalize", "center",  "count",
+      "d",         "default",    "dictsort",    "e",          "escape",  "filesizeformat",
+      "first",     "float",      "forceescape", "format",     "groupby", "indent",
+      "int",       "join",       "last",        "length",     "list",    "lower",
+      "items",     "map",        "min",         "max",        "pprint",  "random",
+      "reject",    "rejectattr", "replace",     "reverse",    "round",   "safe",
+      "select",    "selectattr", "slice",       "sort",       "string",  "striptags",
+      "sum",       "title",      "trim",        "truncate",   "unique",  "upper",
+      "urlencode", "urlize",     "wordcount",   "wordwrap",   "xmlattr", "tojson"};
   return names;
 }
 
 const std::set<std::string>& jinja2_tests() {
   static const std::set<std::string> names = {
-      "odd",      "even",    "divisibleby", "defined", "undefined", "filter", "test",   "none",        "boolean",
-      "false",    "true",    "integer",     "float",   "lower",     "upper",  "string", "mapping",     "number",
-      "sequence", "iterable", "callable",   "sameas",  "escaped",   "in",     "==",     "eq",          "equalto",
-      "!=",       "ne",      ">",           "gt",      "greaterthan", ">=",   "ge",     "<",           "lt",
-      "lessthan", "<=",      "le"};
+      "odd",     "even",   "divisibleby", "defined",  "undefined", "filter", "test",    "none",
+      "boolean", "false",  "true",        "integer",  "float",     "lower",  "upper",   "string",
+      "mapping", "number", "sequence",    "iterable", "callable",  "sameas", "escaped", "in",
+      "==",      "eq",     "equalto",     "!=",       "ne",        ">",      "gt",      "greaterthan",
+      ">=",      "ge",     "<",           "lt",       "lessthan",  "<=",     "le"};
   return names;
 }
 
@@ -66,11 +68,16 @@ class Parser {
 
   std::string describe(const Token& t) const {
     switch (t.type) {
-      case Tok::Eof: return "end of template";
-      case Tok::VarEnd: return "end of print statement";
-      case Tok::BlockEnd: return "end of statement block";
-      case Tok::Data: return "template data";
-      default: return "'" + t.text + "'";
+      case Tok::Eof:
+        return "end of template";
+      case Tok::VarEnd:
+        return "end of print statement";
+      case Tok::BlockEnd:
+        return "end of statement block";
+      case Tok::Data:
+        return "template data";
+      default:
+        return "'" + t.text + "'";
     }
   }
 
@@ -184,7 +191,8 @@ class Parser {
       return s;
     }
     if (tag == "break" || tag == "continue") {
-      if (loop_depth_ == 0) throw Error("chat template line " + std::to_string(line) + ": '" + tag + "' outside a loop");
+      if (loop_depth_ == 0)
+        throw Error("chat template line " + std::to_string(line) + ": '" + tag + "' outside a loop");
       expect_block_end();
       return stmt(tag == "break" ? Stmt::Kind::Break : Stmt::Kind::Continue, line);
     }
@@ -491,9 +499,12 @@ class Parser {
     if (t.type == Tok::Name) {
       advance();
       auto e = node(Expr::Kind::Const, line);
-      if (t.text == "true" || t.text == "True") e->value = Value::boolean(true);
-      else if (t.text == "false" || t.text == "False") e->value = Value::boolean(false);
-      else if (t.text == "none" || t.text == "None") e->value = Value::none();
+      if (t.text == "true" || t.text == "True")
+        e->value = Value::boolean(true);
+      else if (t.text == "false" || t.text == "False")
+        e->value = Value::boolean(false);
+      else if (t.text == "none" || t.text == "None")
+        e->value = Value::none();
       else {
         e->kind = Expr::Kind::Name;
         e->name = t.text;

@@ -99,15 +99,30 @@ char32_t to_title(char32_t c) { return static_cast<char32_t>(utf8proc_totitle(st
 // Python uses the full case mappings; the one-to-many ones that occur in ordinary text are handled here.
 static void append_upper(std::string& out, char32_t c) {
   switch (c) {
-    case 0xDF: out += "SS"; return;
-    case 0xFB00: out += "FF"; return;
-    case 0xFB01: out += "FI"; return;
-    case 0xFB02: out += "FL"; return;
-    case 0xFB03: out += "FFI"; return;
-    case 0xFB04: out += "FFL"; return;
+    case 0xDF:
+      out += "SS";
+      return;
+    case 0xFB00:
+      out += "FF";
+      return;
+    case 0xFB01:
+      out += "FI";
+      return;
+    case 0xFB02:
+      out += "FL";
+      return;
+    case 0xFB03:
+      out += "FFI";
+      return;
+    case 0xFB04:
+      out += "FFL";
+      return;
     case 0xFB05:
-    case 0xFB06: out += "ST"; return;
-    default: break;
+    case 0xFB06:
+      out += "ST";
+      return;
+    default:
+      break;
   }
   utf8_append(out, to_upper(c));
 }

@@ -77,17 +77,28 @@ Value Value::function(std::string name, std::function<Value(Args&)> fn) {
 
 std::string Value::type_name() const {
   switch (kind_) {
-    case Kind::Undefined: return "Undefined";
-    case Kind::None: return "NoneType";
-    case Kind::Bool: return "bool";
-    case Kind::Int: return "int";
-    case Kind::Float: return "float";
-    case Kind::String: return "str";
-    case Kind::List: return "list";
-    case Kind::Tuple: return "tuple";
-    case Kind::Dict: return "dict";
-    case Kind::Namespace: return dict_->type_name;
-    case Kind::Callable: return "function";
+    case Kind::Undefined:
+      return "Undefined";
+    case Kind::None:
+      return "NoneType";
+    case Kind::Bool:
+      return "bool";
+    case Kind::Int:
+      return "int";
+    case Kind::Float:
+      return "float";
+    case Kind::String:
+      return "str";
+    case Kind::List:
+      return "list";
+    case Kind::Tuple:
+      return "tuple";
+    case Kind::Dict:
+      return "dict";
+    case Kind::Namespace:
+      return dict_->type_name;
+    case Kind::Callable:
+      return "function";
   }
   return "object";
 }
@@ -95,15 +106,23 @@ std::string Value::type_name() const {
 bool Value::truthy() const {
   switch (kind_) {
     case Kind::Undefined:
-    case Kind::None: return false;
-    case Kind::Bool: return b_;
-    case Kind::Int: return i_ != 0;
-    case Kind::Float: return f_ != 0.0;
-    case Kind::String: return !s_->empty();
+    case Kind::None:
+      return false;
+    case Kind::Bool:
+      return b_;
+    case Kind::Int:
+      return i_ != 0;
+    case Kind::Float:
+      return f_ != 0.0;
+    case Kind::String:
+      return !s_->empty();
     case Kind::List:
-    case Kind::Tuple: return !list_->empty();
-    case Kind::Dict: return !dict_->entries.empty();
-    default: return true;
+    case Kind::Tuple:
+      return !list_->empty();
+    case Kind::Dict:
+      return !dict_->entries.empty();
+    default:
+      return true;
   }
 }
 
@@ -162,8 +181,10 @@ bool equals(const Value& a, const Value& b) {
   if (a.kind() != b.kind()) return false;
   switch (a.kind()) {
     case K::Undefined:
-    case K::None: return true;
-    case K::String: return a.str() == b.str();
+    case K::None:
+      return true;
+    case K::String:
+      return a.str() == b.str();
     case K::List:
     case K::Tuple: {
       if (a.items().size() != b.items().size()) return false;
@@ -179,15 +200,17 @@ bool equals(const Value& a, const Value& b) {
       }
       return true;
     }
-    case K::Namespace: return &a.dict_ref() == &b.dict_ref();
-    case K::Callable: return &a.callable() == &b.callable();
-    default: return false;
+    case K::Namespace:
+      return &a.dict_ref() == &b.dict_ref();
+    case K::Callable:
+      return &a.callable() == &b.callable();
+    default:
+      return false;
   }
 }
 
 int compare(const Value& a, const Value& b, const char* op) {
-  if (a.is_undefined() || b.is_undefined())
-    throw Failure(a.is_undefined() ? a.str() : b.str());
+  if (a.is_undefined() || b.is_undefined()) throw Failure(a.is_undefined() ? a.str() : b.str());
   if (a.is_number() && b.is_number()) {
     if (a.is_float() || b.is_float()) {
       double x = a.as_float(), y = b.as_float();
@@ -293,45 +316,64 @@ static std::string repr_dict(const Dict& d) {
 std::string repr(const Value& v) {
   using K = Value::Kind;
   switch (v.kind()) {
-    case K::Undefined: return "Undefined";
-    case K::String: return py_str_repr(v.str());
-    case K::List: return repr_items(v.items(), "[", "]", false);
-    case K::Tuple: return repr_items(v.items(), "(", ")", true);
-    case K::Dict: return repr_dict(v.dict_ref());
-    default: return to_str(v);
+    case K::Undefined:
+      return "Undefined";
+    case K::String:
+      return py_str_repr(v.str());
+    case K::List:
+      return repr_items(v.items(), "[", "]", false);
+    case K::Tuple:
+      return repr_items(v.items(), "(", ")", true);
+    case K::Dict:
+      return repr_dict(v.dict_ref());
+    default:
+      return to_str(v);
   }
 }
 
 std::string to_str(const Value& v) {
   using K = Value::Kind;
   switch (v.kind()) {
-    case K::Undefined: return "";
-    case K::None: return "None";
-    case K::Bool: return v.as_bool() ? "True" : "False";
-    case K::Int: return std::to_string(v.as_int());
-    case K::Float: return py_float_repr(v.as_float());
-    case K::String: return v.str();
+    case K::Undefined:
+      return "";
+    case K::None:
+      return "None";
+    case K::Bool:
+      return v.as_bool() ? "True" : "False";
+    case K::Int:
+      return std::to_string(v.as_int());
+    case K::Float:
+      return py_float_repr(v.as_float());
+    case K::String:
+      return v.str();
     case K::Namespace:
       if (v.dict_ref().type_name == "Namespace") return "<Namespace " + repr_dict(v.dict_ref()) + ">";
       throw Failure("printing a " + v.type_name() + " object is not supported");
-    case K::Callable: throw Failure("printing the function '" + v.callable().name + "' is not supported");
-    default: return repr(v);
+    case K::Callable:
+      throw Failure("printing the function '" + v.callable().name + "' is not supported");
+    default:
+      return repr(v);
   }
 }
 
 Value from_json(const nlohmann::ordered_json& j) {
   using T = nlohmann::ordered_json::value_t;
   switch (j.type()) {
-    case T::null: return Value::none();
-    case T::boolean: return Value::boolean(j.get<bool>());
-    case T::number_integer: return Value::integer(j.get<int64_t>());
+    case T::null:
+      return Value::none();
+    case T::boolean:
+      return Value::boolean(j.get<bool>());
+    case T::number_integer:
+      return Value::integer(j.get<int64_t>());
     case T::number_unsigned: {
       auto u = j.get<uint64_t>();
       if (u > static_cast<uint64_t>(INT64_MAX)) throw Failure("integer " + j.dump() + " is too large");
       return Value::integer(static_cast<int64_t>(u));
     }
-    case T::number_float: return Value::number(j.get<double>());
-    case T::string: return Value::string(j.get<std::string>());
+    case T::number_float:
+      return Value::number(j.get<double>());
+    case T::string:
+      return Value::string(j.get<std::string>());
     case T::array: {
       List items;
       for (const auto& e : j) items.push_back(from_json(e));
@@ -342,7 +384,8 @@ Value from_json(const nlohmann::ordered_json& j) {
       for (const auto& [k, e] : j.items()) d.dict_ref().entries.emplace_back(Value::string(k), from_json(e));
       return d;
     }
-    default: throw Failure("unsupported JSON value");
+    default:
+      throw Failure("unsupported JSON value");
   }
 }
 
@@ -351,13 +394,27 @@ static void json_string(std::string& out, const std::string& s, bool ensure_asci
   for (char32_t c : utf8_decode(s)) {
     char buf[16];
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
+      case '\b':
+        out += "\\b";
+        break;
+      case '\f':
+        out += "\\f";
+        break;
       default:
         if (c < 0x20 || (ensure_ascii && c >= 0x7F)) {
           if (c > 0xFFFF) {
@@ -390,11 +447,21 @@ static void json_value(std::string& out, const Value& v, const JsonOptions& o, i
     for (int i = 0; i < level; ++i) out += o.indent_str;
   };
   switch (v.kind()) {
-    case K::None: out += "null"; return;
-    case K::Bool: out += v.as_bool() ? "true" : "false"; return;
-    case K::Int: out += std::to_string(v.as_int()); return;
-    case K::Float: out += json_float(v.as_float()); return;
-    case K::String: json_string(out, v.str(), o.ensure_ascii); return;
+    case K::None:
+      out += "null";
+      return;
+    case K::Bool:
+      out += v.as_bool() ? "true" : "false";
+      return;
+    case K::Int:
+      out += std::to_string(v.as_int());
+      return;
+    case K::Float:
+      out += json_float(v.as_float());
+      return;
+    case K::String:
+      json_string(out, v.str(), o.ensure_ascii);
+      return;
     case K::List:
     case K::Tuple: {
       if (v.items().empty()) {
@@ -419,16 +486,23 @@ static void json_value(std::string& out, const Value& v, const JsonOptions& o, i
       std::vector<std::pair<std::string, const Value*>> entries;
       for (const auto& [k, e] : v.dict_ref().entries) {
         std::string key;
-        if (k.is_string()) key = k.str();
-        else if (k.is_bool()) key = k.as_bool() ? "true" : "false";
-        else if (k.is_int()) key = std::to_string(k.as_int());
-        else if (k.is_float()) key = json_float(k.as_float());
-        else if (k.is_none()) key = "null";
-        else throw Failure("keys must be str, int, float, bool or None, not " + k.type_name());
+        if (k.is_string())
+          key = k.str();
+        else if (k.is_bool())
+          key = k.as_bool() ? "true" : "false";
+        else if (k.is_int())
+          key = std::to_string(k.as_int());
+        else if (k.is_float())
+          key = json_float(k.as_float());
+        else if (k.is_none())
+          key = "null";
+        else
+          throw Failure("keys must be str, int, float, bool or None, not " + k.type_name());
         entries.emplace_back(std::move(key), &e);
       }
       if (o.sort_keys)
-        std::stable_sort(entries.begin(), entries.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
+        std::stable_sort(entries.begin(), entries.end(),
+                         [](const auto& a, const auto& b) { return a.first < b.first; });
       out += '{';
       for (size_t i = 0; i < entries.size(); ++i) {
         if (i) out += o.item_sep;
@@ -441,7 +515,8 @@ static void json_value(std::string& out, const Value& v, const JsonOptions& o, i
       out += '}';
       return;
     }
-    default: throw Failure("Object of type " + v.type_name() + " is not JSON serializable");
+    default:
+      throw Failure("Object of type " + v.type_name() + " is not JSON serializable");
   }
 }
 

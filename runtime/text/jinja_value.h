@@ -5,11 +5,10 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <utility>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 namespace kiln::jinja {
 
@@ -113,8 +112,8 @@ struct Callable {
 // Python semantics.
 bool equals(const Value& a, const Value& b);
 int compare(const Value& a, const Value& b, const char* op);  // <0, 0, >0; throws Failure on unorderable types
-std::string to_str(const Value& v);                            // str(v)
-std::string repr(const Value& v);                              // repr(v)
+std::string to_str(const Value& v);                           // str(v)
+std::string repr(const Value& v);                             // repr(v)
 std::string py_float_repr(double d);
 std::string py_str_repr(const std::string& s);
 Value from_json(const nlohmann::ordered_json& j);

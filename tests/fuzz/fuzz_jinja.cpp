@@ -16,7 +16,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     m.dict_ref().set("role", kiln::jinja::Value::string("user"));
     m.dict_ref().set("content", kiln::jinja::Value::string("hi {{ x }}"));
     msgs.push_back(m);
-    t.render({{"messages", kiln::jinja::Value::list(msgs)}, {"add_generation_prompt", kiln::jinja::Value::boolean(true)}});
+    t.render(
+        {{"messages", kiln::jinja::Value::list(msgs)}, {"add_generation_prompt", kiln::jinja::Value::boolean(true)}});
   } catch (const kiln::Error&) {
   }
   return 0;

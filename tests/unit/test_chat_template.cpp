@@ -9,9 +9,7 @@ namespace {
 
 using ordered_json = nlohmann::ordered_json;
 
-ChatTemplate qwen3() {
-  return ChatTemplate::from_files(locate_tokenizer_files(KILN_TESTDATA_DIR "/tokenizers/qwen3"));
-}
+ChatTemplate qwen3() { return ChatTemplate::from_files(locate_tokenizer_files(KILN_TESTDATA_DIR "/tokenizers/qwen3")); }
 
 TEST(ChatTemplate, RendersQwen3) {
   auto msgs = ordered_json::parse(R"([{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}])");
@@ -35,8 +33,7 @@ TEST(ChatTemplate, ToolsAreSerialisedInOrder) {
 
 TEST(ChatTemplate, NoneValuedKeysAreDropped) {
   ChatTemplate t("{% for m in messages %}{{ m.tool_calls is defined }}{% endfor %}", nlohmann::json::object());
-  EXPECT_EQ(t.render(ordered_json::parse(R"([{"role": "user", "content": "x", "tool_calls": null}])"), false),
-            "False");
+  EXPECT_EQ(t.render(ordered_json::parse(R"([{"role": "user", "content": "x", "tool_calls": null}])"), false), "False");
 }
 
 TEST(ChatTemplate, SpecialTokensComeFromTheConfig) {
@@ -55,9 +52,7 @@ TEST(ChatTemplate, RaiseExceptionBecomesAnError) {
   }
 }
 
-TEST(ChatTemplate, EmptyConversationIsAnError) {
-  EXPECT_THROW(qwen3().render(ordered_json::array(), true), Error);
-}
+TEST(ChatTemplate, EmptyConversationIsAnError) { EXPECT_THROW(qwen3().render(ordered_json::array(), true), Error); }
 
 TEST(ChatTemplate, MissingTemplateIsAClearError) {
   try {

@@ -43,7 +43,7 @@ TEST(Jinja, WhitespaceControlMatchesTrimAndLstripBlocks) {
   EXPECT_EQ(render("start\n    {%+ if true %}kept{% endif %}"), "start\n    kept");
   EXPECT_EQ(render("x {# comment #}\n  {# own line #}\ny"), "x y");  // a comment eats its newline too
   EXPECT_EQ(render("{% raw %}{{ raw }}{% endraw %}"), "{{ raw }}");
-  EXPECT_EQ(render("one\n"), "one");      // keep_trailing_newline=False drops one newline
+  EXPECT_EQ(render("one\n"), "one");          // keep_trailing_newline=False drops one newline
   EXPECT_EQ(render("a\r\nb\rc"), "a\nb\nc");  // newlines are normalised
 }
 
