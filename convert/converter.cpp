@@ -90,8 +90,7 @@ void convert_chunk(DType from, const uint8_t* src, size_t count, DType to, std::
 
 }  // namespace
 
-void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& m, DType target,
-                 const std::function<void(const void*, size_t)>& sink) {
+void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& m, DType target, TensorSink& sink) {
   std::vector<const SourceTensor*> parts;
   for (size_t p = 0; p < m.sources.size(); ++p) {
     const std::string& name = m.sources[p];
@@ -118,20 +117,16 @@ void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& m, DType target,
     const MappedFile& file = t->file->file();
     const uint64_t file_off = t->file->data_start() + info.begin;
     if (info.dtype == target) {
-      // Same dtype: bit-exact copy straight from the map.
-      for (uint64_t off = 0; off < info.nbytes(); off += kChunkElements * 4) {
-        check_interrupt();
-        size_t n = size_t(std::min<uint64_t>(kChunkElements * 4, info.nbytes() - off));
-        sink(src + off, n);
-      }
-    } else {
-      const size_t esz = dtype_size(info.dtype);
-      for (uint64_t i = 0; i < info.numel(); i += kChunkElements) {
-        check_interrupt();
-        size_t n = size_t(std::min<uint64_t>(kChunkElements, info.numel() - i));
-        convert_chunk(info.dtype, src + i * esz, n, target, buf, info.name);
-        sink(buf.data(), buf.size());
-      }
+      check_interrupt();
+      sink.copy(file, file_off, info.nbytes());  // bit-exact
+      continue;
+    }
+    const size_t esz = dtype_size(info.dtype);
+    for (uint64_t i = 0; i < info.numel(); i += kChunkElements) {
+      check_interrupt();
+      size_t n = size_t(std::min<uint64_t>(kChunkElements, info.numel() - i));
+      convert_chunk(info.dtype, src + i * esz, n, target, buf, info.name);
+      sink.write(buf.data(), buf.size());
     }
     // Drop the source pages we are done with so resident memory stays bounded on models bigger than RAM.
     file.dont_need(file_off, info.nbytes());
@@ -200,13 +195,25 @@ ConvertResult convert_checkpoint(const ConvertOptions& opt) {
   }
   WorkspaceWriter writer(staging.path(), plan, opt.max_shard_bytes);
   {
+    // Copied ranges are dropped from memory once hashed, converted ones as soon as they are converted.
+    struct WriterSink : TensorSink {
+      WorkspaceWriter& w;
+      Progress& progress;
+      WriterSink(WorkspaceWriter& w, Progress& p) : w(w), progress(p) {}
+      void write(const void* bytes, size_t n) override {
+        w.write(bytes, n);
+        progress.advance(n);
+      }
+      void copy(const MappedFile& f, uint64_t off, size_t n) override {
+        w.copy_range(f, off, n, [&f, off, n] { f.dont_need(off, n); });
+        progress.advance(n);
+      }
+    };
     Progress progress("converting", total, opt.progress);
+    WriterSink sink(writer, progress);
     for (const auto& m : mappings) {
       writer.begin_tensor();
-      emit_tensor(ckpt, m, target, [&](const void* p, size_t n) {
-        writer.write(p, n);
-        progress.advance(n);
-      });
+      emit_tensor(ckpt, m, target, sink);
     }
     progress.finish();
   }

@@ -3,7 +3,6 @@
 // output shards, so memory stays at a few buffers however big the model is.
 #include <cstdint>
 #include <filesystem>
-#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 
@@ -32,9 +31,17 @@ ConvertResult convert_checkpoint(const ConvertOptions& options);
 // The dtype `auto` resolves to: config's torch_dtype/dtype if it is a float type, else the embedding's dtype.
 DType resolve_target_dtype(const std::string& requested, const HfCheckpoint& ckpt);
 
+// Where emit_tensor sends bytes. copy() receives ranges that need no conversion, so a file writer can copy them in
+// the kernel; by default they go through write().
+class TensorSink {
+ public:
+  virtual ~TensorSink() = default;
+  virtual void write(const void* bytes, size_t n) = 0;
+  virtual void copy(const MappedFile& file, uint64_t offset, size_t n) { write(file.data() + offset, n); }
+};
+
 // Emits the bytes of one canonical tensor in `target` dtype: its sources concatenated, each converted with round to
 // nearest even. Checks every source's presence, dtype and shape. Throws naming the HF tensor on overflow to fp16.
-void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& mapping, DType target,
-                 const std::function<void(const void*, size_t)>& sink);
+void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& mapping, DType target, TensorSink& sink);
 
 }  // namespace kiln

@@ -20,6 +20,7 @@ class MappedFile {
   const uint8_t* data() const { return data_; }
   size_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  int fd() const { return fd_; }
   // Tells the kernel a byte range will be read soon / is no longer needed, to keep streaming memory bounded.
   void will_need(size_t offset, size_t len) const;
   void dont_need(size_t offset, size_t len) const;
@@ -29,6 +30,7 @@ class MappedFile {
   std::string path_;
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;
+  int fd_ = -1;
 };
 
 }  // namespace kiln

@@ -127,7 +127,7 @@ static constexpr size_t kWriteBuffer = 8u << 20;
 
 SafetensorsWriter::SafetensorsWriter(const std::string& path, std::vector<TensorPlan> plan,
                                      const std::map<std::string, std::string>& metadata)
-    : path_(path), buf_(kWriteBuffer) {
+    : path_(path) {
   // The header is ordered_json in plan order so the bytes depend only on the plan.
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) {
@@ -151,62 +151,102 @@ SafetensorsWriter::SafetensorsWriter(const std::string& path, std::vector<Tensor
   uint8_t len[8];
   uint64_t hl = text.size();
   for (int i = 0; i < 8; ++i) len[i] = uint8_t(hl >> (8 * i));
-  std::memcpy(buf_.data(), len, 8);
-  buf_used_ = 8;
-  // Header text may exceed the buffer for huge models; go through write() which handles that.
-  written_ = 0;
-  uint64_t saved_expected = expected_;
-  expected_ = UINT64_MAX;
+  write(len, 8);
   write(text.data(), text.size());
-  expected_ = saved_expected;
-  written_ = 0;
+  header_done_ = true;
 }
 
 SafetensorsWriter::~SafetensorsWriter() {
   if (fd_ >= 0) ::close(fd_);
 }
 
-void SafetensorsWriter::write(const void* bytes, size_t n) {
+void SafetensorsWriter::count(size_t n) {
+  if (!header_done_) return;
   if (written_ + n > expected_) throw Error(path_ + ": internal error: more tensor bytes than planned");
-  const uint8_t* p = static_cast<const uint8_t*>(bytes);
   written_ += n;
+}
+
+void SafetensorsWriter::write(const void* bytes, size_t n) {
+  count(n);
+  const uint8_t* p = static_cast<const uint8_t*>(bytes);
   while (n > 0) {
-    size_t take = std::min(n, buf_.size() - buf_used_);
-    std::memcpy(buf_.data() + buf_used_, p, take);
+    if (!buf_) {
+      // Reuse a buffer the hashing thread has released (only the pool still holds it), else make one.
+      for (auto& b : pool_)
+        if (b.use_count() == 1) buf_ = b;
+      if (!buf_) {
+        pool_.push_back(std::make_shared<std::vector<uint8_t>>(kWriteBuffer));
+        buf_ = pool_.back();
+      }
+      buf_used_ = 0;
+    }
+    size_t take = std::min(n, buf_->size() - buf_used_);
+    std::memcpy(buf_->data() + buf_used_, p, take);
     buf_used_ += take;
     p += take;
     n -= take;
-    if (buf_used_ == buf_.size()) flush();
+    if (buf_used_ == buf_->size()) submit_buffer();
   }
 }
 
-void SafetensorsWriter::flush() {
-  hash_.update(buf_.data(), buf_used_);
+void SafetensorsWriter::write_all(const uint8_t* p, size_t n) {
   size_t off = 0;
-  while (off < buf_used_) {
-    ssize_t w = ::write(fd_, buf_.data() + off, buf_used_ - off);
+  while (off < n) {
+    ssize_t w = ::write(fd_, p + off, n - off);
     if (w < 0) {
       if (errno == EINTR) continue;
       throw Error(path_ + ": write failed: " + std::strerror(errno));
     }
     off += size_t(w);
   }
-  file_bytes_ += buf_used_;
+  file_bytes_ += n;
+}
+
+void SafetensorsWriter::submit_buffer() {
+  if (!buf_ || buf_used_ == 0) return;
+  write_all(buf_->data(), buf_used_);
+  hash_.submit(buf_->data(), buf_used_, buf_);
+  buf_.reset();
   buf_used_ = 0;
+}
+
+void SafetensorsWriter::copy_range(const MappedFile& src, uint64_t offset, size_t n, std::function<void()> after) {
+  count(n);
+  submit_buffer();
+  size_t done = 0;
+  while (done < n) {
+    loff_t in_off = loff_t(offset + done);
+    ssize_t c = ::copy_file_range(src.fd(), &in_off, fd_, nullptr, n - done, 0);
+    if (c < 0 && errno == EINTR) continue;
+    if (c <= 0) {
+      // Filesystems (or kernels) without in-kernel copy: fall back to writing from the map.
+      if (c == 0 || errno == EXDEV || errno == EINVAL || errno == ENOSYS || errno == EOPNOTSUPP || errno == EBADF) {
+        write_all(src.data() + offset + done, n - done);
+        done = n;
+        break;
+      }
+      throw Error(path_ + ": copy from " + src.path() + " failed: " + std::strerror(errno));
+    }
+    done += size_t(c);
+    file_bytes_ += size_t(c);
+  }
+  hash_.submit(src.data() + offset, n, nullptr, std::move(after));
 }
 
 SafetensorsWriter::Result SafetensorsWriter::finish() {
   if (written_ != expected_)
     throw Error(path_ + ": internal error: wrote " + std::to_string(written_) + " tensor bytes, planned " +
                 std::to_string(expected_));
-  flush();
-  if (::fsync(fd_) != 0) throw Error(path_ + ": fsync failed: " + std::strerror(errno));
+  submit_buffer();
+  std::string digest = hash_.finish();
+  // No fsync: like cp, the bytes are left to the page cache. Atomicity against errors and interrupts comes from the
+  // staging directory; flushing gigabytes synchronously would make convert several times slower than cp.
   if (::close(fd_) != 0) {
     fd_ = -1;
     throw Error(path_ + ": close failed: " + std::strerror(errno));
   }
   fd_ = -1;
-  return {hash_.hex_digest(), file_bytes_};
+  return {digest, file_bytes_};
 }
 
 }  // namespace kiln

@@ -3,6 +3,7 @@
 // everything before a single tensor byte is trusted (see parse_safetensors_header); the writer streams tensors in a
 // fixed order so that output is byte-deterministic.
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -10,7 +11,7 @@
 
 #include "runtime/core/dtype.h"
 #include "runtime/io/mapped_file.h"
-#include "runtime/io/sha256.h"
+#include "runtime/io/hash_pipeline.h"
 
 namespace kiln {
 
@@ -63,7 +64,7 @@ struct TensorPlan {
 };
 
 // Writes one safetensors file whose header is known up front; tensor bytes are then appended in plan order.
-// The file's sha256 and size are computed while writing, so no second read is needed for the manifest.
+// The file's sha256 is computed on a background thread while writing, so no second read is needed for the manifest.
 class SafetensorsWriter {
  public:
   SafetensorsWriter(const std::string& path, std::vector<TensorPlan> plan,
@@ -71,6 +72,9 @@ class SafetensorsWriter {
   ~SafetensorsWriter();
   // Appends bytes of the current tensor(s). The total must match the plan exactly by finish().
   void write(const void* bytes, size_t n);
+  // Appends n bytes of `src` starting at file offset `offset`, copied inside the kernel (copy_file_range) when the
+  // filesystem allows. `after` runs once those bytes are hashed (the source map must stay valid until then).
+  void copy_range(const MappedFile& src, uint64_t offset, size_t n, std::function<void()> after = nullptr);
   struct Result {
     std::string sha256;
     uint64_t size;
@@ -78,15 +82,19 @@ class SafetensorsWriter {
   Result finish();
 
  private:
-  void flush();
+  void submit_buffer();
+  void write_all(const uint8_t* p, size_t n);
+  void count(size_t n);
   std::string path_;
   int fd_ = -1;
-  uint64_t expected_ = 0;
-  uint64_t written_ = 0;
+  uint64_t expected_ = 0;  // tensor bytes planned
+  uint64_t written_ = 0;   // tensor bytes written so far
   uint64_t file_bytes_ = 0;
-  std::vector<uint8_t> buf_;
+  bool header_done_ = false;
+  std::vector<std::shared_ptr<std::vector<uint8_t>>> pool_;  // write buffers, reused once hashed
+  std::shared_ptr<std::vector<uint8_t>> buf_;
   size_t buf_used_ = 0;
-  Sha256 hash_;
+  HashPipeline hash_;
 };
 
 }  // namespace kiln

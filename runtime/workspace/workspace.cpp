@@ -129,6 +129,10 @@ void WorkspaceWriter::begin_tensor() {
 
 void WorkspaceWriter::write(const void* bytes, size_t n) { writer_->write(bytes, n); }
 
+void WorkspaceWriter::copy_range(const MappedFile& src, uint64_t offset, size_t n, std::function<void()> after) {
+  writer_->copy_range(src, offset, n, std::move(after));
+}
+
 void WorkspaceWriter::copy_file(const fs::path& source, const std::string& name) {
   add_file(name, read_text_file(source));
 }

@@ -55,6 +55,8 @@ class WorkspaceWriter {
   // Starts the next tensor of the plan; its bytes follow through write().
   void begin_tensor();
   void write(const void* bytes, size_t n);
+  // Appends a byte range of a mapped file, copied in the kernel where possible (see SafetensorsWriter::copy_range).
+  void copy_range(const MappedFile& src, uint64_t offset, size_t n, std::function<void()> after = nullptr);
   // Adds a file (verbatim copy or given content) to the workspace and the manifest.
   void copy_file(const std::filesystem::path& source, const std::string& name);
   void add_file(const std::string& name, const std::string& content);
