@@ -306,3 +306,31 @@ def test_sentencepiece_model_matches_libsentencepiece(tmp_path):
     assert_same(texts, [g["ids"] for g in got], [sp.encode(t) + [2] for t in texts], "sentencepiece eos")
     dec = kiln_decode_lines(tmp_path, [sp.encode(t) for t in texts])
     assert [d["text"] for d in dec] == [sp.decode(sp.encode(t)) for t in texts]
+
+
+# ---------------------------------------------------------------- Oniguruma vs PCRE2
+
+REGEXES = [r"\s+", r"\S+", r"\w+", r"\W+", r"\d+", r"\D", r"\h+", r"[\s\d]+", r"[^\s\p{L}\p{N}]+", r"(?i:'s|'t|ab)",
+           r"\p{N}{1,3}", r"\s+(?!\S)", r"x*", r" ?\p{L}+", r"\u00e9+", r"[\w-]+", r"\p{Han}+|\p{Thai}+", r"\b\w",
+           r"(?<=a)b", r"[[:punct:]]+", r"\p{Lu}\p{Ll}*", r"[^\r\n]+"]
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_regex_split_positions_match_oniguruma(tmp_path, invert):
+    """Split(Removed) over a byte-level vocabulary without merges: the ids show exactly which bytes each regex cut."""
+    alphabet = sorted(P.ByteLevel.alphabet())
+    texts = CORPUS + ["IT'S ab AB ſ", "ab aab ba", "x xx y", "éé e\u0301", "中文ไทย", "[[a]] x-y_z"]
+    for pattern in REGEXES:
+        tok = {"version": "1.0", "added_tokens": [], "normalizer": None, "post_processor": None, "decoder": None,
+               "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+                   {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Removed", "invert": invert},
+                   {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
+               "model": {"type": "BPE", "vocab": {c: i for i, c in enumerate(alphabet)}, "merges": []}}
+        path = tmp_path / "regex.json"
+        path.write_text(json.dumps(tok))
+        try:
+            hf = Tokenizer.from_file(str(path))
+        except Exception:  # noqa: BLE001  pattern not valid for Oniguruma
+            continue
+        got = kiln_lines(path, texts, "--raw")
+        assert_same(texts, [g["ids"] for g in got], [e.ids for e in hf.encode_batch(texts)], pattern)
