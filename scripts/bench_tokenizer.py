@@ -60,8 +60,12 @@ def main():
         tmp.unlink(missing_ok=True)
     hf_mbs, kiln_mbs = nbytes / hf_s / 1e6, nbytes / kiln_s / 1e6
     print(f"corpus: {nbytes / 1e6:.2f} MB in {len(docs)} documents, {n_ids} tokens ({tok_json})")
-    print(f"HF tokenizers {hf.__class__.__module__}: {hf_mbs:8.2f} MB/s")
-    print(f"kiln:                      {kiln_mbs:8.2f} MB/s")
+    import tokenizers
+    kiln_tokens = int(json.loads(proc.stdout.strip().splitlines()[-1])["tokens"])
+    if kiln_tokens != n_ids:
+        print(f"warning: kiln produced {kiln_tokens} tokens, HF {n_ids}", file=sys.stderr)
+    print(f"HF tokenizers {tokenizers.__version__:8s}: {hf_mbs:8.2f} MB/s")
+    print(f"kiln                  : {kiln_mbs:8.2f} MB/s")
     print(f"ratio kiln/HF: {kiln_mbs / hf_mbs:.2f}x")
 
 

@@ -100,7 +100,8 @@ Action setup(CLI::App& sub) {
       ->required();
   auto* input = sub.add_option_group("input", "Exactly one of --text and --file");
   input->add_option("--text", o->text, "Text to tokenize");
-  input->add_option("--file", o->file, "File whose contents are tokenized ('-' for stdin); invalid UTF-8 becomes U+FFFD");
+  input->add_option("--file", o->file,
+                    "File whose contents are tokenized ('-' for stdin); invalid UTF-8 becomes U+FFFD");
   input->require_option(1);
   sub.add_flag("--json", o->json, "Print {\"ids\": [...], \"tokens\": [...]} instead of space-separated ids");
   sub.add_flag("--no-special", o->no_special, "Do not add BOS/EOS or other post-processor tokens");
@@ -108,7 +109,7 @@ Action setup(CLI::App& sub) {
                              "With --file: tokenize each line separately (without its newline) and print one result "
                              "per line");
   sub.add_flag("--json-lines", o->json_lines,
-                "With --file: each line is a JSON string (a JSON list of ids with --decode); print one result per line")
+               "With --file: each line is a JSON string (a JSON list of ids with --decode); print one result per line")
       ->excludes(lines);
   sub.add_flag("--raw", o->raw,
                "Run tokenizer.json exactly as the `tokenizers` library does, ignoring tokenizer_config.json "

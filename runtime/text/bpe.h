@@ -55,7 +55,7 @@ class BpeModel {
   void tokenize(std::string_view word, std::vector<int32_t>& out) const;
 
   int32_t token_to_id(std::string_view token) const;  // -1 when absent
-  const std::string* id_to_token(int32_t id) const;    // nullptr when absent
+  const std::string* id_to_token(int32_t id) const;   // nullptr when absent
   // One past the largest id in the vocabulary.
   size_t id_limit() const { return id_to_token_.size(); }
   const Vocab& vocab() const { return vocab_; }
@@ -71,7 +71,7 @@ class BpeModel {
   int32_t unk_id_ = -1;
   std::string prefix_, suffix_;  // continuing_subword_prefix, end_of_word_suffix
   bool fuse_unk_ = false, byte_fallback_ = false, ignore_merges_ = false;
-  int32_t byte_ids_[256];  // "<0xAB>" tokens for byte fallback, -1 when absent
+  int32_t byte_ids_[256];   // "<0xAB>" tokens for byte fallback, -1 when absent
   int32_t ascii_ids_[128];  // single ASCII characters, for the common case without prefix/suffix
 
   // Word cache: HF caches words shorter than 256 bytes; so do we, with a bounded size.

@@ -36,7 +36,9 @@ class ByteLevelDecoder final : public Decoder {
 // "<0xAB>" -> 0xAB; HF parses the two characters with u8::from_str_radix, which also accepts a leading '+'.
 int parse_byte_token(const std::string& t) {
   if (t.size() != 6 || t.compare(0, 3, "<0x") != 0 || t[5] != '>') return -1;
-  auto hex = [](char c) { return std::isxdigit(static_cast<unsigned char>(c)) ? (c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10) : -1; };
+  auto hex = [](char c) {
+    return std::isxdigit(static_cast<unsigned char>(c)) ? (c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10) : -1;
+  };
   int hi = hex(t[3]), lo = hex(t[4]);
   if (t[3] == '+' && lo >= 0) return lo;
   return hi >= 0 && lo >= 0 ? hi * 16 + lo : -1;
@@ -202,8 +204,9 @@ std::unique_ptr<Decoder> make_decoder(const json& j, const JsonWhere& w) {
       if (auto d = make_decoder(list[i], (w / "decoders")[i])) items.push_back(std::move(d));
     return std::make_unique<SequenceDecoder>(std::move(items));
   }
-  (w / "type").fail("is the unsupported decoder '" + type +
-                    "' (kiln supports ByteLevel, ByteFallback, Fuse, Strip, Replace, Metaspace, BPEDecoder, Sequence)");
+  (w / "type")
+      .fail("is the unsupported decoder '" + type +
+            "' (kiln supports ByteLevel, ByteFallback, Fuse, Strip, Replace, Metaspace, BPEDecoder, Sequence)");
 }
 
 std::unique_ptr<Decoder> make_llama_decoder(bool strip_leading_space) {

@@ -187,8 +187,9 @@ std::unique_ptr<Normalizer> make_normalizer(const json& j, const JsonWhere& w) {
       if (auto n = make_normalizer(list[i], (w / "normalizers")[i])) items.push_back(std::move(n));
     return std::make_unique<SequenceNormalizer>(std::move(items));
   }
-  (w / "type").fail("is the unsupported normalizer '" + type +
-                    "' (kiln supports NFC, NFD, NFKC, NFKD, Lowercase, Strip, StripAccents, Prepend, Replace, Sequence)");
+  (w / "type")
+      .fail("is the unsupported normalizer '" + type +
+            "' (kiln supports NFC, NFD, NFKC, NFKD, Lowercase, Strip, StripAccents, Prepend, Replace, Sequence)");
 }
 
 }  // namespace kiln::text

@@ -1,5 +1,6 @@
 #pragma once
-// Normalizers: the first layer of the HF pipeline (tokenizer.json "normalizer"). They rewrite one piece of text in place.
+// Normalizers: the first layer of the HF pipeline (tokenizer.json "normalizer"). They rewrite one piece of text in
+// place.
 #include <memory>
 #include <string>
 #include <vector>

@@ -233,8 +233,7 @@ const char* kRustWord = "\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}\\x{200C}\\x{200D}";
 
 class WhitespacePreTokenizer final : public PreTokenizer {
  public:
-  WhitespacePreTokenizer()
-      : re_(std::string("[") + kRustWord + "]+|[^" + kRustWord + "\\p{White_Space}]+") {}
+  WhitespacePreTokenizer() : re_(std::string("[") + kRustWord + "]+|[^" + kRustWord + "\\p{White_Space}]+") {}
   void split(Piece&& in, std::vector<Piece>& out) const override {
     auto m = re_.find_all(in.text);
     split_around(std::move(in), m, true, SplitBehavior::Removed, out);
@@ -267,10 +266,14 @@ std::unique_ptr<PreTokenizer> make_pre_tokenizer(const json& j, const JsonWhere&
     auto scheme = Metaspace::Prepend::Always;
     if (j.contains("prepend_scheme") && !j["prepend_scheme"].is_null()) {
       std::string s = opt_string(j, "prepend_scheme", "always", w);
-      if (s == "always") scheme = Metaspace::Prepend::Always;
-      else if (s == "first") scheme = Metaspace::Prepend::First;
-      else if (s == "never") scheme = Metaspace::Prepend::Never;
-      else (w / "prepend_scheme").fail("must be one of always, first, never");
+      if (s == "always")
+        scheme = Metaspace::Prepend::Always;
+      else if (s == "first")
+        scheme = Metaspace::Prepend::First;
+      else if (s == "never")
+        scheme = Metaspace::Prepend::Never;
+      else
+        (w / "prepend_scheme").fail("must be one of always, first, never");
     } else if (!opt_bool(j, "add_prefix_space", true, w)) {
       scheme = Metaspace::Prepend::Never;  // tokenizer.json files from before prepend_scheme existed
     }
@@ -307,9 +310,10 @@ std::unique_ptr<PreTokenizer> make_pre_tokenizer(const json& j, const JsonWhere&
       if (auto p = make_pre_tokenizer(list[i], (w / "pretokenizers")[i])) items.push_back(std::move(p));
     return std::make_unique<SequencePreTokenizer>(std::move(items));
   }
-  (w / "type").fail("is the unsupported pre-tokenizer '" + type +
-                    "' (kiln supports ByteLevel, Metaspace, Split, Digits, Punctuation, Whitespace, WhitespaceSplit, "
-                    "CharDelimiterSplit, BertPreTokenizer, Sequence)");
+  (w / "type")
+      .fail("is the unsupported pre-tokenizer '" + type +
+            "' (kiln supports ByteLevel, Metaspace, Split, Digits, Punctuation, Whitespace, WhitespaceSplit, "
+            "CharDelimiterSplit, BertPreTokenizer, Sequence)");
 }
 
 }  // namespace kiln::text

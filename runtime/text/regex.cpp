@@ -68,10 +68,9 @@ std::string translate_oniguruma(std::string_view p) {
       // POSIX classes inside a bracket: Oniguruma defines them on Unicode properties; PCRE2's differ (e.g. its
       // [:punct:] only takes symbols below U+0100).
       static const std::pair<const char*, const char*> kPosix[] = {
-          {"[:punct:]", "\\p{P}\\p{S}"},       {"[:space:]", "\\p{White_Space}"},
-          {"[:alpha:]", "\\p{Alphabetic}"},      {"[:alnum:]", "\\p{Alphabetic}\\p{Nd}"},
-          {"[:digit:]", "\\p{Nd}"},              {"[:word:]", kWordClass},
-          {"[:upper:]", "\\p{Uppercase}"},       {"[:lower:]", "\\p{Lowercase}"}};
+          {"[:punct:]", "\\p{P}\\p{S}"},           {"[:space:]", "\\p{White_Space}"}, {"[:alpha:]", "\\p{Alphabetic}"},
+          {"[:alnum:]", "\\p{Alphabetic}\\p{Nd}"}, {"[:digit:]", "\\p{Nd}"},          {"[:word:]", kWordClass},
+          {"[:upper:]", "\\p{Uppercase}"},         {"[:lower:]", "\\p{Lowercase}"}};
       bool done = false;
       for (const auto& [name, repl] : kPosix) {
         if (p.substr(i).starts_with(name)) {
@@ -103,11 +102,21 @@ std::string translate_oniguruma(std::string_view p) {
     char e = p[++i];
     bool in_class = class_depth > 0;
     switch (e) {
-      case 's': out += "\\p{White_Space}"; break;
-      case 'S': out += "\\P{White_Space}"; break;
-      case 'd': out += "\\p{Nd}"; break;
-      case 'D': out += "\\P{Nd}"; break;
-      case 'w': out += in_class ? std::string(kWordClass) : "[" + std::string(kWordClass) + kLatin1Word + "]"; break;
+      case 's':
+        out += "\\p{White_Space}";
+        break;
+      case 'S':
+        out += "\\P{White_Space}";
+        break;
+      case 'd':
+        out += "\\p{Nd}";
+        break;
+      case 'D':
+        out += "\\P{Nd}";
+        break;
+      case 'w':
+        out += in_class ? std::string(kWordClass) : "[" + std::string(kWordClass) + kLatin1Word + "]";
+        break;
       case 'W':
         if (in_class)
           out += "\\W";  // a negated class cannot be spelled inside another class; PCRE2's UCP \W is close
@@ -128,8 +137,12 @@ std::string translate_oniguruma(std::string_view p) {
           out += "(?:(?<=" + w + ")(?=" + w + ")|(?<!" + w + ")(?!" + w + "))";
         break;
       }
-      case 'h': out += in_class ? "0-9a-fA-F" : "[0-9a-fA-F]"; break;
-      case 'H': out += in_class ? "\\x00-/:-@G-`g-\\x{10FFFF}" : "[^0-9a-fA-F]"; break;
+      case 'h':
+        out += in_class ? "0-9a-fA-F" : "[0-9a-fA-F]";
+        break;
+      case 'H':
+        out += in_class ? "\\x00-/:-@G-`g-\\x{10FFFF}" : "[^0-9a-fA-F]";
+        break;
       case 'u':
         if (i + 4 < p.size()) {
           std::string_view hex = p.substr(i + 1, 4);

@@ -16,13 +16,12 @@
 // A Tokenizer is immutable and cheap to copy; all methods are thread-safe.
 #include <cstdint>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <span>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "runtime/text/tokenizer_files.h"
 

@@ -2,9 +2,8 @@
 // Helpers for reading tokenizer.json with error messages that name the file and the field (e.g.
 // "tokenizer.json: pre_tokenizer.pretokenizers[1].behavior must be one of ...").
 #include <cstdint>
-#include <string>
-
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "runtime/core/error.h"
 

@@ -68,8 +68,9 @@ PostProcessor make_post_processor(const json& j, const JsonWhere& w, const Token
     }
     return pp;
   }
-  (w / "type").fail("is the unsupported post-processor '" + type +
-                    "' (kiln supports TemplateProcessing, ByteLevel, RobertaProcessing, BertProcessing, Sequence)");
+  (w / "type")
+      .fail("is the unsupported post-processor '" + type +
+            "' (kiln supports TemplateProcessing, ByteLevel, RobertaProcessing, BertProcessing, Sequence)");
 }
 
 }  // namespace text
@@ -125,8 +126,10 @@ void add_config_tokens(std::vector<AddedToken>& tokens, const TokenizerImpl& imp
   for (const char* key : {"additional_special_tokens", "extra_special_tokens"})
     if (auto it = cfg.find(key); it != cfg.end() && it->is_array())
       for (const auto& t : *it) {
-        if (t.is_string()) named.push_back(t.get<std::string>());
-        else if (t.is_object() && t.contains("content") && t["content"].is_string()) named.push_back(t["content"]);
+        if (t.is_string())
+          named.push_back(t.get<std::string>());
+        else if (t.is_object() && t.contains("content") && t["content"].is_string())
+          named.push_back(t["content"]);
       }
   for (const auto& content : named) {
     if (known(content)) continue;

@@ -24,7 +24,8 @@ std::string testdata() {
 const kiln::Tokenizer& tokenizer(int which) {
   static const kiln::Tokenizer llama =
       kiln::Tokenizer::load(kiln::locate_tokenizer_files(testdata() + "/tokenizers/llama2"));
-  static const kiln::Tokenizer qwen = kiln::Tokenizer::load(kiln::locate_tokenizer_files(testdata() + "/tokenizers/qwen3"));
+  static const kiln::Tokenizer qwen =
+      kiln::Tokenizer::load(kiln::locate_tokenizer_files(testdata() + "/tokenizers/qwen3"));
   return which ? qwen : llama;
 }
 

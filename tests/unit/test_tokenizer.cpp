@@ -136,7 +136,9 @@ TEST(Utf8, SanitizeUsesMaximalSubparts) {
   const std::string R = "\xEF\xBF\xBD";
   EXPECT_EQ(text::sanitize_utf8("abc\xff"), "abc" + R);
   EXPECT_EQ(text::sanitize_utf8("\xe4\xbd"), R);
-  EXPECT_EQ(text::sanitize_utf8("\xe4\xbd" "a"), R + "a");
+  EXPECT_EQ(text::sanitize_utf8("\xe4\xbd"
+                                "a"),
+            R + "a");
   EXPECT_EQ(text::sanitize_utf8("\xed\xa0\x80"), R + R + R);  // surrogate
   EXPECT_EQ(text::sanitize_utf8("\xc0\xaf"), R + R);          // overlong
   EXPECT_EQ(text::sanitize_utf8("\xf0\x9f\x98 "), R + " ");
@@ -171,8 +173,9 @@ TEST(Tokenizer, MalformedJsonErrorsNameFileAndField) {
   const std::string model = R"("model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2}, "merges": ["a b"]})";
   EXPECT_NE(error_of("{").find("tok.json: not valid JSON"), std::string::npos);
   EXPECT_NE(error_of("{}").find("tok.json: model is missing"), std::string::npos);
-  EXPECT_NE(error_of(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [], "dropout": 0.1}})").find("model.dropout"),
-            std::string::npos);
+  EXPECT_NE(
+      error_of(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": [], "dropout": 0.1}})").find("model.dropout"),
+      std::string::npos);
   EXPECT_NE(error_of(R"({"model": {"type": "Unigram", "vocab": []}})").find("model.type"), std::string::npos);
   EXPECT_NE(error_of(R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": ["a c"]}})").find("model.merges[0]"),
             std::string::npos);
@@ -185,7 +188,8 @@ TEST(Tokenizer, MalformedJsonErrorsNameFileAndField) {
                 .find("pre_tokenizer.pretokenizers[0].pattern"),
             std::string::npos);
   EXPECT_NE(error_of("{" + model + R"(, "pre_tokenizer": {"type": "Split", "pattern": {"String": "x"},
-      "behavior": "Sideways"}})").find("pre_tokenizer.behavior"),
+      "behavior": "Sideways"}})")
+                .find("pre_tokenizer.behavior"),
             std::string::npos);
   EXPECT_NE(error_of("{" + model + R"(, "decoder": {"type": "Strip", "content": "ab", "start": 1, "stop": 0}})")
                 .find("decoder.content"),
@@ -197,15 +201,19 @@ TEST(Tokenizer, MalformedJsonErrorsNameFileAndField) {
 
 TEST(Tokenizer, MinimalBpeMerges) {
   auto t = Tokenizer::from_json(R"({"model": {"type": "BPE", "vocab": {"a": 0, "b": 1, "ab": 2, "c": 3, "abc": 4},
-      "merges": [["a", "b"], "ab c"], "unk_token": null}})", nullptr, TokenizerCompat::TokenizersLibrary);
+      "merges": [["a", "b"], "ab c"], "unk_token": null}})",
+                                nullptr, TokenizerCompat::TokenizersLibrary);
   EXPECT_EQ(t.encode("abcab"), (std::vector<int32_t>{4, 2}));  // no pre-tokenizer: one word
   EXPECT_EQ(t.encode("xab"), (std::vector<int32_t>{2}));       // unknown characters vanish without unk_token
-  EXPECT_EQ(t.decode(std::vector<int32_t>{4, 2}), "abc ab");                       // no decoder: tokens joined by spaces
+  EXPECT_EQ(t.decode(std::vector<int32_t>{4, 2}), "abc ab");   // no decoder: tokens joined by spaces
 }
 
 TEST(Regex, OnigurumaClassesMatchUnicodeWhiteSpace) {
   text::Regex ws("\\s+");
-  auto m = ws.find_all("a\xC2\x85" "b\xE1\xA0\x8E" "c");  // U+0085 is White_Space, U+180E is not
+  auto m = ws.find_all(
+      "a\xC2\x85"
+      "b\xE1\xA0\x8E"
+      "c");  // U+0085 is White_Space, U+180E is not
   ASSERT_EQ(m.size(), 1u);
   EXPECT_EQ(m[0], (text::Span{1, 3}));
   text::Regex word("\\w+");
