@@ -1,0 +1,119 @@
+#pragma once
+// The backend seam: the small set of ops a decoder-only transformer forward needs. The model (runtime/model/model.h)
+// drives a forward pass through these ops only, so a backend is nothing but an implementation of this interface.
+// runtime/cpu/ is the reference implementation; every other backend is tested op by op against it.
+//
+// Conventions
+//  - Activations are fp32, row-major, one row per token of the ragged batch. Pointers passed to ops point into
+//    memory that the backend allocated (alloc()); for the CPU backend that is host memory, for a GPU backend device
+//    memory. Small per-batch metadata (positions, block tables) is passed as host spans; a GPU backend uploads it.
+//  - Linear weights are given in the workspace layout (HF [out, in], fp32/fp16/bf16) and packed at load time into
+//    whatever the backend's kernels want (LinearWeight is opaque). Quantized formats (int4) extend WeightFormat.
+//  - Every op accumulates in fp32, whatever the storage dtype.
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "runtime/core/dtype.h"
+
+namespace kiln {
+
+class KvCache;
+
+// Memory owned by a backend. For the CPU backend data() is an ordinary host pointer.
+class Buffer {
+ public:
+  virtual ~Buffer() = default;
+  virtual void* data() = 0;
+  virtual size_t bytes() const = 0;
+  float* f32() { return static_cast<float*>(data()); }
+};
+
+// A linear layer's weight as packed by a backend: y[rows, out] = x[rows, in] · Wᵀ.
+class LinearWeight {
+ public:
+  virtual ~LinearWeight() = default;
+  virtual int64_t out_features() const = 0;
+  virtual int64_t in_features() const = 0;
+};
+
+// An embedding table (rows are gathered, never multiplied) in its storage dtype.
+class EmbeddingTable {
+ public:
+  virtual ~EmbeddingTable() = default;
+  virtual int64_t rows() const = 0;
+  virtual int64_t dim() const = 0;
+};
+
+// One sequence's share of a ragged batch, as the attention op sees it. Rows [row_begin, row_begin + row_count) of
+// q hold the new tokens at positions [context_len - row_count, context_len); their K/V are already in the cache.
+struct AttentionSequence {
+  int64_t row_begin = 0;
+  int64_t row_count = 0;
+  int64_t context_len = 0;                // tokens in the cache after this step, the new ones included
+  std::span<const int32_t> block_table;   // cache blocks holding positions [0, context_len)
+};
+
+struct AttentionParams {
+  int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  float scale = 1.0f;          // applied to q·k (1/sqrt(head_dim))
+  int64_t sliding_window = 0;  // >0: a query at position p sees keys at positions > p - sliding_window
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;
+
+  // ---- memory
+  virtual std::unique_ptr<Buffer> alloc(size_t bytes) = 0;  // zero-filled
+  virtual void upload(Buffer& dst, size_t offset, const void* src, size_t bytes) = 0;
+  virtual void download(const Buffer& src, size_t offset, void* dst, size_t bytes) = 0;
+
+  // ---- weights, packed at load time. `data` is the workspace tensor ([out, in] / [rows, dim]) in `dtype`.
+  virtual std::unique_ptr<LinearWeight> pack_linear(const void* data, DType dtype, int64_t out, int64_t in) = 0;
+  virtual std::unique_ptr<EmbeddingTable> load_embedding(const void* data, DType dtype, int64_t rows, int64_t dim) = 0;
+  // A table that can also serve as the output head (tied embeddings): the same bytes, packed for matmul.
+  virtual std::unique_ptr<LinearWeight> pack_tied_head(const EmbeddingTable& table) = 0;
+
+  // ---- ops. Row strides are in floats; `rows` counts tokens.
+  // out[r] = table[ids[r]]
+  virtual void embedding(const EmbeddingTable& table, std::span<const int32_t> ids, float* out) = 0;
+  // y[r] = x[r] / rms(x[r]) * w, over `dim` elements; x and y may alias.
+  virtual void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t dim, float eps) = 0;
+  // RMSNorm of each head_dim-sized head of each row, in place: rows of `row_stride` floats, heads at the start.
+  virtual void head_rms_norm(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim,
+                             const float* w, float eps) = 0;
+  // y[r, :] = x[r, :] · Wᵀ (x rows are `in` floats, y rows `out` floats).
+  virtual void matmul(const float* x, int64_t rows, const LinearWeight& w, float* y) = 0;
+  // y[r, :] += b (rows of `dim` floats)
+  virtual void add_bias(float* y, const float* b, int64_t rows, int64_t dim) = 0;
+  // Rotates each head of each row in place (rotate-half convention, as HF Llama): pairs (i, i + head_dim/2) by
+  // angle position[r] * inv_freq[seq_of_row[r]][i]. inv_freq holds head_dim/2 floats per sequence, so dynamic
+  // scaling can differ between sequences of one batch.
+  virtual void rope(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim,
+                    std::span<const int32_t> positions, std::span<const int32_t> seq_of_row,
+                    std::span<const float> inv_freq) = 0;
+  // Stores K and V rows (num_kv_heads * head_dim floats each, row stride in floats) into cache `layer` at the
+  // given slots (block * block_size + offset), converting to the cache dtype.
+  virtual void kv_write(KvCache& cache, int64_t layer, const float* k, const float* v, int64_t rows,
+                        int64_t row_stride, std::span<const int64_t> slots) = 0;
+  // Causal attention of q rows (row stride in floats, heads at the start) over cache `layer`; out rows are
+  // num_heads * head_dim floats. Grouped-query: head h reads kv head h / (num_heads / num_kv_heads).
+  virtual void attention(const float* q, int64_t q_stride, const KvCache& cache, int64_t layer,
+                         std::span<const AttentionSequence> seqs, const AttentionParams& p, float* out) = 0;
+  // out[r, i] = silu(gu[r, i]) * gu[r, inter + i], gate and up side by side in rows of 2*inter floats.
+  virtual void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) = 0;
+  // y += x (n floats): the residual connection.
+  virtual void add(float* y, const float* x, int64_t n) = 0;
+  // out[i, :] = x[rows[i], :] · headᵀ: the output projection for the selected rows only.
+  virtual void logits(const float* x, int64_t dim, std::span<const int32_t> rows, const LinearWeight& head,
+                      float* out) = 0;
+};
+
+// The CPU backend (runtime/cpu). threads = 0: one per hardware thread (or KILN_THREADS when set).
+std::unique_ptr<Backend> make_cpu_backend(unsigned threads = 0);
+
+}  // namespace kiln

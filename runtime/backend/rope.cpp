@@ -1,0 +1,59 @@
+#include "runtime/backend/rope.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "runtime/core/error.h"
+
+namespace kiln {
+
+namespace {
+
+std::vector<float> base_inv_freq(double theta, int64_t dim) {
+  // torch: 1.0 / (base ** (arange(0, dim, 2).float() / dim)), all in fp32.
+  std::vector<float> f(size_t(dim / 2));
+  for (int64_t i = 0; i < dim / 2; ++i) {
+    float exponent = float(2 * i) / float(dim);
+    f[size_t(i)] = 1.0f / std::pow(float(theta), exponent);
+  }
+  return f;
+}
+
+}  // namespace
+
+std::vector<float> rope_inv_freq(const ModelSpec& spec, int64_t seq_len) {
+  const RopeScaling& s = spec.rope_scaling;
+  const int64_t dim = spec.head_dim;
+  if (s.type == "none") return base_inv_freq(spec.rope_theta, dim);
+  if (s.type == "linear") {
+    auto f = base_inv_freq(spec.rope_theta, dim);
+    for (float& x : f) x /= float(s.factor);
+    return f;
+  }
+  if (s.type == "dynamic") {
+    // transformers uses config.max_position_embeddings here (not original_max_position_embeddings).
+    double max_pos = double(spec.max_position_embeddings);
+    double len = std::max(double(seq_len), max_pos);
+    double base = spec.rope_theta * std::pow(s.factor * len / max_pos - (s.factor - 1), double(dim) / double(dim - 2));
+    return base_inv_freq(base, dim);
+  }
+  if (s.type == "llama3") {
+    auto f = base_inv_freq(spec.rope_theta, dim);
+    const float factor = float(s.factor), low = float(s.low_freq_factor), high = float(s.high_freq_factor);
+    const float old_ctx = float(s.original_max_position_embeddings);
+    const float low_wavelen = old_ctx / low, high_wavelen = old_ctx / high;
+    for (float& x : f) {
+      float wavelen = 2.0f * float(M_PI) / x;
+      float scaled = wavelen > low_wavelen ? x / factor : x;
+      if (!(wavelen < high_wavelen) && !(wavelen > low_wavelen)) {
+        float smooth = (old_ctx / wavelen - low) / (high - low);
+        scaled = (1 - smooth) * scaled / factor + smooth * scaled;
+      }
+      x = scaled;
+    }
+    return f;
+  }
+  throw Error("rope scaling '" + s.type + "' is not supported by the runtime");
+}
+
+}  // namespace kiln

@@ -1,0 +1,25 @@
+#pragma once
+// RoPE inverse frequencies for every scaling variant kiln supports, computed as transformers'
+// modeling_rope_utils.py does (in fp32, so that angles match bit for bit where possible):
+//  - none:    inv_freq[i] = 1 / theta^(2i/d)
+//  - linear:  inv_freq / factor
+//  - dynamic: NTK-aware: theta is scaled by (factor * L / max_pos - (factor - 1))^(d / (d - 2)) where L is the
+//             sequence length seen by the forward (max position + 1). L <= max_pos gives the unscaled frequencies.
+//             transformers recomputes this on every forward from the largest position of the batch; kiln does it
+//             per sequence (what a batch of one gives in transformers). Cached keys keep the rotation they were
+//             written with, exactly as in transformers' KV cache.
+//  - llama3:  long wavelengths divided by factor, short ones kept, a smooth blend in between.
+#include <cstdint>
+#include <vector>
+
+#include "runtime/model/model_spec.h"
+
+namespace kiln {
+
+// head_dim/2 inverse frequencies for a forward whose sequence reaches `seq_len` positions.
+std::vector<float> rope_inv_freq(const ModelSpec& spec, int64_t seq_len);
+
+// True when the frequencies depend on seq_len (only dynamic NTK scaling).
+inline bool rope_depends_on_length(const ModelSpec& spec) { return spec.rope_scaling.type == "dynamic"; }
+
+}  // namespace kiln

@@ -1,0 +1,90 @@
+// Attention over the paged KV cache for the CPU backend. Each (query row, head) pair is independent: it scores the
+// keys it may see (causal, optionally a sliding window), takes a numerically stable softmax in fp32 and sums the
+// values. Keys and values are converted from the cache dtype block by block.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "runtime/cpu/cpu_backend.h"
+#include "runtime/kv/kv_cache.h"
+
+namespace kiln::cpu {
+
+namespace {
+
+// dst[i] = elements [i] of a cache row in dtype `dt`.
+void to_f32(const uint8_t* src, KvDType dt, float* dst, int64_t n) {
+  if (dt == KvDType::F32) {
+    std::memcpy(dst, src, size_t(n) * 4);
+    return;
+  }
+  const auto* h = reinterpret_cast<const uint16_t*>(src);
+  if (dt == KvDType::BF16)
+    for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(h[i]);
+  else
+    for (int64_t i = 0; i < n; ++i) dst[i] = f16_to_f32(h[i]);
+}
+
+struct RowRef {
+  int64_t row;         // query row in the batch
+  int64_t position;    // its position in its sequence
+  const AttentionSequence* seq;
+};
+
+}  // namespace
+
+void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cache, int64_t layer,
+                           std::span<const AttentionSequence> seqs, const AttentionParams& p, float* out) {
+  const auto& c = cache.config();
+  const size_t es = kv_dtype_size(c.dtype);
+  const int64_t group = p.num_heads / p.num_kv_heads, hd = p.head_dim, bs = c.block_size;
+  std::vector<RowRef> rows;
+  for (const auto& s : seqs)
+    for (int64_t i = 0; i < s.row_count; ++i) rows.push_back({s.row_begin + i, s.context_len - s.row_count + i, &s});
+  const auto* kbase = static_cast<const uint8_t*>(cache.keys(layer));
+  const auto* vbase = static_cast<const uint8_t*>(cache.values(layer));
+  auto row_ptr = [&](const uint8_t* base, int32_t block, int64_t kv_head, int64_t off) {
+    return base + size_t(((int64_t(block) * c.num_kv_heads + kv_head) * bs + off) * hd) * es;
+  };
+
+  const int64_t tasks = int64_t(rows.size()) * p.num_heads;
+  pool_.parallel_for(tasks, [&](int64_t b, int64_t e) {
+    std::vector<float> scores, kv(static_cast<size_t>(hd)), acc(static_cast<size_t>(hd));
+    for (int64_t t = b; t < e; ++t) {
+      const RowRef& r = rows[size_t(t / p.num_heads)];
+      const int64_t h = t % p.num_heads, g = h / group;
+      const float* qh = q + r.row * q_stride + h * hd;
+      const int64_t first = p.sliding_window > 0 ? std::max<int64_t>(0, r.position - p.sliding_window + 1) : 0;
+      const int64_t n = r.position + 1 - first;
+      scores.resize(size_t(n));
+      float max_score = -std::numeric_limits<float>::infinity();
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t pos = first + j;
+        to_f32(row_ptr(kbase, r.seq->block_table[size_t(pos / bs)], g, pos % bs), c.dtype, kv.data(), hd);
+        float dot = 0;
+        for (int64_t i = 0; i < hd; ++i) dot += qh[i] * kv[i];
+        scores[j] = dot * p.scale;
+        max_score = std::max(max_score, scores[j]);
+      }
+      float sum = 0;
+      for (int64_t j = 0; j < n; ++j) {
+        scores[j] = std::exp(scores[j] - max_score);
+        sum += scores[j];
+      }
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = 0; j < n; ++j) {
+        const int64_t pos = first + j;
+        to_f32(row_ptr(vbase, r.seq->block_table[size_t(pos / bs)], g, pos % bs), c.dtype, kv.data(), hd);
+        const float w = scores[j];
+        for (int64_t i = 0; i < hd; ++i) acc[i] += w * kv[i];
+      }
+      float* o = out + r.row * p.num_heads * hd + h * hd;
+      const float inv = 1.0f / sum;
+      for (int64_t i = 0; i < hd; ++i) o[i] = acc[i] * inv;
+    }
+  });
+}
+
+}  // namespace kiln::cpu

@@ -1,0 +1,206 @@
+#include "runtime/cpu/cpu_backend.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "runtime/core/devices.h"
+#include "runtime/core/error.h"
+#include "runtime/kv/kv_cache.h"
+
+namespace kiln {
+
+std::unique_ptr<Backend> make_cpu_backend(unsigned threads) {
+  if (threads == 0) {
+    if (const char* env = std::getenv("KILN_THREADS")) threads = unsigned(std::max(1, std::atoi(env)));
+    else threads = cpu_features().threads;
+  }
+  return std::make_unique<cpu::CpuBackend>(threads);
+}
+
+namespace cpu {
+
+void HostBuffer::Free::operator()(void* p) const { std::free(p); }
+
+HostBuffer::HostBuffer(size_t bytes) : bytes_(bytes) {
+  // 64-byte alignment: full cache lines and aligned AVX-512 loads.
+  size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, rounded);
+  if (!p) throw Error("out of memory allocating " + std::to_string(bytes) + " bytes");
+  std::memset(p, 0, rounded);
+  data_.reset(p);
+}
+
+CpuBackend::CpuBackend(unsigned threads, MatmulIsa isa) : pool_(threads), isa_(isa) {}
+
+std::string CpuBackend::name() const {
+  return std::string("cpu (") + matmul_isa_name(isa_) + ", " + std::to_string(pool_.size()) + " threads)";
+}
+
+std::unique_ptr<Buffer> CpuBackend::alloc(size_t bytes) { return std::make_unique<HostBuffer>(bytes); }
+
+void CpuBackend::upload(Buffer& dst, size_t offset, const void* src, size_t bytes) {
+  std::memcpy(static_cast<uint8_t*>(dst.data()) + offset, src, bytes);
+}
+
+void CpuBackend::download(const Buffer& src, size_t offset, void* dst, size_t bytes) {
+  std::memcpy(dst, static_cast<const uint8_t*>(const_cast<Buffer&>(src).data()) + offset, bytes);
+}
+
+std::unique_ptr<LinearWeight> CpuBackend::pack_linear(const void* data, DType dtype, int64_t out, int64_t in) {
+  return std::make_unique<PackedLinear>(cpu::pack_linear(data, dtype, out, in));
+}
+
+std::unique_ptr<EmbeddingTable> CpuBackend::load_embedding(const void* data, DType dtype, int64_t rows, int64_t dim) {
+  if (dtype != DType::F32 && dtype != DType::F16 && dtype != DType::BF16)
+    throw Error("embedding table must be fp32, fp16 or bf16, not " + std::string(dtype_name(dtype)));
+  auto t = std::make_unique<HostEmbedding>();
+  t->n = rows;
+  t->d = dim;
+  t->dtype = dtype;
+  const auto* p = static_cast<const uint8_t*>(data);
+  t->data.assign(p, p + size_t(rows * dim) * dtype_size(dtype));
+  return t;
+}
+
+std::unique_ptr<LinearWeight> CpuBackend::pack_tied_head(const EmbeddingTable& table) {
+  const auto& t = static_cast<const HostEmbedding&>(table);
+  return pack_linear(t.data.data(), t.dtype, t.n, t.d);
+}
+
+namespace {
+inline float load_elem(const uint8_t* base, size_t i, DType t) {
+  if (t == DType::F32) {
+    float f;
+    std::memcpy(&f, base + 4 * i, 4);
+    return f;
+  }
+  uint16_t h;
+  std::memcpy(&h, base + 2 * i, 2);
+  return t == DType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
+// One RMSNorm row, as transformers computes it in fp32: x * rsqrt(mean(x^2) + eps) * w.
+inline void rms_norm_row(const float* x, const float* w, float* y, int64_t dim, float eps) {
+  double ss = 0;
+  for (int64_t i = 0; i < dim; ++i) ss += double(x[i]) * x[i];
+  const float inv = 1.0f / std::sqrt(float(ss / double(dim)) + eps);
+  for (int64_t i = 0; i < dim; ++i) y[i] = w[i] * (x[i] * inv);
+}
+}  // namespace
+
+void CpuBackend::embedding(const EmbeddingTable& table, std::span<const int32_t> ids, float* out) {
+  const auto& t = static_cast<const HostEmbedding&>(table);
+  for (size_t r = 0; r < ids.size(); ++r) {
+    if (ids[r] < 0 || ids[r] >= t.n)
+      throw Error("token id " + std::to_string(ids[r]) + " is outside the vocabulary (0.." + std::to_string(t.n - 1) +
+                  ")");
+    const size_t base = size_t(ids[r]) * size_t(t.d);
+    for (int64_t i = 0; i < t.d; ++i) out[r * t.d + i] = load_elem(t.data.data(), base + i, t.dtype);
+  }
+}
+
+void CpuBackend::rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t dim, float eps) {
+  pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) rms_norm_row(x + r * dim, w, y + r * dim, dim, eps);
+  });
+}
+
+void CpuBackend::head_rms_norm(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim,
+                               const float* w, float eps) {
+  pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r)
+      for (int64_t h = 0; h < num_heads; ++h) {
+        float* p = x + r * row_stride + h * head_dim;
+        rms_norm_row(p, w, p, head_dim, eps);
+      }
+  });
+}
+
+void CpuBackend::matmul(const float* x, int64_t rows, const LinearWeight& w, float* y) {
+  cpu::matmul(pool_, isa_, x, rows, static_cast<const PackedLinear&>(w), y);
+}
+
+void CpuBackend::add_bias(float* y, const float* b, int64_t rows, int64_t dim) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < dim; ++i) y[r * dim + i] += b[i];
+}
+
+void CpuBackend::rope(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim,
+                      std::span<const int32_t> positions, std::span<const int32_t> seq_of_row,
+                      std::span<const float> inv_freq) {
+  const int64_t half = head_dim / 2;
+  pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
+    std::vector<float> cos_(static_cast<size_t>(half)), sin_(static_cast<size_t>(half));
+    for (int64_t r = b; r < e; ++r) {
+      const float* f = inv_freq.data() + size_t(seq_of_row[r]) * size_t(half);
+      for (int64_t i = 0; i < half; ++i) {
+        // The angle is an fp32 product, as in transformers (position.float() * inv_freq).
+        const float angle = float(positions[r]) * f[i];
+        cos_[i] = float(std::cos(double(angle)));
+        sin_[i] = float(std::sin(double(angle)));
+      }
+      for (int64_t h = 0; h < num_heads; ++h) {
+        float* p = x + r * row_stride + h * head_dim;
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = p[i], c = p[i + half];
+          p[i] = a * cos_[i] - c * sin_[i];
+          p[i + half] = c * cos_[i] + a * sin_[i];
+        }
+      }
+    }
+  });
+}
+
+void CpuBackend::kv_write(KvCache& cache, int64_t layer, const float* k, const float* v, int64_t rows,
+                          int64_t row_stride, std::span<const int64_t> slots) {
+  const auto& c = cache.config();
+  const KvDType dt = c.dtype;
+  const size_t es = kv_dtype_size(dt);
+  auto store = [&](uint8_t* base, const float* src, int64_t slot) {
+    const int64_t block = slot / c.block_size, off = slot % c.block_size;
+    for (int64_t h = 0; h < c.num_kv_heads; ++h) {
+      uint8_t* dst = base + size_t(((block * c.num_kv_heads + h) * c.block_size + off) * c.head_dim) * es;
+      const float* s = src + h * c.head_dim;
+      for (int64_t i = 0; i < c.head_dim; ++i) {
+        if (dt == KvDType::F32) {
+          std::memcpy(dst + 4 * i, &s[i], 4);
+        } else {
+          uint16_t hbits = dt == KvDType::BF16 ? f32_to_bf16(s[i]) : f32_to_f16(s[i]);
+          std::memcpy(dst + 2 * i, &hbits, 2);
+        }
+      }
+    }
+  };
+  auto* kb = static_cast<uint8_t*>(cache.keys(layer));
+  auto* vb = static_cast<uint8_t*>(cache.values(layer));
+  for (int64_t r = 0; r < rows; ++r) {
+    store(kb, k + r * row_stride, slots[r]);
+    store(vb, v + r * row_stride, slots[r]);
+  }
+}
+
+void CpuBackend::silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) {
+  pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float* g = gate_up + r * 2 * inter;
+      for (int64_t i = 0; i < inter; ++i) out[r * inter + i] = g[i] / (1.0f + std::exp(-g[i])) * g[inter + i];
+    }
+  });
+}
+
+void CpuBackend::add(float* y, const float* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+void CpuBackend::logits(const float* x, int64_t dim, std::span<const int32_t> rows, const LinearWeight& head,
+                        float* out) {
+  std::vector<float> gathered(rows.size() * size_t(dim));
+  for (size_t i = 0; i < rows.size(); ++i)
+    std::memcpy(&gathered[i * size_t(dim)], x + int64_t(rows[i]) * dim, size_t(dim) * sizeof(float));
+  matmul(gathered.data(), int64_t(rows.size()), head, out);
+}
+
+}  // namespace cpu
+}  // namespace kiln

@@ -1,0 +1,73 @@
+#pragma once
+// The CPU backend: the reference implementation of the backend seam and a product backend in its own right.
+// Ops are plain loops split over a thread pool; only the matmul (matmul_x86.cpp) uses intrinsics, chosen at run time
+// (AVX-512, else AVX2+FMA+F16C, else scalar).
+#include <memory>
+
+#include "runtime/backend/backend.h"
+#include "runtime/cpu/matmul.h"
+#include "runtime/cpu/thread_pool.h"
+
+namespace kiln::cpu {
+
+class HostBuffer : public Buffer {
+ public:
+  explicit HostBuffer(size_t bytes);
+  void* data() override { return data_.get(); }
+  size_t bytes() const override { return bytes_; }
+
+ private:
+  struct Free {
+    void operator()(void* p) const;
+  };
+  std::unique_ptr<void, Free> data_;
+  size_t bytes_;
+};
+
+struct HostEmbedding : EmbeddingTable {
+  int64_t n = 0, d = 0;
+  DType dtype = DType::F32;
+  std::vector<uint8_t> data;
+  int64_t rows() const override { return n; }
+  int64_t dim() const override { return d; }
+};
+
+class CpuBackend : public Backend {
+ public:
+  explicit CpuBackend(unsigned threads, MatmulIsa isa = best_matmul_isa());
+  std::string name() const override;
+  ThreadPool& pool() { return pool_; }
+  MatmulIsa isa() const { return isa_; }
+
+  std::unique_ptr<Buffer> alloc(size_t bytes) override;
+  void upload(Buffer& dst, size_t offset, const void* src, size_t bytes) override;
+  void download(const Buffer& src, size_t offset, void* dst, size_t bytes) override;
+
+  std::unique_ptr<LinearWeight> pack_linear(const void* data, DType dtype, int64_t out, int64_t in) override;
+  std::unique_ptr<EmbeddingTable> load_embedding(const void* data, DType dtype, int64_t rows, int64_t dim) override;
+  std::unique_ptr<LinearWeight> pack_tied_head(const EmbeddingTable& table) override;
+
+  void embedding(const EmbeddingTable& table, std::span<const int32_t> ids, float* out) override;
+  void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t dim, float eps) override;
+  void head_rms_norm(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim, const float* w,
+                     float eps) override;
+  void matmul(const float* x, int64_t rows, const LinearWeight& w, float* y) override;
+  void add_bias(float* y, const float* b, int64_t rows, int64_t dim) override;
+  void rope(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim,
+            std::span<const int32_t> positions, std::span<const int32_t> seq_of_row,
+            std::span<const float> inv_freq) override;
+  void kv_write(KvCache& cache, int64_t layer, const float* k, const float* v, int64_t rows, int64_t row_stride,
+                std::span<const int64_t> slots) override;
+  void attention(const float* q, int64_t q_stride, const KvCache& cache, int64_t layer,
+                 std::span<const AttentionSequence> seqs, const AttentionParams& p, float* out) override;
+  void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) override;
+  void add(float* y, const float* x, int64_t n) override;
+  void logits(const float* x, int64_t dim, std::span<const int32_t> rows, const LinearWeight& head,
+              float* out) override;
+
+ private:
+  ThreadPool pool_;
+  MatmulIsa isa_;
+};
+
+}  // namespace kiln::cpu

@@ -1,0 +1,98 @@
+#include "runtime/cpu/matmul.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "runtime/core/devices.h"
+#include "runtime/core/error.h"
+#include "runtime/cpu/thread_pool.h"
+
+namespace kiln::cpu {
+
+PackedLinear pack_linear(const void* data, DType dtype, int64_t out, int64_t in) {
+  if (dtype != DType::F32 && dtype != DType::F16 && dtype != DType::BF16)
+    throw Error("matmul weights must be fp32, fp16 or bf16, not " + std::string(dtype_name(dtype)));
+  PackedLinear w;
+  w.out = out;
+  w.in = in;
+  w.dtype = dtype;
+  const size_t es = dtype_size(dtype);
+  w.data.assign(size_t(w.panels() * in * kPanel) * es, 0);
+  const auto* src = static_cast<const uint8_t*>(data);
+  for (int64_t o = 0; o < out; ++o) {
+    const int64_t p = o / kPanel, j = o % kPanel;
+    for (int64_t k = 0; k < in; ++k)
+      std::memcpy(&w.data[size_t((p * in + k) * kPanel + j) * es], src + size_t(o * in + k) * es, es);
+  }
+  return w;
+}
+
+MatmulIsa best_matmul_isa() {
+  static const MatmulIsa isa = [] {
+    CpuFeatures f = cpu_features();
+    MatmulIsa best = MatmulIsa::Scalar;
+    if (f.avx2 && f.fma && f.f16c) best = MatmulIsa::Avx2;
+    if (best == MatmulIsa::Avx2 && f.avx512f && f.avx512bw) best = MatmulIsa::Avx512;
+    if (const char* env = std::getenv("KILN_CPU_ISA")) {
+      std::string s = env;
+      if (s == "scalar") best = MatmulIsa::Scalar;
+      else if (s == "avx2" && best != MatmulIsa::Scalar) best = MatmulIsa::Avx2;
+    }
+    return best;
+  }();
+  return isa;
+}
+
+const char* matmul_isa_name(MatmulIsa isa) {
+  switch (isa) {
+    case MatmulIsa::Scalar: return "scalar";
+    case MatmulIsa::Avx2: return "avx2";
+    case MatmulIsa::Avx512: return "avx512";
+  }
+  return "?";
+}
+
+void matmul(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const PackedLinear& w, float* y) {
+  // Work items are (group of panels) x (group of rows): a panel group's weights stay in cache across its row tiles.
+  const int64_t panels_per_task = 4, rows_per_task = 64;
+  const int64_t pg = (w.panels() + panels_per_task - 1) / panels_per_task;
+  const int64_t rg = (rows + rows_per_task - 1) / rows_per_task;
+  auto kernel = isa == MatmulIsa::Avx512 ? matmul_avx512 : isa == MatmulIsa::Avx2 ? matmul_avx2 : matmul_scalar;
+  pool.parallel_for(pg * rg, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t p0 = (t % pg) * panels_per_task, r0 = (t / pg) * rows_per_task;
+      kernel(x, r0, std::min(rows, r0 + rows_per_task), w, p0, std::min(w.panels(), p0 + panels_per_task), y);
+    }
+  }, 1);
+}
+
+namespace {
+float load_scalar(const uint8_t* base, size_t i, DType t) {
+  if (t == DType::F32) {
+    float f;
+    std::memcpy(&f, base + 4 * i, 4);
+    return f;
+  }
+  uint16_t h;
+  std::memcpy(&h, base + 2 * i, 2);
+  return t == DType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+}
+}  // namespace
+
+void matmul_scalar(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1, float* y) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t width = std::min(kPanel, w.out - p * kPanel);
+    for (int64_t r = r0; r < r1; ++r) {
+      float acc[kPanel] = {};
+      const float* xr = x + r * w.in;
+      for (int64_t k = 0; k < w.in; ++k)
+        for (int64_t j = 0; j < kPanel; ++j)
+          acc[j] += xr[k] * load_scalar(w.data.data(), size_t((p * w.in + k) * kPanel + j), w.dtype);
+      std::memcpy(y + r * w.out + p * kPanel, acc, size_t(width) * sizeof(float));
+    }
+  }
+}
+
+}  // namespace kiln::cpu

@@ -1,0 +1,45 @@
+#pragma once
+// Dense matmul for the CPU backend: y[rows, out] = x[rows, in] · Wᵀ with fp32 activations and accumulation.
+//
+// Packed layout. The workspace stores W as [out, in]. At load time it is regrouped into panels of kPanel output
+// features: panel p holds, for every k in [0, in), the kPanel weights W[p*kPanel + j, k] side by side (the last
+// panel is zero-padded). A kernel step loads one k-slice of a panel into a vector register (converting bf16/fp16 to
+// fp32 in-register), broadcasts x[r, k] for a tile of rows and accumulates with FMA: every weight byte is read once
+// per row tile, which is what makes both decode (1 row, memory bound) and prefill (many rows) fast.
+// The storage dtype is kept (fp32, fp16 or bf16), so packing costs no memory beyond the workspace's own size.
+#include <cstdint>
+#include <vector>
+
+#include "runtime/backend/backend.h"
+#include "runtime/core/dtype.h"
+
+namespace kiln::cpu {
+
+class ThreadPool;
+
+constexpr int64_t kPanel = 16;
+
+struct PackedLinear : LinearWeight {
+  int64_t out = 0, in = 0;
+  DType dtype = DType::F32;  // F32, F16 or BF16
+  std::vector<uint8_t> data;  // [ceil(out / kPanel)][in][kPanel] elements of dtype
+  int64_t out_features() const override { return out; }
+  int64_t in_features() const override { return in; }
+  int64_t panels() const { return (out + kPanel - 1) / kPanel; }
+};
+
+PackedLinear pack_linear(const void* data, DType dtype, int64_t out, int64_t in);
+
+enum class MatmulIsa { Scalar, Avx2, Avx512 };
+// The best kernel this CPU runs (KILN_CPU_ISA=scalar|avx2|avx512 narrows the choice, for tests and benchmarks).
+MatmulIsa best_matmul_isa();
+const char* matmul_isa_name(MatmulIsa isa);
+
+void matmul(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const PackedLinear& w, float* y);
+
+// Kernels over panels [p0, p1) and rows [r0, r1); y has w.out columns.
+void matmul_scalar(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1, float* y);
+void matmul_avx2(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1, float* y);
+void matmul_avx512(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1, float* y);
+
+}  // namespace kiln::cpu

@@ -1,0 +1,150 @@
+// AVX2 and AVX-512 matmul kernels over the packed panel layout (see matmul.h). Compiled for their ISA through
+// function target attributes, so the rest of kiln stays baseline x86-64; matmul() picks one at run time.
+#include <immintrin.h>
+
+// GCC 12 warns about the deliberately undefined upper lanes inside its own AVX-512 headers.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+#include <algorithm>
+#include <cstring>
+
+#include "runtime/cpu/matmul.h"
+
+namespace kiln::cpu {
+
+#define KILN_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define KILN_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
+
+namespace {
+
+// ---- AVX2: a panel (16 outputs) is two 8-float registers; tiles of 4 rows -> 8 accumulators.
+template <DType T>
+KILN_AVX2 inline void load_panel_avx2(const uint8_t* p, __m256& lo, __m256& hi) {
+  if constexpr (T == DType::F32) {
+    lo = _mm256_loadu_ps(reinterpret_cast<const float*>(p));
+    hi = _mm256_loadu_ps(reinterpret_cast<const float*>(p) + 8);
+  } else if constexpr (T == DType::F16) {
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    lo = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
+    hi = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
+  } else {  // bf16: the high half of an fp32
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));
+    hi = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)), 16));
+  }
+}
+
+template <DType T, int R>
+KILN_AVX2 void tile_avx2(const float* x, int64_t in, const uint8_t* panel, float* out /* [R][16] */) {
+  constexpr size_t es = T == DType::F32 ? 4 : 2;
+  __m256 acc_lo[R], acc_hi[R];
+  for (int r = 0; r < R; ++r) acc_lo[r] = acc_hi[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < in; ++k) {
+    __m256 lo, hi;
+    load_panel_avx2<T>(panel + size_t(k * kPanel) * es, lo, hi);
+    for (int r = 0; r < R; ++r) {
+      __m256 xb = _mm256_broadcast_ss(x + r * in + k);
+      acc_lo[r] = _mm256_fmadd_ps(xb, lo, acc_lo[r]);
+      acc_hi[r] = _mm256_fmadd_ps(xb, hi, acc_hi[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(out + r * kPanel, acc_lo[r]);
+    _mm256_storeu_ps(out + r * kPanel + 8, acc_hi[r]);
+  }
+}
+
+template <DType T>
+KILN_AVX2 void run_avx2(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1,
+                        float* y) {
+  constexpr size_t es = T == DType::F32 ? 4 : 2;
+  alignas(32) float tile[4 * kPanel];
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* panel = w.data.data() + size_t(p * w.in * kPanel) * es;
+    const int64_t width = std::min(kPanel, w.out - p * kPanel);
+    for (int64_t r = r0; r < r1; r += 4) {
+      const int64_t n = std::min<int64_t>(4, r1 - r);
+      const float* xr = x + r * w.in;
+      switch (n) {
+        case 4: tile_avx2<T, 4>(xr, w.in, panel, tile); break;
+        case 3: tile_avx2<T, 3>(xr, w.in, panel, tile); break;
+        case 2: tile_avx2<T, 2>(xr, w.in, panel, tile); break;
+        default: tile_avx2<T, 1>(xr, w.in, panel, tile); break;
+      }
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(y + (r + i) * w.out + p * kPanel, tile + i * kPanel, size_t(width) * sizeof(float));
+    }
+  }
+}
+
+// ---- AVX-512: a panel is one 16-float register; tiles of 8 rows -> 8 accumulators.
+template <DType T>
+KILN_AVX512 inline __m512 load_panel_avx512(const uint8_t* p) {
+  if constexpr (T == DType::F32) {
+    return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
+  } else if constexpr (T == DType::F16) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+  }
+}
+
+template <DType T, int R>
+KILN_AVX512 void tile_avx512(const float* x, int64_t in, const uint8_t* panel, float* out) {
+  constexpr size_t es = T == DType::F32 ? 4 : 2;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < in; ++k) {
+    __m512 wv = load_panel_avx512<T>(panel + size_t(k * kPanel) * es);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * in + k]), wv, acc[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kPanel, acc[r]);
+}
+
+template <DType T>
+KILN_AVX512 void run_avx512(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1,
+                            float* y) {
+  constexpr size_t es = T == DType::F32 ? 4 : 2;
+  alignas(64) float tile[8 * kPanel];
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* panel = w.data.data() + size_t(p * w.in * kPanel) * es;
+    const int64_t width = std::min(kPanel, w.out - p * kPanel);
+    for (int64_t r = r0; r < r1; r += 8) {
+      const int64_t n = std::min<int64_t>(8, r1 - r);
+      const float* xr = x + r * w.in;
+      switch (n) {
+        case 8: tile_avx512<T, 8>(xr, w.in, panel, tile); break;
+        case 7: tile_avx512<T, 7>(xr, w.in, panel, tile); break;
+        case 6: tile_avx512<T, 6>(xr, w.in, panel, tile); break;
+        case 5: tile_avx512<T, 5>(xr, w.in, panel, tile); break;
+        case 4: tile_avx512<T, 4>(xr, w.in, panel, tile); break;
+        case 3: tile_avx512<T, 3>(xr, w.in, panel, tile); break;
+        case 2: tile_avx512<T, 2>(xr, w.in, panel, tile); break;
+        default: tile_avx512<T, 1>(xr, w.in, panel, tile); break;
+      }
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(y + (r + i) * w.out + p * kPanel, tile + i * kPanel, size_t(width) * sizeof(float));
+    }
+  }
+}
+
+}  // namespace
+
+void matmul_avx2(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1, float* y) {
+  switch (w.dtype) {
+    case DType::F32: return run_avx2<DType::F32>(x, r0, r1, w, p0, p1, y);
+    case DType::F16: return run_avx2<DType::F16>(x, r0, r1, w, p0, p1, y);
+    default: return run_avx2<DType::BF16>(x, r0, r1, w, p0, p1, y);
+  }
+}
+
+void matmul_avx512(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1, float* y) {
+  switch (w.dtype) {
+    case DType::F32: return run_avx512<DType::F32>(x, r0, r1, w, p0, p1, y);
+    case DType::F16: return run_avx512<DType::F16>(x, r0, r1, w, p0, p1, y);
+    default: return run_avx512<DType::BF16>(x, r0, r1, w, p0, p1, y);
+  }
+}
+
+}  // namespace kiln::cpu

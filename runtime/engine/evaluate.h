@@ -1,0 +1,21 @@
+#pragma once
+// Evaluation passes: the token stream is cut into non-overlapping windows of `context` tokens (the last one may be
+// shorter) and each window runs as one fresh sequence with logits for every token. Metrics live in quant/metrics.h;
+// this only produces logits.
+#include <cstdint>
+#include <functional>
+#include <span>
+
+#include "runtime/kv/kv_cache.h"
+#include "runtime/model/model.h"
+
+namespace kiln {
+
+// begin: index of the window's first token in `tokens`; logits: [window.size(), vocab], row i predicts the token
+// after window[i].
+using WindowCallback = std::function<void(int64_t begin, std::span<const int32_t> window, const float* logits)>;
+
+void evaluate_windows(Model& model, std::span<const int32_t> tokens, int64_t context, KvDType kv_dtype,
+                      const WindowCallback& on_window);
+
+}  // namespace kiln

@@ -1,0 +1,29 @@
+#include "runtime/engine/loaded_model.h"
+
+#include "runtime/core/error.h"
+
+namespace kiln {
+
+LoadedModel load_model(const std::filesystem::path& path, unsigned threads) {
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) throw Error(path.string() + ": no such file or directory");
+  if (!is_workspace(path))
+    throw Error(path.string() + ": not a kiln workspace (no kiln.json); convert it first with 'kiln convert'");
+  LoadedModel m;
+  m.workspace = std::make_unique<Workspace>(path);
+  m.backend = make_cpu_backend(threads);
+  m.model = std::make_unique<Model>(*m.workspace, *m.backend);
+  return m;
+}
+
+KvDType default_kv_dtype(const Workspace& ws) {
+  std::string name = "auto";
+  const auto& j = ws.info().json;
+  if (j.contains("quantization") && j["quantization"].contains("kv_cache") &&
+      j["quantization"]["kv_cache"].contains("dtype") && j["quantization"]["kv_cache"]["dtype"].is_string())
+    name = j["quantization"]["kv_cache"]["dtype"].get<std::string>();
+  if (name == "auto") name = ws.info().dtype;
+  return kv_dtype_from_name(name, ws.info().dir.string() + "/kiln.json quantization.kv_cache.dtype");
+}
+
+}  // namespace kiln

@@ -1,0 +1,100 @@
+#include "runtime/kv/kv_cache.h"
+
+#include "runtime/core/error.h"
+
+namespace kiln {
+
+size_t kv_dtype_size(KvDType t) { return t == KvDType::F32 ? 4 : 2; }
+
+std::string kv_dtype_name(KvDType t) {
+  switch (t) {
+    case KvDType::F32: return "fp32";
+    case KvDType::F16: return "fp16";
+    case KvDType::BF16: return "bf16";
+  }
+  return "?";
+}
+
+KvDType kv_dtype_from_name(const std::string& name, const std::string& label) {
+  if (name == "fp32") return KvDType::F32;
+  if (name == "fp16") return KvDType::F16;
+  if (name == "bf16") return KvDType::BF16;
+  throw Error(label + ": KV cache dtype '" + name + "' is not supported (use fp32, fp16 or bf16)");
+}
+
+BlockAllocator::BlockAllocator(int32_t num_blocks) : refs_(num_blocks, 0) {
+  free_.reserve(num_blocks);
+  for (int32_t b = num_blocks - 1; b >= 0; --b) free_.push_back(b);  // block 0 is handed out first
+}
+
+int32_t BlockAllocator::allocate() {
+  if (free_.empty()) throw Error("KV cache is full: all " + std::to_string(refs_.size()) + " blocks are in use");
+  int32_t b = free_.back();
+  free_.pop_back();
+  refs_[b] = 1;
+  return b;
+}
+
+void BlockAllocator::retain(int32_t block) {
+  if (refs_.at(block) <= 0) throw Error("KV block " + std::to_string(block) + " retained while free");
+  ++refs_[block];
+}
+
+void BlockAllocator::release(int32_t block) {
+  if (refs_.at(block) <= 0) throw Error("KV block " + std::to_string(block) + " released while free");
+  if (--refs_[block] == 0) free_.push_back(block);
+}
+
+KvCache::KvCache(Backend& backend, const KvCacheConfig& config) : config_(config), allocator_(config.num_blocks) {
+  if (config.num_layers <= 0 || config.num_kv_heads <= 0 || config.head_dim <= 0 || config.block_size <= 0 ||
+      config.num_blocks <= 0)
+    throw Error("KV cache: every dimension and the block count must be positive");
+  for (int64_t l = 0; l < config.num_layers; ++l) {
+    k_.push_back(backend.alloc(block_bytes() * size_t(config.num_blocks)));
+    v_.push_back(backend.alloc(block_bytes() * size_t(config.num_blocks)));
+  }
+}
+
+size_t KvCache::block_bytes() const {
+  return size_t(config_.num_kv_heads * config_.block_size * config_.head_dim) * kv_dtype_size(config_.dtype);
+}
+
+size_t KvCache::bytes_per_token(const KvCacheConfig& c) {
+  return 2 * size_t(c.num_layers * c.num_kv_heads * c.head_dim) * kv_dtype_size(c.dtype);
+}
+
+void KvCache::reserve(KvSequence& seq, int64_t new_length) {
+  int64_t need = (new_length + config_.block_size - 1) / config_.block_size - int64_t(seq.blocks.size());
+  if (need <= 0) return;
+  if (need > allocator_.free_blocks())
+    throw Error("KV cache is full: " + std::to_string(need) + " more blocks needed, " +
+                std::to_string(allocator_.free_blocks()) + " free");
+  for (int64_t i = 0; i < need; ++i) seq.blocks.push_back(allocator_.allocate());
+}
+
+void KvCache::release(KvSequence& seq) {
+  for (int32_t b : seq.blocks) allocator_.release(b);
+  seq.blocks.clear();
+  seq.length = 0;
+}
+
+KvSequence KvCache::share(const KvSequence& seq) {
+  for (int32_t b : seq.blocks) allocator_.retain(b);
+  return seq;
+}
+
+void KvCache::truncate(KvSequence& seq, int64_t new_length) {
+  if (new_length >= seq.length) return;
+  size_t keep = size_t((new_length + config_.block_size - 1) / config_.block_size);
+  while (seq.blocks.size() > keep) {
+    allocator_.release(seq.blocks.back());
+    seq.blocks.pop_back();
+  }
+  seq.length = new_length;
+}
+
+int64_t KvCache::slot(const KvSequence& seq, int64_t pos) const {
+  return int64_t(seq.blocks.at(size_t(pos / config_.block_size))) * config_.block_size + pos % config_.block_size;
+}
+
+}  // namespace kiln

@@ -1,0 +1,92 @@
+#pragma once
+// The paged KV cache: fixed-size blocks of token slots shared by all sequences, a block allocator with reference
+// counts (so that sequences can share prefix blocks), and per-sequence block tables. The storage layout is
+// documented in docs/kv_cache.md; backends read and write it through kv_write/attention.
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/backend/backend.h"
+#include "runtime/core/dtype.h"
+
+namespace kiln {
+
+// Storage dtypes of the cache. Int8 (with per-layer or per-token scales) is planned; see docs/kv_cache.md.
+enum class KvDType : uint8_t { F32, F16, BF16 };
+size_t kv_dtype_size(KvDType t);
+std::string kv_dtype_name(KvDType t);
+// "fp32" | "fp16" | "bf16"; `label` names the option or field in errors.
+KvDType kv_dtype_from_name(const std::string& name, const std::string& label);
+
+// Hands out block ids; a block returns to the free list when its last reference is released.
+class BlockAllocator {
+ public:
+  explicit BlockAllocator(int32_t num_blocks);
+  int32_t num_blocks() const { return int32_t(refs_.size()); }
+  int32_t free_blocks() const { return int32_t(free_.size()); }
+  // Throws kiln::Error when no block is free.
+  int32_t allocate();
+  void retain(int32_t block);
+  void release(int32_t block);
+  int32_t ref_count(int32_t block) const { return refs_.at(block); }
+
+ private:
+  std::vector<int32_t> refs_;
+  std::vector<int32_t> free_;  // used as a stack: the most recently freed block is reused first
+};
+
+// One sequence's view of the cache: its blocks in position order and how many positions hold K/V.
+struct KvSequence {
+  std::vector<int32_t> blocks;
+  int64_t length = 0;
+};
+
+struct KvCacheConfig {
+  int64_t num_layers = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t block_size = 16;
+  int32_t num_blocks = 0;
+  KvDType dtype = KvDType::F32;
+};
+
+class KvCache {
+ public:
+  KvCache(Backend& backend, const KvCacheConfig& config);
+  const KvCacheConfig& config() const { return config_; }
+  int64_t block_size() const { return config_.block_size; }
+  BlockAllocator& allocator() { return allocator_; }
+  const BlockAllocator& allocator() const { return allocator_; }
+
+  // Makes room for `new_length` positions in `seq`, allocating blocks as needed. Throws kiln::Error (and allocates
+  // nothing) when the cache has too few free blocks.
+  void reserve(KvSequence& seq, int64_t new_length);
+  // Releases every block of `seq` and empties it.
+  void release(KvSequence& seq);
+  // A new sequence sharing all of `seq`'s blocks (reference counted). Writing into a shared block is the caller's
+  // business: prefix sharing only shares full blocks that are never written again.
+  KvSequence share(const KvSequence& seq);
+  // Drops positions >= new_length (blocks no longer needed are released).
+  void truncate(KvSequence& seq, int64_t new_length);
+
+  // The cache slot of position `pos` of `seq`: block * block_size + offset.
+  int64_t slot(const KvSequence& seq, int64_t pos) const;
+
+  // Raw storage of one layer: [num_blocks][num_kv_heads][block_size][head_dim] elements of dtype.
+  void* keys(int64_t layer) { return k_[layer]->data(); }
+  void* values(int64_t layer) { return v_[layer]->data(); }
+  const void* keys(int64_t layer) const { return k_[layer]->data(); }
+  const void* values(int64_t layer) const { return v_[layer]->data(); }
+  // Bytes of one block of one layer (K or V).
+  size_t block_bytes() const;
+  // Bytes per cached position over all layers, K and V: how a memory budget becomes a block count.
+  static size_t bytes_per_token(const KvCacheConfig& c);
+
+ private:
+  KvCacheConfig config_;
+  BlockAllocator allocator_;
+  std::vector<std::unique_ptr<Buffer>> k_, v_;
+};
+
+}  // namespace kiln

@@ -1,0 +1,68 @@
+#pragma once
+// A decoder-only transformer (Llama, Mistral, Qwen2, Qwen3) loaded from a workspace into a backend. There is one
+// forward: a ragged batch of sequences, each contributing some new tokens (a prefill chunk, a single decode token, or
+// a whole evaluation window) on top of what its paged KV cache already holds. Serving, chat, eval and calibration
+// all run through it.
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "runtime/backend/backend.h"
+#include "runtime/kv/kv_cache.h"
+#include "runtime/model/model_spec.h"
+
+namespace kiln {
+
+class Workspace;
+
+struct BatchEntry {
+  KvSequence* kv = nullptr;          // the sequence's cache; forward() appends the new tokens' K/V (length grows)
+  std::span<const int32_t> tokens;   // the new tokens, at positions kv->length, kv->length + 1, ...
+  bool all_logits = false;           // logits for every new token (evaluation) rather than only the last one
+};
+
+struct ForwardResult {
+  int64_t vocab = 0;
+  std::vector<float> logits;           // [rows, vocab], entry by entry in batch order
+  std::vector<int64_t> first_row;      // for each entry, its first row in logits (one row, or one per token)
+  const float* row(int64_t r) const { return logits.data() + r * vocab; }
+  // The logits after the last new token of entry i.
+  const float* last(size_t i, std::span<const BatchEntry> batch) const {
+    return row(first_row[i] + (batch[i].all_logits ? int64_t(batch[i].tokens.size()) - 1 : 0));
+  }
+};
+
+class Model {
+ public:
+  // Packs every weight of the workspace into the backend. Throws kiln::Error naming the tensor when one is missing,
+  // has the wrong shape or an unsupported dtype.
+  Model(const Workspace& ws, Backend& backend);
+  ~Model();
+
+  const ModelSpec& spec() const { return spec_; }
+  Backend& backend() { return backend_; }
+
+  // A cache configuration for this model holding up to `max_tokens` positions (over all sequences).
+  KvCacheConfig kv_config(int64_t max_tokens, KvDType dtype, int64_t block_size = 16) const;
+
+  // One forward pass. Every entry's cache is grown first (throws kiln::Error when the cache is full), its tokens'
+  // K/V written, and its logits rows returned.
+  ForwardResult forward(std::span<BatchEntry> batch, KvCache& cache);
+
+ private:
+  struct Layer;
+  struct Scratch;
+  void load(const Workspace& ws);
+  std::unique_ptr<Buffer> upload_f32(const Workspace& ws, const std::string& name);
+
+  ModelSpec spec_;
+  Backend& backend_;
+  std::unique_ptr<EmbeddingTable> embedding_;
+  std::vector<Layer> layers_;
+  std::unique_ptr<Buffer> final_norm_;
+  std::unique_ptr<LinearWeight> head_;
+  std::unique_ptr<Scratch> scratch_;
+};
+
+}  // namespace kiln
