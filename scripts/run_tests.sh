@@ -5,30 +5,31 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
-echo "== build"
+echo "== build ($SECONDS s)"
 bash scripts/build.sh
 
-echo "== unit tests"
+echo "== unit tests ($SECONDS s)"
 ctest --test-dir build --output-on-failure -j"$(nproc)" | tail -n 5
 
-echo "== oracle tests (pytest against transformers / tokenizers)"
+echo "== oracle tests: pytest against transformers / tokenizers ($SECONDS s)"
 python3 -m pytest -q tests/python -p no:cacheprovider
 
-echo "== unit tests under AddressSanitizer + UndefinedBehaviorSanitizer"
-cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DKILN_SANITIZE=ON -DKILN_CUDA=OFF >/dev/null
-ninja -C build-asan -j"$(nproc)" kiln_unit_tests
-ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ctest --test-dir build-asan --output-on-failure -j"$(nproc)" | tail -n 5
-
-echo "== fuzzing (libFuzzer, ${FUZZ_SECONDS:-20}s per target)"
-cmake -S . -B build-fuzz -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKILN_FUZZ=ON -DKILN_TESTS=ON \
+# One clang build serves both the sanitizer run and the fuzzers: everything is compiled with ASan+UBSan and fuzzer
+# coverage instrumentation; only the fuzz targets link libFuzzer's driver.
+echo "== unit tests under AddressSanitizer + UndefinedBehaviorSanitizer (clang) ($SECONDS s)"
+cmake -S . -B build-san -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKILN_FUZZ=ON -DKILN_CUDA=OFF \
   -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 >/dev/null
 targets=$(cd tests/fuzz && ls fuzz_*.cpp | sed 's/\.cpp$//')
-ninja -C build-fuzz -j"$(nproc)" $targets
+ninja -C build-san -j"$(nproc)" kiln_unit_tests $targets
+ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+  ctest --test-dir build-san --output-on-failure -j"$(nproc)" | tail -n 5
+
+echo "== fuzzing (libFuzzer, ${FUZZ_SECONDS:-20}s per target) ($SECONDS s)"
 for t in $targets; do
   corpus=$(mktemp -d)
   [ -d "tests/fuzz/corpus/$t" ] && cp -r "tests/fuzz/corpus/$t/." "$corpus/"
   echo "-- $t"
-  "build-fuzz/tests/$t" -max_total_time="${FUZZ_SECONDS:-20}" -max_len=65536 -print_final_stats=0 "$corpus" 2>&1 | tail -n 1
+  "build-san/tests/$t" -max_total_time="${FUZZ_SECONDS:-20}" -max_len=65536 -print_final_stats=0 "$corpus" 2>&1 | tail -n 1
   rm -rf "$corpus"
 done
-echo "all test stages passed"
+echo "all test stages passed in $SECONDS s"
