@@ -71,20 +71,36 @@ class Sampler {
   void processed_logprobs(std::span<const float> logits, const SamplingState& state, std::span<float> out);
 
  private:
-  // Penalized logits into x_; for sampling also the surviving candidates (cand_) and their unnormalized
-  // probabilities exp((x - max) / T) (w_, summing to total_). Returns the row maximum after penalties.
-  float prepare(std::span<const float> logits, const SamplingState& state);
+  struct Candidate {
+    float x;  // penalized logit
+    int32_t id;
+  };
+
+  // Penalized logits (row_: the input itself when no penalty is on, else x_) and the max; for sampling also the
+  // survivors of top-k/top-p/min-p in [0, n_) of cx_/cid_ (structure of arrays, so the loops over them vectorize)
+  // with their weights exp((x - max) / T) in w_, summing to total_.
+  void prepare(std::span<const float> logits, const SamplingState& state);
   float kth_largest(int32_t k);
-  void apply_top_p(float top_p, float max, float temperature);
+  void apply_top_p(float top_p, float temperature);
+  void sort_candidates(size_t at);
+  void compute_weights(size_t begin, size_t end, float temperature);
+  int32_t draw(double u) const;
   void fill_logprobs(std::span<const float> logits, const SamplingParams& params, SampleResult& result);
 
-  std::vector<float> x_;       // penalized logits, vocab-sized
-  std::vector<int32_t> cand_;  // candidate ids after the filters
-  std::vector<float> w_;       // their unnormalized probabilities
-  std::vector<float> kth_;     // top-k scratch
-  std::vector<TokenLogprob> top_scratch_;
+  std::span<const float> row_;
+  float max_ = 0.0f;
+  int32_t argmax_ = 0;
+  std::vector<float> x_;      // penalized logits, vocab-sized
+  std::vector<float> cx_;     // candidate logits; vocab-sized, the first n_ are live
+  std::vector<int32_t> cid_;  // candidate ids
+  std::vector<float> w_;      // candidate weights
+  size_t n_ = 0;
+  std::vector<double> blocks_;  // sums of w_ per kBlock candidates, for the draw
   double total_ = 0.0;
-  float max_ = 0.0f;  // of x_
+  std::vector<float> kth_;                 // top-k scratch
+  std::vector<double> bucket_mass_;        // top-p scratch
+  std::vector<Candidate> sort_;            // top-p scratch
+  std::vector<TokenLogprob> top_scratch_;  // logprobs scratch
 };
 
 }  // namespace kiln

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "runtime/core/error.h"
+#include "runtime/sampling/kernels.h"
 #include "runtime/sampling/sampler.h"
 
 using namespace kiln;
@@ -373,4 +374,43 @@ TEST(SamplerParams, InvalidValuesNameTheField) {
   p.stop_token_ids = {5, 100};
   EXPECT_NO_THROW(p.validate());
   EXPECT_THROW(p.validate(100), Error);
+}
+
+// ---- vectorizable kernels ----
+
+TEST(SamplerKernels, ExpMatchesStdExp) {
+  namespace sk = kiln::sampling_kernels;
+  double worst = 0.0;
+  for (float x = 0.0f; x > -86.0f; x -= 0.000731f) {
+    const double ref = std::exp(double(x));
+    worst = std::max(worst, std::abs(double(sk::exp_nonpositive(x)) - ref) / ref);
+  }
+  EXPECT_LT(worst, 5e-7);  // a few float ulps
+  EXPECT_EQ(sk::exp_nonpositive(0.0f), 1.0f);
+  EXPECT_EQ(sk::exp_nonpositive(-0.0f), 1.0f);
+  EXPECT_EQ(sk::exp_nonpositive(-87.0f), 0.0f);
+  EXPECT_EQ(sk::exp_nonpositive(kNegInf), 0.0f);
+}
+
+TEST(SamplerKernels, RowMaxFindsFirstMaxAndBadValues) {
+  namespace sk = kiln::sampling_kernels;
+  std::vector<float> row(1001, -5.0f);
+  row[700] = row[999] = 3.0f;
+  row[10] = kNegInf;
+  sk::RowMax m = sk::row_max(row.data(), row.size());
+  EXPECT_EQ(m.max, 3.0f);
+  EXPECT_EQ(m.argmax, 700u);
+  EXPECT_FALSE(m.bad);
+  row[1000] = 3.0f;  // in the scalar tail
+  row[700] = -1.0f;
+  m = sk::row_max(row.data(), row.size());
+  EXPECT_EQ(m.argmax, 999u);
+  row[5] = std::numeric_limits<float>::infinity();
+  EXPECT_TRUE(sk::row_max(row.data(), row.size()).bad);
+  row[5] = std::numeric_limits<float>::quiet_NaN();
+  EXPECT_TRUE(sk::row_max(row.data(), row.size()).bad);
+  std::vector<float> negative = {-3.0f, -1.0f, -2.0f, -1.0f};
+  m = sk::row_max(negative.data(), negative.size());
+  EXPECT_EQ(m.max, -1.0f);
+  EXPECT_EQ(m.argmax, 1u);
 }
