@@ -1,25 +1,29 @@
-// kiln generate PATH --prompt T [--chat] [-n N] [--json]: greedy continuation of a prompt, streamed to stdout.
+// kiln generate PATH (--prompt T | --tokens T.json | --messages M.json) [--chat] [-n N] [sampling flags] [--json]:
+// continues a prompt, streaming the text to stdout as it decodes. --batch B runs B copies of the prompt (seeds
+// seed, seed+1, ...) as one ragged batch: it shows that neighbours do not change a sequence, and measures throughput.
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <memory>
 #include <sstream>
 
 #include "runtime/core/error.h"
-#include "runtime/engine/generate.h"
+#include "runtime/engine/batch_generate.h"
 #include "runtime/engine/loaded_model.h"
 #include "runtime/text/chat_template.h"
-#include "runtime/text/detokenizer.h"
 #include "runtime/text/tokenizer.h"
 #include "tools/command.h"
+#include "tools/generation_cli.h"
 
 namespace kiln::tools {
 namespace {
 
 struct GenerateCliOptions {
-  std::string path, prompt, prompt_tokens, kv_cache = "auto";
+  std::string path, prompt, prompt_tokens, messages, kv_cache = "auto";
   bool chat = false, json = false;
-  int64_t max_new_tokens = 128, ctx = 0;
+  int64_t ctx = 0, batch = 1, prefill_chunk = 512;
   unsigned threads = 0;
+  SamplingFlags sampling;
 };
 
 std::string read_text(const std::string& path) {
@@ -30,55 +34,108 @@ std::string read_text(const std::string& path) {
   return ss.str();
 }
 
+nlohmann::json parse_json_file(const std::string& path, const char* what) {
+  auto j = nlohmann::json::parse(read_text(path), nullptr, false);
+  if (j.is_discarded() || !j.is_array()) throw Error(path + ": expected a JSON list of " + what);
+  return j;
+}
+
+std::vector<int32_t> build_prompt(const GenerateCliOptions& o, const TokenizerFiles& files, const Tokenizer& tok) {
+  std::vector<int32_t> prompt;
+  if (!o.prompt_tokens.empty()) {
+    for (const auto& v : parse_json_file(o.prompt_tokens, "token ids")) {
+      if (!v.is_number_integer()) throw Error(o.prompt_tokens + ": expected integer token ids, got " + v.dump());
+      prompt.push_back(v.get<int32_t>());
+    }
+    return prompt;
+  }
+  if (!o.messages.empty() || o.chat) {
+    ChatTemplate tpl = ChatTemplate::from_files(files);
+    nlohmann::ordered_json messages = nlohmann::ordered_json::array();
+    if (!o.messages.empty()) {
+      auto j = nlohmann::ordered_json::parse(read_text(o.messages), nullptr, false);
+      if (j.is_discarded() || !j.is_array()) throw Error(o.messages + ": expected a JSON list of messages");
+      messages = j;
+    } else {
+      messages.push_back({{"role", "user"}, {"content", o.prompt}});
+    }
+    return encode_chat(tok, tpl, messages);
+  }
+  return tok.encode(o.prompt);
+}
+
+nlohmann::ordered_json sequence_json(const GenerationOutput& r) {
+  return {{"text", r.text},
+          {"token_ids", r.tokens},
+          {"prompt_tokens", r.prompt_tokens},
+          {"completion_tokens", r.tokens.size()},
+          {"finish_reason", r.finish_reason},
+          {"seed", r.seed}};
+}
+
 int run(const GenerateCliOptions& o) {
+  if (o.batch < 1) throw Error("--batch must be >= 1");
   LoadedModel m = load_model(o.path, o.threads);
   const ModelSpec& spec = m.model->spec();
   TokenizerFiles files = locate_tokenizer_files(o.path);
   Tokenizer tok = Tokenizer::load(files);
-  std::vector<int32_t> prompt;
-  if (!o.prompt_tokens.empty()) {
-    auto j = nlohmann::json::parse(read_text(o.prompt_tokens), nullptr, false);
-    if (j.is_discarded() || !j.is_array()) throw Error(o.prompt_tokens + ": expected a JSON list of token ids");
-    for (const auto& v : j) {
-      if (!v.is_number_integer()) throw Error(o.prompt_tokens + ": expected integer token ids, got " + v.dump());
-      prompt.push_back(v.get<int32_t>());
-    }
-  } else if (o.chat) {
-    // As transformers' apply_chat_template(tokenize=True): the template supplies the special tokens.
-    ChatTemplate tpl = ChatTemplate::from_files(files);
-    nlohmann::ordered_json messages = nlohmann::ordered_json::array();
-    messages.push_back({{"role", "user"}, {"content", o.prompt}});
-    prompt = tok.encode(tpl.render(messages, true), false);
-  } else {
-    prompt = tok.encode(o.prompt);
+  std::vector<int32_t> prompt = build_prompt(o, files, tok);
+  SamplingParams params = resolve_sampling(o.sampling, read_generation_config(files));
+
+  const int64_t context = o.ctx > 0 ? o.ctx : spec.max_position_embeddings;
+  const KvDType kv = o.kv_cache == "auto" ? default_kv_dtype(*m.workspace) : kv_dtype_from_name(o.kv_cache, "--kv-cache");
+  // Room for every sequence's prompt + completion, each rounded up to whole blocks.
+  const int64_t block = 16;
+  const int64_t per_seq = std::min<int64_t>(int64_t(prompt.size()) + params.max_new_tokens, context);
+  KvCache cache(m.model->backend(), m.model->kv_config(o.batch * ((per_seq + block - 1) / block) * block, kv, block));
+
+  const bool stream = !o.json && o.batch == 1;
+  std::vector<GenerationRequest> requests(size_t(o.batch));
+  for (int64_t i = 0; i < o.batch; ++i) {
+    GenerationRequest& q = requests[size_t(i)];
+    q.prompt = prompt;
+    q.params = params;
+    if (params.seed) q.params.seed = *params.seed + uint64_t(i);
+    if (stream)
+      q.on_text = [](std::string_view piece) {
+        std::fwrite(piece.data(), 1, piece.size(), stdout);
+        std::fflush(stdout);
+      };
   }
+  BatchOptions bo;
+  bo.context = context;
+  bo.prefill_chunk = o.prefill_chunk;
+  bo.eos_ids = eos_ids(spec.eos_token_ids);
+  bo.tokenizer = &tok;
+  std::vector<GenerationOutput> out = generate_batch(*m.model, cache, requests, bo);
 
-  GenerateOptions g;
-  g.max_new_tokens = o.max_new_tokens;
-  g.context = o.ctx;
-  g.stop_ids = spec.eos_token_ids;
-  g.kv_dtype = o.kv_cache == "auto" ? default_kv_dtype(*m.workspace) : kv_dtype_from_name(o.kv_cache, "--kv-cache");
-
-  IncrementalDetokenizer detok(tok, true);
-  std::string text;
-  auto emit = [&](const std::string& piece) {
-    text += piece;
-    if (!o.json && !piece.empty()) {
-      std::fwrite(piece.data(), 1, piece.size(), stdout);
-      std::fflush(stdout);
-    }
-  };
-  GenerateResult r = generate(*m.model, prompt, g, nullptr, [&](int32_t id) { emit(detok.push(id)); });
-  emit(detok.finish());
+  // Throughput over the whole batch: prefill until the last first token, decode after it.
+  double first = 0, end = 0;
+  int64_t decoded = 0;
+  for (const auto& r : out) {
+    first = std::max(first, r.first_token_seconds);
+    end = std::max(end, r.end_seconds);
+    decoded += std::max<int64_t>(0, int64_t(r.tokens.size()) - 1);
+  }
+  nlohmann::ordered_json timing{{"prefill_tokens", int64_t(prompt.size()) * o.batch},
+                                {"prefill_seconds", first},
+                                {"decode_tokens", decoded},
+                                {"decode_seconds", end - first},
+                                {"decode_tokens_per_s", end > first ? double(decoded) / (end - first) : 0.0}};
   if (o.json) {
-    nlohmann::ordered_json out{{"text", text},
-                               {"token_ids", r.tokens},
-                               {"prompt_tokens", prompt.size()},
-                               {"completion_tokens", r.tokens.size()},
-                               {"finish_reason", r.finish_reason}};
-    print_json(out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
-  } else {
+    nlohmann::ordered_json doc;
+    if (o.batch == 1) {
+      doc = sequence_json(out[0]);
+    } else {
+      doc["sequences"] = nlohmann::ordered_json::array();
+      for (const auto& r : out) doc["sequences"].push_back(sequence_json(r));
+    }
+    doc["timing"] = timing;
+    print_json(doc.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
+  } else if (stream) {
     std::fputc('\n', stdout);
+  } else {
+    for (const auto& r : out) std::printf("%s\n", r.text.c_str());
   }
   return 0;
 }
@@ -86,23 +143,28 @@ int run(const GenerateCliOptions& o) {
 Action setup(CLI::App& sub) {
   auto o = std::make_shared<GenerateCliOptions>();
   sub.add_option("PATH", o->path, "Workspace")->required();
-  auto* input = sub.add_option_group("input", "Exactly one of --prompt and --tokens");
+  auto* input = sub.add_option_group("input", "Exactly one of --prompt, --tokens and --messages");
   input->add_option("--prompt", o->prompt, "Prompt text (invalid UTF-8 becomes U+FFFD)");
   input->add_option("--tokens", o->prompt_tokens, "JSON file with the prompt as a list of token ids");
+  input->add_option("--messages", o->messages, "JSON file with a list of chat messages, rendered with the template");
   input->require_option(1);
   sub.add_flag("--chat", o->chat, "Wrap the prompt as one user message in the model's chat template");
-  sub.add_option("-n,--max-new-tokens", o->max_new_tokens, "Most tokens to generate")->capture_default_str();
+  add_sampling_flags(sub, o->sampling);
   sub.add_option("--ctx", o->ctx, "Context length: prompt plus completion (default: the model's maximum)");
   sub.add_option("--kv-cache", o->kv_cache, "KV cache dtype: auto (the workspace's), fp32, fp16 or bf16")
       ->capture_default_str();
+  sub.add_option("--batch", o->batch, "Run this many copies of the prompt in one batch (seeds seed, seed+1, ...)")
+      ->capture_default_str();
+  sub.add_option("--prefill-chunk", o->prefill_chunk, "Most prompt tokens per forward pass")->capture_default_str();
   sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)");
   sub.add_flag("--json", o->json,
-               "Print {\"text\", \"token_ids\", \"prompt_tokens\", \"completion_tokens\", \"finish_reason\"}");
+               "Print {\"text\", \"token_ids\", \"prompt_tokens\", \"completion_tokens\", \"finish_reason\", "
+               "\"seed\", \"timing\"}");
   return [o] { return run(*o); };
 }
 
 }  // namespace
 
-KILN_COMMAND(50, "generate", "Continue a prompt with greedy decoding", setup);
+KILN_COMMAND(50, "generate", "Continue a prompt (greedy or sampled), streaming the text", setup);
 
 }  // namespace kiln::tools
