@@ -6,6 +6,7 @@
 #include <set>
 #include <vector>
 
+#include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
 #include "runtime/io/interrupt.h"
 #include "runtime/io/progress.h"
@@ -47,44 +48,21 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
-float load_as_f32(DType t, const uint8_t* p, size_t i) {
-  switch (t) {
-    case DType::F32: {
-      float f;
-      std::memcpy(&f, p + 4 * i, 4);
-      return f;
-    }
-    case DType::BF16: {
-      uint16_t h;
-      std::memcpy(&h, p + 2 * i, 2);
-      return bf16_to_f32(h);
-    }
-    default: {
-      uint16_t h;
-      std::memcpy(&h, p + 2 * i, 2);
-      return f16_to_f32(h);
-    }
-  }
-}
-
 // Converts a chunk; every source value passes through fp32 exactly, then rounds once to the target.
-void convert_chunk(DType from, const uint8_t* src, size_t count, DType to, std::vector<uint8_t>& out,
-                   const std::string& name) {
+void convert_chunk(DType from, const uint8_t* src, size_t count, DType to, std::vector<float>& wide,
+                   std::vector<uint8_t>& out, const std::string& name) {
+  wide.resize(count);
+  convert_to_f32(from, src, wide.data(), count);
   out.resize(count * dtype_size(to));
-  for (size_t i = 0; i < count; ++i) {
-    float f = load_as_f32(from, src, i);
-    if (to == DType::F32) {
-      std::memcpy(out.data() + 4 * i, &f, 4);
-    } else if (to == DType::BF16) {
-      uint16_t h = f32_to_bf16(f);
-      std::memcpy(out.data() + 2 * i, &h, 2);
-    } else {
-      if (f16_overflows(f))
-        throw Error("tensor '" + name + "' holds " + std::to_string(f) +
-                    ", beyond the fp16 range (+-65504); convert with --dtype bf16 or fp32");
-      uint16_t h = f32_to_f16(f);
-      std::memcpy(out.data() + 2 * i, &h, 2);
-    }
+  if (to == DType::F32) {
+    std::memcpy(out.data(), wide.data(), count * 4);
+  } else if (to == DType::BF16) {
+    convert_f32_to_bf16(wide.data(), reinterpret_cast<uint16_t*>(out.data()), count);
+  } else {
+    size_t bad = convert_f32_to_f16(wide.data(), reinterpret_cast<uint16_t*>(out.data()), count);
+    if (bad != count)
+      throw Error("tensor '" + name + "' holds " + std::to_string(wide[bad]) +
+                  ", beyond the fp16 range (+-65504); convert with --dtype bf16 or fp32");
   }
 }
 
@@ -111,6 +89,7 @@ void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& m, DType target,
 
   constexpr size_t kChunkElements = 1 << 20;
   std::vector<uint8_t> buf;
+  std::vector<float> wide;
   for (const SourceTensor* t : parts) {
     const TensorInfo& info = *t->info;
     const uint8_t* src = t->data();
@@ -125,7 +104,7 @@ void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& m, DType target,
     for (uint64_t i = 0; i < info.numel(); i += kChunkElements) {
       check_interrupt();
       size_t n = size_t(std::min<uint64_t>(kChunkElements, info.numel() - i));
-      convert_chunk(info.dtype, src + i * esz, n, target, buf, info.name);
+      convert_chunk(info.dtype, src + i * esz, n, target, wide, buf, info.name);
       sink.write(buf.data(), buf.size());
     }
     // Drop the source pages we are done with so resident memory stays bounded on models bigger than RAM.

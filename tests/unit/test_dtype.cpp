@@ -62,3 +62,37 @@ TEST(DType, Names) {
   EXPECT_EQ(dtype_size(DType::I64), 8u);
   EXPECT_FALSE(dtype_from_name("F8_E4M3").has_value());
 }
+
+#include <random>
+
+#include "runtime/core/dtype_convert.h"
+
+// The bulk (F16C) path must give exactly the scalar path's bits, and stop at the first overflowing value.
+TEST(DTypeConvert, BulkF16MatchesScalar) {
+  std::mt19937 rng(7);
+  std::vector<float> src;
+  for (uint32_t h = 0; h < 0x10000; ++h) {
+    float f = f16_to_f32(uint16_t(h));
+    if (!std::isnan(f)) src.push_back(f);
+  }
+  std::uniform_int_distribution<uint32_t> bits;
+  while (src.size() < 200000) {
+    float f = f32_from_bits(bits(rng));
+    if (!std::isnan(f) && !f16_overflows(f)) src.push_back(f);
+  }
+  std::vector<uint16_t> dst(src.size());
+  ASSERT_EQ(convert_f32_to_f16(src.data(), dst.data(), src.size()), src.size());
+  for (size_t i = 0; i < src.size(); ++i) ASSERT_EQ(dst[i], f32_to_f16(src[i])) << src[i];
+  src[12345] = 70000.0f;
+  EXPECT_EQ(convert_f32_to_f16(src.data(), dst.data(), src.size()), 12345u);
+}
+
+TEST(DTypeConvert, WidenAndBf16) {
+  std::vector<uint16_t> h = {0x3f80, 0xc000, 0x7f80, 0x0001};
+  std::vector<float> f(h.size());
+  convert_to_f32(DType::BF16, h.data(), f.data(), h.size());
+  for (size_t i = 0; i < h.size(); ++i) EXPECT_EQ(bits_from_f32(f[i]), uint32_t(h[i]) << 16);
+  std::vector<uint16_t> back(h.size());
+  convert_f32_to_bf16(f.data(), back.data(), f.size());
+  EXPECT_EQ(back, h);
+}
