@@ -25,7 +25,8 @@ StagingDir::StagingDir(const fs::path& destination, bool force) : destination_(d
   if (fs::exists(destination_, ec) && !force_)
     throw Error(destination_.string() + ": output already exists (use --force to replace it)");
   fs::path parent = destination_.parent_path().empty() ? fs::path(".") : destination_.parent_path();
-  if (!fs::is_directory(parent, ec)) throw Error(parent.string() + ": output's parent directory does not exist");
+  fs::create_directories(parent, ec);  // like mkdir -p; only the destination itself is atomic
+  if (!fs::is_directory(parent, ec)) throw Error(parent.string() + ": cannot create the output's parent directory");
   staging_ = sibling(destination_, "kiln-tmp");
   fs::remove_all(staging_, ec);
   if (!fs::create_directory(staging_, ec))
