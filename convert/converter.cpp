@@ -42,12 +42,6 @@ DType resolve_target_dtype(const std::string& requested, const HfCheckpoint& ckp
 
 namespace {
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 // Converts a chunk; every source value passes through fp32 exactly, then rounds once to the target.
 void convert_chunk(DType from, const uint8_t* src, size_t count, DType to, std::vector<float>& wide,
                    std::vector<uint8_t>& out, const std::string& name) {
@@ -82,8 +76,8 @@ void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& m, DType target,
     std::vector<int64_t> want = m.shape;
     want[0] = m.part_rows[p];
     if (info.shape != want)
-      throw Error(t->file->path() + ": tensor '" + name + "' has shape " + shape_str(info.shape) + "; config.json implies " +
-                  shape_str(want));
+      throw Error(t->file->path() + ": tensor '" + name + "' has shape " + shape_string(info.shape) + "; config.json implies " +
+                  shape_string(want));
     parts.push_back(t);
   }
 

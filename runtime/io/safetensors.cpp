@@ -22,6 +22,12 @@ uint64_t TensorInfo::numel() const {
   return n;
 }
 
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
 uint64_t TensorPlan::nbytes() const {
   uint64_t n = dtype_size(dtype);
   for (int64_t d : shape) n *= uint64_t(d);

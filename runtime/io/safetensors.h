@@ -25,6 +25,9 @@ struct TensorInfo {
   uint64_t nbytes() const { return end - begin; }
 };
 
+// "[2, 3]", for error messages.
+std::string shape_string(const std::vector<int64_t>& shape);
+
 struct SafetensorsHeader {
   uint64_t data_start = 0;  // absolute offset of the data section in the file
   std::vector<TensorInfo> tensors;  // in header order

@@ -13,12 +13,6 @@ namespace kiln {
 
 namespace {
 
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
 void check_manifest(const WorkspaceInfo& info, bool show_progress, VerifyReport& r) {
   std::error_code ec;
   uint64_t total = 0;
@@ -53,7 +47,9 @@ void check_tensors(const WorkspaceInfo& info, VerifyReport& r) {
   Workspace ws(info.dir);  // parses and validates every shard header
   DType dtype = workspace_dtype(info.dtype, kWorkspaceFile);
   std::set<std::string> expected;
-  for (const CanonicalTensor& c : canonical_tensors(info.spec)) {
+  // A quantized workspace (docs/int4_layout.md) lists int4 parts, with their fixed dtypes, for its quantized linears.
+  const WeightQuantization quant = weight_quantization_from_json(info.json, (info.dir / kWorkspaceFile).string());
+  for (const CanonicalTensor& c : canonical_tensors(info.spec, quant)) {
     expected.insert(c.name);
     const Workspace::Tensor* t = ws.find(c.name);
     if (!t) {
@@ -61,9 +57,12 @@ void check_tensors(const WorkspaceInfo& info, VerifyReport& r) {
       continue;
     }
     if (t->info->shape != c.shape)
-      r.problems.push_back("tensor '" + c.name + "' has shape " + shape_str(t->info->shape) + ", the spec needs " +
-                           shape_str(c.shape));
-    if (t->info->dtype != dtype)
+      r.problems.push_back("tensor '" + c.name + "' has shape " + shape_string(t->info->shape) + ", the spec needs " +
+                           shape_string(c.shape));
+    if (c.dtype && t->info->dtype != *c.dtype)
+      r.problems.push_back("tensor '" + c.name + "' is " + std::string(dtype_name(t->info->dtype)) + ", the int4 layout needs " +
+                           std::string(dtype_name(*c.dtype)));
+    else if (!c.dtype && t->info->dtype != dtype)
       r.problems.push_back("tensor '" + c.name + "' is " + std::string(dtype_name(t->info->dtype)) + ", kiln.json says " +
                            info.dtype);
   }
