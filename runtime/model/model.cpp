@@ -114,7 +114,7 @@ KvCacheConfig Model::kv_config(int64_t max_tokens, KvDType dtype, int64_t block_
   return c;
 }
 
-ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache) {
+ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache, ForwardObserver* observer) {
   const ModelSpec& s = spec_;
   const int64_t H = s.hidden_size, Q = s.q_size(), KV = s.kv_size(), I = s.intermediate_size;
   const int64_t qkv_stride = Q + 2 * KV;
@@ -175,10 +175,32 @@ ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache) {
   ap.sliding_window = s.sliding_window;
   const float eps = float(s.norm_eps);
 
+  // Observation copies backend rows to the host (a plain memcpy on the CPU backend); only done with an observer.
+  std::vector<float> obs_host, obs_k, obs_v;
+  auto observe = [&](int64_t layer, ForwardObserver::Linear which, const Buffer& buf, int64_t cols) {
+    obs_host.resize(size_t(N * cols));
+    backend_.download(buf, 0, obs_host.data(), obs_host.size() * sizeof(float));
+    observer->on_linear_input(layer, which, obs_host.data(), N, cols);
+  };
+  auto observe_kv = [&](int64_t layer) {
+    obs_host.resize(size_t(N * qkv_stride));
+    backend_.download(*sc.qkv, 0, obs_host.data(), obs_host.size() * sizeof(float));
+    obs_k.resize(size_t(N * KV));
+    obs_v.resize(size_t(N * KV));
+    for (int64_t r = 0; r < N; ++r) {
+      const float* row = obs_host.data() + r * qkv_stride;
+      std::memcpy(obs_k.data() + r * KV, row + Q, size_t(KV) * sizeof(float));
+      std::memcpy(obs_v.data() + r * KV, row + Q + KV, size_t(KV) * sizeof(float));
+    }
+    observer->on_kv(layer, obs_k.data(), obs_v.data(), N, s.num_kv_heads, s.head_dim);
+  };
+  using OL = ForwardObserver::Linear;
+
   backend_.embedding(*embedding_, ids, x);
   for (size_t li = 0; li < layers_.size(); ++li) {
     const Layer& L = layers_[li];
     backend_.rms_norm(x, L.attn_norm->f32(), h, N, H, eps);
+    if (observer) observe(int64_t(li), OL::Qkv, *sc.h, H);
     backend_.matmul(h, N, *L.qkv, qkv);
     if (L.qkv_bias) backend_.add_bias(qkv, L.qkv_bias->f32(), N, qkv_stride);
     if (L.q_norm) {
@@ -187,16 +209,20 @@ ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache) {
     }
     backend_.rope(qkv, N, qkv_stride, s.num_heads, s.head_dim, positions, seq_of_row, inv_freq);
     backend_.rope(qkv + Q, N, qkv_stride, s.num_kv_heads, s.head_dim, positions, seq_of_row, inv_freq);
+    if (observer) observe_kv(int64_t(li));
     backend_.kv_write(cache, int64_t(li), qkv + Q, qkv + Q + KV, N, qkv_stride, slots);
     backend_.attention(qkv, qkv_stride, cache, int64_t(li), seqs, ap, attn);
+    if (observer) observe(int64_t(li), OL::O, *sc.attn, Q);
     backend_.matmul(attn, N, *L.o, h);
     if (L.o_bias) backend_.add_bias(h, L.o_bias->f32(), N, H);
     backend_.add(x, h, N * H);
 
     backend_.rms_norm(x, L.ffn_norm->f32(), h, N, H, eps);
+    if (observer) observe(int64_t(li), OL::GateUp, *sc.h, H);
     backend_.matmul(h, N, *L.gate_up, gate_up);
     if (L.gate_up_bias) backend_.add_bias(gate_up, L.gate_up_bias->f32(), N, 2 * I);
     backend_.silu_mul(gate_up, act, N, I);
+    if (observer) observe(int64_t(li), OL::Down, *sc.act, I);
     backend_.matmul(act, N, *L.down, h);
     if (L.down_bias) backend_.add_bias(h, L.down_bias->f32(), N, H);
     backend_.add(x, h, N * H);

@@ -22,6 +22,21 @@ struct BatchEntry {
   bool all_logits = false;           // logits for every new token (evaluation) rather than only the last one
 };
 
+// Sees activations during forward(), for calibration (calib/observers.h). Called on the engine thread with host
+// fp32 copies of the backend's rows, so an observer works with every backend; forward() only makes those copies
+// when an observer is passed, and costs nothing otherwise.
+class ForwardObserver {
+ public:
+  enum class Linear { Qkv, O, GateUp, Down };
+  virtual ~ForwardObserver() = default;
+  // The input of a linear layer: `rows` rows of `cols` floats (the whole ragged batch).
+  virtual void on_linear_input(int64_t layer, Linear which, const float* x, int64_t rows, int64_t cols) = 0;
+  // K and V of the new rows as written to the cache (after RoPE, and after the k-norm where the model has one):
+  // [tokens][kv_heads][head_dim] each, in fp32 before any rounding to the cache dtype.
+  virtual void on_kv(int64_t layer, const float* k, const float* v, int64_t tokens, int64_t kv_heads,
+                     int64_t head_dim) = 0;
+};
+
 struct ForwardResult {
   int64_t vocab = 0;
   std::vector<float> logits;           // [rows, vocab], entry by entry in batch order
@@ -47,8 +62,8 @@ class Model {
   KvCacheConfig kv_config(int64_t max_tokens, KvDType dtype, int64_t block_size = 16) const;
 
   // One forward pass. Every entry's cache is grown first (throws kiln::Error when the cache is full), its tokens'
-  // K/V written, and its logits rows returned.
-  ForwardResult forward(std::span<BatchEntry> batch, KvCache& cache);
+  // K/V written, and its logits rows returned. `observer`, when set, sees every layer's linear inputs and K/V.
+  ForwardResult forward(std::span<BatchEntry> batch, KvCache& cache, ForwardObserver* observer = nullptr);
 
  private:
   struct Layer;

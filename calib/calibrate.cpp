@@ -1,0 +1,84 @@
+#include "calib/calibrate.h"
+
+#include <algorithm>
+
+#include "runtime/core/error.h"
+#include "runtime/io/interrupt.h"
+#include "runtime/io/safetensors.h"
+
+namespace kiln::calib {
+
+StatsObserver run_calibration(Model& model, const Blocks& blocks, int64_t batch_tokens,
+                              const std::function<void(int64_t done)>& on_block) {
+  const int64_t L = blocks.seqlen, n = blocks.count();
+  const int64_t per_batch = std::clamp<int64_t>(batch_tokens / L, 1, std::max<int64_t>(n, 1));
+  // Each sequence needs whole blocks of the cache; size it for one full batch and release between batches.
+  const int64_t block_size = 16;
+  const int64_t padded = (L + block_size - 1) / block_size * block_size;
+  KvCache cache(model.backend(), model.kv_config(per_batch * padded, KvDType::F32, block_size));
+  StatsObserver stats(model.spec());
+  for (int64_t first = 0; first < n; first += per_batch) {
+    check_interrupt();
+    const int64_t count = std::min(per_batch, n - first);
+    std::vector<KvSequence> seqs(static_cast<size_t>(count));
+    std::vector<BatchEntry> batch;
+    for (int64_t i = 0; i < count; ++i) {
+      std::span<const int32_t> tokens(blocks.tokens.data() + (first + i) * L, size_t(L));
+      batch.push_back({&seqs[size_t(i)], tokens, false});
+    }
+    model.forward(batch, cache, &stats);
+    for (KvSequence& s : seqs) cache.release(s);
+    if (on_block) on_block(first + count);
+  }
+  return stats;
+}
+
+namespace {
+
+std::vector<float> means(const std::vector<double>& sums, int64_t rows) {
+  std::vector<float> out(sums.size());
+  for (size_t i = 0; i < sums.size(); ++i) out[i] = float(sums[i] / double(std::max<int64_t>(rows, 1)));
+  return out;
+}
+
+}  // namespace
+
+SafetensorsWriter::Result write_stats(const std::filesystem::path& path, const StatsObserver& stats, const Blocks& blocks,
+                 const std::map<std::string, std::string>& metadata) {
+  using Linear = ForwardObserver::Linear;
+  const Linear kAll[] = {Linear::Qkv, Linear::O, Linear::GateUp, Linear::Down};
+  // Plan and payload are built together so that names, shapes and bytes cannot disagree.
+  std::vector<TensorPlan> plan;
+  std::vector<std::vector<float>> payload;
+  auto add = [&](std::string name, std::vector<float> v) {
+    plan.push_back({std::move(name), DType::F32, {int64_t(v.size())}});
+    payload.push_back(std::move(v));
+  };
+  for (size_t li = 0; li < stats.layers().size(); ++li) {
+    const LayerStats& l = stats.layers()[li];
+    for (Linear w : kAll) {
+      const ChannelStats& c = l.linear[int(w)];
+      const std::string p = linear_input_prefix(int64_t(li), w);
+      add(p + ".abs_mean", means(c.abs_sum, c.rows));
+      add(p + ".abs_max", c.abs_max);
+      add(p + ".sq_mean", means(c.sq_sum, c.rows));
+    }
+    const std::string kv = "layers." + std::to_string(li) + ".kv.";
+    add(kv + "k_min", l.k.min);
+    add(kv + "k_max", l.k.max);
+    add(kv + "k_abs_max", l.k.abs_max);
+    add(kv + "v_min", l.v.min);
+    add(kv + "v_max", l.v.max);
+    add(kv + "v_abs_max", l.v.abs_max);
+  }
+  std::vector<TensorPlan> full{{"calib.starts", DType::I64, {blocks.count()}},
+                               {"calib.tokens", DType::I32, {blocks.count(), blocks.seqlen}}};
+  full.insert(full.end(), plan.begin(), plan.end());
+  SafetensorsWriter w(path.string(), full, metadata);
+  w.write(blocks.starts.data(), blocks.starts.size() * sizeof(int64_t));
+  w.write(blocks.tokens.data(), blocks.tokens.size() * sizeof(int32_t));
+  for (const auto& v : payload) w.write(v.data(), v.size() * sizeof(float));
+  return w.finish();
+}
+
+}  // namespace kiln::calib
