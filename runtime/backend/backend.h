@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "runtime/core/dtype.h"
+#include "runtime/core/error.h"
 
 namespace kiln {
 
@@ -56,6 +57,16 @@ struct AttentionSequence {
   std::span<const int32_t> block_table;   // cache blocks holding positions [0, context_len)
 };
 
+// A linear weight in the workspace's canonical int4 layout (docs/int4_layout.md): qweight [out, in/2] (two inputs
+// per byte, the even one in the low nibble), scales fp16 [out, in/group_size], zeros uint8 [out, in/group_size];
+// w = (q - zero) * scale.
+struct Int4WeightView {
+  const uint8_t* qweight = nullptr;
+  const uint8_t* scales = nullptr;  // fp16 bits, little-endian; possibly unaligned (read with memcpy)
+  const uint8_t* zeros = nullptr;
+  int64_t out = 0, in = 0, group_size = 0;
+};
+
 struct AttentionParams {
   int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
   float scale = 1.0f;          // applied to q·k (1/sqrt(head_dim))
@@ -75,6 +86,10 @@ class Backend {
   // ---- weights, packed at load time. `data` is the workspace tensor ([out, in] / [rows, dim]) in `dtype`.
   virtual std::unique_ptr<LinearWeight> pack_linear(const void* data, DType dtype, int64_t out, int64_t in) = 0;
   virtual std::unique_ptr<EmbeddingTable> load_embedding(const void* data, DType dtype, int64_t rows, int64_t dim) = 0;
+  // An int4 linear weight, repacked for this backend's int4 matmul; matmul() then takes it like any other.
+  virtual std::unique_ptr<LinearWeight> pack_linear_int4(const Int4WeightView&) {
+    throw Error("backend '" + name() + "' does not run int4 weights");
+  }
   // A table that can also serve as the output head (tied embeddings): the same bytes, packed for matmul.
   virtual std::unique_ptr<LinearWeight> pack_tied_head(const EmbeddingTable& table) = 0;
 

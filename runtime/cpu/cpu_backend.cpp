@@ -7,6 +7,7 @@
 
 #include "runtime/core/devices.h"
 #include "runtime/core/error.h"
+#include "runtime/cpu/matmul_int4.h"
 #include "runtime/kv/kv_cache.h"
 
 namespace kiln {
@@ -50,6 +51,10 @@ void CpuBackend::download(const Buffer& src, size_t offset, void* dst, size_t by
 
 std::unique_ptr<LinearWeight> CpuBackend::pack_linear(const void* data, DType dtype, int64_t out, int64_t in) {
   return std::make_unique<PackedLinear>(cpu::pack_linear(data, dtype, out, in));
+}
+
+std::unique_ptr<LinearWeight> CpuBackend::pack_linear_int4(const Int4WeightView& w) {
+  return std::make_unique<Int4Linear>(cpu::pack_linear_int4(w));
 }
 
 std::unique_ptr<EmbeddingTable> CpuBackend::load_embedding(const void* data, DType dtype, int64_t rows, int64_t dim) {
@@ -119,6 +124,8 @@ void CpuBackend::head_rms_norm(float* x, int64_t rows, int64_t row_stride, int64
 }
 
 void CpuBackend::matmul(const float* x, int64_t rows, const LinearWeight& w, float* y) {
+  // Int4 weights (quantized workspaces) take the fused-dequantization kernel; everything else is dense.
+  if (const auto* q = dynamic_cast<const Int4Linear*>(&w)) return cpu::matmul_int4(pool_, isa_, x, rows, *q, y);
   cpu::matmul(pool_, isa_, x, rows, static_cast<const PackedLinear&>(w), y);
 }
 

@@ -71,11 +71,34 @@ std::unique_ptr<Buffer> Model::upload_f32(const Workspace& ws, const std::string
 
 void Model::load(const Workspace& ws) {
   // Check every tensor the spec implies before packing anything: a corrupt workspace fails fast with a name.
-  for (const CanonicalTensor& ct : canonical_tensors(spec_)) checked(ws, ct.name, ct.shape);
+  // Quantized workspaces (docs/int4_layout.md) hold X.qweight/scales/zeros instead of X.weight for covered linears.
+  const WeightQuantization quant = weight_quantization_from_json(ws.info().json, ws.info().dir.string() + "/kiln.json");
+  for (const CanonicalTensor& ct : canonical_tensors(spec_, quant)) {
+    if (!ct.dtype) {
+      checked(ws, ct.name, ct.shape);
+      continue;
+    }
+    const Workspace::Tensor& t = ws.get(ct.name);
+    if (t.info->shape != ct.shape || t.info->dtype != *ct.dtype)
+      throw Error(ws.info().dir.string() + ": int4 tensor " + ct.name + " has the wrong dtype or shape (needs " +
+                  std::string(dtype_name(*ct.dtype)) + " with " + std::to_string(ct.shape[1]) + " columns)");
+  }
   const auto& s = spec_;
   const auto& emb = ws.get(names::kEmbedding);
   embedding_ = backend_.load_embedding(emb.data(), emb.info->dtype, s.vocab_size, s.hidden_size);
-  auto linear = [&](const std::string& name) {
+  auto linear = [&](const std::string& name) -> std::unique_ptr<LinearWeight> {
+    const std::string suffix = name.rfind("layers.", 0) == 0 ? name.substr(name.find('.', 7) + 1) : name;
+    if (quant.covers(suffix)) {
+      const auto& qw = ws.get(int4_name(name, "qweight"));
+      Int4WeightView v;
+      v.qweight = qw.data();
+      v.scales = ws.get(int4_name(name, "scales")).data();
+      v.zeros = ws.get(int4_name(name, "zeros")).data();
+      v.out = qw.info->shape[0];
+      v.in = qw.info->shape[1] * 2;
+      v.group_size = quant.group_size;
+      return backend_.pack_linear_int4(v);
+    }
     const auto& t = ws.get(name);
     return backend_.pack_linear(t.data(), t.info->dtype, t.info->shape[0], t.info->shape[1]);
   };

@@ -1,5 +1,7 @@
 #include "runtime/model/model_spec.h"
 
+#include <algorithm>
+
 #include "runtime/core/error.h"
 
 namespace kiln {
@@ -130,13 +132,13 @@ std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& s) {
   const int64_t H = s.hidden_size, I = s.intermediate_size, qkv = s.q_size() + 2 * s.kv_size();
   auto global = [&](const char* name, std::vector<int64_t> shape) {
     int64_t rows = shape[0];
-    out.push_back({name, std::move(shape), -1, name, {rows}});
+    out.push_back({name, std::move(shape), -1, name, {rows}, {}});
   };
   global(names::kEmbedding, {s.vocab_size, H});
   for (int64_t i = 0; i < s.num_layers; ++i) {
     auto add = [&](const char* suffix, std::vector<int64_t> shape, std::vector<int64_t> parts = {}) {
       if (parts.empty()) parts = {shape[0]};
-      out.push_back({names::layer(i, suffix), std::move(shape), i, suffix, std::move(parts)});
+      out.push_back({names::layer(i, suffix), std::move(shape), i, suffix, std::move(parts), {}});
     };
     const std::vector<int64_t> qkv_parts = {s.q_size(), s.kv_size(), s.kv_size()}, gate_up_parts = {I, I};
     add(names::kAttnNorm, {H});
@@ -156,6 +158,83 @@ std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& s) {
   }
   global(names::kFinalNorm, {H});
   if (!s.tie_word_embeddings) global(names::kLmHead, {s.vocab_size, H});
+  return out;
+}
+
+bool WeightQuantization::covers(const std::string& weight_suffix) const {
+  if (!quantized()) return false;
+  const std::string ext = ".weight";
+  if (weight_suffix.size() <= ext.size() || weight_suffix.compare(weight_suffix.size() - ext.size(), ext.size(), ext))
+    return false;
+  const std::string module = weight_suffix.substr(0, weight_suffix.size() - ext.size());
+  for (const auto& m : modules)
+    if (m == module) return true;
+  return false;
+}
+
+std::vector<std::string> default_quantized_modules() { return {"attn.qkv", "attn.o", "ffn.gate_up", "ffn.down"}; }
+
+nlohmann::ordered_json weight_quantization_to_json(const WeightQuantization& q) {
+  if (!q.quantized()) return {{"method", "none"}};
+  return {{"method", q.method}, {"bits", q.bits}, {"group_size", q.group_size}, {"zero_point", q.zero_point},
+          {"modules", q.modules}};
+}
+
+WeightQuantization weight_quantization_from_json(const nlohmann::json& j, const std::string& label) {
+  WeightQuantization q;
+  auto qb = j.find("quantization");
+  if (qb == j.end() || !qb->is_object() || !qb->contains("weights")) return q;
+  const json& w = (*qb)["weights"];
+  const std::string f = label + ": quantization.weights";
+  if (!w.is_object() || !w.contains("method") || !w["method"].is_string()) throw Error(f + ".method is missing");
+  q.method = w["method"].get<std::string>();
+  if (q.method == "none") return q;
+  if (q.method != "rtn" && q.method != "awq") throw Error(f + ".method '" + q.method + "' is not none, rtn or awq");
+  auto integer = [&](const char* key) {
+    if (!w.contains(key) || !w[key].is_number_integer()) throw Error(f + "." + key + " must be an integer");
+    return w[key].get<int64_t>();
+  };
+  q.bits = integer("bits");
+  q.group_size = integer("group_size");
+  if (q.bits != 4) throw Error(f + ".bits is " + std::to_string(q.bits) + "; this kiln reads 4-bit weights only");
+  if (q.group_size <= 0 || q.group_size % 2) throw Error(f + ".group_size must be a positive even number");
+  if (!w.contains("zero_point") || !w["zero_point"].is_boolean() || !w["zero_point"].get<bool>())
+    throw Error(f + ".zero_point must be true (the int4 layout always stores zero points)");
+  q.zero_point = true;
+  if (!w.contains("modules") || !w["modules"].is_array()) throw Error(f + ".modules must be a list");
+  const auto known = default_quantized_modules();
+  for (const json& m : w["modules"]) {
+    if (!m.is_string() || std::find(known.begin(), known.end(), m.get<std::string>()) == known.end())
+      throw Error(f + ".modules holds " + m.dump() + ", not one of attn.qkv, attn.o, ffn.gate_up, ffn.down");
+    q.modules.push_back(m.get<std::string>());
+  }
+  return q;
+}
+
+std::string int4_name(const std::string& weight_name, const char* part) {
+  return weight_name.substr(0, weight_name.size() - std::string(".weight").size()) + "." + part;
+}
+
+std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& spec, const WeightQuantization& q) {
+  std::vector<CanonicalTensor> out;
+  for (CanonicalTensor& t : canonical_tensors(spec)) {
+    if (!q.covers(t.suffix)) {
+      out.push_back(std::move(t));
+      continue;
+    }
+    const int64_t rows = t.shape[0], in = t.shape[1], groups = in / q.group_size;
+    auto part = [&](const char* p, std::vector<int64_t> shape, DType dt) {
+      CanonicalTensor c = t;
+      c.name = int4_name(t.name, p);
+      c.suffix = int4_name(t.suffix, p);
+      c.shape = std::move(shape);
+      c.dtype = dt;
+      out.push_back(std::move(c));
+    };
+    part("qweight", {rows, in / 2}, DType::U8);
+    part("scales", {rows, groups}, DType::F16);
+    part("zeros", {rows, groups}, DType::U8);
+  }
   return out;
 }
 

@@ -4,8 +4,11 @@
 // in kiln.json under "model" (see docs/workspace.md).
 #include <cstdint>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include "runtime/core/dtype.h"
 
 namespace kiln {
 
@@ -76,10 +79,34 @@ struct CanonicalTensor {
   int64_t layer = -1;      // -1 for tensors outside the layer stack
   std::string suffix;      // the name without "layers.{i}." (equal to name outside the stack)
   std::vector<int64_t> part_rows;  // rows of each fused part along dim 0 (q, k, v / gate, up); one entry if unfused
+  std::optional<DType> dtype;      // set where the format fixes the dtype (int4 parts); else the workspace dtype
 };
 
 // Every tensor a model with this spec has, in the workspace's fixed order. Shapes follow the HF (out, in) convention
 // for linear weights; fused tensors concatenate their parts along dim 0 (q, k, v and gate, up).
 std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& spec);
+
+// kiln.json quantization.weights (docs/int4_layout.md). method "none": every weight in the workspace dtype.
+// Otherwise each linear layer named in `modules` (canonical suffixes without ".weight": "attn.qkv", "attn.o",
+// "ffn.gate_up", "ffn.down") stores X.qweight / X.scales / X.zeros instead of X.weight.
+struct WeightQuantization {
+  std::string method = "none";  // none | rtn | awq
+  int64_t bits = 0, group_size = 0;
+  bool zero_point = false;
+  std::vector<std::string> modules;
+  bool quantized() const { return method != "none"; }
+  bool covers(const std::string& weight_suffix) const;  // e.g. "attn.qkv.weight"
+};
+// The linear layers kiln quantizes by default: every linear of the layer stack (embeddings and lm_head stay 16-bit).
+std::vector<std::string> default_quantized_modules();
+nlohmann::ordered_json weight_quantization_to_json(const WeightQuantization& q);
+// Reads kiln.json's quantization.weights; an absent block means "none". Throws naming the field when malformed.
+WeightQuantization weight_quantization_from_json(const nlohmann::json& kiln_json, const std::string& label);
+// Int4 tensor names for a quantized linear weight "X.weight": "X.qweight", "X.scales", "X.zeros".
+std::string int4_name(const std::string& weight_name, const char* part);
+
+// The tensor list of a workspace quantized as `q` (equal to canonical_tensors(spec) for method none): each covered
+// linear X.weight [out, in] becomes X.qweight U8 [out, in/2], X.scales F16 [out, in/group], X.zeros U8 [out, in/group].
+std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& spec, const WeightQuantization& q);
 
 }  // namespace kiln

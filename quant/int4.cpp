@@ -1,0 +1,80 @@
+#include "quant/int4.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "runtime/core/dtype.h"
+#include "runtime/core/error.h"
+
+namespace kiln {
+
+void check_int4_shape(int64_t out, int64_t in, int64_t group_size, const std::string& label) {
+  if (group_size <= 0 || group_size % 2 != 0)
+    throw Error("--group-size " + std::to_string(group_size) + " must be a positive even number");
+  if (out <= 0 || in <= 0 || in % group_size != 0)
+    throw Error("tensor '" + label + "' has " + std::to_string(in) + " input features, not a multiple of --group-size " +
+                std::to_string(group_size));
+}
+
+namespace {
+// Round half to even, as numpy.round and torch.round do (std::nearbyint uses the default rounding mode, which is
+// to-nearest-even; kiln never changes it).
+inline float round_even(float v) { return std::nearbyint(v); }
+}  // namespace
+
+Int4Matrix quantize_int4(const float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label) {
+  check_int4_shape(out, in, group_size, label);
+  Int4Matrix m;
+  m.out = out;
+  m.in = in;
+  m.group_size = group_size;
+  const int64_t G = in / group_size;
+  m.qweight.assign(size_t(out * in / 2), 0);
+  m.scales.assign(size_t(out * G), 0);
+  m.zeros.assign(size_t(out * G), 0);
+  for (int64_t o = 0; o < out; ++o) {
+    const float* row = w + o * in;
+    uint8_t* qrow = m.qweight.data() + o * in / 2;
+    for (int64_t g = 0; g < G; ++g) {
+      const float* x = row + g * group_size;
+      float lo = 0.0f, hi = 0.0f;
+      for (int64_t k = 0; k < group_size; ++k) {
+        if (!std::isfinite(x[k]))
+          throw Error("tensor '" + label + "' holds a non-finite value at row " + std::to_string(o) + ", column " +
+                      std::to_string(g * group_size + k));
+        lo = std::min(lo, x[k]);
+        hi = std::max(hi, x[k]);
+      }
+      const float scale_f32 = (hi - lo) / float(kInt4MaxQ);
+      if (f16_overflows(scale_f32))
+        throw Error("tensor '" + label + "' row " + std::to_string(o) + " group " + std::to_string(g) +
+                    " spans a range whose int4 scale exceeds fp16");
+      const uint16_t scale_bits = f32_to_f16(scale_f32);
+      const float scale = f16_to_f32(scale_bits);
+      int64_t zero = 0;
+      if (scale != 0.0f) zero = std::clamp<int64_t>(int64_t(-round_even(lo / scale)), 0, kInt4MaxQ);
+      m.scales[size_t(o * G + g)] = scale != 0.0f ? scale_bits : 0;  // -0 and +0 alike store +0
+      m.zeros[size_t(o * G + g)] = uint8_t(zero);
+      for (int64_t k = 0; k < group_size; ++k) {
+        int64_t q = 0;
+        if (scale != 0.0f) q = std::clamp<int64_t>(int64_t(round_even(x[k] / scale)) + zero, 0, kInt4MaxQ);
+        const int64_t col = g * group_size + k;
+        qrow[col / 2] |= uint8_t(q << ((col & 1) * 4));
+      }
+    }
+  }
+  return m;
+}
+
+void dequantize_int4(const uint8_t* qweight, const uint16_t* scales, const uint8_t* zeros, int64_t out, int64_t in,
+                     int64_t group_size, float* w) {
+  const int64_t G = in / group_size;
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t k = 0; k < in; ++k) {
+      const int64_t g = o * G + k / group_size;
+      const int q = (qweight[(o * in + k) / 2] >> ((k & 1) * 4)) & 0xF;
+      w[o * in + k] = float(q - int(zeros[g])) * f16_to_f32(scales[g]);
+    }
+}
+
+}  // namespace kiln

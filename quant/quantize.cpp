@@ -1,0 +1,150 @@
+#include "quant/quantize.h"
+
+#include <vector>
+
+#include "quant/int4.h"
+#include "runtime/core/dtype_convert.h"
+#include "runtime/core/error.h"
+#include "runtime/io/interrupt.h"
+#include "runtime/io/progress.h"
+#include "runtime/io/sha256.h"
+#include "runtime/io/staging_dir.h"
+#include "runtime/workspace/workspace.h"
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+using nlohmann::ordered_json;
+
+namespace kiln {
+
+namespace {
+
+void check_options(const QuantizeOptions& o) {
+  if (o.method != "rtn") throw Error("--method '" + o.method + "' is not supported; use rtn");
+  if (o.bits != 4) throw Error("--w-bits " + std::to_string(o.bits) + " is not supported; only 4-bit weights are");
+  if (o.group_size <= 0 || o.group_size % 2)
+    throw Error("--group-size " + std::to_string(o.group_size) + " must be a positive even number");
+  if (o.max_ppl_increase && o.eval_text.empty())
+    throw Error("--max-ppl-increase needs --eval-text (the text the perplexity is measured on)");
+  if (o.max_ppl_increase && *o.max_ppl_increase < 0) throw Error("--max-ppl-increase must not be negative");
+}
+
+// The same document the source has, with the quantization block, weight list and provenance of this step.
+ordered_json output_document(const Workspace& src, const WeightQuantization& q, const std::vector<TensorPlan>& plan,
+                             uint64_t tensor_bytes, const std::vector<std::string>& weight_files,
+                             const QuantizeOptions& opt) {
+  const json& sj = src.info().json;
+  ordered_json doc;
+  doc["format"] = kWorkspaceFormat;
+  doc["format_version"] = kWorkspaceFormatVersion;
+  doc["model"] = spec_to_json(src.spec());
+  doc["dtype"] = src.info().dtype;
+  ordered_json kv = sj.contains("quantization") && sj["quantization"].contains("kv_cache")
+                        ? ordered_json::parse(sj["quantization"]["kv_cache"].dump())
+                        : ordered_json{{"dtype", "auto"}};
+  doc["quantization"] = {{"weights", weight_quantization_to_json(q)}, {"kv_cache", kv}};
+  doc["weights"] = {{"files", weight_files}, {"tensor_count", plan.size()}, {"tensor_bytes", tensor_bytes}};
+  doc["tokenizer"] = sj.contains("tokenizer") ? ordered_json::parse(sj["tokenizer"].dump()) : ordered_json(nullptr);
+  size_t size = 0;
+  const std::string src_hash = sha256_file((src.info().dir / kWorkspaceFile).string(), &size);
+  doc["provenance"] = {{"source", fs::absolute(opt.input).lexically_normal().string()},
+                       {"source_files", {{kWorkspaceFile, {{"sha256", src_hash}, {"size", size}}}}},
+                       {"source_provenance", sj.contains("provenance") ? ordered_json::parse(sj["provenance"].dump())
+                                                                       : ordered_json(nullptr)},
+                       {"kiln_version", KILN_VERSION},
+                       {"command", opt.command}};
+  return doc;
+}
+
+}  // namespace
+
+QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
+  check_options(opt);
+  StagingDir staging(opt.output, opt.force);  // refuses an existing output before any work
+  Workspace src(opt.input);
+  const std::string src_label = (opt.input / kWorkspaceFile).string();
+  const WeightQuantization existing = weight_quantization_from_json(src.info().json, src_label);
+  if (existing.quantized())
+    throw Error(opt.input.string() + " is already quantized (quantization.weights.method = " + existing.method +
+                "); quantize the unquantized workspace instead");
+
+  WeightQuantization q;
+  q.method = opt.method;
+  q.bits = opt.bits;
+  q.group_size = opt.group_size;
+  q.zero_point = true;
+  q.modules = default_quantized_modules();
+  const DType dtype = workspace_dtype(src.info().dtype, src_label);
+
+  // Plan every output tensor (and check every shape) before writing a byte.
+  std::vector<CanonicalTensor> source_list = canonical_tensors(src.spec());
+  std::vector<TensorPlan> plan;
+  uint64_t out_bytes = 0, in_bytes = 0;
+  for (const CanonicalTensor& c : source_list) {
+    const Workspace::Tensor& t = src.get(c.name);
+    if (t.info->shape != c.shape || t.info->dtype != dtype)
+      throw Error(src_label + ": tensor '" + c.name + "' does not match the model spec; run 'kiln verify'");
+    in_bytes += t.info->nbytes();
+    if (q.covers(c.suffix)) check_int4_shape(c.shape[0], c.shape[1], q.group_size, c.name);
+  }
+  for (const CanonicalTensor& c : canonical_tensors(src.spec(), q)) {
+    plan.push_back({c.name, c.dtype ? *c.dtype : dtype, c.shape});
+    out_bytes += plan.back().nbytes();
+  }
+
+  WorkspaceWriter writer(staging.path(), plan, opt.max_shard_bytes);
+  QuantizeResult result;
+  {
+    Progress progress("quantizing", in_bytes, opt.progress);
+    std::vector<float> wide;
+    for (const CanonicalTensor& c : source_list) {
+      check_interrupt();
+      const Workspace::Tensor& t = src.get(c.name);
+      const uint64_t n = t.info->nbytes();
+      const MappedFile& file = t.file->file();
+      const uint64_t off = t.file->data_start() + t.info->begin;
+      if (!q.covers(c.suffix)) {
+        writer.begin_tensor();
+        writer.copy_range(file, off, size_t(n), [&file, off, n] { file.dont_need(off, n); });  // bit-exact
+      } else {
+        wide.resize(size_t(t.info->numel()));
+        convert_to_f32(dtype, t.data(), wide.data(), wide.size());
+        Int4Matrix m = quantize_int4(wide.data(), c.shape[0], c.shape[1], q.group_size, c.name);
+        writer.begin_tensor();
+        writer.write(m.qweight.data(), m.qweight.size());
+        writer.begin_tensor();
+        writer.write(m.scales.data(), m.scales.size() * 2);  // fp16 bits, little-endian on every supported host
+        writer.begin_tensor();
+        writer.write(m.zeros.data(), m.zeros.size());
+        file.dont_need(off, n);
+        result.tensors_quantized++;
+      }
+      progress.advance(n);
+    }
+    progress.finish();
+  }
+
+  // Every non-weight file of the source (tokenizer files, chat template, generation config) is copied verbatim.
+  std::vector<std::string> weight_files(src.info().weight_files);
+  for (const auto& [name, entry] : src.info().manifest) {
+    if (std::find(weight_files.begin(), weight_files.end(), name) != weight_files.end()) continue;
+    writer.copy_file(src.info().dir / name, name);
+  }
+  result.kiln_json = writer.finish(output_document(src, q, plan, out_bytes, writer.weight_files(), opt));
+  result.input_bytes = in_bytes;
+  result.output_bytes = out_bytes;
+  check_interrupt();
+
+  if (!opt.eval_text.empty()) {
+    result.quality = compare_workspaces(staging.path(), opt.input, opt.eval_text, opt.eval_ctx, opt.eval_max_tokens,
+                                        opt.threads);
+    if (opt.max_ppl_increase && !(result.quality->ppl_increase <= *opt.max_ppl_increase)) {
+      result.gate_failed = true;
+      return result;  // the staging directory is removed: a model that fails the gate is not published
+    }
+  }
+  staging.commit();
+  return result;
+}
+
+}  // namespace kiln

@@ -1,0 +1,136 @@
+// AVX2 and AVX-512 int4 matmul kernels over the repacked panel layout (see matmul_int4.h). Compiled for their ISA
+// through function target attributes, as matmul_x86.cpp does, so the rest of kiln stays baseline x86-64.
+#include <immintrin.h>
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12, inside its own AVX-512 headers
+#endif
+
+#include <algorithm>
+#include <cstring>
+
+#include "runtime/cpu/matmul_int4.h"
+
+namespace kiln::cpu {
+
+#define KILN_INT4_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define KILN_INT4_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
+
+namespace {
+
+// ---- AVX2: a panel is two 8-float registers; tiles of up to 4 rows (2R group accumulators + 2 weights in 16 ymm).
+template <int R>
+KILN_INT4_AVX2 void tile_int4_avx2(const float* x, const float* xsum, const Int4Linear& w, int64_t p,
+                                   float* out /* [R][16] */) {
+  const int64_t in = w.in, G = w.groups(), gs = w.group_size;
+  const uint8_t* panel = w.q.data() + p * in * 8;
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  __m256 acc_lo[R], acc_hi[R];
+  for (int r = 0; r < R; ++r) acc_lo[r] = acc_hi[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 a_lo[R], a_hi[R];
+    for (int r = 0; r < R; ++r) a_lo[r] = a_hi[r] = _mm256_setzero_ps();
+    for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(panel + k * 8));
+      const __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+      const __m256 wlo = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+      const __m256 whi = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+      for (int r = 0; r < R; ++r) {
+        const __m256 xb = _mm256_broadcast_ss(x + r * in + k);
+        a_lo[r] = _mm256_fmadd_ps(xb, wlo, a_lo[r]);
+        a_hi[r] = _mm256_fmadd_ps(xb, whi, a_hi[r]);
+      }
+    }
+    const float* s = w.scale.data() + (p * G + g) * kPanel;
+    const float* zs = w.zscale.data() + (p * G + g) * kPanel;
+    const __m256 s_lo = _mm256_loadu_ps(s), s_hi = _mm256_loadu_ps(s + 8);
+    const __m256 zs_lo = _mm256_loadu_ps(zs), zs_hi = _mm256_loadu_ps(zs + 8);
+    for (int r = 0; r < R; ++r) {
+      const __m256 sx = _mm256_set1_ps(xsum[r * G + g]);
+      acc_lo[r] = _mm256_fnmadd_ps(zs_lo, sx, _mm256_fmadd_ps(s_lo, a_lo[r], acc_lo[r]));
+      acc_hi[r] = _mm256_fnmadd_ps(zs_hi, sx, _mm256_fmadd_ps(s_hi, a_hi[r], acc_hi[r]));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(out + r * kPanel, acc_lo[r]);
+    _mm256_storeu_ps(out + r * kPanel + 8, acc_hi[r]);
+  }
+}
+
+// ---- AVX-512: a panel is one 16-float register; tiles of up to 8 rows.
+template <int R>
+KILN_INT4_AVX512 void tile_int4_avx512(const float* x, const float* xsum, const Int4Linear& w, int64_t p,
+                                       float* out) {
+  const int64_t in = w.in, G = w.groups(), gs = w.group_size;
+  const uint8_t* panel = w.q.data() + p * in * 8;
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 a[R];
+    for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+    for (int64_t k = g * gs; k < (g + 1) * gs; ++k) {
+      const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(panel + k * 8));
+      const __m128i both = _mm_unpacklo_epi64(_mm_and_si128(b, mask), _mm_and_si128(_mm_srli_epi16(b, 4), mask));
+      const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(both));
+      for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * in + k]), wv, a[r]);
+    }
+    const __m512 s = _mm512_loadu_ps(w.scale.data() + (p * G + g) * kPanel);
+    const __m512 zs = _mm512_loadu_ps(w.zscale.data() + (p * G + g) * kPanel);
+    for (int r = 0; r < R; ++r)
+      acc[r] = _mm512_fnmadd_ps(zs, _mm512_set1_ps(xsum[r * G + g]), _mm512_fmadd_ps(s, a[r], acc[r]));
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kPanel, acc[r]);
+}
+
+}  // namespace
+
+void matmul_int4_avx2(const float* x, const float* xsum, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0,
+                      int64_t p1, float* y) {
+  alignas(32) float tile[4 * kPanel];
+  const int64_t G = w.groups();
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t width = std::min(kPanel, w.out - p * kPanel);
+    for (int64_t r = r0; r < r1; r += 4) {
+      const int64_t n = std::min<int64_t>(4, r1 - r);
+      const float* xr = x + r * w.in;
+      const float* sr = xsum + r * G;
+      switch (n) {
+        case 4: tile_int4_avx2<4>(xr, sr, w, p, tile); break;
+        case 3: tile_int4_avx2<3>(xr, sr, w, p, tile); break;
+        case 2: tile_int4_avx2<2>(xr, sr, w, p, tile); break;
+        default: tile_int4_avx2<1>(xr, sr, w, p, tile); break;
+      }
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(y + (r + i) * w.out + p * kPanel, tile + i * kPanel, size_t(width) * sizeof(float));
+    }
+  }
+}
+
+void matmul_int4_avx512(const float* x, const float* xsum, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0,
+                        int64_t p1, float* y) {
+  alignas(64) float tile[8 * kPanel];
+  const int64_t G = w.groups();
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t width = std::min(kPanel, w.out - p * kPanel);
+    for (int64_t r = r0; r < r1; r += 8) {
+      const int64_t n = std::min<int64_t>(8, r1 - r);
+      const float* xr = x + r * w.in;
+      const float* sr = xsum + r * G;
+      switch (n) {
+        case 8: tile_int4_avx512<8>(xr, sr, w, p, tile); break;
+        case 7: tile_int4_avx512<7>(xr, sr, w, p, tile); break;
+        case 6: tile_int4_avx512<6>(xr, sr, w, p, tile); break;
+        case 5: tile_int4_avx512<5>(xr, sr, w, p, tile); break;
+        case 4: tile_int4_avx512<4>(xr, sr, w, p, tile); break;
+        case 3: tile_int4_avx512<3>(xr, sr, w, p, tile); break;
+        case 2: tile_int4_avx512<2>(xr, sr, w, p, tile); break;
+        default: tile_int4_avx512<1>(xr, sr, w, p, tile); break;
+      }
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(y + (r + i) * w.out + p * kPanel, tile + i * kPanel, size_t(width) * sizeof(float));
+    }
+  }
+}
+
+}  // namespace kiln::cpu
