@@ -162,7 +162,7 @@ class Repl {
 
 Action setup(CLI::App& sub) {
   auto o = std::make_shared<ChatCliOptions>();
-  sub.add_option("PATH", o->path, "Workspace")->required();
+  sub.add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory (converted in memory)")->required();
   sub.add_option("--system", o->system, "System prompt");
   sub.add_flag("--show-prompt", o->show_prompt, "Print each turn's rendered prompt to stderr");
   add_sampling_flags(sub, o->sampling);

@@ -146,7 +146,7 @@ int run(const EvalOptions& o) {
 
 Action setup(CLI::App& sub) {
   auto o = std::make_shared<EvalOptions>();
-  sub.add_option("PATH", o->path, "Workspace")->required();
+  sub.add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory (converted in memory)")->required();
   auto* input = sub.add_option_group("input", "Exactly one of --text and --tokens");
   input->add_option("--text", o->text, "Text file, tokenized with the workspace's tokenizer");
   input->add_option("--tokens", o->tokens, "JSON file holding a list of token ids (instead of --text)");

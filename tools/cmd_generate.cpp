@@ -142,7 +142,7 @@ int run(const GenerateCliOptions& o) {
 
 Action setup(CLI::App& sub) {
   auto o = std::make_shared<GenerateCliOptions>();
-  sub.add_option("PATH", o->path, "Workspace")->required();
+  sub.add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory (converted in memory)")->required();
   auto* input = sub.add_option_group("input", "Exactly one of --prompt, --tokens and --messages");
   input->add_option("--prompt", o->prompt, "Prompt text (invalid UTF-8 becomes U+FFFD)");
   input->add_option("--tokens", o->prompt_tokens, "JSON file with the prompt as a list of token ids");

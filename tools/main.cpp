@@ -5,6 +5,7 @@
 #include <iostream>
 #include <vector>
 
+#include "convert/in_memory.h"
 #include "runtime/core/error.h"
 #include "runtime/io/interrupt.h"
 #include "tools/command.h"
@@ -55,6 +56,8 @@ int main(int argc, char** argv) {
   }
 
   kiln::install_interrupt_handlers();
+  // Runtime commands also accept an HF checkpoint directory, converted in memory by convert/'s code.
+  kiln::register_hf_workspace_opener(&kiln::open_hf_in_memory);
   for (auto& [sub, action] : actions) {
     if (!sub->parsed()) continue;
     try {

@@ -5,12 +5,8 @@
 namespace kiln {
 
 LoadedModel load_model(const std::filesystem::path& path, unsigned threads) {
-  std::error_code ec;
-  if (!std::filesystem::exists(path, ec)) throw Error(path.string() + ": no such file or directory");
-  if (!is_workspace(path))
-    throw Error(path.string() + ": not a kiln workspace (no kiln.json); convert it first with 'kiln convert'");
   LoadedModel m;
-  m.workspace = std::make_unique<Workspace>(path);
+  m.workspace = open_workspace(path);
   m.backend = make_cpu_backend(threads);
   m.model = std::make_unique<Model>(*m.workspace, *m.backend);
   return m;

@@ -163,11 +163,29 @@ ordered_json WorkspaceWriter::finish(ordered_json doc) {
 Workspace::Workspace(const fs::path& dir) : info_(read_workspace_info(dir)) {
   for (const auto& f : info_.weight_files) {
     files_.push_back(std::make_unique<SafetensorsFile>((dir / f).string()));
-    for (const auto& t : files_.back()->tensors()) {
-      auto [it, inserted] = tensors_.emplace(t.name, Tensor{files_.back().get(), &t});
-      if (!inserted) throw Error(files_.back()->path() + ": tensor '" + t.name + "' appears in two weight files");
+    const SafetensorsFile* file = files_.back().get();
+    for (const auto& t : file->tensors()) {
+      auto [it, inserted] = tensors_.emplace(t.name, Tensor{file, &t, file->data(t)});
+      if (!inserted) throw Error(file->path() + ": tensor '" + t.name + "' appears in two weight files");
     }
   }
+}
+
+Workspace::Workspace(WorkspaceInfo info, std::vector<MemoryTensor> tensors, std::shared_ptr<const void> keepalive)
+    : info_(std::move(info)), memory_(std::move(tensors)), keepalive_(std::move(keepalive)) {
+  for (const auto& t : memory_) tensors_.emplace(t.info.name, Tensor{nullptr, &t.info, t.bytes});
+}
+
+static HfWorkspaceOpener g_hf_opener = nullptr;
+
+void register_hf_workspace_opener(HfWorkspaceOpener opener) { g_hf_opener = opener; }
+
+std::unique_ptr<Workspace> open_workspace(const fs::path& path) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) throw Error(path.string() + ": no such file or directory");
+  if (is_workspace(path)) return std::make_unique<Workspace>(path);
+  if (g_hf_opener && fs::is_regular_file(path / "config.json", ec)) return g_hf_opener(path);
+  throw Error(path.string() + ": neither a kiln workspace (kiln.json) nor a Hugging Face checkpoint (config.json)");
 }
 
 const Workspace::Tensor* Workspace::find(const std::string& name) const {

@@ -75,17 +75,27 @@ class WorkspaceWriter {
   std::map<std::string, ManifestEntry> manifest_;
 };
 
-// A workspace opened for reading: its info and every weight tensor, mmapped.
+// A workspace opened for reading: its info and every weight tensor. Usually the tensors are mmapped from the
+// workspace's shards; a workspace converted in memory from an HF directory (see open_workspace) holds tensors that
+// point into the checkpoint's own maps or into owned buffers.
 class Workspace {
  public:
   explicit Workspace(const std::filesystem::path& dir);
+  struct Tensor {
+    const SafetensorsFile* file;  // null for in-memory tensors
+    const TensorInfo* info;
+    const uint8_t* bytes;
+    const uint8_t* data() const { return bytes; }
+  };
+  // An in-memory tensor: its description and where its bytes are (kept alive by `keepalive`).
+  struct MemoryTensor {
+    TensorInfo info;
+    const uint8_t* bytes;
+  };
+  Workspace(WorkspaceInfo info, std::vector<MemoryTensor> tensors, std::shared_ptr<const void> keepalive);
+
   const WorkspaceInfo& info() const { return info_; }
   const ModelSpec& spec() const { return info_.spec; }
-  struct Tensor {
-    const SafetensorsFile* file;
-    const TensorInfo* info;
-    const uint8_t* data() const { return file->data(*info); }
-  };
   const std::map<std::string, Tensor>& tensors() const { return tensors_; }
   const Tensor* find(const std::string& name) const;
   // Throws naming the tensor when it is absent.
@@ -94,7 +104,15 @@ class Workspace {
  private:
   WorkspaceInfo info_;
   std::vector<std::unique_ptr<SafetensorsFile>> files_;
+  std::vector<MemoryTensor> memory_;
+  std::shared_ptr<const void> keepalive_;
   std::map<std::string, Tensor> tensors_;
 };
+
+// Opens a workspace directory, or an HF checkpoint directory converted in memory when an HF opener is registered
+// (the runtime cannot depend on convert/; the CLI registers convert's opener at start-up). Throws naming the path.
+using HfWorkspaceOpener = std::unique_ptr<Workspace> (*)(const std::filesystem::path& hf_dir);
+void register_hf_workspace_opener(HfWorkspaceOpener opener);
+std::unique_ptr<Workspace> open_workspace(const std::filesystem::path& path);
 
 }  // namespace kiln
