@@ -9,6 +9,9 @@ KILN_WITH_REAL_MODEL=1 bash scripts/setup.sh
 echo "== build ($SECONDS s)"
 bash scripts/build.sh
 
+echo "== fixtures written by transformers ($SECONDS s)"
+python3 scripts/make_fixtures.py --out build/fixtures --tokenizers build/testdata/tokenizers >/dev/null 2>&1
+
 echo "== unit tests ($SECONDS s)"
 ctest --test-dir build --output-on-failure -j"$(nproc)" | tail -n 5
 

@@ -11,7 +11,7 @@
 
 #include "convert/converter.h"
 #include "runtime/core/error.h"
-#include "runtime/engine/generate.h"
+#include "runtime/engine/batch_generate.h"
 #include "runtime/model/model.h"
 #include "runtime/workspace/workspace.h"
 
@@ -120,15 +120,19 @@ TEST_P(RuntimeModel, KvReuseEqualsRecompute) {
 }
 
 TEST_P(RuntimeModel, GenerateStopsAtTheContext) {
-  GenerateOptions o;
+  KvCache cache(*backend_, model_->kv_config(64, KvDType::F32));
+  BatchOptions o;
   o.context = 24;
-  o.max_new_tokens = 100;
-  auto p = tokens(20, 5);
-  GenerateResult r = generate(*model_, p, o);
-  EXPECT_EQ(r.tokens.size(), 4u);
-  EXPECT_EQ(r.finish_reason, "length");
-  auto too_long = tokens(25, 6);
-  EXPECT_THROW(generate(*model_, too_long, o), Error);
+  std::vector<GenerationRequest> req(1);
+  req[0].prompt = tokens(20, 5);
+  req[0].params.temperature = 0;
+  req[0].params.max_new_tokens = 100;
+  req[0].params.ignore_eos = true;
+  auto out = generate_batch(*model_, cache, req, o);
+  EXPECT_EQ(out[0].tokens.size(), 4u);
+  EXPECT_EQ(out[0].finish_reason, "length");
+  req[0].prompt = tokens(25, 6);
+  EXPECT_THROW(generate_batch(*model_, cache, req, o), Error);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, RuntimeModel,
