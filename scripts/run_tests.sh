@@ -10,7 +10,7 @@ echo "== build ($SECONDS s)"
 bash scripts/build.sh
 
 echo "== fixtures written by transformers ($SECONDS s)"
-python3 scripts/make_fixtures.py --out build/fixtures --tokenizers build/testdata/tokenizers >/dev/null 2>&1
+python3 scripts/make_fixtures.py --out build/fixtures --tokenizers build/testdata/tokenizers >build/fixtures.log 2>&1 || { cat build/fixtures.log; exit 1; }
 
 echo "== unit tests ($SECONDS s)"
 ctest --test-dir build --output-on-failure -j"$(nproc)" | tail -n 5
