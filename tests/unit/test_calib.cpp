@@ -28,7 +28,9 @@ TEST(CalibSampling, BlocksAreSortedDisjointAndSeeded) {
     Blocks b = sample_blocks(stream, 10, 64, seed, "data");
     ASSERT_EQ(b.count(), 10);
     for (int64_t i = 0; i < b.count(); ++i) {
-      if (i) EXPECT_GE(b.starts[size_t(i)], b.starts[size_t(i - 1)] + 64);
+      if (i) {
+        EXPECT_GE(b.starts[size_t(i)], b.starts[size_t(i - 1)] + 64);
+      }
       EXPECT_LE(b.starts[size_t(i)] + 64, 1000);
       EXPECT_EQ(b.tokens[size_t(i * 64)], b.starts[size_t(i)]);  // the stream is 0..n-1
     }

@@ -18,10 +18,9 @@ namespace {
 
 std::vector<uint8_t> file_image(const std::string& header, size_t data_bytes, uint64_t lie = UINT64_MAX) {
   uint64_t n = lie == UINT64_MAX ? header.size() : lie;
-  std::vector<uint8_t> out(8);
-  for (int i = 0; i < 8; ++i) out[i] = uint8_t(n >> (8 * i));
-  out.insert(out.end(), header.begin(), header.end());
-  out.resize(out.size() + data_bytes, 0xab);
+  std::vector<uint8_t> out(8 + header.size() + data_bytes, 0xab);
+  for (int i = 0; i < 8; ++i) out[size_t(i)] = uint8_t(n >> (8 * i));
+  std::memcpy(out.data() + 8, header.data(), header.size());
   return out;
 }
 
