@@ -3,7 +3,9 @@
 #include <immintrin.h>
 
 // GCC 12 warns about the deliberately undefined upper lanes inside its own AVX-512 headers.
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #include <algorithm>
 #include <cstring>
