@@ -90,3 +90,14 @@ def test_greedy_chat_matches_transformers(ws, hf):
     print(f"kiln: {res['text']!r}")
     assert res["prompt_tokens"] == len(prompt)  # no second BOS: the template's own tokens only
     assert res["token_ids"] == ref, (res["token_ids"], ref)
+
+
+def test_tokenizer_matches_autotokenizer_on_the_corpus(hf_dir, hf):
+    """The real model's byte-level BPE tokenizer (rebuilt by transformers from GGUF) against AutoTokenizer."""
+    _, tok = hf
+    corpus = DATA / "tokenizer_corpus" / "corpus.jsonl"
+    texts = [json.loads(line) for line in corpus.read_text(encoding="utf-8").split("\n") if line]
+    out = run_kiln("tokenize", hf_dir, "--file", corpus, "--json-lines", "--json").stdout.split("\n")[:-1]
+    assert len(out) == len(texts)
+    bad = [t for t, line in zip(texts, out) if json.loads(line)["ids"] != tok(t)["input_ids"]]
+    assert not bad, f"{len(bad)}/{len(texts)} texts differ, e.g. {bad[:3]!r}"
