@@ -20,7 +20,11 @@ namespace kiln {
 namespace {
 
 void check_options(const QuantizeOptions& o) {
-  if (o.method != "rtn") throw Error("--method '" + o.method + "' is not supported; use rtn");
+  if (o.method != "rtn" && o.method != "awq")
+    throw Error("--method '" + o.method + "' is not supported; use rtn or awq");
+  if (o.method == "awq" && o.awq.data.empty())
+    throw Error("--method awq needs calibration data: pass --data FILE (.txt or .jsonl)");
+  if (o.method != "awq" && !o.awq.data.empty()) throw Error("--data is only used by --method awq");
   if (o.bits != 4) throw Error("--w-bits " + std::to_string(o.bits) + " is not supported; only 4-bit weights are");
   if (o.group_size <= 0 || o.group_size % 2)
     throw Error("--group-size " + std::to_string(o.group_size) + " must be a positive even number");
@@ -32,7 +36,7 @@ void check_options(const QuantizeOptions& o) {
 // The same document the source has, with the quantization block, weight list and provenance of this step.
 ordered_json output_document(const Workspace& src, const WeightQuantization& q, const std::vector<TensorPlan>& plan,
                              uint64_t tensor_bytes, const std::vector<std::string>& weight_files,
-                             const QuantizeOptions& opt) {
+                             const QuantizeOptions& opt, const ordered_json& awq) {
   const json& sj = src.info().json;
   ordered_json doc;
   doc["format"] = kWorkspaceFormat;
@@ -43,6 +47,7 @@ ordered_json output_document(const Workspace& src, const WeightQuantization& q, 
                         ? ordered_json::parse(sj["quantization"]["kv_cache"].dump())
                         : ordered_json{{"dtype", "auto"}};
   doc["quantization"] = {{"weights", weight_quantization_to_json(q)}, {"kv_cache", kv}};
+  if (!awq.is_null()) doc["quantization"]["weights"]["awq"] = awq;
   doc["weights"] = {{"files", weight_files}, {"tensor_count", plan.size()}, {"tensor_bytes", tensor_bytes}};
   doc["tokenizer"] = sj.contains("tokenizer") ? ordered_json::parse(sj["tokenizer"].dump()) : ordered_json(nullptr);
   size_t size = 0;
@@ -54,6 +59,54 @@ ordered_json output_document(const Workspace& src, const WeightQuantization& q, 
                        {"kiln_version", KILN_VERSION},
                        {"command", opt.command}};
   return doc;
+}
+
+bool awq_touches(const std::string& suffix) {
+  for (const char* n : {names::kAttnNorm, names::kQkv, names::kQkvBias, names::kO, names::kFfnNorm, names::kGateUp,
+                        names::kGateUpBias, names::kDown})
+    if (suffix == n) return true;
+  return false;
+}
+
+// A tensor changed by AWQ that stays unquantized (norm weights, biases, or everything with --awq-fold-only) goes back
+// to the workspace dtype.
+void write_in_dtype(WorkspaceWriter& writer, DType dtype, const std::vector<float>& v, const std::string& name) {
+  writer.begin_tensor();
+  if (dtype == DType::F32) {
+    writer.write(v.data(), v.size() * 4);
+    return;
+  }
+  std::vector<uint16_t> half(v.size());
+  if (dtype == DType::BF16) {
+    convert_f32_to_bf16(v.data(), half.data(), v.size());
+  } else if (convert_f32_to_f16(v.data(), half.data(), v.size()) != v.size()) {
+    throw Error("tensor '" + name + "' overflows fp16 after folding the AWQ scales; quantize an fp32/bf16 workspace");
+  }
+  writer.write(half.data(), half.size() * 2);
+}
+
+// quantization.weights.awq in kiln.json: where the calibration came from and what the search chose, per layer.
+ordered_json awq_document(const AwqPlan& p, const QuantizeOptions& opt) {
+  ordered_json layers = ordered_json::array();
+  for (const AwqLayerPlan& l : p.layers) {
+    ordered_json a = {{"attn_norm->qkv", l.a_attn}};
+    a["v->o"] = l.s_vo.empty() ? ordered_json(nullptr) : ordered_json(l.a_vo);
+    a["ffn_norm->gate_up"] = l.a_ffn;
+    a["up->down"] = l.a_down;
+    layers.push_back(a);
+  }
+  return {{"data", fs::absolute(opt.awq.data).lexically_normal().string()},
+          {"data_sha256", p.data_sha256},
+          {"samples", opt.awq.samples},
+          {"seqlen", opt.awq.seqlen},
+          {"seed", opt.awq.seed},
+          {"blocks", p.blocks},
+          {"grid", opt.awq.grid},
+          {"clip", opt.awq.clip && !opt.awq.fold_only},
+          {"clip_grid", opt.awq.clip_grid},
+          {"clip_max_shrink", opt.awq.max_shrink},
+          {"fold_only", opt.awq.fold_only},
+          {"alpha", layers}};
 }
 
 }  // namespace
@@ -68,12 +121,16 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
     throw Error(opt.input.string() + " is already quantized (quantization.weights.method = " + existing.method +
                 "); quantize the unquantized workspace instead");
 
+  const bool awq = opt.method == "awq";
   WeightQuantization q;
   q.method = opt.method;
   q.bits = opt.bits;
   q.group_size = opt.group_size;
   q.zero_point = true;
   q.modules = default_quantized_modules();
+  // --awq-fold-only: the smoothing scales folded in, weights left unquantized (an exactness check of the folding).
+  const bool fold_only = awq && opt.awq.fold_only;
+  if (fold_only) q = WeightQuantization{};
   const DType dtype = workspace_dtype(src.info().dtype, src_label);
 
   // Plan every output tensor (and check every shape) before writing a byte.
@@ -92,6 +149,14 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
     out_bytes += plan.back().nbytes();
   }
 
+  // AWQ searches before any byte is written: only its small per-layer results (scales, clip thresholds) are kept.
+  AwqPlan awq_p;
+  ordered_json awq_json;
+  if (awq) {
+    awq_p = awq_plan(opt.input, opt.awq, opt.group_size, opt.threads, opt.progress);
+    awq_json = awq_document(awq_p, opt);
+  }
+
   WorkspaceWriter writer(staging.path(), plan, opt.max_shard_bytes);
   QuantizeResult result;
   {
@@ -103,12 +168,24 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
       const uint64_t n = t.info->nbytes();
       const MappedFile& file = t.file->file();
       const uint64_t off = t.file->data_start() + t.info->begin;
-      if (!q.covers(c.suffix)) {
+      const bool touched = awq && c.layer >= 0 && awq_touches(c.suffix);
+      if (!q.covers(c.suffix) && !touched) {
         writer.begin_tensor();
         writer.copy_range(file, off, size_t(n), [&file, off, n] { file.dont_need(off, n); });  // bit-exact
+      } else if (!q.covers(c.suffix)) {
+        wide.resize(size_t(t.info->numel()));
+        convert_to_f32(dtype, t.data(), wide.data(), wide.size());
+        const int64_t cols = c.shape.size() > 1 ? c.shape[1] : 1;
+        awq_transform(src.spec(), awq_p.layers[size_t(c.layer)], c.suffix, wide.data(), c.shape[0], cols,
+                      opt.group_size);
+        write_in_dtype(writer, dtype, wide, c.name);
+        file.dont_need(off, n);
       } else {
         wide.resize(size_t(t.info->numel()));
         convert_to_f32(dtype, t.data(), wide.data(), wide.size());
+        if (awq)
+          awq_transform(src.spec(), awq_p.layers[size_t(c.layer)], c.suffix, wide.data(), c.shape[0], c.shape[1],
+                        opt.group_size);
         Int4Matrix m = quantize_int4(wide.data(), c.shape[0], c.shape[1], q.group_size, c.name);
         writer.begin_tensor();
         writer.write(m.qweight.data(), m.qweight.size());
@@ -130,7 +207,7 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
     if (std::find(weight_files.begin(), weight_files.end(), name) != weight_files.end()) continue;
     writer.copy_file(src.info().dir / name, name);
   }
-  result.kiln_json = writer.finish(output_document(src, q, plan, out_bytes, writer.weight_files(), opt));
+  result.kiln_json = writer.finish(output_document(src, q, plan, out_bytes, writer.weight_files(), opt, awq_json));
   result.input_bytes = in_bytes;
   result.output_bytes = out_bytes;
   check_interrupt();

@@ -9,13 +9,15 @@
 #include <optional>
 #include <string>
 
+#include "quant/awq.h"
 #include "quant/metrics.h"
 
 namespace kiln {
 
 struct QuantizeOptions {
   std::filesystem::path input, output;
-  std::string method = "rtn";  // rtn (awq comes later)
+  std::string method = "rtn";  // rtn | awq
+  AwqOptions awq;              // method awq only (quant/awq.h)
   int64_t bits = 4;
   int64_t group_size = 128;
   bool force = false;

@@ -1,4 +1,4 @@
-// kiln quantize WS -o OUT --method rtn [--w-bits 4] [--group-size 128] [--eval-text F] [--max-ppl-increase P] [--json]
+// kiln quantize WS -o OUT --method rtn|awq [--data F ...] [--w-bits 4] [--group-size 128] [--eval-text F] [--max-ppl-increase P] [--json]
 // Int4 weight quantization of a workspace (quant/quantize.h); an optional quality report against the input and a
 // CI gate on the perplexity increase.
 #include <chrono>
@@ -17,12 +17,25 @@ static Action setup_quantize(CLI::App& sub) {
   opt->max_shard_bytes = 2048;  // MiB until parsed
   sub.add_option("WS", opt->input, "Workspace to quantize (written by kiln convert)")->required();
   sub.add_option("-o,--output", opt->output, "Workspace directory to create")->required();
-  sub.add_option("--method", opt->method, "Weight quantization: rtn (round to nearest, per group)")
-      ->check(CLI::IsMember({"rtn"}))
+  sub.add_option("--method", opt->method,
+                 "Weight quantization: rtn (round to nearest, per group) or awq (activation-aware scales and "
+                 "clipping, then rtn; needs --data)")
+      ->check(CLI::IsMember({"rtn", "awq"}))
       ->capture_default_str();
   sub.add_option("--w-bits", opt->bits, "Weight bits (4)")->check(CLI::IsMember({4}))->capture_default_str();
   sub.add_option("--group-size", opt->group_size, "Input features per scale/zero group; must divide every linear's input")
       ->capture_default_str();
+  sub.add_option("--data", opt->awq.data, "AWQ calibration data (.txt or .jsonl), sampled as kiln calibrate does");
+  sub.add_option("--field", opt->awq.field, "AWQ: the JSONL field holding the text")->capture_default_str();
+  sub.add_option("--samples", opt->awq.samples, "AWQ: calibration blocks to draw")->capture_default_str();
+  sub.add_option("--seqlen", opt->awq.seqlen, "AWQ: tokens per calibration block")->capture_default_str();
+  sub.add_option("--seed", opt->awq.seed, "AWQ: seed of the block sampling")->capture_default_str();
+  sub.add_option("--batch-tokens", opt->awq.batch_tokens, "AWQ: tokens per calibration forward batch")
+      ->capture_default_str();
+  sub.add_option("--awq-grid", opt->awq.grid, "AWQ: points of the alpha grid over [0, 1)")->capture_default_str();
+  sub.add_flag("--awq-no-clip", [opt](int64_t) { opt->awq.clip = false; }, "AWQ: skip the clipping search");
+  sub.add_flag("--awq-fold-only", opt->awq.fold_only,
+               "AWQ debug: fold the smoothing scales into unquantized weights (the output is not quantized)");
   sub.add_option("--eval-text", opt->eval_text,
                  "Held-out text for a quality report (PPL, KL divergence, top-1 agreement vs the input workspace)");
   sub.add_option("--eval-ctx", opt->eval_ctx, "Tokens per evaluation window")->capture_default_str();
@@ -43,6 +56,15 @@ static Action setup_quantize(CLI::App& sub) {
     opt->command = "kiln quantize " + std::filesystem::absolute(opt->input).lexically_normal().string() + " --method " +
                    opt->method + " --w-bits " + std::to_string(opt->bits) + " --group-size " +
                    std::to_string(opt->group_size);
+    if (opt->method == "awq") {
+      // An empty --data is reported by quantize_workspace; absolute("") would throw a less helpful error here.
+      if (!opt->awq.data.empty())
+        opt->command += " --data " + std::filesystem::absolute(opt->awq.data).lexically_normal().string();
+      opt->command += " --samples " + std::to_string(opt->awq.samples) + " --seqlen " +
+                      std::to_string(opt->awq.seqlen) + " --seed " + std::to_string(opt->awq.seed);
+      if (!opt->awq.clip) opt->command += " --awq-no-clip";
+      if (opt->awq.fold_only) opt->command += " --awq-fold-only";
+    }
     auto t0 = std::chrono::steady_clock::now();
     QuantizeResult r = quantize_workspace(*opt);
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -88,7 +110,7 @@ static Action setup_quantize(CLI::App& sub) {
   };
 }
 
-KILN_COMMAND(75, "quantize", "Quantize a workspace's linear weights to int4 (RTN), with an optional quality gate",
+KILN_COMMAND(75, "quantize", "Quantize a workspace's linear weights to int4 (RTN or AWQ), with an optional quality gate",
              setup_quantize);
 
 }  // namespace kiln::tools

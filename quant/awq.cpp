@@ -1,0 +1,187 @@
+// The AWQ searches (quant/awq.h): pure math on fp32 weights and input statistics, no workspace or model.
+#include "quant/awq.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "quant/int4.h"
+#include "runtime/core/error.h"
+#include "runtime/cpu/matmul.h"
+#include "runtime/cpu/thread_pool.h"
+
+namespace kiln {
+
+void AwqInputStats::resize(int64_t d) {
+  dim = d;
+  rows = 0;
+  abs_sum.assign(size_t(d), 0.0);
+  gram.assign(size_t(d * d), 0.0);
+}
+
+void AwqInputStats::add(cpu::ThreadPool& pool, const float* x, int64_t n) {
+  if (n <= 0) return;
+  // XᵀX through the CPU backend's matmul: Xᵀ [dim, n] times (Xᵀ)ᵀ. Products are summed in fp32 within one forward
+  // batch and in double across batches, so long calibrations do not lose precision.
+  std::vector<float> xt(static_cast<size_t>(dim * n));
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t c = 0; c < dim; ++c) {
+      const float v = x[r * dim + c];
+      xt[size_t(c * n + r)] = v;
+      abs_sum[size_t(c)] += std::fabs(double(v));
+    }
+  cpu::PackedLinear packed = cpu::pack_linear(xt.data(), DType::F32, dim, n);
+  std::vector<float> g(static_cast<size_t>(dim * dim));
+  cpu::matmul(pool, cpu::best_matmul_isa(), xt.data(), dim, packed, g.data());
+  for (size_t i = 0; i < g.size(); ++i) gram[i] += double(g[i]);
+  rows += n;
+}
+
+std::vector<float> awq_rtn(const float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label) {
+  Int4Matrix m = quantize_int4(w, out, in, group_size, label);
+  std::vector<float> deq(static_cast<size_t>(out * in));
+  dequantize_int4(m.qweight.data(), m.scales.data(), m.zeros.data(), out, in, group_size, deq.data());
+  return deq;
+}
+
+namespace {
+
+std::vector<float> gram_f32(const AwqInputStats& x) {
+  std::vector<float> g(x.gram.size());
+  for (size_t i = 0; i < g.size(); ++i) g[i] = float(x.gram[i]);
+  return g;
+}
+
+double mse_packed(cpu::ThreadPool& pool, const float* w_ref, const float* w_quant, int64_t out, int64_t in,
+                  const cpu::PackedLinear& g, int64_t rows) {
+  std::vector<float> d(static_cast<size_t>(out * in)), dg(static_cast<size_t>(out * in));
+  for (size_t i = 0; i < d.size(); ++i) d[i] = w_ref[i] - w_quant[i];
+  cpu::matmul(pool, cpu::best_matmul_isa(), d.data(), out, g, dg.data());  // D·Gᵀ = D·G (G is symmetric)
+  double total = 0;
+  for (size_t i = 0; i < d.size(); ++i) total += double(d[i]) * double(dg[i]);
+  return total / double(std::max<int64_t>(rows, 1)) / double(out);
+}
+
+}  // namespace
+
+double awq_output_mse(cpu::ThreadPool& pool, const float* w_ref, const float* w_quant, int64_t out, int64_t in,
+                      const std::vector<float>& gram, int64_t rows) {
+  cpu::PackedLinear g = cpu::pack_linear(gram.data(), DType::F32, in, in);
+  return mse_packed(pool, w_ref, w_quant, out, in, g, rows);
+}
+
+AwqScaleSearch awq_search_scales(cpu::ThreadPool& pool, const float* w, int64_t out, int64_t in, int64_t group_size,
+                                 const AwqInputStats& x, int64_t grid, const std::string& label) {
+  check_int4_shape(out, in, group_size, label);
+  if (x.dim != in) throw Error(label + ": calibration statistics have " + std::to_string(x.dim) + " channels, not " +
+                               std::to_string(in));
+  if (x.rows <= 0) throw Error(label + ": no calibration rows reached this layer");
+  // Activation statistic: mean |x| per input channel over every calibration row.
+  std::vector<double> x_mean(static_cast<size_t>(in));
+  for (int64_t c = 0; c < in; ++c) x_mean[size_t(c)] = x.abs_sum[size_t(c)] / double(x.rows);
+  // Weight statistic (AutoAWQ): |w| divided by its group's max |w| (per row and group), then the mean over rows.
+  std::vector<double> w_mean(size_t(in), 0.0);
+  for (int64_t r = 0; r < out; ++r)
+    for (int64_t g0 = 0; g0 < in; g0 += group_size) {
+      float amax = 0;
+      for (int64_t c = g0; c < g0 + group_size; ++c) amax = std::max(amax, std::fabs(w[r * in + c]));
+      if (amax == 0) continue;  // an all-zero group contributes 0 (AutoAWQ would divide 0 by 0)
+      for (int64_t c = g0; c < g0 + group_size; ++c) w_mean[size_t(c)] += double(std::fabs(w[r * in + c]) / amax);
+    }
+  for (double& v : w_mean) v /= double(out);
+
+  const cpu::PackedLinear g = cpu::pack_linear(gram_f32(x).data(), DType::F32, in, in);
+  AwqScaleSearch best;
+  best.loss = std::numeric_limits<double>::infinity();
+  {
+    std::vector<float> q = awq_rtn(w, out, in, group_size, label);
+    best.loss_rtn = mse_packed(pool, w, q.data(), out, in, g, x.rows);
+  }
+  std::vector<float> s(static_cast<size_t>(in)), ws(static_cast<size_t>(out * in));
+  for (int64_t i = 0; i < grid; ++i) {
+    const double alpha = double(i) / double(grid);
+    double mx = 0, mn = std::numeric_limits<double>::infinity();
+    std::vector<double> sd(static_cast<size_t>(in));
+    for (int64_t c = 0; c < in; ++c) {
+      double v = std::pow(x_mean[size_t(c)], alpha) / (std::pow(w_mean[size_t(c)], 1.0 - alpha) + 1e-4);
+      v = std::max(v, 1e-4);
+      sd[size_t(c)] = v;
+      mx = std::max(mx, v);
+      mn = std::min(mn, v);
+    }
+    const double norm = std::sqrt(mx * mn);
+    for (int64_t c = 0; c < in; ++c) s[size_t(c)] = float(sd[size_t(c)] / norm);
+    // RTN(W diag(s)) fed x / s is the same map as W' = RTN(W diag(s)) diag(1/s) fed x: compare W' with W.
+    for (int64_t r = 0; r < out; ++r)
+      for (int64_t c = 0; c < in; ++c) ws[size_t(r * in + c)] = w[r * in + c] * s[size_t(c)];
+    std::vector<float> q = awq_rtn(ws.data(), out, in, group_size, label);
+    for (int64_t r = 0; r < out; ++r)
+      for (int64_t c = 0; c < in; ++c) q[size_t(r * in + c)] /= s[size_t(c)];
+    const double loss = mse_packed(pool, w, q.data(), out, in, g, x.rows);
+    if (loss < best.loss) {
+      best.loss = loss;
+      best.alpha = alpha;
+      best.scales = s;
+    }
+  }
+  if (best.scales.empty()) throw Error(label + ": the AWQ scale search found no finite loss (non-finite weights?)");
+  return best;
+}
+
+std::vector<float> awq_search_clip(const float* w, int64_t out, int64_t in, int64_t row0, int64_t group_size,
+                                   const AwqInputStats& x, const std::vector<float>& s, int64_t grid, double max_shrink,
+                                   const std::string& label) {
+  check_int4_shape(out, in, group_size, label);
+  const int64_t groups = in / group_size, gs = group_size;
+  const int64_t steps = std::max<int64_t>(1, int64_t(max_shrink * double(grid)));
+  // The diagonal blocks of the Gram of x / s: a group's partial output depends only on its own inputs.
+  std::vector<float> blocks(static_cast<size_t>(groups * gs * gs));
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t i = 0; i < gs; ++i)
+      for (int64_t j = 0; j < gs; ++j) {
+        const int64_t a = g * gs + i, b = g * gs + j;
+        const double sa = s.empty() ? 1.0 : s[size_t(a)], sb = s.empty() ? 1.0 : s[size_t(b)];
+        blocks[size_t((g * gs + i) * gs + j)] = float(x.gram[size_t(a * in + b)] / (sa * sb));
+      }
+  std::vector<float> clip(static_cast<size_t>((out - row0) * groups));
+  std::vector<float> cur(static_cast<size_t>(gs)), d(static_cast<size_t>(gs));
+  for (int64_t r = row0; r < out; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* wg = w + r * in + g * gs;
+      float amax = 0;
+      for (int64_t c = 0; c < gs; ++c) amax = std::max(amax, std::fabs(wg[c]));
+      float best_m = amax;
+      double best_err = std::numeric_limits<double>::infinity();
+      for (int64_t i = 0; i < steps && amax > 0; ++i) {
+        const float m = float(double(amax) * (1.0 - double(i) / double(grid)));
+        for (int64_t c = 0; c < gs; ++c) cur[size_t(c)] = std::clamp(wg[c], -m, m);
+        std::vector<float> q = awq_rtn(cur.data(), 1, gs, gs, label);
+        for (int64_t c = 0; c < gs; ++c) d[size_t(c)] = wg[c] - q[size_t(c)];  // against the unclipped weights
+        const float* G = blocks.data() + g * gs * gs;
+        double err = 0;
+        for (int64_t a = 0; a < gs; ++a) {
+          double row = 0;
+          for (int64_t b = 0; b < gs; ++b) row += double(G[a * gs + b]) * double(d[size_t(b)]);
+          err += double(d[size_t(a)]) * row;
+        }
+        if (err < best_err) {
+          best_err = err;
+          best_m = m;
+        }
+      }
+      clip[size_t((r - row0) * groups + g)] = best_m;
+    }
+  return clip;
+}
+
+void awq_apply_clip(float* w, int64_t out, int64_t in, int64_t row0, int64_t group_size, const std::vector<float>& clip) {
+  const int64_t groups = in / group_size;
+  if (clip.size() != size_t((out - row0) * groups)) throw Error("AWQ clip thresholds do not match the weight's shape");
+  for (int64_t r = row0; r < out; ++r)
+    for (int64_t c = 0; c < in; ++c) {
+      const float m = clip[size_t((r - row0) * groups + c / group_size)];
+      w[r * in + c] = std::clamp(w[r * in + c], -m, m);
+    }
+}
+
+}  // namespace kiln

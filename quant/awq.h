@@ -1,0 +1,96 @@
+#pragma once
+// AWQ (activation-aware weight quantization) for kiln quantize --method awq: per-channel smoothing scales and
+// per-group clipping found on calibration activations, folded into the fp32 weights before the usual int4 RTN
+// (quant/int4.h). The procedure and every deviation from AutoAWQ are documented in docs/quantization.md (AWQ).
+//
+// The search needs, per smoothing group, only two statistics of the group's input activations X [n, in]:
+// mean |x| per channel and the Gram matrix G = XᵀX. For a weight W and its quantized stand-in W', the mean squared
+// error of the linear's output over the n cached rows is exactly trace((W-W') G (W-W')ᵀ) / (n * out), so every
+// calibration row counts (AutoAWQ subsamples 512 tokens for clipping) and the cost no longer grows with n.
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+namespace kiln {
+
+namespace cpu {
+class ThreadPool;
+}
+
+// Statistics of one linear's input over the calibration rows.
+struct AwqInputStats {
+  int64_t dim = 0, rows = 0;
+  std::vector<double> abs_sum;  // [dim]
+  std::vector<double> gram;     // [dim, dim], symmetric: sum over rows of x xᵀ
+  void resize(int64_t d);
+  // Adds rows x[rows, dim] (uses `pool` for the XᵀX product).
+  void add(cpu::ThreadPool& pool, const float* x, int64_t rows);
+};
+
+struct AwqScaleSearch {
+  std::vector<float> scales;  // [in], normalized so that sqrt(max * min) = 1
+  double alpha = 0;           // the chosen ratio
+  double loss = 0;            // output MSE at alpha
+  double loss_rtn = 0;        // output MSE of plain RTN (scales 1), for the report
+};
+
+// Output MSE of quantizing W [out, in] (already scaled, fed x / s) against the unquantized W_ref, both [out, in].
+// `gram` is the input Gram in the same (scaled) coordinates, `rows` the number of rows it sums.
+double awq_output_mse(cpu::ThreadPool& pool, const float* w_ref, const float* w_quant, int64_t out, int64_t in,
+                      const std::vector<float>& gram, int64_t rows);
+
+// Grid search over alpha = i / grid, i in [0, grid): s = x_mean^alpha / (w_mean^(1-alpha) + 1e-4), clamped to
+// >= 1e-4, divided by sqrt(max * min); loss = output MSE of RTN(W diag(s)) fed x / s. Ties keep the smaller alpha.
+AwqScaleSearch awq_search_scales(cpu::ThreadPool& pool, const float* w, int64_t out, int64_t in, int64_t group_size,
+                                 const AwqInputStats& x, int64_t grid, const std::string& label);
+
+// Clipping: for rows [row0, out) of W [out, in] (already scaled by s) and each group of `group_size` inputs, the
+// threshold m = max|w| * (1 - i / grid), i < max_shrink * grid, whose RTN(clamp(w, -m, m)) minimizes the group's
+// output MSE on inputs x / s. Returns thresholds [out - row0, in / group_size].
+std::vector<float> awq_search_clip(const float* w, int64_t out, int64_t in, int64_t row0, int64_t group_size,
+                                   const AwqInputStats& x, const std::vector<float>& s, int64_t grid, double max_shrink,
+                                   const std::string& label);
+void awq_apply_clip(float* w, int64_t out, int64_t in, int64_t row0, int64_t group_size, const std::vector<float>& clip);
+
+// Quantize-dequantize through quant/int4 (the routine the workspace is written with): RTN in fp32.
+std::vector<float> awq_rtn(const float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label);
+
+// The result of the search for one layer: everything needed to transform its tensors while they are written.
+struct AwqLayerPlan {
+  std::vector<float> s_attn, s_vo, s_ffn, s_down;  // s_vo empty when v -> o is skipped (GQA)
+  double a_attn = 0, a_vo = -1, a_ffn = 0, a_down = 0;
+  double mse_rtn[4] = {}, mse_awq[4] = {};           // qkv, o, gate_up, down (output MSE before clipping)
+  std::vector<float> clip_qkv, clip_o, clip_gate_up, clip_down;  // thresholds; clip_qkv covers the v rows only
+};
+
+struct AwqOptions {
+  std::filesystem::path data;
+  std::string field = "text";
+  int64_t samples = 128, seqlen = 512, batch_tokens = 4096;
+  uint64_t seed = 0;
+  int64_t grid = 20, clip_grid = 20;
+  double max_shrink = 0.5;
+  bool clip = true;
+  bool fold_only = false;  // write the folded fp weights unquantized (a check that folding is exact)
+  uint64_t memory_budget = uint64_t(768) << 20;  // bytes of Gram matrices held at once (decides layers per pass)
+};
+
+struct AwqPlan {
+  std::vector<AwqLayerPlan> layers;
+  std::string data_sha256;
+  int64_t blocks = 0, seqlen = 0, passes = 0;
+};
+
+// Runs the calibration blocks through the unquantized input workspace (as many forward passes as the memory budget
+// needs) and searches every layer. `progress` shows on a TTY.
+AwqPlan awq_plan(const std::filesystem::path& workspace, const AwqOptions& opt, int64_t group_size, unsigned threads,
+                 bool progress);
+
+// Transforms one tensor of the workspace in place (fp32), given by its canonical layer-relative suffix; tensors AWQ
+// does not touch are left alone. Returns whether it changed anything.
+struct ModelSpec;
+bool awq_transform(const ModelSpec& spec, const AwqLayerPlan& p, const std::string& suffix, float* data,
+                   int64_t rows, int64_t cols, int64_t group_size);
+
+}  // namespace kiln
