@@ -126,7 +126,7 @@ void check_unused_tensors(const HfCheckpoint& ckpt, const std::vector<TensorMapp
   }
 }
 
-ordered_json hash_sources(const fs::path& dir, const HfCheckpoint& ckpt) {
+ordered_json hash_sources(const fs::path& dir, const HfCheckpoint& ckpt, const std::atomic<bool>* cancel) {
   std::vector<std::string> files = {"config.json"};
   std::error_code ec;
   if (fs::exists(dir / "model.safetensors.index.json", ec)) files.push_back("model.safetensors.index.json");
@@ -138,11 +138,15 @@ ordered_json hash_sources(const fs::path& dir, const HfCheckpoint& ckpt) {
   ordered_json out = ordered_json::object();
   for (const auto& f : files) {
     size_t size = 0;
-    std::string h = sha256_file((dir / f).string(), &size);
+    std::string h = sha256_file((dir / f).string(), &size, cancel);
     out[f] = {{"sha256", h}, {"size", size}};
   }
   return out;
 }
+
+ConvertResult finish_conversion(const ConvertOptions& opt, StagingDir& staging, const HfCheckpoint& ckpt,
+                                const ModelSpec& spec, DType target, const std::vector<TensorMapping>& mappings,
+                                std::future<ordered_json>& source_hashes);
 
 }  // namespace
 
@@ -157,9 +161,23 @@ ConvertResult convert_checkpoint(const ConvertOptions& opt) {
   std::vector<TensorMapping> mappings = tensor_mappings(spec, arch);
   check_unused_tensors(ckpt, mappings, arch, spec);
 
-  // Source hashes for provenance are computed on the second core while the first converts.
-  auto source_hashes = std::async(std::launch::async, hash_sources, opt.source, std::cref(ckpt));
+  // Source hashes for provenance are computed on the second core while the first converts. If converting fails, the
+  // hashing is cancelled so the error (or Ctrl-C) is not held up until every source byte is hashed.
+  std::atomic<bool> cancel_hashing{false};
+  auto source_hashes = std::async(std::launch::async, hash_sources, opt.source, std::cref(ckpt), &cancel_hashing);
+  try {
+    return finish_conversion(opt, staging, ckpt, spec, target, mappings, source_hashes);
+  } catch (...) {
+    cancel_hashing = true;
+    throw;
+  }
+}
 
+namespace {
+
+ConvertResult finish_conversion(const ConvertOptions& opt, StagingDir& staging, const HfCheckpoint& ckpt,
+                                const ModelSpec& spec, DType target, const std::vector<TensorMapping>& mappings,
+                                std::future<ordered_json>& source_hashes) {
   std::vector<TensorPlan> plan;
   uint64_t total = 0;
   for (const auto& m : mappings) {
@@ -225,5 +243,7 @@ ConvertResult convert_checkpoint(const ConvertOptions& opt) {
   staging.commit();
   return result;
 }
+
+}  // namespace
 
 }  // namespace kiln

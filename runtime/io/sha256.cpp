@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "runtime/core/error.h"
+#include "runtime/io/interrupt.h"
 
 namespace kiln {
 
@@ -34,13 +35,17 @@ std::string Sha256::hex_digest() {
   return out;
 }
 
-std::string sha256_file(const std::string& path, size_t* size_out) {
+std::string sha256_file(const std::string& path, size_t* size_out, const std::atomic<bool>* cancel) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw Error(path + ": cannot open: " + std::strerror(errno));
   Sha256 h;
   std::vector<char> buf(1 << 20);
   size_t total = 0;
   for (;;) {
+    if ((cancel && cancel->load()) || interrupt_requested()) {
+      ::close(fd);
+      throw Interrupted();
+    }
     ssize_t n = ::read(fd, buf.data(), buf.size());
     if (n < 0) {
       if (errno == EINTR) continue;

@@ -1,5 +1,6 @@
 #pragma once
 // Streaming SHA-256 for workspace manifests, backed by OpenSSL (which uses SHA-NI where the CPU has it).
+#include <atomic>
 #include <cstddef>
 #include <string>
 
@@ -18,7 +19,9 @@ class Sha256 {
   void* ctx_;
 };
 
-// Hashes a whole file by streaming it; throws kiln::Error naming the path.
-std::string sha256_file(const std::string& path, size_t* size_out = nullptr);
+// Hashes a whole file by streaming it; throws kiln::Error naming the path. When `cancel` becomes true (another thread
+// failed) or the user interrupts, it stops early by throwing kiln::Interrupted.
+std::string sha256_file(const std::string& path, size_t* size_out = nullptr,
+                        const std::atomic<bool>* cancel = nullptr);
 
 }  // namespace kiln
