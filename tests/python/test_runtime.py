@@ -205,7 +205,7 @@ def test_missing_and_corrupt_workspace(workspaces, tmp_path):
     proc = run_kiln("generate", tmp_path / "nope", "--prompt", "x", check=False)
     assert proc.returncode != 0 and "no such file or directory" in proc.stderr and proc.stderr.count("\n") == 1
     proc = run_kiln("eval", tmp_path, "--tokens", tmp_path / "x.json", check=False)
-    assert proc.returncode != 0 and "not a kiln workspace" in proc.stderr
+    assert proc.returncode != 0 and "neither a kiln workspace" in proc.stderr
     import shutil
     bad = tmp_path / "bad"
     shutil.copytree(workspaces("llama-tied-fp32"), bad)
