@@ -24,7 +24,7 @@ fi
 # Python is only for oracles, fixtures and scripts. Versions are pinned so the oracle does not move under the tests.
 PY_PACKAGES=(
   torch==2.13.0 transformers==5.23.0 tokenizers==0.23.3 safetensors numpy pytest
-  gguf accelerate sentencepiece protobuf jinja2
+  gguf accelerate sentencepiece protobuf jinja2 openai prometheus_client
 )
 if ! python3 -c "import torch, transformers, tokenizers, safetensors, pytest, gguf, accelerate, jinja2" 2>/dev/null \
    || [ "$(python3 -c 'import transformers; print(transformers.__version__)')" != "5.23.0" ]; then

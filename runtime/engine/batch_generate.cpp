@@ -6,9 +6,7 @@
 #include <optional>
 
 #include "runtime/core/error.h"
-#include "runtime/sampling/sampler.h"
-#include "runtime/sampling/stop.h"
-#include "runtime/text/detokenizer.h"
+#include "runtime/engine/sequence_decoder.h"
 
 namespace kiln {
 namespace {
@@ -22,9 +20,7 @@ struct Running {
   KvSequence own;                 // used when the request brings no sequence
   KvSequence* kv = nullptr;
   int64_t fed = 0;                // prompt tokens whose K/V the cache holds
-  std::optional<SamplingState> state;
-  std::optional<StopChecker> stop;
-  std::unique_ptr<IncrementalDetokenizer> detok;
+  std::optional<SequenceDecoder> dec;  // sampling state, stop checker and detokenizer
   bool done = false;
 };
 
@@ -65,10 +61,8 @@ std::vector<GenerationOutput> generate_batch(Model& model, KvCache& cache, std::
       continue;
     }
     p.max_new_tokens = int32_t(budget);
-    s.state.emplace(p, q.prompt);  // validates the params
-    s.out->seed = s.state->seed();
-    s.stop.emplace(p, options.eos_ids);
-    if (options.tokenizer) s.detok = std::make_unique<IncrementalDetokenizer>(*options.tokenizer, true);
+    s.dec.emplace(p, q.prompt, options.eos_ids, options.tokenizer);  // validates the params
+    s.out->seed = s.dec->seed();
   }
 
   auto emit = [](Running& s, const std::string& text) {
@@ -77,7 +71,7 @@ std::vector<GenerationOutput> generate_batch(Model& model, KvCache& cache, std::
     if (s.req->on_text) s.req->on_text(text);
   };
   auto finish = [&](Running& s, const char* reason) {
-    emit(s, s.stop->finish(s.detok ? s.detok->finish() : std::string()));
+    emit(s, s.dec->finish());
     s.out->finish_reason = reason;
     s.out->end_seconds = seconds();
     s.done = true;
@@ -118,12 +112,11 @@ std::vector<GenerationOutput> generate_batch(Model& model, KvCache& cache, std::
     for (size_t e = 0; e < stepping.size(); ++e) {
       Running& s = *stepping[e];
       if (s.fed < int64_t(s.req->prompt.size())) continue;  // still prefilling: this row is not a prediction yet
-      const int32_t token = sampler.sample(std::span<const float>(r.last(e, batch), size_t(vocab)), *s.state).token;
+      DecodeStep d = s.dec->step(sampler, std::span<const float>(r.last(e, batch), size_t(vocab)));
       if (s.out->tokens.empty()) s.out->first_token_seconds = seconds();
-      s.out->tokens.push_back(token);
-      const bool stops = s.stop->stops_on(token);
-      emit(s, s.stop->push(token, stops || !s.detok ? std::string() : s.detok->push(token)));
-      if (s.stop->done()) finish(s, finish_reason_name(s.stop->finish_reason()));
+      s.out->tokens.push_back(d.token);
+      emit(s, d.text);
+      if (d.done) finish(s, s.dec->finish_reason());
     }
   }
   return outputs;

@@ -1,0 +1,243 @@
+#include "runtime/serve/http_api.h"
+
+#include <cmath>
+
+#include "runtime/core/error.h"
+
+namespace kiln::serve {
+
+using json = nlohmann::ordered_json;
+
+ApiError::ApiError(int status_, std::string message, std::string param_, std::string type_, std::string code_)
+    : std::runtime_error(std::move(message)),
+      status(status_),
+      param(std::move(param_)),
+      type(std::move(type_)),
+      code(std::move(code_)) {}
+
+static const char* default_type(int status) {
+  switch (status) {
+    case 401: return "authentication_error";
+    case 404: return "not_found_error";
+    case 413: return "invalid_request_error";
+    case 429: return "rate_limit_error";
+    case 503: return "service_unavailable";
+    default: return status >= 500 ? "server_error" : "invalid_request_error";
+  }
+}
+
+std::string error_body(int status, const std::string& message, const std::string& param, const std::string& type,
+                       const std::string& code) {
+  // Messages are ours, but some quote a field value; cap them so a huge input is never reflected.
+  std::string msg = message.size() > 512 ? message.substr(0, 512) + "..." : message;
+  json e{{"message", msg},
+         {"type", type.empty() ? default_type(status) : type},
+         {"param", param.empty() ? json(nullptr) : json(param)},
+         {"code", code.empty() ? json(nullptr) : json(code)}};
+  return json{{"error", e}}.dump(-1, ' ', false, json::error_handler_t::replace);
+}
+
+namespace {
+
+[[noreturn]] void bad(const std::string& param, const std::string& what) {
+  throw ApiError(400, "'" + param + "' " + what, param);
+}
+
+std::optional<double> number(const json& b, const char* key, double lo, double hi) {
+  auto it = b.find(key);
+  if (it == b.end() || it->is_null()) return std::nullopt;
+  if (!it->is_number()) bad(key, "must be a number");
+  const double v = it->get<double>();
+  if (!std::isfinite(v) || v < lo || v > hi)
+    bad(key, "must be between " + std::to_string(lo) + " and " + std::to_string(hi));
+  return v;
+}
+
+std::optional<int64_t> integer(const json& b, const char* key, int64_t lo, int64_t hi) {
+  auto it = b.find(key);
+  if (it == b.end() || it->is_null()) return std::nullopt;
+  if (!it->is_number_integer()) bad(key, "must be an integer");
+  if (it->is_number_unsigned() && it->get<uint64_t>() > uint64_t(INT64_MAX)) bad(key, "is out of range");
+  const int64_t v = it->get<int64_t>();
+  if (v < lo || v > hi) bad(key, "must be between " + std::to_string(lo) + " and " + std::to_string(hi));
+  return v;
+}
+
+bool boolean(const json& b, const char* key) {
+  auto it = b.find(key);
+  if (it == b.end() || it->is_null()) return false;
+  if (!it->is_boolean()) bad(key, "must be a boolean");
+  return it->get<bool>();
+}
+
+// Chat message content: a string, or a list of {"type": "text", "text": ...} parts (other part types: 400).
+std::string content_text(const json& c, const std::string& where) {
+  if (c.is_string()) return c.get<std::string>();
+  if (c.is_null()) return {};
+  if (!c.is_array()) bad(where, "must be a string or a list of content parts");
+  std::string out;
+  for (const auto& part : c) {
+    if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") || !part["text"].is_string())
+      bad(where, "supports only text content parts");
+    out += part["text"].get<std::string>();
+  }
+  return out;
+}
+
+}  // namespace
+
+ApiRequest parse_request(const std::string& body, bool chat, const Tokenizer& tok, const ChatTemplate* tpl) {
+  json b = json::parse(body, nullptr, false);
+  // nlohmann's parse messages quote the input; say only that it is not JSON.
+  if (b.is_discarded()) throw ApiError(400, "the request body is not valid JSON");
+  if (!b.is_object()) throw ApiError(400, "the request body must be a JSON object");
+  ApiRequest r;
+  r.chat = chat;
+  r.stream = boolean(b, "stream");
+  if (auto it = b.find("stream_options"); it != b.end() && !it->is_null()) {
+    if (!it->is_object()) bad("stream_options", "must be an object");
+    r.include_usage = boolean(*it, "include_usage");
+  }
+  if (auto n = integer(b, "n", 1, 128); n && *n != 1) bad("n", "other than 1 is not supported yet");
+  if (b.contains("user") && !b["user"].is_null() && !b["user"].is_string()) bad("user", "must be a string");
+  if (b.contains("logprobs") && !b["logprobs"].is_null() && b["logprobs"] != false && b["logprobs"] != 0)
+    bad("logprobs", "is not supported yet");
+  if (b.contains("best_of") && !b["best_of"].is_null() && b["best_of"] != 1) bad("best_of", "is not supported");
+  if (b.contains("echo") && b["echo"] == true) bad("echo", "is not supported");
+  if (b.contains("suffix") && !b["suffix"].is_null()) bad("suffix", "is not supported");
+
+  if (chat) {
+    if (!tpl) throw ApiError(400, "this model has no chat template; use /v1/completions", "messages");
+    auto it = b.find("messages");
+    if (it == b.end() || !it->is_array() || it->empty()) bad("messages", "must be a non-empty list of messages");
+    json messages = json::array();
+    for (size_t i = 0; i < it->size(); ++i) {
+      const json& m = (*it)[i];
+      const std::string where = "messages[" + std::to_string(i) + "]";
+      if (!m.is_object() || !m.contains("role") || !m["role"].is_string()) bad(where, "must have a string 'role'");
+      json msg = m;
+      msg["content"] = content_text(m.value("content", json(nullptr)), where + ".content");
+      messages.push_back(std::move(msg));
+    }
+    try {
+      r.prompt = tok.encode(tpl->render(messages, true), false);  // the template brings BOS, as in transformers
+    } catch (const Error& e) {
+      throw ApiError(400, std::string("the chat template failed on these messages: ") + e.what(), "messages");
+    }
+  } else {
+    auto it = b.find("prompt");
+    if (it == b.end()) bad("prompt", "is required");
+    const json* p = &*it;
+    if (p->is_array() && p->size() == 1 && (*p)[0].is_string()) p = &(*p)[0];
+    if (p->is_string()) {
+      r.prompt = tok.encode(p->get<std::string>());
+    } else if (p->is_array() && !p->empty() && (*p)[0].is_number_integer()) {
+      for (const auto& v : *p) {
+        if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= int64_t(tok.vocab_size()))
+          bad("prompt", "token ids must be integers within the vocabulary");
+        r.prompt.push_back(v.get<int32_t>());
+      }
+    } else {
+      bad("prompt", "must be a string, a list of one string, or a list of token ids");
+    }
+  }
+
+  SamplingParams& p = r.params;
+  p.temperature = 1.0f;  // OpenAI's default
+  if (auto v = number(b, "temperature", 0, 2)) p.temperature = float(*v);
+  if (auto v = number(b, "top_p", 0, 1)) {
+    if (*v <= 0) bad("top_p", "must be greater than 0");
+    p.top_p = float(*v);
+  }
+  if (auto v = integer(b, "top_k", -1, INT32_MAX)) p.top_k = int32_t(*v);
+  if (auto v = number(b, "min_p", 0, 1)) p.min_p = float(*v);
+  if (auto v = number(b, "presence_penalty", -2, 2)) p.presence_penalty = float(*v);
+  if (auto v = number(b, "frequency_penalty", -2, 2)) p.frequency_penalty = float(*v);
+  if (auto v = number(b, "repetition_penalty", 0, 1e6)) {
+    if (*v <= 0) bad("repetition_penalty", "must be greater than 0");
+    p.repetition_penalty = float(*v);
+  }
+  if (auto v = integer(b, "seed", INT64_MIN, INT64_MAX)) p.seed = uint64_t(*v);
+  // Completions default to 16 tokens (OpenAI); chat to whatever the context leaves (the engine clamps).
+  p.max_new_tokens = chat ? INT32_MAX : 16;
+  const char* max_key = chat && b.contains("max_completion_tokens") ? "max_completion_tokens" : "max_tokens";
+  if (auto v = integer(b, max_key, 1, INT32_MAX)) p.max_new_tokens = int32_t(*v);
+  if (auto it = b.find("stop"); it != b.end() && !it->is_null()) {
+    if (it->is_string()) {
+      p.stop.push_back(it->get<std::string>());
+    } else if (it->is_array() && it->size() <= 16) {
+      for (const auto& s : *it) {
+        if (!s.is_string()) bad("stop", "must be a string or a list of strings");
+        p.stop.push_back(s.get<std::string>());
+      }
+    } else {
+      bad("stop", "must be a string or a list of at most 16 strings");
+    }
+    for (const auto& s : p.stop)
+      if (s.empty()) bad("stop", "must not contain an empty string");
+  }
+  if (boolean(b, "ignore_eos")) p.ignore_eos = true;
+  try {
+    p.validate(int64_t(tok.vocab_size()));
+  } catch (const Error& e) {
+    throw ApiError(400, e.what());
+  }
+  return r;
+}
+
+json usage_json(int64_t prompt_tokens, int64_t completion_tokens) {
+  return {{"prompt_tokens", prompt_tokens},
+          {"completion_tokens", completion_tokens},
+          {"total_tokens", prompt_tokens + completion_tokens}};
+}
+
+json full_response(const ApiRequest& r, const std::string& id, int64_t created, const std::string& model,
+                   const std::string& text, const std::string& finish_reason, int64_t pt, int64_t ct) {
+  json choice;
+  if (r.chat)
+    choice = {{"index", 0},
+              {"message", {{"role", "assistant"}, {"content", text}}},
+              {"logprobs", nullptr},
+              {"finish_reason", finish_reason}};
+  else
+    choice = {{"index", 0}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", finish_reason}};
+  return {{"id", id},
+          {"object", r.chat ? "chat.completion" : "text_completion"},
+          {"created", created},
+          {"model", model},
+          {"choices", json::array({choice})},
+          {"usage", usage_json(pt, ct)}};
+}
+
+json stream_chunk(const ApiRequest& r, const std::string& id, int64_t created, const std::string& model,
+                  const std::string& text, bool first, const std::string& finish_reason) {
+  json fr = finish_reason.empty() ? json(nullptr) : json(finish_reason);
+  json choice;
+  if (r.chat) {
+    json delta = json::object();
+    if (first) delta["role"] = "assistant";
+    if (!text.empty() || first) delta["content"] = text;
+    choice = {{"index", 0}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", fr}};
+  } else {
+    choice = {{"index", 0}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", fr}};
+  }
+  json c{{"id", id},
+         {"object", r.chat ? "chat.completion.chunk" : "text_completion"},
+         {"created", created},
+         {"model", model},
+         {"choices", json::array({choice})}};
+  if (r.include_usage) c["usage"] = nullptr;
+  return c;
+}
+
+json usage_chunk(const ApiRequest& r, const std::string& id, int64_t created, const std::string& model, int64_t pt,
+                 int64_t ct) {
+  return {{"id", id},
+          {"object", r.chat ? "chat.completion.chunk" : "text_completion"},
+          {"created", created},
+          {"model", model},
+          {"choices", json::array()},
+          {"usage", usage_json(pt, ct)}};
+}
+
+}  // namespace kiln::serve

@@ -1,0 +1,41 @@
+#pragma once
+// `kiln serve`'s HTTP front: OpenAI-compatible routes over cpp-httplib, API keys, health/readiness, metrics, and
+// graceful draining. The engine does the work; this file only translates.
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "runtime/serve/engine.h"
+#include "runtime/serve/metrics.h"
+#include "runtime/text/chat_template.h"
+#include "runtime/text/tokenizer.h"
+
+namespace kiln::serve {
+
+struct HttpOptions {
+  std::string host = "127.0.0.1";
+  int port = 8000;
+  std::vector<std::string> api_keys;  // empty: no authentication
+  size_t max_body_bytes = 8 << 20;
+  std::string model_name;
+  double drain_timeout = 30;  // seconds to finish running requests after SIGTERM before cancelling them
+  int threads = 256;          // HTTP worker threads: each open stream holds one
+};
+
+class HttpServer {
+ public:
+  HttpServer(Engine& engine, Metrics& metrics, const Tokenizer& tok, const ChatTemplate* chat_template,
+             HttpOptions options);
+  ~HttpServer();
+  // Binds (kiln::Error naming host:port on failure), then serves until stop_flag turns true; then drains: refuses
+  // new requests with 503, lets running ones finish for up to drain_timeout, cancels the rest, and returns.
+  void run(const std::atomic<bool>& stop_flag);
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kiln::serve

@@ -1,0 +1,121 @@
+// kiln serve PATH [--host H] [--port P] [--api-key K]... [--max-queue N] [--max-batch-tokens T] ...: an
+// OpenAI-compatible HTTP server over the serving engine (runtime/serve). Thin: options, loading, signals.
+#include <atomic>
+#include <csignal>
+#include <filesystem>
+#include <memory>
+
+#include "runtime/core/error.h"
+#include "runtime/engine/loaded_model.h"
+#include "runtime/text/chat_template.h"
+#include "runtime/text/tokenizer.h"
+#include "tools/command.h"
+#include "tools/generation_cli.h"
+#ifdef KILN_HAVE_HTTPLIB
+#include "runtime/serve/http_server.h"
+#endif
+
+namespace kiln::tools {
+namespace {
+
+struct ServeCliOptions {
+  std::string path, host = "127.0.0.1", model_name, kv_cache = "auto";
+  int port = 8000;
+  std::vector<std::string> api_keys;
+  int64_t max_queue = 256, max_batch_tokens = 512, max_running = 64, kv_cache_blocks = 0, ctx = 0;
+  int64_t kv_cache_mib = 1024;
+  size_t max_body_bytes = 8 << 20;
+  double drain_timeout = 30;
+  unsigned threads = 0;
+};
+
+std::atomic<bool> g_stop{false};
+extern "C" void on_stop_signal(int) { g_stop = true; }
+
+int run(const ServeCliOptions& o) {
+#ifndef KILN_HAVE_HTTPLIB
+  (void)o;
+  throw Error("kiln serve: this build has no HTTP server (cpp-httplib was not found at build time)");
+#else
+  // SIGTERM/SIGINT drain the server (see HttpServer::run); a write to a closed socket must not kill the process.
+  std::signal(SIGPIPE, SIG_IGN);
+  struct sigaction sa {};
+  sa.sa_handler = on_stop_signal;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGTERM, &sa, nullptr);
+  sigaction(SIGINT, &sa, nullptr);
+
+  LoadedModel m = load_model(o.path, o.threads);
+  const ModelSpec& spec = m.model->spec();
+  TokenizerFiles files = locate_tokenizer_files(o.path);
+  Tokenizer tok = Tokenizer::load(files);
+  std::unique_ptr<ChatTemplate> tpl;
+  try {
+    tpl = std::make_unique<ChatTemplate>(ChatTemplate::from_files(files));
+  } catch (const Error& e) {
+    std::fprintf(stderr, "kiln serve: %s; /v1/chat/completions will answer 400\n", e.what());
+  }
+  const int64_t context = o.ctx > 0 ? o.ctx : spec.max_position_embeddings;
+  const KvDType kv = o.kv_cache == "auto" ? default_kv_dtype(*m.workspace) : kv_dtype_from_name(o.kv_cache, "--kv-cache");
+  const int64_t block = 16;
+  KvCacheConfig probe = m.model->kv_config(block, kv, block);
+  int64_t blocks = o.kv_cache_blocks;
+  if (blocks <= 0)  // from the memory budget, but always room for one full-context request
+    blocks = std::max<int64_t>((context + block - 1) / block,
+                               int64_t((o.kv_cache_mib << 20) / (KvCache::bytes_per_token(probe) * block)));
+  KvCache cache(m.model->backend(), m.model->kv_config(blocks * block, kv, block));
+
+  serve::Metrics metrics;
+  serve::EngineOptions eo;
+  eo.context = context;
+  eo.max_batch_tokens = o.max_batch_tokens;
+  eo.max_running = o.max_running;
+  eo.max_queue = o.max_queue;
+  eo.eos_ids = eos_ids(spec.eos_token_ids);
+  eo.tokenizer = &tok;
+  serve::Engine engine(*m.model, cache, eo, metrics);
+
+  serve::HttpOptions ho;
+  ho.host = o.host;
+  ho.port = o.port;
+  ho.api_keys = o.api_keys;
+  ho.max_body_bytes = o.max_body_bytes;
+  ho.drain_timeout = o.drain_timeout;
+  ho.model_name = o.model_name.empty() ? std::filesystem::path(o.path).lexically_normal().filename().string()
+                                       : o.model_name;
+  if (ho.model_name.empty()) ho.model_name = std::filesystem::path(o.path).parent_path().filename().string();
+  serve::HttpServer server(engine, metrics, tok, tpl.get(), ho);
+  std::fprintf(stderr, "kiln serve: %lld KV blocks of %lld tokens, context %lld\n", (long long)blocks,
+               (long long)block, (long long)context);
+  server.run(g_stop);
+  return 0;
+#endif
+}
+
+Action setup(CLI::App& sub) {
+  auto o = std::make_shared<ServeCliOptions>();
+  sub.add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory (converted in memory)")->required();
+  sub.add_option("--host", o->host, "Address to listen on")->capture_default_str();
+  sub.add_option("--port", o->port, "Port to listen on")->capture_default_str();
+  sub.add_option("--api-key", o->api_keys, "Accepted API key (repeatable); none: no authentication");
+  sub.add_option("--max-queue", o->max_queue, "Waiting requests beyond which new ones get 429")->capture_default_str();
+  sub.add_option("--max-batch-tokens", o->max_batch_tokens, "Most tokens per forward pass")->capture_default_str();
+  sub.add_option("--max-running", o->max_running, "Most requests in the running batch")->capture_default_str();
+  sub.add_option("--kv-cache-blocks", o->kv_cache_blocks, "KV cache blocks of 16 tokens (default: from --kv-cache-mib)");
+  sub.add_option("--kv-cache-mib", o->kv_cache_mib, "KV cache memory budget in MiB")->capture_default_str();
+  sub.add_option("--kv-cache", o->kv_cache, "KV cache dtype: auto (the workspace's), fp32, fp16 or bf16")
+      ->capture_default_str();
+  sub.add_option("--ctx", o->ctx, "Context length per request (default: the model's maximum)");
+  sub.add_option("--max-body-bytes", o->max_body_bytes, "Largest request body (413 beyond)")->capture_default_str();
+  sub.add_option("--model-name", o->model_name, "Model id reported by the API (default: the directory name)");
+  sub.add_option("--drain-timeout", o->drain_timeout, "Seconds to finish running requests after SIGTERM")
+      ->capture_default_str();
+  sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)");
+  return [o] { return run(*o); };
+}
+
+}  // namespace
+
+KILN_COMMAND(80, "serve", "Serve the model over an OpenAI-compatible HTTP API", setup);
+
+}  // namespace kiln::tools
