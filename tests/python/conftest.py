@@ -34,6 +34,13 @@ def run_kiln(*args, check=True, input=None, env=None, timeout=600):
     return proc
 
 
+def copy_tokenizer(src: Path, dst: Path):
+    """Gives a checkpoint written in a test the tokenizer files of a fixture model."""
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        if (src / f).exists():
+            shutil.copy(src / f, dst / f)
+
+
 @pytest.fixture(scope="session")
 def real_tokenizers(tmp_path_factory):
     """Directory with llama2/ and qwen3/ subdirectories, each holding tokenizer.json and tokenizer_config.json."""

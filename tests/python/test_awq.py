@@ -17,7 +17,7 @@ import torch
 from safetensors.numpy import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import REPO, run_kiln
+from conftest import copy_tokenizer, REPO, run_kiln
 
 GS = 32
 CALIB = REPO / "tests" / "data" / "text" / "devils_dictionary_calib.txt"
@@ -39,10 +39,7 @@ def outlier_checkpoint(fixture_models, tmp_path_factory):
                 norm.weight[[3, 17, 40]] *= 40.0
     out = tmp_path_factory.mktemp("awq") / "hf"
     model.save_pretrained(out)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        src = fixture_models / "llama-fp32-sharded" / f
-        if src.exists():
-            (out / f).write_bytes(src.read_bytes())
+    copy_tokenizer(fixture_models / "llama-fp32-sharded", out)
     return out
 
 

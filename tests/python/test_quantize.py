@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from safetensors.torch import load_file as load_torch
 from transformers import AutoModelForCausalLM
 
-from conftest import REPO, run_kiln
+from conftest import copy_tokenizer, REPO, run_kiln
 
 TOL = 1e-3
 GS = 32  # the fixtures' linears have 64 or 128 inputs
@@ -78,10 +78,7 @@ def edge_checkpoint(fixture_models, tmp_path_factory):
         model.model.layers[1].mlp.down_proj.weight[7, 3] = -250.0
     out = tmp_path_factory.mktemp("edge") / "hf"
     model.save_pretrained(out)
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        src = fixture_models / "llama-fp32-sharded" / f
-        if src.exists():
-            (out / f).write_bytes(src.read_bytes())
+    copy_tokenizer(fixture_models / "llama-fp32-sharded", out)
     return out
 
 
