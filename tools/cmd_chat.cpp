@@ -50,8 +50,7 @@ class Repl {
     params_ = resolve_sampling(o_.sampling, read_generation_config(files_));
     const ModelSpec& spec = m_.model->spec();
     context_ = o_.ctx > 0 ? o_.ctx : spec.max_position_embeddings;
-    const KvDType kv =
-        o_.kv_cache == "auto" ? default_kv_dtype(*m_.workspace) : kv_dtype_from_name(o_.kv_cache, "--kv-cache");
+    const KvDType kv = resolve_kv_dtype(*m_.workspace, o_.kv_cache);
     session_ = std::make_unique<ChatSession>(*m_.model, context_, kv);
     system_ = o_.system;
     if (interactive_)
@@ -142,8 +141,8 @@ class Repl {
     const int64_t n = int64_t(r.tokens.size());
     std::fprintf(stderr, "[%s%lld tokens, %.1f tokens/s; prompt %lld tokens, %lld reused, %.0f ms to first token]\n",
                  r.finish_reason == "cancelled" ? "interrupted, " : "", (long long)n,
-                 n > 1 && decode_s > 0 ? double(n - 1) / decode_s : 0.0, (long long)q.prompt.size(),
-                 (long long)reused, r.first_token_seconds * 1e3);
+                 n > 1 && decode_s > 0 ? double(n - 1) / decode_s : 0.0, (long long)q.prompt.size(), (long long)reused,
+                 r.first_token_seconds * 1e3);
   }
 
   const ChatCliOptions& o_;
@@ -162,13 +161,13 @@ class Repl {
 
 Action setup(CLI::App& sub) {
   auto o = std::make_shared<ChatCliOptions>();
-  sub.add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory (converted in memory)")->required();
+  sub.add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory (converted in memory)")
+      ->required();
   sub.add_option("--system", o->system, "System prompt");
   sub.add_flag("--show-prompt", o->show_prompt, "Print each turn's rendered prompt to stderr");
   add_sampling_flags(sub, o->sampling);
   sub.add_option("--ctx", o->ctx, "Context length of the conversation (default: the model's maximum)");
-  sub.add_option("--kv-cache", o->kv_cache, "KV cache dtype: auto (the workspace's), fp32, fp16 or bf16")
-      ->capture_default_str();
+  sub.add_option("--kv-cache", o->kv_cache, kKvCacheFlagHelp)->capture_default_str();
   sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)");
   return [o] { return Repl(*o).run(); };
 }

@@ -1,8 +1,8 @@
-// kiln eval PATH (--text F | --tokens T.json) [--ctx 512] [--save-logits L] [--ref-logits L] [--json]
+// kiln eval PATH (--text F | --tokens T.json) [--ctx 512] [--max-tokens N] [--save-logits L] [--ref-logits L] [--json]
 // Perplexity over non-overlapping windows, optionally saving every logits row or comparing against saved ones.
 #include <cmath>
-#include <cstring>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -22,7 +22,7 @@ namespace {
 
 struct EvalOptions {
   std::string path, text, tokens, save_logits, ref_logits, kv_cache = "auto";
-  int64_t ctx = 512;
+  int64_t ctx = 512, max_tokens = 0;
   unsigned threads = 0;
   bool json = false;
 };
@@ -76,10 +76,12 @@ int run(const EvalOptions& o) {
     Tokenizer tok = Tokenizer::load(locate_tokenizer_files(o.path));
     tokens = tok.encode(read_file(o.text));
   }
+  if (o.max_tokens < 0) throw Error("--max-tokens must not be negative");
+  if (o.max_tokens > 0 && int64_t(tokens.size()) > o.max_tokens) tokens.resize(size_t(o.max_tokens));
   const int64_t n = int64_t(tokens.size()), vocab = model.spec().vocab_size;
   if (n < 2) throw Error("the evaluation text has " + std::to_string(n) + " tokens; at least 2 are needed");
   if (o.ctx < 2) throw Error("--ctx must be at least 2");
-  KvDType kv = o.kv_cache == "auto" ? default_kv_dtype(*m.workspace) : kv_dtype_from_name(o.kv_cache, "--kv-cache");
+  KvDType kv = resolve_kv_dtype(*m.workspace, o.kv_cache);
 
   std::optional<RefLogits> ref;
   if (!o.ref_logits.empty()) ref.emplace(o.ref_logits, tokens, vocab);
@@ -119,8 +121,8 @@ int run(const EvalOptions& o) {
     std::filesystem::rename(tmp_save, o.save_logits);
   }
 
-  nlohmann::ordered_json out{{"ppl", ppl.perplexity()}, {"n_tokens", ppl.count()}, {"ctx", o.ctx},
-                             {"kv_cache", kv_dtype_name(kv)}};
+  nlohmann::ordered_json out{
+      {"ppl", ppl.perplexity()}, {"n_tokens", ppl.count()}, {"ctx", o.ctx}, {"kv_cache", kv_dtype_name(kv)}};
   if (ref) {
     LogitComparisonReport r = cmp.report();
     out["kld_mean"] = r.kld_mean;
@@ -146,7 +148,8 @@ int run(const EvalOptions& o) {
 
 Action setup(CLI::App& sub) {
   auto o = std::make_shared<EvalOptions>();
-  sub.add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory (converted in memory)")->required();
+  sub.add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory (converted in memory)")
+      ->required();
   auto* input = sub.add_option_group("input", "Exactly one of --text and --tokens");
   input->add_option("--text", o->text, "Text file, tokenized with the workspace's tokenizer");
   input->add_option("--tokens", o->tokens, "JSON file holding a list of token ids (instead of --text)");
@@ -157,8 +160,8 @@ Action setup(CLI::App& sub) {
                  "prediction after token i");
   sub.add_option("--ref-logits", o->ref_logits,
                  "Compare with a file written by --save-logits: KL divergence, top-1 agreement, PPL ratio");
-  sub.add_option("--kv-cache", o->kv_cache, "KV cache dtype: auto (the workspace's), fp32, fp16 or bf16")
-      ->capture_default_str();
+  sub.add_option("--max-tokens", o->max_tokens, "Evaluate only the first N tokens of the input (0: all)");
+  sub.add_option("--kv-cache", o->kv_cache, kKvCacheFlagHelp)->capture_default_str();
   sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)");
   sub.add_flag("--json", o->json, "Print the results as JSON");
   return [o] { return run(*o); };

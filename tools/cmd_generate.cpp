@@ -83,7 +83,7 @@ int run(const GenerateCliOptions& o) {
   SamplingParams params = resolve_sampling(o.sampling, read_generation_config(files));
 
   const int64_t context = o.ctx > 0 ? o.ctx : spec.max_position_embeddings;
-  const KvDType kv = o.kv_cache == "auto" ? default_kv_dtype(*m.workspace) : kv_dtype_from_name(o.kv_cache, "--kv-cache");
+  const KvDType kv = resolve_kv_dtype(*m.workspace, o.kv_cache);
   // Room for every sequence's prompt + completion, each rounded up to whole blocks.
   const int64_t block = 16;
   const int64_t per_seq = std::min<int64_t>(int64_t(prompt.size()) + params.max_new_tokens, context);
@@ -142,7 +142,8 @@ int run(const GenerateCliOptions& o) {
 
 Action setup(CLI::App& sub) {
   auto o = std::make_shared<GenerateCliOptions>();
-  sub.add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory (converted in memory)")->required();
+  sub.add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory (converted in memory)")
+      ->required();
   auto* input = sub.add_option_group("input", "Exactly one of --prompt, --tokens and --messages");
   input->add_option("--prompt", o->prompt, "Prompt text (invalid UTF-8 becomes U+FFFD)");
   input->add_option("--tokens", o->prompt_tokens, "JSON file with the prompt as a list of token ids");
@@ -151,8 +152,7 @@ Action setup(CLI::App& sub) {
   sub.add_flag("--chat", o->chat, "Wrap the prompt as one user message in the model's chat template");
   add_sampling_flags(sub, o->sampling);
   sub.add_option("--ctx", o->ctx, "Context length: prompt plus completion (default: the model's maximum)");
-  sub.add_option("--kv-cache", o->kv_cache, "KV cache dtype: auto (the workspace's), fp32, fp16 or bf16")
-      ->capture_default_str();
+  sub.add_option("--kv-cache", o->kv_cache, kKvCacheFlagHelp)->capture_default_str();
   sub.add_option("--batch", o->batch, "Run this many copies of the prompt in one batch (seeds seed, seed+1, ...)")
       ->capture_default_str();
   sub.add_option("--prefill-chunk", o->prefill_chunk, "Most prompt tokens per forward pass")->capture_default_str();

@@ -56,7 +56,7 @@ int run(const ServeCliOptions& o) {
     std::fprintf(stderr, "kiln serve: %s; /v1/chat/completions will answer 400\n", e.what());
   }
   const int64_t context = o.ctx > 0 ? o.ctx : spec.max_position_embeddings;
-  const KvDType kv = o.kv_cache == "auto" ? default_kv_dtype(*m.workspace) : kv_dtype_from_name(o.kv_cache, "--kv-cache");
+  const KvDType kv = resolve_kv_dtype(*m.workspace, o.kv_cache);
   const int64_t block = 16;
   KvCacheConfig probe = m.model->kv_config(block, kv, block);
   int64_t blocks = o.kv_cache_blocks;
@@ -81,12 +81,12 @@ int run(const ServeCliOptions& o) {
   ho.api_keys = o.api_keys;
   ho.max_body_bytes = o.max_body_bytes;
   ho.drain_timeout = o.drain_timeout;
-  ho.model_name = o.model_name.empty() ? std::filesystem::path(o.path).lexically_normal().filename().string()
-                                       : o.model_name;
+  ho.model_name =
+      o.model_name.empty() ? std::filesystem::path(o.path).lexically_normal().filename().string() : o.model_name;
   if (ho.model_name.empty()) ho.model_name = std::filesystem::path(o.path).parent_path().filename().string();
   serve::HttpServer server(engine, metrics, tok, tpl.get(), ho);
-  std::fprintf(stderr, "kiln serve: %lld KV blocks of %lld tokens, context %lld\n", (long long)blocks,
-               (long long)block, (long long)context);
+  std::fprintf(stderr, "kiln serve: %lld KV blocks of %lld tokens, context %lld\n", (long long)blocks, (long long)block,
+               (long long)context);
   server.run(g_stop);
   return 0;
 #endif
@@ -94,17 +94,18 @@ int run(const ServeCliOptions& o) {
 
 Action setup(CLI::App& sub) {
   auto o = std::make_shared<ServeCliOptions>();
-  sub.add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory (converted in memory)")->required();
+  sub.add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory (converted in memory)")
+      ->required();
   sub.add_option("--host", o->host, "Address to listen on")->capture_default_str();
   sub.add_option("--port", o->port, "Port to listen on")->capture_default_str();
   sub.add_option("--api-key", o->api_keys, "Accepted API key (repeatable); none: no authentication");
   sub.add_option("--max-queue", o->max_queue, "Waiting requests beyond which new ones get 429")->capture_default_str();
   sub.add_option("--max-batch-tokens", o->max_batch_tokens, "Most tokens per forward pass")->capture_default_str();
   sub.add_option("--max-running", o->max_running, "Most requests in the running batch")->capture_default_str();
-  sub.add_option("--kv-cache-blocks", o->kv_cache_blocks, "KV cache blocks of 16 tokens (default: from --kv-cache-mib)");
+  sub.add_option("--kv-cache-blocks", o->kv_cache_blocks,
+                 "KV cache blocks of 16 tokens (default: from --kv-cache-mib)");
   sub.add_option("--kv-cache-mib", o->kv_cache_mib, "KV cache memory budget in MiB")->capture_default_str();
-  sub.add_option("--kv-cache", o->kv_cache, "KV cache dtype: auto (the workspace's), fp32, fp16 or bf16")
-      ->capture_default_str();
+  sub.add_option("--kv-cache", o->kv_cache, kKvCacheFlagHelp)->capture_default_str();
   sub.add_option("--ctx", o->ctx, "Context length per request (default: the model's maximum)");
   sub.add_option("--max-body-bytes", o->max_body_bytes, "Largest request body (413 beyond)")->capture_default_str();
   sub.add_option("--model-name", o->model_name, "Model id reported by the API (default: the directory name)");

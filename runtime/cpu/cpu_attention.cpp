@@ -1,6 +1,6 @@
 // Attention over the paged KV cache for the CPU backend. Each (query row, head) pair is independent: it scores the
 // keys it may see (causal, optionally a sliding window), takes a numerically stable softmax in fp32 and sums the
-// values. Keys and values are converted from the cache dtype block by block.
+// values. Keys and values are converted from the cache dtype (int8: dequantized) row by row.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -9,6 +9,7 @@
 
 #include "runtime/cpu/cpu_backend.h"
 #include "runtime/kv/kv_cache.h"
+#include "runtime/kv/kv_int8.h"
 
 namespace kiln::cpu {
 
@@ -41,8 +42,8 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 struct RowRef {
-  int64_t row;         // query row in the batch
-  int64_t position;    // its position in its sequence
+  int64_t row;       // query row in the batch
+  int64_t position;  // its position in its sequence
   const AttentionSequence* seq;
 };
 
@@ -51,24 +52,31 @@ struct RowRef {
 void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cache, int64_t layer,
                            std::span<const AttentionSequence> seqs, const AttentionParams& p, float* out) {
   const auto& c = cache.config();
-  const size_t es = kv_dtype_size(c.dtype);
   const int64_t group = p.num_heads / p.num_kv_heads, hd = p.head_dim, bs = c.block_size;
   std::vector<RowRef> rows;
   for (const auto& s : seqs)
     for (int64_t i = 0; i < s.row_count; ++i) rows.push_back({s.row_begin + i, s.context_len - s.row_count + i, &s});
   const auto* kbase = static_cast<const uint8_t*>(cache.keys(layer));
   const auto* vbase = static_cast<const uint8_t*>(cache.values(layer));
+  const size_t rb = kv_row_bytes(c.dtype, hd);  // es * hd for the float dtypes
   auto row_ptr = [&](const uint8_t* base, int32_t block, int64_t kv_head, int64_t off) {
-    return base + size_t(((int64_t(block) * c.num_kv_heads + kv_head) * bs + off) * hd) * es;
+    return base + size_t((int64_t(block) * c.num_kv_heads + kv_head) * bs + off) * rb;
   };
 
   const int64_t tasks = int64_t(rows.size()) * p.num_heads;
   pool_.parallel_for(tasks, [&](int64_t b, int64_t e) {
     std::vector<float> scores, kv(static_cast<size_t>(hd)), acc(static_cast<size_t>(hd));
     // An fp32 cache row is used in place; other dtypes are widened into `kv`.
-    auto load = [&](const uint8_t* src) -> const float* {
+    // int8 rows are dequantized into `kv` the same way, so every score and sum below stays fp32 and batch invariant.
+    auto load = [&](const uint8_t* src, const std::vector<float>& scales, int64_t g) -> const float* {
       if (c.dtype == KvDType::F32) return reinterpret_cast<const float*>(src);
-      to_f32(src, c.dtype, kv.data(), hd);
+      if (c.dtype == KvDType::I8Online)
+        kv_dequantize_online(src, hd, kv.data());
+      else if (c.dtype == KvDType::I8Static)
+        kv_dequantize_static(reinterpret_cast<const int8_t*>(src), hd, scales[size_t(layer * c.num_kv_heads + g)],
+                             kv.data());
+      else
+        to_f32(src, c.dtype, kv.data(), hd);
       return kv.data();
     };
     for (int64_t t = b; t < e; ++t) {
@@ -81,7 +89,7 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
       float max_score = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < n; ++j) {
         const int64_t pos = first + j;
-        const float* k = load(row_ptr(kbase, r.seq->block_table[size_t(pos / bs)], g, pos % bs));
+        const float* k = load(row_ptr(kbase, r.seq->block_table[size_t(pos / bs)], g, pos % bs), c.k_scale, g);
         scores[j] = dot(qh, k, hd) * p.scale;
         max_score = std::max(max_score, scores[j]);
       }
@@ -93,7 +101,7 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t pos = first + j;
-        const float* v = load(row_ptr(vbase, r.seq->block_table[size_t(pos / bs)], g, pos % bs));
+        const float* v = load(row_ptr(vbase, r.seq->block_table[size_t(pos / bs)], g, pos % bs), c.v_scale, g);
         const float w = scores[j];
         for (int64_t i = 0; i < hd; ++i) acc[i] += w * v[i];
       }

@@ -9,13 +9,16 @@
 #include "runtime/core/error.h"
 #include "runtime/cpu/matmul_int4.h"
 #include "runtime/kv/kv_cache.h"
+#include "runtime/kv/kv_int8.h"
 
 namespace kiln {
 
 std::unique_ptr<Backend> make_cpu_backend(unsigned threads) {
   if (threads == 0) {
-    if (const char* env = std::getenv("KILN_THREADS")) threads = unsigned(std::max(1, std::atoi(env)));
-    else threads = cpu_features().threads;
+    if (const char* env = std::getenv("KILN_THREADS"))
+      threads = unsigned(std::max(1, std::atoi(env)));
+    else
+      threads = cpu_features().threads;
   }
   return std::make_unique<cpu::CpuBackend>(threads);
 }
@@ -182,6 +185,25 @@ void CpuBackend::kv_write(KvCache& cache, int64_t layer, const float* k, const f
   };
   auto* kb = static_cast<uint8_t*>(cache.keys(layer));
   auto* vb = static_cast<uint8_t*>(cache.values(layer));
+  if (kv_dtype_is_int8(dt)) {  // int8 rows are quantized per (token, kv head): runtime/kv/kv_int8.h
+    const size_t rb = kv_row_bytes(dt, c.head_dim);
+    auto store8 = [&](uint8_t* base, const float* src, int64_t slot, const std::vector<float>& scales) {
+      const int64_t block = slot / c.block_size, off = slot % c.block_size;
+      for (int64_t h = 0; h < c.num_kv_heads; ++h) {
+        uint8_t* dst = base + size_t((block * c.num_kv_heads + h) * c.block_size + off) * rb;
+        if (dt == KvDType::I8Online)
+          kv_quantize_online(src + h * c.head_dim, c.head_dim, dst);
+        else
+          kv_quantize_static(src + h * c.head_dim, c.head_dim, scales[size_t(layer * c.num_kv_heads + h)],
+                             reinterpret_cast<int8_t*>(dst));
+      }
+    };
+    for (int64_t r = 0; r < rows; ++r) {
+      store8(kb, k + r * row_stride, slots[r], c.k_scale);
+      store8(vb, v + r * row_stride, slots[r], c.v_scale);
+    }
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
     store(kb, k + r * row_stride, slots[r]);
     store(vb, v + r * row_stride, slots[r]);

@@ -2,6 +2,7 @@
 // What every runtime command opens first: a workspace, a backend and the model packed into it.
 #include <filesystem>
 #include <memory>
+#include <string>
 
 #include "runtime/backend/backend.h"
 #include "runtime/model/model.h"
@@ -19,7 +20,12 @@ struct LoadedModel {
 // threads = 0: the backend's default.
 LoadedModel load_model(const std::filesystem::path& path, unsigned threads = 0);
 
-// The KV dtype a workspace asks for: quantization.kv_cache.dtype, where "auto" means the weight dtype.
-KvDType default_kv_dtype(const Workspace& ws);
+// The KV dtype of a --kv-cache flag; "auto" is what the workspace asks for: quantization.kv_cache.dtype (with its
+// mode for int8), where "auto" means the weight dtype.
+KvDType resolve_kv_dtype(const Workspace& ws, const std::string& flag = "auto");
+
+// The help line of every runtime command's --kv-cache flag.
+inline constexpr const char* kKvCacheFlagHelp =
+    "KV cache dtype: auto (the workspace's), fp32, fp16, bf16, int8 (online scales) or int8-static";
 
 }  // namespace kiln

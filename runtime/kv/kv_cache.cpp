@@ -1,16 +1,33 @@
 #include "runtime/kv/kv_cache.h"
 
 #include "runtime/core/error.h"
+#include "runtime/kv/kv_int8.h"
 
 namespace kiln {
 
-size_t kv_dtype_size(KvDType t) { return t == KvDType::F32 ? 4 : 2; }
+size_t kv_dtype_size(KvDType t) {
+  if (t == KvDType::F32) return 4;
+  return kv_dtype_is_int8(t) ? 1 : 2;
+}
+
+bool kv_dtype_is_int8(KvDType t) { return t == KvDType::I8Static || t == KvDType::I8Online; }
+
+size_t kv_row_bytes(KvDType t, int64_t head_dim) {
+  return size_t(head_dim) * kv_dtype_size(t) + (t == KvDType::I8Online ? size_t(kKvOnlineExtraBytes) : 0);
+}
 
 std::string kv_dtype_name(KvDType t) {
   switch (t) {
-    case KvDType::F32: return "fp32";
-    case KvDType::F16: return "fp16";
-    case KvDType::BF16: return "bf16";
+    case KvDType::F32:
+      return "fp32";
+    case KvDType::F16:
+      return "fp16";
+    case KvDType::BF16:
+      return "bf16";
+    case KvDType::I8Static:
+      return "int8-static";
+    case KvDType::I8Online:
+      return "int8-online";
   }
   return "?";
 }
@@ -19,7 +36,10 @@ KvDType kv_dtype_from_name(const std::string& name, const std::string& label) {
   if (name == "fp32") return KvDType::F32;
   if (name == "fp16") return KvDType::F16;
   if (name == "bf16") return KvDType::BF16;
-  throw Error(label + ": KV cache dtype '" + name + "' is not supported (use fp32, fp16 or bf16)");
+  if (name == "int8" || name == "int8-online") return KvDType::I8Online;
+  if (name == "int8-static") return KvDType::I8Static;
+  throw Error(label + ": KV cache dtype '" + name +
+              "' is not supported (use fp32, fp16, bf16, int8 (online scales) or int8-static)");
 }
 
 BlockAllocator::BlockAllocator(int32_t num_blocks) : refs_(num_blocks, 0) {
@@ -49,6 +69,12 @@ KvCache::KvCache(Backend& backend, const KvCacheConfig& config) : config_(config
   if (config.num_layers <= 0 || config.num_kv_heads <= 0 || config.head_dim <= 0 || config.block_size <= 0 ||
       config.num_blocks <= 0)
     throw Error("KV cache: every dimension and the block count must be positive");
+  if (config.dtype == KvDType::I8Static) {
+    const size_t n = size_t(config.num_layers * config.num_kv_heads);
+    if (config.k_scale.size() != n || config.v_scale.size() != n)
+      throw Error("KV cache: int8-static needs " + std::to_string(n) +
+                  " K and V scales (one per layer and kv head); this workspace has no kv_cache_scales.safetensors");
+  }
   for (int64_t l = 0; l < config.num_layers; ++l) {
     k_.push_back(backend.alloc(block_bytes() * size_t(config.num_blocks)));
     v_.push_back(backend.alloc(block_bytes() * size_t(config.num_blocks)));
@@ -56,11 +82,11 @@ KvCache::KvCache(Backend& backend, const KvCacheConfig& config) : config_(config
 }
 
 size_t KvCache::block_bytes() const {
-  return size_t(config_.num_kv_heads * config_.block_size * config_.head_dim) * kv_dtype_size(config_.dtype);
+  return size_t(config_.num_kv_heads * config_.block_size) * kv_row_bytes(config_.dtype, config_.head_dim);
 }
 
 size_t KvCache::bytes_per_token(const KvCacheConfig& c) {
-  return 2 * size_t(c.num_layers * c.num_kv_heads * c.head_dim) * kv_dtype_size(c.dtype);
+  return 2 * size_t(c.num_layers * c.num_kv_heads) * kv_row_bytes(c.dtype, c.head_dim);
 }
 
 void KvCache::reserve(KvSequence& seq, int64_t new_length) {

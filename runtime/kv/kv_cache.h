@@ -12,11 +12,19 @@
 
 namespace kiln {
 
-// Storage dtypes of the cache. Int8 (with per-layer or per-token scales) is planned; see docs/kv_cache.md.
-enum class KvDType : uint8_t { F32, F16, BF16 };
+// Storage dtypes of the cache. I8Static: int8 codes with per-layer, per-kv-head scales from calibration (held in
+// KvCacheConfig); I8Online: uint8 codes with a per-token, per-head (scale, min) stored after each row. See
+// docs/kv_cache.md and runtime/kv/kv_int8.h.
+enum class KvDType : uint8_t { F32, F16, BF16, I8Static, I8Online };
+// Bytes of one element's code (1 for both int8 modes).
 size_t kv_dtype_size(KvDType t);
+// Bytes of one (token, kv head) row: head_dim codes, plus the online mode's (scale, min).
+size_t kv_row_bytes(KvDType t, int64_t head_dim);
+bool kv_dtype_is_int8(KvDType t);
+// "fp32" | "fp16" | "bf16" | "int8-static" | "int8-online".
 std::string kv_dtype_name(KvDType t);
-// "fp32" | "fp16" | "bf16"; `label` names the option or field in errors.
+// The names above, and "int8" for int8-online (it needs no calibration, so it works on any workspace); `label`
+// names the option or field in errors.
 KvDType kv_dtype_from_name(const std::string& name, const std::string& label);
 
 // Hands out block ids; a block returns to the free list when its last reference is released.
@@ -49,6 +57,9 @@ struct KvCacheConfig {
   int64_t block_size = 16;
   int32_t num_blocks = 0;
   KvDType dtype = KvDType::F32;
+  // I8Static only: symmetric scales, [num_layers * num_kv_heads] each (layer-major). Model::kv_config fills them from
+  // the workspace's kv_cache_scales.safetensors.
+  std::vector<float> k_scale, v_scale;
 };
 
 class KvCache {
@@ -73,7 +84,7 @@ class KvCache {
   // The cache slot of position `pos` of `seq`: block * block_size + offset.
   int64_t slot(const KvSequence& seq, int64_t pos) const;
 
-  // Raw storage of one layer: [num_blocks][num_kv_heads][block_size][head_dim] elements of dtype.
+  // Raw storage of one layer: [num_blocks][num_kv_heads][block_size] rows of kv_row_bytes(dtype, head_dim).
   void* keys(int64_t layer) { return k_[layer]->data(); }
   void* values(int64_t layer) { return v_[layer]->data(); }
   const void* keys(int64_t layer) const { return k_[layer]->data(); }

@@ -6,6 +6,7 @@
 
 #include "runtime/backend/rope.h"
 #include "runtime/core/error.h"
+#include "runtime/kv/kv_scales.h"
 #include "runtime/workspace/workspace.h"
 
 namespace kiln {
@@ -47,6 +48,11 @@ const Workspace::Tensor& checked(const Workspace& ws, const std::string& name, c
 Model::Model(const Workspace& ws, Backend& backend)
     : spec_(ws.spec()), backend_(backend), scratch_(std::make_unique<Scratch>()) {
   load(ws);
+  kv_scales_label_ = ws.info().dir.string();
+  if (auto sc = read_kv_static_scales(ws.info())) {
+    kv_k_scale_ = std::move(sc->k);
+    kv_v_scale_ = std::move(sc->v);
+  }
 }
 
 Model::~Model() = default;
@@ -57,7 +63,8 @@ std::unique_ptr<Buffer> Model::upload_f32(const Workspace& ws, const std::string
   std::vector<float> v(n);
   const uint8_t* p = t.data();
   for (uint64_t i = 0; i < n; ++i) {
-    if (t.info->dtype == DType::F32) std::memcpy(&v[i], p + 4 * i, 4);
+    if (t.info->dtype == DType::F32)
+      std::memcpy(&v[i], p + 4 * i, 4);
     else {
       uint16_t h;
       std::memcpy(&h, p + 2 * i, 2);
@@ -134,6 +141,13 @@ KvCacheConfig Model::kv_config(int64_t max_tokens, KvDType dtype, int64_t block_
   c.block_size = block_size;
   c.num_blocks = int32_t((max_tokens + block_size - 1) / block_size);
   c.dtype = dtype;
+  if (dtype == KvDType::I8Static) {
+    if (kv_k_scale_.empty())
+      throw Error(kv_scales_label_ + " has no static INT8 KV scales (" + kKvScalesFile +
+                  "); use --kv-cache int8 (online scales) or quantize with --kv-cache int8 --kv-mode static");
+    c.k_scale = kv_k_scale_;
+    c.v_scale = kv_v_scale_;
+  }
   return c;
 }
 

@@ -17,9 +17,9 @@ namespace kiln {
 class Workspace;
 
 struct BatchEntry {
-  KvSequence* kv = nullptr;          // the sequence's cache; forward() appends the new tokens' K/V (length grows)
-  std::span<const int32_t> tokens;   // the new tokens, at positions kv->length, kv->length + 1, ...
-  bool all_logits = false;           // logits for every new token (evaluation) rather than only the last one
+  KvSequence* kv = nullptr;         // the sequence's cache; forward() appends the new tokens' K/V (length grows)
+  std::span<const int32_t> tokens;  // the new tokens, at positions kv->length, kv->length + 1, ...
+  bool all_logits = false;          // logits for every new token (evaluation) rather than only the last one
 };
 
 // Sees activations during forward(), for calibration (calib/observers.h). Called on the engine thread with host
@@ -39,8 +39,8 @@ class ForwardObserver {
 
 struct ForwardResult {
   int64_t vocab = 0;
-  std::vector<float> logits;           // [rows, vocab], entry by entry in batch order
-  std::vector<int64_t> first_row;      // for each entry, its first row in logits (one row, or one per token)
+  std::vector<float> logits;       // [rows, vocab], entry by entry in batch order
+  std::vector<int64_t> first_row;  // for each entry, its first row in logits (one row, or one per token)
   const float* row(int64_t r) const { return logits.data() + r * vocab; }
   // The logits after the last new token of entry i.
   const float* last(size_t i, std::span<const BatchEntry> batch) const {
@@ -58,7 +58,8 @@ class Model {
   const ModelSpec& spec() const { return spec_; }
   Backend& backend() { return backend_; }
 
-  // A cache configuration for this model holding up to `max_tokens` positions (over all sequences).
+  // A cache configuration for this model holding up to `max_tokens` positions (over all sequences). int8-static
+  // takes the workspace's kv_cache_scales.safetensors and throws kiln::Error when it has none.
   KvCacheConfig kv_config(int64_t max_tokens, KvDType dtype, int64_t block_size = 16) const;
 
   // One forward pass. Every entry's cache is grown first (throws kiln::Error when the cache is full), its tokens'
@@ -78,6 +79,8 @@ class Model {
   std::unique_ptr<Buffer> final_norm_;
   std::unique_ptr<LinearWeight> head_;
   std::unique_ptr<Scratch> scratch_;
+  std::vector<float> kv_k_scale_, kv_v_scale_;  // static INT8 KV scales; empty when the workspace has none
+  std::string kv_scales_label_;                 // the workspace, for the error when they are missing
 };
 
 }  // namespace kiln
