@@ -6,6 +6,7 @@
 #include <string>
 
 #include "runtime/core/devices.h"
+#include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
 #include "runtime/cpu/matmul_int4.h"
 #include "runtime/kv/kv_cache.h"
@@ -78,17 +79,6 @@ std::unique_ptr<LinearWeight> CpuBackend::pack_tied_head(const EmbeddingTable& t
 }
 
 namespace {
-inline float load_elem(const uint8_t* base, size_t i, DType t) {
-  if (t == DType::F32) {
-    float f;
-    std::memcpy(&f, base + 4 * i, 4);
-    return f;
-  }
-  uint16_t h;
-  std::memcpy(&h, base + 2 * i, 2);
-  return t == DType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
-}
-
 // One RMSNorm row, as transformers computes it in fp32: x * rsqrt(mean(x^2) + eps) * w.
 inline void rms_norm_row(const float* x, const float* w, float* y, int64_t dim, float eps) {
   double ss = 0;
@@ -104,8 +94,8 @@ void CpuBackend::embedding(const EmbeddingTable& table, std::span<const int32_t>
     if (ids[r] < 0 || ids[r] >= t.n)
       throw Error("token id " + std::to_string(ids[r]) + " is outside the vocabulary (0.." + std::to_string(t.n - 1) +
                   ")");
-    const size_t base = size_t(ids[r]) * size_t(t.d);
-    for (int64_t i = 0; i < t.d; ++i) out[r * t.d + i] = load_elem(t.data.data(), base + i, t.dtype);
+    const size_t row = size_t(ids[r]) * size_t(t.d) * dtype_size(t.dtype);
+    convert_to_f32(t.dtype, t.data.data() + row, out + r * t.d, size_t(t.d));
   }
 }
 
