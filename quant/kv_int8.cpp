@@ -41,7 +41,7 @@ KvStaticScales kv_scales_from_stats(const fs::path& stats, int64_t num_layers, i
   return s;
 }
 
-void quantize_kv_cache(const KvQuantizeOptions& opt) {
+KvQuantizeResult quantize_kv_cache(const KvQuantizeOptions& opt) {
   if (opt.mode != "static" && opt.mode != "online")
     throw Error("--kv-mode '" + opt.mode + "' is not supported; use static or online");
   if (opt.mode == "static" && opt.stats.empty())
@@ -105,7 +105,18 @@ void quantize_kv_cache(const KvQuantizeOptions& opt) {
   doc["provenance"] = prov;
   writer.finish(doc);
   check_interrupt();
+  KvQuantizeResult result;
+  if (!opt.eval_text.empty()) {
+    const KvDType kv = opt.mode == "static" ? KvDType::I8Static : KvDType::I8Online;
+    result.quality = compare_workspaces(staging.path(), opt.reference.empty() ? opt.input : opt.reference,
+                                        opt.eval_text, opt.eval_ctx, opt.eval_max_tokens, opt.threads, kv);
+    if (opt.max_ppl_increase && !(result.quality->ppl_increase <= *opt.max_ppl_increase)) {
+      result.gate_failed = true;
+      return result;  // not committed: the staging directory is removed
+    }
+  }
   staging.commit();
+  return result;
 }
 
 }  // namespace kiln

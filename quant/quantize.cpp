@@ -43,7 +43,8 @@ ordered_json output_document(const Workspace& src, const WeightQuantization& q, 
   doc["format_version"] = kWorkspaceFormatVersion;
   doc["model"] = spec_to_json(src.spec());
   doc["dtype"] = src.info().dtype;
-  ordered_json kv = sj.contains("quantization") && sj["quantization"].contains("kv_cache")
+  ordered_json kv = !opt.kv_cache.empty() ? ordered_json{{"dtype", opt.kv_cache}}
+                    : sj.contains("quantization") && sj["quantization"].contains("kv_cache")
                         ? ordered_json::parse(sj["quantization"]["kv_cache"].dump())
                         : ordered_json{{"dtype", "auto"}};
   doc["quantization"] = {{"weights", weight_quantization_to_json(q)}, {"kv_cache", kv}};

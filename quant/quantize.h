@@ -11,6 +11,7 @@
 
 #include "quant/awq.h"
 #include "quant/metrics.h"
+#include "runtime/kv/kv_cache.h"
 
 namespace kiln {
 
@@ -20,14 +21,15 @@ struct QuantizeOptions {
   AwqOptions awq;              // method awq only (quant/awq.h)
   int64_t bits = 4;
   int64_t group_size = 128;
+  std::string kv_cache;  // quantization.kv_cache.dtype of the output (fp32|fp16|bf16); empty: the input's
   bool force = false;
   bool progress = false;
   uint64_t max_shard_bytes = uint64_t(2048) << 20;
   std::string command;  // normalized command line for provenance (no output path)
   // Quality report: PPL / KLD / top-1 of the quantized model against the input on held-out text.
-  std::filesystem::path eval_text;    // empty: no report
+  std::filesystem::path eval_text;  // empty: no report
   int64_t eval_ctx = 512;
-  int64_t eval_max_tokens = 0;        // 0: the whole text
+  int64_t eval_max_tokens = 0;             // 0: the whole text
   std::optional<double> max_ppl_increase;  // relative, e.g. 0.05 = 5%; requires eval_text
   unsigned threads = 0;
 };
@@ -35,7 +37,7 @@ struct QuantizeOptions {
 struct QualityReport {
   LogitComparisonReport cmp;  // ours = quantized, ref = input workspace
   int64_t ctx = 0;
-  double ppl_increase = 0;    // ppl / ref_ppl - 1
+  double ppl_increase = 0;  // ppl / ref_ppl - 1
 };
 
 struct QuantizeResult {
@@ -49,8 +51,11 @@ struct QuantizeResult {
 // Throws kiln::Error (one sentence naming the file, tensor or option) on bad input; nothing is left behind.
 QuantizeResult quantize_workspace(const QuantizeOptions& opt);
 
-// Runs both workspaces over the same tokens (fp32 KV cache on both sides, so only the weights differ).
+// Runs both workspaces over the same tokens. The reference always uses an fp32 KV cache; `quantized_kv` is the
+// quantized side's (fp32 by default, so that only the weights differ; the INT8 KV step passes its own dtype so the
+// report covers everything the output changes).
 QualityReport compare_workspaces(const std::filesystem::path& quantized, const std::filesystem::path& reference,
-                                 const std::filesystem::path& text, int64_t ctx, int64_t max_tokens, unsigned threads);
+                                 const std::filesystem::path& text, int64_t ctx, int64_t max_tokens, unsigned threads,
+                                 KvDType quantized_kv = KvDType::F32);
 
 }  // namespace kiln

@@ -14,7 +14,8 @@
 namespace kiln {
 
 QualityReport compare_workspaces(const std::filesystem::path& quantized, const std::filesystem::path& reference,
-                                 const std::filesystem::path& text, int64_t ctx, int64_t max_tokens, unsigned threads) {
+                                 const std::filesystem::path& text, int64_t ctx, int64_t max_tokens, unsigned threads,
+                                 KvDType quantized_kv) {
   std::ifstream in(text, std::ios::binary);
   if (!in) throw Error(text.string() + ": cannot be read (--eval-text)");
   std::ostringstream ss;
@@ -35,7 +36,7 @@ QualityReport compare_workspaces(const std::filesystem::path& quantized, const s
     evaluate_windows(*ref.model, window, ctx, KvDType::F32, [&](int64_t, std::span<const int32_t> w, const float* l) {
       ref_logits.assign(l, l + w.size() * size_t(vocab));
     });
-    evaluate_windows(*ours.model, window, ctx, KvDType::F32, [&](int64_t, std::span<const int32_t> w, const float* l) {
+    evaluate_windows(*ours.model, window, ctx, quantized_kv, [&](int64_t, std::span<const int32_t> w, const float* l) {
       // Row i predicts w[i + 1]; the window's last row has no target, as in kiln eval.
       for (size_t i = 0; i + 1 < w.size(); ++i)
         cmp.add(l + i * size_t(vocab), ref_logits.data() + i * size_t(vocab), vocab, w[i + 1]);

@@ -1,6 +1,7 @@
-// kiln quantize WS -o OUT --method rtn [--w-bits 4] [--group-size 128] [--eval-text F] [--max-ppl-increase P] [--json]
-// Int4 weight quantization of a workspace (quant/quantize.h); an optional quality report against the input and a
-// CI gate on the perplexity increase.
+// kiln quantize WS -o OUT --method rtn|awq|none [--group-size 128] [--kv-cache int8 --kv-mode static|online]
+//               [--eval-text F] [--max-ppl-increase P] [--json]
+// Int4 weights (quant/quantize.h) and the INT8 KV cache (quant/kv_int8.h); an optional quality report of the final
+// output against the input and a CI gate on the perplexity increase.
 #include <chrono>
 #include <cstdio>
 #include <optional>
@@ -12,50 +13,119 @@
 
 namespace kiln::tools {
 
-// --kv-cache int8 and/or --method none (quant/kv_int8.h). With rtn the int4 workspace goes to a sibling temporary
-// first and its tensors are then copied with the KV settings. Returns the exit code when it handled the command.
-static std::optional<int> run_kv_quantize(const QuantizeOptions& opt, KvQuantizeOptions kv, const std::string& kv_cache,
-                                          bool json_out) {
-  if (kv_cache != "int8") throw Error("--method none copies the weights unchanged; it needs --kv-cache int8");
+namespace {
+
+struct QuantizeSummary {
+  std::optional<QuantizeResult> weights;  // absent with --method none
+  std::optional<std::string> kv_mode;     // with --kv-cache int8
+  std::optional<QualityReport> quality;   // of the final output
+  bool gate_failed = false;
+};
+
+// Weights (quant/quantize.h) and/or the INT8 KV cache (quant/kv_int8.h). With both, the int4 workspace goes to a
+// hidden sibling first; the KV step then copies it with the KV settings and runs the quality report and the gate on
+// the final output (int4 weights and int8 KV together) against the input.
+QuantizeSummary run_quantize(const QuantizeOptions& opt, KvQuantizeOptions kv, bool int8_kv) {
+  QuantizeSummary s;
+  if (!int8_kv) {
+    if (opt.method == "none")
+      throw Error("--method none copies the weights unchanged; it needs --kv-cache int8 (use kiln convert for 16-bit)");
+    s.weights = quantize_workspace(opt);
+    s.quality = s.weights->quality;
+    s.gate_failed = s.weights->gate_failed;
+    return s;
+  }
+  if (opt.max_ppl_increase && opt.eval_text.empty()) throw Error("--max-ppl-increase needs --eval-text");
   kv.output = opt.output;
   kv.force = opt.force;
   kv.max_shard_bytes = opt.max_shard_bytes;
   kv.command = opt.command + " --kv-cache int8 --kv-mode " + kv.mode;
+  kv.reference = opt.input;
+  kv.eval_text = opt.eval_text;
+  kv.eval_ctx = opt.eval_ctx;
+  kv.eval_max_tokens = opt.eval_max_tokens;
+  kv.max_ppl_increase = opt.max_ppl_increase;
+  kv.threads = opt.threads;
+  s.kv_mode = kv.mode;
   std::filesystem::path tmp;
   if (opt.method == "none") {
     kv.input = opt.input;
   } else {
     QuantizeOptions w = opt;
-    w.output = tmp = opt.output.string() + ".kiln-weights-tmp";
+    w.output = tmp = opt.output.parent_path() / ("." + opt.output.filename().string() + ".kiln-weights");
     w.force = true;
-    if (quantize_workspace(w).gate_failed) {
-      std::fprintf(stderr,
-                   "kiln quantize: error: perplexity rose by more than --max-ppl-increase; %s was not written\n",
-                   opt.output.c_str());
-      return 3;
-    }
+    w.eval_text.clear();  // the report runs once, on the final output
+    w.max_ppl_increase.reset();
+    s.weights = quantize_workspace(w);
     kv.input = tmp;
   }
   try {
-    quantize_kv_cache(kv);
+    KvQuantizeResult r = quantize_kv_cache(kv);
+    s.quality = r.quality;
+    s.gate_failed = r.gate_failed;
   } catch (...) {
     if (!tmp.empty()) std::filesystem::remove_all(tmp);
     throw;
   }
   if (!tmp.empty()) std::filesystem::remove_all(tmp);
-  if (json_out)
-    print_json(nlohmann::ordered_json{{"output", opt.output.string()},
-                                      {"committed", true},
-                                      {"method", opt.method},
-                                      {"kv_cache", {{"dtype", "int8"}, {"mode", kv.mode}}}}
-                   .dump(2));
-  else
-    std::printf("quantized %s -> %s: weights %s, KV cache int8 (%s scales)\n", opt.input.c_str(), opt.output.c_str(),
-                opt.method.c_str(), kv.mode.c_str());
-  return 0;
+  return s;
 }
 
-static Action setup_quantize(CLI::App& sub) {
+nlohmann::ordered_json quality_json(const QualityReport& q, const std::optional<double>& max_increase) {
+  const auto& c = q.cmp;
+  nlohmann::ordered_json j = {{"n_tokens", c.n_tokens},
+                              {"ctx", q.ctx},
+                              {"ppl", c.ppl},
+                              {"ref_ppl", c.ref_ppl},
+                              {"ppl_ratio", c.ppl_ratio},
+                              {"ppl_increase", q.ppl_increase},
+                              {"kld_mean", c.kld_mean},
+                              {"kld_p99", c.kld_p99},
+                              {"kld_max", c.kld_max},
+                              {"top1_agreement", c.top1_agreement}};
+  if (max_increase) j["max_ppl_increase"] = *max_increase;
+  return j;
+}
+
+void print_summary(const QuantizeOptions& opt, const QuantizeSummary& s, double secs, bool json) {
+  if (json) {
+    nlohmann::ordered_json out = {
+        {"output", opt.output.string()}, {"committed", !s.gate_failed}, {"method", opt.method}};
+    if (s.weights) {
+      out["bits"] = opt.bits;
+      out["group_size"] = opt.group_size;
+      out["tensors_quantized"] = s.weights->tensors_quantized;
+      out["input_weight_bytes"] = s.weights->input_bytes;
+      out["output_weight_bytes"] = s.weights->output_bytes;
+    }
+    if (s.kv_mode) out["kv_cache"] = {{"dtype", "int8"}, {"mode", *s.kv_mode}};
+    out["seconds"] = secs;
+    if (s.quality) out["quality"] = quality_json(*s.quality, opt.max_ppl_increase);
+    print_json(out.dump(2));
+  } else {
+    std::string what;
+    if (s.weights)
+      what = opt.method + " " + std::to_string(opt.bits) + "-bit, group " + std::to_string(opt.group_size) + ", " +
+             std::to_string(s.weights->tensors_quantized) + " linear tensors, " +
+             std::to_string(s.weights->input_bytes / 1000000) + " MB -> " +
+             std::to_string(s.weights->output_bytes / 1000000) + " MB";
+    else
+      what = "weights unchanged";
+    if (s.kv_mode) what += ", KV cache int8 (" + *s.kv_mode + " scales)";
+    std::printf("quantized %s -> %s: %s in %.2f s\n", opt.input.c_str(), opt.output.c_str(), what.c_str(), secs);
+    if (s.quality) {
+      const auto& c = s.quality->cmp;
+      std::printf(
+          "quality over %lld tokens (windows of %lld): PPL %.4f vs %.4f (%+.3f%%), KLD mean %.6g p99 %.6g "
+          "max %.6g, top-1 agreement %.4f\n",
+          (long long)c.n_tokens, (long long)s.quality->ctx, c.ppl, c.ref_ppl, 100 * s.quality->ppl_increase, c.kld_mean,
+          c.kld_p99, c.kld_max, c.top1_agreement);
+    }
+  }
+  std::fflush(stdout);
+}
+
+Action setup_quantize(CLI::App& sub) {
   auto opt = std::make_shared<QuantizeOptions>();
   auto json_out = std::make_shared<bool>(false);
   auto max_increase = std::make_shared<double>(-1);
@@ -63,8 +133,8 @@ static Action setup_quantize(CLI::App& sub) {
   sub.add_option("WS", opt->input, "Workspace to quantize (written by kiln convert)")->required();
   sub.add_option("-o,--output", opt->output, "Workspace directory to create")->required();
   sub.add_option("--method", opt->method,
-                 "Weight quantization: rtn (round to nearest, per group) or awq (activation-aware scales and "
-                 "clipping, then rtn; needs --data)")
+                 "Weight quantization: rtn (round to nearest, per group), awq (activation-aware scales and "
+                 "clipping, then rtn; needs --data) or none (weights copied; with --kv-cache int8)")
       ->check(CLI::IsMember({"rtn", "awq", "none"}))
       ->capture_default_str();
   sub.add_option("--w-bits", opt->bits, "Weight bits (4)")->check(CLI::IsMember({4}))->capture_default_str();
@@ -89,14 +159,17 @@ static Action setup_quantize(CLI::App& sub) {
   sub.add_option("--eval-tokens", opt->eval_max_tokens, "Evaluate at most this many tokens of the text (0: all)")
       ->capture_default_str();
   sub.add_option("--max-ppl-increase", *max_increase,
-                 "Fail (exit 3, no output) when ppl / input ppl - 1 exceeds this, e.g. 0.05; needs --eval-text");
+                 "Fail (exit 3, after the report, no output written) when ppl / input ppl - 1 exceeds this, e.g. "
+                 "0.05; needs --eval-text");
   sub.add_option("--threads", opt->threads, "CPU threads for the quality report (default: all, or KILN_THREADS)");
   sub.add_option("--shard-size-mb", opt->max_shard_bytes, "Largest weight shard in MiB")->capture_default_str();
-  // INT8 KV cache (quant/kv_int8.h): --method none keeps the weights; with rtn the weights are quantized first.
+  // INT8 KV cache (quant/kv_int8.h): --method none keeps the weights; with rtn/awq the weights are quantized first.
   auto kv = std::make_shared<KvQuantizeOptions>();
   auto kv_cache = std::make_shared<std::string>("auto");
-  sub.add_option("--kv-cache", *kv_cache, "KV cache: int8 writes quantization.kv_cache (auto: keep the input's)")
-      ->check(CLI::IsMember({"auto", "int8"}));
+  sub.add_option("--kv-cache", *kv_cache,
+                 "KV cache of the output: int8 (with --kv-mode), fp16, bf16 or fp32; auto keeps the input's")
+      ->check(CLI::IsMember({"auto", "int8", "fp16", "bf16", "fp32"}))
+      ->capture_default_str();
   sub.add_option("--kv-mode", kv->mode, "INT8 KV scales: static (per layer/kv head, needs --kv-stats) or online")
       ->check(CLI::IsMember({"static", "online"}))
       ->capture_default_str();
@@ -122,51 +195,10 @@ static Action setup_quantize(CLI::App& sub) {
       if (!opt->awq.clip) opt->command += " --awq-no-clip";
       if (opt->awq.fold_only) opt->command += " --awq-fold-only";
     }
+    if (*kv_cache != "auto" && *kv_cache != "int8") opt->kv_cache = *kv_cache;
     auto t0 = std::chrono::steady_clock::now();
-    if (*kv_cache == "int8" || opt->method == "none")
-      if (auto rc = run_kv_quantize(*opt, *kv, *kv_cache, *json_out)) return *rc;
-    QuantizeResult r = quantize_workspace(*opt);
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (*json_out) {
-      nlohmann::ordered_json out = {{"output", opt->output.string()},
-                                    {"committed", !r.gate_failed},
-                                    {"method", opt->method},
-                                    {"bits", opt->bits},
-                                    {"group_size", opt->group_size},
-                                    {"tensors_quantized", r.tensors_quantized},
-                                    {"input_weight_bytes", r.input_bytes},
-                                    {"output_weight_bytes", r.output_bytes},
-                                    {"seconds", secs}};
-      if (r.quality) {
-        const auto& c = r.quality->cmp;
-        out["quality"] = {{"n_tokens", c.n_tokens},
-                          {"ctx", r.quality->ctx},
-                          {"ppl", c.ppl},
-                          {"ref_ppl", c.ref_ppl},
-                          {"ppl_ratio", c.ppl_ratio},
-                          {"ppl_increase", r.quality->ppl_increase},
-                          {"kld_mean", c.kld_mean},
-                          {"kld_p99", c.kld_p99},
-                          {"kld_max", c.kld_max},
-                          {"top1_agreement", c.top1_agreement}};
-        if (opt->max_ppl_increase) out["quality"]["max_ppl_increase"] = *opt->max_ppl_increase;
-      }
-      print_json(out.dump(2));
-    } else {
-      std::printf("quantized %s -> %s: %s %lld-bit, group %lld, %lld linear tensors, %.1f MB -> %.1f MB in %.2f s\n",
-                  opt->input.c_str(), opt->output.c_str(), opt->method.c_str(), (long long)opt->bits,
-                  (long long)opt->group_size, (long long)r.tensors_quantized, double(r.input_bytes) / 1e6,
-                  double(r.output_bytes) / 1e6, secs);
-      if (r.quality) {
-        const auto& c = r.quality->cmp;
-        std::printf(
-            "quality over %lld tokens (windows of %lld): PPL %.4f vs %.4f (%+.3f%%), KLD mean %.6g p99 %.6g "
-            "max %.6g, top-1 agreement %.4f\n",
-            (long long)c.n_tokens, (long long)r.quality->ctx, c.ppl, c.ref_ppl, 100 * r.quality->ppl_increase,
-            c.kld_mean, c.kld_p99, c.kld_max, c.top1_agreement);
-      }
-    }
-    std::fflush(stdout);
+    QuantizeSummary r = run_quantize(*opt, *kv, *kv_cache == "int8");
+    print_summary(*opt, r, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), *json_out);
     if (r.gate_failed) {
       std::fprintf(
           stderr,
@@ -178,7 +210,10 @@ static Action setup_quantize(CLI::App& sub) {
   };
 }
 
-KILN_COMMAND(75, "quantize", "Quantize a workspace's linear weights to int4 (RTN), with an optional quality gate",
+}  // namespace
+
+KILN_COMMAND(75, "quantize",
+             "Quantize a workspace: int4 weights (RTN or AWQ) and/or an INT8 KV cache, with a quality gate",
              setup_quantize);
 
 }  // namespace kiln::tools

@@ -108,6 +108,38 @@ def test_with_rtn_weights(prepared, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w4kv8"]  # the temporary weights workspace is gone
 
 
+def test_report_and_gate_cover_the_int8_kv_output(prepared, tmp_path):
+    """With --kv-cache int8 the quality report is of the final output as it runs (int4 weights and its int8 KV)
+    against the input with fp32 KV: the same numbers `kiln eval OUT --ref-logits` gives; the gate uses them."""
+    ws, stats, _ = prepared("mistral-fp32-sharded")
+    ref = tmp_path / "ref.safetensors"
+    run_kiln("eval", ws, "--text", EVAL, "--ctx", 128, "--max-tokens", 256, "--kv-cache", "fp32", "--save-logits", ref)
+    common = ["--method", "rtn", "--group-size", 32, "--kv-cache", "int8", "--kv-mode", "static", "--kv-stats", stats,
+              "--eval-text", EVAL, "--eval-ctx", 128, "--eval-tokens", 256, "--json"]
+    out = json.loads(run_kiln("quantize", ws, "-o", tmp_path / "ok", *common).stdout)
+    assert out["committed"] and out["kv_cache"] == {"dtype": "int8", "mode": "static"} and out["group_size"] == 32
+    q = out["quality"]
+    ev = json.loads(run_kiln("eval", tmp_path / "ok", "--text", EVAL, "--ctx", 128, "--max-tokens", 256, "--ref-logits",
+                             ref, "--json").stdout)  # its own (int8-static) KV vs saved fp32-KV logits of the input
+    assert ev["kv_cache"] == "int8-static"
+    assert q["ppl"] == pytest.approx(ev["ppl"], rel=1e-9) and q["kld_mean"] == pytest.approx(ev["kld_mean"], rel=1e-6)
+    inc = q["ppl_increase"]
+    assert inc > 0, "the fixture no longer raises PPL when quantized; pick another for the gate test"
+    r = run_kiln("quantize", ws, "-o", tmp_path / "gated", *common, "--max-ppl-increase", inc / 2, check=False)
+    assert r.returncode == 3 and json.loads(r.stdout)["committed"] is False
+    assert len(r.stderr.strip().splitlines()) == 1 and "--max-ppl-increase" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok", "ref.safetensors"]  # no gated output, no temporaries
+
+
+def test_kv_cache_fp16_is_recorded(prepared, tmp_path):
+    ws, _, _ = prepared("qwen3-fp32")
+    run_kiln("quantize", ws, "-o", tmp_path / "w", "--method", "rtn", "--group-size", 32, "--kv-cache", "fp16")
+    doc = json.loads((tmp_path / "w" / "kiln.json").read_text())
+    assert doc["quantization"]["kv_cache"] == {"dtype": "fp16"}
+    gen = json.loads(run_kiln("eval", tmp_path / "w", *EVAL_ARGS, "--json").stdout)
+    assert gen["kv_cache"] == "fp16"
+
+
 def one_line_error(r, text):
     assert r.returncode != 0, r.stdout
     assert text in r.stderr, r.stderr
