@@ -6,14 +6,20 @@ Oracles, none of them kiln reading its own output:
   w = (q - z) * s), checked against kiln's canonical int4 tensors dequantized in numpy;
 - an AutoAWQ checkpoint built here in numpy from a transformers fixture, imported by kiln convert and run by kiln eval,
   against transformers running the same fixture with the numpy-dequantized weights;
-- transformers loading the exported config.json.
+- transformers loading the exported config.json;
+- AutoAWQ's own code (its unpack/dequantize and its WQLinear_GEMM.from_linear packer, pure torch, installed by
+  scripts/setup.sh without dependencies).
 
 Tolerance of the transformers comparisons: 1e-3 max |logit diff|, as test_runtime.py / test_quantize.py. Both sides
 use the same fp32 weights (dequantized codes, fp16 tensors widened); what remains is fp32 summation order and kiln's
 fused int4 kernel (s * sum(x*q) - z*s * sum(x)), which moves these 2-layer models' logits by ~1e-6.
 """
+import importlib
+import importlib.util
 import json
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +322,106 @@ def test_round_trip_is_lossless(name, method, pipeline, tmp_path):
     assert sorted(p.name for p in ex.iterdir()) == sorted(p.name for p in again.iterdir())
     for f in ex.iterdir():
         assert f.read_bytes() == (again / f.name).read_bytes(), f.name
+
+
+# --- AutoAWQ's own code as a second oracle ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def autoawq():
+    """AutoAWQ's pure-torch GEMM modules (installed by scripts/setup.sh without dependencies). awq/__init__.py
+    imports its whole model zoo (datasets, an old transformers), so only the packages on the way are stubbed."""
+    spec = importlib.util.find_spec("awq")
+    if spec is None:
+        pytest.skip("autoawq is not installed (scripts/setup.sh installs it)")
+    root = Path(spec.origin).parent
+    saved = {k: sys.modules.get(k) for k in ("awq", "awq.utils", "awq.modules", "awq.modules.linear")}
+    for pkg, sub in (("awq", ""), ("awq.utils", "utils"), ("awq.modules", "modules"),
+                     ("awq.modules.linear", "modules/linear")):
+        m = types.ModuleType(pkg)
+        m.__path__ = [str(root / sub)]
+        sys.modules[pkg] = m
+    mods = types.SimpleNamespace(gemm=importlib.import_module("awq.modules.linear.gemm"),
+                                 packing=importlib.import_module("awq.utils.packing_utils"))
+    yield mods
+    for k, v in saved.items():
+        if v is None:
+            sys.modules.pop(k, None)
+        else:
+            sys.modules[k] = v
+
+
+@pytest.mark.parametrize("name", ["llama-fp32-sharded", "qwen2-bf16-sharded"])
+def test_export_unpacks_with_autoawq_code(name, pipeline, autoawq):
+    """AutoAWQ's unpack (unpack_awq + reverse_awq_order) gives kiln's codes and zeros; its dequantize_gemm (fp16)
+    gives kiln's dequantized weights rounded once to fp16."""
+    _, q, ex = pipeline(name)
+    kiln, sp = load_dir(q, "weights-*.safetensors"), spec(q)
+    from safetensors.torch import load_file as lt
+    hf = {}
+    for f in sorted(ex.glob("model*.safetensors")):
+        hf.update(lt(str(f)))
+    for i in range(sp["num_layers"]):
+        for mod, projs in PROJ.items():
+            qw = kiln[f"layers.{i}.{mod}.qweight"]
+            codes = np.stack([qw & 0xF, qw >> 4], axis=-1).reshape(qw.shape[0], -1)
+            zeros = kiln[f"layers.{i}.{mod}.zeros"]
+            w = kiln_dequantize(qw, kiln[f"layers.{i}.{mod}.scales"], zeros, GS)
+            row = 0
+            for proj, rows in zip(projs, part_rows(sp)[mod]):
+                b = f"model.layers.{i}.{proj}"
+                iw, iz = autoawq.packing.unpack_awq(hf[b + ".qweight"], hf[b + ".qzeros"], 4)
+                iw, iz = autoawq.packing.reverse_awq_order(iw, iz, 4)
+                assert np.array_equal((iw & 15).numpy().T, codes[row:row + rows]), b
+                assert np.array_equal((iz & 15).numpy().T, zeros[row:row + rows]), b
+                d = autoawq.packing.dequantize_gemm(hf[b + ".qweight"], hf[b + ".qzeros"], hf[b + ".scales"], 4, GS)
+                assert d.dtype == torch.float16
+                assert np.array_equal(d.numpy().T, w[row:row + rows].astype(np.float16)), b
+                row += rows
+
+
+def test_import_of_checkpoint_packed_by_autoawq(fixture_models, autoawq, tmp_path):
+    """Every linear packed by AutoAWQ's WQLinear_GEMM.from_linear (its own packer) from known codes, zeros and
+    scales; kiln convert must give exactly those codes, zeros and scales back."""
+    src = fixture_models / "qwen3-fp32"
+    rng = np.random.default_rng(3)
+    tensors, truth = {}, {}
+    for k, w in load_dir(src, "*.safetensors").items():
+        if not (k.endswith("_proj.weight") and ".layers." in k):
+            tensors[k] = w.astype(np.float16)
+            continue
+        out, n = w.shape
+        codes = rng.integers(0, 16, size=(out, n)).astype(np.uint8)
+        zeros = rng.integers(0, 16, size=(out, n // GS)).astype(np.uint8)
+        scales = (rng.random((out, n // GS)) * 0.01 + 1e-3).astype(np.float16)
+        deq = (codes.astype(np.float32) - np.repeat(zeros, GS, 1)) * np.repeat(scales.astype(np.float32), GS, 1)
+        lin = torch.nn.Linear(n, out, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(deq))
+        # from_linear takes scales and zeros as [in/G, out] (AutoAWQ's quantizer transposes them before the call).
+        m = autoawq.gemm.WQLinear_GEMM.from_linear(lin, 4, GS, scales=torch.from_numpy(scales.T.copy()),
+                                                    zeros=torch.from_numpy(zeros.T.astype(np.float32).copy()))
+        b = k[:-len(".weight")]
+        for part in ("qweight", "qzeros", "scales"):
+            tensors[f"{b}.{part}"] = getattr(m, part).numpy()
+        truth[b] = (codes, zeros, scales)
+    d = tmp_path / "awq"
+    d.mkdir()
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "group_size": GS, "zero_point": True,
+                                  "version": "gemm"}
+    (d / "config.json").write_text(json.dumps(cfg))
+    copy_tokenizer(src, d)
+    ws = tmp_path / "ws"
+    run_kiln("convert", d, "-o", ws)
+    kiln, sp = load_dir(ws, "weights-*.safetensors"), spec(ws)
+    for i in range(sp["num_layers"]):
+        for mod, projs in PROJ.items():
+            qw = kiln[f"layers.{i}.{mod}.qweight"]
+            codes = np.stack([qw & 0xF, qw >> 4], axis=-1).reshape(qw.shape[0], -1)
+            got = (codes, kiln[f"layers.{i}.{mod}.zeros"], kiln[f"layers.{i}.{mod}.scales"])
+            want = [np.concatenate([truth[f"model.layers.{i}.{p}"][j] for p in projs]) for j in range(3)]
+            for g, w_ in zip(got, want):
+                assert np.array_equal(g, w_), (i, mod)
 
 
 # --- 4. refusals -----------------------------------------------------------------------------------------------------
