@@ -103,10 +103,25 @@ void write_quantized_linear(const HfCheckpoint& ckpt, const CanonicalTensor& c, 
 
 }  // namespace
 
+json with_legacy_autoawq_config(const json& config, const fs::path& dir) {
+  std::error_code ec;
+  if (has_quantization_config(config) || !fs::is_regular_file(dir / kLegacyAutoAwqConfig, ec)) return config;
+  const fs::path path = dir / kLegacyAutoAwqConfig;
+  json q = json::parse(read_text_file(path), nullptr, false);
+  if (q.is_discarded() || !q.is_object()) throw Error(path.string() + ": not a JSON object");
+  if (!q.contains("w_bit") && !q.contains("bits")) return config;
+  if (!q.contains("quant_method")) q["quant_method"] = "awq";
+  json out = config;
+  out["quantization_config"] = q;
+  return out;
+}
+
 ConvertResult convert_autoawq_checkpoint(const ConvertOptions& opt, StagingDir& staging, const HfCheckpoint& ckpt,
-                                         const ModelSpec& spec, const ArchEntry& arch, DType target) {
-  const std::string label = (opt.source / "config.json").string();
-  const AutoAwqConfig cfg = parse_autoawq_config(ckpt.config(), label);
+                                         const json& config, const ModelSpec& spec, const ArchEntry& arch,
+                                         DType target) {
+  const std::string label =
+      (opt.source / (has_quantization_config(ckpt.config()) ? "config.json" : kLegacyAutoAwqConfig)).string();
+  const AutoAwqConfig cfg = parse_autoawq_config(config, label);
   WeightQuantization q;
   q.method = "awq";
   q.bits = cfg.bits;

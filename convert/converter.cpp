@@ -134,6 +134,7 @@ ordered_json hash_sources(const fs::path& dir, const HfCheckpoint& ckpt, const s
   for (const auto& f : tokenizer_file_names())
     if (fs::is_regular_file(dir / f, ec)) files.push_back(f);
   if (fs::is_regular_file(dir / "chat_template.jinja", ec)) files.push_back("chat_template.jinja");
+  if (fs::is_regular_file(dir / kLegacyAutoAwqConfig, ec)) files.push_back(kLegacyAutoAwqConfig);
   std::sort(files.begin(), files.end());
   ordered_json out = ordered_json::object();
   for (const auto& f : files) {
@@ -177,7 +178,9 @@ ConvertResult convert_checkpoint(const ConvertOptions& opt) {
   ModelSpec spec = spec_from_hf_config(ckpt.config(), ckpt.generation_config(), config_label);
   const ArchEntry& arch = find_architecture(ckpt.config(), config_label);
   const DType target = resolve_target_dtype(opt.dtype, ckpt);
-  if (is_autoawq_config(ckpt.config())) return convert_autoawq_checkpoint(opt, staging, ckpt, spec, arch, target);
+  const json awq_config = with_legacy_autoawq_config(ckpt.config(), opt.source);
+  if (is_autoawq_config(awq_config))
+    return convert_autoawq_checkpoint(opt, staging, ckpt, awq_config, spec, arch, target);
   if (has_quantization_config(ckpt.config()))
     throw Error(config_label + ": quantization_config " + ckpt.config()["quantization_config"].dump() +
                 " is not supported; kiln converts unquantized checkpoints and AutoAWQ ones (quant_method awq)");

@@ -302,6 +302,29 @@ def test_import_matches_transformers(name, fixture_models, autoawq_checkpoint, t
     assert json.loads(gen.stdout)
 
 
+def test_import_of_legacy_quant_config_json(autoawq_checkpoint, tmp_path):
+    """AutoAWQ before its transformers integration kept its settings in quant_config.json only."""
+    src, _ = autoawq_checkpoint("qwen3-fp32")
+    legacy = tmp_path / "legacy"
+    shutil.copytree(src, legacy)
+    cfg = json.loads((legacy / "config.json").read_text())
+    q = cfg.pop("quantization_config")
+    del q["quant_method"]
+    (legacy / "config.json").write_text(json.dumps(cfg))
+    (legacy / "quant_config.json").write_text(json.dumps(q))
+    run_kiln("convert", src, "-o", tmp_path / "a")
+    run_kiln("convert", legacy, "-o", tmp_path / "b")
+    a, b = load_dir(tmp_path / "a", "weights-*"), load_dir(tmp_path / "b", "weights-*")
+    assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
+    doc = json.loads((tmp_path / "b" / "kiln.json").read_text())
+    assert "quant_config.json" in doc["provenance"]["source_files"]
+    q["version"] = "gemv"
+    (legacy / "quant_config.json").write_text(json.dumps(q))
+    one_line_error(run_kiln("convert", legacy, "-o", tmp_path / "c", check=False), "quant_config.json")
+    r = run_kiln("generate", legacy, "--prompt", "Hi", "-n", 2, check=False)
+    one_line_error(r, "kiln convert")
+
+
 # --- 3. round trip ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name,method", [("llama-fp32-sharded", "rtn"), ("qwen2-bf16-sharded", "rtn"),
                                          ("qwen3-fp32", "awq")])
