@@ -505,3 +505,20 @@ def test_export_refusals(pipeline, tmp_path):
     r = run_kiln("export", q, "--format", "gguf", "-o", tmp_path / "g", check=False)
     assert r.returncode != 0 and not (tmp_path / "g").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_export_refuses_values_beyond_fp16(fixture_models, tmp_path):
+    """A bf16 norm weight of 1e5 has no fp16 value: the export names the tensor instead of writing inf."""
+    from safetensors.torch import load_file as lt, save_file as st
+    src = fixture_models / "llama-bf16"
+    big = tmp_path / "big"
+    shutil.copytree(src, big)
+    f = next(big.glob("*.safetensors"))
+    t = lt(str(f))
+    t["model.norm.weight"] = torch.full_like(t["model.norm.weight"], 1e5)
+    st(t, str(f), metadata={"format": "pt"})
+    run_kiln("convert", big, "-o", tmp_path / "ws")
+    run_kiln("quantize", tmp_path / "ws", "-o", tmp_path / "q", "--method", "rtn", "--group-size", GS)
+    one_line_error(run_kiln("export", tmp_path / "q", "--format", "autoawq", "-o", tmp_path / "ex", check=False),
+                   "model.norm.weight")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big", "q", "ws"]
