@@ -20,18 +20,34 @@ std::string strip_weight(const std::string& name) {
   return name.substr(0, name.size() - std::string(".weight").size());
 }
 
-// The source tensor `name`, checked for dtype and shape; its bytes copied out (mmapped data need not be aligned for
-// int32 access).
-template <typename T>
-std::vector<T> read_tensor(const HfCheckpoint& ckpt, const std::string& name, DType dtype, std::vector<int64_t> shape) {
+// The source tensor `name`, checked for presence, dtype and shape.
+const SourceTensor& checked_tensor(const HfCheckpoint& ckpt, const std::string& name, DType dtype,
+                                   const std::vector<int64_t>& shape) {
   const SourceTensor* t = ckpt.find(name);
   if (!t) throw Error(ckpt.dir().string() + ": tensor '" + name + "' is missing from the AutoAWQ checkpoint");
   if (t->info->dtype != dtype || t->info->shape != shape)
     throw Error(t->file->path() + ": tensor '" + name + "' is " + std::string(dtype_name(t->info->dtype)) + " " +
                 shape_string(t->info->shape) + "; the AutoAWQ GEMM layout needs " + std::string(dtype_name(dtype)) +
                 " " + shape_string(shape));
+  return *t;
+}
+
+// The three tensors of one unfused projection `base` with `out` outputs, checked.
+struct PackedParts {
+  const SourceTensor *qweight, *qzeros, *scales;
+};
+PackedParts packed_parts(const HfCheckpoint& ckpt, const std::string& base, int64_t out, int64_t in, int64_t gs) {
+  return {&checked_tensor(ckpt, base + ".qweight", DType::I32, {in, out / 8}),
+          &checked_tensor(ckpt, base + ".qzeros", DType::I32, {in / gs, out / 8}),
+          &checked_tensor(ckpt, base + ".scales", DType::F16, {in / gs, out})};
+}
+
+// A tensor's bytes copied out (mmapped data need not be aligned for int32 access); its source pages are dropped.
+template <typename T>
+std::vector<T> read_tensor(const SourceTensor* t) {
   std::vector<T> v(size_t(t->info->numel()));
   std::memcpy(v.data(), t->data(), v.size() * sizeof(T));
+  t->file->file().dont_need(t->file->data_start() + t->info->begin, t->info->nbytes());  // bounded memory on big models
   return v;
 }
 
@@ -58,6 +74,8 @@ void check_quantized_linear(const HfCheckpoint& ckpt, const CanonicalTensor& c, 
   if (in % cfg.group_size)
     throw Error(label + ": quantization_config.group_size " + std::to_string(cfg.group_size) + " does not divide the " +
                 std::to_string(in) + " inputs of '" + strip_weight(m.sources[0]) + "'");
+  for (size_t p = 0; p < m.sources.size(); ++p)
+    packed_parts(ckpt, strip_weight(m.sources[p]), c.part_rows[p], in, cfg.group_size);
 }
 
 struct WriterSink : TensorSink {
@@ -85,9 +103,10 @@ void write_quantized_linear(const HfCheckpoint& ckpt, const CanonicalTensor& c, 
     check_interrupt();
     const std::string base = strip_weight(m.sources[p]);
     const int64_t out = c.part_rows[p];
-    auto qw = read_tensor<int32_t>(ckpt, base + ".qweight", DType::I32, {in, out / 8});
-    auto qz = read_tensor<int32_t>(ckpt, base + ".qzeros", DType::I32, {G, out / 8});
-    auto sc = read_tensor<uint16_t>(ckpt, base + ".scales", DType::F16, {G, out});
+    const PackedParts parts = packed_parts(ckpt, base, out, in, gs);
+    auto qw = read_tensor<int32_t>(parts.qweight);
+    auto qz = read_tensor<int32_t>(parts.qzeros);
+    auto sc = read_tensor<uint16_t>(parts.scales);
     unpack_autoawq(qw.data(), qz.data(), sc.data(), out, in, gs, qweight.data() + row * in / 2, scales.data() + row * G,
                    zeros.data() + row * G);
     row += out;
