@@ -113,6 +113,13 @@ ExportResult export_autoawq(const ExportOptions& opt) {
   const std::vector<CanonicalTensor> canon = canonical_tensors(spec);
   const std::vector<TensorMapping> mappings = tensor_mappings(spec, arch);
 
+  // Every tensor is read at the size the spec implies, so the workspace must hold exactly those.
+  for (const CanonicalTensor& c : canonical_tensors(spec, q)) {
+    const Workspace::Tensor& t = ws.get(c.name);
+    if (t.info->shape != c.shape || t.info->dtype != (c.dtype ? *c.dtype : dtype))
+      throw Error(label + ": tensor '" + c.name + "' does not match the model spec; run 'kiln verify'");
+  }
+
   // The HF tensor list, checked before anything is written.
   std::vector<TensorPlan> plan;
   uint64_t total = 0;
