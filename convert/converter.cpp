@@ -6,6 +6,8 @@
 #include <set>
 #include <vector>
 
+#include "convert/autoawq.h"
+#include "convert/autoawq_import.h"
 #include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
 #include "runtime/io/interrupt.h"
@@ -106,8 +108,6 @@ void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& m, DType target,
   }
 }
 
-namespace {
-
 // Tensors present in the checkpoint that no mapping consumes. A tied lm_head and known weightless buffers are fine;
 // anything else means the checkpoint is not what its config says, and converting it would silently drop weights.
 void check_unused_tensors(const HfCheckpoint& ckpt, const std::vector<TensorMapping>& mappings, const ArchEntry& arch,
@@ -134,6 +134,7 @@ ordered_json hash_sources(const fs::path& dir, const HfCheckpoint& ckpt, const s
   for (const auto& f : tokenizer_file_names())
     if (fs::is_regular_file(dir / f, ec)) files.push_back(f);
   if (fs::is_regular_file(dir / "chat_template.jinja", ec)) files.push_back("chat_template.jinja");
+  if (fs::is_regular_file(dir / kLegacyAutoAwqConfig, ec)) files.push_back(kLegacyAutoAwqConfig);
   std::sort(files.begin(), files.end());
   ordered_json out = ordered_json::object();
   for (const auto& f : files) {
@@ -143,6 +144,25 @@ ordered_json hash_sources(const fs::path& dir, const HfCheckpoint& ckpt, const s
   }
   return out;
 }
+
+ordered_json add_tokenizer_files(const fs::path& source, WorkspaceWriter& writer) {
+  std::error_code ec;
+  std::vector<std::string> tokenizer_files;
+  for (const auto& f : tokenizer_file_names()) {
+    if (fs::is_regular_file(source / f, ec)) {
+      writer.copy_file(source / f, f);
+      tokenizer_files.push_back(f);
+    }
+  }
+  TokenizerFiles text_files;
+  text_files.dir = source;
+  if (fs::is_regular_file(source / "tokenizer_config.json", ec)) text_files.tokenizer_config = source / "tokenizer_config.json";
+  std::optional<std::string> chat_template = resolve_chat_template(text_files);
+  if (chat_template) writer.add_file("chat_template.jinja", *chat_template);
+  return {{"files", tokenizer_files}, {"chat_template", chat_template ? json("chat_template.jinja") : json(nullptr)}};
+}
+
+namespace {
 
 ConvertResult finish_conversion(const ConvertOptions& opt, StagingDir& staging, const HfCheckpoint& ckpt,
                                 const ModelSpec& spec, DType target, const std::vector<TensorMapping>& mappings,
@@ -158,6 +178,12 @@ ConvertResult convert_checkpoint(const ConvertOptions& opt) {
   ModelSpec spec = spec_from_hf_config(ckpt.config(), ckpt.generation_config(), config_label);
   const ArchEntry& arch = find_architecture(ckpt.config(), config_label);
   const DType target = resolve_target_dtype(opt.dtype, ckpt);
+  const json awq_config = with_legacy_autoawq_config(ckpt.config(), opt.source);
+  if (is_autoawq_config(awq_config))
+    return convert_autoawq_checkpoint(opt, staging, ckpt, awq_config, spec, arch, target);
+  if (has_quantization_config(ckpt.config()))
+    throw Error(config_label + ": quantization_config " + ckpt.config()["quantization_config"].dump() +
+                " is not supported; kiln converts unquantized checkpoints and AutoAWQ ones (quant_method awq)");
   std::vector<TensorMapping> mappings = tensor_mappings(spec, arch);
   check_unused_tensors(ckpt, mappings, arch, spec);
 
@@ -210,19 +236,7 @@ ConvertResult finish_conversion(const ConvertOptions& opt, StagingDir& staging, 
   }
 
   // Tokenizer files verbatim, then the resolved chat template.
-  std::error_code ec;
-  std::vector<std::string> tokenizer_files;
-  for (const auto& f : tokenizer_file_names()) {
-    if (fs::is_regular_file(opt.source / f, ec)) {
-      writer.copy_file(opt.source / f, f);
-      tokenizer_files.push_back(f);
-    }
-  }
-  TokenizerFiles text_files;
-  text_files.dir = opt.source;
-  if (fs::is_regular_file(opt.source / "tokenizer_config.json", ec)) text_files.tokenizer_config = opt.source / "tokenizer_config.json";
-  std::optional<std::string> chat_template = resolve_chat_template(text_files);
-  if (chat_template) writer.add_file("chat_template.jinja", *chat_template);
+  ordered_json tokenizer = add_tokenizer_files(opt.source, writer);
 
   ordered_json doc;
   doc["format"] = kWorkspaceFormat;
@@ -231,7 +245,7 @@ ConvertResult finish_conversion(const ConvertOptions& opt, StagingDir& staging, 
   doc["dtype"] = workspace_dtype_name(target);
   doc["quantization"] = {{"weights", {{"method", "none"}}}, {"kv_cache", {{"dtype", "auto"}}}};
   doc["weights"] = {{"files", writer.weight_files()}, {"tensor_count", plan.size()}, {"tensor_bytes", total}};
-  doc["tokenizer"] = {{"files", tokenizer_files}, {"chat_template", chat_template ? json("chat_template.jinja") : json(nullptr)}};
+  doc["tokenizer"] = tokenizer;
   doc["provenance"] = {{"source", fs::absolute(opt.source).lexically_normal().string()},
                        {"source_files", source_hashes.get()},
                        {"kiln_version", KILN_VERSION},

@@ -1,6 +1,7 @@
 #pragma once
 // HF checkpoint -> workspace. Streams one tensor at a time from the mmapped source through dtype conversion into the
 // output shards, so memory stays at a few buffers however big the model is.
+#include <atomic>
 #include <cstdint>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -8,6 +9,7 @@
 
 #include "convert/arch_table.h"
 #include "convert/hf_checkpoint.h"
+#include "runtime/workspace/workspace.h"
 
 namespace kiln {
 
@@ -43,5 +45,16 @@ class TensorSink {
 // Emits the bytes of one canonical tensor in `target` dtype: its sources concatenated, each converted with round to
 // nearest even. Checks every source's presence, dtype and shape. Throws naming the HF tensor on overflow to fp16.
 void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& mapping, DType target, TensorSink& sink);
+
+// Throws for a checkpoint tensor that no mapping consumes (a tied lm_head and known weightless buffers excepted):
+// converting it would silently drop weights.
+void check_unused_tensors(const HfCheckpoint& ckpt, const std::vector<TensorMapping>& mappings, const ArchEntry& arch,
+                          const ModelSpec& spec);
+// sha256 and size of the source's config, index, shards and tokenizer files, for provenance. Stops early (returning
+// what it has) once *cancel is set.
+nlohmann::ordered_json hash_sources(const std::filesystem::path& dir, const HfCheckpoint& ckpt,
+                                    const std::atomic<bool>* cancel);
+// Copies the source's tokenizer files and writes its resolved chat template; returns kiln.json's "tokenizer" block.
+nlohmann::ordered_json add_tokenizer_files(const std::filesystem::path& source, WorkspaceWriter& writer);
 
 }  // namespace kiln

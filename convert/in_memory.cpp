@@ -1,5 +1,7 @@
 #include "convert/in_memory.h"
 
+#include "convert/autoawq.h"
+#include "convert/autoawq_import.h"
 #include "convert/converter.h"
 #include "runtime/core/error.h"
 
@@ -44,6 +46,9 @@ std::unique_ptr<Workspace> open_hf_in_memory(const std::filesystem::path& hf_dir
   owned->ckpt = std::make_unique<HfCheckpoint>(hf_dir);
   const HfCheckpoint& ckpt = *owned->ckpt;
   const std::string label = (hf_dir / "config.json").string();
+  if (has_quantization_config(with_legacy_autoawq_config(ckpt.config(), hf_dir)))
+    throw Error(label + " declares a quantization_config; convert the checkpoint first ('kiln convert " +
+                hf_dir.string() + " -o WS')");
   WorkspaceInfo info;
   info.dir = hf_dir;
   info.spec = spec_from_hf_config(ckpt.config(), ckpt.generation_config(), label);

