@@ -50,19 +50,19 @@ std::vector<double> parse_list(const std::string& flag, const std::string& text,
       used = 0;
     }
     if (used == 0 || used != item.size() || !(v > 0) || (integers && v != double(int64_t(v))))
-      throw Error("bench: " + flag + " takes a comma-separated list of positive " +
-                  (integers ? "integers" : "numbers") + " (got '" + text.substr(0, 100) + "')");
+      throw Error("" + flag + " takes a comma-separated list of positive " + (integers ? "integers" : "numbers") +
+                  " (got '" + text.substr(0, 100) + "')");
     out.push_back(v);
   }
-  if (out.empty()) throw Error("bench: " + flag + " is empty");
+  if (out.empty()) throw Error("" + flag + " is empty");
   return out;
 }
 
 void check_workload(const BenchCliOptions& o) {
-  if (o.num_prompts < 1) throw Error("bench: --num-prompts must be at least 1");
-  if (o.output_len < 1) throw Error("bench: --output-len must be at least 1");
-  if (o.prompts_file.empty() && o.input_len < 1) throw Error("bench: --input-len must be at least 1");
-  if (o.id_range < 1) throw Error("bench: --id-range must be at least 1");
+  if (o.num_prompts < 1) throw Error("--num-prompts must be at least 1");
+  if (o.output_len < 1) throw Error("--output-len must be at least 1");
+  if (o.prompts_file.empty() && o.input_len < 1) throw Error("--input-len must be at least 1");
+  if (o.id_range < 1) throw Error("--id-range must be at least 1");
 }
 
 std::vector<bench::BenchPrompt> make_prompts(const BenchCliOptions& o, const Tokenizer* tok) {
@@ -78,10 +78,10 @@ void report(const BenchCliOptions& o, const std::string& mode, const std::string
     const std::string tmp = o.csv + ".tmp";
     {
       std::ofstream out(tmp);
-      if (!out) throw Error("bench: cannot write " + o.csv);
+      if (!out) throw Error("cannot write " + o.csv);
       out << bench::csv_header() << "\n";
       for (const auto& r : runs) out << bench::csv_row(r) << "\n";
-      if (!out.flush()) throw Error("bench: cannot write " + o.csv);
+      if (!out.flush()) throw Error("cannot write " + o.csv);
     }
     std::filesystem::rename(tmp, o.csv);
   }
@@ -99,8 +99,8 @@ void report(const BenchCliOptions& o, const std::string& mode, const std::string
   }
   std::printf("%s", bench::table(runs).c_str());
   for (const auto& r : runs)
-    if (r.failed) std::fprintf(stderr, "bench: %lld requests failed; first: %s\n", (long long)r.failed,
-                               r.first_error.c_str());
+    if (r.failed)
+      std::fprintf(stderr, "bench: %lld requests failed; first: %s\n", (long long)r.failed, r.first_error.c_str());
 }
 
 int run_offline(const BenchCliOptions& o) {
@@ -109,7 +109,7 @@ int run_offline(const BenchCliOptions& o) {
   LoadedModel m = load_model(o.path, o.threads);
   const ModelSpec& spec = m.model->spec();
   if (o.prompts_file.empty() && o.id_range > spec.vocab_size)
-    throw Error("bench: --id-range " + std::to_string(o.id_range) + " exceeds the vocabulary (" +
+    throw Error("--id-range " + std::to_string(o.id_range) + " exceeds the vocabulary (" +
                 std::to_string(spec.vocab_size) + ")");
   Tokenizer tok = Tokenizer::load(locate_tokenizer_files(o.path));
   const std::vector<bench::BenchPrompt> prompts = make_prompts(o, &tok);
@@ -119,8 +119,8 @@ int run_offline(const BenchCliOptions& o) {
   const KvDType kv = resolve_kv_dtype(*m.workspace, o.kv_cache);
   const int64_t block = 16;
   KvCacheConfig probe = m.model->kv_config(block, kv, block);
-  const int64_t blocks = std::max<int64_t>(
-      (context + block - 1) / block, int64_t((o.kv_cache_mib << 20) / (KvCache::bytes_per_token(probe) * block)));
+  const int64_t blocks = std::max<int64_t>((context + block - 1) / block,
+                                           int64_t((o.kv_cache_mib << 20) / (KvCache::bytes_per_token(probe) * block)));
   KvCache cache(m.model->backend(), m.model->kv_config(blocks * block, kv, block));
   serve::Metrics metrics;
   serve::EngineOptions eo;

@@ -11,12 +11,12 @@ namespace kiln::bench {
 // Times in seconds from the request's start (submit, or the HTTP request being sent).
 struct RequestRecord {
   bool ok = false;
-  std::string error;                 // when !ok
-  double ttft = 0;                   // first output token
-  double e2e = 0;                    // last byte / final event
+  std::string error;  // when !ok
+  double ttft = 0;    // first output token
+  double e2e = 0;     // last byte / final event
   int64_t prompt_tokens = 0;
   int64_t output_tokens = 0;
-  std::vector<double> token_times;   // arrival time of each output token (tokens that arrive together share one)
+  std::vector<double> token_times;  // arrival time of each output token (tokens that arrive together share one)
 };
 
 struct Percentiles {
@@ -26,11 +26,11 @@ struct Percentiles {
 Percentiles percentiles(std::vector<double> values);
 
 struct RunSummary {
-  std::string mode;       // "offline" or "serve"
+  std::string mode;  // "offline" or "serve"
   int64_t concurrency = 0;
-  double rate = 0;        // requests/s of the Poisson arrivals; 0: closed loop at `concurrency`
+  double rate = 0;  // requests/s of the Poisson arrivals; 0: closed loop at `concurrency`
   int64_t requests = 0, failed = 0, prompt_tokens = 0, output_tokens = 0;
-  double duration = 0;    // seconds from the first start to the last end
+  double duration = 0;  // seconds from the first start to the last end
   double requests_per_s = 0, output_tokens_per_s = 0, total_tokens_per_s = 0;
   // TTFT; TPOT = (e2e - ttft) / (output_tokens - 1) per request; ITL = gaps between successive token arrivals.
   Percentiles ttft, tpot, itl, e2e;

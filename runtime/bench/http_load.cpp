@@ -26,11 +26,11 @@ struct Endpoint {
 Endpoint split_url(const std::string& url) {
   const size_t sep = url.find("://");
   if (sep == std::string::npos || (url.compare(0, sep, "http") != 0 && url.compare(0, sep, "https") != 0))
-    throw Error("bench: --url must start with http:// or https:// (got '" + url.substr(0, 200) + "')");
+    throw Error("--url must start with http:// or https:// (got '" + url.substr(0, 200) + "')");
   const size_t path = url.find('/', sep + 3);
   Endpoint e{url.substr(0, path), path == std::string::npos ? "" : url.substr(path)};
   while (!e.prefix.empty() && e.prefix.back() == '/') e.prefix.pop_back();
-  if (e.origin.size() <= sep + 3) throw Error("bench: --url has no host");
+  if (e.origin.size() <= sep + 3) throw Error("--url has no host");
   return e;
 }
 
@@ -57,13 +57,16 @@ uint64_t splitmix(uint64_t& state) {
 
 class StreamingRequest {
  public:
-  StreamingRequest(httplib::Client& cli, const HttpTarget& t, const std::string& path) : cli_(cli), t_(t), path_(path) {}
+  StreamingRequest(httplib::Client& cli, const HttpTarget& t, const std::string& path)
+      : cli_(cli), t_(t), path_(path) {}
 
   RequestRecord run(const BenchPrompt& p, int64_t output_len) {
-    json body{{"model", t_.model},    {"max_tokens", output_len}, {"temperature", 0}, {"ignore_eos", true},
-              {"stream", true},       {"stream_options", {{"include_usage", true}}}};
-    if (p.text.empty()) body["prompt"] = p.tokens;
-    else body["prompt"] = p.text;
+    json body{{"model", t_.model},  {"max_tokens", output_len}, {"temperature", 0},
+              {"ignore_eos", true}, {"stream", true},           {"stream_options", {{"include_usage", true}}}};
+    if (p.text.empty())
+      body["prompt"] = p.tokens;
+    else
+      body["prompt"] = p.text;
     httplib::Request req;
     req.method = "POST";
     req.path = path_;
@@ -86,9 +89,12 @@ class StreamingRequest {
     t0_ = Clock::now();
     httplib::Result res = cli_.send(req);
     rec_.e2e = seconds(t0_, Clock::now());
-    if (!res) rec_.error = "request failed: " + httplib::to_string(res.error());
-    else if (status_ != 200) rec_.error = error_message(status_, raw_);
-    else if (!done_ && rec_.error.empty()) rec_.error = "the stream ended without [DONE]";
+    if (!res)
+      rec_.error = "request failed: " + httplib::to_string(res.error());
+    else if (status_ != 200)
+      rec_.error = error_message(status_, raw_);
+    else if (!done_ && rec_.error.empty())
+      rec_.error = "the stream ended without [DONE]";
     rec_.ok = rec_.error.empty();
     return rec_;
   }
@@ -150,14 +156,13 @@ void probe(HttpTarget& t) {
   const Endpoint e = split_url(t.url);
   auto cli = make_client(e, 10);
   httplib::Result res = cli->Get(e.prefix + "/v1/models", auth_headers(t));
-  if (!res) throw Error("bench: cannot reach " + t.url + " (" + httplib::to_string(res.error()) + ")");
-  if (res->status != 200)
-    throw Error("bench: " + t.url + "/v1/models answered " + error_message(res->status, res->body));
+  if (!res) throw Error("cannot reach " + t.url + " (" + httplib::to_string(res.error()) + ")");
+  if (res->status != 200) throw Error("" + t.url + "/v1/models answered " + error_message(res->status, res->body));
   if (!t.model.empty()) return;
   json j = json::parse(res->body, nullptr, false);
   if (!j.is_object() || !j.contains("data") || !j["data"].is_array() || j["data"].empty() ||
       !j["data"][0].contains("id") || !j["data"][0]["id"].is_string())
-    throw Error("bench: " + t.url + "/v1/models lists no model; give --model");
+    throw Error("" + t.url + "/v1/models lists no model; give --model");
   t.model = j["data"][0]["id"].get<std::string>();
 }
 
@@ -172,8 +177,8 @@ std::vector<RequestRecord> run_http(const HttpTarget& t, const std::vector<Bench
     uint64_t state = seed ^ 0x5eedull;
     double arrival = 0;
     for (size_t i = 0; i < prompts.size(); ++i) {
-      std::this_thread::sleep_until(start + std::chrono::duration_cast<Clock::duration>(
-                                                std::chrono::duration<double>(arrival)));
+      std::this_thread::sleep_until(
+          start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(arrival)));
       threads.emplace_back([&, i] {
         auto cli = make_client(e, t.timeout_s);
         records[i] = StreamingRequest(*cli, t, path).run(prompts[i], output_len);

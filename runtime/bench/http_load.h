@@ -11,10 +11,10 @@
 namespace kiln::bench {
 
 struct HttpTarget {
-  std::string url;        // http://host:port[/prefix]; the API is under {url}/v1
-  std::string api_key;    // sent as a Bearer token when not empty
-  std::string model;      // "model" of each request; empty: the first id of /v1/models
-  double timeout_s = 600; // per request
+  std::string url;         // http://host:port[/prefix]; the API is under {url}/v1
+  std::string api_key;     // sent as a Bearer token when not empty
+  std::string model;       // "model" of each request; empty: the first id of /v1/models
+  double timeout_s = 600;  // per request
 };
 
 // Checks that the server answers GET /v1/models (kiln::Error, one line, when it is unreachable or refuses) and

@@ -32,9 +32,9 @@ std::string unescape_newlines(const std::string& line) {
 
 std::vector<BenchPrompt> synthetic_prompts(int64_t n, int64_t input_len, int64_t vocab_size, uint64_t seed,
                                            int64_t first_id) {
-  if (n < 1) throw Error("bench: --num-prompts must be at least 1");
-  if (input_len < 1) throw Error("bench: --input-len must be at least 1");
-  if (vocab_size <= first_id) throw Error("bench: the vocabulary is empty");
+  if (n < 1) throw Error("--num-prompts must be at least 1");
+  if (input_len < 1) throw Error("--input-len must be at least 1");
+  if (vocab_size <= first_id) throw Error("the vocabulary is empty");
   uint64_t state = seed;
   std::vector<BenchPrompt> prompts(static_cast<size_t>(n));
   for (BenchPrompt& p : prompts) {
@@ -45,15 +45,15 @@ std::vector<BenchPrompt> synthetic_prompts(int64_t n, int64_t input_len, int64_t
 }
 
 std::vector<BenchPrompt> file_prompts(const std::filesystem::path& path, int64_t n, const Tokenizer* tok) {
-  if (n < 1) throw Error("bench: --num-prompts must be at least 1");
+  if (n < 1) throw Error("--num-prompts must be at least 1");
   std::ifstream in(path);
-  if (!in) throw Error("bench: cannot read the prompt file " + path.string());
+  if (!in) throw Error("cannot read the prompt file " + path.string());
   std::vector<std::string> lines;
   for (std::string line; std::getline(in, line);) {
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line.find_first_not_of(" \t") != std::string::npos) lines.push_back(unescape_newlines(line));
   }
-  if (lines.empty()) throw Error("bench: the prompt file " + path.string() + " has no prompt");
+  if (lines.empty()) throw Error("the prompt file " + path.string() + " has no prompt");
   std::vector<BenchPrompt> prompts(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) {
     prompts[size_t(i)].text = lines[size_t(i) % lines.size()];

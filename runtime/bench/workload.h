@@ -21,7 +21,8 @@ std::vector<BenchPrompt> synthetic_prompts(int64_t n, int64_t input_len, int64_t
                                            int64_t first_id = 0);
 
 // Non-empty lines of a UTF-8 text file ("\n" escapes a newline inside a prompt), cycled to n prompts; tokenized with
-// `tok` when given, the way /v1/completions tokenizes a string prompt (special tokens added). kiln::Error naming the file when it is missing or has no prompt.
+// `tok` when given, the way /v1/completions tokenizes a string prompt (special tokens added). kiln::Error naming the
+// file when it is missing or has no prompt.
 std::vector<BenchPrompt> file_prompts(const std::filesystem::path& path, int64_t n, const Tokenizer* tok);
 
 }  // namespace kiln::bench
