@@ -50,7 +50,7 @@ def main():
                 time.sleep(0.1)
         options = webdriver.ChromeOptions()
         for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                    "--window-size=900,760", "--hide-scrollbars", "--force-device-scale-factor=1"):
+                    "--window-size=900,880", "--hide-scrollbars", "--force-device-scale-factor=1"):
             options.add_argument(arg)
         driver = webdriver.Chrome(options=options,
                                   service=webdriver.ChromeService(executable_path="/usr/bin/chromedriver"))
