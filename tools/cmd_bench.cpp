@@ -137,8 +137,10 @@ int run_offline(const BenchCliOptions& o) {
   std::vector<bench::RunSummary> runs;
   for (double c : levels) {
     double duration = 0;
+    const double cpu0 = bench::process_cpu_seconds();
     auto records = bench::run_offline(engine, prompts, o.output_len, int64_t(c), &duration);
     runs.push_back(bench::summarize("offline", int64_t(c), 0, duration, records));
+    runs.back().process_cpu_s = bench::process_cpu_seconds() - cpu0;
   }
   report(o, "offline", o.path, runs);
   return 0;
@@ -163,8 +165,10 @@ int run_serve(const BenchCliOptions& o) {
     double duration = 0;
     const int64_t c = open_loop ? 0 : int64_t(level);
     const double rate = open_loop ? level : 0;
+    const double cpu0 = bench::process_cpu_seconds();
     auto records = bench::run_http(target, prompts, o.output_len, c, rate, o.seed, &duration);
     runs.push_back(bench::summarize("serve", c, rate, duration, records));
+    runs.back().process_cpu_s = bench::process_cpu_seconds() - cpu0;
   }
   report(o, "serve", o.url, runs);
   return 0;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <ctime>
 #include <numeric>
 
 namespace kiln::bench {
@@ -56,6 +57,12 @@ RunSummary summarize(const std::string& mode, int64_t concurrency, double rate, 
   return s;
 }
 
+double process_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + double(ts.tv_nsec) * 1e-9;
+}
+
 namespace {
 
 void put(nlohmann::ordered_json& j, const std::string& name, const Percentiles& p) {
@@ -75,6 +82,7 @@ nlohmann::ordered_json to_json(const RunSummary& s) {
                            {"prompt_tokens", s.prompt_tokens},
                            {"output_tokens", s.output_tokens},
                            {"duration_s", s.duration},
+                           {"process_cpu_s", s.process_cpu_s},
                            {"requests_per_s", s.requests_per_s},
                            {"output_tokens_per_s", s.output_tokens_per_s},
                            {"total_tokens_per_s", s.total_tokens_per_s}};

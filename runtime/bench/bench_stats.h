@@ -31,6 +31,9 @@ struct RunSummary {
   double rate = 0;  // requests/s of the Poisson arrivals; 0: closed loop at `concurrency`
   int64_t requests = 0, failed = 0, prompt_tokens = 0, output_tokens = 0;
   double duration = 0;  // seconds from the first start to the last end
+  // CPU seconds the bench process used during the run: offline, the engine's work; serving, the load generator's.
+  // On a shared machine this, not the wall time, compares work done (the scheduler's share varies).
+  double process_cpu_s = 0;
   double requests_per_s = 0, output_tokens_per_s = 0, total_tokens_per_s = 0;
   // TTFT; TPOT = (e2e - ttft) / (output_tokens - 1) per request; ITL = gaps between successive token arrivals.
   Percentiles ttft, tpot, itl, e2e;
@@ -41,6 +44,9 @@ RunSummary summarize(const std::string& mode, int64_t concurrency, double rate, 
                      const std::vector<RequestRecord>& records);
 
 nlohmann::ordered_json to_json(const RunSummary& s);
+// CPU seconds used so far by this process (all threads).
+double process_cpu_seconds();
+
 std::string csv_header();
 std::string csv_row(const RunSummary& s);
 // A fixed-width table for people, one row per run.

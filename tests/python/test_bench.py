@@ -19,7 +19,7 @@ def check_run(run, concurrency, n=N, prompt_tokens=N * IN):
     assert run["concurrency"] == concurrency
     assert (run["requests"], run["failed"]) == (n, 0)
     assert run["output_tokens"] == n * OUT and run["prompt_tokens"] == prompt_tokens
-    assert run["duration_s"] > 0
+    assert run["duration_s"] > 0 and run["process_cpu_s"] > 0
     assert run["requests_per_s"] == pytest.approx(n / run["duration_s"], rel=1e-9)
     assert run["output_tokens_per_s"] == pytest.approx(n * OUT / run["duration_s"], rel=1e-9)
     for m in ("ttft", "tpot", "itl", "e2e"):
