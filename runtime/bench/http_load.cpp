@@ -105,8 +105,20 @@ class StreamingRequest {
     for (size_t end; (end = buffer_.find("\n\n")) != std::string::npos;) {
       const std::string frame = buffer_.substr(0, end);
       buffer_.erase(0, end + 2);
-      if (frame.rfind("data: ", 0) != 0) continue;  // comments (queue reports, keep-alives)
-      const std::string data = frame.substr(6);
+      // The frame's "data:" lines joined; comment lines (queue reports, keep-alives) and other fields are skipped.
+      std::string data;
+      bool has_data = false;
+      for (size_t pos = 0; pos <= frame.size();) {
+        size_t eol = frame.find('\n', pos);
+        if (eol == std::string::npos) eol = frame.size();
+        const std::string line = frame.substr(pos, eol - pos);
+        if (line.rfind("data:", 0) == 0) {
+          data += (has_data ? "\n" : "") + line.substr(line.rfind("data: ", 0) == 0 ? 6 : 5);
+          has_data = true;
+        }
+        pos = eol + 1;
+      }
+      if (!has_data) continue;
       if (data == "[DONE]") {
         done_ = true;
         continue;

@@ -4,7 +4,9 @@ Counts are checked against what was asked and, for the served runs, against the 
 the timing numbers cannot be predicted, so only their internal order is checked. Errors are one line.
 """
 import csv
+import http.server
 import json
+import threading
 
 import pytest
 import tokenizers
@@ -88,6 +90,58 @@ def test_serve_counts_match_the_server(ws, tmp_path):  # noqa: F811
         assert doc["runs"][0]["prompt_tokens"] == expected
     finally:
         s.stop()
+
+
+class QueueingServer(http.server.ThreadingHTTPServer):
+    """Answers like a busy kiln with the queue extension: SSE comment frames `: queue {...}` before the tokens, and a
+    comment line inside a data frame, which SSE readers must skip."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            body = json.dumps({"object": "list", "data": [{"id": "queued-model"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            assert req["model"] == "queued-model" and req["stream"] and req["ignore_eos"]
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            chunk = lambda c: "data: " + json.dumps(c) + "\n\n"  # noqa: E731
+            out = ': queue {"position": 2, "eta_seconds": 1.5}\n\n: queue {"position": 1, "eta_seconds": 0.5}\n\n'
+            for i in range(req["max_tokens"]):
+                piece = chunk({"choices": [{"index": 0, "text": f" t{i}", "finish_reason": None}]})
+                out += piece if i % 2 else ": keep-alive\n" + piece
+            out += chunk({"choices": [{"index": 0, "text": "", "finish_reason": "length"}]})
+            out += ": keep-alive\n" + chunk({"choices": [], "usage": {"prompt_tokens": len(req["prompt"]),
+                                                                   "completion_tokens": req["max_tokens"]}})
+            self.wfile.write((out + "data: [DONE]\n\n").encode())
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), self.Handler)
+
+
+def test_serve_reads_streams_with_queue_reports():
+    fake = QueueingServer()
+    threading.Thread(target=fake.serve_forever, daemon=True).start()
+    try:
+        doc = json.loads(run_kiln("bench", "serve", "--url", f"http://127.0.0.1:{fake.server_address[1]}/",
+                                  "-n", N, "--input-len", IN, "--output-len", OUT, "-c", 2, "--json").stdout)
+        (run,) = doc["runs"]
+        check_run(run, 2)
+        assert run["itl_p99_s"] >= 0
+    finally:
+        fake.shutdown()
 
 
 @pytest.mark.parametrize("args, message", [
