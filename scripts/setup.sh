@@ -9,6 +9,7 @@ APT_PACKAGES=(
   nlohmann-json3-dev libcli11-dev libeigen3-dev libgtest-dev libgmock-dev libbenchmark-dev
   libpcre2-dev libutf8proc-dev libsentencepiece-dev libssl-dev libcpp-httplib-dev libfmt-dev libxxhash-dev
   clang-14 libclang-rt-14-dev clang-format
+  chromium chromium-driver
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -25,6 +26,7 @@ fi
 PY_PACKAGES=(
   torch==2.13.0 transformers==5.23.0 tokenizers==0.23.3 safetensors numpy pytest
   gguf accelerate sentencepiece protobuf jinja2 openai prometheus_client
+  selenium==4.51.0
 )
 pip_install() {
   local log
@@ -34,7 +36,7 @@ pip_install() {
   fi
   rm -f "$log"
 }
-if ! python3 -c "import torch, transformers, tokenizers, safetensors, pytest, gguf, accelerate, jinja2, sentencepiece, openai, prometheus_client" 2>/dev/null \
+if ! python3 -c "import torch, transformers, tokenizers, safetensors, pytest, gguf, accelerate, jinja2, sentencepiece, openai, prometheus_client, selenium" 2>/dev/null \
    || [ "$(python3 -c 'import transformers; print(transformers.__version__)')" != "5.23.0" ]; then
   echo "setup: installing Python packages"
   pip_install "${PY_PACKAGES[@]}"

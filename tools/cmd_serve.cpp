@@ -12,6 +12,7 @@
 #include "tools/command.h"
 #include "tools/generation_cli.h"
 #ifdef KILN_HAVE_HTTPLIB
+#include "runtime/serve/cors.h"
 #include "runtime/serve/http_server.h"
 #endif
 
@@ -21,7 +22,7 @@ namespace {
 struct ServeCliOptions {
   std::string path, host = "127.0.0.1", model_name, kv_cache = "auto";
   int port = 8000;
-  std::vector<std::string> api_keys;
+  std::vector<std::string> api_keys, allow_origins;
   int64_t max_queue = 256, max_batch_tokens = 512, max_running = 64, kv_cache_blocks = 0, ctx = 0;
   int64_t kv_cache_mib = 1024;
   size_t max_body_bytes = 8 << 20;
@@ -45,6 +46,7 @@ int run(const ServeCliOptions& o) {
   sigaction(SIGTERM, &sa, nullptr);
   sigaction(SIGINT, &sa, nullptr);
 
+  const serve::CorsPolicy cors_check(o.allow_origins);  // a malformed --allow-origin fails before loading
   LoadedModel m = load_model(o.path, o.threads);
   const ModelSpec& spec = m.model->spec();
   TokenizerFiles files = locate_tokenizer_files(o.path);
@@ -81,6 +83,7 @@ int run(const ServeCliOptions& o) {
   ho.api_keys = o.api_keys;
   ho.max_body_bytes = o.max_body_bytes;
   ho.drain_timeout = o.drain_timeout;
+  ho.allow_origins = o.allow_origins;
   ho.model_name =
       o.model_name.empty() ? std::filesystem::path(o.path).lexically_normal().filename().string() : o.model_name;
   if (ho.model_name.empty()) ho.model_name = std::filesystem::path(o.path).parent_path().filename().string();
@@ -99,6 +102,8 @@ Action setup(CLI::App& sub) {
   sub.add_option("--host", o->host, "Address to listen on")->capture_default_str();
   sub.add_option("--port", o->port, "Port to listen on")->capture_default_str();
   sub.add_option("--api-key", o->api_keys, "Accepted API key (repeatable); none: no authentication");
+  sub.add_option("--allow-origin", o->allow_origins,
+                 "Origin (scheme://host[:port]) whose pages may call the API from a browser (CORS; repeatable, or *)");
   sub.add_option("--max-queue", o->max_queue, "Waiting requests beyond which new ones get 429")->capture_default_str();
   sub.add_option("--max-batch-tokens", o->max_batch_tokens, "Most tokens per forward pass")->capture_default_str();
   sub.add_option("--max-running", o->max_running, "Most requests in the running batch")->capture_default_str();

@@ -7,7 +7,9 @@
 #include <thread>
 
 #include "runtime/core/error.h"
+#include "runtime/serve/cors.h"
 #include "runtime/serve/http_api.h"
+#include "runtime/serve/web_page.h"
 
 namespace kiln::serve {
 
@@ -48,9 +50,29 @@ struct HttpServer::Impl {
   httplib::Server server;
   std::atomic<bool> draining{false};
   std::atomic<uint64_t> next_id{1};
+  CorsPolicy cors;
 
   Impl(Engine& e, Metrics& m, const Tokenizer& t, const ChatTemplate* c, HttpOptions o)
-      : engine(e), metrics(m), tok(t), tpl(c), opt(std::move(o)) {}
+      : engine(e), metrics(m), tok(t), tpl(c), opt(std::move(o)), cors(opt.allow_origins) {}
+
+  // Adds the CORS headers for an allowed Origin; answers a preflight (true) before authentication, since browsers
+  // send preflights without the key.
+  bool answer_cors(const httplib::Request& req, httplib::Response& res) {
+    if (!cors.enabled() || !req.has_header("Origin")) return false;
+    const std::string origin = req.get_header_value("Origin");
+    if (req.method == "OPTIONS" && req.has_header("Access-Control-Request-Method")) {
+      const HeaderList h = cors.preflight_headers(origin, req.get_header_value("Access-Control-Request-Headers"));
+      if (h.empty()) {
+        send_error(res, 403, "this origin is not allowed (--allow-origin)");
+        return true;
+      }
+      for (const auto& [k, v] : h) res.set_header(k, v);
+      res.status = 204;
+      return true;
+    }
+    for (const auto& [k, v] : cors.response_headers(origin)) res.set_header(k, v);
+    return false;
+  }
 
   void send_error(httplib::Response& res, int status, const std::string& msg, const std::string& param = {}) {
     res.status = status;
@@ -154,7 +176,10 @@ struct HttpServer::Impl {
     server.new_task_queue = [n = opt.threads] { return new httplib::ThreadPool(size_t(n)); };
     server.set_payload_max_length(opt.max_body_bytes);
     server.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
-      if (req.path == "/health") return httplib::Server::HandlerResponse::Unhandled;
+      if (answer_cors(req, res)) return httplib::Server::HandlerResponse::Handled;
+      // The chat page holds no data: it loads without a key and sends the one the user types with its API calls.
+      if (req.path == "/health" || (req.path == "/" && (req.method == "GET" || req.method == "HEAD")))
+        return httplib::Server::HandlerResponse::Unhandled;
       if (!authorized(req)) {
         send_error(res, 401, "a valid API key is required (Authorization: Bearer KEY)");
         res.set_header("WWW-Authenticate", "Bearer");
@@ -183,6 +208,12 @@ struct HttpServer::Impl {
     });
     server.Get("/health", [](const httplib::Request&, httplib::Response& res) {
       res.set_content("{\"status\":\"ok\"}", "application/json");
+    });
+    server.Get("/", [](const httplib::Request&, httplib::Response& res) {
+      res.set_header("Content-Security-Policy", kWebPageSecurityPolicy);
+      res.set_header("X-Content-Type-Options", "nosniff");
+      res.set_header("Referrer-Policy", "no-referrer");
+      res.set_content(std::string(web_chat_page()), kWebPageContentType);
     });
     server.Get("/ready", [this](const httplib::Request&, httplib::Response& res) {
       if (draining) return send_error(res, 503, "the server is shutting down");

@@ -22,6 +22,7 @@ struct HttpOptions {
   std::string model_name;
   double drain_timeout = 30;  // seconds to finish running requests after SIGTERM before cancelling them
   int threads = 256;          // HTTP worker threads: each open stream holds one
+  std::vector<std::string> allow_origins;  // CORS (--allow-origin): origins or "*"; empty: no CORS headers
 };
 
 class HttpServer {
