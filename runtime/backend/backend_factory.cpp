@@ -21,7 +21,7 @@ std::unique_ptr<Backend> make_backend(const std::string& device, unsigned thread
   }
   if (d == "cpu") return make_cpu_backend(threads);
   if (d == "cuda") return make_cuda_backend(0);
-  throw Error("unknown device '" + d + "' (use cpu or cuda; set by --device or KILN_DEVICE)");
+  throw Error("unknown device '" + d + "' (KILN_DEVICE must be cpu or cuda)");
 }
 
 }  // namespace kiln

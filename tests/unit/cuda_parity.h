@@ -18,21 +18,22 @@
 
 namespace kiln::cuda_test {
 
-// One CUDA backend for the whole test process (creating a context costs ~100 ms); null with `why` when none.
+// One CUDA backend for the whole test process (creating a context costs ~100 ms); null with `why` when none. It is
+// deliberately never destroyed: at exit the CUDA runtime may be torn down before a static destructor would run.
 inline Backend* cuda_backend(std::string* why) {
-  static std::unique_ptr<Backend> backend;
+  static Backend* backend = nullptr;
   static std::string reason;
   static bool tried = false;
   if (!tried) {
     tried = true;
     try {
-      backend = make_cuda_backend(0);
+      backend = make_cuda_backend(0).release();
     } catch (const Error& e) {
       reason = e.what();
     }
   }
   *why = reason;
-  return backend.get();
+  return backend;
 }
 
 inline Backend& cpu_backend() {
