@@ -29,8 +29,19 @@ __device__ inline const uint8_t* kv_row(const uint8_t* base, const KvLayout& L, 
   return base + ((block * L.num_kv_heads + head) * L.block_size + off) * L.row_bytes;
 }
 
-// Element i of a cache row as fp32. `scale` is the static int8 scale of the row's (layer, kv head).
-__device__ inline float kv_load(const uint8_t* row, int64_t i, const KvLayout& L, float scale) {
+// The dequantization of one int8 row, x = code * scale + offset: static rows use the (layer, kv head) scale and no
+// offset; online rows carry (scale, min) after their codes, possibly unaligned (odd head_dim), so they are read
+// bytewise, once per row rather than per element.
+__device__ inline float2 kv_row_dequant(const uint8_t* row, const KvLayout& L, float static_scale) {
+  if (L.dtype != KvDType::I8Online) return make_float2(static_scale, 0.0f);
+  float s, lo;
+  memcpy(&s, row + L.head_dim, 4);
+  memcpy(&lo, row + L.head_dim + 4, 4);
+  return make_float2(s, lo);
+}
+
+// Element i of a cache row as fp32 (`dq` from kv_row_dequant for the int8 dtypes).
+__device__ inline float kv_load(const uint8_t* row, int64_t i, const KvLayout& L, float2 dq) {
   switch (L.dtype) {
     case KvDType::F32:
       return reinterpret_cast<const float*>(row)[i];
@@ -39,13 +50,9 @@ __device__ inline float kv_load(const uint8_t* row, int64_t i, const KvLayout& L
     case KvDType::BF16:
       return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(row)[i]);
     case KvDType::I8Static:
-      return float(reinterpret_cast<const int8_t*>(row)[i]) * scale;
-    case KvDType::I8Online: {
-      float s, lo;  // after the codes, possibly unaligned (odd head_dim)
-      memcpy(&s, row + L.head_dim, 4);
-      memcpy(&lo, row + L.head_dim + 4, 4);
-      return lo + float(row[i]) * s;
-    }
+      return float(reinterpret_cast<const int8_t*>(row)[i]) * dq.x;
+    case KvDType::I8Online:
+      return dq.y + float(row[i]) * dq.x;
   }
   return 0;
 }
@@ -141,21 +148,23 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int64_t j = first + warp; j <= pos; j += kWarps) {
     const int64_t block = table[j / bs], off = j % bs;
     const uint8_t* krow = kv_row(kbase, L, block, g, off);
+    const float2 kdq = kv_row_dequant(krow, L, ks);
     float dot = 0.0f;
 #pragma unroll
     for (int t = 0; t < kPerLane; ++t) {
       const int64_t d = lane + 32 * t;
-      if (d < hd) dot += qv[t] * kv_load(krow, d, L, ks);
+      if (d < hd) dot += qv[t] * kv_load(krow, d, L, kdq);
     }
     const float score = warp_sum(dot) * score_scale;
     const float m_new = fmaxf(m, score);
     const float c = expf(m - m_new), p = expf(score - m_new);  // c = 0 on the first key (m = -inf)
     l = l * c + p;
     const uint8_t* vrow = kv_row(vbase, L, block, g, off);
+    const float2 vdq = kv_row_dequant(vrow, L, vs);
 #pragma unroll
     for (int t = 0; t < kPerLane; ++t) {
       const int64_t d = lane + 32 * t;
-      if (d < hd) acc[t] = acc[t] * c + p * kv_load(vrow, d, L, vs);
+      if (d < hd) acc[t] = acc[t] * c + p * kv_load(vrow, d, L, vdq);
     }
     m = m_new;
   }
@@ -191,11 +200,7 @@ KvLayout layout_of(const KvCacheConfig& c) {
   L.block_size = c.block_size;
   L.head_dim = c.head_dim;
   L.dtype = c.dtype;
-  // kv_row_bytes() (runtime/kv/kv_cache.cpp), restated here so that kiln_cuda needs no symbol of kiln_runtime.
-  L.row_bytes = c.head_dim * (c.dtype == KvDType::F32                                 ? 4
-                              : (c.dtype == KvDType::F16 || c.dtype == KvDType::BF16) ? 2
-                                                                                      : 1) +
-                (c.dtype == KvDType::I8Online ? 8 : 0);
+  L.row_bytes = int64_t(kv_row_bytes(c.dtype, c.head_dim));
   return L;
 }
 
