@@ -34,6 +34,8 @@ std::atomic<bool> g_stop{false};
 extern "C" void on_stop_signal(int) { g_stop = true; }
 
 int run(const ServeCliOptions& o) {
+  if (o.kv_cache_fraction < 0 || o.kv_cache_fraction >= 1)
+    throw Error("--kv-cache-fraction must be in (0, 1), not " + std::to_string(o.kv_cache_fraction));
 #ifndef KILN_HAVE_HTTPLIB
   (void)o;
   throw Error("kiln serve: this build has no HTTP server (cpp-httplib was not found at build time)");
@@ -64,8 +66,6 @@ int run(const ServeCliOptions& o) {
   // A device backend can budget the cache as a share of its free memory (after the weights are on it).
   size_t budget = size_t(o.kv_cache_mib) << 20;
   if (o.kv_cache_fraction > 0) {
-    if (o.kv_cache_fraction >= 1)
-      throw Error("--kv-cache-fraction must be in (0, 1), not " + std::to_string(o.kv_cache_fraction));
     const size_t free_b = m.model->backend().free_memory();
     if (free_b == 0)
       throw Error("--kv-cache-fraction needs a device backend (KILN_DEVICE=cuda); on the CPU use --kv-cache-mib");

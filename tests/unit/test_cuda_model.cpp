@@ -1,8 +1,10 @@
 // End-to-end CUDA parity: the fixture workspaces (transformers-written checkpoints, converted) run the same ragged
 // batches on the CPU and CUDA backends: a prefill with every row's logits, then decode steps of two sequences, with
 // an fp32/model-dtype cache and an int8-online cache. Tolerance on every logit: fp32 workspaces 1e-3 · (1 + max|logit|)
-// (SGEMM vs the CPU kernels: summation order only); bf16 workspaces 3e-2 · (1 + max|logit|), because cuBLAS takes
-// the activations rounded to bf16 at every linear layer while the CPU keeps them fp32 (docs/cuda.md).
+// (SGEMM vs the CPU kernels: summation order only; 5e-3 with the int8 cache, where a code can flip); bf16 workspaces
+// 2e-2 · (1 + max|logit|), because cuBLAS takes the activations rounded to bf16 at every linear layer while the CPU
+// keeps them fp32 (docs/cuda.md). Emulating that rounding in transformers (a pre-hook on every Linear) moves these
+// fixtures' logits by at most 0.0045 · (1 + max).
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -79,7 +81,8 @@ TEST_P(CudaModel, LogitsMatchCpuBackend) {
     const auto got = run_steps(ws, gpu, kv);
     float peak = 0;
     for (float v : want) peak = std::max(peak, std::fabs(v));
-    const float tol = (bf16 ? 3e-2f : 1e-3f) * (1 + peak);
+    // An int8 cache can flip a code where the two backends' K/V differ in the last bit: a few quantization steps.
+    const float tol = (bf16 ? 2e-2f : kv == KvDType::I8Online ? 5e-3f : 1e-3f) * (1 + peak);
     cuda_test::expect_close(got, want, tol, 0, GetParam() + " kv " + kv_dtype_name(kv));
   }
 }
