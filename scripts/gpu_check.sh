@@ -34,10 +34,25 @@ fi
 grep -q "^\[  PASSED  \]" "$OUT_DIR/cuda_tests.txt" && ! grep -q "^\[  FAILED  \]" "$OUT_DIR/cuda_tests.txt" \
   || { echo "gpu_check: CUDA tests failed" >&2; exit 1; }
 
+log "compute-sanitizer: memcheck over the op tests, racecheck over attention"
+SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+if [ -x "$SAN" ]; then
+  "$SAN" --tool memcheck --error-exitcode 1 build/tests/kiln_unit_tests --gtest_filter='CudaOps*:CudaMatmul*:CudaAttention*' \
+    >"$OUT_DIR/memcheck.txt" 2>&1 || { tail -n 30 "$OUT_DIR/memcheck.txt"; echo "gpu_check: memcheck failed" >&2; exit 1; }
+  "$SAN" --tool racecheck --error-exitcode 1 build/tests/kiln_unit_tests --gtest_filter='CudaAttention.OddHeadDim*' \
+    >"$OUT_DIR/racecheck.txt" 2>&1 || { tail -n 30 "$OUT_DIR/racecheck.txt"; echo "gpu_check: racecheck failed" >&2; exit 1; }
+  echo "memcheck and racecheck clean"
+else
+  echo "gpu_check: compute-sanitizer not found; skipped"
+fi
+
 log "the CPU unit tests still pass"
 build/tests/kiln_unit_tests --gtest_filter='-*Cuda*' 2>&1 | tail -n 3
 
-log "oracle tests against transformers on the CUDA device (KILN_DEVICE=cuda)"
+log "CLI on the CUDA device (greedy tokens equal the CPU's)"
+python3 -m pytest -q tests/python/test_cuda_cli.py -p no:cacheprovider 2>&1 | tail -n 3
+
+log "oracle tests against transformers on the CUDA device (KILN_DEVICE=cuda; informational)"
 KILN_DEVICE=cuda python3 -m pytest -q tests/python/test_runtime.py -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest_cuda.txt" | tail -n 15 || true
 
 log "benchmark: W4A16 GEMV vs memcpy bandwidth (Llama-7B shapes)"
