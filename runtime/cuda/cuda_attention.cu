@@ -1,11 +1,15 @@
 // The paged KV cache on the CUDA backend: kv_write stores K/V rows in exactly the byte format of docs/kv_cache.md
 // (fp32/fp16/bf16 rows, int8-static codes, int8-online codes + (scale, min)), and attention reads them back through
-// the block tables. One kernel serves prefill and decode: every (query row, head) is a block of kWarps warps, each
-// warp walks every kWarps-th visible key with an online softmax (running max, sum and weighted V in registers), and
-// the warps' partial results are merged at the end. Scores, softmax and sums are fp32.
+// the block tables. One kernel serves prefill and decode: every (query row, head, key split) is a block of kWarps
+// warps, each warp walks every kWarps-th key of the split with an online softmax (running max, sum and weighted V in
+// registers), and the warps' partial results are merged at the end. Scores, softmax and sums are fp32.
+// Key splits exist for decode: a batch of a few rows has too few (row, head) blocks to fill the GPU, so a long
+// context is cut into splits of about kKeysPerSplit keys whose partial (max, sum, unnormalized output) a second kernel
+// merges.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "runtime/cuda/cuda_backend.cuh"
@@ -16,6 +20,10 @@ namespace kiln::cuda {
 namespace {
 
 constexpr int kWarps = 4;
+constexpr int64_t kKeysPerSplit = 256;
+constexpr int64_t kMaxSplits = 64;
+// At or above this many (row, head) blocks the grid fills the GPU without splitting the keys.
+constexpr int64_t kSplitBelowBlocks = 1024;
 constexpr int kMaxHeadDim = 256;
 constexpr int kPerLane = kMaxHeadDim / 32;
 
@@ -127,7 +135,8 @@ struct RowMeta {
 __global__ void __launch_bounds__(kWarps * 32)
     attention_kernel(const float* q, int64_t q_stride, const uint8_t* kbase, const uint8_t* vbase, KvLayout L,
                      const float* k_scale, const float* v_scale, const RowMeta* rows, const int32_t* tables,
-                     int64_t num_heads, int64_t group, float score_scale, int64_t window, float* out) {
+                     int64_t num_heads, int64_t group, float score_scale, int64_t window, float* out,
+                     int64_t keys_per_split, float* part_ml, float* part_acc) {
   const RowMeta meta = rows[blockIdx.x];
   const int64_t h = blockIdx.y, g = h / group, hd = L.head_dim, bs = L.block_size;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -144,8 +153,11 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   float m = -INFINITY, l = 0.0f;
   const int64_t pos = meta.position;
-  const int64_t first = window > 0 ? max(int64_t(0), pos - window + 1) : 0;
-  for (int64_t j = first + warp; j <= pos; j += kWarps) {
+  const int64_t visible_from = window > 0 ? max(int64_t(0), pos - window + 1) : 0;
+  // This block's keys: split blockIdx.z of the visible range (the whole range when there is one split).
+  const int64_t first = visible_from + int64_t(blockIdx.z) * keys_per_split;
+  const int64_t last = gridDim.z == 1 ? pos : min(pos, first + keys_per_split - 1);
+  for (int64_t j = first + warp; j <= last; j += kWarps) {
     const int64_t block = table[j / bs], off = j % bs;
     const uint8_t* krow = kv_row(kbase, L, block, g, off);
     const float2 kdq = kv_row_dequant(krow, L, ks);
@@ -186,11 +198,49 @@ __global__ void __launch_bounds__(kWarps * 32)
     weight[w] = s_l[w] > 0 ? expf(s_m[w] - M) : 0.0f;
     L_total += s_l[w] * weight[w];
   }
-  float* o = out + int64_t(meta.row) * num_heads * hd + h * hd;
+  if (gridDim.z == 1) {
+    float* o = out + int64_t(meta.row) * num_heads * hd + h * hd;
+    for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) {
+      float sum = 0.0f;
+      for (int w = 0; w < kWarps; ++w) sum += s_acc[w][d] * weight[w];
+      o[d] = sum / L_total;
+    }
+    return;
+  }
+  // A split's partial result: its max, its sum and its output before normalization, all relative to that max. A
+  // split past the row's last key saw nothing: M = -inf, L = 0, and the merge skips it.
+  const int64_t part = (int64_t(blockIdx.x) * num_heads + h) * gridDim.z + blockIdx.z;
+  if (threadIdx.x == 0) {
+    part_ml[2 * part] = M;
+    part_ml[2 * part + 1] = L_total;
+  }
   for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) {
     float sum = 0.0f;
     for (int w = 0; w < kWarps; ++w) sum += s_acc[w][d] * weight[w];
-    o[d] = sum / L_total;
+    part_acc[part * hd + d] = sum;
+  }
+}
+
+// One block per (row, head): merges the key splits' partial results, each rescaled to the common max.
+__global__ void attention_merge_kernel(const float* part_ml, const float* part_acc, int64_t splits, int64_t num_heads,
+                                       int64_t hd, const RowMeta* rows, float* out) {
+  const int64_t h = blockIdx.y, base = (int64_t(blockIdx.x) * num_heads + h) * splits;
+  float M = -INFINITY;
+  for (int64_t s = 0; s < splits; ++s)
+    if (part_ml[2 * (base + s) + 1] > 0) M = fmaxf(M, part_ml[2 * (base + s)]);
+  float L = 0.0f;
+  for (int64_t s = 0; s < splits; ++s) {
+    const float l = part_ml[2 * (base + s) + 1];
+    if (l > 0) L += l * expf(part_ml[2 * (base + s)] - M);
+  }
+  float* o = out + int64_t(rows[blockIdx.x].row) * num_heads * hd + h * hd;
+  for (int64_t d = threadIdx.x; d < hd; d += blockDim.x) {
+    float sum = 0.0f;
+    for (int64_t s = 0; s < splits; ++s) {
+      const float l = part_ml[2 * (base + s) + 1];
+      if (l > 0) sum += part_acc[(base + s) * hd + d] * expf(part_ml[2 * (base + s)] - M);
+    }
+    o[d] = sum / L;
   }
 }
 
@@ -235,13 +285,21 @@ void CudaBackend::attention(const float* q, int64_t q_stride, const KvCache& cac
   check_head_dim(p.head_dim);
   std::vector<RowMeta> rows;
   std::vector<int32_t> tables;
+  int64_t max_visible = 0;  // keys seen by the row that sees the most
   for (const AttentionSequence& s : seqs) {
     const int32_t offset = int32_t(tables.size());
     tables.insert(tables.end(), s.block_table.begin(), s.block_table.end());
     for (int64_t i = 0; i < s.row_count; ++i)
       rows.push_back({int32_t(s.row_begin + i), int32_t(s.context_len - s.row_count + i), offset});
+    const int64_t last_pos = s.context_len - 1;
+    max_visible = std::max(max_visible, p.sliding_window > 0 ? std::min(last_pos + 1, p.sliding_window) : last_pos + 1);
   }
   if (rows.empty()) return;
+  const int64_t blocks = int64_t(rows.size()) * p.num_heads;
+  const int64_t splits =
+      blocks >= kSplitBelowBlocks ? 1 : std::min(kMaxSplits, (max_visible + kKeysPerSplit - 1) / kKeysPerSplit);
+  // Splits of equal size that together cover every row's visible keys (more than kKeysPerSplit each past the cap).
+  const int64_t keys_per_split = (max_visible + splits - 1) / splits;
   const float *ks = nullptr, *vs = nullptr;
   if (c.dtype == KvDType::I8Static) {
     const size_t h = size_t(c.num_kv_heads), off = size_t(layer) * h;
@@ -250,11 +308,22 @@ void CudaBackend::attention(const float* q, int64_t q_stride, const KvCache& cac
   }
   const RowMeta* d_rows = stage(6, std::span<const RowMeta>(rows));
   const int32_t* d_tables = stage(7, std::span<const int32_t>(tables));
-  attention_kernel<<<dim3(unsigned(rows.size()), unsigned(p.num_heads)), kWarps * 32, 0, stream_>>>(
+  float *part_ml = nullptr, *part_acc = nullptr;
+  if (splits > 1) {
+    auto* part = static_cast<float*>(scratch(3, size_t(blocks * splits * (2 + p.head_dim)) * sizeof(float)));
+    part_ml = part;
+    part_acc = part + 2 * blocks * splits;
+  }
+  attention_kernel<<<dim3(unsigned(rows.size()), unsigned(p.num_heads), unsigned(splits)), kWarps * 32, 0, stream_>>>(
       q, q_stride, static_cast<const uint8_t*>(cache.keys(layer)), static_cast<const uint8_t*>(cache.values(layer)),
-      layout_of(c), ks, vs, d_rows, d_tables, p.num_heads, p.num_heads / p.num_kv_heads, p.scale, p.sliding_window,
-      out);
+      layout_of(c), ks, vs, d_rows, d_tables, p.num_heads, p.num_heads / p.num_kv_heads, p.scale, p.sliding_window, out,
+      keys_per_split, part_ml, part_acc);
   check_launch("attention_kernel");
+  if (splits > 1) {
+    attention_merge_kernel<<<dim3(unsigned(rows.size()), unsigned(p.num_heads)), 128, 0, stream_>>>(
+        part_ml, part_acc, splits, p.num_heads, p.head_dim, d_rows, out);
+    check_launch("attention_merge_kernel");
+  }
 }
 
 }  // namespace kiln::cuda
