@@ -28,6 +28,8 @@ __global__ void int4_gemv_kernel(const float* x, const uint4* q, const float2* s
   const uint4* wrow = q + o * row_vec16;
   const float2* szrow = sz + o * (in / group_size);
   float acc[M] = {};
+  // Unrolled so that each lane has several independent 128-bit loads in flight (a row of 4096 inputs is 4 per lane).
+#pragma unroll 4
   for (int64_t c = lane; c < in / 32; c += 32) {
     const uint4 w = wrow[c];
     const float2 s = szrow[c * 32 / group_size];
