@@ -3,7 +3,9 @@
 // Tolerances are relative to Σ_k |x_k·w_k| of each output (the scale of its rounding error):
 //  - fp32 weights: 1e-5 (SGEMM, fp32 throughout; only the summation order differs);
 //  - fp16 / bf16 weights: the activations are rounded to the weight dtype for cuBLAS: 2^-10 / 2^-7;
-//  - int4 GEMV: 1e-5 (fp32 math on exactly dequantized weights); int4 via cuBLAS: 2^-10 (fp16 weights and inputs).
+//  - int4 GEMV: 1e-5 (fp32 math on exactly dequantized weights); int4 via cuBLAS: 2^-9 (weights and inputs both
+//    rounded to fp16: at worst 2^-10 per product).
+// The 16-bit bounds are twice the worst case of the rounding they cover.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -109,7 +111,7 @@ TEST(CudaMatmul, Int4GemvAndDequantPaths) {
     const bool gemv = c.in % 32 == 0 && c.group % 32 == 0;
     for (int64_t rows : {1, 2, 5, 8, 9, 40}) {
       const auto x = random_floats(size_t(rows * c.in), uint32_t(13 + rows), -2, 2);
-      const float rel = gemv && rows <= 8 ? 1e-5f : 1.0f / 1024;
+      const float rel = gemv && rows <= 8 ? 1e-5f : 1.0f / 512;
       expect_matmul_close(run_matmul(gpu, *wg, x, rows), run_matmul(cpu, *wc, x, rows), x, wq, rows, c.out, c.in, rel,
                           "int4 [" + std::to_string(c.out) + ", " + std::to_string(c.in) + "] g" +
                               std::to_string(c.group) + " rows " + std::to_string(rows));
