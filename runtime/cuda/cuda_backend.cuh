@@ -1,8 +1,8 @@
 #pragma once
 // The CUDA backend (docs/cuda.md). Activations stay fp32 in device memory, as the seam asks; weights live on the
 // device in their storage dtype (fp32/fp16/bf16, or int4 repacked for the GEMV). Every op is enqueued on one stream;
-// host-side metadata (ids, positions, block tables) is staged into a device arena on that stream, so the only
-// synchronizations are download() and the cuBLAS workspace growth.
+// host-side metadata (ids, positions, block tables) is staged into device slots on that stream, so the only
+// synchronizations are upload() (load time) and download() (the logits, once per forward).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
