@@ -4,7 +4,8 @@
 # the GPU is present), runs the CLI on the CUDA device, and runs the two benchmarks, which print ratios to their
 # anchors (not pass/fail). Writes everything to ${OUT:-build/gpu_check}/ as well.
 #   KILN_FIXTURES        transformers-written fixtures (default: build/fixtures, generated here when python has torch)
-#   KILN_BENCH_WORKSPACE a real workspace for the decode benchmark (default: a converted fixture, launch-bound)
+#   KILN_BENCH_WORKSPACE a real workspace for the decode benchmark too (it always runs Llama-7B shapes with synthetic
+#                        weights, int4 and fp16)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-build/gpu_check}
@@ -58,15 +59,11 @@ KILN_DEVICE=cuda python3 -m pytest -q tests/python/test_runtime.py -p no:cachepr
 log "benchmark: W4A16 GEMV vs memcpy bandwidth (Llama-7B shapes)"
 build/tests/kiln_bench_cuda_int4_gemv | tee "$OUT_DIR/bench_int4_gemv.txt"
 
-log "benchmark: batch-1 decode vs the bandwidth floor"
-ws=${KILN_BENCH_WORKSPACE:-}
-if [ -z "$ws" ] && [ -d "$KILN_FIXTURES/llama-bf16" ]; then
-  ws=$OUT_DIR/llama-bf16-ws
-  [ -f "$ws/kiln.json" ] || build/tools/kiln convert "$KILN_FIXTURES/llama-bf16" -o "$ws" --force >/dev/null
-fi
-if [ -n "$ws" ]; then
-  build/tests/kiln_bench_cuda_decode "$ws" 128 128 | tee "$OUT_DIR/bench_decode.txt"
-else
-  echo "gpu_check: no workspace for the decode benchmark (set KILN_BENCH_WORKSPACE)"
+log "benchmark: batch-1 decode vs the bandwidth floor (Llama-7B shapes, synthetic weights)"
+for src in synthetic:llama7b-int4 synthetic:llama7b-fp16; do
+  build/tests/kiln_bench_cuda_decode "$src" 512 128 | tee -a "$OUT_DIR/bench_decode.txt"
+done
+if [ -n "${KILN_BENCH_WORKSPACE:-}" ]; then
+  build/tests/kiln_bench_cuda_decode "$KILN_BENCH_WORKSPACE" 512 128 | tee -a "$OUT_DIR/bench_decode.txt"
 fi
 log "gpu_check done; results in $OUT_DIR"
