@@ -53,8 +53,8 @@ class EmbeddingTable {
 struct AttentionSequence {
   int64_t row_begin = 0;
   int64_t row_count = 0;
-  int64_t context_len = 0;               // tokens in the cache after this step, the new ones included
-  std::span<const int32_t> block_table;  // cache blocks holding positions [0, context_len)
+  int64_t context_len = 0;                // tokens in the cache after this step, the new ones included
+  std::span<const int32_t> block_table;   // cache blocks holding positions [0, context_len)
 };
 
 // A linear weight in the workspace's canonical int4 layout (docs/int4_layout.md): qweight [out, in/2] (two inputs
@@ -122,8 +122,8 @@ class Backend {
                     std::span<const float> inv_freq) = 0;
   // Stores K and V rows (num_kv_heads * head_dim floats each, row stride in floats) into cache `layer` at the
   // given slots (block * block_size + offset), converting to the cache dtype.
-  virtual void kv_write(KvCache& cache, int64_t layer, const float* k, const float* v, int64_t rows, int64_t row_stride,
-                        std::span<const int64_t> slots) = 0;
+  virtual void kv_write(KvCache& cache, int64_t layer, const float* k, const float* v, int64_t rows,
+                        int64_t row_stride, std::span<const int64_t> slots) = 0;
   // Causal attention of q rows (row stride in floats, heads at the start) over cache `layer`; out rows are
   // num_heads * head_dim floats. Grouped-query: head h reads kv head h / (num_heads / num_kv_heads).
   virtual void attention(const float* q, int64_t q_stride, const KvCache& cache, int64_t layer,
