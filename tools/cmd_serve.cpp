@@ -25,6 +25,7 @@ struct ServeCliOptions {
   std::vector<std::string> api_keys, allow_origins;
   int64_t max_queue = 256, max_batch_tokens = 512, max_running = 64, kv_cache_blocks = 0, ctx = 0;
   int64_t kv_cache_mib = 1024;
+  double kv_cache_fraction = 0;
   size_t max_body_bytes = 8 << 20;
   double drain_timeout = 30;
   unsigned threads = 0;
@@ -34,6 +35,8 @@ std::atomic<bool> g_stop{false};
 extern "C" void on_stop_signal(int) { g_stop = true; }
 
 int run(const ServeCliOptions& o) {
+  if (o.kv_cache_fraction < 0 || o.kv_cache_fraction >= 1)
+    throw Error("--kv-cache-fraction must be in (0, 1), not " + std::to_string(o.kv_cache_fraction));
 #ifndef KILN_HAVE_HTTPLIB
   (void)o;
   throw Error("kiln serve: this build has no HTTP server (cpp-httplib was not found at build time)");
@@ -62,9 +65,17 @@ int run(const ServeCliOptions& o) {
   const int64_t block = 16;
   KvCacheConfig probe = m.model->kv_config(block, kv, block);
   int64_t blocks = o.kv_cache_blocks;
+  // A device backend can budget the cache as a share of its free memory (after the weights are on it).
+  size_t budget = size_t(o.kv_cache_mib) << 20;
+  if (o.kv_cache_fraction > 0) {
+    const size_t free_b = m.model->backend().free_memory();
+    if (free_b == 0)
+      throw Error("--kv-cache-fraction needs a device backend (KILN_DEVICE=cuda); on the CPU use --kv-cache-mib");
+    budget = size_t(double(free_b) * o.kv_cache_fraction);
+  }
   if (blocks <= 0)  // from the memory budget, but always room for one full-context request
-    blocks = std::max<int64_t>((context + block - 1) / block,
-                               int64_t((o.kv_cache_mib << 20) / (KvCache::bytes_per_token(probe) * block)));
+    blocks =
+        std::max<int64_t>((context + block - 1) / block, int64_t(budget / (KvCache::bytes_per_token(probe) * block)));
   KvCache cache(m.model->backend(), m.model->kv_config(blocks * block, kv, block));
 
   serve::Metrics metrics;
@@ -110,6 +121,9 @@ Action setup(CLI::App& sub) {
   sub.add_option("--kv-cache-blocks", o->kv_cache_blocks,
                  "KV cache blocks of 16 tokens (default: from --kv-cache-mib)");
   sub.add_option("--kv-cache-mib", o->kv_cache_mib, "KV cache memory budget in MiB")->capture_default_str();
+  sub.add_option("--kv-cache-fraction", o->kv_cache_fraction,
+                 "KV cache budget as a fraction of the device's free memory after loading (KILN_DEVICE=cuda; "
+                 "overrides --kv-cache-mib)");
   sub.add_option("--kv-cache", o->kv_cache, kKvCacheFlagHelp)->capture_default_str();
   sub.add_option("--ctx", o->ctx, "Context length per request (default: the model's maximum)");
   sub.add_option("--max-body-bytes", o->max_body_bytes, "Largest request body (413 beyond)")->capture_default_str();

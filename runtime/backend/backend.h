@@ -77,6 +77,9 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string name() const = 0;
+  // Device memory the backend could still allocate (bytes), for memory budgets such as --kv-cache-fraction; 0 when
+  // the backend has no separate device memory (the CPU).
+  virtual size_t free_memory() const { return 0; }
 
   // ---- memory
   virtual std::unique_ptr<Buffer> alloc(size_t bytes) = 0;  // zero-filled
@@ -98,6 +101,12 @@ class Backend {
   virtual void embedding(const EmbeddingTable& table, std::span<const int32_t> ids, float* out) = 0;
   // y[r] = x[r] / rms(x[r]) * w, over `dim` elements; x and y may alias.
   virtual void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t dim, float eps) = 0;
+  // The residual add fused with the next RMSNorm: x += r, then y = rms_norm(x) * w. y may alias r. Backends that
+  // gain nothing from fusing keep this default.
+  virtual void add_rms_norm(float* x, const float* r, const float* w, float* y, int64_t rows, int64_t dim, float eps) {
+    add(x, r, rows * dim);
+    rms_norm(x, w, y, rows, dim, eps);
+  }
   // RMSNorm of each head_dim-sized head of each row, in place: rows of `row_stride` floats, heads at the start.
   virtual void head_rms_norm(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim,
                              const float* w, float eps) = 0;
@@ -130,5 +139,10 @@ class Backend {
 
 // The CPU backend (runtime/cpu). threads = 0: one per hardware thread (or KILN_THREADS when set).
 std::unique_ptr<Backend> make_cpu_backend(unsigned threads = 0);
+// The CUDA backend (runtime/cuda) on device `device`. Throws kiln::Error when kiln was built without CUDA or no
+// device is usable.
+std::unique_ptr<Backend> make_cuda_backend(int device = 0);
+// "cpu" or "cuda" (empty: $KILN_DEVICE, else cpu). Throws kiln::Error naming an unknown device.
+std::unique_ptr<Backend> make_backend(const std::string& device, unsigned threads = 0);
 
 }  // namespace kiln

@@ -7,7 +7,7 @@ namespace kiln {
 LoadedModel load_model(const std::filesystem::path& path, unsigned threads) {
   LoadedModel m;
   m.workspace = open_workspace(path);
-  m.backend = make_cpu_backend(threads);
+  m.backend = make_backend("", threads);  // KILN_DEVICE picks cpu (default) or cuda
   m.model = std::make_unique<Model>(*m.workspace, *m.backend);
   return m;
 }

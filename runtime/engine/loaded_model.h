@@ -17,7 +17,7 @@ struct LoadedModel {
 };
 
 // Throws kiln::Error with one sentence naming the path when it is missing, not a workspace, or damaged.
-// threads = 0: the backend's default.
+// threads = 0: the backend's default. The device is $KILN_DEVICE (cpu or cuda; default cpu).
 LoadedModel load_model(const std::filesystem::path& path, unsigned threads = 0);
 
 // The KV dtype of a --kv-cache flag; "auto" is what the workspace asks for: quantization.kv_cache.dtype (with its

@@ -89,6 +89,9 @@ class KvCache {
   void* values(int64_t layer) { return v_[layer]->data(); }
   const void* keys(int64_t layer) const { return k_[layer]->data(); }
   const void* values(int64_t layer) const { return v_[layer]->data(); }
+  // The backend buffers behind keys()/values(), for Backend::download (tests compare caches across backends).
+  const Buffer& key_buffer(int64_t layer) const { return *k_[layer]; }
+  const Buffer& value_buffer(int64_t layer) const { return *v_[layer]; }
   // Bytes of one block of one layer (K or V).
   size_t block_bytes() const;
   // Bytes per cached position over all layers, K and V: how a memory budget becomes a block count.

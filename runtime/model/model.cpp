@@ -233,10 +233,12 @@ ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache, Forwar
   };
   using OL = ForwardObserver::Linear;
 
+  // Each residual add is fused with the RMSNorm that follows it (Backend::add_rms_norm): the attention norm of layer
+  // i+1 (or the final norm) runs at the end of layer i.
   backend_.embedding(*embedding_, ids, x);
+  backend_.rms_norm(x, layers_.empty() ? final_norm_->f32() : layers_[0].attn_norm->f32(), h, N, H, eps);
   for (size_t li = 0; li < layers_.size(); ++li) {
     const Layer& L = layers_[li];
-    backend_.rms_norm(x, L.attn_norm->f32(), h, N, H, eps);
     if (observer) observe(int64_t(li), OL::Qkv, *sc.h, H);
     backend_.matmul(h, N, *L.qkv, qkv);
     if (L.qkv_bias) backend_.add_bias(qkv, L.qkv_bias->f32(), N, qkv_stride);
@@ -252,9 +254,8 @@ ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache, Forwar
     if (observer) observe(int64_t(li), OL::O, *sc.attn, Q);
     backend_.matmul(attn, N, *L.o, h);
     if (L.o_bias) backend_.add_bias(h, L.o_bias->f32(), N, H);
-    backend_.add(x, h, N * H);
+    backend_.add_rms_norm(x, h, L.ffn_norm->f32(), h, N, H, eps);
 
-    backend_.rms_norm(x, L.ffn_norm->f32(), h, N, H, eps);
     if (observer) observe(int64_t(li), OL::GateUp, *sc.h, H);
     backend_.matmul(h, N, *L.gate_up, gate_up);
     if (L.gate_up_bias) backend_.add_bias(gate_up, L.gate_up_bias->f32(), N, 2 * I);
@@ -262,9 +263,9 @@ ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache, Forwar
     if (observer) observe(int64_t(li), OL::Down, *sc.act, I);
     backend_.matmul(act, N, *L.down, h);
     if (L.down_bias) backend_.add_bias(h, L.down_bias->f32(), N, H);
-    backend_.add(x, h, N * H);
+    const float* next_norm = li + 1 < layers_.size() ? layers_[li + 1].attn_norm->f32() : final_norm_->f32();
+    backend_.add_rms_norm(x, h, next_norm, h, N, H, eps);
   }
-  backend_.rms_norm(x, final_norm_->f32(), h, N, H, eps);
 
   const int64_t R = int64_t(logit_rows.size());
   if (sc.logit_rows < R) {
