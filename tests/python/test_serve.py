@@ -252,7 +252,10 @@ def test_malformed_requests_are_4xx_and_the_server_keeps_working(server):
                         ({"prompt": "x", "max_tokens": -3}, "max_tokens"),
                         ({"prompt": "x", "temperature": 9}, "temperature"),
                         ({"prompt": "x", "stop": 5}, "stop"),
-                        ({"prompt": "x", "n": 2}, "n"),
+                        ({"prompt": "x", "n": 0}, "n"),
+                        ({"prompt": "x", "n": "two"}, "n"),
+                        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+                        ({"prompt": "x", "logprobs": True}, "logprobs"),
                         ({"prompt": 17}, "prompt"),
                         ({"max_tokens": 3}, "prompt")]:
         status, err = post(body)
