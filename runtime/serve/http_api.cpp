@@ -256,7 +256,8 @@ json logprobs_json(const ApiRequest& r, const ChoiceOutput& out, const Tokenizer
       for (const TokenLogprob& e : out.top[i]) top[spell(tok, e.token)] = finite_logprob(e.logprob);
     tops.push_back(top);
     offsets.push_back(text_offset);
-    text_offset += int64_t(t.size());
+    // Offsets count characters (code points), as OpenAI's do: UTF-8 bytes that do not continue a character.
+    for (unsigned char ch : t) text_offset += (ch & 0xC0) != 0x80;
   }
   return {{"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offsets}};
 }
