@@ -40,10 +40,10 @@ def free_port():
 
 
 class Server:
-    def __init__(self, ws, *args):
+    def __init__(self, ws, *args, ctx=512):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([str(kiln_binary()), "serve", str(ws), "--port", str(self.port), "--ctx", "512",
+        self.proc = subprocess.Popen([str(kiln_binary()), "serve", str(ws), "--port", str(self.port), "--ctx", str(ctx),
                                       "--model-name", "tiny", *map(str, args)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60

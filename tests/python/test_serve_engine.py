@@ -23,9 +23,9 @@ SHARED = ("You are a helpful assistant who answers questions about the weather, 
           "history of the old harbour town. ") * 2
 
 
-def start(ws, *args):
+def start(ws, *args, **kw):
     """A server with a small KV pool (256 blocks start faster than the default 1 GiB)."""
-    return Server(ws, *(args if "--kv-cache-blocks" in args else ("--kv-cache-blocks", 256, *args)))
+    return Server(ws, *(args if "--kv-cache-blocks" in args else ("--kv-cache-blocks", 256, *args)), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -204,13 +204,19 @@ def sse_lines(port, body):
 
 
 def test_queue_position_frames_and_openai_client_while_queued(ws):
-    s = start(ws, "--max-running", 1)
+    # A long context, so that the request ahead runs until the test cancels it.
+    s = start(ws, "--max-running", 1, "--kv-cache-blocks", 1024, ctx=16384)
     try:
         ref = generate(ws, "queued", 6)
-        hog = s.client().completions.create(model="tiny", prompt="hog", max_tokens=480, temperature=0, stream=True)
-        hog_it = iter(hog)
-        next(hog_it)  # admitted and running: everything after it waits
         frames = {0: [], 1: []}  # (arrival time, frame), filled live
+
+        def waiting(n):
+            while s.metrics()["kiln_requests_waiting"] < n:
+                time.sleep(0.02)
+
+        # One long request ahead, running until the frames were seen, then cancelled.
+        hog = s.client().completions.create(model="tiny", prompt="hog", max_tokens=16000, temperature=0, stream=True)
+        next(iter(hog))
 
         def watch(i):
             for line in sse_lines(s.port, {"prompt": "queued", "max_tokens": 6, "temperature": 0, "stream": True}):
@@ -218,10 +224,6 @@ def test_queue_position_frames_and_openai_client_while_queued(ws):
                     frames[i].append((time.monotonic(), json.loads(line[len(": queue "):])))
                 elif line.startswith("data: "):
                     return time.monotonic()
-
-        def waiting(n):
-            while s.metrics()["kiln_requests_waiting"] < n:
-                time.sleep(0.02)
 
         with cf.ThreadPoolExecutor(4) as pool:
             first = pool.submit(watch, 0)
@@ -235,7 +237,7 @@ def test_queue_position_frames_and_openai_client_while_queued(ws):
             waiting(3)
             while len(frames[1]) < 2 and not second.done():  # a repeated frame at an unchanged position
                 time.sleep(0.05)
-            hog.close()  # cancels the hog: the queue moves
+            hog.close()  # cancels it: the queue moves
             first.result()
             second_data = second.result()
             assert client_run.result() == ref["text"]
