@@ -130,7 +130,8 @@ struct HttpServer::Impl {
       r = parse_request(req.body, chat, tok, tpl);
       RequestOptions ro;
       ro.n = r.n;
-      if (opt.cache_salt_per_key) ro.cache_salt = bearer_key(req);
+      // Only a checked key names a tenant; without --api-key whatever a client sends is no identity.
+      if (opt.cache_salt_per_key && !opt.api_keys.empty()) ro.cache_salt = bearer_key(req);
       stream = engine.submit(r.prompt, r.params, ro);
     } catch (const ApiError& e) {
       res.status = e.status;

@@ -101,6 +101,14 @@ def test_prefix_cache_salt_per_api_key(ws, salt):
         s.stop()
 
 
+def test_without_api_keys_any_bearer_token_shares_the_cache(server):
+    prompt = SHARED + "unkeyed"
+    server.client("whatever-1").completions.create(model="tiny", prompt=prompt, max_tokens=1)
+    before = hits(server)
+    server.client("whatever-2").completions.create(model="tiny", prompt=prompt, max_tokens=1)
+    assert hits(server) > before
+
+
 def test_logprobs_match_transformers(ws, fixture_models, server):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
