@@ -20,7 +20,8 @@ namespace kiln::tools {
 namespace {
 
 struct ServeCliOptions {
-  std::string path, host = "127.0.0.1", model_name, kv_cache = "auto";
+  std::string path, host = "127.0.0.1", model_name, kv_cache = "auto", prefix_cache_salt = "per-key";
+  bool no_prefix_cache = false;
   int port = 8000;
   std::vector<std::string> api_keys, allow_origins;
   int64_t max_queue = 256, max_batch_tokens = 512, max_running = 64, kv_cache_blocks = 0, ctx = 0;
@@ -86,6 +87,7 @@ int run(const ServeCliOptions& o) {
   eo.max_queue = o.max_queue;
   eo.eos_ids = eos_ids(spec.eos_token_ids);
   eo.tokenizer = &tok;
+  eo.prefix_cache = !o.no_prefix_cache;
   serve::Engine engine(*m.model, cache, eo, metrics);
 
   serve::HttpOptions ho;
@@ -95,6 +97,7 @@ int run(const ServeCliOptions& o) {
   ho.max_body_bytes = o.max_body_bytes;
   ho.drain_timeout = o.drain_timeout;
   ho.allow_origins = o.allow_origins;
+  ho.cache_salt_per_key = o.prefix_cache_salt == "per-key";
   ho.model_name =
       o.model_name.empty() ? std::filesystem::path(o.path).lexically_normal().filename().string() : o.model_name;
   if (ho.model_name.empty()) ho.model_name = std::filesystem::path(o.path).parent_path().filename().string();
@@ -131,6 +134,13 @@ Action setup(CLI::App& sub) {
   sub.add_option("--drain-timeout", o->drain_timeout, "Seconds to finish running requests after SIGTERM")
       ->capture_default_str();
   sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)");
+  sub.add_flag("--no-prefix-cache", o->no_prefix_cache,
+               "Do not reuse the KV blocks of earlier requests that start with the same tokens");
+  sub.add_option("--prefix-cache-salt", o->prefix_cache_salt,
+                 "per-key: requests reuse cached prefixes only of requests made with the same API key; none: all "
+                 "requests share them")
+      ->check(CLI::IsMember({"per-key", "none"}))
+      ->capture_default_str();
   return [o] { return run(*o); };
 }
 

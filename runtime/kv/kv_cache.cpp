@@ -42,27 +42,60 @@ KvDType kv_dtype_from_name(const std::string& name, const std::string& label) {
               "' is not supported (use fp32, fp16, bf16, int8 (online scales) or int8-static)");
 }
 
-BlockAllocator::BlockAllocator(int32_t num_blocks) : refs_(num_blocks, 0) {
+BlockAllocator::BlockAllocator(int32_t num_blocks)
+    : refs_(num_blocks, 0), marked_(size_t(num_blocks), false), lru_pos_(size_t(num_blocks)) {
   free_.reserve(num_blocks);
   for (int32_t b = num_blocks - 1; b >= 0; --b) free_.push_back(b);  // block 0 is handed out first
 }
 
 int32_t BlockAllocator::allocate() {
-  if (free_.empty()) throw Error("KV cache is full: all " + std::to_string(refs_.size()) + " blocks are in use");
-  int32_t b = free_.back();
-  free_.pop_back();
+  int32_t b;
+  if (!free_.empty()) {
+    b = free_.back();
+    free_.pop_back();
+  } else if (!lru_.empty()) {
+    b = lru_.front();
+    lru_.pop_front();
+    marked_[size_t(b)] = false;
+    if (on_evict) on_evict(b);
+  } else {
+    throw Error("KV cache is full: all " + std::to_string(refs_.size()) + " blocks are in use");
+  }
   refs_[b] = 1;
   return b;
 }
 
 void BlockAllocator::retain(int32_t block) {
+  if (refs_.at(block) == 0 && marked_[size_t(block)]) {
+    lru_.erase(lru_pos_[size_t(block)]);
+    refs_[block] = 1;
+    return;
+  }
   if (refs_.at(block) <= 0) throw Error("KV block " + std::to_string(block) + " retained while free");
   ++refs_[block];
 }
 
 void BlockAllocator::release(int32_t block) {
   if (refs_.at(block) <= 0) throw Error("KV block " + std::to_string(block) + " released while free");
-  if (--refs_[block] == 0) free_.push_back(block);
+  if (--refs_[block] > 0) return;
+  if (marked_[size_t(block)])
+    lru_pos_[size_t(block)] = lru_.insert(lru_.end(), block);
+  else
+    free_.push_back(block);
+}
+
+void BlockAllocator::mark(int32_t block) {
+  if (refs_.at(block) <= 0) throw Error("KV block " + std::to_string(block) + " marked while free");
+  marked_[size_t(block)] = true;
+}
+
+void BlockAllocator::unmark(int32_t block) {
+  if (!marked_.at(size_t(block))) return;
+  marked_[size_t(block)] = false;
+  if (refs_[block] == 0) {
+    lru_.erase(lru_pos_[size_t(block)]);
+    free_.push_back(block);
+  }
 }
 
 KvCache::KvCache(Backend& backend, const KvCacheConfig& config) : config_(config), allocator_(config.num_blocks) {

@@ -3,6 +3,8 @@
 // counts (so that sequences can share prefix blocks), and per-sequence block tables. The storage layout is
 // documented in docs/kv_cache.md; backends read and write it through kv_write/attention.
 #include <cstdint>
+#include <functional>
+#include <list>
 #include <memory>
 #include <string>
 #include <vector>
@@ -28,20 +30,37 @@ std::string kv_dtype_name(KvDType t);
 KvDType kv_dtype_from_name(const std::string& name, const std::string& label);
 
 // Hands out block ids; a block returns to the free list when its last reference is released.
+//
+// Prefix caching (runtime/kv/prefix_cache.h) marks blocks whose contents are worth keeping: when the last reference
+// to a marked block goes, it keeps its contents on an LRU list of evictable blocks instead of the free list.
+// retain() revives such a block; allocate() takes a free block first and otherwise evicts the least recently
+// released marked block, telling the eviction callback so the prefix cache forgets it. Evictable blocks count as free.
 class BlockAllocator {
  public:
   explicit BlockAllocator(int32_t num_blocks);
   int32_t num_blocks() const { return int32_t(refs_.size()); }
-  int32_t free_blocks() const { return int32_t(free_.size()); }
-  // Throws kiln::Error when no block is free.
+  // Blocks allocate() can hand out now: free ones and evictable (unreferenced, marked) ones.
+  int32_t free_blocks() const { return int32_t(free_.size() + lru_.size()); }
+  // Unreferenced marked blocks that still hold their contents.
+  int32_t evictable_blocks() const { return int32_t(lru_.size()); }
+  // Throws kiln::Error when no block is free or evictable.
   int32_t allocate();
+  // Takes a reference; a block with none is only valid here when it is evictable (it is revived).
   void retain(int32_t block);
   void release(int32_t block);
   int32_t ref_count(int32_t block) const { return refs_.at(block); }
+  // Marks a referenced block as worth keeping (see above); unmark() drops the mark (an evictable block becomes free).
+  void mark(int32_t block);
+  void unmark(int32_t block);
+  bool marked(int32_t block) const { return marked_.at(block); }
+  std::function<void(int32_t)> on_evict;
 
  private:
   std::vector<int32_t> refs_;
   std::vector<int32_t> free_;  // used as a stack: the most recently freed block is reused first
+  std::vector<bool> marked_;
+  std::list<int32_t> lru_;  // evictable blocks, least recently released first
+  std::vector<std::list<int32_t>::iterator> lru_pos_;
 };
 
 // One sequence's view of the cache: its blocks in position order and how many positions hold K/V.

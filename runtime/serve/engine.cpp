@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <string_view>
 
 #include "runtime/core/error.h"
 #include "runtime/engine/sequence_decoder.h"
@@ -22,6 +23,13 @@ struct Engine::Active {
   KvSequence kv;
   std::optional<SequenceDecoder> dec;
   bool logprobs = false;
+  int32_t top_logprobs = 0;
+  std::vector<int32_t> end_ids;  // EOS and stop token ids: a token that ends the output is not shown, nor its logprob
+  int32_t index = 0;             // choice
+  std::vector<std::unique_ptr<Active>> held;  // other choices, queued once this one has prefilled the prompt
+  uint64_t root = 0;                          // prefix cache chain root (from the salt)
+  std::vector<uint64_t> hashes;               // chain hashes of full blocks of `tokens`, as far as computed
+  int64_t filed = 0;                          // leading blocks of kv already filed in (or taken from) the cache
   Clock::time_point arrival, first_token, last_token;
   bool has_first = false;
 };
@@ -48,6 +56,7 @@ Engine::Engine(Model& model, KvCache& cache, EngineOptions options, Metrics& met
   opt_.max_batch_tokens = std::max<int64_t>(1, opt_.max_batch_tokens);
   opt_.max_running = std::max<int64_t>(1, opt_.max_running);
   stats_.kv_total = cache_.allocator().num_blocks();
+  if (opt_.prefix_cache) prefix_ = std::make_unique<PrefixCache>(cache_);
   thread_ = std::thread([this] { loop(); });
 }
 
@@ -57,32 +66,56 @@ Engine::~Engine() {
   if (thread_.joinable()) thread_.join();
 }
 
-std::shared_ptr<RequestStream> Engine::submit(std::vector<int32_t> prompt, SamplingParams params) {
+std::shared_ptr<RequestStream> Engine::submit(std::vector<int32_t> prompt, SamplingParams params,
+                                              RequestOptions options) {
   const int64_t n = int64_t(prompt.size());
   if (n == 0) throw Error("the prompt is empty");
   if (n >= context_)
     throw Error("the prompt has " + std::to_string(n) + " tokens; the context is " + std::to_string(context_) +
                 " tokens, so no room is left for a completion");
+  if (options.n < 1) throw Error("n must be at least 1");
   // A prompt that could never fit in the whole cache would wait forever.
   const int64_t bs = cache_.block_size();
   if ((n + 1 + bs - 1) / bs > cache_.allocator().num_blocks())
     throw Error("the prompt has " + std::to_string(n) + " tokens, more than the KV cache can hold");
   params.max_new_tokens = int32_t(std::min<int64_t>(params.max_new_tokens, context_ - n));
-  auto a = std::make_unique<Active>();
-  a->dec.emplace(params, prompt, opt_.eos_ids, opt_.tokenizer);  // validates params: kiln::Error names the field
-  a->logprobs = params.logprobs;
-  a->prompt_len = n;
-  a->tokens = std::move(prompt);
-  a->arrival = Clock::now();
+  std::vector<int32_t> end_ids = opt_.eos_ids;
+  end_ids.insert(end_ids.end(), params.stop_token_ids.begin(), params.stop_token_ids.end());
+  const uint64_t root = prefix_ ? prefix_->root(options.cache_salt) : 0;
+  std::vector<std::unique_ptr<Active>> choices;
+  for (int32_t i = 0; i < options.n; ++i) {
+    SamplingParams p = params;
+    if (p.seed) p.seed = *p.seed + uint64_t(i);
+    auto a = std::make_unique<Active>();
+    a->dec.emplace(p, prompt, opt_.eos_ids, opt_.tokenizer);  // validates params: kiln::Error names the field
+    a->logprobs = p.logprobs;
+    a->top_logprobs = p.top_logprobs;
+    a->end_ids = end_ids;
+    a->index = i;
+    a->root = root;
+    a->prompt_len = n;
+    a->tokens = prompt;
+    a->arrival = Clock::now();
+    choices.push_back(std::move(a));
+  }
+  // With prefix caching the other choices wait for the first one's prompt blocks; without, they queue right away.
+  if (prefix_)
+    for (size_t i = 1; i < choices.size(); ++i) choices[0]->held.push_back(std::move(choices[i]));
   std::shared_ptr<RequestStream> stream;
   {
     std::lock_guard<std::mutex> l(mu_);
     if (!accepting_) throw NotAccepting();
     if (stats_.waiting >= opt_.max_queue) throw QueueFull();
-    a->id = next_id_++;
-    stream = a->stream = std::make_shared<RequestStream>(a->id);
-    inbox_.push_back(std::move(a));
-    ++stats_.waiting;
+    const uint64_t id = next_id_++;
+    stream = std::make_shared<RequestStream>(id);
+    for (auto& a : choices) {
+      if (!a) continue;
+      a->id = id;
+      a->stream = stream;
+      for (auto& h : a->held) h->id = id, h->stream = stream;
+      inbox_.push_back(std::move(a));
+      ++stats_.waiting;
+    }
   }
   cv_.notify_all();
   return stream;
@@ -115,9 +148,24 @@ EngineStats Engine::stats() {
   return s;
 }
 
+std::optional<QueueInfo> Engine::queue_info(uint64_t id) {
+  std::lock_guard<std::mutex> l(mu_);
+  auto it = positions_.find(id);
+  if (it == positions_.end()) return std::nullopt;
+  QueueInfo q;
+  q.position = it->second;
+  if (finish_interval_) q.eta_seconds = double(q.position) * *finish_interval_;
+  return q;
+}
+
 void Engine::finish(Active& a, const std::string& reason, const std::string& error) {
+  for (auto& h : a.held) finish(*h, reason, error);  // choices still waiting for this one's prompt
+  a.held.clear();
   cache_.release(a.kv);
+  finish_times_.push_back(Clock::now());
+  if (finish_times_.size() > 16) finish_times_.pop_front();
   Event e;
+  e.index = a.index;
   e.text = a.dec->finish();
   e.finished = true;
   e.finish_reason = reason;
@@ -127,8 +175,9 @@ void Engine::finish(Active& a, const std::string& reason, const std::string& err
   const auto now = Clock::now();
   auto secs = [](Clock::duration d) { return std::chrono::duration<double>(d).count(); };
   const int64_t gen = e.completion_tokens;
-  metrics_.request_done(reason, secs(a.first_token - a.arrival), gen > 1 ? secs(a.last_token - a.first_token) / double(gen - 1) : 0,
-                        secs(now - a.arrival), a.has_first, gen > 1);
+  metrics_.request_done(reason, secs(a.first_token - a.arrival),
+                        gen > 1 ? secs(a.last_token - a.first_token) / double(gen - 1) : 0, secs(now - a.arrival),
+                        a.has_first, gen > 1);
   a.stream->push(std::move(e));
 }
 
@@ -136,6 +185,61 @@ void Engine::preempt(Active& a) {
   // Recompute: drop the K/V; the tokens (prompt + generated) and the decoder state stay, so the same tokens follow.
   cache_.release(a.kv);
   a.computed = 0;
+  a.filed = 0;
+  metrics_.preempted();
+}
+
+bool Engine::admit(Active& a, int64_t& promised) {
+  const int64_t bs = cache_.block_size();
+  BlockAllocator& alloc = cache_.allocator();
+  std::vector<int32_t> hits;
+  if (prefix_) {
+    // At least the last token is computed: its row gives the logits of the next one.
+    const int64_t usable = (int64_t(a.tokens.size()) - 1) / bs;
+    prefix_->extend_hashes(a.root, a.tokens, usable, a.hashes);
+    hits =
+        prefix_->match(a.root, a.tokens,
+                       std::span<const uint64_t>(a.hashes).first(size_t(std::min<int64_t>(usable, a.hashes.size()))));
+  }
+  // Reviving an evictable block takes it from the free count just like allocating one.
+  const int64_t revived = std::count_if(hits.begin(), hits.end(), [&](int32_t b) { return alloc.ref_count(b) == 0; });
+  const int64_t need = (int64_t(a.tokens.size()) + 1 + bs - 1) / bs - int64_t(hits.size());
+  if (need + revived + promised > alloc.free_blocks()) return false;
+  for (int32_t b : hits) alloc.retain(b);
+  a.kv.blocks = hits;
+  a.kv.length = a.computed = int64_t(hits.size()) * bs;
+  a.filed = int64_t(hits.size());
+  if (prefix_) metrics_.add_prefix(int64_t(a.tokens.size()), a.computed);
+  promised += need;
+  return true;
+}
+
+void Engine::file_blocks(Active& a) {
+  if (!prefix_) return;
+  const int64_t full = a.computed / cache_.block_size();
+  if (full <= a.filed) return;
+  prefix_->extend_hashes(a.root, a.tokens, full, a.hashes);
+  for (int64_t i = a.filed; i < full; ++i) prefix_->insert(a.root, a.hashes, a.tokens, i, a.kv.blocks[size_t(i)]);
+  a.filed = full;
+}
+
+void Engine::publish() {
+  std::lock_guard<std::mutex> l(mu_);
+  stats_.waiting = int64_t(waiting_.size() + inbox_.size());
+  stats_.running = int64_t(running_.size());
+  stats_.kv_used = cache_.allocator().num_blocks() - cache_.allocator().free_blocks();
+  stats_.kv_cached = cache_.allocator().evictable_blocks();
+  positions_.clear();
+  int64_t pos = 0;
+  auto place = [&](const Active& a) {
+    ++pos;
+    if (!a.has_first && !positions_.count(a.id)) positions_[a.id] = pos;
+  };
+  for (auto& a : waiting_) place(*a);
+  for (auto& a : inbox_) place(*a);
+  if (finish_times_.size() >= 2)
+    finish_interval_ = std::chrono::duration<double>(finish_times_.back() - finish_times_.front()).count() /
+                       double(finish_times_.size() - 1);
 }
 
 void Engine::loop() {
@@ -148,16 +252,10 @@ void Engine::loop() {
       for (auto& a : running_) finish(*a, "error", ex.what());
       running_.clear();
     }
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      stats_.waiting = int64_t(waiting_.size() + inbox_.size());
-      stats_.running = int64_t(running_.size());
-      stats_.kv_used = cache_.allocator().num_blocks() - cache_.allocator().free_blocks();
-    }
+    publish();
     if (!worked) {
       std::unique_lock<std::mutex> l(mu_);
-      cv_.wait_for(l, std::chrono::milliseconds(50),
-                   [&] { return stop_ || !inbox_.empty() || !cancels_.empty(); });
+      cv_.wait_for(l, std::chrono::milliseconds(50), [&] { return stop_ || !inbox_.empty() || !cancels_.empty(); });
     }
   }
   for (auto& a : running_) finish(*a, "cancelled");
@@ -247,9 +345,7 @@ bool Engine::step() {
   for (auto& r : running_) promised += extra_blocks(*r, int64_t(r->tokens.size()) + 1);
   while (!waiting_.empty() && budget > 0 && int64_t(running_.size()) < opt_.max_running) {
     Active& a = *waiting_.front();
-    const int64_t need = blocks_for(int64_t(a.tokens.size()) + 1);
-    if (need + promised > cache_.allocator().free_blocks()) break;
-    promised += need;
+    if (!admit(a, promised)) break;
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
     if (int64_t take = chunk(a)) plan.push_back({&a, take});
@@ -279,7 +375,13 @@ bool Engine::step() {
   for (size_t e = 0; e < plan.size(); ++e) {
     Active& a = *plan[e].first;
     a.computed += plan[e].second;
+    file_blocks(a);
     if (a.computed < int64_t(a.tokens.size())) continue;  // still prefilling: this row predicts nothing new
+    if (!a.held.empty()) {
+      // The prompt's full blocks are filed now: the other choices queue first in line and reuse them.
+      for (auto it = a.held.rbegin(); it != a.held.rend(); ++it) waiting_.push_front(std::move(*it));
+      a.held.clear();
+    }
     DecodeStep d = a.dec->step(sampler, std::span<const float>(r.last(e, batch), size_t(vocab)));
     ++generated;
     const auto now = Clock::now();
@@ -287,9 +389,15 @@ bool Engine::step() {
     a.last_token = now;
     a.tokens.push_back(d.token);
     Event ev;
+    ev.index = a.index;
     ev.text = std::move(d.text);
-    ev.tokens.push_back(d.token);
-    if (a.logprobs) ev.logprobs.push_back(d.logprob);
+    const bool ending_token = d.done && std::string_view(a.dec->finish_reason()) == "stop" &&
+                              std::find(a.end_ids.begin(), a.end_ids.end(), d.token) != a.end_ids.end();
+    if (!ending_token) {
+      ev.tokens.push_back(d.token);
+      if (a.logprobs) ev.logprobs.push_back(d.logprob);
+      if (a.top_logprobs > 0) ev.top.push_back(std::move(d.top));
+    }
     a.stream->push(std::move(ev));
     if (d.done) {
       finish(a, a.dec->finish_reason());

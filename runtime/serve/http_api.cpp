@@ -17,12 +17,18 @@ ApiError::ApiError(int status_, std::string message, std::string param_, std::st
 
 static const char* default_type(int status) {
   switch (status) {
-    case 401: return "authentication_error";
-    case 404: return "not_found_error";
-    case 413: return "invalid_request_error";
-    case 429: return "rate_limit_error";
-    case 503: return "service_unavailable";
-    default: return status >= 500 ? "server_error" : "invalid_request_error";
+    case 401:
+      return "authentication_error";
+    case 404:
+      return "not_found_error";
+    case 413:
+      return "invalid_request_error";
+    case 429:
+      return "rate_limit_error";
+    case 503:
+      return "service_unavailable";
+    default:
+      return status >= 500 ? "server_error" : "invalid_request_error";
   }
 }
 
@@ -38,6 +44,8 @@ std::string error_body(int status, const std::string& message, const std::string
 }
 
 namespace {
+
+constexpr int64_t kMaxChoices = 64;
 
 [[noreturn]] void bad(const std::string& param, const std::string& what) {
   throw ApiError(400, "'" + param + "' " + what, param);
@@ -98,10 +106,19 @@ ApiRequest parse_request(const std::string& body, bool chat, const Tokenizer& to
     if (!it->is_object()) bad("stream_options", "must be an object");
     r.include_usage = boolean(*it, "include_usage");
   }
-  if (auto n = integer(b, "n", 1, 128); n && *n != 1) bad("n", "other than 1 is not supported yet");
+  if (auto n = integer(b, "n", 1, kMaxChoices)) r.n = int32_t(*n);
   if (b.contains("user") && !b["user"].is_null() && !b["user"].is_string()) bad("user", "must be a string");
-  if (b.contains("logprobs") && !b["logprobs"].is_null() && b["logprobs"] != false && b["logprobs"] != 0)
-    bad("logprobs", "is not supported yet");
+  // Chat: logprobs (boolean) + top_logprobs (0..20); completions: logprobs = how many top entries (0..20).
+  if (chat) {
+    r.params.logprobs = boolean(b, "logprobs");
+    if (auto k = integer(b, "top_logprobs", 0, kMaxTopLogprobs)) {
+      if (!r.params.logprobs && *k > 0) bad("top_logprobs", "requires 'logprobs': true");
+      r.params.top_logprobs = int32_t(*k);
+    }
+  } else if (auto k = integer(b, "logprobs", 0, kMaxTopLogprobs)) {
+    r.params.logprobs = true;
+    r.params.top_logprobs = int32_t(*k);
+  }
   if (b.contains("best_of") && !b["best_of"].is_null() && b["best_of"] != 1) bad("best_of", "is not supported");
   if (b.contains("echo") && b["echo"] == true) bad("echo", "is not supported");
   if (b.contains("suffix") && !b["suffix"].is_null()) bad("suffix", "is not supported");
@@ -191,35 +208,94 @@ json usage_json(int64_t prompt_tokens, int64_t completion_tokens) {
           {"total_tokens", prompt_tokens + completion_tokens}};
 }
 
-json full_response(const ApiRequest& r, const std::string& id, int64_t created, const std::string& model,
-                   const std::string& text, const std::string& finish_reason, int64_t pt, int64_t ct) {
-  json choice;
-  if (r.chat)
-    choice = {{"index", 0},
-              {"message", {{"role", "assistant"}, {"content", text}}},
-              {"logprobs", nullptr},
-              {"finish_reason", finish_reason}};
-  else
-    choice = {{"index", 0}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", finish_reason}};
-  return {{"id", id},
-          {"object", r.chat ? "chat.completion" : "text_completion"},
-          {"created", created},
-          {"model", model},
-          {"choices", json::array({choice})},
-          {"usage", usage_json(pt, ct)}};
+namespace {
+
+// JSON has no -inf; OpenAI reports -9999.0 for tokens the model gives no chance.
+double finite_logprob(float v) { return std::isfinite(v) ? double(v) : -9999.0; }
+
+json utf8_bytes(const std::string& s) {
+  json a = json::array();
+  for (unsigned char c : s) a.push_back(int(c));
+  return a;
 }
 
-json stream_chunk(const ApiRequest& r, const std::string& id, int64_t created, const std::string& model,
-                  const std::string& text, bool first, const std::string& finish_reason) {
-  json fr = finish_reason.empty() ? json(nullptr) : json(finish_reason);
+// A token as text: its own decoding (U+FFFD where it holds part of a character, so "bytes" are those of that text).
+std::string spell(const Tokenizer& tok, int32_t id) {
+  const int32_t one[1] = {id};
+  return tok.decode(one);
+}
+
+// Chat: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}], "refusal": null}.
+// Completions: {tokens, token_logprobs, top_logprobs: [{token: logprob}], text_offset}.
+json logprobs_json(const ApiRequest& r, const ChoiceOutput& out, const Tokenizer& tok, int64_t& text_offset) {
+  if (!r.params.logprobs) return nullptr;
+  if (r.chat) {
+    json content = json::array();
+    for (size_t i = 0; i < out.tokens.size() && i < out.logprobs.size(); ++i) {
+      const std::string t = spell(tok, out.tokens[i]);
+      json top = json::array();
+      if (i < out.top.size())
+        for (const TokenLogprob& e : out.top[i]) {
+          const std::string et = spell(tok, e.token);
+          top.push_back({{"token", et}, {"logprob", finite_logprob(e.logprob)}, {"bytes", utf8_bytes(et)}});
+        }
+      content.push_back({{"token", t},
+                         {"logprob", finite_logprob(out.logprobs[i])},
+                         {"bytes", utf8_bytes(t)},
+                         {"top_logprobs", top}});
+    }
+    return {{"content", content}, {"refusal", nullptr}};
+  }
+  json tokens = json::array(), lps = json::array(), tops = json::array(), offsets = json::array();
+  for (size_t i = 0; i < out.tokens.size() && i < out.logprobs.size(); ++i) {
+    const std::string t = spell(tok, out.tokens[i]);
+    tokens.push_back(t);
+    lps.push_back(finite_logprob(out.logprobs[i]));
+    json top = json::object();
+    if (i < out.top.size())
+      for (const TokenLogprob& e : out.top[i]) top[spell(tok, e.token)] = finite_logprob(e.logprob);
+    tops.push_back(top);
+    offsets.push_back(text_offset);
+    // Offsets count characters (code points), as OpenAI's do: UTF-8 bytes that do not continue a character.
+    for (unsigned char ch : t) text_offset += (ch & 0xC0) != 0x80;
+  }
+  return {{"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offsets}};
+}
+
+}  // namespace
+
+json full_response(const ApiRequest& r, const std::string& id, int64_t created, const std::string& model,
+                   const std::vector<ChoiceOutput>& outs, int64_t pt, int64_t ct, const Tokenizer& tok) {
+  json choices = json::array();
+  for (size_t i = 0; i < outs.size(); ++i) {
+    int64_t offset = 0;
+    json lp = logprobs_json(r, outs[i], tok, offset);
+    if (r.chat)
+      choices.push_back({{"index", i},
+                         {"message", {{"role", "assistant"}, {"content", outs[i].text}}},
+                         {"logprobs", lp},
+                         {"finish_reason", outs[i].finish_reason}});
+    else
+      choices.push_back(
+          {{"index", i}, {"text", outs[i].text}, {"logprobs", lp}, {"finish_reason", outs[i].finish_reason}});
+  }
+  return {{"id", id},           {"object", r.chat ? "chat.completion" : "text_completion"},
+          {"created", created}, {"model", model},
+          {"choices", choices}, {"usage", usage_json(pt, ct)}};
+}
+
+json stream_chunk(const ApiRequest& r, const std::string& id, int64_t created, const std::string& model, int32_t index,
+                  const ChoiceOutput& out, bool first, const Tokenizer& tok, int64_t& text_offset) {
+  json fr = out.finish_reason.empty() ? json(nullptr) : json(out.finish_reason);
+  json lp = out.tokens.empty() ? json(nullptr) : logprobs_json(r, out, tok, text_offset);
   json choice;
   if (r.chat) {
     json delta = json::object();
     if (first) delta["role"] = "assistant";
-    if (!text.empty() || first) delta["content"] = text;
-    choice = {{"index", 0}, {"delta", delta}, {"logprobs", nullptr}, {"finish_reason", fr}};
+    if (!out.text.empty() || first) delta["content"] = out.text;
+    choice = {{"index", index}, {"delta", delta}, {"logprobs", lp}, {"finish_reason", fr}};
   } else {
-    choice = {{"index", 0}, {"text", text}, {"logprobs", nullptr}, {"finish_reason", fr}};
+    choice = {{"index", index}, {"text", out.text}, {"logprobs", lp}, {"finish_reason", fr}};
   }
   json c{{"id", id},
          {"object", r.chat ? "chat.completion.chunk" : "text_completion"},

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "runtime/sampling/params.h"
+#include "runtime/sampling/sampler.h"
 #include "runtime/text/chat_template.h"
 #include "runtime/text/tokenizer.h"
 
@@ -29,6 +30,7 @@ struct ApiRequest {
   bool chat = false;
   bool stream = false;
   bool include_usage = false;
+  int32_t n = 1;  // choices
   std::vector<int32_t> prompt;
   SamplingParams params;
 };
@@ -37,16 +39,25 @@ struct ApiRequest {
 // /v1/chat/completions answers 400.
 ApiRequest parse_request(const std::string& body, bool chat, const Tokenizer& tok, const ChatTemplate* chat_template);
 
-// Response objects. `id` is "chatcmpl-N" or "cmpl-N".
+// What one choice produced (a whole answer, or the part a stream chunk carries).
+struct ChoiceOutput {
+  std::string text;
+  std::string finish_reason;  // empty: null (a stream chunk before the end)
+  std::vector<int32_t> tokens;
+  std::vector<float> logprobs;                 // one per token when logprobs were asked for
+  std::vector<std::vector<TokenLogprob>> top;  // one list per token when top logprobs were asked for
+};
+
+// Response objects. `id` is "chatcmpl-N" or "cmpl-N". `tok` spells the tokens of logprobs.
 nlohmann::ordered_json usage_json(int64_t prompt_tokens, int64_t completion_tokens);
 nlohmann::ordered_json full_response(const ApiRequest& r, const std::string& id, int64_t created,
-                                     const std::string& model, const std::string& text,
-                                     const std::string& finish_reason, int64_t prompt_tokens,
-                                     int64_t completion_tokens);
-// One stream chunk with `text` as delta; finish_reason empty = null. `first`: the chat chunk that carries the role.
+                                     const std::string& model, const std::vector<ChoiceOutput>& choices,
+                                     int64_t prompt_tokens, int64_t completion_tokens, const Tokenizer& tok);
+// One stream chunk for choice `index` with `out.text` as delta. `first`: the chat chunk that carries the role.
+// `text_offset`: the choice's completions text_offset so far (advanced by the chunk's tokens).
 nlohmann::ordered_json stream_chunk(const ApiRequest& r, const std::string& id, int64_t created,
-                                    const std::string& model, const std::string& text, bool first,
-                                    const std::string& finish_reason);
+                                    const std::string& model, int32_t index, const ChoiceOutput& out, bool first,
+                                    const Tokenizer& tok, int64_t& text_offset);
 // The final usage-only chunk of stream_options.include_usage.
 nlohmann::ordered_json usage_chunk(const ApiRequest& r, const std::string& id, int64_t created,
                                    const std::string& model, int64_t prompt_tokens, int64_t completion_tokens);

@@ -1,14 +1,20 @@
 #include "runtime/serve/http_server.h"
 
+#include <arpa/inet.h>
 #include <httplib.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
 #include <thread>
 
 #include "runtime/core/error.h"
 #include "runtime/serve/cors.h"
 #include "runtime/serve/http_api.h"
+#include "runtime/serve/responses.h"
 #include "runtime/serve/web_page.h"
 
 namespace kiln::serve {
@@ -31,12 +37,53 @@ bool equal_constant_time(const std::string& a, const std::string& b) {
 }
 
 int64_t unix_now() {
-  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch())
-      .count();
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
-std::string sse(const json& j) {
-  return "data: " + j.dump(-1, ' ', false, json::error_handler_t::replace) + "\n\n";
+// httplib (0.11) does not tell a handler that its client left, nor give it the socket. The connection's socket is the
+// one whose peer and local addresses are the request's: found once, it is watched for EOF while the answer is made.
+int client_socket(const httplib::Request& req) {
+  for (const auto& entry : std::filesystem::directory_iterator(
+           "/proc/self/fd", std::filesystem::directory_options::skip_permission_denied)) {
+    int fd = -1;
+    try {
+      fd = std::stoi(entry.path().filename().string());
+    } catch (...) {
+      continue;
+    }
+    sockaddr_storage peer{}, local{};
+    socklen_t pl = sizeof peer, ll = sizeof local;
+    if (getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &pl) != 0) continue;
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &ll) != 0) continue;
+    auto addr_port = [](const sockaddr_storage& a, std::string& host, int& port) {
+      char buf[INET6_ADDRSTRLEN] = {};
+      if (a.ss_family == AF_INET) {
+        auto* in = reinterpret_cast<const sockaddr_in*>(&a);
+        inet_ntop(AF_INET, &in->sin_addr, buf, sizeof buf);
+        port = ntohs(in->sin_port);
+      } else if (a.ss_family == AF_INET6) {
+        auto* in = reinterpret_cast<const sockaddr_in6*>(&a);
+        inet_ntop(AF_INET6, &in->sin6_addr, buf, sizeof buf);
+        port = ntohs(in->sin6_port);
+      } else {
+        return false;
+      }
+      host = buf;
+      return true;
+    };
+    std::string ph, lh;
+    int pp = -1, lp = -1;
+    if (!addr_port(peer, ph, pp) || !addr_port(local, lh, lp)) continue;
+    if (pp == req.remote_port && ph == req.remote_addr && lp == req.local_port) return fd;
+  }
+  return -1;
+}
+
+// EOF from the peer: a client that sent its request and then closed. Pipelined bytes count as alive.
+bool peer_closed(int fd) {
+  char c;
+  const ssize_t n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+  return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
 }  // namespace
@@ -81,6 +128,11 @@ struct HttpServer::Impl {
     res.set_content(error_body(status, msg, param), "application/json");
   }
 
+  static std::string bearer_key(const httplib::Request& req) {
+    const std::string h = req.get_header_value("Authorization");
+    return h.rfind("Bearer ", 0) == 0 ? h.substr(7) : std::string();
+  }
+
   bool authorized(const httplib::Request& req) {
     if (opt.api_keys.empty()) return true;
     const std::string h = req.get_header_value("Authorization");
@@ -98,7 +150,11 @@ struct HttpServer::Impl {
     std::shared_ptr<RequestStream> stream;
     try {
       r = parse_request(req.body, chat, tok, tpl);
-      stream = engine.submit(r.prompt, r.params);
+      RequestOptions ro;
+      ro.n = r.n;
+      // Only a checked key names a tenant; without --api-key whatever a client sends is no identity.
+      if (opt.cache_salt_per_key && !opt.api_keys.empty()) ro.cache_salt = bearer_key(req);
+      stream = engine.submit(r.prompt, r.params, ro);
     } catch (const ApiError& e) {
       res.status = e.status;
       metrics.http_error(e.status);
@@ -112,56 +168,52 @@ struct HttpServer::Impl {
       return send_error(res, 400, e.what(), chat ? "messages" : "prompt");  // context overflow, bad params
     }
     const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(stream->id());
-    const int64_t created = unix_now();
-    const std::string model = opt.model_name;
-    if (!r.stream) {
-      // Blocks this worker until the request ends. A client that goes away is not noticed until then.
-      std::string text;
-      for (;;) {
-        bool done = false;
-        for (Event& e : stream->next(1000)) {
-          text += e.text;
-          if (e.finished) {
-            if (e.finish_reason == "error") return send_error(res, 500, "generation failed: " + e.error);
-            if (e.finish_reason == "cancelled") return send_error(res, 503, "the request was cancelled");
-            res.set_content(full_response(r, id, created, model, text, e.finish_reason, e.prompt_tokens,
-                                          e.completion_tokens)
-                                .dump(-1, ' ', false, json::error_handler_t::replace),
-                            "application/json");
-            done = true;
-          }
-        }
-        if (done) return;
-      }
-    }
-    // Streaming: one SSE event per engine event. The provider runs on this worker; a failed write (client gone) makes
-    // httplib call the releaser with success=false, which cancels the request and so frees its KV blocks.
-    struct State {
-      bool first = true, done = false;
-    };
-    auto st = std::make_shared<State>();
-    Engine* eng = &engine;
     const uint64_t rid = stream->id();
+    if (!r.stream) {
+      // Blocks this worker until the request ends; a client that goes away meanwhile cancels it (its blocks free).
+      FullResponse full(r, id, unix_now(), opt.model_name, tok);
+      const int fd = client_socket(req);
+      bool gone = false;
+      for (;;) {
+        auto events = stream->next(250);
+        if (full.feed(events)) break;
+        if (!gone && fd >= 0 && peer_closed(fd)) {
+          engine.cancel(rid);
+          gone = true;
+        }
+      }
+      res.status = full.status();
+      if (full.status() != 200) metrics.http_error(full.status());
+      res.set_content(full.body(), "application/json");
+      return;
+    }
+    // Streaming: one SSE event per engine event, queue frames while waiting. The provider runs on this worker; a
+    // failed write (client gone) makes httplib call the releaser with success=false, which cancels the request.
+    struct State {
+      StreamResponse resp;
+      bool done = false;
+      int64_t last_position = 0;
+      std::chrono::steady_clock::time_point last_frame;
+    };
+    auto st = std::make_shared<State>(State{StreamResponse(r, id, unix_now(), opt.model_name, tok)});
+    Engine* eng = &engine;
     res.set_header("Cache-Control", "no-cache");
     res.set_chunked_content_provider(
         "text/event-stream",
-        [r, id, created, model, stream, st](size_t, httplib::DataSink& sink) {
+        [eng, rid, stream, st](size_t, httplib::DataSink& sink) {
           if (st->done) return false;
           std::string out;
-          for (Event& e : stream->next(100)) {
-            // Chat streams open with the role; after that, only events that carry text become chunks.
-            if (!e.text.empty() || (st->first && r.chat)) {
-              out += sse(stream_chunk(r, id, created, model, e.text, st->first, ""));
-              st->first = false;
+          auto events = stream->next(100);
+          st->done = st->resp.feed(events, out);
+          if (!st->resp.started()) {
+            // Queue frames: when the position changes, and about once a second.
+            const auto now = std::chrono::steady_clock::now();
+            if (auto q = eng->queue_info(rid);
+                q && (q->position != st->last_position || now - st->last_frame >= std::chrono::seconds(1))) {
+              out += queue_frame(*q);
+              st->last_position = q->position;
+              st->last_frame = now;
             }
-            if (!e.finished) continue;
-            if (e.finish_reason == "error")
-              out += sse(json::parse(error_body(500, "generation failed: " + e.error)));
-            else
-              out += sse(stream_chunk(r, id, created, model, "", false, e.finish_reason));
-            if (r.include_usage) out += sse(usage_chunk(r, id, created, model, e.prompt_tokens, e.completion_tokens));
-            out += "data: [DONE]\n\n";
-            st->done = true;
           }
           if (!out.empty() && !sink.write(out.data(), out.size())) return false;
           if (st->done) sink.done();
@@ -190,11 +242,13 @@ struct HttpServer::Impl {
     // httplib answers 404/413/400 itself with an empty body; give those the OpenAI envelope.
     server.set_error_handler([this](const httplib::Request&, httplib::Response& res) {
       if (!res.body.empty()) return;
-      if (res.status == 404) res.set_content(error_body(404, "no such route"), "application/json");
+      if (res.status == 404)
+        res.set_content(error_body(404, "no such route"), "application/json");
       else if (res.status == 413)
         res.set_content(error_body(413, "the request body exceeds " + std::to_string(opt.max_body_bytes) + " bytes"),
                         "application/json");
-      else res.set_content(error_body(res.status, "the request was rejected"), "application/json");
+      else
+        res.set_content(error_body(res.status, "the request was rejected"), "application/json");
     });
     server.set_exception_handler([this](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
       std::string msg = "internal error";
@@ -221,7 +275,8 @@ struct HttpServer::Impl {
     });
     server.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
       EngineStats s = engine.stats();
-      res.set_content(metrics.render(s.waiting, s.running, s.kv_used, s.kv_total), "text/plain; version=0.0.4");
+      res.set_content(metrics.render(s.waiting, s.running, s.kv_used, s.kv_total, s.kv_cached),
+                      "text/plain; version=0.0.4");
     });
     server.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
       json m{{"id", opt.model_name}, {"object", "model"}, {"created", 0}, {"owned_by", "kiln"}};

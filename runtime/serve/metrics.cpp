@@ -58,12 +58,23 @@ void Metrics::http_error(int status) {
   if (status == 429) ++rejected_429_;
 }
 
-std::string Metrics::render(int64_t waiting, int64_t running, int64_t kv_used, int64_t kv_total) {
+void Metrics::add_prefix(int64_t queried, int64_t hit) {
+  std::lock_guard<std::mutex> l(mu_);
+  prefix_queried_ += queried;
+  prefix_hit_ += hit;
+}
+
+void Metrics::preempted() {
+  std::lock_guard<std::mutex> l(mu_);
+  ++preemptions_;
+}
+
+std::string Metrics::render(int64_t waiting, int64_t running, int64_t kv_used, int64_t kv_total, int64_t kv_cached) {
   std::lock_guard<std::mutex> l(mu_);
   std::string o;
   auto gauge = [&](const char* name, const char* help, int64_t v) {
-    o += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " gauge\n" + name + " " +
-         std::to_string(v) + "\n";
+    o += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " gauge\n" + name + " " + std::to_string(v) +
+         "\n";
   };
   auto counter = [&](const char* name, const char* help, int64_t v) {
     o += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " counter\n" + name + "_total " +
@@ -73,8 +84,14 @@ std::string Metrics::render(int64_t waiting, int64_t running, int64_t kv_used, i
   gauge("kiln_requests_running", "Requests in the running batch.", running);
   gauge("kiln_kv_blocks_used", "KV cache blocks in use.", kv_used);
   gauge("kiln_kv_blocks_total", "KV cache blocks in the pool.", kv_total);
+  gauge("kiln_kv_blocks_cached", "Unreferenced KV blocks kept for prefix reuse (evictable, not counted as used).",
+        kv_cached);
   counter("kiln_prompt_tokens", "Prompt tokens computed (recomputed ones after preemption included).", prompt_tokens_);
   counter("kiln_generation_tokens", "Tokens generated.", generation_tokens_);
+  counter("kiln_prefix_cache_queried_tokens", "Tokens looked up in the prefix cache at admission.", prefix_queried_);
+  counter("kiln_prefix_cache_hit_tokens", "Tokens found in the prefix cache at admission (not recomputed).",
+          prefix_hit_);
+  counter("kiln_preemptions", "Requests preempted (KV blocks freed, recomputed on readmission).", preemptions_);
   counter("kiln_requests_rejected", "Requests refused with 429 (queue full).", rejected_429_);
   o += "# HELP kiln_requests_finished Requests finished, by reason.\n# TYPE kiln_requests_finished counter\n";
   const char* reasons[4] = {"stop", "length", "cancelled", "error"};

@@ -29,14 +29,18 @@ class Metrics {
   void request_done(const std::string& finish_reason, double ttft, double tpot, double e2e, bool has_first_token,
                     bool has_tpot);
   void http_error(int status);
+  // At each admission with prefix caching: the request's tokens so far, and how many came from cached blocks.
+  void add_prefix(int64_t queried, int64_t hit);
+  void preempted();
   // gauges are passed in, as the engine owns them
-  std::string render(int64_t waiting, int64_t running, int64_t kv_used, int64_t kv_total);
+  std::string render(int64_t waiting, int64_t running, int64_t kv_used, int64_t kv_total, int64_t kv_cached = 0);
 
  private:
   std::mutex mu_;
   int64_t prompt_tokens_ = 0, generation_tokens_ = 0;
   int64_t finished_[4] = {0, 0, 0, 0};  // stop, length, cancelled, error
   int64_t rejected_429_ = 0;
+  int64_t prefix_queried_ = 0, prefix_hit_ = 0, preemptions_ = 0;
   Histogram ttft_, tpot_, e2e_;
 };
 

@@ -40,10 +40,10 @@ def free_port():
 
 
 class Server:
-    def __init__(self, ws, *args):
+    def __init__(self, ws, *args, ctx=512):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([str(kiln_binary()), "serve", str(ws), "--port", str(self.port), "--ctx", "512",
+        self.proc = subprocess.Popen([str(kiln_binary()), "serve", str(ws), "--port", str(self.port), "--ctx", str(ctx),
                                       "--model-name", "tiny", *map(str, args)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
@@ -252,7 +252,10 @@ def test_malformed_requests_are_4xx_and_the_server_keeps_working(server):
                         ({"prompt": "x", "max_tokens": -3}, "max_tokens"),
                         ({"prompt": "x", "temperature": 9}, "temperature"),
                         ({"prompt": "x", "stop": 5}, "stop"),
-                        ({"prompt": "x", "n": 2}, "n"),
+                        ({"prompt": "x", "n": 0}, "n"),
+                        ({"prompt": "x", "n": "two"}, "n"),
+                        ({"prompt": "x", "logprobs": 21}, "logprobs"),
+                        ({"prompt": "x", "logprobs": True}, "logprobs"),
                         ({"prompt": 17}, "prompt"),
                         ({"max_tokens": 3}, "prompt")]:
         status, err = post(body)
