@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 
 #include "quant/int4.h"
 #include "runtime/core/error.h"
@@ -70,11 +71,18 @@ double awq_output_mse(cpu::ThreadPool& pool, const float* w_ref, const float* w_
   return mse_packed(pool, w_ref, w_quant, out, in, g, rows);
 }
 
-AwqScaleSearch awq_search_scales(cpu::ThreadPool& pool, const float* w, int64_t out, int64_t in, int64_t group_size,
-                                 const AwqInputStats& x, int64_t grid, const std::string& label) {
+AwqLoss awq_linear_loss(cpu::ThreadPool& pool, const float* w, int64_t out, int64_t in, const AwqInputStats& x) {
+  auto g = std::make_shared<cpu::PackedLinear>(cpu::pack_linear(gram_f32(x).data(), DType::F32, in, in));
+  const int64_t rows = x.rows;
+  return [&pool, w, out, in, g, rows](const float* w_eff) { return mse_packed(pool, w, w_eff, out, in, *g, rows); };
+}
+
+AwqScaleSearch awq_search_scales(const float* w, int64_t out, int64_t in, int64_t group_size, const AwqInputStats& x,
+                                 int64_t grid, const std::string& label, const AwqLoss& loss) {
   check_int4_shape(out, in, group_size, label);
-  if (x.dim != in) throw Error(label + ": calibration statistics have " + std::to_string(x.dim) + " channels, not " +
-                               std::to_string(in));
+  if (x.dim != in)
+    throw Error(label + ": calibration statistics have " + std::to_string(x.dim) + " channels, not " +
+                std::to_string(in));
   if (x.rows <= 0) throw Error(label + ": no calibration rows reached this layer");
   // Activation statistic: mean |x| per input channel over every calibration row.
   std::vector<double> x_mean(static_cast<size_t>(in));
@@ -90,13 +98,9 @@ AwqScaleSearch awq_search_scales(cpu::ThreadPool& pool, const float* w, int64_t 
     }
   for (double& v : w_mean) v /= double(out);
 
-  const cpu::PackedLinear g = cpu::pack_linear(gram_f32(x).data(), DType::F32, in, in);
   AwqScaleSearch best;
   best.loss = std::numeric_limits<double>::infinity();
-  {
-    std::vector<float> q = awq_rtn(w, out, in, group_size, label);
-    best.loss_rtn = mse_packed(pool, w, q.data(), out, in, g, x.rows);
-  }
+  best.loss_rtn = loss(awq_rtn(w, out, in, group_size, label).data());
   std::vector<float> s(static_cast<size_t>(in)), ws(static_cast<size_t>(out * in));
   for (int64_t i = 0; i < grid; ++i) {
     const double alpha = double(i) / double(grid);
@@ -117,9 +121,9 @@ AwqScaleSearch awq_search_scales(cpu::ThreadPool& pool, const float* w, int64_t 
     std::vector<float> q = awq_rtn(ws.data(), out, in, group_size, label);
     for (int64_t r = 0; r < out; ++r)
       for (int64_t c = 0; c < in; ++c) q[size_t(r * in + c)] /= s[size_t(c)];
-    const double loss = mse_packed(pool, w, q.data(), out, in, g, x.rows);
-    if (loss < best.loss) {
-      best.loss = loss;
+    const double l = loss(q.data());
+    if (l < best.loss) {
+      best.loss = l;
       best.alpha = alpha;
       best.scales = s;
     }
@@ -174,7 +178,8 @@ std::vector<float> awq_search_clip(const float* w, int64_t out, int64_t in, int6
   return clip;
 }
 
-void awq_apply_clip(float* w, int64_t out, int64_t in, int64_t row0, int64_t group_size, const std::vector<float>& clip) {
+void awq_apply_clip(float* w, int64_t out, int64_t in, int64_t row0, int64_t group_size,
+                    const std::vector<float>& clip) {
   const int64_t groups = in / group_size;
   if (clip.size() != size_t((out - row0) * groups)) throw Error("AWQ clip thresholds do not match the weight's shape");
   for (int64_t r = row0; r < out; ++r)

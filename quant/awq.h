@@ -3,12 +3,14 @@
 // per-group clipping found on calibration activations, folded into the fp32 weights before the usual int4 RTN
 // (quant/int4.h). The procedure and every deviation from AutoAWQ are documented in docs/quantization.md (AWQ).
 //
-// The search needs, per smoothing group, only two statistics of the group's input activations X [n, in]:
-// mean |x| per channel and the Gram matrix G = XᵀX. For a weight W and its quantized stand-in W', the mean squared
-// error of the linear's output over the n cached rows is exactly trace((W-W') G (W-W')ᵀ) / (n * out), so every
-// calibration row counts (AutoAWQ subsamples 512 tokens for clipping) and the cost no longer grows with n.
+// Statistics per smoothing group: mean |x| per input channel and the Gram matrix G = XᵀX of the group's input
+// activations X [n, in]. For a weight W and its quantized stand-in W', the mean squared error of the linear's output
+// over the n rows is exactly trace((W-W') G (W-W')ᵀ) / (n * out): the loss of the v -> o and up -> down groups (whose
+// block is that linear) and of the clipping search, over every calibration row at a cost independent of n. The
+// attn_norm -> qkv and ffn_norm -> gate_up groups are judged on their whole block's output (quant/awq_block.h).
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -40,10 +42,16 @@ struct AwqScaleSearch {
 double awq_output_mse(cpu::ThreadPool& pool, const float* w_ref, const float* w_quant, int64_t out, int64_t in,
                       const std::vector<float>& gram, int64_t rows);
 
+// The loss of a candidate: `w_eff` [out, in] is the quantized stand-in of the group's weight in its original
+// coordinates, RTN(W diag(s)) diag(1/s), which fed x is the same map as RTN(W diag(s)) fed x / s.
+using AwqLoss = std::function<double(const float* w_eff)>;
+// The output MSE of the linear itself against W [out, in] (which must outlive the result), exact through x's Gram.
+AwqLoss awq_linear_loss(cpu::ThreadPool& pool, const float* w, int64_t out, int64_t in, const AwqInputStats& x);
+
 // Grid search over alpha = i / grid, i in [0, grid): s = x_mean^alpha / (w_mean^(1-alpha) + 1e-4), clamped to
-// >= 1e-4, divided by sqrt(max * min); loss = output MSE of RTN(W diag(s)) fed x / s. Ties keep the smaller alpha.
-AwqScaleSearch awq_search_scales(cpu::ThreadPool& pool, const float* w, int64_t out, int64_t in, int64_t group_size,
-                                 const AwqInputStats& x, int64_t grid, const std::string& label);
+// >= 1e-4, divided by sqrt(max * min); the loss of each candidate is `loss` (above). Ties keep the smaller alpha.
+AwqScaleSearch awq_search_scales(const float* w, int64_t out, int64_t in, int64_t group_size, const AwqInputStats& x,
+                                 int64_t grid, const std::string& label, const AwqLoss& loss);
 
 // Clipping: for rows [row0, out) of W [out, in] (already scaled by s) and each group of `group_size` inputs, the
 // threshold m = max|w| * (1 - i / grid), i < max_shrink * grid, whose RTN(clamp(w, -m, m)) minimizes the group's
@@ -51,7 +59,8 @@ AwqScaleSearch awq_search_scales(cpu::ThreadPool& pool, const float* w, int64_t 
 std::vector<float> awq_search_clip(const float* w, int64_t out, int64_t in, int64_t row0, int64_t group_size,
                                    const AwqInputStats& x, const std::vector<float>& s, int64_t grid, double max_shrink,
                                    const std::string& label);
-void awq_apply_clip(float* w, int64_t out, int64_t in, int64_t row0, int64_t group_size, const std::vector<float>& clip);
+void awq_apply_clip(float* w, int64_t out, int64_t in, int64_t row0, int64_t group_size,
+                    const std::vector<float>& clip);
 
 // Quantize-dequantize through quant/int4 (the routine the workspace is written with): RTN in fp32.
 std::vector<float> awq_rtn(const float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label);
@@ -60,7 +69,7 @@ std::vector<float> awq_rtn(const float* w, int64_t out, int64_t in, int64_t grou
 struct AwqLayerPlan {
   std::vector<float> s_attn, s_vo, s_ffn, s_down;  // s_vo empty when v -> o is skipped (GQA)
   double a_attn = 0, a_vo = -1, a_ffn = 0, a_down = 0;
-  double mse_rtn[4] = {}, mse_awq[4] = {};           // qkv, o, gate_up, down (output MSE before clipping)
+  double mse_rtn[4] = {}, mse_awq[4] = {};  // qkv, o, gate_up, down: the search's loss (before clipping)
   std::vector<float> clip_qkv, clip_o, clip_gate_up, clip_down;  // thresholds; clip_qkv covers the v rows only
 };
 
@@ -73,13 +82,21 @@ struct AwqOptions {
   double max_shrink = 0.5;
   bool clip = true;
   bool fold_only = false;  // write the folded fp weights unquantized (a check that folding is exact)
-  uint64_t memory_budget = uint64_t(768) << 20;  // bytes of Gram matrices held at once (decides layers per pass)
+  // The loss of the attn_norm -> qkv and ffn_norm -> gate_up searches: "block" (the attention / MLP output on
+  // `loss_samples` cached calibration sequences, quant/awq_block.h) or "linear" (the fused linear's own output on
+  // every calibration row, exact through the Gram). v -> o and up -> down always use the linear's output, which is
+  // their block's output.
+  std::string loss = "block";
+  int64_t loss_samples = 8;
+  std::filesystem::path dump;  // debug: the block losses' cached inputs, chosen scales and losses (safetensors)
+  uint64_t memory_budget = uint64_t(768) << 20;  // bytes of Grams and cached inputs held at once (layers per pass)
 };
 
 struct AwqPlan {
   std::vector<AwqLayerPlan> layers;
   std::string data_sha256;
   int64_t blocks = 0, seqlen = 0, passes = 0;
+  int64_t loss_blocks = 0;  // calibration blocks the block losses were evaluated on (0 with --awq-loss linear)
 };
 
 // Runs the calibration blocks through the unquantized input workspace (as many forward passes as the memory budget
@@ -90,7 +107,7 @@ AwqPlan awq_plan(const std::filesystem::path& workspace, const AwqOptions& opt, 
 // Transforms one tensor of the workspace in place (fp32), given by its canonical layer-relative suffix; tensors AWQ
 // does not touch are left alone. Returns whether it changed anything.
 struct ModelSpec;
-bool awq_transform(const ModelSpec& spec, const AwqLayerPlan& p, const std::string& suffix, float* data,
-                   int64_t rows, int64_t cols, int64_t group_size);
+bool awq_transform(const ModelSpec& spec, const AwqLayerPlan& p, const std::string& suffix, float* data, int64_t rows,
+                   int64_t cols, int64_t group_size);
 
 }  // namespace kiln

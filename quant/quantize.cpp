@@ -25,6 +25,7 @@ void check_options(const QuantizeOptions& o) {
   if (o.method == "awq" && o.awq.data.empty())
     throw Error("--method awq needs calibration data: pass --data FILE (.txt or .jsonl)");
   if (o.method != "awq" && !o.awq.data.empty()) throw Error("--data is only used by --method awq");
+  if (o.method != "awq" && !o.awq.dump.empty()) throw Error("--awq-dump is only used by --method awq");
   if (o.bits != 4) throw Error("--w-bits " + std::to_string(o.bits) + " is not supported; only 4-bit weights are");
   if (o.group_size <= 0 || o.group_size % 2)
     throw Error("--group-size " + std::to_string(o.group_size) + " must be a positive even number");
@@ -103,6 +104,8 @@ ordered_json awq_document(const AwqPlan& p, const QuantizeOptions& opt) {
           {"seed", opt.awq.seed},
           {"blocks", p.blocks},
           {"grid", opt.awq.grid},
+          {"loss", opt.awq.loss},
+          {"loss_blocks", p.loss_blocks},
           {"clip", opt.awq.clip && !opt.awq.fold_only},
           {"clip_grid", opt.awq.clip_grid},
           {"clip_max_shrink", opt.awq.max_shrink},
@@ -214,8 +217,8 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
   check_interrupt();
 
   if (!opt.eval_text.empty()) {
-    result.quality = compare_workspaces(staging.path(), opt.input, opt.eval_text, opt.eval_ctx, opt.eval_max_tokens,
-                                        opt.threads);
+    result.quality =
+        compare_workspaces(staging.path(), opt.input, opt.eval_text, opt.eval_ctx, opt.eval_max_tokens, opt.threads);
     if (opt.max_ppl_increase && !(result.quality->ppl_increase <= *opt.max_ppl_increase)) {
       result.gate_failed = true;
       return result;  // the staging directory is removed: a model that fails the gate is not published

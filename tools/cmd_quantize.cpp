@@ -151,6 +151,16 @@ Action setup_quantize(CLI::App& sub) {
   sub.add_option("--awq-grid", opt->awq.grid, "AWQ: points of the alpha grid over [0, 1)")->capture_default_str();
   sub.add_flag(
       "--awq-no-clip", [opt](int64_t) { opt->awq.clip = false; }, "AWQ: skip the clipping search");
+  sub.add_option("--awq-loss", opt->awq.loss,
+                 "AWQ: loss of the norm -> qkv and norm -> gate_up searches: block (attention / MLP output on cached "
+                 "calibration blocks) or linear (the linear's own output, exact on every row)")
+      ->check(CLI::IsMember({"block", "linear"}))
+      ->capture_default_str();
+  sub.add_option("--awq-loss-samples", opt->awq.loss_samples,
+                 "AWQ: calibration blocks (spread evenly over those drawn) the block losses are evaluated on")
+      ->capture_default_str();
+  sub.add_option("--awq-dump", opt->awq.dump,
+                 "AWQ debug: write the block losses' cached inputs, chosen scales and losses to this safetensors file");
   sub.add_flag("--awq-fold-only", opt->awq.fold_only,
                "AWQ debug: fold the smoothing scales into unquantized weights (the output is not quantized)");
   sub.add_option("--eval-text", opt->eval_text,
@@ -192,6 +202,8 @@ Action setup_quantize(CLI::App& sub) {
         opt->command += " --data " + std::filesystem::absolute(opt->awq.data).lexically_normal().string();
       opt->command += " --samples " + std::to_string(opt->awq.samples) + " --seqlen " +
                       std::to_string(opt->awq.seqlen) + " --seed " + std::to_string(opt->awq.seed);
+      opt->command += " --awq-loss " + opt->awq.loss;
+      if (opt->awq.loss == "block") opt->command += " --awq-loss-samples " + std::to_string(opt->awq.loss_samples);
       if (!opt->awq.clip) opt->command += " --awq-no-clip";
       if (opt->awq.fold_only) opt->command += " --awq-fold-only";
     }

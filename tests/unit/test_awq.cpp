@@ -59,7 +59,8 @@ TEST(Awq, GramMseEqualsDirectMse) {
 TEST(Awq, ScalesBeatRtnOnOutlierChannels) {
   cpu::ThreadPool pool(2);
   Data d = make(200, 64, 32, pool, 30.f);
-  AwqScaleSearch s = awq_search_scales(pool, d.w.data(), d.out, d.in, 32, d.stats, 20, "w");
+  AwqScaleSearch s = awq_search_scales(d.w.data(), d.out, d.in, 32, d.stats, 20, "w",
+                                       awq_linear_loss(pool, d.w.data(), d.out, d.in, d.stats));
   ASSERT_EQ(s.scales.size(), size_t(d.in));
   EXPECT_LT(s.loss, 0.7 * s.loss_rtn);
   EXPECT_GT(s.alpha, 0.0);
