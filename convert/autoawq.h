@@ -19,6 +19,12 @@ namespace kiln {
 
 inline constexpr std::array<int, 8> kAutoAwqOrder = {0, 2, 4, 6, 1, 3, 5, 7};
 
+// "model.layers.0.self_attn.q_proj.weight" -> "model.layers.0.self_attn.q_proj": the prefix of AutoAWQ's
+// .qweight/.qzeros/.scales.
+inline std::string strip_weight(const std::string& name) {
+  return name.substr(0, name.size() - std::string(".weight").size());
+}
+
 // What kiln reads from config.json's quantization_config of an AutoAWQ checkpoint.
 struct AutoAwqConfig {
   int64_t bits = 4;

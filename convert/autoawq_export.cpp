@@ -23,10 +23,6 @@ namespace kiln {
 
 namespace {
 
-std::string strip_weight(const std::string& name) {
-  return name.substr(0, name.size() - std::string(".weight").size());
-}
-
 std::string shard_name(size_t k, size_t n) {
   if (n == 1) return "model.safetensors";
   char buf[64];

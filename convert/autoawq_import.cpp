@@ -16,10 +16,6 @@ namespace kiln {
 
 namespace {
 
-std::string strip_weight(const std::string& name) {
-  return name.substr(0, name.size() - std::string(".weight").size());
-}
-
 // The source tensor `name`, checked for presence, dtype and shape.
 const SourceTensor& checked_tensor(const HfCheckpoint& ckpt, const std::string& name, DType dtype,
                                    const std::vector<int64_t>& shape) {
@@ -187,21 +183,11 @@ ConvertResult convert_autoawq_checkpoint(const ConvertOptions& opt, StagingDir& 
       progress.finish();
     }
     ordered_json tokenizer = add_tokenizer_files(opt.source, writer);
-    ordered_json doc;
-    doc["format"] = kWorkspaceFormat;
-    doc["format_version"] = kWorkspaceFormatVersion;
-    doc["model"] = spec_to_json(spec);
-    doc["dtype"] = workspace_dtype_name(target);
     ordered_json weights = weight_quantization_to_json(q);
     weights["imported_from"] = {{"format", "autoawq-gemm"},
                                 {"quantization_config", ordered_json::parse(cfg.source.dump())}};
-    doc["quantization"] = {{"weights", weights}, {"kv_cache", {{"dtype", "auto"}}}};
-    doc["weights"] = {{"files", writer.weight_files()}, {"tensor_count", plan.size()}, {"tensor_bytes", total}};
-    doc["tokenizer"] = tokenizer;
-    doc["provenance"] = {{"source", fs::absolute(opt.source).lexically_normal().string()},
-                         {"source_files", source_hashes.get()},
-                         {"kiln_version", KILN_VERSION},
-                         {"command", opt.command}};
+    ordered_json doc =
+        converted_document(opt, spec, target, weights, writer, plan.size(), total, tokenizer, source_hashes.get());
     ConvertResult result;
     result.kiln_json = writer.finish(std::move(doc));
     result.tensor_bytes = total;

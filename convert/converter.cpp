@@ -78,8 +78,8 @@ void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& m, DType target,
     std::vector<int64_t> want = m.shape;
     want[0] = m.part_rows[p];
     if (info.shape != want)
-      throw Error(t->file->path() + ": tensor '" + name + "' has shape " + shape_string(info.shape) + "; config.json implies " +
-                  shape_string(want));
+      throw Error(t->file->path() + ": tensor '" + name + "' has shape " + shape_string(info.shape) +
+                  "; config.json implies " + shape_string(want));
     parts.push_back(t);
   }
 
@@ -119,7 +119,8 @@ void check_unused_tensors(const HfCheckpoint& ckpt, const std::vector<TensorMapp
     if (spec.tie_word_embeddings && name == arch.names->lm_head) continue;
     bool ignored = false;
     for (const char* suffix : arch.names->ignored)
-      ignored |= name.size() >= std::strlen(suffix) && name.compare(name.size() - std::strlen(suffix), std::string::npos, suffix) == 0;
+      ignored |= name.size() >= std::strlen(suffix) &&
+                 name.compare(name.size() - std::strlen(suffix), std::string::npos, suffix) == 0;
     if (!ignored)
       throw Error(t.file->path() + ": tensor '" + name + "' is not part of a " + arch.hf_architecture +
                   " with this config.json; refusing to drop it");
@@ -156,10 +157,29 @@ ordered_json add_tokenizer_files(const fs::path& source, WorkspaceWriter& writer
   }
   TokenizerFiles text_files;
   text_files.dir = source;
-  if (fs::is_regular_file(source / "tokenizer_config.json", ec)) text_files.tokenizer_config = source / "tokenizer_config.json";
+  if (fs::is_regular_file(source / "tokenizer_config.json", ec))
+    text_files.tokenizer_config = source / "tokenizer_config.json";
   std::optional<std::string> chat_template = resolve_chat_template(text_files);
   if (chat_template) writer.add_file("chat_template.jinja", *chat_template);
   return {{"files", tokenizer_files}, {"chat_template", chat_template ? json("chat_template.jinja") : json(nullptr)}};
+}
+
+ordered_json converted_document(const ConvertOptions& opt, const ModelSpec& spec, DType target,
+                                ordered_json weights_quantization, const WorkspaceWriter& writer, size_t tensor_count,
+                                uint64_t tensor_bytes, ordered_json tokenizer, ordered_json source_files) {
+  ordered_json doc;
+  doc["format"] = kWorkspaceFormat;
+  doc["format_version"] = kWorkspaceFormatVersion;
+  doc["model"] = spec_to_json(spec);
+  doc["dtype"] = workspace_dtype_name(target);
+  doc["quantization"] = {{"weights", std::move(weights_quantization)}, {"kv_cache", {{"dtype", "auto"}}}};
+  doc["weights"] = {{"files", writer.weight_files()}, {"tensor_count", tensor_count}, {"tensor_bytes", tensor_bytes}};
+  doc["tokenizer"] = std::move(tokenizer);
+  doc["provenance"] = {{"source", fs::absolute(opt.source).lexically_normal().string()},
+                       {"source_files", std::move(source_files)},
+                       {"kiln_version", KILN_VERSION},
+                       {"command", opt.command}};
+  return doc;
 }
 
 namespace {
@@ -238,18 +258,8 @@ ConvertResult finish_conversion(const ConvertOptions& opt, StagingDir& staging, 
   // Tokenizer files verbatim, then the resolved chat template.
   ordered_json tokenizer = add_tokenizer_files(opt.source, writer);
 
-  ordered_json doc;
-  doc["format"] = kWorkspaceFormat;
-  doc["format_version"] = kWorkspaceFormatVersion;
-  doc["model"] = spec_to_json(spec);
-  doc["dtype"] = workspace_dtype_name(target);
-  doc["quantization"] = {{"weights", {{"method", "none"}}}, {"kv_cache", {{"dtype", "auto"}}}};
-  doc["weights"] = {{"files", writer.weight_files()}, {"tensor_count", plan.size()}, {"tensor_bytes", total}};
-  doc["tokenizer"] = tokenizer;
-  doc["provenance"] = {{"source", fs::absolute(opt.source).lexically_normal().string()},
-                       {"source_files", source_hashes.get()},
-                       {"kiln_version", KILN_VERSION},
-                       {"command", opt.command}};
+  ordered_json doc = converted_document(opt, spec, target, {{"method", "none"}}, writer, plan.size(), total, tokenizer,
+                                        source_hashes.get());
   ConvertResult result;
   result.kiln_json = writer.finish(std::move(doc));
   result.tensor_bytes = total;

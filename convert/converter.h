@@ -54,6 +54,12 @@ void check_unused_tensors(const HfCheckpoint& ckpt, const std::vector<TensorMapp
 // what it has) once *cancel is set.
 nlohmann::ordered_json hash_sources(const std::filesystem::path& dir, const HfCheckpoint& ckpt,
                                     const std::atomic<bool>* cancel);
+// kiln.json of a workspace converted from `opt.source` (before WorkspaceWriter::finish adds the manifest);
+// `weights_quantization` is its quantization.weights block.
+nlohmann::ordered_json converted_document(const ConvertOptions& opt, const ModelSpec& spec, DType target,
+                                          nlohmann::ordered_json weights_quantization, const WorkspaceWriter& writer,
+                                          size_t tensor_count, uint64_t tensor_bytes, nlohmann::ordered_json tokenizer,
+                                          nlohmann::ordered_json source_files);
 // Copies the source's tokenizer files and writes its resolved chat template; returns kiln.json's "tokenizer" block.
 nlohmann::ordered_json add_tokenizer_files(const std::filesystem::path& source, WorkspaceWriter& writer);
 
