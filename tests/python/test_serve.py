@@ -296,3 +296,29 @@ def test_sigterm_drains_and_exits_zero(ws):
     assert s.proc.wait(timeout=30) == 0
     assert first is not None
     s.proc.stderr.close()
+
+
+def test_idle_and_slow_connections_do_not_starve_requests(ws, server):
+    """100 connections that send nothing and 100 that send half a request and then stall are held open while a stream
+    is running: the stream finishes with the same text as alone, and new requests (health and a completion) are still
+    answered. (Bounded at 200 to keep the suite fast; docs/serving.md says how far the HTTP layer goes.) The client
+    timeouts only keep a hang from blocking the suite."""
+    ref = generate(ws, "The old kiln", 24)
+    idle, slow = [], []
+    try:
+        with server.client().completions.create(model="tiny", prompt="The old kiln", max_tokens=24, temperature=0,
+                                                stream=True) as stream:
+            for _ in range(100):
+                idle.append(socket.create_connection(("127.0.0.1", server.port)))
+                s = socket.create_connection(("127.0.0.1", server.port))
+                s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le")
+                slow.append(s)
+            text = "".join(c.choices[0].text for c in stream if c.choices)
+        assert text == ref["text"]
+        assert server.get("/health")[0] == 200
+        r = server.client().completions.create(model="tiny", prompt="The old kiln", max_tokens=24, temperature=0)
+        assert r.choices[0].text == ref["text"]
+    finally:
+        for s in idle + slow:
+            s.close()
+    wait_idle(server)
