@@ -56,6 +56,9 @@ python3 -m pytest -q tests/python/test_cuda_cli.py -p no:cacheprovider 2>&1 | ta
 log "oracle tests against transformers on the CUDA device (KILN_DEVICE=cuda; informational)"
 KILN_DEVICE=cuda python3 -m pytest -q tests/python/test_runtime.py -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest_cuda.txt" | tail -n 15 || true
 
+log "serve on the CUDA device: 64 concurrent greedy streams equal sequential"
+KILN_DEVICE=cuda python3 -m pytest -q tests/python/test_serve_engine.py -k 64_concurrent -p no:cacheprovider 2>&1 | tail -n 3
+
 log "benchmark: W4A16 GEMV vs memcpy bandwidth (Llama-7B shapes)"
 build/tests/kiln_bench_cuda_int4_gemv | tee "$OUT_DIR/bench_int4_gemv.txt"
 
@@ -66,4 +69,6 @@ done
 if [ -n "${KILN_BENCH_WORKSPACE:-}" ]; then
   build/tests/kiln_bench_cuda_decode "$KILN_BENCH_WORKSPACE" 512 128 | tee -a "$OUT_DIR/bench_decode.txt"
 fi
+log "benchmark: batched throughput at concurrency 64 vs HF transformers generate (1.2B Llama shape, bf16)"
+python3 scripts/bench_batched_vs_hf.py --device cuda --concurrency 64 | tee "$OUT_DIR/bench_batched_vs_hf.txt"
 log "gpu_check done; results in $OUT_DIR"
