@@ -74,20 +74,6 @@ void check_quantized_linear(const HfCheckpoint& ckpt, const CanonicalTensor& c, 
     packed_parts(ckpt, strip_weight(m.sources[p]), c.part_rows[p], in, cfg.group_size);
 }
 
-struct WriterSink : TensorSink {
-  WorkspaceWriter& w;
-  Progress& progress;
-  WriterSink(WorkspaceWriter& w, Progress& p) : w(w), progress(p) {}
-  void write(const void* bytes, size_t n) override {
-    w.write(bytes, n);
-    progress.advance(n);
-  }
-  void copy(const MappedFile& f, uint64_t off, size_t n) override {
-    w.copy_range(f, off, n, [&f, off, n] { f.dont_need(off, n); });
-    progress.advance(n);
-  }
-};
-
 // Unpacks every part of a fused linear into its rows of the canonical tensor and writes qweight, scales, zeros.
 void write_quantized_linear(const HfCheckpoint& ckpt, const CanonicalTensor& c, const TensorMapping& m, int64_t gs,
                             WorkspaceWriter& writer, Progress& progress) {

@@ -232,20 +232,6 @@ ConvertResult finish_conversion(const ConvertOptions& opt, StagingDir& staging, 
   }
   WorkspaceWriter writer(staging.path(), plan, opt.max_shard_bytes);
   {
-    // Copied ranges are dropped from memory once hashed, converted ones as soon as they are converted.
-    struct WriterSink : TensorSink {
-      WorkspaceWriter& w;
-      Progress& progress;
-      WriterSink(WorkspaceWriter& w, Progress& p) : w(w), progress(p) {}
-      void write(const void* bytes, size_t n) override {
-        w.write(bytes, n);
-        progress.advance(n);
-      }
-      void copy(const MappedFile& f, uint64_t off, size_t n) override {
-        w.copy_range(f, off, n, [&f, off, n] { f.dont_need(off, n); });
-        progress.advance(n);
-      }
-    };
     Progress progress("converting", total, opt.progress);
     WriterSink sink(writer, progress);
     for (const auto& m : mappings) {

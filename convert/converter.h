@@ -9,6 +9,7 @@
 
 #include "convert/arch_table.h"
 #include "convert/hf_checkpoint.h"
+#include "runtime/io/progress.h"
 #include "runtime/workspace/workspace.h"
 
 namespace kiln {
@@ -40,6 +41,25 @@ class TensorSink {
   virtual ~TensorSink() = default;
   virtual void write(const void* bytes, size_t n) = 0;
   virtual void copy(const MappedFile& file, uint64_t offset, size_t n) { write(file.data() + offset, n); }
+};
+
+// A TensorSink into a WorkspaceWriter that advances a progress bar; copied source ranges are dropped from memory
+// once written (they were hashed already), converted ones right after conversion.
+class WriterSink : public TensorSink {
+ public:
+  WriterSink(WorkspaceWriter& writer, Progress& progress) : writer_(writer), progress_(progress) {}
+  void write(const void* bytes, size_t n) override {
+    writer_.write(bytes, n);
+    progress_.advance(n);
+  }
+  void copy(const MappedFile& f, uint64_t off, size_t n) override {
+    writer_.copy_range(f, off, n, [&f, off, n] { f.dont_need(off, n); });
+    progress_.advance(n);
+  }
+
+ private:
+  WorkspaceWriter& writer_;
+  Progress& progress_;
 };
 
 // Emits the bytes of one canonical tensor in `target` dtype: its sources concatenated, each converted with round to

@@ -57,7 +57,7 @@ log "oracle tests against transformers on the CUDA device (KILN_DEVICE=cuda; inf
 KILN_DEVICE=cuda python3 -m pytest -q tests/python/test_runtime.py -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest_cuda.txt" | tail -n 15 || true
 
 log "serve on the CUDA device: 64 concurrent greedy streams equal sequential"
-KILN_DEVICE=cuda python3 -m pytest -q tests/python/test_serve_engine.py -k 64_concurrent -p no:cacheprovider 2>&1 | tail -n 3
+KILN_DEVICE=cuda python3 -m pytest -q tests/python/test_serve.py -k concurrent_streams -p no:cacheprovider 2>&1 | tail -n 3
 
 log "benchmark: W4A16 GEMV vs memcpy bandwidth (Llama-7B shapes)"
 build/tests/kiln_bench_cuda_int4_gemv | tee "$OUT_DIR/bench_int4_gemv.txt"

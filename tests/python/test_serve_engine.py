@@ -1,5 +1,5 @@
 """kiln serve's engine features over HTTP: prefix caching (equal outputs, hit counters, per-key salts), logprobs
-against transformers' log_softmax, n > 1, queue position frames, 64 concurrent streams, client disconnects and a
+against transformers' log_softmax, n > 1, queue position frames, client disconnects and a
 bounded soak with random cancellations that must leave no KV block in use.
 
 The fixture model is random but deterministic; qwen3-fp32 has no EOS id, so every answer runs to max_tokens.
@@ -265,21 +265,6 @@ def run_one(server, i, n):
     stream = server.client().completions.create(model="tiny", prompt=f"Request {i}: the story of {i * 7}",
                                                 max_tokens=n, temperature=0, stream=True)
     return "".join(c.choices[0].text for c in stream if c.choices)
-
-
-def test_64_concurrent_streams_equal_sequential(ws):
-    # 64 blocks of 16 for 64 streams of ~26 tokens: as many as arrive together are admitted, then preempted when
-    # their second block is missing (how many depends on arrival; the scheduler gtest asserts preemption itself).
-    s = start(ws, "--max-batch-tokens", 128, "--kv-cache-blocks", 64)
-    try:
-        n, count = 16, 64
-        alone = [run_one(s, i, n) for i in range(count)]
-        with cf.ThreadPoolExecutor(count) as pool:
-            together = list(pool.map(lambda i: run_one(s, i, n), range(count)))
-        assert together == alone
-        wait_idle(s)
-    finally:
-        s.stop()
 
 
 def test_non_streaming_disconnect_cancels_and_frees_blocks(server):

@@ -13,34 +13,15 @@
 #include <cstdlib>
 #include <filesystem>
 
-#include "convert/converter.h"
 #include "runtime/model/model.h"
 #include "runtime/workspace/workspace.h"
 #include "tests/unit/cuda_parity.h"
+#include "tests/unit/fixture_workspace.h"
 
 namespace kiln {
 namespace {
 
 namespace fs = std::filesystem;
-
-fs::path fixtures_dir() {
-  if (const char* env = std::getenv("KILN_FIXTURES")) return env;
-  return fs::path(KILN_SOURCE_DIR) / "build" / "fixtures";
-}
-
-fs::path workspace_for(const std::string& name) {
-  fs::path dst = fs::temp_directory_path() / ("kiln-cuda-test-" + std::to_string(::getpid())) / name;
-  if (!fs::exists(dst)) {
-    fs::create_directories(dst.parent_path());
-    ConvertOptions o;
-    o.source = fixtures_dir() / name;
-    o.output = dst;
-    o.progress = false;
-    o.command = "test";
-    convert_checkpoint(o);
-  }
-  return dst;
-}
 
 std::vector<int32_t> tokens(int64_t n, int32_t seed, int64_t vocab) {
   std::vector<int32_t> t(static_cast<size_t>(n));
@@ -73,8 +54,9 @@ class CudaModel : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(CudaModel, LogitsMatchCpuBackend) {
   KILN_REQUIRE_CUDA(gpu);
-  if (!fs::exists(fixtures_dir() / GetParam())) GTEST_SKIP() << "fixtures not generated: " << fixtures_dir();
-  Workspace ws(workspace_for(GetParam()));
+  if (!fs::exists(testing::fixtures_dir() / GetParam()))
+    GTEST_SKIP() << "fixtures not generated: " << testing::fixtures_dir();
+  Workspace ws(testing::fixture_workspace(GetParam()));
   const bool bf16 = GetParam().find("bf16") != std::string::npos;
   for (KvDType kv : {bf16 ? KvDType::BF16 : KvDType::F32, KvDType::I8Online}) {
     const auto want = run_steps(ws, cuda_test::cpu_backend(), kv);

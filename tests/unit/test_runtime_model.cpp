@@ -3,43 +3,23 @@
 //  - KV reuse: continuing from cached K/V gives the logits of recomputing everything.
 // Parity against transformers itself is in tests/python/test_runtime.py.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <filesystem>
 #include <numeric>
-#include <unistd.h>
 
 #include "convert/converter.h"
 #include "runtime/core/error.h"
 #include "runtime/engine/batch_generate.h"
 #include "runtime/model/model.h"
 #include "runtime/workspace/workspace.h"
+#include "tests/unit/fixture_workspace.h"
 
 namespace kiln {
 namespace {
 
 namespace fs = std::filesystem;
-
-fs::path fixtures_dir() {
-  if (const char* env = std::getenv("KILN_FIXTURES")) return env;
-  return fs::path(KILN_SOURCE_DIR) / "build" / "fixtures";
-}
-
-// Converts a fixture once per test process into a temporary workspace.
-fs::path workspace_for(const std::string& name) {
-  fs::path src = fixtures_dir() / name;
-  fs::path dst = fs::temp_directory_path() / ("kiln-rt-test-" + std::to_string(::getpid())) / name;
-  if (!fs::exists(dst)) {
-    fs::create_directories(dst.parent_path());
-    ConvertOptions o;
-    o.source = src;
-    o.output = dst;
-    o.progress = false;
-    o.command = "test";
-    convert_checkpoint(o);
-  }
-  return dst;
-}
 
 std::vector<int32_t> tokens(int64_t n, int32_t seed) {
   std::vector<int32_t> t(static_cast<size_t>(n));
@@ -50,8 +30,9 @@ std::vector<int32_t> tokens(int64_t n, int32_t seed) {
 class RuntimeModel : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
-    if (!fs::exists(fixtures_dir() / GetParam())) GTEST_SKIP() << "fixtures not generated: " << fixtures_dir();
-    ws_ = std::make_unique<Workspace>(workspace_for(GetParam()));
+    if (!fs::exists(testing::fixtures_dir() / GetParam()))
+      GTEST_SKIP() << "fixtures not generated: " << testing::fixtures_dir();
+    ws_ = std::make_unique<Workspace>(testing::fixture_workspace(GetParam()));
     backend_ = make_cpu_backend(2);
     model_ = std::make_unique<Model>(*ws_, *backend_);
   }
@@ -76,9 +57,8 @@ TEST_P(RuntimeModel, BatchInvariance) {
   KvSequence sb, sa2, sc;
   std::vector<BatchEntry> pre{{&sb, std::span<const int32_t>(b).first(19), false}};
   model_->forward(pre, cache);
-  std::vector<BatchEntry> mixed{{&sb, std::span<const int32_t>(b).subspan(19), false},
-                                {&sa2, a, true},
-                                {&sc, c, false}};
+  std::vector<BatchEntry> mixed{
+      {&sb, std::span<const int32_t>(b).subspan(19), false}, {&sa2, a, true}, {&sc, c, false}};
   ForwardResult rm = model_->forward(mixed, cache);
   for (int64_t i = 0; i < 45; ++i)
     expect_rows_equal(ra.row(i), rm.row(rm.first_row[1] + i), vocab, "row " + std::to_string(i));

@@ -13,36 +13,17 @@
 #include <map>
 #include <thread>
 
-#include "convert/converter.h"
 #include "runtime/cpu/cpu_backend.h"
 #include "runtime/kv/prefix_cache.h"
 #include "runtime/model/model.h"
 #include "runtime/serve/engine.h"
 #include "runtime/workspace/workspace.h"
+#include "tests/unit/fixture_workspace.h"
 
 namespace kiln::serve {
 namespace {
 
 namespace fs = std::filesystem;
-
-fs::path fixture() {
-  const char* env = std::getenv("KILN_FIXTURES");
-  return (env ? fs::path(env) : fs::path(KILN_SOURCE_DIR) / "build" / "fixtures") / "qwen3-fp32";
-}
-
-fs::path workspace() {
-  fs::path dst = fs::temp_directory_path() / ("kiln-sched-test-" + std::to_string(::getpid())) / "qwen3-fp32";
-  if (!fs::exists(dst)) {
-    fs::create_directories(dst.parent_path());
-    ConvertOptions o;
-    o.source = fixture();
-    o.output = dst;
-    o.progress = false;
-    o.command = "test";
-    convert_checkpoint(o);
-  }
-  return dst;
-}
 
 std::vector<int32_t> prompt(int64_t n, int32_t seed) {
   std::vector<int32_t> t(static_cast<size_t>(n));
@@ -88,8 +69,9 @@ int64_t counter(Metrics& m, const std::string& name) {
 class Scheduler : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (!fs::exists(fixture())) GTEST_SKIP() << "fixtures not generated: " << fixture();
-    ws_ = std::make_unique<Workspace>(workspace());
+    if (!fs::exists(testing::fixtures_dir() / "qwen3-fp32"))
+      GTEST_SKIP() << "fixtures not generated: " << testing::fixtures_dir();
+    ws_ = std::make_unique<Workspace>(testing::fixture_workspace("qwen3-fp32"));
     backend_ = make_cpu_backend(2);
     model_ = std::make_unique<Model>(*ws_, *backend_);
   }
