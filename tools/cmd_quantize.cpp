@@ -6,70 +6,13 @@
 #include <cstdio>
 #include <optional>
 
-#include "quant/kv_int8.h"
-#include "quant/quantize.h"
+#include "quant/quantize_pipeline.h"
 #include "runtime/core/error.h"
 #include "tools/command.h"
 
 namespace kiln::tools {
 
 namespace {
-
-struct QuantizeSummary {
-  std::optional<QuantizeResult> weights;  // absent with --method none
-  std::optional<std::string> kv_mode;     // with --kv-cache int8
-  std::optional<QualityReport> quality;   // of the final output
-  bool gate_failed = false;
-};
-
-// Weights (quant/quantize.h) and/or the INT8 KV cache (quant/kv_int8.h). With both, the int4 workspace goes to a
-// hidden sibling first; the KV step then copies it with the KV settings and runs the quality report and the gate on
-// the final output (int4 weights and int8 KV together) against the input.
-QuantizeSummary run_quantize(const QuantizeOptions& opt, KvQuantizeOptions kv, bool int8_kv) {
-  QuantizeSummary s;
-  if (!int8_kv) {
-    if (opt.method == "none")
-      throw Error("--method none copies the weights unchanged; it needs --kv-cache int8 (use kiln convert for 16-bit)");
-    s.weights = quantize_workspace(opt);
-    s.quality = s.weights->quality;
-    s.gate_failed = s.weights->gate_failed;
-    return s;
-  }
-  if (opt.max_ppl_increase && opt.eval_text.empty()) throw Error("--max-ppl-increase needs --eval-text");
-  kv.output = opt.output;
-  kv.force = opt.force;
-  kv.max_shard_bytes = opt.max_shard_bytes;
-  kv.command = opt.command + " --kv-cache int8 --kv-mode " + kv.mode;
-  kv.reference = opt.input;
-  kv.eval_text = opt.eval_text;
-  kv.eval_ctx = opt.eval_ctx;
-  kv.eval_max_tokens = opt.eval_max_tokens;
-  kv.max_ppl_increase = opt.max_ppl_increase;
-  kv.threads = opt.threads;
-  s.kv_mode = kv.mode;
-  std::filesystem::path tmp;
-  if (opt.method == "none") {
-    kv.input = opt.input;
-  } else {
-    QuantizeOptions w = opt;
-    w.output = tmp = opt.output.parent_path() / ("." + opt.output.filename().string() + ".kiln-weights");
-    w.force = true;
-    w.eval_text.clear();  // the report runs once, on the final output
-    w.max_ppl_increase.reset();
-    s.weights = quantize_workspace(w);
-    kv.input = tmp;
-  }
-  try {
-    KvQuantizeResult r = quantize_kv_cache(kv);
-    s.quality = r.quality;
-    s.gate_failed = r.gate_failed;
-  } catch (...) {
-    if (!tmp.empty()) std::filesystem::remove_all(tmp);
-    throw;
-  }
-  if (!tmp.empty()) std::filesystem::remove_all(tmp);
-  return s;
-}
 
 nlohmann::ordered_json quality_json(const QualityReport& q, const std::optional<double>& max_increase) {
   const auto& c = q.cmp;
@@ -209,7 +152,7 @@ Action setup_quantize(CLI::App& sub) {
     }
     if (*kv_cache != "auto" && *kv_cache != "int8") opt->kv_cache = *kv_cache;
     auto t0 = std::chrono::steady_clock::now();
-    QuantizeSummary r = run_quantize(*opt, *kv, *kv_cache == "int8");
+    QuantizeSummary r = quantize_weights_and_kv(*opt, *kv, *kv_cache == "int8");
     print_summary(*opt, r, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), *json_out);
     if (r.gate_failed) {
       std::fprintf(

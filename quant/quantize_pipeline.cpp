@@ -1,0 +1,55 @@
+#include "quant/quantize_pipeline.h"
+
+#include <filesystem>
+
+#include "runtime/core/error.h"
+
+namespace kiln {
+
+QuantizeSummary quantize_weights_and_kv(const QuantizeOptions& opt, KvQuantizeOptions kv, bool int8_kv) {
+  QuantizeSummary s;
+  if (!int8_kv) {
+    if (opt.method == "none")
+      throw Error("--method none copies the weights unchanged; it needs --kv-cache int8 (use kiln convert for 16-bit)");
+    s.weights = quantize_workspace(opt);
+    s.quality = s.weights->quality;
+    s.gate_failed = s.weights->gate_failed;
+    return s;
+  }
+  if (opt.max_ppl_increase && opt.eval_text.empty()) throw Error("--max-ppl-increase needs --eval-text");
+  kv.output = opt.output;
+  kv.force = opt.force;
+  kv.max_shard_bytes = opt.max_shard_bytes;
+  kv.command = opt.command + " --kv-cache int8 --kv-mode " + kv.mode;
+  kv.reference = opt.input;
+  kv.eval_text = opt.eval_text;
+  kv.eval_ctx = opt.eval_ctx;
+  kv.eval_max_tokens = opt.eval_max_tokens;
+  kv.max_ppl_increase = opt.max_ppl_increase;
+  kv.threads = opt.threads;
+  s.kv_mode = kv.mode;
+  std::filesystem::path tmp;
+  if (opt.method == "none") {
+    kv.input = opt.input;
+  } else {
+    QuantizeOptions w = opt;
+    w.output = tmp = opt.output.parent_path() / ("." + opt.output.filename().string() + ".kiln-weights");
+    w.force = true;
+    w.eval_text.clear();  // the report runs once, on the final output
+    w.max_ppl_increase.reset();
+    s.weights = quantize_workspace(w);
+    kv.input = tmp;
+  }
+  try {
+    KvQuantizeResult r = quantize_kv_cache(kv);
+    s.quality = r.quality;
+    s.gate_failed = r.gate_failed;
+  } catch (...) {
+    if (!tmp.empty()) std::filesystem::remove_all(tmp);
+    throw;
+  }
+  if (!tmp.empty()) std::filesystem::remove_all(tmp);
+  return s;
+}
+
+}  // namespace kiln
