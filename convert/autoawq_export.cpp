@@ -14,6 +14,7 @@
 #include "runtime/io/progress.h"
 #include "runtime/io/staging_dir.h"
 #include "runtime/workspace/workspace.h"
+#include "runtime/io/path_safety.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -92,6 +93,7 @@ std::vector<uint16_t> to_f16(DType dtype, const uint8_t* src, size_t count, cons
 }  // namespace
 
 ExportResult export_autoawq(const ExportOptions& opt) {
+  refuse_output_overlap(opt.output, opt.workspace, "the workspace");
   StagingDir staging(opt.output, opt.force);  // refuses an existing output before any work
   Workspace ws(opt.workspace);
   const std::string label = (opt.workspace / kWorkspaceFile).string();

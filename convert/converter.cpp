@@ -8,12 +8,15 @@
 
 #include "convert/autoawq.h"
 #include "convert/autoawq_import.h"
+#include "convert/config_check.h"
 #include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
 #include "runtime/io/interrupt.h"
+#include "runtime/io/path_safety.h"
 #include "runtime/io/progress.h"
 #include "runtime/io/sha256.h"
 #include "runtime/io/staging_dir.h"
+#include "runtime/text/tokenizer.h"
 #include "runtime/text/tokenizer_files.h"
 #include "runtime/workspace/workspace.h"
 
@@ -146,15 +149,52 @@ ordered_json hash_sources(const fs::path& dir, const HfCheckpoint& ckpt, const s
   return out;
 }
 
-ordered_json add_tokenizer_files(const fs::path& source, WorkspaceWriter& writer) {
+namespace {
+
+// Whether the source has file `name` that may be copied into a workspace: a regular file, or a symlink resolving to
+// one inside the checkpoint directory. A Hugging Face cache snapshot (REPO/snapshots/REV/) links its files to
+// REPO/blobs/, which is allowed too. Anything else (a link out of the checkpoint, a FIFO, a directory) is refused:
+// copying it would put a file from elsewhere on the machine into the workspace under the manifest's cover.
+bool copyable_source_file(const fs::path& source, const std::string& name) {
+  const fs::path p = source / name;
   std::error_code ec;
+  const fs::file_status link = fs::symlink_status(p, ec);
+  if (!fs::exists(link)) return false;
+  if (fs::is_symlink(link)) {
+    const fs::path root = resolved_path(source);
+    const bool hf_cache = root.parent_path().filename() == "snapshots";
+    if (!resolves_inside(p, root) && !(hf_cache && resolves_inside(p, root.parent_path().parent_path() / "blobs")))
+      throw Error(p.string() + ": a symlink to " + resolved_path(p).string() +
+                  ", outside the checkpoint directory; refusing to copy it into the workspace");
+  }
+  require_regular_file(p);
+  return true;
+}
+
+}  // namespace
+
+ordered_json add_tokenizer_files(const fs::path& source, WorkspaceWriter& writer) {
   std::vector<std::string> tokenizer_files;
+  bool loadable = false;
   for (const auto& f : tokenizer_file_names()) {
-    if (fs::is_regular_file(source / f, ec)) {
-      writer.copy_file(source / f, f);
-      tokenizer_files.push_back(f);
+    if (!copyable_source_file(source, f)) continue;
+    std::string content = read_text_file(source / f);
+    if (f.size() > 5 && f.compare(f.size() - 5, 5, ".json") == 0 && !json::accept(content))
+      throw Error((source / f).string() + ": not valid JSON; refusing to copy it into the workspace");
+    loadable |= f == "tokenizer.json" || f == "tokenizer.model";
+    writer.add_file(f, content);
+    tokenizer_files.push_back(f);
+  }
+  // The workspace's tokenizer must load, or every runtime command would fail on it later.
+  if (loadable) {
+    try {
+      Tokenizer::load(locate_tokenizer_files(source));
+    } catch (const Error& e) {
+      throw Error(std::string("the checkpoint's tokenizer does not load: ") + e.what());
     }
   }
+  std::error_code ec;
+  copyable_source_file(source, "chat_template.jinja");  // read by resolve_chat_template: the same rule applies
   TokenizerFiles text_files;
   text_files.dir = source;
   if (fs::is_regular_file(source / "tokenizer_config.json", ec))
@@ -191,12 +231,14 @@ ConvertResult finish_conversion(const ConvertOptions& opt, StagingDir& staging, 
 }  // namespace
 
 ConvertResult convert_checkpoint(const ConvertOptions& opt) {
-  // Refuse an existing output before doing any work.
+  // Refuse an output over the input, or an existing one, before doing any work.
+  refuse_output_overlap(opt.output, opt.source, "the checkpoint");
   StagingDir staging(opt.output, opt.force);
   HfCheckpoint ckpt(opt.source);
   const std::string config_label = (opt.source / "config.json").string();
   ModelSpec spec = spec_from_hf_config(ckpt.config(), ckpt.generation_config(), config_label);
   const ArchEntry& arch = find_architecture(ckpt.config(), config_label);
+  check_config_against_tensors(ckpt, spec, arch.names->embedding, config_label);
   const DType target = resolve_target_dtype(opt.dtype, ckpt);
   const json awq_config = with_legacy_autoawq_config(ckpt.config(), opt.source);
   if (is_autoawq_config(awq_config))

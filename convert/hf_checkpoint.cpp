@@ -60,9 +60,9 @@ HfCheckpoint::HfCheckpoint(const fs::path& dir) : dir_(dir) {
       if (seen.insert(shard).second) shard_names.push_back(shard);
     std::sort(shard_names.begin(), shard_names.end());
     for (const auto& s : shard_names)
-      if (!fs::is_regular_file(dir / s, ec))
+      if (!fs::exists(dir / s, ec))  // present but not a regular file: refused by MappedFile, naming it
         throw Error((dir / s).string() + ": shard named by model.safetensors.index.json is missing");
-  } else if (fs::is_regular_file(dir / "model.safetensors", ec)) {
+  } else if (fs::exists(dir / "model.safetensors", ec)) {
     shard_names.push_back("model.safetensors");
   } else if (fs::is_regular_file(dir / "pytorch_model.bin", ec) || fs::is_regular_file(dir / "pytorch_model.bin.index.json", ec)) {
     throw Error(dir.string() + ": only PyTorch .bin weights found; kiln reads safetensors (re-save with save_pretrained(safe_serialization=True))");

@@ -2,6 +2,7 @@
 
 #include "convert/autoawq.h"
 #include "convert/autoawq_import.h"
+#include "convert/config_check.h"
 #include "convert/converter.h"
 #include "runtime/core/error.h"
 
@@ -53,6 +54,7 @@ std::unique_ptr<Workspace> open_hf_in_memory(const std::filesystem::path& hf_dir
   info.dir = hf_dir;
   info.spec = spec_from_hf_config(ckpt.config(), ckpt.generation_config(), label);
   const ArchEntry& arch = find_architecture(ckpt.config(), label);
+  check_config_against_tensors(ckpt, info.spec, arch.names->embedding, label);
   const DType target = resolve_target_dtype("auto", ckpt);
   info.dtype = workspace_dtype_name(target);
   info.json = {{"format", kWorkspaceFormat},

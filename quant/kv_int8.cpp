@@ -10,6 +10,7 @@
 #include "runtime/io/staging_dir.h"
 #include "runtime/kv/kv_int8.h"
 #include "runtime/workspace/workspace.h"
+#include "runtime/io/path_safety.h"
 
 namespace fs = std::filesystem;
 using nlohmann::ordered_json;
@@ -46,6 +47,10 @@ KvQuantizeResult quantize_kv_cache(const KvQuantizeOptions& opt) {
     throw Error("--kv-mode '" + opt.mode + "' is not supported; use static or online");
   if (opt.mode == "static" && opt.stats.empty())
     throw Error("--kv-mode static needs calibration statistics: pass --kv-stats STATS (written by kiln calibrate)");
+  refuse_output_overlap(opt.output, opt.input, "the input workspace");
+  refuse_output_overlap(opt.output, opt.reference, "the reference workspace");
+  refuse_output_overlap(opt.output, opt.stats, "--kv-stats");
+  refuse_output_overlap(opt.output, opt.eval_text, "--eval-text");
   StagingDir staging(opt.output, opt.force);
   Workspace src(opt.input);
   const WorkspaceInfo& info = src.info();

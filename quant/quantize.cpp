@@ -10,6 +10,7 @@
 #include "runtime/io/sha256.h"
 #include "runtime/io/staging_dir.h"
 #include "runtime/workspace/workspace.h"
+#include "runtime/io/path_safety.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;
@@ -117,6 +118,10 @@ ordered_json awq_document(const AwqPlan& p, const QuantizeOptions& opt) {
 
 QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
   check_options(opt);
+  refuse_output_overlap(opt.output, opt.input, "the input workspace");
+  refuse_output_overlap(opt.output, opt.awq.data, "--data");
+  refuse_output_overlap(opt.output, opt.eval_text, "--eval-text");
+  refuse_output_overlap(opt.awq.dump, opt.input, "the input workspace");
   StagingDir staging(opt.output, opt.force);  // refuses an existing output before any work
   Workspace src(opt.input);
   const std::string src_label = (opt.input / kWorkspaceFile).string();

@@ -3,11 +3,15 @@
 #include <filesystem>
 
 #include "runtime/core/error.h"
+#include "runtime/io/path_safety.h"
 
 namespace kiln {
 
 QuantizeSummary quantize_weights_and_kv(const QuantizeOptions& opt, KvQuantizeOptions kv, bool int8_kv) {
   QuantizeSummary s;
+  // Checked up front as well: with --kv-cache int8 the weights go to a sibling of the output first.
+  refuse_output_overlap(opt.output, opt.input, "the input workspace");
+  refuse_output_overlap(opt.output, kv.stats, "--kv-stats");
   if (!int8_kv) {
     if (opt.method == "none")
       throw Error("--method none copies the weights unchanged; it needs --kv-cache int8 (use kiln convert for 16-bit)");

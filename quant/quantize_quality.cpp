@@ -10,12 +10,14 @@
 #include "runtime/engine/evaluate.h"
 #include "runtime/engine/loaded_model.h"
 #include "runtime/text/tokenizer.h"
+#include "runtime/io/path_safety.h"
 
 namespace kiln {
 
 QualityReport compare_workspaces(const std::filesystem::path& quantized, const std::filesystem::path& reference,
                                  const std::filesystem::path& text, int64_t ctx, int64_t max_tokens, unsigned threads,
                                  KvDType quantized_kv) {
+  require_regular_file(text);
   std::ifstream in(text, std::ios::binary);
   if (!in) throw Error(text.string() + ": cannot be read (--eval-text)");
   std::ostringstream ss;

@@ -19,6 +19,8 @@
 #include "runtime/io/staging_dir.h"
 #include "runtime/text/tokenizer.h"
 #include "tools/command.h"
+#include "runtime/io/path_safety.h"
+#include "tools/flag_checks.h"
 
 namespace kiln::tools {
 namespace {
@@ -30,6 +32,7 @@ struct CalibrateOptions {
   int64_t samples = 128, seqlen = 512, batch_tokens = 4096;
   uint64_t seed = 0;
   unsigned threads = 0;
+  bool verify = false;
   bool json = false, force = false;
 };
 
@@ -75,6 +78,11 @@ int run(const CalibrateOptions& o) {
   const fs::path out_dir = stats_path.parent_path().empty() ? fs::path(".") : stats_path.parent_path();
   std::error_code ec;
   if (!fs::is_directory(out_dir, ec)) throw Error(out_dir.string() + ": output directory does not exist");
+  for (const fs::path& p : {stats_path, report}) {
+    refuse_output_overlap(p, o.workspace, "the workspace");
+    refuse_output_overlap(p, o.data, "--data");
+    remove_stale_staging(p);
+  }
   for (const fs::path& p : {stats_path, report})
     if (fs::exists(p, ec) && !o.force) throw Error(p.string() + ": output already exists (use --force to replace it)");
   if (o.samples < 1) throw Error("--samples must be at least 1");
@@ -82,7 +90,7 @@ int run(const CalibrateOptions& o) {
 
   // The data is checked before the model is loaded: a bad dataset fails in milliseconds.
   std::vector<std::string> docs = calib::load_documents(o.data, o.field);
-  LoadedModel m = load_model(o.workspace, o.threads);
+  LoadedModel m = load_model(o.workspace, o.threads, o.verify);
   const ModelSpec& spec = m.model->spec();
   Tokenizer tok = Tokenizer::load(locate_tokenizer_files(o.workspace));
   std::optional<int32_t> eos;
@@ -157,15 +165,18 @@ Action setup(CLI::App& sub) {
   sub.add_option("--data", o->data, "Calibration text: a .txt file (one document) or .jsonl (one object per line)")
       ->required();
   sub.add_option("--field", o->field, "The text field of each .jsonl object")->capture_default_str();
-  sub.add_option("--samples", o->samples, "Blocks to draw")->capture_default_str();
-  sub.add_option("--seqlen", o->seqlen, "Tokens per block")->capture_default_str();
+  sub.add_option("--samples", o->samples, "Blocks to draw")->capture_default_str()->check(int_range(1, 1 << 20));
+  sub.add_option("--seqlen", o->seqlen, "Tokens per block")->capture_default_str()->check(int_range(1, 1 << 20));
   sub.add_option("--seed", o->seed, "Seed of the block sampling")->capture_default_str();
   sub.add_option("-o,--output", o->output,
                  "Stats file (default: WS.calib.safetensors beside the workspace); the report goes to its .json "
                  "sibling");
   sub.add_option("--batch-tokens", o->batch_tokens, "Tokens per forward batch (whole blocks; bounds activations)")
-      ->capture_default_str();
-  sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)");
+      ->capture_default_str()
+      ->check(int_range(1, kMaxTokens));
+  sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)")
+      ->check(int_range(0, kMaxThreads));
+  sub.add_flag("--verify", o->verify, kVerifyFlagHelp);
   sub.add_flag("--force", o->force, "Replace existing output");
   sub.add_flag("--json", o->json, "Print the report as JSON");
   return [o] { return run(*o); };

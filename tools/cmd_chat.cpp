@@ -21,6 +21,7 @@
 #include "runtime/text/tokenizer.h"
 #include "tools/command.h"
 #include "tools/generation_cli.h"
+#include "tools/flag_checks.h"
 
 namespace kiln::tools {
 namespace {
@@ -30,6 +31,7 @@ struct ChatCliOptions {
   bool show_prompt = false;
   int64_t ctx = 0;
   unsigned threads = 0;
+  bool verify = false;
   SamplingFlags sampling;
 };
 
@@ -43,7 +45,7 @@ class Repl {
   Repl(const ChatCliOptions& o) : o_(o), interactive_(::isatty(STDIN_FILENO) && ::isatty(STDOUT_FILENO)) {}
 
   int run() {
-    m_ = load_model(o_.path, o_.threads);
+    m_ = load_model(o_.path, o_.threads, o_.verify);
     files_ = locate_tokenizer_files(o_.path);
     tok_ = std::make_unique<Tokenizer>(Tokenizer::load(files_));
     tpl_ = std::make_unique<ChatTemplate>(ChatTemplate::from_files(files_));
@@ -166,9 +168,12 @@ Action setup(CLI::App& sub) {
   sub.add_option("--system", o->system, "System prompt");
   sub.add_flag("--show-prompt", o->show_prompt, "Print each turn's rendered prompt to stderr");
   add_sampling_flags(sub, o->sampling);
-  sub.add_option("--ctx", o->ctx, "Context length of the conversation (default: the model's maximum)");
+  sub.add_option("--ctx", o->ctx, "Context length of the conversation (default: the model's maximum)")
+      ->check(int_range(0, kMaxTokens));
   sub.add_option("--kv-cache", o->kv_cache, kKvCacheFlagHelp)->capture_default_str();
-  sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)");
+  sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)")
+      ->check(int_range(0, kMaxThreads));
+  sub.add_flag("--verify", o->verify, kVerifyFlagHelp);
   return [o] { return Repl(*o).run(); };
 }
 

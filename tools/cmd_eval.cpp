@@ -16,6 +16,8 @@
 #include "runtime/io/safetensors.h"
 #include "runtime/text/tokenizer.h"
 #include "tools/command.h"
+#include "runtime/io/path_safety.h"
+#include "tools/flag_checks.h"
 
 namespace kiln::tools {
 namespace {
@@ -24,10 +26,12 @@ struct EvalOptions {
   std::string path, text, tokens, save_logits, ref_logits, kv_cache = "auto";
   int64_t ctx = 512, max_tokens = 0;
   unsigned threads = 0;
+  bool verify = false;
   bool json = false;
 };
 
 std::string read_file(const std::string& path) {
+  require_regular_file(path);
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot be read");
   std::ostringstream ss;
@@ -67,7 +71,13 @@ struct RefLogits {
 };
 
 int run(const EvalOptions& o) {
-  LoadedModel m = load_model(o.path, o.threads);
+  if (!o.save_logits.empty()) {
+    refuse_output_overlap(o.save_logits, o.path, "the model");
+    refuse_output_overlap(o.save_logits, o.text, "--text");
+    refuse_output_overlap(o.save_logits, o.tokens, "--tokens");
+    refuse_output_overlap(o.save_logits, o.ref_logits, "--ref-logits");
+  }
+  LoadedModel m = load_model(o.path, o.threads, o.verify);
   const Model& model = *m.model;
   std::vector<int32_t> tokens;
   if (!o.tokens.empty()) {
@@ -154,15 +164,20 @@ Action setup(CLI::App& sub) {
   input->add_option("--text", o->text, "Text file, tokenized with the workspace's tokenizer");
   input->add_option("--tokens", o->tokens, "JSON file holding a list of token ids (instead of --text)");
   input->require_option(1);
-  sub.add_option("--ctx", o->ctx, "Tokens per window; windows do not overlap")->capture_default_str();
+  sub.add_option("--ctx", o->ctx, "Tokens per window; windows do not overlap")
+      ->capture_default_str()
+      ->check(int_range(2, kMaxTokens));
   sub.add_option("--save-logits", o->save_logits,
                  "Write a safetensors file with 'tokens' (int32 [n]) and 'logits' (fp32 [n, vocab]); row i is the "
                  "prediction after token i");
   sub.add_option("--ref-logits", o->ref_logits,
                  "Compare with a file written by --save-logits: KL divergence, top-1 agreement, PPL ratio");
-  sub.add_option("--max-tokens", o->max_tokens, "Evaluate only the first N tokens of the input (0: all)");
+  sub.add_option("--max-tokens", o->max_tokens, "Evaluate only the first N tokens of the input (0: all)")
+      ->check(int_range(0, kMaxTokens));
   sub.add_option("--kv-cache", o->kv_cache, kKvCacheFlagHelp)->capture_default_str();
-  sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)");
+  sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)")
+      ->check(int_range(0, kMaxThreads));
+  sub.add_flag("--verify", o->verify, kVerifyFlagHelp);
   sub.add_flag("--json", o->json, "Print the results as JSON");
   return [o] { return run(*o); };
 }

@@ -6,6 +6,7 @@
 
 #include "convert/autoawq_export.h"
 #include "tools/command.h"
+#include "tools/flag_checks.h"
 
 namespace kiln::tools {
 
@@ -21,7 +22,7 @@ static Action setup_export(CLI::App& sub) {
   sub.add_option("-o,--output", opt->output, "checkpoint directory to create")->required();
   sub.add_option("--shard-size-mb", *shard_mb, "largest safetensors shard in MiB")
       ->capture_default_str()
-      ->check(CLI::PositiveNumber);
+      ->check(int_range(1, kMaxShardMiB));
   sub.add_flag("--force", opt->force, "replace an existing output (only once the new one is complete)");
   sub.add_flag("--json", *json_out, "print a JSON summary on stdout instead of text");
   sub.footer(

@@ -14,6 +14,8 @@
 #include "runtime/text/tokenizer.h"
 #include "tools/command.h"
 #include "tools/generation_cli.h"
+#include "runtime/io/path_safety.h"
+#include "tools/flag_checks.h"
 
 namespace kiln::tools {
 namespace {
@@ -23,10 +25,12 @@ struct GenerateCliOptions {
   bool chat = false, json = false;
   int64_t ctx = 0, batch = 1, prefill_chunk = 512;
   unsigned threads = 0;
+  bool verify = false;
   SamplingFlags sampling;
 };
 
 std::string read_text(const std::string& path) {
+  require_regular_file(path);
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error(path + ": cannot be read");
   std::ostringstream ss;
@@ -75,7 +79,7 @@ nlohmann::ordered_json sequence_json(const GenerationOutput& r) {
 
 int run(const GenerateCliOptions& o) {
   if (o.batch < 1) throw Error("--batch must be >= 1");
-  LoadedModel m = load_model(o.path, o.threads);
+  LoadedModel m = load_model(o.path, o.threads, o.verify);
   const ModelSpec& spec = m.model->spec();
   TokenizerFiles files = locate_tokenizer_files(o.path);
   Tokenizer tok = Tokenizer::load(files);
@@ -151,12 +155,18 @@ Action setup(CLI::App& sub) {
   input->require_option(1);
   sub.add_flag("--chat", o->chat, "Wrap the prompt as one user message in the model's chat template");
   add_sampling_flags(sub, o->sampling);
-  sub.add_option("--ctx", o->ctx, "Context length: prompt plus completion (default: the model's maximum)");
+  sub.add_option("--ctx", o->ctx, "Context length: prompt plus completion (default: the model's maximum)")
+      ->check(int_range(0, kMaxTokens));
   sub.add_option("--kv-cache", o->kv_cache, kKvCacheFlagHelp)->capture_default_str();
   sub.add_option("--batch", o->batch, "Run this many copies of the prompt in one batch (seeds seed, seed+1, ...)")
-      ->capture_default_str();
-  sub.add_option("--prefill-chunk", o->prefill_chunk, "Most prompt tokens per forward pass")->capture_default_str();
-  sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)");
+      ->capture_default_str()
+      ->check(int_range(1, 65536));
+  sub.add_option("--prefill-chunk", o->prefill_chunk, "Most prompt tokens per forward pass")
+      ->capture_default_str()
+      ->check(int_range(1, kMaxTokens));
+  sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)")
+      ->check(int_range(0, kMaxThreads));
+  sub.add_flag("--verify", o->verify, kVerifyFlagHelp);
   sub.add_flag("--json", o->json,
                "Print {\"text\", \"token_ids\", \"prompt_tokens\", \"completion_tokens\", \"finish_reason\", "
                "\"seed\", \"timing\"}");

@@ -3,6 +3,7 @@
 #include <map>
 
 #include "convert/arch_table.h"
+#include "convert/config_check.h"
 #include "convert/hf_checkpoint.h"
 #include "runtime/core/error.h"
 #include "runtime/workspace/workspace.h"
@@ -46,7 +47,9 @@ static ordered_json inspect_path(const std::filesystem::path& path) {
     const std::string label = (path / "config.json").string();
     out["kind"] = "hf_checkpoint";
     out["path"] = path.string();
-    out["model"] = spec_to_json(spec_from_hf_config(ckpt.config(), ckpt.generation_config(), label));
+    const ModelSpec spec = spec_from_hf_config(ckpt.config(), ckpt.generation_config(), label);
+    check_config_against_tensors(ckpt, spec, find_architecture(ckpt.config(), label).names->embedding, label);
+    out["model"] = spec_to_json(spec);
     auto td = ckpt.config().find("torch_dtype");
     out["config_dtype"] = td != ckpt.config().end() ? *td : nlohmann::json(nullptr);
     out["shards"] = ckpt.shards().size();

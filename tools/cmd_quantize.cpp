@@ -9,6 +9,7 @@
 #include "quant/quantize_pipeline.h"
 #include "runtime/core/error.h"
 #include "tools/command.h"
+#include "tools/flag_checks.h"
 
 namespace kiln::tools {
 
@@ -71,7 +72,6 @@ void print_summary(const QuantizeOptions& opt, const QuantizeSummary& s, double 
 Action setup_quantize(CLI::App& sub) {
   auto opt = std::make_shared<QuantizeOptions>();
   auto json_out = std::make_shared<bool>(false);
-  auto max_increase = std::make_shared<double>(-1);
   opt->max_shard_bytes = 2048;  // MiB until parsed
   sub.add_option("WS", opt->input, "Workspace to quantize (written by kiln convert)")->required();
   sub.add_option("-o,--output", opt->output, "Workspace directory to create")->required();
@@ -83,15 +83,23 @@ Action setup_quantize(CLI::App& sub) {
   sub.add_option("--w-bits", opt->bits, "Weight bits (4)")->check(CLI::IsMember({4}))->capture_default_str();
   sub.add_option("--group-size", opt->group_size,
                  "Input features per scale/zero group; must divide every linear's input")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(int_range(2, 1 << 16));
   sub.add_option("--data", opt->awq.data, "AWQ calibration data (.txt or .jsonl), sampled as kiln calibrate does");
   sub.add_option("--field", opt->awq.field, "AWQ: the JSONL field holding the text")->capture_default_str();
-  sub.add_option("--samples", opt->awq.samples, "AWQ: calibration blocks to draw")->capture_default_str();
-  sub.add_option("--seqlen", opt->awq.seqlen, "AWQ: tokens per calibration block")->capture_default_str();
+  sub.add_option("--samples", opt->awq.samples, "AWQ: calibration blocks to draw")
+      ->capture_default_str()
+      ->check(int_range(1, 1 << 20));
+  sub.add_option("--seqlen", opt->awq.seqlen, "AWQ: tokens per calibration block")
+      ->capture_default_str()
+      ->check(int_range(1, 1 << 20));
   sub.add_option("--seed", opt->awq.seed, "AWQ: seed of the block sampling")->capture_default_str();
   sub.add_option("--batch-tokens", opt->awq.batch_tokens, "AWQ: tokens per calibration forward batch")
-      ->capture_default_str();
-  sub.add_option("--awq-grid", opt->awq.grid, "AWQ: points of the alpha grid over [0, 1)")->capture_default_str();
+      ->capture_default_str()
+      ->check(int_range(1, kMaxTokens));
+  sub.add_option("--awq-grid", opt->awq.grid, "AWQ: points of the alpha grid over [0, 1)")
+      ->capture_default_str()
+      ->check(int_range(1, 10000));
   sub.add_flag(
       "--awq-no-clip", [opt](int64_t) { opt->awq.clip = false; }, "AWQ: skip the clipping search");
   sub.add_option("--awq-loss", opt->awq.loss,
@@ -101,21 +109,29 @@ Action setup_quantize(CLI::App& sub) {
       ->capture_default_str();
   sub.add_option("--awq-loss-samples", opt->awq.loss_samples,
                  "AWQ: calibration blocks (spread evenly over those drawn) the block losses are evaluated on")
-      ->capture_default_str();
+      ->capture_default_str()
+      ->check(int_range(1, 1 << 20));
   sub.add_option("--awq-dump", opt->awq.dump,
                  "AWQ debug: write the block losses' cached inputs, chosen scales and losses to this safetensors file");
   sub.add_flag("--awq-fold-only", opt->awq.fold_only,
                "AWQ debug: fold the smoothing scales into unquantized weights (the output is not quantized)");
   sub.add_option("--eval-text", opt->eval_text,
                  "Held-out text for a quality report (PPL, KL divergence, top-1 agreement vs the input workspace)");
-  sub.add_option("--eval-ctx", opt->eval_ctx, "Tokens per evaluation window")->capture_default_str();
+  sub.add_option("--eval-ctx", opt->eval_ctx, "Tokens per evaluation window")
+      ->capture_default_str()
+      ->check(int_range(2, kMaxTokens));
   sub.add_option("--eval-tokens", opt->eval_max_tokens, "Evaluate at most this many tokens of the text (0: all)")
-      ->capture_default_str();
-  sub.add_option("--max-ppl-increase", *max_increase,
+      ->capture_default_str()
+      ->check(int_range(0, kMaxTokens));
+  sub.add_option("--max-ppl-increase", opt->max_ppl_increase,
                  "Fail (exit 3, after the report, no output written) when ppl / input ppl - 1 exceeds this, e.g. "
-                 "0.05; needs --eval-text");
-  sub.add_option("--threads", opt->threads, "CPU threads for the quality report (default: all, or KILN_THREADS)");
-  sub.add_option("--shard-size-mb", opt->max_shard_bytes, "Largest weight shard in MiB")->capture_default_str();
+                 "0.05; needs --eval-text")
+      ->check(finite_range(0, 1e6));
+  sub.add_option("--threads", opt->threads, "CPU threads for the quality report (default: all, or KILN_THREADS)")
+      ->check(int_range(0, kMaxThreads));
+  sub.add_option("--shard-size-mb", opt->max_shard_bytes, "Largest weight shard in MiB")
+      ->capture_default_str()
+      ->check(int_range(1, kMaxShardMiB));
   // INT8 KV cache (quant/kv_int8.h): --method none keeps the weights; with rtn/awq the weights are quantized first.
   auto kv = std::make_shared<KvQuantizeOptions>();
   auto kv_cache = std::make_shared<std::string>("auto");
@@ -133,7 +149,6 @@ Action setup_quantize(CLI::App& sub) {
       "Linear layers become 4-bit with an fp16 scale and a 4-bit zero point per group (docs/int4_layout.md);\n"
       "embeddings, norms and lm_head keep the input's dtype. Output is atomic and deterministic.");
   return [=]() {
-    if (*max_increase >= 0) opt->max_ppl_increase = *max_increase;
     opt->progress = !*json_out;
     opt->max_shard_bytes <<= 20;
     opt->command = "kiln quantize " + std::filesystem::absolute(opt->input).lexically_normal().string() + " --method " +

@@ -30,6 +30,7 @@ struct ServeCliOptions {
   size_t max_body_bytes = 8 << 20;
   double drain_timeout = 30;
   unsigned threads = 0;
+  bool verify = false;
 };
 
 std::atomic<bool> g_stop{false};
@@ -51,7 +52,7 @@ int run(const ServeCliOptions& o) {
   sigaction(SIGINT, &sa, nullptr);
 
   const serve::CorsPolicy cors_check(o.allow_origins);  // a malformed --allow-origin fails before loading
-  LoadedModel m = load_model(o.path, o.threads);
+  LoadedModel m = load_model(o.path, o.threads, o.verify);
   const ModelSpec& spec = m.model->spec();
   TokenizerFiles files = locate_tokenizer_files(o.path);
   Tokenizer tok = Tokenizer::load(files);
@@ -134,6 +135,7 @@ Action setup(CLI::App& sub) {
   sub.add_option("--drain-timeout", o->drain_timeout, "Seconds to finish running requests after SIGTERM")
       ->capture_default_str();
   sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)");
+  sub.add_flag("--verify", o->verify, kVerifyFlagHelp);
   sub.add_flag("--no-prefix-cache", o->no_prefix_cache,
                "Do not reuse the KV blocks of earlier requests that start with the same tokens");
   sub.add_option("--prefix-cache-salt", o->prefix_cache_salt,

@@ -11,6 +11,7 @@
 #include "runtime/text/detokenizer.h"
 #include "runtime/text/tokenizer.h"
 #include "tools/command.h"
+#include "runtime/io/path_safety.h"
 
 namespace kiln::tools {
 namespace {
@@ -27,6 +28,7 @@ std::string read_input(const std::string& file) {
     ss << std::cin.rdbuf();
     return ss.str();
   }
+  require_regular_file(file);
   std::ifstream in(file, std::ios::binary);
   if (!in) throw Error(file + ": cannot be read");
   std::ostringstream ss;

@@ -1,23 +1,34 @@
 #include "tools/generation_cli.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <fstream>
 #include <limits>
 #include <sstream>
 
 #include "runtime/core/error.h"
+#include "runtime/io/path_safety.h"
+#include "tools/flag_checks.h"
 
 namespace kiln::tools {
 
 void add_sampling_flags(CLI::App& sub, SamplingFlags& f) {
-  sub.add_option("-n,--max-new-tokens", f.max_new_tokens, "Most tokens to generate")->capture_default_str();
-  sub.add_option("--temperature", f.temperature, "0 = greedy (default unless generation_config.json samples)");
-  sub.add_option("--top-p", f.top_p, "Nucleus sampling: keep the smallest set of tokens with this much probability");
-  sub.add_option("--top-k", f.top_k, "Keep the k most likely tokens (0 = off)");
-  sub.add_option("--min-p", f.min_p, "Drop tokens less likely than min_p times the most likely one");
-  sub.add_option("--repetition-penalty", f.repetition_penalty, "HF repetition penalty over prompt and output (1 = off)");
-  sub.add_option("--presence-penalty", f.presence_penalty, "OpenAI presence penalty over the output, in [-2, 2]");
-  sub.add_option("--frequency-penalty", f.frequency_penalty, "OpenAI frequency penalty over the output, in [-2, 2]");
+  sub.add_option("-n,--max-new-tokens", f.max_new_tokens, "Most tokens to generate")
+      ->capture_default_str()
+      ->check(int_range(1, kMaxTokens));
+  sub.add_option("--temperature", f.temperature, "0 = greedy (default unless generation_config.json samples)")
+      ->check(finite_range(0, 1e6));
+  sub.add_option("--top-p", f.top_p, "Nucleus sampling: keep the smallest set of tokens with this much probability")
+      ->check(finite_range(0, 1, /*exclude_lo=*/true));
+  sub.add_option("--top-k", f.top_k, "Keep the k most likely tokens (0 = off)")->check(int_range(-1, INT32_MAX));
+  sub.add_option("--min-p", f.min_p, "Drop tokens less likely than min_p times the most likely one")
+      ->check(finite_range(0, 1));
+  sub.add_option("--repetition-penalty", f.repetition_penalty, "HF repetition penalty over prompt and output (1 = off)")
+      ->check(finite_range(0, 1e6, /*exclude_lo=*/true));
+  sub.add_option("--presence-penalty", f.presence_penalty, "OpenAI presence penalty over the output, in [-2, 2]")
+      ->check(finite_range(-2, 2));
+  sub.add_option("--frequency-penalty", f.frequency_penalty, "OpenAI frequency penalty over the output, in [-2, 2]")
+      ->check(finite_range(-2, 2));
   sub.add_option("--seed", f.seed, "Sampling seed (default: random)");
   sub.add_option("--stop", f.stop, "Stop string, not included in the output (repeatable)")->allow_extra_args(false);
   sub.add_flag("--ignore-eos", f.ignore_eos, "Keep generating past the model's EOS tokens");
@@ -25,6 +36,7 @@ void add_sampling_flags(CLI::App& sub, SamplingFlags& f) {
 
 nlohmann::json read_generation_config(const TokenizerFiles& files) {
   if (!files.generation_config) return nlohmann::json::object();
+  require_regular_file(*files.generation_config);
   std::ifstream in(*files.generation_config, std::ios::binary);
   std::ostringstream ss;
   ss << in.rdbuf();

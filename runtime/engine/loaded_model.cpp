@@ -1,10 +1,17 @@
 #include "runtime/engine/loaded_model.h"
 
 #include "runtime/core/error.h"
+#include "runtime/workspace/verify.h"
 
 namespace kiln {
 
-LoadedModel load_model(const std::filesystem::path& path, unsigned threads) {
+LoadedModel load_model(const std::filesystem::path& path, unsigned threads, bool full_verify) {
+  if (full_verify && is_workspace(path)) {
+    VerifyReport r = verify_workspace(path, /*progress=*/false);
+    if (!r.ok())
+      throw Error(path.string() + ": --verify: " + r.problems[0] +
+                  (r.problems.size() > 1 ? " (and " + std::to_string(r.problems.size() - 1) + " more problems)" : ""));
+  }
   LoadedModel m;
   m.workspace = open_workspace(path);
   m.backend = make_backend("", threads);  // KILN_DEVICE picks cpu (default) or cuda

@@ -18,7 +18,14 @@ struct LoadedModel {
 
 // Throws kiln::Error with one sentence naming the path when it is missing, not a workspace, or damaged.
 // threads = 0: the backend's default. The device is $KILN_DEVICE (cpu or cuda; default cpu).
-LoadedModel load_model(const std::filesystem::path& path, unsigned threads = 0);
+// Opening checks kiln.json's hash, file sizes, shard headers and tensor shapes (see Workspace); full_verify also
+// re-hashes every file against the manifest first, as kiln verify does (an HF directory has no manifest to check).
+LoadedModel load_model(const std::filesystem::path& path, unsigned threads = 0, bool full_verify = false);
+
+// The help line of every runtime command's --verify flag.
+inline constexpr const char* kVerifyFlagHelp =
+    "Re-hash every workspace file against the manifest before loading (as kiln verify does; opening always checks "
+    "kiln.json's hash and the file sizes)";
 
 // The KV dtype of a --kv-cache flag; "auto" is what the workspace asks for: quantization.kv_cache.dtype (with its
 // mode for int8), where "auto" means the weight dtype.

@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <cstring>
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "runtime/core/error.h"
 
@@ -48,8 +49,19 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, uint64_t size, c
   h.data_start = 8 + hlen;
   const uint64_t data_size = size - h.data_start;
 
-  json j = json::parse(data + 8, data + 8 + hlen, nullptr, /*allow_exceptions=*/false);
+  // JSON objects keep the last of duplicate keys; a header naming a tensor twice is refused instead, since which of
+  // the two descriptions the writer meant is unknowable.
+  std::string duplicate;
+  std::set<std::string> top_level_keys;
+  json::parser_callback_t find_duplicates = [&](int depth, json::parse_event_t event, json& parsed) {
+    if (depth == 1 && event == json::parse_event_t::key && duplicate.empty() &&
+        !top_level_keys.insert(parsed.get<std::string>()).second)
+      duplicate = parsed.get<std::string>();
+    return true;
+  };
+  json j = json::parse(data + 8, data + 8 + hlen, find_duplicates, /*allow_exceptions=*/false);
   if (j.is_discarded()) throw Error(label + ": safetensors header is not valid JSON");
+  if (!duplicate.empty()) throw Error(label + ": safetensors header names tensor '" + duplicate + "' twice");
   if (!j.is_object()) throw Error(label + ": safetensors header is not a JSON object");
 
   for (auto it = j.begin(); it != j.end(); ++it) {

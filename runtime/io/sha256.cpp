@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "runtime/core/error.h"
+#include "runtime/io/path_safety.h"
 #include "runtime/io/interrupt.h"
 
 namespace kiln {
@@ -36,7 +37,8 @@ std::string Sha256::hex_digest() {
 }
 
 std::string sha256_file(const std::string& path, size_t* size_out, const std::atomic<bool>* cancel) {
-  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  require_regular_file(path);  // a FIFO would block the open, a device never end
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK);
   if (fd < 0) throw Error(path + ": cannot open: " + std::strerror(errno));
   Sha256 h;
   std::vector<char> buf(1 << 20);

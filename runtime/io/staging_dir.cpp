@@ -1,14 +1,19 @@
 #include "runtime/io/staging_dir.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <sstream>
+#include <vector>
 
 #include "runtime/core/error.h"
+#include "runtime/io/path_safety.h"
 
 namespace fs = std::filesystem;
 
@@ -19,6 +24,46 @@ static fs::path sibling(const fs::path& dest, const std::string& tag) {
   return parent / ("." + dest.filename().string() + "." + tag + "-" + std::to_string(::getpid()));
 }
 
+namespace {
+
+// The PID in a sibling's name ".NAME.TAG-PID", when `entry` is exactly that pattern for `dest_name` and `tag`.
+std::optional<pid_t> sibling_pid(const std::string& entry, const std::string& dest_name, const std::string& tag) {
+  const std::string prefix = "." + dest_name + "." + tag + "-";
+  if (entry.size() <= prefix.size() || entry.compare(0, prefix.size(), prefix) != 0) return std::nullopt;
+  const std::string digits = entry.substr(prefix.size());
+  if (digits.size() > 9 || digits.find_first_not_of("0123456789") != std::string::npos || digits[0] == '0')
+    return std::nullopt;
+  return pid_t(std::stol(digits));
+}
+
+bool process_is_gone(pid_t pid) { return pid != ::getpid() && ::kill(pid, 0) != 0 && errno == ESRCH; }
+
+}  // namespace
+
+void remove_stale_staging(const fs::path& destination) {
+  fs::path dest = destination.filename().empty() ? destination.parent_path() : destination;
+  const std::string name = dest.filename().string();
+  if (name.empty() || name == "." || name == "..") return;
+  const fs::path parent = dest.parent_path().empty() ? fs::path(".") : dest.parent_path();
+  std::error_code ec;
+  const bool dest_exists = fs::exists(dest, ec);
+  std::vector<fs::path> stale;
+  for (const auto& e : fs::directory_iterator(parent, ec)) {
+    const std::string entry = e.path().filename().string();
+    // A staging sibling of a dead kiln is garbage. The old output moved aside by a --force commit is garbage only
+    // once the new output is in place (a crash between the two renames leaves the only copy there).
+    std::optional<pid_t> pid = sibling_pid(entry, name, "kiln-tmp");
+    if (!pid && dest_exists) pid = sibling_pid(entry, name, "kiln-old");
+    if (!pid || !process_is_gone(*pid)) continue;
+    const fs::file_status st = e.symlink_status(ec);
+    if (fs::is_directory(st) || fs::is_regular_file(st)) stale.push_back(e.path());
+  }
+  for (const fs::path& p : stale) {
+    fs::remove_all(p, ec);
+    if (!ec) std::fprintf(stderr, "kiln: removed %s, left behind by an interrupted kiln\n", p.c_str());
+  }
+}
+
 StagingDir::StagingDir(const fs::path& destination, bool force) : destination_(destination), force_(force) {
   if (destination_.filename().empty()) destination_ = destination_.parent_path();
   std::error_code ec;
@@ -27,6 +72,7 @@ StagingDir::StagingDir(const fs::path& destination, bool force) : destination_(d
   fs::path parent = destination_.parent_path().empty() ? fs::path(".") : destination_.parent_path();
   fs::create_directories(parent, ec);  // like mkdir -p; only the destination itself is atomic
   if (!fs::is_directory(parent, ec)) throw Error(parent.string() + ": cannot create the output's parent directory");
+  remove_stale_staging(destination_);
   staging_ = sibling(destination_, "kiln-tmp");
   fs::remove_all(staging_, ec);
   if (!fs::create_directory(staging_, ec))
@@ -75,6 +121,7 @@ void write_text_file(const fs::path& path, const std::string& content) {
 }
 
 std::string read_text_file(const fs::path& path) {
+  require_regular_file(path);  // a FIFO would block the open below
   std::ifstream f(path, std::ios::binary);
   if (!f) throw Error(path.string() + ": cannot open: " + std::strerror(errno));
   std::ostringstream ss;

@@ -27,6 +27,10 @@ class StagingDir {
   bool committed_ = false;
 };
 
+// Removes what a killed kiln left beside `destination`: hidden siblings named exactly ".NAME.kiln-tmp-PID" (and
+// ".NAME.kiln-old-PID" once NAME exists) whose process is gone. Live PIDs and other names are left alone.
+void remove_stale_staging(const std::filesystem::path& destination);
+
 // Writes a small file completely or throws, naming the path.
 void write_text_file(const std::filesystem::path& path, const std::string& content);
 std::string read_text_file(const std::filesystem::path& path);

@@ -1,6 +1,8 @@
 #include "runtime/model/model_spec.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdio>
 
 #include "runtime/core/error.h"
 
@@ -124,6 +126,7 @@ ModelSpec spec_from_json(const json& j, const std::string& label) {
   if (s.num_heads % s.num_kv_heads != 0)
     throw Error(label + ": num_heads (" + std::to_string(s.num_heads) + ") is not a multiple of num_kv_heads (" +
                 std::to_string(s.num_kv_heads) + ")");
+  validate_spec(s, label);
   return s;
 }
 
@@ -239,5 +242,75 @@ std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& spec, const Weig
 }
 
 std::string names::layer(int64_t i, const char* suffix) { return "layers." + std::to_string(i) + "." + suffix; }
+
+}  // namespace kiln
+
+namespace kiln {
+
+namespace {
+
+// Generous ceilings: several times the largest published models' values, far below what exhausts memory.
+constexpr int64_t kMaxVocab = 1 << 24;
+constexpr int64_t kMaxHidden = 1 << 17;
+constexpr int64_t kMaxIntermediate = 1 << 20;
+constexpr int64_t kMaxLayers = 1024;
+constexpr int64_t kMaxHeads = 1024;
+constexpr int64_t kMaxHeadDim = 1024;
+constexpr int64_t kMaxPositions = 1 << 24;
+constexpr double kMaxRopeTheta = 1e12;
+constexpr double kMaxRopeFactor = 1e4;
+
+// "num_layers (num_hidden_layers)": the spec field and, where it differs, the config.json key it comes from.
+std::string field_name(const char* field, const char* hf_key) {
+  return std::string(field) + (hf_key ? std::string(" (") + hf_key + ")" : "");
+}
+
+void check_range(int64_t v, int64_t lo, int64_t hi, const char* field, const char* hf_key, const std::string& label) {
+  if (v < lo || v > hi)
+    throw Error(label + ": " + field_name(field, hf_key) + " is " + std::to_string(v) + "; it must lie in [" +
+                std::to_string(lo) + ", " + std::to_string(hi) + "]");
+}
+
+void check_positive(double v, double hi, const char* field, const char* hf_key, const std::string& label) {
+  if (!std::isfinite(v) || v <= 0 || v > hi) {
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%g", v);
+    char bound[32];
+    std::snprintf(bound, sizeof bound, "%g", hi);
+    throw Error(label + ": " + field_name(field, hf_key) + " is " + buf + "; it must be positive and at most " +
+                bound);
+  }
+}
+
+}  // namespace
+
+void validate_spec(const ModelSpec& s, const std::string& label) {
+  check_range(s.vocab_size, 1, kMaxVocab, "vocab_size", nullptr, label);
+  check_range(s.hidden_size, 1, kMaxHidden, "hidden_size", nullptr, label);
+  check_range(s.intermediate_size, 1, kMaxIntermediate, "intermediate_size", nullptr, label);
+  check_range(s.num_layers, 1, kMaxLayers, "num_layers", "num_hidden_layers", label);
+  check_range(s.num_heads, 1, kMaxHeads, "num_heads", "num_attention_heads", label);
+  check_range(s.num_kv_heads, 1, s.num_heads, "num_kv_heads", "num_key_value_heads", label);
+  check_range(s.head_dim, 2, kMaxHeadDim, "head_dim", nullptr, label);
+  if (s.head_dim % 2) throw Error(label + ": head_dim is " + std::to_string(s.head_dim) + "; RoPE needs it even");
+  check_range(s.max_position_embeddings, 1, kMaxPositions, "max_position_embeddings", nullptr, label);
+  check_range(s.sliding_window, 0, kMaxPositions, "sliding_window", nullptr, label);
+  check_positive(s.norm_eps, 1.0, "norm_eps", "rms_norm_eps", label);
+  check_positive(s.rope_theta, kMaxRopeTheta, "rope.theta", "rope_theta", label);
+  const RopeScaling& r = s.rope_scaling;
+  if (r.type != "none") check_positive(r.factor, kMaxRopeFactor, "rope.factor", "rope_scaling.factor", label);
+  if (r.type == "llama3" || r.type == "dynamic")
+    check_range(r.original_max_position_embeddings, 1, kMaxPositions, "rope.original_max_position_embeddings",
+                "rope_scaling.original_max_position_embeddings", label);
+  if (r.type == "llama3") {
+    check_positive(r.low_freq_factor, kMaxRopeFactor, "rope.low_freq_factor", "rope_scaling.low_freq_factor", label);
+    check_positive(r.high_freq_factor, kMaxRopeFactor, "rope.high_freq_factor", "rope_scaling.high_freq_factor",
+                   label);
+    if (r.high_freq_factor <= r.low_freq_factor)
+      throw Error(label + ": rope.high_freq_factor must be greater than rope.low_freq_factor");
+  }
+  if (s.bos_token_id != -1) check_range(s.bos_token_id, 0, s.vocab_size - 1, "bos_token_id", nullptr, label);
+  for (int64_t id : s.eos_token_ids) check_range(id, 0, s.vocab_size - 1, "eos_token_id", nullptr, label);
+}
 
 }  // namespace kiln

@@ -110,3 +110,13 @@ std::string int4_name(const std::string& weight_name, const char* part);
 std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& spec, const WeightQuantization& q);
 
 }  // namespace kiln
+
+namespace kiln {
+
+// Refuses a spec that no real model has and that would size allocations absurdly, naming the field (and its
+// config.json key where it differs): dimensions beyond sane bounds, a non-positive or non-finite norm epsilon, RoPE
+// theta or scaling factor, an odd head_dim, and BOS/EOS ids outside the vocabulary. `label` names the source file.
+// Called for every spec read from kiln.json or config.json, before anything is allocated from it.
+void validate_spec(const ModelSpec& spec, const std::string& label);
+
+}  // namespace kiln

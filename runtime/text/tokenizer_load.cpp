@@ -6,6 +6,7 @@
 
 #include "runtime/text/tokenizer_impl.h"
 #include "runtime/text/unicode.h"
+#include "runtime/io/path_safety.h"
 
 namespace kiln {
 
@@ -78,6 +79,7 @@ PostProcessor make_post_processor(const json& j, const JsonWhere& w, const Token
 namespace {
 
 std::string read_file(const std::filesystem::path& p) {
+  require_regular_file(p);
   std::ifstream in(p, std::ios::binary);
   if (!in) throw Error(p.string() + ": cannot be read");
   std::ostringstream ss;

@@ -1,5 +1,7 @@
 #include "runtime/workspace/workspace.h"
 
+#include <sys/stat.h>
+
 #include <cstdio>
 
 #include "runtime/core/error.h"
@@ -54,6 +56,25 @@ std::vector<std::vector<TensorPlan>> split_into_shards(const std::vector<TensorP
   return shards;
 }
 
+std::string canonical_document(const json& doc) {
+  json copy = doc;  // nlohmann::json keeps object keys in a std::map: sorted by bytes
+  copy.erase(kDocumentHashKey);
+  return copy.dump(-1, ' ', /*ensure_ascii=*/false, json::error_handler_t::strict);
+}
+
+std::string document_sha256(const json& doc) {
+  const std::string text = canonical_document(doc);
+  Sha256 h;
+  h.update(text.data(), text.size());
+  return h.hex_digest();
+}
+
+DocumentHash check_document_hash(const json& doc) {
+  auto it = doc.find(kDocumentHashKey);
+  if (it == doc.end()) return DocumentHash::missing;
+  return it->is_string() && it->get<std::string>() == document_sha256(doc) ? DocumentHash::ok : DocumentHash::mismatch;
+}
+
 WorkspaceInfo read_workspace_info(const fs::path& dir) {
   const fs::path path = dir / kWorkspaceFile;
   const std::string label = path.string();
@@ -66,6 +87,11 @@ WorkspaceInfo read_workspace_info(const fs::path& dir) {
   if (w.json.is_discarded() || !w.json.is_object()) throw Error(label + ": not a valid JSON object");
   const json& j = w.json;
   if (j.value("format", "") != kWorkspaceFormat) throw Error(label + ": 'format' is not \"kiln-workspace\"");
+  // Before any field is trusted: an edited document is refused as a whole, whatever the edit was.
+  w.document_hash = check_document_hash(j);
+  if (w.document_hash == DocumentHash::mismatch)
+    throw Error(label + ": the document does not match its " + kDocumentHashKey +
+                "; kiln.json was changed after kiln wrote it (convert or quantize again to get a consistent workspace)");
   if (!j.contains("format_version") || !j["format_version"].is_number_integer())
     throw Error(label + ": 'format_version' is missing");
   if (j["format_version"].get<int>() != kWorkspaceFormatVersion)
@@ -154,6 +180,7 @@ ordered_json WorkspaceWriter::finish(ordered_json doc) {
   ordered_json m = ordered_json::object();
   for (const auto& [name, e] : manifest_) m[name] = {{"sha256", e.sha256}, {"size", e.size}};
   doc["manifest"] = m;
+  doc[kDocumentHashKey] = document_sha256(json::parse(doc.dump()));
   write_text_file(dir_ / kWorkspaceFile, doc.dump(2) + "\n");
   return doc;
 }
@@ -161,6 +188,19 @@ ordered_json WorkspaceWriter::finish(ordered_json doc) {
 // ---- reader ----
 
 Workspace::Workspace(const fs::path& dir) : info_(read_workspace_info(dir)) {
+  const std::string label = (dir / kWorkspaceFile).string();
+  if (info_.document_hash == DocumentHash::missing)
+    std::fprintf(stderr, "kiln: warning: %s has no %s (written by an older kiln); its model fields are not covered by "
+                 "a hash, and kiln verify reports it\n", label.c_str(), kDocumentHashKey);
+  for (const auto& [name, e] : info_.manifest) {
+    struct stat st {};
+    if (::stat((dir / name).c_str(), &st) != 0)
+      throw Error((dir / name).string() + ": listed in the manifest but missing; the workspace is damaged");
+    if (!S_ISREG(st.st_mode)) throw Error((dir / name).string() + ": not a regular file; refusing to read it");
+    if (uint64_t(st.st_size) != e.size)
+      throw Error((dir / name).string() + ": size " + std::to_string(st.st_size) + " differs from the manifest's " +
+                  std::to_string(e.size) + "; the workspace is damaged (kiln verify checks every byte)");
+  }
   for (const auto& f : info_.weight_files) {
     files_.push_back(std::make_unique<SafetensorsFile>((dir / f).string()));
     const SafetensorsFile* file = files_.back().get();

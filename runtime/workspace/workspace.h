@@ -16,6 +16,16 @@ namespace kiln {
 constexpr int kWorkspaceFormatVersion = 1;
 constexpr const char* kWorkspaceFormat = "kiln-workspace";
 constexpr const char* kWorkspaceFile = "kiln.json";
+// kiln.json's last key: the sha256 of the document's canonical JSON without this key (docs/workspace.md). The
+// manifest covers every other file, so together they cover every byte of a workspace.
+constexpr const char* kDocumentHashKey = "kiln_json_sha256";
+
+// The canonical JSON of kiln.json that kDocumentHashKey hashes: every key but kDocumentHashKey, object keys sorted
+// by their UTF-8 bytes, no whitespace, numbers in shortest round-trip form, non-ASCII characters unescaped.
+std::string canonical_document(const nlohmann::json& doc);
+std::string document_sha256(const nlohmann::json& doc);
+enum class DocumentHash { ok, missing, mismatch };
+DocumentHash check_document_hash(const nlohmann::json& doc);
 
 struct ManifestEntry {
   std::string sha256;
@@ -30,10 +40,13 @@ struct WorkspaceInfo {
   std::string dtype;                      // "fp32" | "fp16" | "bf16"
   std::vector<std::string> weight_files;  // shard file names, in order
   std::map<std::string, ManifestEntry> manifest;
+  // ok, or missing for a workspace written before kiln hashed kiln.json (a mismatch is refused while reading).
+  DocumentHash document_hash = DocumentHash::ok;
 };
 
 bool is_workspace(const std::filesystem::path& dir);
-// Throws kiln::Error naming kiln.json and the field on anything missing or malformed.
+// Throws kiln::Error naming kiln.json and the field on anything missing or malformed, and when the document does
+// not match its kiln_json_sha256 (it was edited after kiln wrote it).
 WorkspaceInfo read_workspace_info(const std::filesystem::path& dir);
 
 // Workspace dtype names <-> element types.
@@ -80,6 +93,9 @@ class WorkspaceWriter {
 // point into the checkpoint's own maps or into owned buffers.
 class Workspace {
  public:
+  // What opening checks beyond kiln.json itself (read_workspace_info): every manifest file is a regular file of the
+  // manifest's size, every shard header is valid, and a kiln.json without a hash draws a warning on stderr. These
+  // cost a stat per file; the contents are re-hashed only by verify_workspace (kiln verify, or --verify).
   explicit Workspace(const std::filesystem::path& dir);
   struct Tensor {
     const SafetensorsFile* file;  // null for in-memory tensors
