@@ -11,10 +11,10 @@
 #include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
 #include "runtime/io/interrupt.h"
+#include "runtime/io/path_safety.h"
 #include "runtime/io/progress.h"
 #include "runtime/io/staging_dir.h"
 #include "runtime/workspace/workspace.h"
-#include "runtime/io/path_safety.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;

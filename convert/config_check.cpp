@@ -31,8 +31,8 @@ void check_config_against_tensors(const HfCheckpoint& ckpt, const ModelSpec& spe
     throw Error(emb->file->path() + ": embedding '" + embedding_name + "' has shape " + shape_string(shape) +
                 "; expected [vocab_size, hidden_size]");
   if (shape[0] != spec.vocab_size)
-    throw Error(label + ": vocab_size is " + std::to_string(spec.vocab_size) + " but the embedding '" +
-                embedding_name + "' has " + std::to_string(shape[0]) + " rows");
+    throw Error(label + ": vocab_size is " + std::to_string(spec.vocab_size) + " but the embedding '" + embedding_name +
+                "' has " + std::to_string(shape[0]) + " rows");
   if (shape[1] != spec.hidden_size)
     throw Error(label + ": hidden_size is " + std::to_string(spec.hidden_size) + " but the embedding '" +
                 embedding_name + "' has " + std::to_string(shape[1]) + " columns");
@@ -43,12 +43,13 @@ void check_config_against_tensors(const HfCheckpoint& ckpt, const ModelSpec& spe
   }
   const int64_t present = layers.empty() ? 0 : *layers.rbegin() + 1;
   if (present != spec.num_layers)
-    throw Error(label + ": num_hidden_layers is " + std::to_string(spec.num_layers) + " but the checkpoint has " +
-                (layers.empty() ? std::string("no layer tensors")
-                                : "tensors for layers 0.." + std::to_string(present - 1)));
+    throw Error(
+        label + ": num_hidden_layers is " + std::to_string(spec.num_layers) + " but the checkpoint has " +
+        (layers.empty() ? std::string("no layer tensors") : "tensors for layers 0.." + std::to_string(present - 1)));
   if (int64_t(layers.size()) != present)
     for (int64_t i = 0; i < present; ++i)
-      if (!layers.count(i)) throw Error(ckpt.dir().string() + ": the checkpoint has no tensors for layer " + std::to_string(i));
+      if (!layers.count(i))
+        throw Error(ckpt.dir().string() + ": the checkpoint has no tensors for layer " + std::to_string(i));
 }
 
 }  // namespace kiln

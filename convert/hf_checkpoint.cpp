@@ -64,7 +64,8 @@ HfCheckpoint::HfCheckpoint(const fs::path& dir) : dir_(dir) {
         throw Error((dir / s).string() + ": shard named by model.safetensors.index.json is missing");
   } else if (fs::exists(dir / "model.safetensors", ec)) {
     shard_names.push_back("model.safetensors");
-  } else if (fs::is_regular_file(dir / "pytorch_model.bin", ec) || fs::is_regular_file(dir / "pytorch_model.bin.index.json", ec)) {
+  } else if (fs::is_regular_file(dir / "pytorch_model.bin", ec) ||
+             fs::is_regular_file(dir / "pytorch_model.bin.index.json", ec)) {
     throw Error(dir.string() + ": only PyTorch .bin weights found; kiln reads safetensors (re-save with save_pretrained(safe_serialization=True))");
   } else {
     throw Error(dir.string() + ": no model.safetensors or model.safetensors.index.json");

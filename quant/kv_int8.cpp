@@ -5,12 +5,12 @@
 
 #include "runtime/core/error.h"
 #include "runtime/io/interrupt.h"
+#include "runtime/io/path_safety.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/io/sha256.h"
 #include "runtime/io/staging_dir.h"
 #include "runtime/kv/kv_int8.h"
 #include "runtime/workspace/workspace.h"
-#include "runtime/io/path_safety.h"
 
 namespace fs = std::filesystem;
 using nlohmann::ordered_json;

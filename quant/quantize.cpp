@@ -6,11 +6,11 @@
 #include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
 #include "runtime/io/interrupt.h"
+#include "runtime/io/path_safety.h"
 #include "runtime/io/progress.h"
 #include "runtime/io/sha256.h"
 #include "runtime/io/staging_dir.h"
 #include "runtime/workspace/workspace.h"
-#include "runtime/io/path_safety.h"
 
 namespace fs = std::filesystem;
 using nlohmann::json;

@@ -9,8 +9,8 @@
 #include "runtime/core/error.h"
 #include "runtime/engine/evaluate.h"
 #include "runtime/engine/loaded_model.h"
-#include "runtime/text/tokenizer.h"
 #include "runtime/io/path_safety.h"
+#include "runtime/text/tokenizer.h"
 
 namespace kiln {
 

@@ -14,12 +14,12 @@
 #include "calib/dataset.h"
 #include "runtime/core/error.h"
 #include "runtime/engine/loaded_model.h"
+#include "runtime/io/path_safety.h"
 #include "runtime/io/progress.h"
 #include "runtime/io/sha256.h"
 #include "runtime/io/staging_dir.h"
 #include "runtime/text/tokenizer.h"
 #include "tools/command.h"
-#include "runtime/io/path_safety.h"
 #include "tools/flag_checks.h"
 
 namespace kiln::tools {

@@ -20,8 +20,8 @@
 #include "runtime/text/chat_template.h"
 #include "runtime/text/tokenizer.h"
 #include "tools/command.h"
-#include "tools/generation_cli.h"
 #include "tools/flag_checks.h"
+#include "tools/generation_cli.h"
 
 namespace kiln::tools {
 namespace {

@@ -21,7 +21,9 @@ static Action setup_convert(CLI::App& sub) {
                  "conversion rounds to nearest even and refuses fp16 overflow")
       ->check(CLI::IsMember({"auto", "bf16", "fp16", "fp32"}))
       ->capture_default_str();
-  sub.add_option("--shard-size-mb", *shard_mb, "largest weight shard in MiB")->capture_default_str()->check(int_range(1, kMaxShardMiB));
+  sub.add_option("--shard-size-mb", *shard_mb, "largest weight shard in MiB")
+      ->capture_default_str()
+      ->check(int_range(1, kMaxShardMiB));
   sub.add_flag("--force", opt->force, "replace an existing output (only once the new one is complete)");
   sub.add_flag("--json", *json_out, "print a JSON summary on stdout instead of text");
   sub.footer("The output is written to a hidden sibling directory and renamed into place when complete, so an error or\n"

@@ -13,10 +13,10 @@
 #include "runtime/core/error.h"
 #include "runtime/engine/evaluate.h"
 #include "runtime/engine/loaded_model.h"
+#include "runtime/io/path_safety.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/text/tokenizer.h"
 #include "tools/command.h"
-#include "runtime/io/path_safety.h"
 #include "tools/flag_checks.h"
 
 namespace kiln::tools {

@@ -10,12 +10,12 @@
 #include "runtime/core/error.h"
 #include "runtime/engine/batch_generate.h"
 #include "runtime/engine/loaded_model.h"
+#include "runtime/io/path_safety.h"
 #include "runtime/text/chat_template.h"
 #include "runtime/text/tokenizer.h"
 #include "tools/command.h"
-#include "tools/generation_cli.h"
-#include "runtime/io/path_safety.h"
 #include "tools/flag_checks.h"
+#include "tools/generation_cli.h"
 
 namespace kiln::tools {
 namespace {

@@ -8,10 +8,10 @@
 #include <string>
 
 #include "runtime/core/error.h"
+#include "runtime/io/path_safety.h"
 #include "runtime/text/detokenizer.h"
 #include "runtime/text/tokenizer.h"
 #include "tools/command.h"
-#include "runtime/io/path_safety.h"
 
 namespace kiln::tools {
 namespace {

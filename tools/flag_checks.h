@@ -28,7 +28,8 @@ inline CLI::Validator int_range(int64_t lo, int64_t hi) {
   return CLI::Validator(
       [lo, hi, desc](std::string& in) -> std::string {
         int64_t v = 0;
-        if (!CLI::detail::lexical_cast(in, v) || v < lo || v > hi) return "value " + in + " is not an integer in " + desc;
+        if (!CLI::detail::lexical_cast(in, v) || v < lo || v > hi)
+          return "value " + in + " is not an integer in " + desc;
         return {};
       },
       "INT in " + desc);
@@ -36,7 +37,7 @@ inline CLI::Validator int_range(int64_t lo, int64_t hi) {
 
 // Bounds shared by several commands.
 inline constexpr int64_t kMaxThreads = 4096;
-inline constexpr int64_t kMaxTokens = int64_t(1) << 30;   // tokens of a context, a text or a generation
+inline constexpr int64_t kMaxTokens = int64_t(1) << 30;    // tokens of a context, a text or a generation
 inline constexpr int64_t kMaxShardMiB = int64_t(1) << 24;  // 16 TiB: MiB << 20 stays within 64 bits
 
 }  // namespace kiln::tools

@@ -61,7 +61,8 @@ void refuse_output_overlap(const fs::path& output, const fs::path& input, const 
   const fs::path out = resolved_path(output), in = resolved_path(input);
   const std::string where = output.string() + ": the output ";
   if (out == in) throw Error(where + "is " + role + " " + input.string() + " itself; choose another output path");
-  if (is_within(out, in)) throw Error(where + "lies inside " + role + " " + input.string() + "; choose a path outside it");
+  if (is_within(out, in))
+    throw Error(where + "lies inside " + role + " " + input.string() + "; choose a path outside it");
   if (is_within(in, out))
     throw Error(where + "contains " + role + " " + input.string() + "; writing it would destroy the input");
 }

@@ -9,8 +9,8 @@
 #include <vector>
 
 #include "runtime/core/error.h"
-#include "runtime/io/path_safety.h"
 #include "runtime/io/interrupt.h"
+#include "runtime/io/path_safety.h"
 
 namespace kiln {
 

@@ -277,8 +277,7 @@ void check_positive(double v, double hi, const char* field, const char* hf_key, 
     std::snprintf(buf, sizeof buf, "%g", v);
     char bound[32];
     std::snprintf(bound, sizeof bound, "%g", hi);
-    throw Error(label + ": " + field_name(field, hf_key) + " is " + buf + "; it must be positive and at most " +
-                bound);
+    throw Error(label + ": " + field_name(field, hf_key) + " is " + buf + "; it must be positive and at most " + bound);
   }
 }
 
@@ -304,8 +303,7 @@ void validate_spec(const ModelSpec& s, const std::string& label) {
                 "rope_scaling.original_max_position_embeddings", label);
   if (r.type == "llama3") {
     check_positive(r.low_freq_factor, kMaxRopeFactor, "rope.low_freq_factor", "rope_scaling.low_freq_factor", label);
-    check_positive(r.high_freq_factor, kMaxRopeFactor, "rope.high_freq_factor", "rope_scaling.high_freq_factor",
-                   label);
+    check_positive(r.high_freq_factor, kMaxRopeFactor, "rope.high_freq_factor", "rope_scaling.high_freq_factor", label);
     if (r.high_freq_factor <= r.low_freq_factor)
       throw Error(label + ": rope.high_freq_factor must be greater than rope.low_freq_factor");
   }

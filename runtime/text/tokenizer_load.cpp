@@ -4,9 +4,9 @@
 #include <fstream>
 #include <sstream>
 
+#include "runtime/io/path_safety.h"
 #include "runtime/text/tokenizer_impl.h"
 #include "runtime/text/unicode.h"
-#include "runtime/io/path_safety.h"
 
 namespace kiln {
 

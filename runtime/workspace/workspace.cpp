@@ -90,8 +90,9 @@ WorkspaceInfo read_workspace_info(const fs::path& dir) {
   // Before any field is trusted: an edited document is refused as a whole, whatever the edit was.
   w.document_hash = check_document_hash(j);
   if (w.document_hash == DocumentHash::mismatch)
-    throw Error(label + ": the document does not match its " + kDocumentHashKey +
-                "; kiln.json was changed after kiln wrote it (convert or quantize again to get a consistent workspace)");
+    throw Error(
+        label + ": the document does not match its " + kDocumentHashKey +
+        "; kiln.json was changed after kiln wrote it (convert or quantize again to get a consistent workspace)");
   if (!j.contains("format_version") || !j["format_version"].is_number_integer())
     throw Error(label + ": 'format_version' is missing");
   if (j["format_version"].get<int>() != kWorkspaceFormatVersion)
@@ -190,8 +191,10 @@ ordered_json WorkspaceWriter::finish(ordered_json doc) {
 Workspace::Workspace(const fs::path& dir) : info_(read_workspace_info(dir)) {
   const std::string label = (dir / kWorkspaceFile).string();
   if (info_.document_hash == DocumentHash::missing)
-    std::fprintf(stderr, "kiln: warning: %s has no %s (written by an older kiln); its model fields are not covered by "
-                 "a hash, and kiln verify reports it\n", label.c_str(), kDocumentHashKey);
+    std::fprintf(stderr,
+                 "kiln: warning: %s has no %s (written by an older kiln); its model fields are not covered by "
+                 "a hash, and kiln verify reports it\n",
+                 label.c_str(), kDocumentHashKey);
   for (const auto& [name, e] : info_.manifest) {
     struct stat st {};
     if (::stat((dir / name).c_str(), &st) != 0)
