@@ -3,6 +3,7 @@
 // naming the flag, never silently ignored or clamped later.
 #include <CLI/CLI.hpp>
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <string>
 
@@ -10,8 +11,14 @@ namespace kiln::tools {
 
 // A finite number in [lo, hi]; lo itself is refused when `exclude_lo` (e.g. top-p in (0, 1]). NaN and inf are
 // refused, which CLI::Range lets through.
+inline std::string short_number(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+
 inline CLI::Validator finite_range(double lo, double hi, bool exclude_lo = false) {
-  const std::string desc = std::string(exclude_lo ? "(" : "[") + std::to_string(lo) + ", " + std::to_string(hi) + "]";
+  const std::string desc = std::string(exclude_lo ? "(" : "[") + short_number(lo) + ", " + short_number(hi) + "]";
   return CLI::Validator(
       [lo, hi, exclude_lo, desc](std::string& in) -> std::string {
         double v = 0;

@@ -51,8 +51,9 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    app.exit(e);
-    return 2;  // usage error
+    // One line, like every other error: what is wrong with which flag.
+    std::fprintf(stderr, "kiln: usage error: %s (see --help)\n", e.what());
+    return 2;
   }
 
   kiln::install_interrupt_handlers();

@@ -103,4 +103,4 @@ def test_chat_prompt_tokens_match_transformers(fixture_models, ws):
 
 def test_invalid_sampling_flags(ws):
     proc = run_kiln("generate", ws, "--prompt", "x", "--top-p", 1.5, check=False)
-    assert proc.returncode != 0 and "top_p" in proc.stderr and proc.stderr.count("\n") == 1
+    assert proc.returncode != 0 and "top-p" in proc.stderr and proc.stderr.count("\n") == 1
