@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "runtime/core/error.h"
 #include "runtime/text/unicode.h"
 
 namespace kiln::text {
@@ -47,9 +48,30 @@ std::vector<Span> char_matches(const std::string& s, Pred pred) {
 
 }  // namespace
 
+namespace {
+
+bool is_char_boundary(const std::string& s, size_t i) {
+  return i == 0 || i >= s.size() || (static_cast<unsigned char>(s[i]) & 0xC0) != 0x80;
+}
+
+[[noreturn]] void lost_input(const std::string& what) {
+  throw Error("internal error: the pre-tokenizer would lose input bytes (" + what + ")");
+}
+
+}  // namespace
+
 void split_around(Piece&& p, const std::vector<Span>& matches, bool invert, SplitBehavior behavior,
                   std::vector<Piece>& out) {
   const size_t n = p.text.size();
+  // Invariant: the cuts tile the piece. A match out of order, out of range or inside a character would silently
+  // drop or garble text, so it is an internal error.
+  size_t last = 0;
+  for (auto [b, e] : matches) {
+    if (b < last || e < b || e > n || !is_char_boundary(p.text, b) || !is_char_boundary(p.text, e))
+      lost_input("match [" + std::to_string(b) + ", " + std::to_string(e) + ") after " + std::to_string(last) +
+                 " in a piece of " + std::to_string(n) + " bytes");
+    last = e;
+  }
   if (matches.empty() && !invert) {
     // Nothing to cut: a removed or isolated delimiter never occurs, so the piece survives whole.
     if (n) out.push_back(std::move(p));
@@ -108,6 +130,16 @@ void split_around(Piece&& p, const std::vector<Span>& matches, bool invert, Spli
       std::reverse(res.begin(), res.end());
       break;
   }
+  // Every byte is kept or, with the Removed behaviour only, removed as part of a delimiter.
+  size_t kept = 0, removed = 0, at = 0;
+  for (const auto& c : res) {
+    if (c.b != at) lost_input("cut at " + std::to_string(c.b) + " after " + std::to_string(at));
+    (c.flag ? removed : kept) += c.e - c.b;
+    at = c.e;
+  }
+  if (at != n || kept + removed != n || (removed && behavior != SplitBehavior::Removed))
+    lost_input(std::to_string(kept) + " bytes kept and " + std::to_string(removed) + " removed of " +
+               std::to_string(n));
   for (const auto& c : res)
     if (!c.flag) emit(p, c.b, c.e, out);
 }

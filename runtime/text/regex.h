@@ -32,7 +32,9 @@ class Regex {
   bool jit_ = false;
 };
 
-// Rewrites Oniguruma escapes whose PCRE2 meaning differs (\s, \d, \w, \h, \uHHHH) into explicit Unicode classes.
+// Rewrites an Oniguruma pattern into a PCRE2 pattern with the same matches (oniguruma.cpp): escapes and properties
+// whose meaning differs, nested and intersected bracket sets, Oniguruma's interval rules and option letters. Throws
+// kiln::Error naming the construct when one has no translation.
 std::string translate_oniguruma(std::string_view pattern);
 
 // A tokenizer.json "pattern": either {"String": literal} or {"Regex": oniguruma}. Literals are searched directly.

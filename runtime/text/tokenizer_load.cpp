@@ -162,9 +162,52 @@ bool is_llama_class(const json& cfg) {
   return c == "LlamaTokenizer" || c == "LlamaTokenizerFast";
 }
 
+// Model types whose Hub tokenizer_class transformers 5 knows to be wrong: it runs their tokenizer.json as written
+// (MODELS_WITH_INCORRECT_HUB_TOKENIZER_CLASS in models/auto/tokenization_auto.py, transformers 5.23).
+bool hub_tokenizer_class_is_ignored(const std::string& model_type) {
+  static const std::string kTypes =
+      " arctic camembertv2-base chatlm cohere_asr ernie4_5 ernie4_5_moe fuyu h2ovl_chat hyperclovax"
+      " hyperclovax_vision_v2 hyperclovax_vlm internlm2 internlm3 iquestcoder jamba llava llava_next minicpm3 minicpmv"
+      " minimax_m2 modernbert modernbert-decoder molmo molmo2 nemotron nvfp4 opencua openvla paddleocr_vl phi3 phi3_v"
+      " phimoe qwen2 qwen3_5 qwen3_5_moe qwen3_5_moe_text qwen4_exp siglip2 smolvlm step3_vl vipllava ";
+  return !model_type.empty() && model_type.find(' ') == std::string::npos &&
+         kTypes.find(" " + model_type + " ") != std::string::npos;
+}
+
+// transformers 5 replaces the pipeline of tokenizer.json by LlamaTokenizer's hard-coded one when tokenizer_config.json
+// names LlamaTokenizer(Fast), except when the model type is known to declare the wrong class, and except when the
+// file is byte-level (its test is literally whether the text of tokenizer.json contains "ByteLevel"): DeepSeek-V3
+// declares LlamaTokenizerFast but is byte-level BPE, and the Metaspace pipeline would drop all of its CJK text.
+bool takes_llama_pipeline(const json& cfg, const std::string& model_type, bool json_mentions_byte_level) {
+  return is_llama_class(cfg) && !hub_tokenizer_class_is_ignored(model_type) && !json_mentions_byte_level;
+}
+
+// The model type of the directory: config.json's model_type, or the family in a kiln workspace's kiln.json.
+std::string directory_model_type(const std::filesystem::path& dir) {
+  std::error_code ec;
+  auto read = [&](const char* file) {
+    auto p = dir / file;
+    if (!std::filesystem::is_regular_file(p, ec)) return json();
+    json j = json::parse(read_file(p), nullptr, false);
+    return j.is_object() ? j : json();
+  };
+  json c = read("config.json");
+  if (c.is_object() && c.contains("model_type") && c["model_type"].is_string()) return c["model_type"];
+  json k = read("kiln.json");
+  if (k.is_object() && k.contains("model") && k["model"].is_object() && k["model"].contains("family") &&
+      k["model"]["family"].is_string())
+    return k["model"]["family"];
+  return "";
+}
+
+struct LoadContext {
+  std::string model_type;
+  bool json_mentions_byte_level = false;
+};
+
 std::shared_ptr<TokenizerImpl> build(const json* tok_json, const std::string& name,
                                      std::shared_ptr<text::SentencePieceModel> sp, const json& cfg_in,
-                                     const std::string& cfg_name, TokenizerCompat compat) {
+                                     const std::string& cfg_name, TokenizerCompat compat, const LoadContext& ctx) {
   auto impl = std::make_shared<TokenizerImpl>();
   impl->name = name;
   const json cfg = compat == TokenizerCompat::Transformers && cfg_in.is_object() ? cfg_in : json::object();
@@ -200,7 +243,7 @@ std::shared_ptr<TokenizerImpl> build(const json* tok_json, const std::string& na
 
   if (compat == TokenizerCompat::Transformers) {
     add_config_tokens(added, *impl, cfg, cfg_name);
-    if (tok_json && is_llama_class(cfg)) {
+    if (tok_json && takes_llama_pipeline(cfg, ctx.model_type, ctx.json_mentions_byte_level)) {
       // transformers 5's LlamaTokenizer keeps only vocab, merges and post-processor from tokenizer.json and
       // hard-codes the rest (models/llama/tokenization_llama.py).
       bool add_prefix_space = cfg.contains("add_prefix_space") && cfg["add_prefix_space"].is_boolean()
@@ -248,20 +291,24 @@ Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, const json& cfg,
                                const std::string& name) {
   json j = json::parse(tokenizer_json.begin(), tokenizer_json.end(), nullptr, false);
   if (j.is_discarded()) throw Error(name + ": not valid JSON");
-  return Tokenizer(build(&j, name, nullptr, cfg, "tokenizer_config.json", compat));
+  LoadContext ctx{"", tokenizer_json.find("\"ByteLevel\"") != std::string_view::npos};
+  return Tokenizer(build(&j, name, nullptr, cfg, "tokenizer_config.json", compat, ctx));
 }
 
 Tokenizer Tokenizer::load(const TokenizerFiles& files, TokenizerCompat compat) {
   json cfg = read_tokenizer_config(files);
   std::string cfg_name = files.tokenizer_config ? files.tokenizer_config->string() : "tokenizer_config.json";
+  LoadContext ctx{directory_model_type(files.dir), false};
   if (files.tokenizer_json) {
     std::string name = files.tokenizer_json->string();
-    json j = json::parse(read_file(*files.tokenizer_json), nullptr, false);
+    std::string text = read_file(*files.tokenizer_json);
+    json j = json::parse(text, nullptr, false);
     if (j.is_discarded()) throw Error(name + ": not valid JSON");
-    return Tokenizer(build(&j, name, nullptr, cfg, cfg_name, compat));
+    ctx.json_mentions_byte_level = text.find("\"ByteLevel\"") != std::string::npos;
+    return Tokenizer(build(&j, name, nullptr, cfg, cfg_name, compat, ctx));
   }
   auto sp = text::load_sentencepiece(files.tokenizer_model->string());
-  return Tokenizer(build(nullptr, files.tokenizer_model->string(), std::move(sp), cfg, cfg_name, compat));
+  return Tokenizer(build(nullptr, files.tokenizer_model->string(), std::move(sp), cfg, cfg_name, compat, ctx));
 }
 
 }  // namespace kiln

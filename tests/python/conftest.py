@@ -10,6 +10,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / "tests" / "data"
+REAL_TOKENIZERS = sorted(p.parent.name for p in (DATA / "tokenizers").glob("*/tokenizer.json.gz"))
 sys.path.insert(0, str(REPO / "scripts"))
 
 
@@ -43,9 +44,10 @@ def copy_tokenizer(src: Path, dst: Path):
 
 @pytest.fixture(scope="session")
 def real_tokenizers(tmp_path_factory):
-    """Directory with llama2/ and qwen3/ subdirectories, each holding tokenizer.json and tokenizer_config.json."""
+    """One subdirectory per real tokenizer of tests/data/tokenizers (llama2/, qwen3/, ...), each holding tokenizer.json
+    and tokenizer_config.json."""
     root = tmp_path_factory.mktemp("tokenizers")
-    for name in ("llama2", "qwen3"):
+    for name in REAL_TOKENIZERS:
         src = DATA / "tokenizers" / name
         dst = root / name
         dst.mkdir()

@@ -25,7 +25,8 @@ GEMMA = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_
 DEEPSEEK = {"bos_token": "<｜begin▁of▁sentence｜>", "eos_token": "<｜end▁of▁sentence｜>"}
 GRANITE = {"bos_token": "<|end_of_text|>", "eos_token": "<|end_of_text|>", "pad_token": "<|end_of_text|>"}
 
-# name -> (template file, special tokens); "qwen3" uses the real tokenizer_config.json from tests/data.
+# name -> (template file, special tokens); (None, DIR) uses the real tokenizer directory DIR of tests/data/tokenizers,
+# with its own tokenizer_config.json and chat template.
 TEMPLATE_SPECS = {
     "llama2": ("llama2.jinja", LLAMA),
     "llama3": ("llama3.jinja", LLAMA3),
@@ -34,7 +35,8 @@ TEMPLATE_SPECS = {
     "mistral_v3_tools": ("mistral_v3_tools.jinja", LLAMA),
     "chatml": ("chatml.jinja", CHATML),
     "qwen2.5": ("qwen2.5.jinja", CHATML),
-    "qwen3": (None, None),
+    "qwen3": (None, "qwen3"),
+    "deepseek_v3_real": (None, "deepseek_v3"),
     "gemma": ("gemma.jinja", GEMMA),
     "phi3": ("phi3.jinja", {"bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>"}),
     "smollm2": ("smollm2.jinja", {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>"}),
@@ -158,7 +160,7 @@ def conversations():
 def _template_dir(root: Path, name: str, real_tokenizers: Path) -> Path:
     file, special = TEMPLATE_SPECS[name]
     if file is None:
-        return real_tokenizers / name
+        return real_tokenizers / special
     d = root / name
     d.mkdir()
     shutil.copy(real_tokenizers / "llama2" / "tokenizer.json", d / "tokenizer.json")

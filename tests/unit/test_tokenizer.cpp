@@ -7,6 +7,7 @@
 
 #include "runtime/core/error.h"
 #include "runtime/text/detokenizer.h"
+#include "runtime/text/pre_tokenizer.h"
 #include "runtime/text/regex.h"
 #include "runtime/text/tokenizer.h"
 #include "runtime/text/unicode.h"
@@ -222,6 +223,77 @@ TEST(Regex, OnigurumaClassesMatchUnicodeWhiteSpace) {
   EXPECT_EQ(ci.find_all("IT'S it'T").size(), 2u);
   text::Regex empty("x*");
   EXPECT_EQ(empty.find_all("ab").size(), 3u);  // Oniguruma reports an empty match at 0, 1 and 2
+}
+
+TEST(Regex, OnigurumaRulesThatPcre2ReadsDifferently) {
+  auto spans = [](const std::string& pattern, const std::string& text) { return text::Regex(pattern).find_all(text); };
+  using V = std::vector<text::Span>;
+  // Literal non-ASCII ranges (DeepSeek-V3's CJK/kana Split).
+  EXPECT_EQ(spans("[一-龥぀-ゟ゠-ヿ]+", "ab中文テキストcd"), (V{{2, 20}}));
+  // In Oniguruma syntax X{n,m}+ repeats X{n,m} greedily (PCRE2 would make it possessive), X{n}? is optional and
+  // {,m} is {0,m}.
+  EXPECT_EQ(spans("a{1,2}+", "aaaaab"), (V{{0, 5}}));
+  EXPECT_EQ(spans("a{2}?b", "ab"), (V{{1, 2}}));
+  EXPECT_EQ(spans("x{,2}y", "xxxy"), (V{{1, 4}}));
+  // Nested sets are unions, && intersects; (?m) is dot-all; ^ and $ are line anchors; \v is only VT.
+  EXPECT_EQ(spans("[a-c[x-z]]+", "abxyq"), (V{{0, 4}}));
+  EXPECT_EQ(spans("[a-z&&[^aeiou]]+", "hello"), (V{{0, 1}, {2, 4}}));
+  EXPECT_EQ(spans("(?m).+", "ab\ncd"), (V{{0, 5}}));
+  EXPECT_EQ(spans(".+", "ab\r\ncd"), (V{{0, 3}, {4, 6}}));
+  EXPECT_EQ(spans("^.", "ab\ncd\n"), (V{{0, 1}, {3, 4}}));
+  EXPECT_EQ(spans("\\v", "a\vb\nc"), (V{{1, 2}}));
+  // Constructs without an exact translation are refused, naming the pattern.
+  try {
+    text::Regex r("[[:graph:]]+");
+    FAIL() << "accepted [[:graph:]]";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("[[:graph:]]+"), std::string::npos) << e.what();
+  }
+}
+
+TEST(PreTokenizer, LosingInputBytesIsAnInternalError) {
+  auto cut = [](std::vector<text::Span> matches, text::SplitBehavior b) {
+    text::Piece p;
+    p.text = "hello world";
+    std::vector<text::Piece> out;
+    text::split_around(std::move(p), matches, false, b, out);
+    std::string joined;
+    for (const auto& q : out) joined += q.text;
+    return joined;
+  };
+  EXPECT_EQ(cut({{5, 6}}, text::SplitBehavior::Isolated), "hello world");
+  EXPECT_EQ(cut({{5, 6}}, text::SplitBehavior::Removed), "helloworld");  // removal is what Removed asks for
+  for (auto bad : std::vector<std::vector<text::Span>>{{{4, 6}, {5, 7}}, {{6, 5}}, {{3, 20}}}) {
+    try {
+      cut(bad, text::SplitBehavior::Isolated);
+      FAIL() << "overlapping or out-of-range matches were accepted";
+    } catch (const Error& e) {
+      std::string what = e.what();
+      EXPECT_NE(what.find("internal error"), std::string::npos) << what;
+      EXPECT_EQ(what.find('\n'), std::string::npos) << what;
+    }
+  }
+  // A cut inside a UTF-8 character would garble it: refused too.
+  text::Piece p;
+  p.text = "中文";
+  std::vector<text::Piece> out;
+  EXPECT_THROW(text::split_around(std::move(p), {{1, 3}}, false, text::SplitBehavior::Isolated, out), Error);
+}
+
+TEST(Tokenizer, ByteLevelFileDeclaringLlamaClassKeepsItsPipeline) {
+  // transformers 5 only swaps in LlamaTokenizer's Metaspace pipeline when tokenizer.json is not byte-level;
+  // swapping it into a byte-level vocabulary (DeepSeek-V3 declares LlamaTokenizerFast) dropped all CJK text.
+  std::string vocab;
+  for (int b = 0; b < 256; ++b) {
+    vocab += (b ? "," : "") + nlohmann::json(text::byte_to_unicode(static_cast<unsigned char>(b))).dump() + ":" +
+             std::to_string(b);
+  }
+  std::string j = R"({"model": {"type": "BPE", "vocab": {)" + vocab + R"(}, "merges": []},
+      "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "use_regex": true},
+      "decoder": {"type": "ByteLevel"}})";
+  auto t = Tokenizer::from_json(j, nlohmann::json{{"tokenizer_class", "LlamaTokenizerFast"}});
+  EXPECT_EQ(t.encode("中").size(), 3u);  // three UTF-8 bytes, three byte tokens
+  EXPECT_EQ(t.decode(t.encode("中文 x")), "中文 x");
 }
 
 }  // namespace
