@@ -37,6 +37,7 @@ VARIANTS = {
                               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
                          torch.bfloat16, None, "llama2"),
+    "llama-fp16": (LlamaConfig, LlamaForCausalLM, dict(vocab_size=LLAMA_VOCAB), torch.float16, None, "llama2"),
     "llama-tied-fp32": (LlamaConfig, LlamaForCausalLM, dict(vocab_size=LLAMA_VOCAB, tie_word_embeddings=True),
                         torch.float32, None, "llama2"),
     "mistral-fp32-sharded": (MistralConfig, MistralForCausalLM, dict(vocab_size=LLAMA_VOCAB, sliding_window=32),
