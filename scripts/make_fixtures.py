@@ -37,7 +37,6 @@ VARIANTS = {
                               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
                          torch.bfloat16, None, "llama2"),
-    "llama-fp16": (LlamaConfig, LlamaForCausalLM, dict(vocab_size=LLAMA_VOCAB), torch.float16, None, "llama2"),
     "llama-tied-fp32": (LlamaConfig, LlamaForCausalLM, dict(vocab_size=LLAMA_VOCAB, tie_word_embeddings=True),
                         torch.float32, None, "llama2"),
     "mistral-fp32-sharded": (MistralConfig, MistralForCausalLM, dict(vocab_size=LLAMA_VOCAB, sliding_window=32),
@@ -52,6 +51,8 @@ VARIANTS = {
                    torch.float32, None, "qwen3"),
     "qwen3-bf16-tied": (Qwen3Config, Qwen3ForCausalLM, dict(vocab_size=QWEN_VOCAB, head_dim=32, tie_word_embeddings=True),
                         torch.bfloat16, None, "qwen3"),
+    # Appended, not inserted: each variant's seed is its position, so the others keep their weights.
+    "llama-fp16": (LlamaConfig, LlamaForCausalLM, dict(vocab_size=LLAMA_VOCAB), torch.float16, None, "llama2"),
 }
 
 
