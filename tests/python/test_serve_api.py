@@ -24,7 +24,8 @@ def server(ws):  # noqa: F811
     s.stop()
 
 
-def error_of(status, body):
+def error_of(status, body, headers=None):
+    """(status, the OpenAI envelope's "error" object) of a Server.request answer."""
     doc = json.loads(body)
     assert set(doc) == {"error"}, doc
     return status, doc["error"]
