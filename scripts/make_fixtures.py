@@ -51,6 +51,8 @@ VARIANTS = {
                    torch.float32, None, "qwen3"),
     "qwen3-bf16-tied": (Qwen3Config, Qwen3ForCausalLM, dict(vocab_size=QWEN_VOCAB, head_dim=32, tie_word_embeddings=True),
                         torch.bfloat16, None, "qwen3"),
+    # Appended, not inserted: each variant's seed is its position, so the others keep their weights.
+    "llama-fp16": (LlamaConfig, LlamaForCausalLM, dict(vocab_size=LLAMA_VOCAB), torch.float16, None, "llama2"),
 }
 
 

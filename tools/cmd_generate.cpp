@@ -134,6 +134,7 @@ int run(const GenerateCliOptions& o) {
       doc["sequences"] = nlohmann::ordered_json::array();
       for (const auto& r : out) doc["sequences"].push_back(sequence_json(r));
     }
+    doc["prompt_token_ids"] = prompt;  // what the template and tokenizer made of the input, for checking
     doc["timing"] = timing;
     print_json(doc.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace));
   } else if (stream) {

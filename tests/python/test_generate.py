@@ -98,7 +98,15 @@ def test_chat_prompt_tokens_match_transformers(fixture_models, ws):
     msgs = [{"role": "user", "content": "Hi there, how are you?"}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=False)
     res = gen(ws, "--chat", "-n", 1, prompt=msgs[0]["content"])
-    assert res["prompt_tokens"] == len(ids)
+    assert res["prompt_token_ids"] == ids and res["prompt_tokens"] == len(ids)
+    # A conversation through --messages, system turn and an earlier answer included.
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Tell me a joke"}]
+    (ws.parent / "conv.json").write_text(json.dumps(conv))
+    res = json.loads(run_kiln("generate", ws, "--messages", ws.parent / "conv.json", "--ctx", 512, "-n", 1,
+                              "--json").stdout)
+    assert res["prompt_token_ids"] == tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True,
+                                                              return_dict=False)
 
 
 def test_invalid_sampling_flags(ws):

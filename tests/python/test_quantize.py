@@ -16,6 +16,7 @@ from safetensors.torch import load_file as load_torch
 from transformers import AutoModelForCausalLM
 
 from conftest import copy_tokenizer, REPO, run_kiln
+from hf_oracle import greedy
 
 TOL = 1e-3
 GS = 32  # the fixtures' linears have 64 or 128 inputs
@@ -109,6 +110,28 @@ def quantized(converted, tmp_path_factory):
     return get
 
 
+def dequantized_model(src, ws):
+    """transformers' model of `src` with every int4 linear of workspace `ws` replaced by its numpy dequantization."""
+    out = tensors(ws)
+    spec = json.loads((ws / "kiln.json").read_text())["model"]
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).float().eval()
+    q, kv, inter = spec["num_heads"] * spec["head_dim"], spec["num_kv_heads"] * spec["head_dim"], spec["intermediate_size"]
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            def dq(m):
+                b = f"layers.{i}.{m}"
+                return torch.from_numpy(ref_dequantize(out[b + ".qweight"], out[b + ".scales"], out[b + ".zeros"], GS))
+            qkv, gu = dq("attn.qkv"), dq("ffn.gate_up")
+            layer.self_attn.q_proj.weight.copy_(qkv[:q])
+            layer.self_attn.k_proj.weight.copy_(qkv[q:q + kv])
+            layer.self_attn.v_proj.weight.copy_(qkv[q + kv:])
+            layer.self_attn.o_proj.weight.copy_(dq("attn.o"))
+            layer.mlp.gate_proj.weight.copy_(gu[:inter])
+            layer.mlp.up_proj.weight.copy_(gu[inter:])
+            layer.mlp.down_proj.weight.copy_(dq("ffn.down"))
+    return model
+
+
 @pytest.mark.parametrize("name", ["edge", "qwen2-bf16-sharded", "qwen3-fp32"])
 def test_bit_exact_against_numpy_reference(name, converted, quantized):
     src, out = tensors(converted(name)), tensors(quantized(name))
@@ -150,24 +173,8 @@ def test_edge_groups_dequantize_as_documented(converted, quantized):
 def test_logits_match_transformers_with_dequantized_weights(name, fixture_models, edge_checkpoint, quantized,
                                                            tmp_path):
     ws = quantized(name)
-    out = tensors(ws)
-    spec = json.loads((ws / "kiln.json").read_text())["model"]
-    src = edge_checkpoint if name == "edge" else fixture_models / name
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).float().eval()
-    q, kv, inter = spec["num_heads"] * spec["head_dim"], spec["num_kv_heads"] * spec["head_dim"], spec["intermediate_size"]
+    model = dequantized_model(edge_checkpoint if name == "edge" else fixture_models / name, ws)
     with torch.no_grad():
-        for i, layer in enumerate(model.model.layers):
-            def dq(m):
-                b = f"layers.{i}.{m}"
-                return torch.from_numpy(ref_dequantize(out[b + ".qweight"], out[b + ".scales"], out[b + ".zeros"], GS))
-            qkv, gu = dq("attn.qkv"), dq("ffn.gate_up")
-            layer.self_attn.q_proj.weight.copy_(qkv[:q])
-            layer.self_attn.k_proj.weight.copy_(qkv[q:q + kv])
-            layer.self_attn.v_proj.weight.copy_(qkv[q + kv:])
-            layer.self_attn.o_proj.weight.copy_(dq("attn.o"))
-            layer.mlp.gate_proj.weight.copy_(gu[:inter])
-            layer.mlp.up_proj.weight.copy_(gu[inter:])
-            layer.mlp.down_proj.weight.copy_(dq("ffn.down"))
         ids = [int(x) for x in np.random.default_rng(5).integers(3, 31000, size=48)]
         ref = model(torch.tensor([ids])).logits[0].numpy()
     tok = tmp_path / "t.json"
@@ -183,11 +190,14 @@ def test_logits_match_transformers_with_dequantized_weights(name, fixture_models
         assert diff <= TOL
 
 
-def test_verify_generate_and_determinism(converted, quantized, tmp_path):
+def test_verify_generate_and_determinism(converted, quantized, fixture_models, tmp_path):
     ws = quantized("qwen3-fp32")
     run_kiln("verify", ws)
-    gen = run_kiln("generate", ws, "--prompt", "Hello", "-n", 8, "--json")
-    assert json.loads(gen.stdout)
+    # Greedy generation is transformers' greedy generation with the dequantized weights.
+    gen = json.loads(run_kiln("generate", ws, "--prompt", "Hello", "-n", 8, "--temperature", 0, "--kv-cache", "fp32",
+                              "--json").stdout)
+    hf, safe = greedy(dequantized_model(fixture_models / "qwen3-fp32", ws), gen["prompt_token_ids"], 8)
+    assert safe >= 6 and gen["token_ids"][:safe] == hf[:safe], (gen["token_ids"], hf, safe)
     again = tmp_path / "again"
     run_kiln("quantize", converted("qwen3-fp32"), "-o", again, "--method", "rtn", "--group-size", GS)
     files = sorted(p.name for p in ws.iterdir())

@@ -299,21 +299,40 @@ def test_soak_random_cancellations_leave_no_block_in_use(ws):
                          b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
             sock.close()
             return True
-        stream = c.completions.create(model="tiny", prompt=prompt, max_tokens=n if kind == "stream" else 200,
-                                      stream=True)
+        if kind == "stream":  # every token arrives: the usage chunk counts n (no EOS in this model)
+            chunks = list(c.completions.create(model="tiny", prompt=prompt, max_tokens=n, stream=True,
+                                               stream_options={"include_usage": True}))
+            reasons = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+            return chunks[-1].usage.completion_tokens == n and reasons == ["length"]
+        stream = c.completions.create(model="tiny", prompt=prompt, max_tokens=200, stream=True)
         got = 0
-        for _ in stream:
+        for ch in stream:
+            assert ch.choices[0].finish_reason is None  # 200 tokens cannot be over after two chunks
             got += 1
-            if kind == "abort" and got == 2:
+            if got == 2:
                 stream.close()
                 break
-        return True
+        return got == 2
 
     try:
         with cf.ThreadPoolExecutor(32) as pool:
             assert all(pool.map(one, plan))
         m = wait_idle(s)
         assert m["kiln_kv_blocks_used"] == 0
-        assert labeled(s, "kiln_requests_finished_total", finish_reason="cancelled") > 0
+        def finished_by_reason():
+            return {r: labeled(s, "kiln_requests_finished_total", finish_reason=r)
+                    for r in ("stop", "length", "cancelled", "error")}
+        deadline = time.monotonic() + 30  # the last dropped connections may still be being read
+        while sum(finished_by_reason().values()) < len(plan) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        finished = finished_by_reason()
+        m = wait_idle(s)
+        kinds = [job[1] for job in plan]
+        # Every request reached the engine and ended once: the full and streamed ones by length, the aborted and
+        # dropped ones cancelled (or by length, if one finished before its disconnect was seen).
+        assert sum(finished.values()) == len(plan) and m["kiln_requests_rejected_total"] == 0, finished
+        assert finished["stop"] == 0 and finished["error"] == 0, finished
+        assert finished["length"] >= kinds.count("full") + kinds.count("stream"), finished
+        assert 0 < finished["cancelled"] <= kinds.count("abort") + kinds.count("drop"), finished
     finally:
         s.stop()
