@@ -121,6 +121,13 @@ def test_symlink_to_a_file_outside_with_valid_content_is_refused_too(ckpt, tmp_p
     refused(run_kiln("convert", ckpt, "-o", tmp_path / "ws", check=False), "tokenizer_config.json", "outside")
 
 
+def test_symlinked_chat_template_outside_the_checkpoint_is_refused(ckpt, tmp_path):
+    outside = tmp_path / "template.jinja"
+    outside.write_text("{{ messages }}")
+    os.symlink(outside, ckpt / "chat_template.jinja")
+    refused(run_kiln("convert", ckpt, "-o", tmp_path / "ws", check=False), "chat_template.jinja", "outside")
+
+
 def test_symlinks_inside_the_checkpoint_and_hf_cache_blobs_are_copied(fixture_models, tmp_path):
     # The layout huggingface_hub's cache uses: snapshots/REV/* are links into ../../blobs/.
     repo = tmp_path / "models--x--y"
