@@ -7,9 +7,11 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,11 @@ def test_convert_refuses_an_output_over_its_checkpoint(ckpt, tmp_path, where):
     assert not list(ckpt.glob(".*kiln-tmp*")) and not list(tmp_path.glob(".*kiln-tmp*"))
 
 
+def test_a_sibling_sharing_the_name_prefix_is_not_an_overlap(ckpt, tmp_path):
+    run_kiln("convert", ckpt, "-o", str(ckpt) + "2")  # "hf2" is beside "hf", not inside it
+    run_kiln("verify", str(ckpt) + "2")
+
+
 def test_workspace_commands_refuse_an_output_over_their_input(ws, tmp_path):
     before = tree_digest(ws)
     data = tmp_path / "calib.txt"
@@ -112,6 +119,13 @@ def test_symlink_to_a_file_outside_with_valid_content_is_refused_too(ckpt, tmp_p
     shutil.move(ckpt / "tokenizer_config.json", elsewhere / "tokenizer_config.json")
     os.symlink(elsewhere / "tokenizer_config.json", ckpt / "tokenizer_config.json")
     refused(run_kiln("convert", ckpt, "-o", tmp_path / "ws", check=False), "tokenizer_config.json", "outside")
+
+
+def test_symlinked_chat_template_outside_the_checkpoint_is_refused(ckpt, tmp_path):
+    outside = tmp_path / "template.jinja"
+    outside.write_text("{{ messages }}")
+    os.symlink(outside, ckpt / "chat_template.jinja")
+    refused(run_kiln("convert", ckpt, "-o", tmp_path / "ws", check=False), "chat_template.jinja", "outside")
 
 
 def test_symlinks_inside_the_checkpoint_and_hf_cache_blobs_are_copied(fixture_models, tmp_path):
@@ -248,6 +262,30 @@ def test_stale_staging_of_a_dead_process_is_removed(fixture_models, tmp_path):
     # Once ws exists, the old output of a dead --force run is garbage too.
     run_kiln("convert", fixture_models / SOURCE, "-o", tmp_path / "ws", "--force")
     assert not old_of_dead.exists()
+
+
+def test_staging_left_by_sigkill_is_removed_by_the_next_convert(fixture_models, tmp_path):
+    out = tmp_path / "ws"
+    for attempt in range(20):  # the kill must land while the staging directory exists
+        proc = subprocess.Popen([str(Path(os.environ.get("KILN_BIN", Path(__file__).resolve().parents[2] / "build" /
+                                                         "tools" / "kiln"))),
+                                 "convert", fixture_models / "qwen2-bf16-sharded", "-o", out, "--dtype", "fp32"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        staging = tmp_path / f".ws.kiln-tmp-{proc.pid}"
+        while proc.poll() is None and not any(staging.glob("weights-*")):
+            time.sleep(0.001)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            break
+        proc.wait()
+        shutil.rmtree(out, ignore_errors=True)
+    else:
+        pytest.skip("the conversion always finished before it could be killed")
+    assert staging.is_dir() and not out.exists()  # what SIGKILL leaves: the hidden sibling only
+    run_kiln("convert", fixture_models / SOURCE, "-o", out)
+    assert not staging.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ws"]
 
 
 def test_stale_calibrate_temp_file_is_removed(ws, tmp_path):
