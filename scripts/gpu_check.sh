@@ -50,8 +50,9 @@ fi
 log "the CPU unit tests still pass"
 build/tests/kiln_unit_tests --gtest_filter='-*Cuda*' 2>&1 | tail -n 3
 
-log "CLI on the CUDA device (greedy tokens equal the CPU's)"
-python3 -m pytest -q tests/python/test_cuda_cli.py -p no:cacheprovider 2>&1 | tail -n 3
+log "CLI on the CUDA device (greedy tokens equal the CPU's; logits against transformers, measured errors printed)"
+python3 -m pytest -q -s -rs tests/python/test_cuda_cli.py -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest_cuda_cli.txt" \
+  | grep -E "CUDA vs transformers|passed|failed|SKIPPED|Error"
 
 log "oracle tests against transformers on the CUDA device (KILN_DEVICE=cuda; informational)"
 KILN_DEVICE=cuda python3 -m pytest -q tests/python/test_runtime.py -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest_cuda.txt" | tail -n 15 || true

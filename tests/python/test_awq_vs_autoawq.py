@@ -100,7 +100,12 @@ def quantizer(cls, kiln_int4):
 def search(cls, kiln_int4, layer, prev, linears, x, block, kwargs):
     """AutoAWQ's scale search; returns (scales, losses over the 20 alphas, index of the chosen alpha, RTN loss)."""
     q = quantizer(cls, kiln_int4)
+    # AutoAWQ saves the block's weights as {k: v.cpu()} and then scales the weights in place. On the GPU it runs on,
+    # .cpu() copies; on a CPU it returns the same tensors, so the saved copy would be scaled too and every alpha after
+    # the first would start from scaled weights. The block therefore hands it copies, as a GPU would.
+    block.state_dict = lambda *a, **kw: {k: v.clone() for k, v in torch.nn.Module.state_dict(block, *a, **kw).items()}
     _, _, scales = q._search_best_scale(layer, prev, linears, x, module2inspect=block, kwargs=dict(kwargs))
+    del block.state_dict
     losses = list(q.losses)
     chosen = int(np.argmin(losses))  # strict < in AutoAWQ: the first minimum, as kiln (ties: the smaller alpha)
     # RTN: the same loss with no scaling (AutoAWQ's _compute_loss on its own module forward).
@@ -115,12 +120,17 @@ def search(cls, kiln_int4, layer, prev, linears, x, block, kwargs):
     return scales, losses, chosen, rtn
 
 
-# Under AutoAWQ's own quantizer, kiln's alpha (chosen with kiln's quantizer) may be off AutoAWQ's optimum: measured
-# worst ratio loss(kiln alpha) / loss(AutoAWQ alpha) MEASURED_ALPHA_RATIO. Both quantizers differ only in groups that
-# do not contain 0, so the loss curves are nearly the same and the bound is 1 + 2x the measured excess.
-ALPHA_RATIO_MAX = 1 + 2 * 0.0
-# Clip groups whose kiln codes differ from AutoAWQ's choice (with kiln's quantizer): measured MEASURED_CLIP_DIFF.
-CLIP_DIFF_MAX = 0.0
+# Under AutoAWQ's own quantizer, kiln's alpha (chosen with kiln's quantizer) may be off AutoAWQ's optimum where the
+# loss curve is flat: measured loss(kiln alpha) / loss(AutoAWQ alpha) = 1 on the outlier model (the same alpha in every
+# group), at most 1.00625 on the random fixtures (llama-bias-linear-rope layer 1 gate_up: 0.25 vs 0.5). The two
+# quantizers differ only in groups whose range excludes 0, so the curves have the same shape; the bound is 1 + 2x the
+# largest measured excess.
+ALPHA_RATIO_MAX = 1 + 2 * 0.00625
+# v-row groups whose kiln codes differ from AutoAWQ's clip choice (with kiln's quantizer): measured 0 of 256. A near
+# tie between two thresholds could resolve differently under another kernel's summation order (kiln sums through a
+# double Gram matrix, AutoAWQ directly in fp32), so 2 groups are allowed; the test also asserts that many more groups
+# than that are clipped at all, so a search that clipped nothing, or on another grid, fails.
+CLIP_DIFF_MAX = 2
 
 
 @pytest.mark.parametrize("name", ["outlier", "qwen3-fp32", "llama-bias-linear-rope"])
@@ -176,12 +186,13 @@ def test_clip_search_equals_autoawq(ws, fixture_models, awq_quantizer, tmp_path)
         w.update(load_file(str(f)))
     model = AutoModelForCausalLM.from_pretrained(fixture_models / name, dtype=torch.float32).float().eval()
     q = quantizer(awq_quantizer, True)
-    differ, total = 0, 0
+    differ, total, n_clipped = 0, 0, 0
     for i, layer in enumerate(model.model.layers):
         s = torch.from_numpy(d[f"layers.{i}.attn_scales"])
         x = torch.from_numpy(d[f"layers.{i}.attn_input"]) / s
         wv = layer.self_attn.v_proj.weight.detach() * s
         m = q._compute_best_clip(wv, x)  # [rows, groups, 1]
+        n_clipped += int((m < wv.reshape(wv.shape[0], -1, GS).abs().amax(-1, keepdim=True)).sum())
         clipped = torch.maximum(torch.minimum(wv.reshape(wv.shape[0], -1, GS), m), -m).reshape(wv.shape)
         codes, scales, zeros = ref_quantize(clipped.numpy(), GS)
         rows = wv.shape[0]
@@ -190,6 +201,6 @@ def test_clip_search_equals_autoawq(ws, fixture_models, awq_quantizer, tmp_path)
         same = same_codes & (scales.view(np.uint16) == ks.view(np.uint16)) & (zeros == kz)
         differ += int((~same).sum())
         total += same.size
-    frac = differ / total
-    print(f"{name}: {differ} of {total} v-row groups differ from AutoAWQ's clip choice ({frac:.3%})")
-    assert frac <= CLIP_DIFF_MAX
+    print(f"{name}: {differ} of {total} v-row groups differ from AutoAWQ's clip choice; it clipped {n_clipped}")
+    assert differ <= CLIP_DIFF_MAX
+    assert n_clipped >= 10 * CLIP_DIFF_MAX

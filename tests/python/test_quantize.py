@@ -115,7 +115,8 @@ def dequantized_model(src, ws):
     out = tensors(ws)
     spec = json.loads((ws / "kiln.json").read_text())["model"]
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).float().eval()
-    q, kv, inter = spec["num_heads"] * spec["head_dim"], spec["num_kv_heads"] * spec["head_dim"], spec["intermediate_size"]
+    q, kv = spec["num_heads"] * spec["head_dim"], spec["num_kv_heads"] * spec["head_dim"]
+    inter = spec["intermediate_size"]
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             def dq(m):
