@@ -63,8 +63,10 @@ std::unique_ptr<Workspace> open_hf_in_memory(const std::filesystem::path& hf_dir
                {"provenance", {{"source", std::filesystem::absolute(hf_dir).lexically_normal().string()},
                                {"converted_in_memory", true}}}};
 
+  std::vector<TensorMapping> mappings = tensor_mappings(info.spec, arch);
+  check_sources(ckpt, mappings, arch, info.spec, label);
   std::vector<Workspace::MemoryTensor> tensors;
-  for (const TensorMapping& m : tensor_mappings(info.spec, arch)) {
+  for (const TensorMapping& m : mappings) {
     MemorySink sink;
     emit_tensor(ckpt, m, target, sink);
     TensorInfo ti;
