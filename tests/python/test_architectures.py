@@ -98,8 +98,9 @@ def test_generate_eval_and_rtn(name, fixture_models, eval_text, tmp_path):
     r = json.loads(run_kiln("quantize", ws, "-o", q, "--method", "rtn", "--group-size", 32, "--eval-text",
                             eval_text, "--eval-ctx", 64, "--json").stdout)
     run_kiln("verify", q)
-    # Random 64-wide models: 4-bit weights move the distribution a little, never wildly.
-    assert r["quality"]["kld_mean"] < 0.5 and r["quality"]["top1_agreement"] > 0.5, r["quality"]
+    # Random 64-wide models: 4-bit weights move the distribution a little, never wildly (a mis-wired int4 linear gives
+    # KL > 1). Their near-flat distributions make top-1 agreement noise, so it is not checked.
+    assert r["quality"]["kld_mean"] < 0.5, r["quality"]
     doc = json.loads((q / "kiln.json").read_text())
     expect = ["attn.qkv", "attn.o", "ffn.up" if name.startswith("gpt2") else "ffn.gate_up", "ffn.down"]
     assert doc["quantization"]["weights"]["modules"] == expect
