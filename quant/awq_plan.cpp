@@ -145,6 +145,11 @@ void scale_cols(float* w, int64_t rows, int64_t cols, const std::vector<float>& 
 void divide(float* v, const std::vector<float>& s) {
   for (size_t i = 0; i < s.size(); ++i) v[i] /= s[i];
 }
+// A norm weight whose output is divided by s. Norms applied as (1 + w) (Gemma) store w: (1 + w) / s - 1.
+void divide_norm(const ModelSpec& spec, float* w, const std::vector<float>& s) {
+  if (!spec.norm_plus_one) return divide(w, s);
+  for (size_t i = 0; i < s.size(); ++i) w[i] = (1.0f + w[i]) / s[i] - 1.0f;
+}
 // Rows [row0, row0 + s.size()) of a [rows, cols] matrix, each divided by its scale (a preceding linear's outputs).
 void divide_rows(float* w, int64_t row0, int64_t cols, const std::vector<float>& s) {
   for (size_t i = 0; i < s.size(); ++i)
@@ -291,7 +296,9 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
 bool awq_transform(const ModelSpec& spec, const AwqLayerPlan& p, const std::string& suffix, float* w, int64_t rows,
                    int64_t cols, int64_t gsz) {
   const int64_t Q = spec.q_size(), KV = spec.kv_size(), I = spec.intermediate_size;
-  if (suffix == names::kAttnNorm || suffix == names::kAttnNormBias) {
+  if (suffix == names::kAttnNorm) {
+    divide_norm(spec, w, p.s_attn);
+  } else if (suffix == names::kAttnNormBias) {
     // LayerNorm: y = n(x) * w + b, so dividing y by s divides both w and b.
     divide(w, p.s_attn);
   } else if (suffix == names::kQkv) {
@@ -304,7 +311,9 @@ bool awq_transform(const ModelSpec& spec, const AwqLayerPlan& p, const std::stri
   } else if (suffix == names::kO) {
     if (!p.s_vo.empty()) scale_cols(w, rows, cols, p.s_vo);
     if (!p.clip_o.empty()) awq_apply_clip(w, rows, cols, 0, gsz, p.clip_o);
-  } else if (suffix == names::kFfnNorm || suffix == names::kFfnNormBias) {
+  } else if (suffix == names::kFfnNorm) {
+    divide_norm(spec, w, p.s_ffn);
+  } else if (suffix == names::kFfnNormBias) {
     divide(w, p.s_ffn);
   } else if (suffix == names::kGateUp) {
     scale_cols(w, rows, cols, p.s_ffn);

@@ -152,3 +152,21 @@ def test_gpt2_awq_beats_rtn_and_is_deterministic(gpt2_outliers, eval_text, tmp_p
     from safetensors.numpy import load_file as load_np
     ref, got = load_np(str(tmp_path / "ref.safetensors")), load_np(str(tmp_path / "fold.safetensors"))
     assert np.abs(ref["logits"] - got["logits"]).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["gemma2-fp32", "gemma3-fp32", "glm4-fp32", "phi3-fp32"])
+def test_awq_folding_is_exact_for_each_family(name, fixture_models, eval_text, tmp_path):
+    """--awq-fold-only folds the searched scales into unquantized weights, through each family's graph: Gemma's
+    (1 + w) norms take (1 + w) / s - 1, the post-norms sit after o and down, GLM's biases and partial RoPE, Phi-3's
+    fused tensors. The logits must not move."""
+    ws, folded = tmp_path / "ws", tmp_path / "folded"
+    run_kiln("convert", fixture_models / name, "-o", ws, "--dtype", "fp32")
+    run_kiln("quantize", ws, "-o", folded, "--method", "awq", "--group-size", 32, "--awq-fold-only", "--data", CALIB,
+             "--samples", 8, "--seqlen", 32, "--seed", 1)
+    from safetensors.numpy import load_file as load_np
+    for w in (ws, folded):
+        run_kiln("eval", w, "--text", eval_text, "--ctx", 64, "--save-logits", tmp_path / f"{w.name}.safetensors")
+    ref, got = load_np(str(tmp_path / "ws.safetensors")), load_np(str(tmp_path / "folded.safetensors"))
+    a, b = load_np(str(next(ws.glob("weights-*.safetensors")))), load_np(str(next(folded.glob("weights-*.safetensors"))))
+    assert not np.array_equal(a["layers.0.attn_norm.weight"], b["layers.0.attn_norm.weight"])  # scales were folded
+    assert np.abs(ref["logits"] - got["logits"]).max() < 1e-4
