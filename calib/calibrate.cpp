@@ -43,10 +43,8 @@ std::vector<float> means(const std::vector<double>& sums, int64_t rows) {
 
 }  // namespace
 
-SafetensorsWriter::Result write_stats(const std::filesystem::path& path, const StatsObserver& stats, const Blocks& blocks,
-                 const std::map<std::string, std::string>& metadata) {
-  using Linear = ForwardObserver::Linear;
-  const Linear kAll[] = {Linear::Qkv, Linear::O, Linear::GateUp, Linear::Down};
+SafetensorsWriter::Result write_stats(const std::filesystem::path& path, const StatsObserver& stats,
+                                      const Blocks& blocks, const std::map<std::string, std::string>& metadata) {
   // Plan and payload are built together so that names, shapes and bytes cannot disagree.
   std::vector<TensorPlan> plan;
   std::vector<std::vector<float>> payload;
@@ -54,11 +52,15 @@ SafetensorsWriter::Result write_stats(const std::filesystem::path& path, const S
     plan.push_back({std::move(name), DType::F32, {int64_t(v.size())}});
     payload.push_back(std::move(v));
   };
+  // Layer by layer: its linear inputs in canonical order, then its K/V ranges.
+  size_t next_linear = 0;
   for (size_t li = 0; li < stats.layers().size(); ++li) {
     const LayerStats& l = stats.layers()[li];
-    for (Linear w : kAll) {
-      const ChannelStats& c = l.linear[int(w)];
-      const std::string p = linear_input_prefix(int64_t(li), w);
+    const std::string layer_prefix = "layers." + std::to_string(li) + ".";
+    for (; next_linear < stats.linears().size() && stats.linears()[next_linear].first.rfind(layer_prefix, 0) == 0;
+         ++next_linear) {
+      const auto& [name, c] = stats.linears()[next_linear];
+      const std::string p = linear_input_prefix(name);
       add(p + ".abs_mean", means(c.abs_sum, c.rows));
       add(p + ".abs_max", c.abs_max);
       add(p + ".sq_mean", means(c.sq_sum, c.rows));

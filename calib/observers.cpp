@@ -52,18 +52,24 @@ void HeadRange::add(const float* x, int64_t tokens, int64_t heads, int64_t head_
 }
 
 StatsObserver::StatsObserver(const ModelSpec& s) : layers_(size_t(s.num_layers)) {
+  for (const LinearModule& m : linear_modules(s)) {
+    linears_.emplace_back(m.name, ChannelStats{});
+    linears_.back().second.resize(m.in);
+  }
   for (LayerStats& l : layers_) {
-    l.linear[int(Linear::Qkv)].resize(s.hidden_size);
-    l.linear[int(Linear::O)].resize(s.q_size());
-    l.linear[int(Linear::GateUp)].resize(s.hidden_size);
-    l.linear[int(Linear::Down)].resize(s.intermediate_size);
     l.k.resize(s.num_kv_heads);
     l.v.resize(s.num_kv_heads);
   }
 }
 
-void StatsObserver::on_linear_input(int64_t layer, Linear which, const float* x, int64_t rows, int64_t cols) {
-  layers_.at(size_t(layer)).linear[int(which)].add(x, rows, cols);
+const ChannelStats& StatsObserver::linear(const std::string& name) const {
+  for (const auto& [n, c] : linears_)
+    if (n == name) return c;
+  throw Error("calibration observer: no linear layer named '" + name + "'");
+}
+
+void StatsObserver::on_linear_input(const std::string& name, const float* x, int64_t rows, int64_t cols) {
+  const_cast<ChannelStats&>(linear(name)).add(x, rows, cols);
 }
 
 void StatsObserver::on_kv(int64_t layer, const float* k, const float* v, int64_t tokens, int64_t kv_heads,
@@ -74,9 +80,6 @@ void StatsObserver::on_kv(int64_t layer, const float* k, const float* v, int64_t
   l.v.add(v, tokens, kv_heads, head_dim);
 }
 
-std::string linear_input_prefix(int64_t layer, ForwardObserver::Linear which) {
-  static const char* const kNames[] = {"attn.qkv", "attn.o", "ffn.gate_up", "ffn.down"};
-  return "layers." + std::to_string(layer) + "." + kNames[int(which)] + ".input";
-}
+std::string linear_input_prefix(const std::string& linear_name) { return linear_name + ".input"; }
 
 }  // namespace kiln::calib

@@ -1,7 +1,7 @@
 #pragma once
-// The architecture table: each supported HF architecture is one entry of data (its tensor naming scheme and config
-// defaults) plus small hooks for the real differences. Adding an architecture means adding an entry here; see
-// docs/adding_an_architecture.md.
+// The architecture table: each supported HF architecture is one entry of data: a config reader for its family's
+// config.json keys, and how its checkpoint's tensors make up the canonical tensors (which HF tensors, in what order,
+// transposed or not). Adding an architecture means adding a reader and an entry; see docs/adding_an_architecture.md.
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -10,32 +10,53 @@
 
 namespace kiln {
 
-// HF tensor names, with "{i}" standing for the layer index.
-struct HfTensorNames {
-  const char* embedding;
-  const char* final_norm;
-  const char* lm_head;
-  const char* attn_norm;
-  const char* q;
-  const char* k;
-  const char* v;
-  const char* o;
-  const char* q_norm;
-  const char* k_norm;
-  const char* ffn_norm;
-  const char* gate;
-  const char* up;
-  const char* down;
-  std::vector<const char*> ignored;  // buffers some checkpoints carry that hold no weights (suffix match)
+class HfCheckpoint;
+
+// Reads config.json keys with one-line errors naming the key.
+struct HfConfigReader {
+  const nlohmann::json& c;
+  const std::string& label;
+  const nlohmann::json* get(const char* key) const;  // null when absent or null
+  int64_t required_positive(const char* key) const;
+  int64_t optional_positive(const char* key, int64_t fallback) const;
+  double optional_number(const char* key, double fallback) const;
+  double optional_number(const nlohmann::json& obj, const char* key, double fallback) const;
+  bool flag(const char* key, bool fallback) const;
+  std::string optional_string(const char* key, const std::string& fallback) const;
+  [[noreturn]] void refuse(const char* key, const std::string& why) const;
+};
+
+// rope_theta and rope_scaling / rope_parameters (linear, dynamic, llama3); refuses any other scaling type.
+void read_rope(const HfConfigReader& r, ModelSpec& s);
+
+// One canonical tensor suffix (as in canonical_tensors) and the HF tensors it is made of: their patterns ("{i}" is
+// the layer index), concatenated along dim 0 in order. `transpose`: each source is stored [in, out] (GPT-2's
+// Conv1D) and is transposed to the canonical [out, in].
+struct HfPart {
+  const char* canonical;
+  std::vector<const char*> sources;
+  bool transpose = false;
+};
+
+// The config.json keys a family reads its dimensions from, named in shape errors.
+struct HfDimKeys {
+  const char* hidden = "hidden_size";
+  const char* intermediate = "intermediate_size";
+  const char* heads = "num_attention_heads";
+  const char* kv_heads = "num_key_value_heads";
+  const char* vocab = "vocab_size";
 };
 
 struct ArchEntry {
   const char* hf_architecture;  // as in config.json "architectures"
   const char* family;
-  const HfTensorNames* names;
-  int64_t default_max_position_embeddings;
-  // Hook for the config keys in which this family differs from Llama's. May be null.
-  void (*config_hook)(const nlohmann::json& config, ModelSpec& spec, const std::string& label);
+  // Fills the spec from this family's config.json keys (dimensions, norms, activation, RoPE, biases...).
+  void (*read_config)(const HfConfigReader& r, ModelSpec& spec);
+  const std::vector<HfPart>* parts;
+  const char* lm_head;               // dropped when the embeddings are tied
+  std::vector<const char*> ignored;  // buffers some checkpoints carry that hold no weights (suffix match)
+  const char* optional_prefix = "";  // a prefix some checkpoints of the family omit (GPT-2's "transformer.")
+  HfDimKeys keys = {};
 };
 
 const std::vector<ArchEntry>& architecture_table();
@@ -52,10 +73,38 @@ struct TensorMapping {
   std::string canonical;
   std::vector<std::string> sources;
   std::vector<int64_t> shape;      // canonical shape
-  std::vector<int64_t> part_rows;  // expected rows of each source
+  std::vector<int64_t> part_rows;  // expected rows of each source (in the canonical layout)
+  bool transpose = false;          // sources are stored [in, out]
+  // The shape source p must have in the checkpoint.
+  std::vector<int64_t> source_shape(size_t p) const;
 };
 
 // Every canonical tensor of the model, in the workspace's fixed order.
 std::vector<TensorMapping> tensor_mappings(const ModelSpec& spec, const ArchEntry& arch);
+
+// Adapts `mappings` to `ckpt` (a family prefix the checkpoint omits) and checks, before anything is allocated or
+// written, that every source is present with the shape config.json implies. Throws a one-line error naming the
+// tensor and the config keys.
+void check_sources(const HfCheckpoint& ckpt, std::vector<TensorMapping>& mappings, const ArchEntry& arch,
+                   const ModelSpec& spec, const std::string& label);
+
+// The family readers (convert/arch_*.cpp).
+void read_llama_config(const HfConfigReader& r, ModelSpec& s);
+void read_mistral_config(const HfConfigReader& r, ModelSpec& s);
+void read_qwen2_config(const HfConfigReader& r, ModelSpec& s);
+void read_qwen3_config(const HfConfigReader& r, ModelSpec& s);
+void read_gpt2_config(const HfConfigReader& r, ModelSpec& s);
+void read_gemma2_config(const HfConfigReader& r, ModelSpec& s);
+void read_gemma3_config(const HfConfigReader& r, ModelSpec& s);
+extern const std::vector<HfPart> kLlamaParts;
+extern const std::vector<HfPart> kGpt2Parts;
+void read_glm_config(const HfConfigReader& r, ModelSpec& s);
+void read_glm4_config(const HfConfigReader& r, ModelSpec& s);
+void read_phi3_config(const HfConfigReader& r, ModelSpec& s);
+// partial_rotary_factor (rope_parameters or top level; `fallback` when absent) as a rotary dimension.
+int64_t read_rotary_dim(const HfConfigReader& r, int64_t head_dim, double fallback);
+extern const std::vector<HfPart> kGemmaParts;
+extern const std::vector<HfPart> kGlmParts;
+extern const std::vector<HfPart> kPhi3Parts;
 
 }  // namespace kiln

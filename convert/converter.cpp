@@ -65,6 +65,23 @@ void convert_chunk(DType from, const uint8_t* src, size_t count, DType to, std::
   }
 }
 
+// A [rows, cols] source (GPT-2's Conv1D [in, out]) emitted as its [cols, rows] transpose, via fp32 (one tensor's worth
+// of memory).
+void emit_transposed(const SourceTensor& t, DType target, TensorSink& sink) {
+  const TensorInfo& info = *t.info;
+  const int64_t rows = info.shape[0], cols = info.shape[1];
+  std::vector<float> wide(size_t(rows * cols)), flipped(size_t(rows * cols));
+  check_interrupt();
+  convert_to_f32(info.dtype, t.data(), wide.data(), wide.size());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) flipped[size_t(c * rows + r)] = wide[size_t(r * cols + c)];
+  std::vector<float> scratch;
+  std::vector<uint8_t> out;
+  convert_chunk(DType::F32, reinterpret_cast<const uint8_t*>(flipped.data()), flipped.size(), target, scratch, out,
+                info.name);
+  sink.write(out.data(), out.size());
+}
+
 }  // namespace
 
 void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& m, DType target, TensorSink& sink) {
@@ -78,8 +95,7 @@ void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& m, DType target,
       throw Error(t->file->path() + ": tensor '" + name + "' has dtype " + std::string(dtype_name(info.dtype)) +
                   "; expected F32, F16 or BF16");
     // Each part has the canonical trailing dims and its own row count; parts stack along dim 0.
-    std::vector<int64_t> want = m.shape;
-    want[0] = m.part_rows[p];
+    const std::vector<int64_t> want = m.source_shape(p);
     if (info.shape != want)
       throw Error(t->file->path() + ": tensor '" + name + "' has shape " + shape_string(info.shape) +
                   "; config.json implies " + shape_string(want));
@@ -94,6 +110,11 @@ void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& m, DType target,
     const uint8_t* src = t->data();
     const MappedFile& file = t->file->file();
     const uint64_t file_off = t->file->data_start() + info.begin;
+    if (m.transpose) {
+      emit_transposed(*t, target, sink);
+      file.dont_need(file_off, info.nbytes());
+      continue;
+    }
     if (info.dtype == target) {
       check_interrupt();
       sink.copy(file, file_off, info.nbytes());  // bit-exact
@@ -119,9 +140,9 @@ void check_unused_tensors(const HfCheckpoint& ckpt, const std::vector<TensorMapp
   for (const auto& m : mappings) used.insert(m.sources.begin(), m.sources.end());
   for (const auto& [name, t] : ckpt.tensors()) {
     if (used.count(name)) continue;
-    if (spec.tie_word_embeddings && name == arch.names->lm_head) continue;
+    if (spec.tie_word_embeddings && name == arch.lm_head) continue;
     bool ignored = false;
-    for (const char* suffix : arch.names->ignored)
+    for (const char* suffix : arch.ignored)
       ignored |= name.size() >= std::strlen(suffix) &&
                  name.compare(name.size() - std::strlen(suffix), std::string::npos, suffix) == 0;
     if (!ignored)
@@ -238,7 +259,7 @@ ConvertResult convert_checkpoint(const ConvertOptions& opt) {
   const std::string config_label = (opt.source / "config.json").string();
   ModelSpec spec = spec_from_hf_config(ckpt.config(), ckpt.generation_config(), config_label);
   const ArchEntry& arch = find_architecture(ckpt.config(), config_label);
-  check_config_against_tensors(ckpt, spec, arch.names->embedding, config_label);
+  check_config_against_tensors(ckpt, spec, arch, config_label);
   const DType target = resolve_target_dtype(opt.dtype, ckpt);
   const json awq_config = with_legacy_autoawq_config(ckpt.config(), opt.source);
   if (is_autoawq_config(awq_config))
@@ -247,6 +268,7 @@ ConvertResult convert_checkpoint(const ConvertOptions& opt) {
     throw Error(config_label + ": quantization_config " + ckpt.config()["quantization_config"].dump() +
                 " is not supported; kiln converts unquantized checkpoints and AutoAWQ ones (quant_method awq)");
   std::vector<TensorMapping> mappings = tensor_mappings(spec, arch);
+  check_sources(ckpt, mappings, arch, spec, config_label);
   check_unused_tensors(ckpt, mappings, arch, spec);
 
   // Source hashes for provenance are computed on the second core while the first converts. If converting fails, the

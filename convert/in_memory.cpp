@@ -54,7 +54,7 @@ std::unique_ptr<Workspace> open_hf_in_memory(const std::filesystem::path& hf_dir
   info.dir = hf_dir;
   info.spec = spec_from_hf_config(ckpt.config(), ckpt.generation_config(), label);
   const ArchEntry& arch = find_architecture(ckpt.config(), label);
-  check_config_against_tensors(ckpt, info.spec, arch.names->embedding, label);
+  check_config_against_tensors(ckpt, info.spec, arch, label);
   const DType target = resolve_target_dtype("auto", ckpt);
   info.dtype = workspace_dtype_name(target);
   info.json = {{"format", kWorkspaceFormat},
@@ -65,8 +65,10 @@ std::unique_ptr<Workspace> open_hf_in_memory(const std::filesystem::path& hf_dir
                {"provenance", {{"source", std::filesystem::absolute(hf_dir).lexically_normal().string()},
                                {"converted_in_memory", true}}}};
 
+  std::vector<TensorMapping> mappings = tensor_mappings(info.spec, arch);
+  check_sources(ckpt, mappings, arch, info.spec, label);
   std::vector<Workspace::MemoryTensor> tensors;
-  for (const TensorMapping& m : tensor_mappings(info.spec, arch)) {
+  for (const TensorMapping& m : mappings) {
     MemorySink sink;
     emit_tensor(ckpt, m, target, sink);
     TensorInfo ti;

@@ -30,7 +30,15 @@ namespace kiln {
 
 namespace {
 
-using Linear = ForwardObserver::Linear;
+// The four linear inputs AWQ scales, by index: qkv, o, gate_up (or a non-gated MLP's up), down.
+enum LinearInput { Qkv, O, GateUp, Down };
+int linear_index(const std::string& suffix) {
+  if (suffix == "attn.qkv") return Qkv;
+  if (suffix == "attn.o") return O;
+  if (suffix == "ffn.gate_up" || suffix == "ffn.up") return GateUp;
+  if (suffix == "ffn.down") return Down;
+  return -1;
+}
 
 // Collects the statistics of layers [l0, l1) and, for the block losses, the attn_norm and ffn_norm outputs (the
 // inputs of qkv and gate_up) of the calibration blocks that `slot` maps to a cache slot (-1: not cached).
@@ -42,23 +50,27 @@ class GramObserver : public ForwardObserver {
     stats_.resize(size_t(l1 - l0));
     inputs_.resize(size_t(l1 - l0));
     for (auto& l : stats_) {
-      l[int(Linear::Qkv)].resize(s.hidden_size);
-      l[int(Linear::O)].resize(s.q_size());
-      l[int(Linear::GateUp)].resize(s.hidden_size);
-      l[int(Linear::Down)].resize(s.intermediate_size);
+      l[Qkv].resize(s.hidden_size);
+      l[O].resize(s.q_size());
+      l[GateUp].resize(s.hidden_size);
+      l[Down].resize(s.intermediate_size);
     }
     for (auto& in : inputs_)
       for (auto& v : in) v.resize(size_t(cached * seqlen * s.hidden_size));
   }
   // The next forward's rows belong to calibration blocks first, first + 1, ... (seqlen rows each).
   void begin_batch(int64_t first) { first_ = first; }
-  void on_linear_input(int64_t layer, Linear which, const float* x, int64_t rows, int64_t cols) override {
-    if (layer < l0_ || layer >= l0_ + int64_t(stats_.size())) return;
-    AwqInputStats& st = stats_[size_t(layer - l0_)][int(which)];
-    if (cols != st.dim) throw Error("AWQ calibration: unexpected input width of a linear layer");
+  void on_linear_input(const std::string& name, const float* x, int64_t rows, int64_t cols) override {
+    int64_t layer = 0;
+    std::string suffix;
+    if (!names::split_layer(name, layer, suffix)) return;
+    const int which = linear_index(suffix);
+    if (which < 0 || layer < l0_ || layer >= l0_ + int64_t(stats_.size())) return;
+    AwqInputStats& st = stats_[size_t(layer - l0_)][which];
+    if (cols != st.dim) throw Error("AWQ calibration: unexpected input width of linear layer " + name);
     st.add(pool_, x, rows);
-    if (which != Linear::Qkv && which != Linear::GateUp) return;
-    std::vector<float>& dst = inputs_[size_t(layer - l0_)][which == Linear::Qkv ? 0 : 1];
+    if (which != Qkv && which != GateUp) return;
+    std::vector<float>& dst = inputs_[size_t(layer - l0_)][which == Qkv ? 0 : 1];
     if (dst.empty()) return;
     for (int64_t r = 0; r < rows; r += seqlen_) {
       const int64_t slot = slot_[size_t(first_ + r / seqlen_)];
@@ -133,6 +145,11 @@ void scale_cols(float* w, int64_t rows, int64_t cols, const std::vector<float>& 
 void divide(float* v, const std::vector<float>& s) {
   for (size_t i = 0; i < s.size(); ++i) v[i] /= s[i];
 }
+// A norm weight whose output is divided by s. Norms applied as (1 + w) (Gemma) store w: (1 + w) / s - 1.
+void divide_norm(const ModelSpec& spec, float* w, const std::vector<float>& s) {
+  if (!spec.norm_plus_one) return divide(w, s);
+  for (size_t i = 0; i < s.size(); ++i) w[i] = (1.0f + w[i]) / s[i] - 1.0f;
+}
 // Rows [row0, row0 + s.size()) of a [rows, cols] matrix, each divided by its scale (a preceding linear's outputs).
 void divide_rows(float* w, int64_t row0, int64_t cols, const std::vector<float>& s) {
   for (size_t i = 0; i < s.size(); ++i)
@@ -196,6 +213,7 @@ std::vector<float> read_optional(const Workspace& ws, bool present, const std::s
 // What a layer's search needs besides its statistics: the backend and cached inputs of the block losses.
 struct BlockContext {
   Backend* backend = nullptr;
+  const BlockGraph* graph = nullptr;                          // the layer's graph, for the block losses' layer objects
   const std::array<std::vector<float>, 2>* inputs = nullptr;  // null with --awq-loss linear
   int64_t sequences = 0, seqlen = 0, batch_tokens = 0;
 };
@@ -203,11 +221,16 @@ struct BlockContext {
 AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelSpec& spec, int64_t l,
                         std::array<AwqInputStats, 4>& st, const AwqOptions& o, int64_t gsz, const BlockContext& bc) {
   const int64_t H = spec.hidden_size, I = spec.intermediate_size, Q = spec.q_size(), KV = spec.kv_size();
+  // The MLP's first projection: gate and up fused (scale groups ffn_norm -> gate_up and up -> down), or up alone
+  // (ffn_norm -> up only: a GELU between up and down does not commute with a scale, so down is not smoothed).
+  const bool gated = bc.graph->mlp.gated;  // the scale groups follow the layer graph
+  const char* first = gated ? names::kGateUp : names::kUp;
+  const int64_t F = spec.mlp_in_rows();
   auto name = [&](const char* suffix) { return names::layer(l, suffix); };
   AwqBlockWeights w;
   w.qkv = read_f32(ws, name(names::kQkv));
   w.o = read_f32(ws, name(names::kO));
-  w.gate_up = read_f32(ws, name(names::kGateUp));
+  w.gate_up = read_f32(ws, name(first));
   w.down = read_f32(ws, name(names::kDown));
   std::vector<float>&qkv = w.qkv, &ow = w.o, &gu = w.gate_up, &down = w.down;
   AwqLoss qkv_loss, gu_loss;
@@ -217,19 +240,19 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
     w.o_bias = read_optional(ws, spec.o_bias, name(names::kOBias));
     w.q_norm = read_optional(ws, spec.qk_norm, name(names::kQNorm));
     w.k_norm = read_optional(ws, spec.qk_norm, name(names::kKNorm));
-    w.gate_up_bias = read_optional(ws, spec.mlp_bias, name(names::kGateUpBias));
+    w.gate_up_bias = read_optional(ws, spec.mlp_bias, name(gated ? names::kGateUpBias : names::kUpBias));
     w.down_bias = read_optional(ws, spec.mlp_bias, name(names::kDownBias));
     attn_block =
-        std::make_unique<AwqBlockLoss>(*bc.backend, spec, AwqBlockLoss::Kind::Attention, w,
+        std::make_unique<AwqBlockLoss>(*bc.backend, spec, *bc.graph, AwqBlockLoss::Kind::Attention, w,
                                        AwqBlockInput{(*bc.inputs)[0].data(), bc.sequences, bc.seqlen}, bc.batch_tokens);
     mlp_block =
-        std::make_unique<AwqBlockLoss>(*bc.backend, spec, AwqBlockLoss::Kind::Mlp, w,
+        std::make_unique<AwqBlockLoss>(*bc.backend, spec, *bc.graph, AwqBlockLoss::Kind::Mlp, w,
                                        AwqBlockInput{(*bc.inputs)[1].data(), bc.sequences, bc.seqlen}, bc.batch_tokens);
     qkv_loss = [&](const float* x) { return (*attn_block)(x); };
     gu_loss = [&](const float* x) { return (*mlp_block)(x); };
   } else {
     qkv_loss = awq_linear_loss(pool, qkv.data(), Q + 2 * KV, H, st[0]);
-    gu_loss = awq_linear_loss(pool, gu.data(), 2 * I, H, st[2]);
+    gu_loss = awq_linear_loss(pool, gu.data(), F, H, st[2]);
   }
   AwqLayerPlan p;
   auto record = [&](int k, const AwqScaleSearch& r, std::vector<float>& s, double& a) {
@@ -245,25 +268,24 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
            awq_search_scales(ow.data(), H, Q, gsz, st[1], o.grid, name(names::kO),
                              awq_linear_loss(pool, ow.data(), H, Q, st[1])),
            p.s_vo, p.a_vo);
-  record(2, awq_search_scales(gu.data(), 2 * I, H, gsz, st[2], o.grid, name(names::kGateUp), gu_loss), p.s_ffn,
-         p.a_ffn);
-  record(3,
-         awq_search_scales(down.data(), H, I, gsz, st[3], o.grid, name(names::kDown),
-                           awq_linear_loss(pool, down.data(), H, I, st[3])),
-         p.s_down, p.a_down);
+  record(2, awq_search_scales(gu.data(), F, H, gsz, st[2], o.grid, name(first), gu_loss), p.s_ffn, p.a_ffn);
+  if (gated)
+    record(3,
+           awq_search_scales(down.data(), H, I, gsz, st[3], o.grid, name(names::kDown),
+                             awq_linear_loss(pool, down.data(), H, I, st[3])),
+           p.s_down, p.a_down);
   if (!o.clip || o.fold_only) return p;
   // Clipping runs on the scaled weights, exactly as they will be quantized (awq_transform without clip).
   awq_transform(spec, p, names::kQkv, qkv.data(), Q + 2 * KV, H, gsz);
   awq_transform(spec, p, names::kO, ow.data(), H, Q, gsz);
-  awq_transform(spec, p, names::kGateUp, gu.data(), 2 * I, H, gsz);
+  awq_transform(spec, p, first, gu.data(), F, H, gsz);
   awq_transform(spec, p, names::kDown, down.data(), H, I, gsz);
   // q and k rows are not clipped (AutoAWQ): their errors are amplified through the softmax, which a per-row output
   // MSE does not see.
   p.clip_qkv = awq_search_clip(qkv.data(), Q + 2 * KV, H, Q + KV, gsz, st[0], p.s_attn, o.clip_grid, o.max_shrink,
                                name(names::kQkv));
   p.clip_o = awq_search_clip(ow.data(), H, Q, 0, gsz, st[1], p.s_vo, o.clip_grid, o.max_shrink, name(names::kO));
-  p.clip_gate_up =
-      awq_search_clip(gu.data(), 2 * I, H, 0, gsz, st[2], p.s_ffn, o.clip_grid, o.max_shrink, name(names::kGateUp));
+  p.clip_gate_up = awq_search_clip(gu.data(), F, H, 0, gsz, st[2], p.s_ffn, o.clip_grid, o.max_shrink, name(first));
   p.clip_down =
       awq_search_clip(down.data(), H, I, 0, gsz, st[3], p.s_down, o.clip_grid, o.max_shrink, name(names::kDown));
   return p;
@@ -275,6 +297,9 @@ bool awq_transform(const ModelSpec& spec, const AwqLayerPlan& p, const std::stri
                    int64_t cols, int64_t gsz) {
   const int64_t Q = spec.q_size(), KV = spec.kv_size(), I = spec.intermediate_size;
   if (suffix == names::kAttnNorm) {
+    divide_norm(spec, w, p.s_attn);
+  } else if (suffix == names::kAttnNormBias) {
+    // LayerNorm: y = n(x) * w + b, so dividing y by s divides both w and b.
     divide(w, p.s_attn);
   } else if (suffix == names::kQkv) {
     scale_cols(w, rows, cols, p.s_attn);
@@ -287,6 +312,8 @@ bool awq_transform(const ModelSpec& spec, const AwqLayerPlan& p, const std::stri
     if (!p.s_vo.empty()) scale_cols(w, rows, cols, p.s_vo);
     if (!p.clip_o.empty()) awq_apply_clip(w, rows, cols, 0, gsz, p.clip_o);
   } else if (suffix == names::kFfnNorm) {
+    divide_norm(spec, w, p.s_ffn);
+  } else if (suffix == names::kFfnNormBias) {
     divide(w, p.s_ffn);
   } else if (suffix == names::kGateUp) {
     scale_cols(w, rows, cols, p.s_ffn);
@@ -294,8 +321,11 @@ bool awq_transform(const ModelSpec& spec, const AwqLayerPlan& p, const std::stri
     if (!p.clip_gate_up.empty()) awq_apply_clip(w, rows, cols, 0, gsz, p.clip_gate_up);
   } else if (suffix == names::kGateUpBias) {
     divide(w + I, p.s_down);
+  } else if (suffix == names::kUp) {  // a non-gated MLP's first projection: ffn_norm's scales only
+    scale_cols(w, rows, cols, p.s_ffn);
+    if (!p.clip_gate_up.empty()) awq_apply_clip(w, rows, cols, 0, gsz, p.clip_gate_up);
   } else if (suffix == names::kDown) {
-    scale_cols(w, rows, cols, p.s_down);
+    if (!p.s_down.empty()) scale_cols(w, rows, cols, p.s_down);
     if (!p.clip_down.empty()) awq_apply_clip(w, rows, cols, 0, gsz, p.clip_down);
   } else {
     return false;
@@ -341,7 +371,12 @@ AwqPlan awq_plan(const std::filesystem::path& workspace, const AwqOptions& o, in
     plan.passes++;
     for (int64_t l = l0; l < l1; ++l) {
       check_interrupt();
-      BlockContext bc{m.backend.get(), block_loss ? &obs.inputs(l) : nullptr, cached, blocks.seqlen, o.batch_tokens};
+      BlockContext bc{m.backend.get(),
+                      &m.model->graph().blocks[size_t(l)],
+                      block_loss ? &obs.inputs(l) : nullptr,
+                      cached,
+                      blocks.seqlen,
+                      o.batch_tokens};
       plan.layers.push_back(plan_layer(pool, *m.workspace, spec, l, obs.layer(l), o, gsz, bc));
       if (dump) dump->layer(obs.inputs(l), plan.layers.back());
       obs.layer(l) = {};  // release this layer's Grams and cached inputs before the next search

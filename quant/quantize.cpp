@@ -65,8 +65,9 @@ ordered_json output_document(const Workspace& src, const WeightQuantization& q, 
 }
 
 bool awq_touches(const std::string& suffix) {
-  for (const char* n : {names::kAttnNorm, names::kQkv, names::kQkvBias, names::kO, names::kFfnNorm, names::kGateUp,
-                        names::kGateUpBias, names::kDown})
+  for (const char* n : {names::kAttnNorm, names::kAttnNormBias, names::kQkv, names::kQkvBias, names::kO,
+                        names::kFfnNorm, names::kFfnNormBias, names::kGateUp, names::kGateUpBias, names::kUp,
+                        names::kDown})
     if (suffix == n) return true;
   return false;
 }
@@ -95,7 +96,7 @@ ordered_json awq_document(const AwqPlan& p, const QuantizeOptions& opt) {
     ordered_json a = {{"attn_norm->qkv", l.a_attn}};
     a["v->o"] = l.s_vo.empty() ? ordered_json(nullptr) : ordered_json(l.a_vo);
     a["ffn_norm->gate_up"] = l.a_ffn;
-    a["up->down"] = l.a_down;
+    a["up->down"] = l.s_down.empty() ? ordered_json(nullptr) : ordered_json(l.a_down);  // null: not gated
     layers.push_back(a);
   }
   return {{"data", fs::absolute(opt.awq.data).lexically_normal().string()},
@@ -136,7 +137,7 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
   q.bits = opt.bits;
   q.group_size = opt.group_size;
   q.zero_point = true;
-  q.modules = default_quantized_modules();
+  q.modules = default_quantized_modules(src.spec());
   // --awq-fold-only: the smoothing scales folded in, weights left unquantized (an exactness check of the folding).
   const bool fold_only = awq && opt.awq.fold_only;
   if (fold_only) q = WeightQuantization{};

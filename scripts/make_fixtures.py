@@ -14,13 +14,21 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, Glm4Config,
+                          Glm4ForCausalLM, GlmConfig, GlmForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=256, rms_norm_eps=1e-5)
 LLAMA_VOCAB = 32000    # the llama2 test tokenizer
 QWEN_VOCAB = 151936    # the qwen3 test tokenizer (padded vocabulary, as in the real models)
+SMALL = dict(vocab_size=LLAMA_VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+GEMMA = dict(vocab_size=LLAMA_VOCAB, head_dim=16, query_pre_attn_scalar=16, sliding_window=16, bos_token_id=1,
+             eos_token_id=2, pad_token_id=0)
+# GPT-2 takes its own config keys (n_embd, n_layer, ...); the llama2 test tokenizer stands in for GPT-2's BPE.
+GPT2_COMMON = dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, vocab_size=LLAMA_VOCAB, bos_token_id=1,
+                   eos_token_id=2)
 
 # name -> (config class, model class, config overrides, dtype, max_shard_size or None, tokenizer)
 VARIANTS = {
@@ -53,6 +61,31 @@ VARIANTS = {
                         torch.bfloat16, None, "qwen3"),
     # Appended, not inserted: each variant's seed is its position, so the others keep their weights.
     "llama-fp16": (LlamaConfig, LlamaForCausalLM, dict(vocab_size=LLAMA_VOCAB), torch.float16, None, "llama2"),
+    # GPT-2: tied head and tanh GELU (gelu_new) by default; one variant untied with exact GELU and a wider MLP.
+    "gpt2-fp32": (GPT2Config, GPT2LMHeadModel, dict(), torch.float32, None, "llama2"),
+    "gpt2-bf16-sharded": (GPT2Config, GPT2LMHeadModel, dict(), torch.bfloat16, "300KB", "llama2"),
+    "gpt2-gelu-untied-fp32": (GPT2Config, GPT2LMHeadModel,
+                              dict(activation_function="gelu", n_inner=96, tie_word_embeddings=False),
+                              torch.float32, None, "llama2"),
+    # Gemma 2: one sliding layer (window 16) and one global; soft-caps small enough to bite on random weights.
+    "gemma2-fp32": (Gemma2Config, Gemma2ForCausalLM, dict(GEMMA, attn_logit_softcapping=1.0,
+                                                          final_logit_softcapping=0.5), torch.float32, None, "llama2"),
+    "gemma2-bf16-sharded": (Gemma2Config, Gemma2ForCausalLM, dict(GEMMA), torch.bfloat16, "200KB", "llama2"),
+    # Gemma 3: q/k norms, a local RoPE base for the sliding layer and linear scaling on the global one.
+    "gemma3-fp32": (Gemma3TextConfig, Gemma3ForCausalLM,
+                    dict(GEMMA, layer_types=["sliding_attention", "full_attention"],
+                         rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                             "rope_theta": 100000.0},
+                                          "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+                    torch.float32, None, "llama2"),
+    # GLM-4: interleaved RoPE on half of each head, q/k/v biases, fused gate_up_proj; GLM-4-0414 adds post-norms.
+    "glm-fp32": (GlmConfig, GlmForCausalLM, dict(SMALL, head_dim=16), torch.float32, None, "llama2"),
+    "glm4-fp32": (Glm4Config, Glm4ForCausalLM, dict(SMALL, head_dim=16), torch.float32, None, "llama2"),
+    "glm4-bf16-sharded": (Glm4Config, Glm4ForCausalLM, dict(SMALL, head_dim=16), torch.bfloat16, "200KB", "llama2"),
+    # Phi-3: fused qkv_proj and gate_up_proj, a sliding window, partial rotary in one variant.
+    "phi3-fp32": (Phi3Config, Phi3ForCausalLM, dict(SMALL, sliding_window=24), torch.float32, None, "llama2"),
+    "phi3-partial-bf16-sharded": (Phi3Config, Phi3ForCausalLM, dict(SMALL, partial_rotary_factor=0.5),
+                                  torch.bfloat16, "200KB", "llama2"),
 }
 
 
@@ -63,7 +96,7 @@ def randomize(model, seed):
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if "norm" in name:
+            if ("norm" in name or ".ln_" in name) and name.endswith("weight"):
                 p.copy_(1.0 + 0.1 * noise)
             else:
                 p.copy_(0.05 * noise)
@@ -71,7 +104,7 @@ def randomize(model, seed):
 
 def make(name, out, tokenizers, seed):
     cfg_cls, model_cls, overrides, dtype, shard, tok = VARIANTS[name]
-    config = cfg_cls(**{**COMMON, **overrides})
+    config = cfg_cls(**{**(GPT2_COMMON if cfg_cls is GPT2Config else COMMON), **overrides})
     torch.manual_seed(seed)
     model = model_cls(config)
     randomize(model, seed)
@@ -96,8 +129,8 @@ def main():
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     index = []
-    for i, name in enumerate(args.only or VARIANTS):
-        index.append(make(name, args.out, args.tokenizers, seed=1000 + i))
+    for name in args.only or VARIANTS:
+        index.append(make(name, args.out, args.tokenizers, seed=1000 + list(VARIANTS).index(name)))
         print(f"{args.out / name}: written")
     (args.out / "index.json").write_text(json.dumps(index, indent=2) + "\n")
 

@@ -48,7 +48,7 @@ static ordered_json inspect_path(const std::filesystem::path& path) {
     out["kind"] = "hf_checkpoint";
     out["path"] = path.string();
     const ModelSpec spec = spec_from_hf_config(ckpt.config(), ckpt.generation_config(), label);
-    check_config_against_tensors(ckpt, spec, find_architecture(ckpt.config(), label).names->embedding, label);
+    check_config_against_tensors(ckpt, spec, find_architecture(ckpt.config(), label), label);
     out["model"] = spec_to_json(spec);
     auto td = ckpt.config().find("torch_dtype");
     out["config_dtype"] = td != ckpt.config().end() ? *td : nlohmann::json(nullptr);

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/backend/backend_ops.h"
 #include "runtime/core/dtype.h"
 #include "runtime/core/error.h"
 
@@ -53,8 +54,8 @@ class EmbeddingTable {
 struct AttentionSequence {
   int64_t row_begin = 0;
   int64_t row_count = 0;
-  int64_t context_len = 0;                // tokens in the cache after this step, the new ones included
-  std::span<const int32_t> block_table;   // cache blocks holding positions [0, context_len)
+  int64_t context_len = 0;               // tokens in the cache after this step, the new ones included
+  std::span<const int32_t> block_table;  // cache blocks holding positions [0, context_len)
 };
 
 // A linear weight in the workspace's canonical int4 layout (docs/int4_layout.md): qweight [out, in/2] (two inputs
@@ -69,8 +70,16 @@ struct Int4WeightView {
 
 struct AttentionParams {
   int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
-  float scale = 1.0f;          // applied to q·k (1/sqrt(head_dim))
+  float scale = 1.0f;          // applied to q·k (usually 1/sqrt(head_dim))
   int64_t sliding_window = 0;  // >0: a query at position p sees keys at positions > p - sliding_window
+  float softcap = 0;           // >0: scores s -> softcap * tanh(s / softcap) before the softmax (Gemma 2)
+};
+
+// Which dims of each head RoPE rotates, and how they pair up (backend_ops.h, rope).
+struct RopeLayout {
+  int64_t head_dim = 0;
+  int64_t rotary_dim = 0;    // the leading dims that rotate (even, <= head_dim)
+  bool interleaved = false;  // pairs (2i, 2i+1) rather than (i, i + rotary_dim/2)
 };
 
 class Backend {
@@ -96,45 +105,8 @@ class Backend {
   // A table that can also serve as the output head (tied embeddings): the same bytes, packed for matmul.
   virtual std::unique_ptr<LinearWeight> pack_tied_head(const EmbeddingTable& table) = 0;
 
-  // ---- ops. Row strides are in floats; `rows` counts tokens.
-  // out[r] = table[ids[r]]
-  virtual void embedding(const EmbeddingTable& table, std::span<const int32_t> ids, float* out) = 0;
-  // y[r] = x[r] / rms(x[r]) * w, over `dim` elements; x and y may alias.
-  virtual void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t dim, float eps) = 0;
-  // The residual add fused with the next RMSNorm: x += r, then y = rms_norm(x) * w. y may alias r. Backends that
-  // gain nothing from fusing keep this default.
-  virtual void add_rms_norm(float* x, const float* r, const float* w, float* y, int64_t rows, int64_t dim, float eps) {
-    add(x, r, rows * dim);
-    rms_norm(x, w, y, rows, dim, eps);
-  }
-  // RMSNorm of each head_dim-sized head of each row, in place: rows of `row_stride` floats, heads at the start.
-  virtual void head_rms_norm(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim,
-                             const float* w, float eps) = 0;
-  // y[r, :] = x[r, :] · Wᵀ (x rows are `in` floats, y rows `out` floats).
-  virtual void matmul(const float* x, int64_t rows, const LinearWeight& w, float* y) = 0;
-  // y[r, :] += b (rows of `dim` floats)
-  virtual void add_bias(float* y, const float* b, int64_t rows, int64_t dim) = 0;
-  // Rotates each head of each row in place (rotate-half convention, as HF Llama): pairs (i, i + head_dim/2) by
-  // angle position[r] * inv_freq[seq_of_row[r]][i]. inv_freq holds head_dim/2 floats per sequence, so dynamic
-  // scaling can differ between sequences of one batch.
-  virtual void rope(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim,
-                    std::span<const int32_t> positions, std::span<const int32_t> seq_of_row,
-                    std::span<const float> inv_freq) = 0;
-  // Stores K and V rows (num_kv_heads * head_dim floats each, row stride in floats) into cache `layer` at the
-  // given slots (block * block_size + offset), converting to the cache dtype.
-  virtual void kv_write(KvCache& cache, int64_t layer, const float* k, const float* v, int64_t rows,
-                        int64_t row_stride, std::span<const int64_t> slots) = 0;
-  // Causal attention of q rows (row stride in floats, heads at the start) over cache `layer`; out rows are
-  // num_heads * head_dim floats. Grouped-query: head h reads kv head h / (num_heads / num_kv_heads).
-  virtual void attention(const float* q, int64_t q_stride, const KvCache& cache, int64_t layer,
-                         std::span<const AttentionSequence> seqs, const AttentionParams& p, float* out) = 0;
-  // out[r, i] = silu(gu[r, i]) * gu[r, inter + i], gate and up side by side in rows of 2*inter floats.
-  virtual void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) = 0;
-  // y += x (n floats): the residual connection.
-  virtual void add(float* y, const float* x, int64_t n) = 0;
-  // out[i, :] = x[rows[i], :] · headᵀ: the output projection for the selected rows only.
-  virtual void logits(const float* x, int64_t dim, std::span<const int32_t> rows, const LinearWeight& head,
-                      float* out) = 0;
+  // ---- ops: see backend_ops.h for what each computes.
+  KILN_BACKEND_OPS(KILN_OP_PURE)
 };
 
 // The CPU backend (runtime/cpu). threads = 0: one per hardware thread (or KILN_THREADS when set).

@@ -21,12 +21,13 @@ std::vector<float> base_inv_freq(double theta, int64_t dim) {
 
 }  // namespace
 
-std::vector<float> rope_inv_freq(const ModelSpec& spec, int64_t seq_len) {
+std::vector<float> rope_inv_freq(const ModelSpec& spec, int64_t seq_len, double theta, bool scaled) {
   const RopeScaling& s = spec.rope_scaling;
-  const int64_t dim = spec.head_dim;
-  if (s.type == "none") return base_inv_freq(spec.rope_theta, dim);
+  const int64_t dim = spec.rotary();
+  const double base_theta = theta > 0 ? theta : spec.rope_theta;
+  if (s.type == "none" || !scaled) return base_inv_freq(base_theta, dim);
   if (s.type == "linear") {
-    auto f = base_inv_freq(spec.rope_theta, dim);
+    auto f = base_inv_freq(base_theta, dim);
     for (float& x : f) x /= float(s.factor);
     return f;
   }
@@ -34,11 +35,11 @@ std::vector<float> rope_inv_freq(const ModelSpec& spec, int64_t seq_len) {
     // transformers uses config.max_position_embeddings here (not original_max_position_embeddings).
     double max_pos = double(spec.max_position_embeddings);
     double len = std::max(double(seq_len), max_pos);
-    double base = spec.rope_theta * std::pow(s.factor * len / max_pos - (s.factor - 1), double(dim) / double(dim - 2));
+    double base = base_theta * std::pow(s.factor * len / max_pos - (s.factor - 1), double(dim) / double(dim - 2));
     return base_inv_freq(base, dim);
   }
   if (s.type == "llama3") {
-    auto f = base_inv_freq(spec.rope_theta, dim);
+    auto f = base_inv_freq(base_theta, dim);
     const float factor = float(s.factor), low = float(s.low_freq_factor), high = float(s.high_freq_factor);
     const float old_ctx = float(s.original_max_position_embeddings);
     const float low_wavelen = old_ctx / low, high_wavelen = old_ctx / high;

@@ -16,8 +16,10 @@
 
 namespace kiln {
 
-// head_dim/2 inverse frequencies for a forward whose sequence reaches `seq_len` positions.
-std::vector<float> rope_inv_freq(const ModelSpec& spec, int64_t seq_len);
+// rotary/2 inverse frequencies (spec.rotary(): head_dim unless RoPE is partial) for a forward whose sequence reaches
+// `seq_len` positions. `theta` > 0 replaces spec.rope_theta (the local base of Gemma 3's sliding-window layers);
+// `scaled` false gives the unscaled frequencies (Gemma 3's local layers ignore the global scaling).
+std::vector<float> rope_inv_freq(const ModelSpec& spec, int64_t seq_len, double theta = 0, bool scaled = true);
 
 // True when the frequencies depend on seq_len (only dynamic NTK scaling).
 inline bool rope_depends_on_length(const ModelSpec& spec) { return spec.rope_scaling.type == "dynamic"; }

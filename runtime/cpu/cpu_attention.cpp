@@ -91,6 +91,7 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
         const int64_t pos = first + j;
         const float* k = load(row_ptr(kbase, r.seq->block_table[size_t(pos / bs)], g, pos % bs), c.k_scale, g);
         scores[j] = dot(qh, k, hd) * p.scale;
+        if (p.softcap > 0) scores[j] = p.softcap * std::tanh(scores[j] / p.softcap);
         max_score = std::max(max_score, scores[j]);
       }
       float sum = 0;

@@ -86,6 +86,26 @@ inline void rms_norm_row(const float* x, const float* w, float* y, int64_t dim, 
   const float inv = 1.0f / std::sqrt(float(ss / double(dim)) + eps);
   for (int64_t i = 0; i < dim; ++i) y[i] = w[i] * (x[i] * inv);
 }
+
+// One LayerNorm row, as torch computes it in fp32: biased variance, (x - mean) * rsqrt(var + eps) * w + b. The sums
+// are taken in double so that the result does not depend on the order (or the row's length) in any visible way.
+inline void layer_norm_row(const float* x, const float* w, const float* b, float* y, int64_t dim, float eps) {
+  double sum = 0;
+  for (int64_t i = 0; i < dim; ++i) sum += x[i];
+  const float mean = float(sum / double(dim));
+  double ss = 0;
+  for (int64_t i = 0; i < dim; ++i) ss += double(x[i] - mean) * double(x[i] - mean);
+  const float inv = 1.0f / std::sqrt(float(ss / double(dim)) + eps);
+  for (int64_t i = 0; i < dim; ++i) y[i] = (x[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
+}
+
+// GELU as torch computes it in fp32: exact x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt 2)), or the tanh approximation
+// 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 x^3))).
+inline float gelu_value(float x, bool tanh_form) {
+  if (!tanh_form) return 0.5f * x * (1.0f + std::erf(x * float(M_SQRT1_2)));
+  const float k = float(M_2_SQRTPI * M_SQRT1_2);  // sqrt(2 / pi)
+  return 0.5f * x * (1.0f + std::tanh(k * (x + 0.044715f * x * x * x)));
+}
 }  // namespace
 
 void CpuBackend::embedding(const EmbeddingTable& table, std::span<const int32_t> ids, float* out) {
@@ -102,6 +122,38 @@ void CpuBackend::embedding(const EmbeddingTable& table, std::span<const int32_t>
 void CpuBackend::rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t dim, float eps) {
   pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) rms_norm_row(x + r * dim, w, y + r * dim, dim, eps);
+  });
+}
+
+void CpuBackend::add_rms_norm(float* x, const float* r, const float* w, float* y, int64_t rows, int64_t dim,
+                              float eps) {
+  // Row by row, the add and the norm touch the row while it is in cache.
+  pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) {
+      float* xr = x + row * dim;
+      const float* rr = r + row * dim;
+      for (int64_t i = 0; i < dim; ++i) xr[i] += rr[i];
+      rms_norm_row(xr, w, y + row * dim, dim, eps);
+    }
+  });
+}
+
+void CpuBackend::layer_norm(const float* x, const float* w, const float* bias, float* y, int64_t rows, int64_t dim,
+                            float eps) {
+  pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) layer_norm_row(x + r * dim, w, bias, y + r * dim, dim, eps);
+  });
+}
+
+void CpuBackend::add_layer_norm(float* x, const float* r, const float* w, const float* bias, float* y, int64_t rows,
+                                int64_t dim, float eps) {
+  pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
+    for (int64_t row = b; row < e; ++row) {
+      float* xr = x + row * dim;
+      const float* rr = r + row * dim;
+      for (int64_t i = 0; i < dim; ++i) xr[i] += rr[i];
+      layer_norm_row(xr, w, bias, y + row * dim, dim, eps);
+    }
   });
 }
 
@@ -127,10 +179,12 @@ void CpuBackend::add_bias(float* y, const float* b, int64_t rows, int64_t dim) {
     for (int64_t i = 0; i < dim; ++i) y[r * dim + i] += b[i];
 }
 
-void CpuBackend::rope(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim,
+void CpuBackend::rope(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, const RopeLayout& layout,
                       std::span<const int32_t> positions, std::span<const int32_t> seq_of_row,
                       std::span<const float> inv_freq) {
-  const int64_t half = head_dim / 2;
+  const int64_t half = layout.rotary_dim / 2, hd = layout.head_dim;
+  // Element i of a pair is at a(i), its partner at c(i): (i, i + half) rotate-half, (2i, 2i + 1) interleaved.
+  const int64_t a_step = layout.interleaved ? 2 : 1, c_off = layout.interleaved ? 1 : half;
   pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
     std::vector<float> cos_(static_cast<size_t>(half)), sin_(static_cast<size_t>(half));
     for (int64_t r = b; r < e; ++r) {
@@ -142,11 +196,12 @@ void CpuBackend::rope(float* x, int64_t rows, int64_t row_stride, int64_t num_he
         sin_[i] = float(std::sin(double(angle)));
       }
       for (int64_t h = 0; h < num_heads; ++h) {
-        float* p = x + r * row_stride + h * head_dim;
+        float* p = x + r * row_stride + h * hd;
         for (int64_t i = 0; i < half; ++i) {
-          const float a = p[i], c = p[i + half];
-          p[i] = a * cos_[i] - c * sin_[i];
-          p[i + half] = c * cos_[i] + a * sin_[i];
+          float* pa = p + i * a_step;
+          const float a = pa[0], c = pa[c_off];
+          pa[0] = a * cos_[i] - c * sin_[i];
+          pa[c_off] = c * cos_[i] + a * sin_[i];
         }
       }
     }
@@ -209,8 +264,33 @@ void CpuBackend::silu_mul(const float* gate_up, float* out, int64_t rows, int64_
   });
 }
 
+void CpuBackend::gelu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter, bool tanh_form) {
+  pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float* g = gate_up + r * 2 * inter;
+      for (int64_t i = 0; i < inter; ++i) out[r * inter + i] = gelu_value(g[i], tanh_form) * g[inter + i];
+    }
+  });
+}
+
+void CpuBackend::gelu(const float* x, float* y, int64_t n, bool tanh_form) {
+  pool_.parallel_for(n, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) y[i] = gelu_value(x[i], tanh_form);
+  });
+}
+
 void CpuBackend::add(float* y, const float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += x[i];
+}
+
+void CpuBackend::scale(float* y, float s, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] *= s;
+}
+
+void CpuBackend::softcap(float* y, int64_t n, float cap) {
+  pool_.parallel_for(n, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) y[i] = cap * std::tanh(y[i] / cap);
+  });
 }
 
 void CpuBackend::logits(const float* x, int64_t dim, std::span<const int32_t> rows, const LinearWeight& head,

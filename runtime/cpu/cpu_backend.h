@@ -48,23 +48,7 @@ class CpuBackend : public Backend {
   std::unique_ptr<EmbeddingTable> load_embedding(const void* data, DType dtype, int64_t rows, int64_t dim) override;
   std::unique_ptr<LinearWeight> pack_tied_head(const EmbeddingTable& table) override;
 
-  void embedding(const EmbeddingTable& table, std::span<const int32_t> ids, float* out) override;
-  void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t dim, float eps) override;
-  void head_rms_norm(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim, const float* w,
-                     float eps) override;
-  void matmul(const float* x, int64_t rows, const LinearWeight& w, float* y) override;
-  void add_bias(float* y, const float* b, int64_t rows, int64_t dim) override;
-  void rope(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim,
-            std::span<const int32_t> positions, std::span<const int32_t> seq_of_row,
-            std::span<const float> inv_freq) override;
-  void kv_write(KvCache& cache, int64_t layer, const float* k, const float* v, int64_t rows, int64_t row_stride,
-                std::span<const int64_t> slots) override;
-  void attention(const float* q, int64_t q_stride, const KvCache& cache, int64_t layer,
-                 std::span<const AttentionSequence> seqs, const AttentionParams& p, float* out) override;
-  void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) override;
-  void add(float* y, const float* x, int64_t n) override;
-  void logits(const float* x, int64_t dim, std::span<const int32_t> rows, const LinearWeight& head,
-              float* out) override;
+  KILN_BACKEND_OPS(KILN_OP_OVERRIDE)
 
  private:
   ThreadPool pool_;

@@ -135,8 +135,8 @@ struct RowMeta {
 __global__ void __launch_bounds__(kWarps * 32)
     attention_kernel(const float* q, int64_t q_stride, const uint8_t* kbase, const uint8_t* vbase, KvLayout L,
                      const float* k_scale, const float* v_scale, const RowMeta* rows, const int32_t* tables,
-                     int64_t num_heads, int64_t group, float score_scale, int64_t window, float* out,
-                     int64_t keys_per_split, float* part_ml, float* part_acc) {
+                     int64_t num_heads, int64_t group, float score_scale, float softcap, int64_t window,
+                     float* out, int64_t keys_per_split, float* part_ml, float* part_acc) {
   const RowMeta meta = rows[blockIdx.x];
   const int64_t h = blockIdx.y, g = h / group, hd = L.head_dim, bs = L.block_size;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -167,7 +167,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       const int64_t d = lane + 32 * t;
       if (d < hd) dot += qv[t] * kv_load(krow, d, L, kdq);
     }
-    const float score = warp_sum(dot) * score_scale;
+    float score = warp_sum(dot) * score_scale;
+    if (softcap > 0) score = softcap * tanhf(score / softcap);
     const float m_new = fmaxf(m, score);
     const float c = expf(m - m_new), p = expf(score - m_new);  // c = 0 on the first key (m = -inf)
     l = l * c + p;
@@ -316,7 +317,8 @@ void CudaBackend::attention(const float* q, int64_t q_stride, const KvCache& cac
   }
   attention_kernel<<<dim3(unsigned(rows.size()), unsigned(p.num_heads), unsigned(splits)), kWarps * 32, 0, stream_>>>(
       q, q_stride, static_cast<const uint8_t*>(cache.keys(layer)), static_cast<const uint8_t*>(cache.values(layer)),
-      layout_of(c), ks, vs, d_rows, d_tables, p.num_heads, p.num_heads / p.num_kv_heads, p.scale, p.sliding_window, out,
+      layout_of(c), ks, vs, d_rows, d_tables, p.num_heads, p.num_heads / p.num_kv_heads, p.scale, p.softcap, p.sliding_window,
+      out,
       keys_per_split, part_ml, part_acc);
   check_launch("attention_kernel");
   if (splits > 1) {

@@ -105,24 +105,7 @@ class CudaBackend : public Backend {
   std::unique_ptr<EmbeddingTable> load_embedding(const void* data, DType dtype, int64_t rows, int64_t dim) override;
   std::unique_ptr<LinearWeight> pack_tied_head(const EmbeddingTable& table) override;
 
-  void embedding(const EmbeddingTable& table, std::span<const int32_t> ids, float* out) override;
-  void rms_norm(const float* x, const float* w, float* y, int64_t rows, int64_t dim, float eps) override;
-  void add_rms_norm(float* x, const float* r, const float* w, float* y, int64_t rows, int64_t dim, float eps) override;
-  void head_rms_norm(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim, const float* w,
-                     float eps) override;
-  void matmul(const float* x, int64_t rows, const LinearWeight& w, float* y) override;
-  void add_bias(float* y, const float* b, int64_t rows, int64_t dim) override;
-  void rope(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim,
-            std::span<const int32_t> positions, std::span<const int32_t> seq_of_row,
-            std::span<const float> inv_freq) override;
-  void kv_write(KvCache& cache, int64_t layer, const float* k, const float* v, int64_t rows, int64_t row_stride,
-                std::span<const int64_t> slots) override;
-  void attention(const float* q, int64_t q_stride, const KvCache& cache, int64_t layer,
-                 std::span<const AttentionSequence> seqs, const AttentionParams& p, float* out) override;
-  void silu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter) override;
-  void add(float* y, const float* x, int64_t n) override;
-  void logits(const float* x, int64_t dim, std::span<const int32_t> rows, const LinearWeight& head,
-              float* out) override;
+  KILN_BACKEND_OPS(KILN_OP_OVERRIDE)
 
  private:
   void* stage_bytes(int slot, const void* src, size_t bytes);
@@ -146,9 +129,16 @@ void launch_embedding(cudaStream_t s, const void* table, DType dtype, int64_t di
                       float* out);
 void launch_rms_norm(cudaStream_t s, float* x, const float* r, const float* w, float* y, int64_t rows, int64_t dim,
                      int64_t row_stride, int64_t heads, float eps);
-void launch_rope(cudaStream_t s, float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim,
-                 const int32_t* positions, const int32_t* seq_of_row, const float* inv_freq);
+// LayerNorm of each row (x += r first when r is set); b may be null, y may alias x or r.
+void launch_layer_norm(cudaStream_t s, float* x, const float* r, const float* w, const float* b, float* y,
+                       int64_t rows, int64_t dim, float eps);
+void launch_rope(cudaStream_t s, float* x, int64_t rows, int64_t row_stride, int64_t num_heads,
+                 const RopeLayout& layout, const int32_t* positions, const int32_t* seq_of_row, const float* inv_freq);
 void launch_silu_mul(cudaStream_t s, const float* gate_up, float* out, int64_t rows, int64_t inter);
+void launch_gelu_mul(cudaStream_t s, const float* gate_up, float* out, int64_t rows, int64_t inter, bool tanh_form);
+void launch_gelu(cudaStream_t s, const float* x, float* y, int64_t n, bool tanh_form);
+void launch_scale(cudaStream_t s, float* y, float scale, int64_t n);
+void launch_softcap(cudaStream_t s, float* y, int64_t n, float cap);
 void launch_add(cudaStream_t s, float* y, const float* x, int64_t n);
 void launch_add_bias(cudaStream_t s, float* y, const float* b, int64_t rows, int64_t dim);
 void launch_gather_rows(cudaStream_t s, const float* x, int64_t dim, const int32_t* rows, int64_t n, float* out);

@@ -1,5 +1,6 @@
-// The CUDA backend's row-wise ops: embedding gather, RMSNorm (plain, per head, and fused with the residual add), RoPE,
-// SiLU-and-mul, adds and casts. Each kernel computes what runtime/cpu/cpu_backend.cpp computes, in the same order
+// The CUDA backend's row-wise ops: embedding gather, RMSNorm (plain, per head, and fused with the residual add),
+// LayerNorm (plain and fused), RoPE (rotate-half or interleaved, full or partial), SiLU/GELU-and-mul, GELU, adds,
+// scales, soft-caps and casts. Each kernel computes what runtime/cpu/cpu_backend.cpp computes, in the same order
 // where the order changes the rounding (RMSNorm's sum of squares in double, RoPE's angle as an fp32 product).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -60,11 +61,36 @@ __global__ void rms_norm_kernel(float* x, const float* r, const float* w, float*
   for (int64_t i = threadIdx.x; i < dim; i += kThreads) yr[i] = w[i] * (xr[i] * inv);
 }
 
-// One block per row: rotate-half RoPE of every head. The angle is the fp32 product position * inv_freq (as
-// transformers); cos/sin are taken in double and rounded, as the CPU backend does.
-__global__ void rope_kernel(float* x, int64_t row_stride, int64_t num_heads, int64_t head_dim, const int32_t* positions,
-                            const int32_t* seq_of_row, const float* inv_freq) {
-  const int64_t r = blockIdx.x, half = head_dim / 2;
+// One block per row (x += r first when r is set), as layer_norm_row in runtime/cpu/cpu_backend.cpp: the mean and the
+// biased variance summed in double, (x - mean) * rsqrt(var + eps) * w + b.
+__global__ void layer_norm_kernel(float* x, const float* r, const float* w, const float* b, float* y, int64_t dim,
+                                  float eps) {
+  float* xr = x + int64_t(blockIdx.x) * dim;
+  float* yr = y + int64_t(blockIdx.x) * dim;
+  double sum = 0;
+  for (int64_t i = threadIdx.x; i < dim; i += kThreads) {
+    float v = xr[i];
+    if (r) {
+      v += r[int64_t(blockIdx.x) * dim + i];
+      xr[i] = v;
+    }
+    sum += v;
+  }
+  const float mean = float(block_sum(sum) / double(dim));
+  double ss = 0;
+  for (int64_t i = threadIdx.x; i < dim; i += kThreads) ss += double(xr[i] - mean) * double(xr[i] - mean);
+  const float inv = 1.0f / sqrtf(float(block_sum(ss) / double(dim)) + eps);
+  for (int64_t i = threadIdx.x; i < dim; i += kThreads) yr[i] = (xr[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
+}
+
+// One block per row: RoPE of the leading rotary_dim dims of every head, pairs (i, i + rotary_dim/2) or (2i, 2i+1).
+// The angle is the fp32 product position * inv_freq (as transformers); cos/sin are taken in double and rounded, as
+// the CPU backend does.
+__global__ void rope_kernel(float* x, int64_t row_stride, int64_t num_heads, int64_t head_dim, int64_t rotary_dim,
+                            bool interleaved, const int32_t* positions, const int32_t* seq_of_row,
+                            const float* inv_freq) {
+  const int64_t r = blockIdx.x, half = rotary_dim / 2;
+  const int64_t a_step = interleaved ? 2 : 1, c_off = interleaved ? 1 : half;
   const float* f = inv_freq + int64_t(seq_of_row[r]) * half;
   const float pos = float(positions[r]);
   for (int64_t t = threadIdx.x; t < num_heads * half; t += blockDim.x) {
@@ -73,11 +99,40 @@ __global__ void rope_kernel(float* x, int64_t row_stride, int64_t num_heads, int
     double s, c;
     sincos(double(angle), &s, &c);
     const float cf = float(c), sf = float(s);
-    float* p = x + r * row_stride + h * head_dim;
-    const float a = p[i], b = p[i + half];
-    p[i] = a * cf - b * sf;
-    p[i + half] = b * cf + a * sf;
+    float* p = x + r * row_stride + h * head_dim + i * a_step;
+    const float a = p[0], b = p[c_off];
+    p[0] = a * cf - b * sf;
+    p[c_off] = b * cf + a * sf;
   }
+}
+
+// GELU as the CPU backend computes it: exact (erf) or the tanh approximation.
+__device__ inline float gelu_value(float x, bool tanh_form) {
+  if (!tanh_form) return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+  return 0.5f * x * (1.0f + tanhf(0.79788456080286536f * (x + 0.044715f * x * x * x)));
+}
+
+__global__ void gelu_mul_kernel(const float* gate_up, float* out, int64_t rows, int64_t inter, bool tanh_form) {
+  for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < rows * inter;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = t / inter, i = t % inter;
+    out[t] = gelu_value(gate_up[r * 2 * inter + i], tanh_form) * gate_up[r * 2 * inter + inter + i];
+  }
+}
+
+__global__ void gelu_kernel(const float* x, float* y, int64_t n, bool tanh_form) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = gelu_value(x[i], tanh_form);
+}
+
+__global__ void scale_kernel(float* y, float s, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] *= s;
+}
+
+__global__ void softcap_kernel(float* y, int64_t n, float cap) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = cap * tanhf(y[i] / cap);
 }
 
 __global__ void silu_mul_kernel(const float* gate_up, float* out, int64_t rows, int64_t inter) {
@@ -139,11 +194,43 @@ void launch_rms_norm(cudaStream_t s, float* x, const float* r, const float* w, f
   check_launch("rms_norm_kernel");
 }
 
-void launch_rope(cudaStream_t s, float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim,
-                 const int32_t* positions, const int32_t* seq_of_row, const float* inv_freq) {
+void launch_layer_norm(cudaStream_t s, float* x, const float* r, const float* w, const float* b, float* y,
+                       int64_t rows, int64_t dim, float eps) {
   if (rows == 0) return;
-  rope_kernel<<<unsigned(rows), 128, 0, s>>>(x, row_stride, num_heads, head_dim, positions, seq_of_row, inv_freq);
+  layer_norm_kernel<<<unsigned(rows), kThreads, 0, s>>>(x, r, w, b, y, dim, eps);
+  check_launch("layer_norm_kernel");
+}
+
+void launch_rope(cudaStream_t s, float* x, int64_t rows, int64_t row_stride, int64_t num_heads,
+                 const RopeLayout& layout, const int32_t* positions, const int32_t* seq_of_row, const float* inv_freq) {
+  if (rows == 0 || layout.rotary_dim == 0) return;
+  rope_kernel<<<unsigned(rows), 128, 0, s>>>(x, row_stride, num_heads, layout.head_dim, layout.rotary_dim,
+                                             layout.interleaved, positions, seq_of_row, inv_freq);
   check_launch("rope_kernel");
+}
+
+void launch_gelu_mul(cudaStream_t s, const float* gate_up, float* out, int64_t rows, int64_t inter, bool tanh_form) {
+  if (rows * inter == 0) return;
+  gelu_mul_kernel<<<grid_for(rows * inter), kThreads, 0, s>>>(gate_up, out, rows, inter, tanh_form);
+  check_launch("gelu_mul_kernel");
+}
+
+void launch_gelu(cudaStream_t s, const float* x, float* y, int64_t n, bool tanh_form) {
+  if (n == 0) return;
+  gelu_kernel<<<grid_for(n), kThreads, 0, s>>>(x, y, n, tanh_form);
+  check_launch("gelu_kernel");
+}
+
+void launch_scale(cudaStream_t s, float* y, float scale, int64_t n) {
+  if (n == 0) return;
+  scale_kernel<<<grid_for(n), kThreads, 0, s>>>(y, scale, n);
+  check_launch("scale_kernel");
+}
+
+void launch_softcap(cudaStream_t s, float* y, int64_t n, float cap) {
+  if (n == 0) return;
+  softcap_kernel<<<grid_for(n), kThreads, 0, s>>>(y, n, cap);
+  check_launch("softcap_kernel");
 }
 
 void launch_silu_mul(cudaStream_t s, const float* gate_up, float* out, int64_t rows, int64_t inter) {

@@ -34,10 +34,21 @@ void CudaBackend::add_bias(float* y, const float* b, int64_t rows, int64_t dim) 
   launch_add_bias(stream_, y, b, rows, dim);
 }
 
-void CudaBackend::rope(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, int64_t head_dim,
+void CudaBackend::layer_norm(const float* x, const float* w, const float* b, float* y, int64_t rows, int64_t dim,
+                             float eps) {
+  // The input is only read when y != x (see rms_norm).
+  launch_layer_norm(stream_, const_cast<float*>(x), nullptr, w, b, y, rows, dim, eps);
+}
+
+void CudaBackend::add_layer_norm(float* x, const float* r, const float* w, const float* b, float* y, int64_t rows,
+                                 int64_t dim, float eps) {
+  launch_layer_norm(stream_, x, r, w, b, y, rows, dim, eps);
+}
+
+void CudaBackend::rope(float* x, int64_t rows, int64_t row_stride, int64_t num_heads, const RopeLayout& layout,
                        std::span<const int32_t> positions, std::span<const int32_t> seq_of_row,
                        std::span<const float> inv_freq) {
-  launch_rope(stream_, x, rows, row_stride, num_heads, head_dim, stage(1, positions), stage(2, seq_of_row),
+  launch_rope(stream_, x, rows, row_stride, num_heads, layout, stage(1, positions), stage(2, seq_of_row),
               stage(3, inv_freq));
 }
 
@@ -45,6 +56,16 @@ void CudaBackend::silu_mul(const float* gate_up, float* out, int64_t rows, int64
   launch_silu_mul(stream_, gate_up, out, rows, inter);
 }
 
+void CudaBackend::gelu_mul(const float* gate_up, float* out, int64_t rows, int64_t inter, bool tanh_form) {
+  launch_gelu_mul(stream_, gate_up, out, rows, inter, tanh_form);
+}
+
+void CudaBackend::gelu(const float* x, float* y, int64_t n, bool tanh_form) { launch_gelu(stream_, x, y, n, tanh_form); }
+
 void CudaBackend::add(float* y, const float* x, int64_t n) { launch_add(stream_, y, x, n); }
+
+void CudaBackend::scale(float* y, float s, int64_t n) { launch_scale(stream_, y, s, n); }
+
+void CudaBackend::softcap(float* y, int64_t n, float cap) { launch_softcap(stream_, y, n, cap); }
 
 }  // namespace kiln::cuda

@@ -1,15 +1,18 @@
 #pragma once
-// A decoder-only transformer (Llama, Mistral, Qwen2, Qwen3) loaded from a workspace into a backend. There is one
-// forward: a ragged batch of sequences, each contributing some new tokens (a prefill chunk, a single decode token, or
-// a whole evaluation window) on top of what its paged KV cache already holds. Serving, chat, eval and calibration
-// all run through it.
+// A decoder-only transformer loaded from a workspace into a backend: the layer graph its architecture's builder makes
+// from the spec (runtime/model/graph.h), its layers loaded under their canonical names. There is one forward: a
+// ragged batch of sequences, each contributing some new tokens (a prefill chunk, a single decode token, or a whole
+// evaluation window) on top of what its paged KV cache already holds. Serving, chat, eval and calibration all run
+// through it.
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "runtime/backend/backend.h"
 #include "runtime/kv/kv_cache.h"
+#include "runtime/model/graph.h"
 #include "runtime/model/model_spec.h"
 
 namespace kiln {
@@ -27,10 +30,10 @@ struct BatchEntry {
 // when an observer is passed, and costs nothing otherwise.
 class ForwardObserver {
  public:
-  enum class Linear { Qkv, O, GateUp, Down };
   virtual ~ForwardObserver() = default;
-  // The input of a linear layer: `rows` rows of `cols` floats (the whole ragged batch).
-  virtual void on_linear_input(int64_t layer, Linear which, const float* x, int64_t rows, int64_t cols) = 0;
+  // The input of linear layer `name` (its canonical weight name without ".weight", e.g. "layers.3.attn.qkv"):
+  // `rows` rows of `cols` floats (the whole ragged batch).
+  virtual void on_linear_input(const std::string& name, const float* x, int64_t rows, int64_t cols) = 0;
   // K and V of the new rows as written to the cache (after RoPE, and after the k-norm where the model has one):
   // [tokens][kv_heads][head_dim] each, in fp32 before any rounding to the cache dtype.
   virtual void on_kv(int64_t layer, const float* k, const float* v, int64_t tokens, int64_t kv_heads,
@@ -56,6 +59,7 @@ class Model {
   ~Model();
 
   const ModelSpec& spec() const { return spec_; }
+  const ModelGraph& graph() const { return graph_; }
   Backend& backend() { return backend_; }
 
   // A cache configuration for this model holding up to `max_tokens` positions (over all sequences). int8-static
@@ -67,18 +71,17 @@ class Model {
   ForwardResult forward(std::span<BatchEntry> batch, KvCache& cache, ForwardObserver* observer = nullptr);
 
  private:
-  struct Layer;
-  struct Scratch;
+  struct Block;
   void load(const Workspace& ws);
-  std::unique_ptr<Buffer> upload_f32(const Workspace& ws, const std::string& name);
 
   ModelSpec spec_;
+  ModelGraph graph_;
   Backend& backend_;
-  std::unique_ptr<EmbeddingTable> embedding_;
-  std::vector<Layer> layers_;
-  std::unique_ptr<Buffer> final_norm_;
+  Embedding embedding_;
+  std::vector<Block> blocks_;
+  Norm final_norm_;
   std::unique_ptr<LinearWeight> head_;
-  std::unique_ptr<Scratch> scratch_;
+  Scratch scratch_;
   std::vector<float> kv_k_scale_, kv_v_scale_;  // static INT8 KV scales; empty when the workspace has none
   std::string kv_scales_label_;                 // the workspace, for the error when they are missing
 };

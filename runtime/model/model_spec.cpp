@@ -20,27 +20,45 @@ nlohmann::ordered_json spec_to_json(const ModelSpec& s) {
   }
   if (s.rope_scaling.type == "llama3" || s.rope_scaling.type == "dynamic")
     rope["original_max_position_embeddings"] = s.rope_scaling.original_max_position_embeddings;
-  return ordered_json{{"architecture", s.architecture},
-                      {"family", s.family},
-                      {"vocab_size", s.vocab_size},
-                      {"hidden_size", s.hidden_size},
-                      {"intermediate_size", s.intermediate_size},
-                      {"num_layers", s.num_layers},
-                      {"num_heads", s.num_heads},
-                      {"num_kv_heads", s.num_kv_heads},
-                      {"head_dim", s.head_dim},
-                      {"max_position_embeddings", s.max_position_embeddings},
-                      {"norm_eps", s.norm_eps},
-                      {"hidden_act", s.hidden_act},
-                      {"rope", rope},
-                      {"tie_word_embeddings", s.tie_word_embeddings},
-                      {"qkv_bias", s.qkv_bias},
-                      {"o_bias", s.o_bias},
-                      {"mlp_bias", s.mlp_bias},
-                      {"qk_norm", s.qk_norm},
-                      {"sliding_window", s.sliding_window},
-                      {"bos_token_id", s.bos_token_id},
-                      {"eos_token_ids", s.eos_token_ids}};
+  if (s.rope_style != "half") rope["style"] = s.rope_style;
+  if (s.rotary_dim > 0 && s.rotary_dim != s.head_dim) rope["rotary_dim"] = s.rotary_dim;
+  if (s.rope_local_theta > 0) rope["local_theta"] = s.rope_local_theta;
+  ordered_json j{{"architecture", s.architecture},
+                 {"family", s.family},
+                 {"vocab_size", s.vocab_size},
+                 {"hidden_size", s.hidden_size},
+                 {"intermediate_size", s.intermediate_size},
+                 {"num_layers", s.num_layers},
+                 {"num_heads", s.num_heads},
+                 {"num_kv_heads", s.num_kv_heads},
+                 {"head_dim", s.head_dim},
+                 {"max_position_embeddings", s.max_position_embeddings},
+                 {"norm_eps", s.norm_eps},
+                 {"hidden_act", s.hidden_act},
+                 {"rope", rope},
+                 {"tie_word_embeddings", s.tie_word_embeddings},
+                 {"qkv_bias", s.qkv_bias},
+                 {"o_bias", s.o_bias},
+                 {"mlp_bias", s.mlp_bias},
+                 {"qk_norm", s.qk_norm},
+                 {"sliding_window", s.sliding_window},
+                 {"bos_token_id", s.bos_token_id},
+                 {"eos_token_ids", s.eos_token_ids}};
+  // The layer-graph fields, only where they differ from the Llama block (older kilns read the rest unchanged).
+  const ModelSpec d;
+  if (s.norm != d.norm) j["norm"] = s.norm;
+  if (s.norm_bias) j["norm_bias"] = true;
+  if (s.norm_plus_one) j["norm_plus_one"] = true;
+  if (!s.mlp_gated) j["mlp_gated"] = false;
+  if (s.learned_positions) j["learned_positions"] = true;
+  if (!s.sliding_layers.empty()) j["sliding_layers"] = s.sliding_layers;
+  if (s.query_scale > 0) j["query_scale"] = s.query_scale;
+  if (s.attn_softcap > 0) j["attn_softcap"] = s.attn_softcap;
+  if (s.final_softcap > 0) j["final_softcap"] = s.final_softcap;
+  if (s.embedding_scale > 0) j["embedding_scale"] = s.embedding_scale;
+  if (s.post_attn_norm) j["post_attn_norm"] = true;
+  if (s.post_ffn_norm) j["post_ffn_norm"] = true;
+  return j;
 }
 
 namespace {
@@ -65,13 +83,33 @@ struct Reader {
   }
   double number(const json& obj, const char* key) const {
     auto it = obj.find(key);
-    if (it == obj.end() || !it->is_number()) throw Error(label + ": model field '" + std::string(key) + "' must be a number");
+    if (it == obj.end() || !it->is_number())
+      throw Error(label + ": model field '" + std::string(key) + "' must be a number");
     return it->get<double>();
   }
   bool boolean(const char* key) const {
     const json& v = at(key);
     if (!v.is_boolean()) throw Error(label + ": model field '" + std::string(key) + "' must be true or false");
     return v.get<bool>();
+  }
+  // Optional fields of the layer graph: absent means the Llama block's value.
+  bool opt_boolean(const char* key, bool fallback) const { return j.contains(key) ? boolean(key) : fallback; }
+  double opt_number(const json& obj, const char* key, double fallback) const {
+    if (!obj.contains(key)) return fallback;
+    const double v = number(obj, key);
+    if (v < 0) throw Error(label + ": model field '" + std::string(key) + "' must not be negative");
+    return v;
+  }
+  std::string one_of(const json& obj, const char* key, const std::string& fallback,
+                     std::initializer_list<const char*> allowed) const {
+    if (!obj.contains(key)) return fallback;
+    const json& v = obj[key];
+    std::string list;
+    for (const char* a : allowed) {
+      if (v.is_string() && v.get<std::string>() == a) return a;
+      list += (list.empty() ? "" : ", ") + std::string(a);
+    }
+    throw Error(label + ": model field '" + key + "' must be one of " + list);
   }
   std::string string(const char* key) const {
     const json& v = at(key);
@@ -96,7 +134,6 @@ ModelSpec spec_from_json(const json& j, const std::string& label) {
   s.head_dim = r.positive("head_dim");
   s.max_position_embeddings = r.positive("max_position_embeddings");
   s.norm_eps = r.number(j, "norm_eps");
-  s.hidden_act = r.string("hidden_act");
   const json& rope = r.at("rope");
   if (!rope.is_object()) throw Error(label + ": model field 'rope' must be an object");
   s.rope_theta = r.number(rope, "theta");
@@ -116,6 +153,35 @@ ModelSpec spec_from_json(const json& j, const std::string& label) {
   s.mlp_bias = r.boolean("mlp_bias");
   s.qk_norm = r.boolean("qk_norm");
   s.sliding_window = r.integer("sliding_window");
+  s.hidden_act = r.one_of(j, "hidden_act", s.hidden_act, {"silu", "gelu", "gelu_tanh"});
+  s.rope_style = r.one_of(rope, "style", s.rope_style, {"half", "interleaved"});
+  if (rope.contains("rotary_dim")) {
+    const json& v = rope["rotary_dim"];
+    if (!v.is_number_integer() || v.get<int64_t>() <= 0 || v.get<int64_t>() > s.head_dim || v.get<int64_t>() % 2)
+      throw Error(label + ": model field 'rope.rotary_dim' must be an even integer in 2..head_dim");
+    s.rotary_dim = v.get<int64_t>();
+  }
+  s.rope_local_theta = r.opt_number(rope, "local_theta", 0);
+  s.norm = r.one_of(j, "norm", s.norm, {"rms", "layer"});
+  s.norm_bias = r.opt_boolean("norm_bias", false);
+  s.norm_plus_one = r.opt_boolean("norm_plus_one", false);
+  s.mlp_gated = r.opt_boolean("mlp_gated", true);
+  s.learned_positions = r.opt_boolean("learned_positions", false);
+  if (j.contains("sliding_layers")) {
+    const json& v = j["sliding_layers"];
+    if (!v.is_array() || int64_t(v.size()) != s.num_layers)
+      throw Error(label + ": model field 'sliding_layers' must be a list of num_layers booleans");
+    for (const json& e : v) {
+      if (!e.is_boolean()) throw Error(label + ": model field 'sliding_layers' must hold true or false");
+      s.sliding_layers.push_back(e.get<bool>());
+    }
+  }
+  s.query_scale = r.opt_number(j, "query_scale", 0);
+  s.attn_softcap = r.opt_number(j, "attn_softcap", 0);
+  s.final_softcap = r.opt_number(j, "final_softcap", 0);
+  s.embedding_scale = r.opt_number(j, "embedding_scale", 0);
+  s.post_attn_norm = r.opt_boolean("post_attn_norm", false);
+  s.post_ffn_norm = r.opt_boolean("post_ffn_norm", false);
   s.bos_token_id = r.integer("bos_token_id");
   const json& eos = r.at("eos_token_ids");
   if (!eos.is_array()) throw Error(label + ": model field 'eos_token_ids' must be a list");
@@ -138,13 +204,19 @@ std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& s) {
     out.push_back({name, std::move(shape), -1, name, {rows}, {}});
   };
   global(names::kEmbedding, {s.vocab_size, H});
+  if (s.learned_positions) global(names::kPosEmbedding, {s.max_position_embeddings, H});
   for (int64_t i = 0; i < s.num_layers; ++i) {
     auto add = [&](const char* suffix, std::vector<int64_t> shape, std::vector<int64_t> parts = {}) {
       if (parts.empty()) parts = {shape[0]};
       out.push_back({names::layer(i, suffix), std::move(shape), i, suffix, std::move(parts), {}});
     };
-    const std::vector<int64_t> qkv_parts = {s.q_size(), s.kv_size(), s.kv_size()}, gate_up_parts = {I, I};
-    add(names::kAttnNorm, {H});
+    auto norm = [&](const char* weight, const char* bias) {
+      add(weight, {H});
+      if (s.norm_bias) add(bias, {H});
+    };
+    const std::vector<int64_t> qkv_parts = {s.q_size(), s.kv_size(), s.kv_size()};
+    const std::vector<int64_t> in_parts = s.mlp_gated ? std::vector<int64_t>{I, I} : std::vector<int64_t>{I};
+    norm(names::kAttnNorm, names::kAttnNormBias);
     add(names::kQkv, {qkv, H}, qkv_parts);
     if (s.qkv_bias) add(names::kQkvBias, {qkv}, qkv_parts);
     if (s.qk_norm) {
@@ -153,14 +225,28 @@ std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& s) {
     }
     add(names::kO, {H, s.q_size()});
     if (s.o_bias) add(names::kOBias, {H});
-    add(names::kFfnNorm, {H});
-    add(names::kGateUp, {2 * I, H}, gate_up_parts);
-    if (s.mlp_bias) add(names::kGateUpBias, {2 * I}, gate_up_parts);
+    if (s.post_attn_norm) norm(names::kPostAttnNorm, names::kPostAttnNormBias);
+    norm(names::kFfnNorm, names::kFfnNormBias);
+    add(s.mlp_gated ? names::kGateUp : names::kUp, {s.mlp_in_rows(), H}, in_parts);
+    if (s.mlp_bias) add(s.mlp_gated ? names::kGateUpBias : names::kUpBias, {s.mlp_in_rows()}, in_parts);
     add(names::kDown, {H, I});
     if (s.mlp_bias) add(names::kDownBias, {H});
+    if (s.post_ffn_norm) norm(names::kPostFfnNorm, names::kPostFfnNormBias);
   }
   global(names::kFinalNorm, {H});
+  if (s.norm_bias) global(names::kFinalNormBias, {H});
   if (!s.tie_word_embeddings) global(names::kLmHead, {s.vocab_size, H});
+  return out;
+}
+
+std::vector<LinearModule> linear_modules(const ModelSpec& spec) {
+  std::vector<LinearModule> out;
+  const std::string ext = ".weight";
+  for (const CanonicalTensor& t : canonical_tensors(spec)) {
+    if (t.layer < 0 || t.shape.size() != 2) continue;  // norms and biases are 1-D
+    const std::string module = t.name.substr(0, t.name.size() - ext.size());
+    out.push_back({module, t.layer, t.suffix.substr(0, t.suffix.size() - ext.size()), t.shape[0], t.shape[1]});
+  }
   return out;
 }
 
@@ -177,9 +263,17 @@ bool WeightQuantization::covers(const std::string& weight_suffix) const {
 
 std::vector<std::string> default_quantized_modules() { return {"attn.qkv", "attn.o", "ffn.gate_up", "ffn.down"}; }
 
+std::vector<std::string> default_quantized_modules(const ModelSpec& spec) {
+  if (spec.mlp_gated) return default_quantized_modules();
+  return {"attn.qkv", "attn.o", "ffn.up", "ffn.down"};
+}
+
 nlohmann::ordered_json weight_quantization_to_json(const WeightQuantization& q) {
   if (!q.quantized()) return {{"method", "none"}};
-  return {{"method", q.method}, {"bits", q.bits}, {"group_size", q.group_size}, {"zero_point", q.zero_point},
+  return {{"method", q.method},
+          {"bits", q.bits},
+          {"group_size", q.group_size},
+          {"zero_point", q.zero_point},
           {"modules", q.modules}};
 }
 
@@ -205,10 +299,10 @@ WeightQuantization weight_quantization_from_json(const nlohmann::json& j, const 
     throw Error(f + ".zero_point must be true (the int4 layout always stores zero points)");
   q.zero_point = true;
   if (!w.contains("modules") || !w["modules"].is_array()) throw Error(f + ".modules must be a list");
-  const auto known = default_quantized_modules();
+  const std::vector<std::string> known = {"attn.qkv", "attn.o", "ffn.gate_up", "ffn.up", "ffn.down"};
   for (const json& m : w["modules"]) {
     if (!m.is_string() || std::find(known.begin(), known.end(), m.get<std::string>()) == known.end())
-      throw Error(f + ".modules holds " + m.dump() + ", not one of attn.qkv, attn.o, ffn.gate_up, ffn.down");
+      throw Error(f + ".modules holds " + m.dump() + ", not one of attn.qkv, attn.o, ffn.gate_up, ffn.up, ffn.down");
     q.modules.push_back(m.get<std::string>());
   }
   return q;
@@ -242,6 +336,19 @@ std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& spec, const Weig
 }
 
 std::string names::layer(int64_t i, const char* suffix) { return "layers." + std::to_string(i) + "." + suffix; }
+
+bool names::split_layer(const std::string& name, int64_t& layer, std::string& suffix) {
+  if (name.rfind("layers.", 0) != 0) return false;
+  const size_t dot = name.find('.', 7);
+  if (dot == std::string::npos || dot == 7) return false;
+  layer = 0;
+  for (size_t i = 7; i < dot; ++i) {
+    if (name[i] < '0' || name[i] > '9') return false;
+    layer = layer * 10 + (name[i] - '0');
+  }
+  suffix = name.substr(dot + 1);
+  return true;
+}
 
 }  // namespace kiln
 

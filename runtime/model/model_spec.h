@@ -22,8 +22,8 @@ struct RopeScaling {
 };
 
 struct ModelSpec {
-  std::string architecture;     // the HF class, e.g. "LlamaForCausalLM"
-  std::string family;           // the canonical family, e.g. "llama", "qwen2", "qwen3"
+  std::string architecture;  // the HF class, e.g. "LlamaForCausalLM"
+  std::string family;        // the canonical family, e.g. "llama", "qwen2", "qwen3"
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
   int64_t intermediate_size = 0;
@@ -37,16 +37,42 @@ struct ModelSpec {
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;
   bool tie_word_embeddings = false;
-  bool qkv_bias = false;   // bias on the fused q/k/v projection
-  bool o_bias = false;     // bias on the attention output projection
-  bool mlp_bias = false;   // biases on gate/up and down
-  bool qk_norm = false;    // per-head RMSNorm on q and k before RoPE (Qwen3)
+  bool qkv_bias = false;       // bias on the fused q/k/v projection
+  bool o_bias = false;         // bias on the attention output projection
+  bool mlp_bias = false;       // biases on gate/up and down
+  bool qk_norm = false;        // per-head RMSNorm on q and k before RoPE (Qwen3)
   int64_t sliding_window = 0;  // 0 = full attention
   int64_t bos_token_id = -1;
   std::vector<int64_t> eos_token_ids;
 
+  // The layer graph beyond the Llama block, as data (docs/workspace.md, "model"). Every default is the Llama block,
+  // so a workspace written before these fields existed loads unchanged; kiln.json carries only non-default ones.
+  std::string norm = "rms";          // rms | layer (LayerNorm: mean subtracted)
+  bool norm_bias = false;            // every norm has a bias (X.bias next to X.weight)
+  bool norm_plus_one = false;        // norms apply (1 + w) (Gemma); the workspace stores w as the checkpoint does
+  bool mlp_gated = true;             // act(gate) * up with ffn.gate_up; false: act(up) with ffn.up
+  std::string rope_style = "half";   // half (rotate-half, NeoX/Llama) | interleaved (pairs 2i, 2i+1; GPT-J/GLM)
+  int64_t rotary_dim = 0;            // dims of each head that RoPE rotates (the leading ones); 0: head_dim
+  bool learned_positions = false;    // no RoPE: pos_embeddings.weight [max_position_embeddings, hidden] is added
+  double rope_local_theta = 0;       // RoPE base of sliding-window layers (Gemma 3); 0: rope_theta
+  std::vector<bool> sliding_layers;  // which layers use sliding_window; empty: all of them
+  double query_scale = 0;            // multiplies q·k; 0: 1/sqrt(head_dim)
+  double attn_softcap = 0;           // attention scores s -> c * tanh(s / c); 0: none
+  double final_softcap = 0;          // logits likewise; 0: none
+  double embedding_scale = 0;        // token embeddings multiplied by this; 0: not scaled
+  bool post_attn_norm = false;       // a norm on the attention output before the residual add (Gemma 2/3, GLM-4)
+  bool post_ffn_norm = false;        // likewise on the MLP output
+
   int64_t q_size() const { return num_heads * head_dim; }
   int64_t kv_size() const { return num_kv_heads * head_dim; }
+  int64_t rotary() const { return rotary_dim > 0 ? rotary_dim : head_dim; }
+  // The sliding window of layer `i` (0: full attention).
+  int64_t window(int64_t i) const {
+    if (sliding_layers.empty()) return sliding_window;
+    return i < int64_t(sliding_layers.size()) && sliding_layers[size_t(i)] ? sliding_window : 0;
+  }
+  // Width of the MLP's first projection: gate and up side by side, or up alone.
+  int64_t mlp_in_rows() const { return mlp_gated ? 2 * intermediate_size : intermediate_size; }
 };
 
 nlohmann::ordered_json spec_to_json(const ModelSpec& spec);
@@ -56,28 +82,40 @@ ModelSpec spec_from_json(const nlohmann::json& j, const std::string& label);
 // Canonical engine tensor names, the same for every architecture (see docs/workspace.md).
 namespace names {
 inline const char* kEmbedding = "tok_embeddings.weight";
+inline const char* kPosEmbedding = "pos_embeddings.weight";
 inline const char* kFinalNorm = "norm.weight";
+inline const char* kFinalNormBias = "norm.bias";
 inline const char* kLmHead = "lm_head.weight";
 std::string layer(int64_t i, const char* suffix);  // "layers.{i}.{suffix}"
 inline const char* kAttnNorm = "attn_norm.weight";
+inline const char* kAttnNormBias = "attn_norm.bias";
 inline const char* kQkv = "attn.qkv.weight";
 inline const char* kQkvBias = "attn.qkv.bias";
 inline const char* kQNorm = "attn.q_norm.weight";
 inline const char* kKNorm = "attn.k_norm.weight";
 inline const char* kO = "attn.o.weight";
 inline const char* kOBias = "attn.o.bias";
+inline const char* kPostAttnNorm = "post_attn_norm.weight";
+inline const char* kPostAttnNormBias = "post_attn_norm.bias";
 inline const char* kFfnNorm = "ffn_norm.weight";
+inline const char* kFfnNormBias = "ffn_norm.bias";
 inline const char* kGateUp = "ffn.gate_up.weight";
 inline const char* kGateUpBias = "ffn.gate_up.bias";
+inline const char* kUp = "ffn.up.weight";  // the first projection of a non-gated MLP
+inline const char* kUpBias = "ffn.up.bias";
 inline const char* kDown = "ffn.down.weight";
 inline const char* kDownBias = "ffn.down.bias";
+inline const char* kPostFfnNorm = "post_ffn_norm.weight";
+inline const char* kPostFfnNormBias = "post_ffn_norm.bias";
+// Splits "layers.{i}.{suffix}" into i and suffix; false for a name outside the layer stack.
+bool split_layer(const std::string& name, int64_t& layer, std::string& suffix);
 }  // namespace names
 
 struct CanonicalTensor {
   std::string name;
   std::vector<int64_t> shape;
-  int64_t layer = -1;      // -1 for tensors outside the layer stack
-  std::string suffix;      // the name without "layers.{i}." (equal to name outside the stack)
+  int64_t layer = -1;              // -1 for tensors outside the layer stack
+  std::string suffix;              // the name without "layers.{i}." (equal to name outside the stack)
   std::vector<int64_t> part_rows;  // rows of each fused part along dim 0 (q, k, v / gate, up); one entry if unfused
   std::optional<DType> dtype;      // set where the format fixes the dtype (int4 parts); else the workspace dtype
 };
@@ -85,6 +123,16 @@ struct CanonicalTensor {
 // Every tensor a model with this spec has, in the workspace's fixed order. Shapes follow the HF (out, in) convention
 // for linear weights; fused tensors concatenate their parts along dim 0 (q, k, v and gate, up).
 std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& spec);
+
+// The linear layers of the layer stack in canonical order: name "layers.{i}.attn.qkv", suffix "attn.qkv", and the
+// weight's [out, in]. Observers see their inputs under these names (runtime/model/model.h).
+struct LinearModule {
+  std::string name;
+  int64_t layer = 0;
+  std::string suffix;
+  int64_t out = 0, in = 0;
+};
+std::vector<LinearModule> linear_modules(const ModelSpec& spec);
 
 // kiln.json quantization.weights (docs/int4_layout.md). method "none": every weight in the workspace dtype.
 // Otherwise each linear layer named in `modules` (canonical suffixes without ".weight": "attn.qkv", "attn.o",
@@ -99,6 +147,8 @@ struct WeightQuantization {
 };
 // The linear layers kiln quantizes by default: every linear of the layer stack (embeddings and lm_head stay 16-bit).
 std::vector<std::string> default_quantized_modules();
+// The same for a given model: a non-gated MLP's first projection is ffn.up.
+std::vector<std::string> default_quantized_modules(const ModelSpec& spec);
 nlohmann::ordered_json weight_quantization_to_json(const WeightQuantization& q);
 // Reads kiln.json's quantization.weights; an absent block means "none". Throws naming the field when malformed.
 WeightQuantization weight_quantization_from_json(const nlohmann::json& kiln_json, const std::string& label);

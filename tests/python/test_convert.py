@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from arch_oracle import canonical_from_state_dict
 from conftest import kiln_binary, run_kiln
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -37,6 +38,9 @@ def expected_canonical(hf_dir: Path, dtype):
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype="auto")
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     cfg = model.config
+    other = canonical_from_state_dict(cfg.architectures[0], sd, cfg)  # GPT-2, Gemma, GLM, Phi-3
+    if other is not None:
+        return cfg, {k: v.to(dtype) for k, v in other.items()} if dtype is not None else other
     out = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"]}
     if not cfg.tie_word_embeddings:
         out["lm_head.weight"] = sd["lm_head.weight"]
@@ -97,9 +101,11 @@ def test_every_tensor_arrives_exactly(fixtures, tmp_path, dtype):
         want_head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         assert m["head_dim"] == want_head_dim, (name, m["head_dim"], want_head_dim)
         assert m["tie_word_embeddings"] == config.tie_word_embeddings
-        rp = config.rope_parameters
-        assert m["rope"]["theta"] == rp["rope_theta"]
-        assert m["rope"]["scaling"] == (rp["rope_type"] if rp["rope_type"] != "default" else "none")
+        rp = getattr(config, "rope_parameters", None) or {}
+        rp = rp.get("full_attention", rp)  # Gemma 3: the global layers' parameters
+        if "rope_theta" in rp:  # GPT-2 has learned positions instead
+            assert m["rope"]["theta"] == rp["rope_theta"]
+            assert m["rope"]["scaling"] == (rp["rope_type"] if rp["rope_type"] != "default" else "none")
         if dtype == "auto":
             names = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # llama-fp16 is an fp16 source
             assert meta["dtype"] == names[str(config.dtype).replace("torch.", "")]

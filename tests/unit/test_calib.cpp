@@ -90,9 +90,9 @@ TEST(CalibObserver, StatisticsMatchDirectComputation) {
   StatsObserver obs(s);
   const float x1[] = {1, -2, 3, -4, 5, 0.5f};
   const float x2[] = {0, 1, -7};
-  obs.on_linear_input(0, ForwardObserver::Linear::Qkv, x1, 2, 3);
-  obs.on_linear_input(0, ForwardObserver::Linear::Qkv, x2, 1, 3);  // a second batch accumulates
-  const ChannelStats& c = obs.layers()[0].linear[0];
+  obs.on_linear_input("layers.0.attn.qkv", x1, 2, 3);
+  obs.on_linear_input("layers.0.attn.qkv", x2, 1, 3);  // a second batch accumulates
+  const ChannelStats& c = obs.linear("layers.0.attn.qkv");
   EXPECT_EQ(c.rows, 3);
   EXPECT_DOUBLE_EQ(c.abs_sum[1], 8.0);
   EXPECT_DOUBLE_EQ(c.sq_sum[2], 9 + 0.25 + 49);
@@ -104,7 +104,9 @@ TEST(CalibObserver, StatisticsMatchDirectComputation) {
   EXPECT_EQ(r.min, (std::vector<float>{-3, -1}));
   EXPECT_EQ(r.max, (std::vector<float>{1, 4}));
   EXPECT_EQ(r.abs_max, (std::vector<float>{3, 4}));
-  EXPECT_EQ(linear_input_prefix(2, ForwardObserver::Linear::Down), "layers.2.ffn.down.input");
+  EXPECT_EQ(linear_input_prefix("layers.2.ffn.down"), "layers.2.ffn.down.input");
+  EXPECT_EQ(obs.linears().size(), 4u);  // qkv, o, gate_up, down of the one layer
+  EXPECT_THROW(obs.on_linear_input("layers.1.attn.qkv", x2, 1, 3), Error);
 }
 
 }  // namespace

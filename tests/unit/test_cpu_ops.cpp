@@ -170,7 +170,7 @@ TEST(CpuOps, RopeRotatesHalvesPerSequenceFrequencies) {
   std::vector<int32_t> pos{0, 5, 17, 300}, seq{0, 0, 1, 1};
   std::vector<float> inv = randn(2 * hd / 2, 12, 0.5f);
   std::vector<float> y = x;
-  backend.rope(y.data(), rows, stride, heads, hd, pos, seq, inv);
+  backend.rope(y.data(), rows, stride, heads, RopeLayout{hd, hd, false}, pos, seq, inv);
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t h = 0; h < heads; ++h)
       for (int64_t i = 0; i < hd / 2; ++i) {

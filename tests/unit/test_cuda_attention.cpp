@@ -1,7 +1,7 @@
 // CUDA backend parity, paged KV cache: kv_write must store byte-identical rows to the CPU backend for every cache
 // dtype (fp32/fp16/bf16 conversions and the int8 codes and scales of docs/kv_cache.md are deterministic), and
 // attention over those rows must match the CPU backend's for prefill, decode, mixed batches, block boundaries,
-// non-contiguous block tables, grouped-query heads, a sliding window, and long contexts (the CUDA kernel splits the
+// non-contiguous block tables, grouped-query heads, a sliding window, soft-capped scores, and long contexts (the CUDA kernel splits the
 // keys of a decode row and merges the splits; past 64 splits they grow beyond 256 keys). Attention tolerance:
 // 5e-6 absolute + 1e-5 relative (the same stored rows; only the softmax summation order and FMA contraction differ:
 // a numpy simulation of both orders over 1500 keys stays under a quarter of it).
@@ -26,6 +26,7 @@ struct Scenario {
   std::vector<int64_t> lengths;   // context length of each sequence after the step
   std::vector<int64_t> new_rows;  // query rows of each sequence (the last positions)
   int64_t window = 0;
+  float softcap = 0;
 };
 
 KvCacheConfig config(KvDType dt, int64_t hd, int32_t num_blocks = 1100) {
@@ -79,6 +80,7 @@ CacheRun fill_and_attend(Backend& b, const KvCacheConfig& c, const Scenario& s, 
   p.head_dim = hd;
   p.scale = 1.0f / std::sqrt(float(hd));
   p.sliding_window = s.window;
+  p.softcap = s.softcap;
   b.attention(qb->f32(), q_stride, cache, 1, att, p, out->f32());
 
   CacheRun r;
@@ -97,6 +99,7 @@ const std::vector<Scenario>& scenarios() {
       {"decode at block boundaries", {1, 16, 17, 32}, {1, 1, 1, 1}},
       {"mixed prefill chunk and decode", {50, 9}, {20, 1}},
       {"sliding window", {45, 30}, {45, 2}, 8},
+      {"soft-capped scores", {40, 300}, {40, 1}, 0, 2.0f},
       {"long context decode (key splits)", {1500}, {1}},
       {"decode past the key-split cap", {16500}, {1}},
   };

@@ -122,7 +122,7 @@ TEST(CudaOps, RopeEveryScalingVariant) {
     freq.insert(freq.end(), second.begin(), second.end());
     auto run = [&](Backend& b) {
       return run_in_place(b, x, [&](Backend& be, float* p) {
-        be.rope(p, rows, stride, heads, spec.head_dim, positions, seq_of_row, freq);
+        be.rope(p, rows, stride, heads, RopeLayout{spec.head_dim, spec.head_dim, false}, positions, seq_of_row, freq);
       });
     };
     expect_close(run(gpu), run(cuda_test::cpu_backend()), 1e-5f, 1e-5f, std::string("rope ") + type);

@@ -69,8 +69,8 @@ float round_to(float v, KvDType dt) {
 }
 
 // Naive attention of one query (position p) over contiguous keys/values [pos][kv_head][hd].
-void naive_attention(const float* q, const std::vector<float>& k, const std::vector<float>& v, int64_t p,
-                     int64_t heads, int64_t kv_heads, int64_t hd, int64_t window, float* out) {
+void naive_attention(const float* q, const std::vector<float>& k, const std::vector<float>& v, int64_t p, int64_t heads,
+                     int64_t kv_heads, int64_t hd, int64_t window, float* out, double softcap = 0) {
   for (int64_t h = 0; h < heads; ++h) {
     const int64_t g = h / (heads / kv_heads);
     const int64_t first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
@@ -80,6 +80,7 @@ void naive_attention(const float* q, const std::vector<float>& k, const std::vec
       double d = 0;
       for (int64_t i = 0; i < hd; ++i) d += double(q[h * hd + i]) * k[size_t((j * kv_heads + g) * hd + i)];
       s.push_back(d / std::sqrt(double(hd)));
+      if (softcap > 0) s.back() = softcap * std::tanh(s.back() / softcap);
       m = std::max(m, s.back());
     }
     double sum = 0;
@@ -92,10 +93,11 @@ void naive_attention(const float* q, const std::vector<float>& k, const std::vec
   }
 }
 
-class PagedAttention : public ::testing::TestWithParam<std::tuple<KvDType, int64_t>> {};
+// (cache dtype, sliding window, score soft-cap)
+class PagedAttention : public ::testing::TestWithParam<std::tuple<KvDType, int64_t, float>> {};
 
 TEST_P(PagedAttention, MatchesContiguousNaiveAttention) {
-  const auto [dt, window] = GetParam();
+  const auto [dt, window, softcap] = GetParam();
   cpu::CpuBackend backend(2);
   const int64_t heads = 4, kvh = 2, hd = 8, kv_size = kvh * hd;
   KvCache cache(backend, small_config(16, dt));
@@ -133,21 +135,23 @@ TEST_P(PagedAttention, MatchesContiguousNaiveAttention) {
   std::vector<float> q(size_t(rows * q_stride));
   for (auto& x : q) x = nd(g);
   std::vector<AttentionSequence> as{{0, 3, 13, seqs[0].kv.blocks}, {3, 1, 1, seqs[1].kv.blocks}};
-  AttentionParams p{heads, kvh, hd, float(1 / std::sqrt(8.0)), window};
+  AttentionParams p{heads, kvh, hd, float(1 / std::sqrt(8.0)), window, softcap};
   std::vector<float> out(size_t(rows * heads * hd));
   backend.attention(q.data(), q_stride, cache, 1, as, p, out.data());
   std::vector<float> ref(size_t(heads * hd));
   for (int64_t r = 0; r < rows; ++r) {
     const Seq& s = r < 3 ? seqs[0] : seqs[1];
     const int64_t pos = r < 3 ? 10 + r : 0;
-    naive_attention(&q[size_t(r * q_stride)], s.k, s.v, pos, heads, kvh, hd, window, ref.data());
+    naive_attention(&q[size_t(r * q_stride)], s.k, s.v, pos, heads, kvh, hd, window, ref.data(), softcap);
     for (int64_t i = 0; i < heads * hd; ++i) ASSERT_NEAR(out[size_t(r * heads * hd + i)], ref[size_t(i)], 2e-5);
   }
 }
 
 INSTANTIATE_TEST_SUITE_P(DtypesAndWindows, PagedAttention,
                          ::testing::Combine(::testing::Values(KvDType::F32, KvDType::F16, KvDType::BF16),
-                                            ::testing::Values(int64_t(0), int64_t(4))));
+                                            ::testing::Values(int64_t(0), int64_t(4)),
+                                            // 0.5 caps the ~N(0, 1) scores hard: a cap ignored would show
+                                            ::testing::Values(0.0f, 0.5f)));
 
 }  // namespace
 }  // namespace kiln

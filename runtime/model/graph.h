@@ -1,0 +1,36 @@
+#pragma once
+// The layer graph of a model: which layers it has, how each is configured, and how blocks are wired. An architecture
+// builder (runtime/model/arch/) makes one from the canonical spec; Model instantiates and runs it, AWQ reads its
+// scale groups off it. It is data only: no weights.
+#include <optional>
+#include <vector>
+
+#include "runtime/model/layers/attention.h"
+#include "runtime/model/layers/embedding.h"
+#include "runtime/model/layers/mlp.h"
+#include "runtime/model/layers/norm.h"
+
+namespace kiln {
+
+// One decoder block, pre-norm: x += [post_attn_norm](attn(attn_norm(x))); x += [post_ffn_norm](mlp(ffn_norm(x))).
+struct BlockGraph {
+  NormConfig attn_norm;
+  AttentionConfig attn;
+  std::optional<NormConfig> post_attn_norm;
+  NormConfig ffn_norm;
+  MlpConfig mlp;
+  std::optional<NormConfig> post_ffn_norm;
+};
+
+struct ModelGraph {
+  EmbeddingConfig embedding;
+  std::vector<BlockGraph> blocks;
+  NormConfig final_norm;
+  bool tied_head = false;   // the output head is the token embedding table; else lm_head.weight
+  float final_softcap = 0;  // logits -> c * tanh(logits / c); 0: none
+};
+
+// The graph of `spec`, from the builder of its family. Throws kiln::Error naming a family without one.
+ModelGraph build_model_graph(const ModelSpec& spec);
+
+}  // namespace kiln
