@@ -5,9 +5,14 @@
 #include <netinet/in.h>
 #include <sys/socket.h>
 
+#include <strings.h>
+#include <unistd.h>
+
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <thread>
 
@@ -86,6 +91,95 @@ bool peer_closed(int fd) {
   return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
+// httplib's default sets SO_REUSEPORT, which lets a second server bind the same port and take half its traffic.
+// SO_REUSEADDR alone still allows a restart while old connections sit in TIME_WAIT.
+void listen_socket_options(int sock) {
+  int yes = 1;
+  setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+}
+
+// Why binding host:port fails, for the one-line error: bind a probe socket the same way and report its errno.
+std::string bind_failure(const std::string& host, int port) {
+  addrinfo hints{}, *res = nullptr;
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE;
+  if (getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res) != 0 || !res)
+    return "cannot resolve the address";
+  std::string why = "in use or not permitted";
+  const int sock = socket(res->ai_family, res->ai_socktype, res->ai_protocol);
+  if (sock >= 0) {
+    listen_socket_options(sock);
+    if (bind(sock, res->ai_addr, res->ai_addrlen) != 0)
+      why = errno == EADDRINUSE ? "address already in use" : std::strerror(errno);
+    close(sock);
+  }
+  freeaddrinfo(res);
+  return why;
+}
+
+// "Bearer KEY" with the scheme in any case (RFC 9110: auth schemes are case-insensitive), else empty.
+std::string bearer_token(const std::string& header) {
+  constexpr size_t kScheme = 6;  // "Bearer"
+  if (header.size() <= kScheme + 1 || strncasecmp(header.c_str(), "Bearer", kScheme) != 0 || header[kScheme] != ' ')
+    return {};
+  const size_t start = header.find_first_not_of(' ', kScheme);
+  return start == std::string::npos ? std::string() : header.substr(start);
+}
+
+bool has_body(const httplib::Request& req) {
+  return req.has_header("Transfer-Encoding") ||
+         (req.has_header("Content-Length") && req.get_header_value("Content-Length") != "0");
+}
+
+enum class BodyRead { kOk, kTooLarge, kBroken };
+
+// The Content-Length header checked against the limit (kOk also when there is none).
+BodyRead declared_length(const httplib::Request& req, size_t limit) {
+  if (!req.has_header("Content-Length")) return BodyRead::kOk;
+  const std::string declared = req.get_header_value("Content-Length");
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long n = std::strtoull(declared.c_str(), &end, 10);
+  if (declared.empty() || declared[0] == '-' || *end != '\0' || errno == ERANGE) return BodyRead::kBroken;
+  return n > limit ? BodyRead::kTooLarge : BodyRead::kOk;
+}
+
+const char* reason_phrase(int status) {
+  switch (status) {
+    case 400:
+      return "Bad Request";
+    case 401:
+      return "Unauthorized";
+    case 413:
+      return "Payload Too Large";
+    default:
+      return "Error";
+  }
+}
+
+// Reads a body through httplib's content reader, which un-chunks and decompresses (gzip, deflate, br): the limit
+// applies to the bytes as they come out of it, so neither a chunked body nor a compressed one can exceed it, and
+// reading stops at the first byte beyond. A declared Content-Length beyond the limit is refused unread. `keep`:
+// store the bytes (else they are only counted).
+BodyRead read_body(const httplib::Request& req, const httplib::ContentReader& reader, size_t limit, bool keep,
+                   std::string& body) {
+  if (const BodyRead declared = declared_length(req, limit); declared != BodyRead::kOk) return declared;
+  size_t seen = 0;
+  bool over = false;
+  const bool ok = reader([&](const char* data, size_t len) {
+    if (len > limit - seen) {
+      over = true;
+      return false;
+    }
+    seen += len;
+    if (keep) body.append(data, len);
+    return true;
+  });
+  if (over) return BodyRead::kTooLarge;
+  return ok ? BodyRead::kOk : BodyRead::kBroken;
+}
+
 }  // namespace
 
 struct HttpServer::Impl {
@@ -98,9 +192,13 @@ struct HttpServer::Impl {
   std::atomic<bool> draining{false};
   std::atomic<uint64_t> next_id{1};
   CorsPolicy cors;
+  PromptBound bound;
 
   Impl(Engine& e, Metrics& m, const Tokenizer& t, const ChatTemplate* c, HttpOptions o)
-      : engine(e), metrics(m), tok(t), tpl(c), opt(std::move(o)), cors(opt.allow_origins) {}
+      : engine(e), metrics(m), tok(t), tpl(c), opt(std::move(o)), cors(opt.allow_origins) {
+    bound.context = opt.context;
+    if (bound.context > 0) bound.longest_token_bytes = longest_token_bytes(tok);
+  }
 
   // Adds the CORS headers for an allowed Origin; answers a preflight (true) before authentication, since browsers
   // send preflights without the key.
@@ -121,6 +219,49 @@ struct HttpServer::Impl {
     return false;
   }
 
+  // For a request whose body was not (wholly) read: httplib would parse the rest of it as the next request on the
+  // connection. Send the answer on the socket directly and shut the socket's sending side, so that the connection
+  // ends after it (httplib's own write of `res` then fails and it closes the connection).
+  void answer_and_close(const httplib::Request& req, httplib::Response& res, int status, const std::string& msg,
+                        const char* extra_header = nullptr) {
+    send_error(res, status, msg);
+    res.set_header("Connection", "close");
+    const int fd = client_socket(req);
+    if (fd < 0) return;
+    const std::string body = res.body;
+    std::string out = "HTTP/1.1 " + std::to_string(status) + " " + reason_phrase(status) +
+                      "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+                      "\r\nConnection: close\r\n";
+    if (extra_header) out += std::string(extra_header) + "\r\n";
+    out += "\r\n" + body;
+    for (size_t at = 0; at < out.size();) {
+      const ssize_t n = send(fd, out.data() + at, out.size() - at, MSG_NOSIGNAL);
+      if (n <= 0) break;
+      at += size_t(n);
+    }
+    shutdown(fd, SHUT_WR);
+  }
+
+  std::string too_large() const {
+    return "the request body exceeds " + std::to_string(opt.max_body_bytes) + " bytes (after decompression)";
+  }
+
+  // Reads the body of a request into `body`; false when it answered instead (413, or 400 for a broken body).
+  bool read_request_body(const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& reader,
+                         bool keep, std::string& body) {
+    switch (read_body(req, reader, opt.max_body_bytes, keep, body)) {
+      case BodyRead::kOk:
+        return true;
+      case BodyRead::kTooLarge:
+        answer_and_close(req, res, 413, too_large());
+        return false;
+      case BodyRead::kBroken:
+        answer_and_close(req, res, 400, "the request body could not be read (bad length, chunking or encoding)");
+        return false;
+    }
+    return false;
+  }
+
   void send_error(httplib::Response& res, int status, const std::string& msg, const std::string& param = {}) {
     res.status = status;
     metrics.http_error(status);
@@ -129,27 +270,27 @@ struct HttpServer::Impl {
   }
 
   static std::string bearer_key(const httplib::Request& req) {
-    const std::string h = req.get_header_value("Authorization");
-    return h.rfind("Bearer ", 0) == 0 ? h.substr(7) : std::string();
+    return bearer_token(req.get_header_value("Authorization"));
   }
 
   bool authorized(const httplib::Request& req) {
     if (opt.api_keys.empty()) return true;
-    const std::string h = req.get_header_value("Authorization");
-    const std::string prefix = "Bearer ";
-    if (h.size() <= prefix.size() || h.compare(0, prefix.size(), prefix) != 0) return false;
-    const std::string key = h.substr(prefix.size());
+    const std::string key = bearer_key(req);
+    if (key.empty()) return false;
     bool ok = false;
     for (const auto& k : opt.api_keys) ok |= equal_constant_time(key, k);  // no early exit over keys either
     return ok;
   }
 
-  void completion(const httplib::Request& req, httplib::Response& res, bool chat) {
+  void completion(const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& reader,
+                  bool chat) {
+    std::string body;
+    if (!read_request_body(req, res, reader, true, body)) return;
     if (draining) return send_error(res, 503, "the server is shutting down");
     ApiRequest r;
     std::shared_ptr<RequestStream> stream;
     try {
-      r = parse_request(req.body, chat, tok, tpl);
+      r = parse_request(body, chat, tok, tpl, bound);
       RequestOptions ro;
       ro.n = r.n;
       // Only a checked key names a tenant; without --api-key whatever a client sends is no identity.
@@ -227,13 +368,27 @@ struct HttpServer::Impl {
   void routes() {
     server.new_task_queue = [n = opt.threads] { return new httplib::ThreadPool(size_t(n)); };
     server.set_payload_max_length(opt.max_body_bytes);
+    server.set_socket_options(listen_socket_options);
+    // A client that waits for "100 Continue" before sending an oversized body is told 413 instead.
+    server.set_expect_100_continue_handler([this](const httplib::Request& req, httplib::Response& res) {
+      if (declared_length(req, opt.max_body_bytes) == BodyRead::kTooLarge) {
+        send_error(res, 413, too_large());
+        return 413;
+      }
+      return 100;
+    });
     server.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
       if (answer_cors(req, res)) return httplib::Server::HandlerResponse::Handled;
       // The chat page holds no data: it loads without a key and sends the one the user types with its API calls.
       if (req.path == "/health" || (req.path == "/" && (req.method == "GET" || req.method == "HEAD")))
         return httplib::Server::HandlerResponse::Unhandled;
       if (!authorized(req)) {
-        send_error(res, 401, "a valid API key is required (Authorization: Bearer KEY)");
+        const char* msg = "a valid API key is required (Authorization: Bearer KEY)";
+        if (has_body(req)) {
+          answer_and_close(req, res, 401, msg, "WWW-Authenticate: Bearer");  // the body is never read
+        } else {
+          send_error(res, 401, msg);
+        }
         res.set_header("WWW-Authenticate", "Bearer");
         return httplib::Server::HandlerResponse::Handled;
       }
@@ -276,16 +431,29 @@ struct HttpServer::Impl {
     server.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
       EngineStats s = engine.stats();
       res.set_content(metrics.render(s.waiting, s.running, s.kv_used, s.kv_total, s.kv_cached),
-                      "text/plain; version=0.0.4");
+                      "text/plain; version=0.0.4; charset=utf-8");
     });
     server.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
       json m{{"id", opt.model_name}, {"object", "model"}, {"created", 0}, {"owned_by", "kiln"}};
       res.set_content(json{{"object", "list"}, {"data", json::array({m})}}.dump(), "application/json");
     });
-    server.Post("/v1/chat/completions",
-                [this](const httplib::Request& q, httplib::Response& s) { completion(q, s, true); });
-    server.Post("/v1/completions",
-                [this](const httplib::Request& q, httplib::Response& s) { completion(q, s, false); });
+    // Every route that takes a body reads it itself, through read_request_body: httplib's own reading (for a route
+    // without a content reader) has no limit on chunked or compressed bodies. So unknown paths get a reader too.
+    using Reader = httplib::ContentReader;
+    server.Post("/v1/chat/completions", [this](const httplib::Request& q, httplib::Response& s, const Reader& r) {
+      completion(q, s, r, true);
+    });
+    server.Post("/v1/completions", [this](const httplib::Request& q, httplib::Response& s, const Reader& r) {
+      completion(q, s, r, false);
+    });
+    auto no_route = [this](const httplib::Request& q, httplib::Response& s, const Reader& r) {
+      std::string unused;
+      if (read_request_body(q, s, r, false, unused)) send_error(s, 404, "no such route");
+    };
+    server.Post(".*", no_route);
+    server.Put(".*", no_route);
+    server.Patch(".*", no_route);
+    server.Delete(".*", no_route);
   }
 };
 
@@ -297,25 +465,46 @@ HttpServer::HttpServer(Engine& engine, Metrics& metrics, const Tokenizer& tok, c
 
 HttpServer::~HttpServer() = default;
 
-void HttpServer::run(const std::atomic<bool>& stop_flag) {
+bool HttpServer::run(const std::atomic<bool>& stop_flag) {
   Impl& m = *impl_;
-  if (!m.server.bind_to_port(m.opt.host, m.opt.port))
-    throw Error("cannot listen on " + m.opt.host + ":" + std::to_string(m.opt.port) + " (in use or not permitted)");
-  std::thread listener([&] { m.server.listen_after_bind(); });
+  if (m.opt.port == 0) {
+    m.opt.port = m.server.bind_to_any_port(m.opt.host);
+    if (m.opt.port <= 0) throw Error("cannot listen on " + m.opt.host + " (any port): " + bind_failure(m.opt.host, 0));
+  } else if (!m.server.bind_to_port(m.opt.host, m.opt.port)) {
+    throw Error("cannot listen on " + m.opt.host + ":" + std::to_string(m.opt.port) + ": " +
+                bind_failure(m.opt.host, m.opt.port));
+  }
+  std::atomic<bool> listener_done{false};
+  std::thread listener([&] {
+    m.server.listen_after_bind();
+    listener_done = true;
+  });
   std::fprintf(stderr, "kiln serve: listening on http://%s:%d (model %s)\n", m.opt.host.c_str(), m.opt.port,
                m.opt.model_name.c_str());
   while (!stop_flag) std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  // Drain: no new work, give running requests their time, then cancel what is left and let streams flush.
+  // Drain: no new work, give running requests their time, then cancel what is left and let streams flush. Every
+  // wait below ends by the hard deadline, drain_timeout plus a second for the last writes: a connection that still
+  // holds a worker then (a client trickling bytes) is abandoned with the process.
+  using Clock = std::chrono::steady_clock;
   m.draining = true;
   m.engine.stop_accepting();
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(m.opt.drain_timeout);
-  while (!m.engine.idle() && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const auto start = Clock::now();
+  const auto deadline = start + std::chrono::duration_cast<Clock::duration>(
+                                    std::chrono::duration<double>(m.opt.drain_timeout));
+  const auto hard_deadline = deadline + std::chrono::seconds(1);
+  while (!m.engine.idle() && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   if (!m.engine.idle()) m.engine.cancel_all();
-  for (int i = 0; i < 100 && !m.engine.idle(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // let open streams write their last events
-  m.server.stop();
+  const auto flushed = std::min(hard_deadline, Clock::now() + std::chrono::milliseconds(500));
+  while (!m.engine.idle() && Clock::now() < flushed) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  std::this_thread::sleep_until(std::min(hard_deadline, Clock::now() + std::chrono::milliseconds(300)));
+  m.server.stop();  // closes the listening socket; the listener then waits for the connections' workers
+  while (!listener_done && Clock::now() < hard_deadline) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  if (!listener_done) {
+    listener.detach();
+    return false;
+  }
   listener.join();
+  return true;
 }
 
 }  // namespace kiln::serve
