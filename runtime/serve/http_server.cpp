@@ -1,25 +1,19 @@
 #include "runtime/serve/http_server.h"
 
-#include <arpa/inet.h>
 #include <httplib.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-
 #include <strings.h>
-#include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
-#include <filesystem>
 #include <thread>
 
 #include "runtime/core/error.h"
 #include "runtime/serve/cors.h"
 #include "runtime/serve/http_api.h"
 #include "runtime/serve/responses.h"
+#include "runtime/serve/socket_io.h"
 #include "runtime/serve/web_page.h"
 
 namespace kiln::serve {
@@ -45,77 +39,8 @@ int64_t unix_now() {
   return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
-// httplib (0.11) does not tell a handler that its client left, nor give it the socket. The connection's socket is the
-// one whose peer and local addresses are the request's: found once, it is watched for EOF while the answer is made.
 int client_socket(const httplib::Request& req) {
-  for (const auto& entry : std::filesystem::directory_iterator(
-           "/proc/self/fd", std::filesystem::directory_options::skip_permission_denied)) {
-    int fd = -1;
-    try {
-      fd = std::stoi(entry.path().filename().string());
-    } catch (...) {
-      continue;
-    }
-    sockaddr_storage peer{}, local{};
-    socklen_t pl = sizeof peer, ll = sizeof local;
-    if (getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &pl) != 0) continue;
-    if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &ll) != 0) continue;
-    auto addr_port = [](const sockaddr_storage& a, std::string& host, int& port) {
-      char buf[INET6_ADDRSTRLEN] = {};
-      if (a.ss_family == AF_INET) {
-        auto* in = reinterpret_cast<const sockaddr_in*>(&a);
-        inet_ntop(AF_INET, &in->sin_addr, buf, sizeof buf);
-        port = ntohs(in->sin_port);
-      } else if (a.ss_family == AF_INET6) {
-        auto* in = reinterpret_cast<const sockaddr_in6*>(&a);
-        inet_ntop(AF_INET6, &in->sin6_addr, buf, sizeof buf);
-        port = ntohs(in->sin6_port);
-      } else {
-        return false;
-      }
-      host = buf;
-      return true;
-    };
-    std::string ph, lh;
-    int pp = -1, lp = -1;
-    if (!addr_port(peer, ph, pp) || !addr_port(local, lh, lp)) continue;
-    if (pp == req.remote_port && ph == req.remote_addr && lp == req.local_port) return fd;
-  }
-  return -1;
-}
-
-// EOF from the peer: a client that sent its request and then closed. Pipelined bytes count as alive.
-bool peer_closed(int fd) {
-  char c;
-  const ssize_t n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
-  return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
-}
-
-// httplib's default sets SO_REUSEPORT, which lets a second server bind the same port and take half its traffic.
-// SO_REUSEADDR alone still allows a restart while old connections sit in TIME_WAIT.
-void listen_socket_options(int sock) {
-  int yes = 1;
-  setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
-}
-
-// Why binding host:port fails, for the one-line error: bind a probe socket the same way and report its errno.
-std::string bind_failure(const std::string& host, int port) {
-  addrinfo hints{}, *res = nullptr;
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE;
-  if (getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res) != 0 || !res)
-    return "cannot resolve the address";
-  std::string why = "in use or not permitted";
-  const int sock = socket(res->ai_family, res->ai_socktype, res->ai_protocol);
-  if (sock >= 0) {
-    listen_socket_options(sock);
-    if (bind(sock, res->ai_addr, res->ai_addrlen) != 0)
-      why = errno == EADDRINUSE ? "address already in use" : std::strerror(errno);
-    close(sock);
-  }
-  freeaddrinfo(res);
-  return why;
+  return find_client_socket(req.remote_addr, req.remote_port, req.local_port);
 }
 
 // "Bearer KEY" with the scheme in any case (RFC 9110: auth schemes are case-insensitive), else empty.
@@ -228,18 +153,12 @@ struct HttpServer::Impl {
     res.set_header("Connection", "close");
     const int fd = client_socket(req);
     if (fd < 0) return;
-    const std::string body = res.body;
     std::string out = "HTTP/1.1 " + std::to_string(status) + " " + reason_phrase(status) +
-                      "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
+                      "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(res.body.size()) +
                       "\r\nConnection: close\r\n";
     if (extra_header) out += std::string(extra_header) + "\r\n";
-    out += "\r\n" + body;
-    for (size_t at = 0; at < out.size();) {
-      const ssize_t n = send(fd, out.data() + at, out.size() - at, MSG_NOSIGNAL);
-      if (n <= 0) break;
-      at += size_t(n);
-    }
-    shutdown(fd, SHUT_WR);
+    write_all(fd, out + "\r\n" + res.body);
+    finish_connection(fd);
   }
 
   std::string too_large() const {
@@ -328,41 +247,47 @@ struct HttpServer::Impl {
       res.set_content(full.body(), "application/json");
       return;
     }
-    // Streaming: one SSE event per engine event, queue frames while waiting. The provider runs on this worker; a
-    // failed write (client gone) makes httplib call the releaser with success=false, which cancels the request.
-    struct State {
-      StreamResponse resp;
-      bool done = false;
-      int64_t last_position = 0;
-      std::chrono::steady_clock::time_point last_frame;
-    };
-    auto st = std::make_shared<State>(State{StreamResponse(r, id, unix_now(), opt.model_name, tok)});
-    Engine* eng = &engine;
-    res.set_header("Cache-Control", "no-cache");
-    res.set_chunked_content_provider(
-        "text/event-stream",
-        [eng, rid, stream, st](size_t, httplib::DataSink& sink) {
-          if (st->done) return false;
-          std::string out;
-          auto events = stream->next(100);
-          st->done = st->resp.feed(events, out);
-          if (!st->resp.started()) {
-            // Queue frames: when the position changes, and about once a second.
-            const auto now = std::chrono::steady_clock::now();
-            if (auto q = eng->queue_info(rid);
-                q && (q->position != st->last_position || now - st->last_frame >= std::chrono::seconds(1))) {
-              out += queue_frame(*q);
-              st->last_position = q->position;
-              st->last_frame = now;
-            }
-          }
-          if (!out.empty() && !sink.write(out.data(), out.size())) return false;
-          if (st->done) sink.done();
-          return true;
-        },
-        [eng, rid, st](bool) {
-          if (!st->done) eng->cancel(rid);
-        });
+    stream_response(req, res, stream, StreamResponse(r, id, unix_now(), opt.model_name, tok), rid);
+  }
+
+  // Streaming, written on the socket here rather than through httplib's chunked provider: httplib 0.11 checks
+  // before every chunk whether the client has sent EOF, so a client that half-closes after its request (SHUT_WR)
+  // would lose its stream. Here only a failed or stalled write means the client is gone (and cancels the request).
+  // One SSE event per engine event, queue frames while waiting; the connection ends with the stream.
+  void stream_response(const httplib::Request& req, httplib::Response& res,
+                       const std::shared_ptr<RequestStream>& stream, StreamResponse resp, uint64_t rid) {
+    const int fd = client_socket(req);
+    if (fd < 0) {
+      engine.cancel(rid);
+      return send_error(res, 500, "the connection's socket was not found");
+    }
+    std::string head =
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n";
+    for (const auto& [k, v] : res.headers) head += k + ": " + v + "\r\n";  // CORS
+    bool alive = write_all(fd, head + "\r\n"), done = false;
+    int64_t last_position = 0;
+    std::chrono::steady_clock::time_point last_frame;
+    while (alive && !done) {
+      std::string out;
+      auto events = stream->next(100);
+      done = resp.feed(events, out);
+      if (!resp.started()) {
+        // Queue frames: when the position changes, and about once a second.
+        const auto now = std::chrono::steady_clock::now();
+        if (auto q = engine.queue_info(rid);
+            q && (q->position != last_position || now - last_frame >= std::chrono::seconds(1))) {
+          out += queue_frame(*q);
+          last_position = q->position;
+          last_frame = now;
+        }
+      }
+      if (!out.empty()) alive = write_all(fd, http_chunk(out));
+    }
+    if (!done) engine.cancel(rid);
+    if (alive) write_all(fd, http_chunk({}));
+    // httplib's own write of `res` then fails on the shut socket, and it closes the connection.
+    finish_connection(fd);
   }
 
   void routes() {

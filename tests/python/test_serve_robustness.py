@@ -390,7 +390,9 @@ def nan_ws(fixture_models, tmp_path_factory):
     for f in src.iterdir():
         if f.is_file() and f.suffix != ".safetensors":
             (ckpt / f.name).write_bytes(f.read_bytes())
-    token = Tokenizer.from_file(str(src / "tokenizer.json")).encode("zebra").ids[0]
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    token = tok.encode("a zebra").ids[-1]
+    assert token not in tok.encode("The old kiln").ids
     for f in src.glob("*.safetensors"):
         tensors = st.load_file(str(f))
         if "model.embed_tokens.weight" in tensors:

@@ -95,8 +95,10 @@ TEST(NestingLimits, ChatTemplateRefusesDeepMessagesAndRendersTheRest) {
 }
 
 TEST(NestingLimits, EvaluatorRecursionIsBoundedAcrossMacroCalls) {
-  // Each macro level nests 60 parentheses: the macro limit (100 calls) alone would allow 6000 nested evaluations.
-  const std::string body = nested(60, "f(n - 1) if n > 0 else 0", '(', ')');
+  // Each macro level nests 60 concatenations ('' ~ ('' ~ (...))): the macro limit (100 calls) alone would allow
+  // 6000 nested evaluations.
+  std::string body = "f(n - 1) if n > 0 else 0";
+  for (int i = 0; i < 60; ++i) body = "'' ~ (" + body + ")";
   const std::string out = render("{% macro f(n) %}{{ " + body + " }}{% endmacro %}{{ f(90) }}");
   EXPECT_TRUE(contains(out, "nested deeper than 400 levels")) << out;
   EXPECT_EQ(render("{% macro f(n) %}{{ " + body + " }}{% endmacro %}{{ f(3) }}"), "0");
