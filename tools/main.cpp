@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <iostream>
+#include <string>
 #include <vector>
 
 #include "convert/in_memory.h"
@@ -51,8 +52,11 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    app.exit(e);
-    return 2;  // usage error
+    // A usage error is one line too, like every other error (CLI11's own printing adds a second).
+    std::string message = e.what();
+    std::replace(message.begin(), message.end(), '\n', ' ');
+    std::fprintf(stderr, "kiln: error: %s (see --help)\n", message.c_str());
+    return 2;
   }
 
   kiln::install_interrupt_handlers();
