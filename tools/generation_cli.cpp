@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "runtime/core/error.h"
+#include "runtime/core/json_limits.h"
 
 namespace kiln::tools {
 
@@ -28,7 +29,9 @@ nlohmann::json read_generation_config(const TokenizerFiles& files) {
   std::ifstream in(*files.generation_config, std::ios::binary);
   std::ostringstream ss;
   ss << in.rdbuf();
-  auto j = nlohmann::json::parse(ss.str(), nullptr, false);
+  const std::string text = ss.str();
+  check_json_depth(text, files.generation_config->string());
+  auto j = nlohmann::json::parse(text, nullptr, false);
   if (j.is_discarded() || !j.is_object())
     throw Error(files.generation_config->string() + ": not a JSON object");
   return j;

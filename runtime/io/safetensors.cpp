@@ -9,6 +9,7 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/core/error.h"
+#include "runtime/core/json_limits.h"
 
 namespace kiln {
 
@@ -48,6 +49,7 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, uint64_t size, c
   h.data_start = 8 + hlen;
   const uint64_t data_size = size - h.data_start;
 
+  check_json_depth(std::string_view(reinterpret_cast<const char*>(data + 8), hlen), label + ": safetensors header");
   json j = json::parse(data + 8, data + 8 + hlen, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) throw Error(label + ": safetensors header is not valid JSON");
   if (!j.is_object()) throw Error(label + ": safetensors header is not a JSON object");

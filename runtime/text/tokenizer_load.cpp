@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "runtime/text/tokenizer_impl.h"
+#include "runtime/core/json_limits.h"
 #include "runtime/text/unicode.h"
 
 namespace kiln {
@@ -244,6 +245,7 @@ std::shared_ptr<TokenizerImpl> build(const json* tok_json, const std::string& na
 
 Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, const json& cfg, TokenizerCompat compat,
                                const std::string& name) {
+  check_json_depth(tokenizer_json, name);
   json j = json::parse(tokenizer_json.begin(), tokenizer_json.end(), nullptr, false);
   if (j.is_discarded()) throw Error(name + ": not valid JSON");
   return Tokenizer(build(&j, name, nullptr, cfg, "tokenizer_config.json", compat));
@@ -254,7 +256,9 @@ Tokenizer Tokenizer::load(const TokenizerFiles& files, TokenizerCompat compat) {
   std::string cfg_name = files.tokenizer_config ? files.tokenizer_config->string() : "tokenizer_config.json";
   if (files.tokenizer_json) {
     std::string name = files.tokenizer_json->string();
-    json j = json::parse(read_file(*files.tokenizer_json), nullptr, false);
+    const std::string text = read_file(*files.tokenizer_json);
+    check_json_depth(text, name);
+    json j = json::parse(text, nullptr, false);
     if (j.is_discarded()) throw Error(name + ": not valid JSON");
     return Tokenizer(build(&j, name, nullptr, cfg, cfg_name, compat));
   }

@@ -11,6 +11,7 @@
 
 #include "runtime/core/error.h"
 #include "runtime/core/json_limits.h"
+#include "runtime/io/safetensors.h"
 #include "runtime/serve/http_api.h"
 #include "runtime/text/chat_template.h"
 #include "runtime/text/jinja.h"
@@ -160,6 +161,21 @@ TEST(NestingLimits, RequestBodiesAreCheckedBeforeParsing) {
   } catch (const serve::ApiError& e) {
     EXPECT_EQ(e.param, "messages[0].content");
   }
+}
+
+TEST(NestingLimits, FilesAreCheckedBeforeParsing) {
+  const std::string header = R"({"__metadata__": )" + nested(30000) + "}";
+  std::string file(8, '\0');
+  for (int i = 0; i < 8; ++i) file[size_t(i)] = char((header.size() >> (8 * i)) & 0xFF);
+  file += header;
+  const std::string err = error_on_small_stack(
+      [&] { parse_safetensors_header(reinterpret_cast<const uint8_t*>(file.data()), file.size(), "x.safetensors"); });
+  EXPECT_TRUE(contains(err, "x.safetensors: safetensors header nests arrays and objects deeper")) << err;
+  const std::string tok_err = error_on_small_stack([&] {
+    Tokenizer::from_json(R"({"model": {"type": "BPE", "vocab": )" + nested(30000, "{}") + "}}", nullptr,
+                         TokenizerCompat::Transformers, "t.json");
+  });
+  EXPECT_TRUE(contains(tok_err, "t.json nests arrays and objects deeper")) << tok_err;
 }
 
 TEST(NestingLimits, ErrorBodiesAreOneShortLine) {
