@@ -130,7 +130,9 @@ Action setup(CLI::App& sub) {
   sub.add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory (converted in memory)")
       ->required();
   sub.add_option("--host", o->host, "Address to listen on")->capture_default_str();
-  sub.add_option("--port", o->port, "Port to listen on (0: any free port, printed at start)")->check(CLI::Range(0, 65535))->capture_default_str();
+  sub.add_option("--port", o->port, "Port to listen on (0: any free port, printed at start)")
+      ->check(CLI::Range(0, 65535))
+      ->capture_default_str();
   sub.add_option("--api-key", o->api_keys, "Accepted API key (repeatable); none: no authentication");
   sub.add_option("--allow-origin", o->allow_origins,
                  "Origin (scheme://host[:port]) whose pages may call the API from a browser (CORS; repeatable, or *)");
@@ -145,8 +147,7 @@ Action setup(CLI::App& sub) {
   sub.add_option("--max-running", o->max_running, "Most requests in the running batch")
       ->check(count)
       ->capture_default_str();
-  sub.add_option("--kv-cache-blocks", o->kv_cache_blocks,
-                 "KV cache blocks of 16 tokens (default: from --kv-cache-mib)")
+  sub.add_option("--kv-cache-blocks", o->kv_cache_blocks, "KV cache blocks of 16 tokens (default: from --kv-cache-mib)")
       ->check(count);
   sub.add_option("--kv-cache-mib", o->kv_cache_mib, "KV cache memory budget in MiB")
       ->check(CLI::Range(int64_t(1), int64_t(1) << 30))
@@ -177,8 +178,7 @@ Action setup(CLI::App& sub) {
                  "Seconds to finish running requests after SIGTERM (a second signal exits at once)")
       ->check(finite_in(0, 86400))
       ->capture_default_str();
-  sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)")
-      ->check(CLI::Range(0u, 4096u));
+  sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)")->check(CLI::Range(0u, 4096u));
   sub.add_flag("--no-prefix-cache", o->no_prefix_cache,
                "Do not reuse the KV blocks of earlier requests that start with the same tokens");
   sub.add_option("--prefix-cache-salt", o->prefix_cache_salt,

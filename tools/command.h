@@ -23,8 +23,10 @@ struct CommandRegistrar {
   explicit CommandRegistrar(CommandInfo info);
 };
 
-#define KILN_COMMAND(order, name, description, setup) \
-  static const ::kiln::tools::CommandRegistrar kiln_command_registrar_{{order, name, description, setup}}
+#define KILN_COMMAND(order, name, description, setup)                    \
+  static const ::kiln::tools::CommandRegistrar kiln_command_registrar_ { \
+    { order, name, description, setup }                                  \
+  }
 
 // Prints a JSON document on stdout (for --json).
 void print_json(const std::string& dumped);

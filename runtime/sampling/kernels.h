@@ -21,7 +21,8 @@ inline float exp_nonpositive(float x) {
   // For x <= 0 (sign bit set, or +0), "x < -86" is "bits of x > bits of -86" as unsigned: larger magnitude, larger
   // bits; -inf is the largest. Nonnegative x have bits below 0x80000000 and pass unclamped.
   const uint32_t bits = std::bit_cast<uint32_t>(x);
-  const uint32_t below = uint32_t(bits > std::bit_cast<uint32_t>(-86.0f)) | uint32_t((bits & 0x7FFFFFFFu) > 0x7F800000u);
+  const uint32_t below =
+      uint32_t(bits > std::bit_cast<uint32_t>(-86.0f)) | uint32_t((bits & 0x7FFFFFFFu) > 0x7F800000u);
   const float xc = std::bit_cast<float>(below ? std::bit_cast<uint32_t>(-86.0f) : std::bit_cast<uint32_t>(x));
   const float shifted = xc * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: rounds to an integer in the low bits
   const float n = shifted - 12582912.0f;

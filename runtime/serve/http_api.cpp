@@ -126,8 +126,8 @@ ApiRequest parse_request(const std::string& body, bool chat, const Tokenizer& to
                          const PromptBound& bound) {
   // Everything below (the parse aside) recurses once per level of the document.
   if (json_nesting_depth(body) > kMaxJsonDepth)
-    throw ApiError(400, "the request body nests arrays and objects deeper than " + std::to_string(kMaxJsonDepth) +
-                            " levels");
+    throw ApiError(
+        400, "the request body nests arrays and objects deeper than " + std::to_string(kMaxJsonDepth) + " levels");
   json b = json::parse(body, nullptr, false);
   // nlohmann's parse messages quote the input; say only that it is not JSON.
   if (b.is_discarded()) throw ApiError(400, "the request body is not valid JSON");

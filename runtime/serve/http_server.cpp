@@ -414,8 +414,8 @@ bool HttpServer::run(const std::atomic<bool>& stop_flag) {
   m.draining = true;
   m.engine.stop_accepting();
   const auto start = Clock::now();
-  const auto deadline = start + std::chrono::duration_cast<Clock::duration>(
-                                    std::chrono::duration<double>(m.opt.drain_timeout));
+  const auto deadline =
+      start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(m.opt.drain_timeout));
   const auto hard_deadline = deadline + std::chrono::seconds(1);
   while (!m.engine.idle() && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   if (!m.engine.idle()) m.engine.cancel_all();

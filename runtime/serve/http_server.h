@@ -20,11 +20,11 @@ struct HttpOptions {
   std::vector<std::string> api_keys;  // empty: no authentication
   size_t max_body_bytes = 8 << 20;
   std::string model_name;
-  double drain_timeout = 30;              // seconds to finish running requests after SIGTERM before cancelling them
-  int64_t context = 0;                    // positions per request: prompts that cannot fit are refused untokenized
-  int threads = 256;                      // HTTP worker threads: each open stream holds one
+  double drain_timeout = 30;               // seconds to finish running requests after SIGTERM before cancelling them
+  int64_t context = 0;                     // positions per request: prompts that cannot fit are refused untokenized
+  int threads = 256;                       // HTTP worker threads: each open stream holds one
   std::vector<std::string> allow_origins;  // CORS (--allow-origin): origins or "*"; empty: no CORS headers
-  bool cache_salt_per_key = true;         // prefix cache salt = the request's API key (tenants never share blocks)
+  bool cache_salt_per_key = true;          // prefix cache salt = the request's API key (tenants never share blocks)
 };
 
 class HttpServer {

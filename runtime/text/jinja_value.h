@@ -98,7 +98,7 @@ class Value {
 struct Dict {
   std::vector<std::pair<Value, Value>> entries;
   std::string type_name = "dict";  // Namespace / LoopContext for attribute bags
-  int depth = 0;                    // the deepest key or value held (Value::depth); set() keeps it
+  int depth = 0;                   // the deepest key or value held (Value::depth); set() keeps it
   const Value* find(const Value& key) const;
   const Value* find(const std::string& key) const;
   void set(const Value& key, Value value);

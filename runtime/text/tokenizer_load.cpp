@@ -4,8 +4,8 @@
 #include <fstream>
 #include <sstream>
 
-#include "runtime/text/tokenizer_impl.h"
 #include "runtime/core/json_limits.h"
+#include "runtime/text/tokenizer_impl.h"
 #include "runtime/text/unicode.h"
 
 namespace kiln {

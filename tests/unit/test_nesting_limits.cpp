@@ -119,8 +119,8 @@ TEST(NestingLimits, LongChainsFailCleanly) {
 }
 
 TEST(NestingLimits, ValuesBuiltInALoopAreBounded) {
-  const std::string out = render(
-      "{% set ns = namespace(x=[]) %}{% for i in range(100000) %}{% set ns.x = [ns.x] %}{% endfor %}{{ ns.x }}");
+  const std::string out =
+      render("{% set ns = namespace(x=[]) %}{% for i in range(100000) %}{% set ns.x = [ns.x] %}{% endfor %}{{ ns.x }}");
   EXPECT_TRUE(contains(out, "values nested deeper than 256 levels")) << out.substr(0, 200);
   EXPECT_EQ(render("{% set ns = namespace(x=[]) %}{% for i in range(3) %}{% set ns.x = [ns.x] %}{% endfor %}"
                    "{{ ns.x|tojson }}"),
