@@ -4,6 +4,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "runtime/core/json_limits.h"
 #include "runtime/io/path_safety.h"
 #include "runtime/text/tokenizer_impl.h"
 #include "runtime/text/unicode.h"
@@ -295,6 +296,7 @@ std::shared_ptr<TokenizerImpl> build(const json* tok_json, const std::string& na
 
 Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, const json& cfg, TokenizerCompat compat,
                                const std::string& name) {
+  check_json_depth(tokenizer_json, name);
   json j = json::parse(tokenizer_json.begin(), tokenizer_json.end(), nullptr, false);
   if (j.is_discarded()) throw Error(name + ": not valid JSON");
   LoadContext ctx{"", tokenizer_json.find("\"ByteLevel\"") != std::string_view::npos};
@@ -307,7 +309,8 @@ Tokenizer Tokenizer::load(const TokenizerFiles& files, TokenizerCompat compat) {
   LoadContext ctx{directory_model_type(files.dir), false};
   if (files.tokenizer_json) {
     std::string name = files.tokenizer_json->string();
-    std::string text = read_file(*files.tokenizer_json);
+    const std::string text = read_file(*files.tokenizer_json);
+    check_json_depth(text, name);
     json j = json::parse(text, nullptr, false);
     if (j.is_discarded()) throw Error(name + ": not valid JSON");
     ctx.json_mentions_byte_level = text.find("\"ByteLevel\"") != std::string::npos;
