@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/core/error.h"
+#include "runtime/core/json_limits.h"
 #include "runtime/io/staging_dir.h"
 #include "runtime/sampling/rng.h"
 
@@ -35,6 +36,7 @@ std::vector<std::string> load_documents(const fs::path& path, const std::string&
       pos = end + 1;
       if (blank(line)) continue;  // tolerate blank lines, e.g. a trailing newline pair
       const std::string where = label + ":" + std::to_string(line_no);
+      check_json_depth(line, where);
       auto j = nlohmann::json::parse(line, nullptr, false);
       if (j.is_discarded()) throw Error(where + ": not valid JSON");
       if (!j.is_object()) throw Error(where + ": expected a JSON object, got " + std::string(j.type_name()));

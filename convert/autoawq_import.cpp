@@ -5,6 +5,7 @@
 
 #include "convert/autoawq.h"
 #include "runtime/core/error.h"
+#include "runtime/core/json_limits.h"
 #include "runtime/io/interrupt.h"
 #include "runtime/io/progress.h"
 
@@ -108,7 +109,9 @@ json with_legacy_autoawq_config(const json& config, const fs::path& dir) {
   std::error_code ec;
   if (has_quantization_config(config) || !fs::is_regular_file(dir / kLegacyAutoAwqConfig, ec)) return config;
   const fs::path path = dir / kLegacyAutoAwqConfig;
-  json q = json::parse(read_text_file(path), nullptr, false);
+  const std::string text = read_text_file(path);
+  check_json_depth(text, path.string());
+  json q = json::parse(text, nullptr, false);
   if (q.is_discarded() || !q.is_object()) throw Error(path.string() + ": not a JSON object");
   if (!q.contains("w_bit") && !q.contains("bits")) return config;
   if (!q.contains("quant_method")) q["quant_method"] = "awq";

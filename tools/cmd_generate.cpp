@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "runtime/core/error.h"
+#include "runtime/core/json_limits.h"
 #include "runtime/engine/batch_generate.h"
 #include "runtime/engine/loaded_model.h"
 #include "runtime/io/path_safety.h"
@@ -39,7 +40,9 @@ std::string read_text(const std::string& path) {
 }
 
 nlohmann::json parse_json_file(const std::string& path, const char* what) {
-  auto j = nlohmann::json::parse(read_text(path), nullptr, false);
+  const std::string text = read_text(path);
+  check_json_depth(text, path);
+  auto j = nlohmann::json::parse(text, nullptr, false);
   if (j.is_discarded() || !j.is_array()) throw Error(path + ": expected a JSON list of " + what);
   return j;
 }
@@ -48,7 +51,8 @@ std::vector<int32_t> build_prompt(const GenerateCliOptions& o, const TokenizerFi
   std::vector<int32_t> prompt;
   if (!o.prompt_tokens.empty()) {
     for (const auto& v : parse_json_file(o.prompt_tokens, "token ids")) {
-      if (!v.is_number_integer()) throw Error(o.prompt_tokens + ": expected integer token ids, got " + v.dump());
+      if (!v.is_number_integer())
+        throw Error(o.prompt_tokens + ": expected integer token ids, got " + one_line_excerpt(v.dump(), 100));
       prompt.push_back(v.get<int32_t>());
     }
     return prompt;
@@ -57,7 +61,9 @@ std::vector<int32_t> build_prompt(const GenerateCliOptions& o, const TokenizerFi
     ChatTemplate tpl = ChatTemplate::from_files(files);
     nlohmann::ordered_json messages = nlohmann::ordered_json::array();
     if (!o.messages.empty()) {
-      auto j = nlohmann::ordered_json::parse(read_text(o.messages), nullptr, false);
+      const std::string text = read_text(o.messages);
+      check_json_depth(text, o.messages);  // the messages are copied and converted recursively
+      auto j = nlohmann::ordered_json::parse(text, nullptr, false);
       if (j.is_discarded() || !j.is_array()) throw Error(o.messages + ": expected a JSON list of messages");
       messages = j;
     } else {

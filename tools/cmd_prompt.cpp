@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "runtime/core/error.h"
+#include "runtime/core/json_limits.h"
 #include "runtime/io/staging_dir.h"
 #include "runtime/text/chat_template.h"
 #include "tools/command.h"
@@ -47,6 +48,7 @@ ordered_json read_input(const std::string& path) {
   } else {
     text = read_text_file(path);
   }
+  check_json_depth(text, path);  // the conversations are copied and converted recursively
   ordered_json j = ordered_json::parse(text, nullptr, false);
   if (j.is_discarded()) throw Error(path + ": not valid JSON");
   return j;

@@ -1,7 +1,11 @@
 // kiln serve PATH [--host H] [--port P] [--api-key K]... [--max-queue N] [--max-batch-tokens T] ...: an
 // OpenAI-compatible HTTP server over the serving engine (runtime/serve). Thin: options, loading, signals.
+#include <unistd.h>
+
 #include <atomic>
 #include <csignal>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <memory>
 
@@ -10,6 +14,7 @@
 #include "runtime/text/chat_template.h"
 #include "runtime/text/tokenizer.h"
 #include "tools/command.h"
+#include "tools/flag_checks.h"
 #include "tools/generation_cli.h"
 #ifdef KILN_HAVE_HTTPLIB
 #include "runtime/serve/cors.h"
@@ -34,11 +39,16 @@ struct ServeCliOptions {
 };
 
 std::atomic<bool> g_stop{false};
-extern "C" void on_stop_signal(int) { g_stop = true; }
+// The first SIGINT/SIGTERM drains; a second one means "now": exit at once (only async-signal-safe calls here).
+extern "C" void on_stop_signal(int) {
+  if (g_stop.exchange(true)) {
+    static const char msg[] = "kiln serve: second signal: exiting without draining\n";
+    [[maybe_unused]] const ssize_t n = write(STDERR_FILENO, msg, sizeof msg - 1);
+    _exit(1);
+  }
+}
 
 int run(const ServeCliOptions& o) {
-  if (o.kv_cache_fraction < 0 || o.kv_cache_fraction >= 1)
-    throw Error("--kv-cache-fraction must be in (0, 1), not " + std::to_string(o.kv_cache_fraction));
 #ifndef KILN_HAVE_HTTPLIB
   (void)o;
   throw Error("kiln serve: this build has no HTTP server (cpp-httplib was not found at build time)");
@@ -97,6 +107,7 @@ int run(const ServeCliOptions& o) {
   ho.api_keys = o.api_keys;
   ho.max_body_bytes = o.max_body_bytes;
   ho.drain_timeout = o.drain_timeout;
+  ho.context = context;
   ho.allow_origins = o.allow_origins;
   ho.cache_salt_per_key = o.prefix_cache_salt == "per-key";
   ho.model_name =
@@ -105,7 +116,13 @@ int run(const ServeCliOptions& o) {
   serve::HttpServer server(engine, metrics, tok, tpl.get(), ho);
   std::fprintf(stderr, "kiln serve: %lld KV blocks of %lld tokens, context %lld\n", (long long)blocks, (long long)block,
                (long long)context);
-  server.run(g_stop);
+  if (!server.run(g_stop)) {
+    // Connections still held workers at the drain deadline (clients trickling bytes): the deadline is hard, so the
+    // process ends now rather than waiting for them.
+    std::fprintf(stderr, "kiln serve: connections still open at the drain deadline; exiting\n");
+    std::fflush(stderr);
+    std::_Exit(0);
+  }
   return 0;
 #endif
 }
@@ -115,26 +132,55 @@ Action setup(CLI::App& sub) {
   sub.add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory (converted in memory)")
       ->required();
   sub.add_option("--host", o->host, "Address to listen on")->capture_default_str();
-  sub.add_option("--port", o->port, "Port to listen on")->capture_default_str();
+  sub.add_option("--port", o->port, "Port to listen on (0: any free port, printed at start)")
+      ->check(CLI::Range(0, 65535))
+      ->capture_default_str();
   sub.add_option("--api-key", o->api_keys, "Accepted API key (repeatable); none: no authentication");
   sub.add_option("--allow-origin", o->allow_origins,
                  "Origin (scheme://host[:port]) whose pages may call the API from a browser (CORS; repeatable, or *)");
-  sub.add_option("--max-queue", o->max_queue, "Waiting requests beyond which new ones get 429")->capture_default_str();
-  sub.add_option("--max-batch-tokens", o->max_batch_tokens, "Most tokens per forward pass")->capture_default_str();
-  sub.add_option("--max-running", o->max_running, "Most requests in the running batch")->capture_default_str();
-  sub.add_option("--kv-cache-blocks", o->kv_cache_blocks,
-                 "KV cache blocks of 16 tokens (default: from --kv-cache-mib)");
-  sub.add_option("--kv-cache-mib", o->kv_cache_mib, "KV cache memory budget in MiB")->capture_default_str();
+  // Every numeric flag is range-checked here, so a bad value is a usage error (exit 2) before anything loads.
+  const auto count = CLI::Range(int64_t(1), int64_t(1) << 40);
+  sub.add_option("--max-queue", o->max_queue, "Waiting requests beyond which new ones get 429")
+      ->check(count)
+      ->capture_default_str();
+  sub.add_option("--max-batch-tokens", o->max_batch_tokens, "Most tokens per forward pass")
+      ->check(count)
+      ->capture_default_str();
+  sub.add_option("--max-running", o->max_running, "Most requests in the running batch")
+      ->check(count)
+      ->capture_default_str();
+  sub.add_option("--kv-cache-blocks", o->kv_cache_blocks, "KV cache blocks of 16 tokens (default: from --kv-cache-mib)")
+      ->check(count);
+  sub.add_option("--kv-cache-mib", o->kv_cache_mib, "KV cache memory budget in MiB")
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 30))
+      ->capture_default_str();
   sub.add_option("--kv-cache-fraction", o->kv_cache_fraction,
                  "KV cache budget as a fraction of the device's free memory after loading (KILN_DEVICE=cuda; "
-                 "overrides --kv-cache-mib)");
+                 "overrides --kv-cache-mib)")
+      ->check(CLI::Validator(
+          [](std::string& v) -> std::string {
+            size_t used = 0;
+            double x = 0;
+            try {
+              x = std::stod(v, &used);
+            } catch (const std::exception&) {
+              used = 0;
+            }
+            return used == v.size() && x > 0 && x < 1 ? std::string() : "must be in (0, 1), not " + v;
+          },
+          "in (0, 1)"));
   sub.add_option("--kv-cache", o->kv_cache, kKvCacheFlagHelp)->capture_default_str();
-  sub.add_option("--ctx", o->ctx, "Context length per request (default: the model's maximum)");
-  sub.add_option("--max-body-bytes", o->max_body_bytes, "Largest request body (413 beyond)")->capture_default_str();
-  sub.add_option("--model-name", o->model_name, "Model id reported by the API (default: the directory name)");
-  sub.add_option("--drain-timeout", o->drain_timeout, "Seconds to finish running requests after SIGTERM")
+  sub.add_option("--ctx", o->ctx, "Context length per request (default: the model's maximum)")->check(count);
+  sub.add_option("--max-body-bytes", o->max_body_bytes,
+                 "Largest request body, after decompression and de-chunking (413 beyond)")
+      ->check(CLI::Range(size_t(1), size_t(1) << 40))
       ->capture_default_str();
-  sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)");
+  sub.add_option("--model-name", o->model_name, "Model id reported by the API (default: the directory name)");
+  sub.add_option("--drain-timeout", o->drain_timeout,
+                 "Seconds to finish running requests after SIGTERM (a second signal exits at once)")
+      ->check(finite_range(0, 86400))
+      ->capture_default_str();
+  sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)")->check(CLI::Range(0u, 4096u));
   sub.add_flag("--verify", o->verify, kVerifyFlagHelp);
   sub.add_flag("--no-prefix-cache", o->no_prefix_cache,
                "Do not reuse the KV blocks of earlier requests that start with the same tokens");

@@ -3,6 +3,7 @@
 // function declares options on the CLI11 subcommand and returns the action to run after parsing. Actions return the
 // exit code; they report failures by throwing kiln::Error, which main() prints as one line on stderr.
 #include <CLI/CLI.hpp>
+#include <cstdio>
 #include <functional>
 #include <string>
 
@@ -22,8 +23,10 @@ struct CommandRegistrar {
   explicit CommandRegistrar(CommandInfo info);
 };
 
-#define KILN_COMMAND(order, name, description, setup) \
-  static const ::kiln::tools::CommandRegistrar kiln_command_registrar_{{order, name, description, setup}}
+#define KILN_COMMAND(order, name, description, setup)                    \
+  static const ::kiln::tools::CommandRegistrar kiln_command_registrar_ { \
+    { order, name, description, setup }                                  \
+  }
 
 // Prints a JSON document on stdout (for --json).
 void print_json(const std::string& dumped);

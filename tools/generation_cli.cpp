@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "runtime/core/error.h"
+#include "runtime/core/json_limits.h"
 #include "runtime/io/path_safety.h"
 #include "tools/flag_checks.h"
 
@@ -40,9 +41,10 @@ nlohmann::json read_generation_config(const TokenizerFiles& files) {
   std::ifstream in(*files.generation_config, std::ios::binary);
   std::ostringstream ss;
   ss << in.rdbuf();
-  auto j = nlohmann::json::parse(ss.str(), nullptr, false);
-  if (j.is_discarded() || !j.is_object())
-    throw Error(files.generation_config->string() + ": not a JSON object");
+  const std::string text = ss.str();
+  check_json_depth(text, files.generation_config->string());
+  auto j = nlohmann::json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.is_object()) throw Error(files.generation_config->string() + ": not a JSON object");
   return j;
 }
 
@@ -76,7 +78,8 @@ SamplingParams resolve_sampling(const SamplingFlags& f, const nlohmann::json& gc
   return p;
 }
 
-std::vector<int32_t> encode_chat(const Tokenizer& tok, const ChatTemplate& tpl, const nlohmann::ordered_json& messages) {
+std::vector<int32_t> encode_chat(const Tokenizer& tok, const ChatTemplate& tpl,
+                                 const nlohmann::ordered_json& messages) {
   return tok.encode(tpl.render(messages, true), false);
 }
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <iostream>
+#include <string>
 #include <vector>
 
 #include "convert/in_memory.h"
@@ -29,8 +30,9 @@ void print_json(const std::string& dumped) {
 
 int main(int argc, char** argv) {
   using namespace kiln::tools;
-  CLI::App app{"kiln: convert, quantize, check and serve large language models.\n"
-               "Run 'kiln COMMAND --help' for the options of one command."};
+  CLI::App app{
+      "kiln: convert, quantize, check and serve large language models.\n"
+      "Run 'kiln COMMAND --help' for the options of one command."};
   app.set_version_flag("--version", std::string("kiln ") + KILN_VERSION);
   app.require_subcommand(1);
 
@@ -51,8 +53,10 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForVersion& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    // One line, like every other error: what is wrong with which flag.
-    std::fprintf(stderr, "kiln: usage error: %s (see --help)\n", e.what());
+    // A usage error is one line too, like every other error (CLI11's own printing adds a second).
+    std::string message = e.what();
+    std::replace(message.begin(), message.end(), '\n', ' ');
+    std::fprintf(stderr, "kiln: usage error: %s (see --help)\n", message.c_str());
     return 2;
   }
 

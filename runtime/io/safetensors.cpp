@@ -10,6 +10,7 @@
 #include <set>
 
 #include "runtime/core/error.h"
+#include "runtime/core/json_limits.h"
 
 namespace kiln {
 
@@ -59,6 +60,7 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, uint64_t size, c
       duplicate = parsed.get<std::string>();
     return true;
   };
+  check_json_depth(std::string_view(reinterpret_cast<const char*>(data + 8), hlen), label + ": safetensors header");
   json j = json::parse(data + 8, data + 8 + hlen, find_duplicates, /*allow_exceptions=*/false);
   if (j.is_discarded()) throw Error(label + ": safetensors header is not valid JSON");
   if (!duplicate.empty()) throw Error(label + ": safetensors header names tensor '" + duplicate + "' twice");
@@ -82,7 +84,8 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, uint64_t size, c
     auto off = v.find("data_offsets");
     if (dt == v.end() || !dt->is_string()) throw Error(where + " has no dtype string");
     if (sh == v.end() || !sh->is_array()) throw Error(where + " has no shape array");
-    if (off == v.end() || !off->is_array() || off->size() != 2) throw Error(where + " has no [begin, end] data_offsets");
+    if (off == v.end() || !off->is_array() || off->size() != 2)
+      throw Error(where + " has no [begin, end] data_offsets");
     TensorInfo t;
     t.name = name;
     auto d = dtype_from_name(dt->get<std::string>());
@@ -111,9 +114,8 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, uint64_t size, c
 
   std::vector<const TensorInfo*> by_offset;
   for (const auto& t : h.tensors) by_offset.push_back(&t);
-  std::sort(by_offset.begin(), by_offset.end(), [](auto* a, auto* b) {
-    return a->begin != b->begin ? a->begin < b->begin : a->end < b->end;
-  });
+  std::sort(by_offset.begin(), by_offset.end(),
+            [](auto* a, auto* b) { return a->begin != b->begin ? a->begin < b->begin : a->end < b->end; });
   uint64_t cursor = 0;
   for (const TensorInfo* t : by_offset) {
     if (t->begin < cursor)
@@ -156,7 +158,8 @@ SafetensorsWriter::SafetensorsWriter(const std::string& path, std::vector<Tensor
   uint64_t offset = 0;
   for (const auto& t : plan) {
     uint64_t n = t.nbytes();
-    header[t.name] = {{"dtype", std::string(dtype_name(t.dtype))}, {"shape", t.shape}, {"data_offsets", {offset, offset + n}}};
+    header[t.name] = {
+        {"dtype", std::string(dtype_name(t.dtype))}, {"shape", t.shape}, {"data_offsets", {offset, offset + n}}};
     offset += n;
   }
   expected_ = offset;

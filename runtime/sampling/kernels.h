@@ -14,13 +14,15 @@ namespace kiln::sampling_kernels {
 // so the selects below compare float bit patterns as integers instead; integer compares vectorize everywhere.
 
 // exp(x) for x <= 0 (a logit minus the row max), relative error ~2 ulp. Below -86 it returns 0: those weights are
-// < 1e-37 of the max token's and can never be drawn by a 53-bit uniform. -inf gives 0.
+// < 1e-37 of the max token's and can never be drawn by a 53-bit uniform. -inf and NaN (of either sign) give 0.
 // Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then a degree-7 Taylor polynomial (truncation error 5e-9),
 // and 2^n added to the exponent bits. n >= -125, so the result is always a normal float.
 inline float exp_nonpositive(float x) {
   // For x <= 0 (sign bit set, or +0), "x < -86" is "bits of x > bits of -86" as unsigned: larger magnitude, larger
   // bits; -inf is the largest. Nonnegative x have bits below 0x80000000 and pass unclamped.
-  const uint32_t below = uint32_t(std::bit_cast<uint32_t>(x) > std::bit_cast<uint32_t>(-86.0f));
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  const uint32_t below =
+      uint32_t(bits > std::bit_cast<uint32_t>(-86.0f)) | uint32_t((bits & 0x7FFFFFFFu) > 0x7F800000u);
   const float xc = std::bit_cast<float>(below ? std::bit_cast<uint32_t>(-86.0f) : std::bit_cast<uint32_t>(x));
   const float shifted = xc * 1.44269504088896341f + 12582912.0f;  // 1.5 * 2^23: rounds to an integer in the low bits
   const float n = shifted - 12582912.0f;
@@ -46,12 +48,22 @@ inline int32_t order_key(float v) {
 }
 inline float from_order_key(int32_t k) { return std::bit_cast<float>(k ^ ((k >> 31) & 0x7FFFFFFF)); }
 
-// The largest order_key of a block: a plain integer max reduction, which vectorizes.
+inline constexpr int32_t kNegInfKey = int32_t(0xFF800000u ^ 0x7FFFFFFFu);  // order_key(-inf)
+
+// order_key, with NaN of either sign mapped to -inf's key: NaN is never a maximum, and every key a max scan can
+// return belongs to some element (a negative NaN's own key would sort below -inf's, a positive one's above +inf's).
+inline int32_t max_scan_key(int32_t b) {
+  const int32_t nan = int32_t((b & 0x7FFFFFFF) > 0x7F800000);
+  const int32_t k = b ^ ((b >> 31) & 0x7FFFFFFF);
+  return nan ? kNegInfKey : k;
+}
+
+// The largest max_scan_key of a block (-inf's for an empty or all-NaN block): an integer max reduction, which
+// vectorizes.
 inline int32_t max_key(const float* v, size_t n) {
-  int32_t best = order_key(-std::numeric_limits<float>::infinity());
+  int32_t best = kNegInfKey;
   for (size_t i = 0; i < n; ++i) {
-    const int32_t b = std::bit_cast<int32_t>(v[i]);
-    const int32_t k = b ^ ((b >> 31) & 0x7FFFFFFF);
+    const int32_t k = max_scan_key(std::bit_cast<int32_t>(v[i]));
     best = k > best ? k : best;
   }
   return best;
@@ -60,27 +72,29 @@ inline int32_t max_key(const float* v, size_t n) {
 inline float block_max(const float* v, size_t n) { return from_order_key(max_key(v, n)); }
 
 struct RowMax {
-  float max;
-  size_t argmax;  // first index holding the max (ties to the lowest id, as torch.argmax)
-  bool bad;       // holds NaN or +inf
+  float max;      // the largest non-NaN value (-inf when there is none)
+  size_t argmax;  // first index holding the max (ties to the lowest id, as torch.argmax); 0 for an empty row
+  bool bad;       // holds NaN (of either sign) or +inf
 };
 
+// Total over every bit pattern: NaN is flagged and skipped, never chased past the end of the row.
 inline RowMax row_max(const float* row, size_t n) {
-  int32_t best = order_key(-std::numeric_limits<float>::infinity()), bad = 0;
+  int32_t best = kNegInfKey, bad = 0;
   for (size_t i = 0; i < n; ++i) {
     const int32_t b = std::bit_cast<int32_t>(row[i]);
-    const int32_t k = b ^ ((b >> 31) & 0x7FFFFFFF);
+    const int32_t k = max_scan_key(b);
     best = k > best ? k : best;
     bad |= int32_t((b & 0x7FFFFFFF) > 0x7F800000) | int32_t(b == 0x7F800000);  // NaN | +inf
   }
-  // The first index holding it: find the block by its max, then the index.
+  // The first index holding it: find the block by its max, then the index. Both scans map keys alike, so the block
+  // found holds the index; the inner bound only makes that obvious.
   constexpr size_t kBlock = 256;
   size_t arg = 0;
   for (size_t i = 0; i < n; i += kBlock) {
     const size_t len = std::min(kBlock, n - i);
     if (max_key(row + i, len) != best) continue;
     arg = i;
-    while (order_key(row[arg]) != best) ++arg;
+    while (arg + 1 < i + len && max_scan_key(std::bit_cast<int32_t>(row[arg])) != best) ++arg;
     break;
   }
   return RowMax{from_order_key(best), arg, bad != 0};

@@ -382,7 +382,16 @@ bool Engine::step() {
       for (auto it = a.held.rbegin(); it != a.held.rend(); ++it) waiting_.push_front(std::move(*it));
       a.held.clear();
     }
-    DecodeStep d = a.dec->step(sampler, std::span<const float>(r.last(e, batch), size_t(vocab)));
+    DecodeStep d;
+    try {
+      d = a.dec->step(sampler, std::span<const float>(r.last(e, batch), size_t(vocab)));
+    } catch (const Error& ex) {
+      // Non-finite logits (a model or weights problem that this request's tokens trigger): it fails alone, its
+      // neighbours' rows are their own.
+      finish(a, "error", ex.what());
+      ended.insert(&a);
+      continue;
+    }
     ++generated;
     const auto now = Clock::now();
     if (!a.has_first) a.first_token = now, a.has_first = true;

@@ -3,6 +3,7 @@
 #include <cmath>
 
 #include "runtime/core/error.h"
+#include "runtime/core/json_limits.h"
 
 namespace kiln::serve {
 
@@ -34,8 +35,9 @@ static const char* default_type(int status) {
 
 std::string error_body(int status, const std::string& message, const std::string& param, const std::string& type,
                        const std::string& code) {
-  // Messages are ours, but some quote a field value; cap them so a huge input is never reflected.
-  std::string msg = message.size() > 512 ? message.substr(0, 512) + "..." : message;
+  // Messages are ours, but some quote a field value or a template's error; one line, capped, so that no large input
+  // is ever reflected.
+  const std::string msg = one_line_excerpt(message, 300);
   json e{{"message", msg},
          {"type", type.empty() ? default_type(status) : type},
          {"param", param.empty() ? json(nullptr) : json(param)},
@@ -85,16 +87,47 @@ std::string content_text(const json& c, const std::string& where) {
   if (!c.is_array()) bad(where, "must be a string or a list of content parts");
   std::string out;
   for (const auto& part : c) {
-    if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") || !part["text"].is_string())
+    // value("type", "") would throw for a non-string "type": compare the JSON value instead.
+    if (!part.is_object() || !part.contains("type") || part["type"] != "text" || !part.contains("text") ||
+        !part["text"].is_string())
       bad(where, "supports only text content parts");
     out += part["text"].get<std::string>();
   }
   return out;
 }
 
+void check_prompt_bytes(size_t bytes, const PromptBound& bound, const char* param) {
+  if (bound.context <= 0 || bytes <= bound.max_text_bytes()) return;
+  throw ApiError(400,
+                 "the prompt (" + std::to_string(bytes) + " bytes) cannot fit the context of " +
+                     std::to_string(bound.context) + " tokens",
+                 param, "invalid_request_error", "context_length_exceeded");
+}
+
 }  // namespace
 
-ApiRequest parse_request(const std::string& body, bool chat, const Tokenizer& tok, const ChatTemplate* tpl) {
+size_t PromptBound::max_text_bytes() const {
+  // A prompt needs at least one position left for the answer.
+  const size_t positions = context > 1 ? size_t(context - 1) : 0;
+  return positions * longest_token_bytes * kNormalizationShrink;
+}
+
+size_t longest_token_bytes(const Tokenizer& tok) {
+  size_t longest = 1;
+  for (size_t id = 0; id < tok.vocab_size(); ++id) {
+    const int32_t one[1] = {int32_t(id)};
+    longest = std::max(longest, tok.decode(one).size());
+    if (auto piece = tok.id_to_token(int32_t(id))) longest = std::max(longest, piece->size());
+  }
+  return longest;
+}
+
+ApiRequest parse_request(const std::string& body, bool chat, const Tokenizer& tok, const ChatTemplate* tpl,
+                         const PromptBound& bound) {
+  // Everything below (the parse aside) recurses once per level of the document.
+  if (json_nesting_depth(body) > kMaxJsonDepth)
+    throw ApiError(
+        400, "the request body nests arrays and objects deeper than " + std::to_string(kMaxJsonDepth) + " levels");
   json b = json::parse(body, nullptr, false);
   // nlohmann's parse messages quote the input; say only that it is not JSON.
   if (b.is_discarded()) throw ApiError(400, "the request body is not valid JSON");
@@ -136,19 +169,28 @@ ApiRequest parse_request(const std::string& body, bool chat, const Tokenizer& to
       msg["content"] = content_text(m.value("content", json(nullptr)), where + ".content");
       messages.push_back(std::move(msg));
     }
+    std::string text;
     try {
-      r.prompt = tok.encode(tpl->render(messages, true), false);  // the template brings BOS, as in transformers
+      text = tpl->render(messages, true);
     } catch (const Error& e) {
       throw ApiError(400, std::string("the chat template failed on these messages: ") + e.what(), "messages");
     }
+    check_prompt_bytes(text.size(), bound, "messages");
+    r.prompt = tok.encode(text, false);  // the template brings BOS, as in transformers
   } else {
     auto it = b.find("prompt");
     if (it == b.end()) bad("prompt", "is required");
     const json* p = &*it;
     if (p->is_array() && p->size() == 1 && (*p)[0].is_string()) p = &(*p)[0];
     if (p->is_string()) {
-      r.prompt = tok.encode(p->get<std::string>());
+      check_prompt_bytes(p->get_ref<const std::string&>().size(), bound, "prompt");
+      r.prompt = tok.encode(p->get_ref<const std::string&>());
     } else if (p->is_array() && !p->empty() && (*p)[0].is_number_integer()) {
+      if (bound.context > 0 && int64_t(p->size()) >= bound.context)
+        throw ApiError(400,
+                       "the prompt (" + std::to_string(p->size()) + " tokens) leaves no room in the context of " +
+                           std::to_string(bound.context) + " tokens",
+                       "prompt", "invalid_request_error", "context_length_exceeded");
       for (const auto& v : *p) {
         if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() >= int64_t(tok.vocab_size()))
           bad("prompt", "token ids must be integers within the vocabulary");

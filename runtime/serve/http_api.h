@@ -35,9 +35,23 @@ struct ApiRequest {
   SamplingParams params;
 };
 
-// Parses and validates a body (ApiError 400 naming the field on any problem). `chat_template` may be null: then
-// /v1/chat/completions answers 400.
-ApiRequest parse_request(const std::string& body, bool chat, const Tokenizer& tok, const ChatTemplate* chat_template);
+// What bounds a prompt before it is tokenized: a text longer than this many bytes cannot fit the context, so it is
+// refused without spending the tokenizer's time on it. A token spells at most `longest_token_bytes` bytes of
+// normalized text, and normalization (NFC/NFKC composition at worst, 3:1 for Hangul jamo) shrinks text by less than
+// kNormalizationShrink, so such a text has more tokens than the context holds.
+struct PromptBound {
+  int64_t context = 0;  // 0: no bound
+  size_t longest_token_bytes = 0;
+  static constexpr size_t kNormalizationShrink = 4;
+  size_t max_text_bytes() const;
+};
+// The longest token of `tok`, in bytes (its vocabulary spelling or its decoding, whichever is longer).
+size_t longest_token_bytes(const Tokenizer& tok);
+
+// Parses and validates a body (ApiError 400 naming the field on any problem; JSON nested deeper than kMaxJsonDepth
+// is refused before it is parsed). `chat_template` may be null: then /v1/chat/completions answers 400.
+ApiRequest parse_request(const std::string& body, bool chat, const Tokenizer& tok, const ChatTemplate* chat_template,
+                         const PromptBound& bound = {});
 
 // What one choice produced (a whole answer, or the part a stream chunk carries).
 struct ChoiceOutput {

@@ -1,20 +1,19 @@
 #include "runtime/serve/http_server.h"
 
-#include <arpa/inet.h>
 #include <httplib.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
+#include <strings.h>
 
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
-#include <filesystem>
+#include <cstdlib>
 #include <thread>
 
 #include "runtime/core/error.h"
 #include "runtime/serve/cors.h"
 #include "runtime/serve/http_api.h"
 #include "runtime/serve/responses.h"
+#include "runtime/serve/socket_io.h"
 #include "runtime/serve/web_page.h"
 
 namespace kiln::serve {
@@ -40,50 +39,70 @@ int64_t unix_now() {
   return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
 }
 
-// httplib (0.11) does not tell a handler that its client left, nor give it the socket. The connection's socket is the
-// one whose peer and local addresses are the request's: found once, it is watched for EOF while the answer is made.
 int client_socket(const httplib::Request& req) {
-  for (const auto& entry : std::filesystem::directory_iterator(
-           "/proc/self/fd", std::filesystem::directory_options::skip_permission_denied)) {
-    int fd = -1;
-    try {
-      fd = std::stoi(entry.path().filename().string());
-    } catch (...) {
-      continue;
-    }
-    sockaddr_storage peer{}, local{};
-    socklen_t pl = sizeof peer, ll = sizeof local;
-    if (getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &pl) != 0) continue;
-    if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &ll) != 0) continue;
-    auto addr_port = [](const sockaddr_storage& a, std::string& host, int& port) {
-      char buf[INET6_ADDRSTRLEN] = {};
-      if (a.ss_family == AF_INET) {
-        auto* in = reinterpret_cast<const sockaddr_in*>(&a);
-        inet_ntop(AF_INET, &in->sin_addr, buf, sizeof buf);
-        port = ntohs(in->sin_port);
-      } else if (a.ss_family == AF_INET6) {
-        auto* in = reinterpret_cast<const sockaddr_in6*>(&a);
-        inet_ntop(AF_INET6, &in->sin6_addr, buf, sizeof buf);
-        port = ntohs(in->sin6_port);
-      } else {
-        return false;
-      }
-      host = buf;
-      return true;
-    };
-    std::string ph, lh;
-    int pp = -1, lp = -1;
-    if (!addr_port(peer, ph, pp) || !addr_port(local, lh, lp)) continue;
-    if (pp == req.remote_port && ph == req.remote_addr && lp == req.local_port) return fd;
-  }
-  return -1;
+  return find_client_socket(req.remote_addr, req.remote_port, req.local_port);
 }
 
-// EOF from the peer: a client that sent its request and then closed. Pipelined bytes count as alive.
-bool peer_closed(int fd) {
-  char c;
-  const ssize_t n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
-  return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+// "Bearer KEY" with the scheme in any case (RFC 9110: auth schemes are case-insensitive), else empty.
+std::string bearer_token(const std::string& header) {
+  constexpr size_t kScheme = 6;  // "Bearer"
+  if (header.size() <= kScheme + 1 || strncasecmp(header.c_str(), "Bearer", kScheme) != 0 || header[kScheme] != ' ')
+    return {};
+  const size_t start = header.find_first_not_of(' ', kScheme);
+  return start == std::string::npos ? std::string() : header.substr(start);
+}
+
+bool has_body(const httplib::Request& req) {
+  return req.has_header("Transfer-Encoding") ||
+         (req.has_header("Content-Length") && req.get_header_value("Content-Length") != "0");
+}
+
+enum class BodyRead { kOk, kTooLarge, kBroken };
+
+// The Content-Length header checked against the limit (kOk also when there is none).
+BodyRead declared_length(const httplib::Request& req, size_t limit) {
+  if (!req.has_header("Content-Length")) return BodyRead::kOk;
+  const std::string declared = req.get_header_value("Content-Length");
+  char* end = nullptr;
+  errno = 0;
+  const unsigned long long n = std::strtoull(declared.c_str(), &end, 10);
+  if (declared.empty() || declared[0] == '-' || *end != '\0' || errno == ERANGE) return BodyRead::kBroken;
+  return n > limit ? BodyRead::kTooLarge : BodyRead::kOk;
+}
+
+const char* reason_phrase(int status) {
+  switch (status) {
+    case 400:
+      return "Bad Request";
+    case 401:
+      return "Unauthorized";
+    case 413:
+      return "Payload Too Large";
+    default:
+      return "Error";
+  }
+}
+
+// Reads a body through httplib's content reader, which un-chunks and decompresses (gzip, deflate, br): the limit
+// applies to the bytes as they come out of it, so neither a chunked body nor a compressed one can exceed it, and
+// reading stops at the first byte beyond. A declared Content-Length beyond the limit is refused unread. `keep`:
+// store the bytes (else they are only counted).
+BodyRead read_body(const httplib::Request& req, const httplib::ContentReader& reader, size_t limit, bool keep,
+                   std::string& body) {
+  if (const BodyRead declared = declared_length(req, limit); declared != BodyRead::kOk) return declared;
+  size_t seen = 0;
+  bool over = false;
+  const bool ok = reader([&](const char* data, size_t len) {
+    if (len > limit - seen) {
+      over = true;
+      return false;
+    }
+    seen += len;
+    if (keep) body.append(data, len);
+    return true;
+  });
+  if (over) return BodyRead::kTooLarge;
+  return ok ? BodyRead::kOk : BodyRead::kBroken;
 }
 
 }  // namespace
@@ -98,9 +117,13 @@ struct HttpServer::Impl {
   std::atomic<bool> draining{false};
   std::atomic<uint64_t> next_id{1};
   CorsPolicy cors;
+  PromptBound bound;
 
   Impl(Engine& e, Metrics& m, const Tokenizer& t, const ChatTemplate* c, HttpOptions o)
-      : engine(e), metrics(m), tok(t), tpl(c), opt(std::move(o)), cors(opt.allow_origins) {}
+      : engine(e), metrics(m), tok(t), tpl(c), opt(std::move(o)), cors(opt.allow_origins) {
+    bound.context = opt.context;
+    if (bound.context > 0) bound.longest_token_bytes = longest_token_bytes(tok);
+  }
 
   // Adds the CORS headers for an allowed Origin; answers a preflight (true) before authentication, since browsers
   // send preflights without the key.
@@ -121,6 +144,43 @@ struct HttpServer::Impl {
     return false;
   }
 
+  // For a request whose body was not (wholly) read: httplib would parse the rest of it as the next request on the
+  // connection. Send the answer on the socket directly and shut the socket's sending side, so that the connection
+  // ends after it (httplib's own write of `res` then fails and it closes the connection).
+  void answer_and_close(const httplib::Request& req, httplib::Response& res, int status, const std::string& msg,
+                        const char* extra_header = nullptr) {
+    send_error(res, status, msg);
+    res.set_header("Connection", "close");
+    const int fd = client_socket(req);
+    if (fd < 0) return;
+    std::string out = "HTTP/1.1 " + std::to_string(status) + " " + reason_phrase(status) +
+                      "\r\nContent-Type: application/json\r\nContent-Length: " + std::to_string(res.body.size()) +
+                      "\r\nConnection: close\r\n";
+    if (extra_header) out += std::string(extra_header) + "\r\n";
+    write_all(fd, out + "\r\n" + res.body);
+    finish_connection(fd);
+  }
+
+  std::string too_large() const {
+    return "the request body exceeds " + std::to_string(opt.max_body_bytes) + " bytes (after decompression)";
+  }
+
+  // Reads the body of a request into `body`; false when it answered instead (413, or 400 for a broken body).
+  bool read_request_body(const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& reader,
+                         bool keep, std::string& body) {
+    switch (read_body(req, reader, opt.max_body_bytes, keep, body)) {
+      case BodyRead::kOk:
+        return true;
+      case BodyRead::kTooLarge:
+        answer_and_close(req, res, 413, too_large());
+        return false;
+      case BodyRead::kBroken:
+        answer_and_close(req, res, 400, "the request body could not be read (bad length, chunking or encoding)");
+        return false;
+    }
+    return false;
+  }
+
   void send_error(httplib::Response& res, int status, const std::string& msg, const std::string& param = {}) {
     res.status = status;
     metrics.http_error(status);
@@ -129,27 +189,27 @@ struct HttpServer::Impl {
   }
 
   static std::string bearer_key(const httplib::Request& req) {
-    const std::string h = req.get_header_value("Authorization");
-    return h.rfind("Bearer ", 0) == 0 ? h.substr(7) : std::string();
+    return bearer_token(req.get_header_value("Authorization"));
   }
 
   bool authorized(const httplib::Request& req) {
     if (opt.api_keys.empty()) return true;
-    const std::string h = req.get_header_value("Authorization");
-    const std::string prefix = "Bearer ";
-    if (h.size() <= prefix.size() || h.compare(0, prefix.size(), prefix) != 0) return false;
-    const std::string key = h.substr(prefix.size());
+    const std::string key = bearer_key(req);
+    if (key.empty()) return false;
     bool ok = false;
     for (const auto& k : opt.api_keys) ok |= equal_constant_time(key, k);  // no early exit over keys either
     return ok;
   }
 
-  void completion(const httplib::Request& req, httplib::Response& res, bool chat) {
+  void completion(const httplib::Request& req, httplib::Response& res, const httplib::ContentReader& reader,
+                  bool chat) {
+    std::string body;
+    if (!read_request_body(req, res, reader, true, body)) return;
     if (draining) return send_error(res, 503, "the server is shutting down");
     ApiRequest r;
     std::shared_ptr<RequestStream> stream;
     try {
-      r = parse_request(req.body, chat, tok, tpl);
+      r = parse_request(body, chat, tok, tpl, bound);
       RequestOptions ro;
       ro.n = r.n;
       // Only a checked key names a tenant; without --api-key whatever a client sends is no identity.
@@ -187,53 +247,73 @@ struct HttpServer::Impl {
       res.set_content(full.body(), "application/json");
       return;
     }
-    // Streaming: one SSE event per engine event, queue frames while waiting. The provider runs on this worker; a
-    // failed write (client gone) makes httplib call the releaser with success=false, which cancels the request.
-    struct State {
-      StreamResponse resp;
-      bool done = false;
-      int64_t last_position = 0;
-      std::chrono::steady_clock::time_point last_frame;
-    };
-    auto st = std::make_shared<State>(State{StreamResponse(r, id, unix_now(), opt.model_name, tok)});
-    Engine* eng = &engine;
-    res.set_header("Cache-Control", "no-cache");
-    res.set_chunked_content_provider(
-        "text/event-stream",
-        [eng, rid, stream, st](size_t, httplib::DataSink& sink) {
-          if (st->done) return false;
-          std::string out;
-          auto events = stream->next(100);
-          st->done = st->resp.feed(events, out);
-          if (!st->resp.started()) {
-            // Queue frames: when the position changes, and about once a second.
-            const auto now = std::chrono::steady_clock::now();
-            if (auto q = eng->queue_info(rid);
-                q && (q->position != st->last_position || now - st->last_frame >= std::chrono::seconds(1))) {
-              out += queue_frame(*q);
-              st->last_position = q->position;
-              st->last_frame = now;
-            }
-          }
-          if (!out.empty() && !sink.write(out.data(), out.size())) return false;
-          if (st->done) sink.done();
-          return true;
-        },
-        [eng, rid, st](bool) {
-          if (!st->done) eng->cancel(rid);
-        });
+    stream_response(req, res, stream, StreamResponse(r, id, unix_now(), opt.model_name, tok), rid);
+  }
+
+  // Streaming, written on the socket here rather than through httplib's chunked provider: httplib 0.11 checks
+  // before every chunk whether the client has sent EOF, so a client that half-closes after its request (SHUT_WR)
+  // would lose its stream. Here only a failed or stalled write means the client is gone (and cancels the request).
+  // One SSE event per engine event, queue frames while waiting; the connection ends with the stream.
+  void stream_response(const httplib::Request& req, httplib::Response& res,
+                       const std::shared_ptr<RequestStream>& stream, StreamResponse resp, uint64_t rid) {
+    const int fd = client_socket(req);
+    if (fd < 0) {
+      engine.cancel(rid);
+      return send_error(res, 500, "the connection's socket was not found");
+    }
+    std::string head =
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n";
+    for (const auto& [k, v] : res.headers) head += k + ": " + v + "\r\n";  // CORS
+    bool alive = write_all(fd, head + "\r\n"), done = false;
+    int64_t last_position = 0;
+    std::chrono::steady_clock::time_point last_frame;
+    while (alive && !done) {
+      std::string out;
+      auto events = stream->next(100);
+      done = resp.feed(events, out);
+      if (!resp.started()) {
+        // Queue frames: when the position changes, and about once a second.
+        const auto now = std::chrono::steady_clock::now();
+        if (auto q = engine.queue_info(rid);
+            q && (q->position != last_position || now - last_frame >= std::chrono::seconds(1))) {
+          out += queue_frame(*q);
+          last_position = q->position;
+          last_frame = now;
+        }
+      }
+      if (!out.empty()) alive = write_all(fd, http_chunk(out));
+    }
+    if (!done) engine.cancel(rid);
+    if (alive) write_all(fd, http_chunk({}));
+    // httplib's own write of `res` then fails on the shut socket, and it closes the connection.
+    finish_connection(fd);
   }
 
   void routes() {
     server.new_task_queue = [n = opt.threads] { return new httplib::ThreadPool(size_t(n)); };
     server.set_payload_max_length(opt.max_body_bytes);
+    server.set_socket_options(listen_socket_options);
+    // A client that waits for "100 Continue" before sending an oversized body is told 413 instead.
+    server.set_expect_100_continue_handler([this](const httplib::Request& req, httplib::Response& res) {
+      if (declared_length(req, opt.max_body_bytes) == BodyRead::kTooLarge) {
+        send_error(res, 413, too_large());
+        return 413;
+      }
+      return 100;
+    });
     server.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
       if (answer_cors(req, res)) return httplib::Server::HandlerResponse::Handled;
       // The chat page holds no data: it loads without a key and sends the one the user types with its API calls.
       if (req.path == "/health" || (req.path == "/" && (req.method == "GET" || req.method == "HEAD")))
         return httplib::Server::HandlerResponse::Unhandled;
       if (!authorized(req)) {
-        send_error(res, 401, "a valid API key is required (Authorization: Bearer KEY)");
+        const char* msg = "a valid API key is required (Authorization: Bearer KEY)";
+        if (has_body(req)) {
+          answer_and_close(req, res, 401, msg, "WWW-Authenticate: Bearer");  // the body is never read
+        } else {
+          send_error(res, 401, msg);
+        }
         res.set_header("WWW-Authenticate", "Bearer");
         return httplib::Server::HandlerResponse::Handled;
       }
@@ -276,16 +356,29 @@ struct HttpServer::Impl {
     server.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
       EngineStats s = engine.stats();
       res.set_content(metrics.render(s.waiting, s.running, s.kv_used, s.kv_total, s.kv_cached),
-                      "text/plain; version=0.0.4");
+                      "text/plain; version=0.0.4; charset=utf-8");
     });
     server.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
       json m{{"id", opt.model_name}, {"object", "model"}, {"created", 0}, {"owned_by", "kiln"}};
       res.set_content(json{{"object", "list"}, {"data", json::array({m})}}.dump(), "application/json");
     });
-    server.Post("/v1/chat/completions",
-                [this](const httplib::Request& q, httplib::Response& s) { completion(q, s, true); });
-    server.Post("/v1/completions",
-                [this](const httplib::Request& q, httplib::Response& s) { completion(q, s, false); });
+    // Every route that takes a body reads it itself, through read_request_body: httplib's own reading (for a route
+    // without a content reader) has no limit on chunked or compressed bodies. So unknown paths get a reader too.
+    using Reader = httplib::ContentReader;
+    server.Post("/v1/chat/completions", [this](const httplib::Request& q, httplib::Response& s, const Reader& r) {
+      completion(q, s, r, true);
+    });
+    server.Post("/v1/completions", [this](const httplib::Request& q, httplib::Response& s, const Reader& r) {
+      completion(q, s, r, false);
+    });
+    auto no_route = [this](const httplib::Request& q, httplib::Response& s, const Reader& r) {
+      std::string unused;
+      if (read_request_body(q, s, r, false, unused)) send_error(s, 404, "no such route");
+    };
+    server.Post(".*", no_route);
+    server.Put(".*", no_route);
+    server.Patch(".*", no_route);
+    server.Delete(".*", no_route);
   }
 };
 
@@ -297,25 +390,46 @@ HttpServer::HttpServer(Engine& engine, Metrics& metrics, const Tokenizer& tok, c
 
 HttpServer::~HttpServer() = default;
 
-void HttpServer::run(const std::atomic<bool>& stop_flag) {
+bool HttpServer::run(const std::atomic<bool>& stop_flag) {
   Impl& m = *impl_;
-  if (!m.server.bind_to_port(m.opt.host, m.opt.port))
-    throw Error("cannot listen on " + m.opt.host + ":" + std::to_string(m.opt.port) + " (in use or not permitted)");
-  std::thread listener([&] { m.server.listen_after_bind(); });
+  if (m.opt.port == 0) {
+    m.opt.port = m.server.bind_to_any_port(m.opt.host);
+    if (m.opt.port <= 0) throw Error("cannot listen on " + m.opt.host + " (any port): " + bind_failure(m.opt.host, 0));
+  } else if (!m.server.bind_to_port(m.opt.host, m.opt.port)) {
+    throw Error("cannot listen on " + m.opt.host + ":" + std::to_string(m.opt.port) + ": " +
+                bind_failure(m.opt.host, m.opt.port));
+  }
+  std::atomic<bool> listener_done{false};
+  std::thread listener([&] {
+    m.server.listen_after_bind();
+    listener_done = true;
+  });
   std::fprintf(stderr, "kiln serve: listening on http://%s:%d (model %s)\n", m.opt.host.c_str(), m.opt.port,
                m.opt.model_name.c_str());
   while (!stop_flag) std::this_thread::sleep_for(std::chrono::milliseconds(50));
-  // Drain: no new work, give running requests their time, then cancel what is left and let streams flush.
+  // Drain: no new work, give running requests their time, then cancel what is left and let streams flush. Every
+  // wait below ends by the hard deadline, drain_timeout plus a second for the last writes: a connection that still
+  // holds a worker then (a client trickling bytes) is abandoned with the process.
+  using Clock = std::chrono::steady_clock;
   m.draining = true;
   m.engine.stop_accepting();
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(m.opt.drain_timeout);
-  while (!m.engine.idle() && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  const auto start = Clock::now();
+  const auto deadline =
+      start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(m.opt.drain_timeout));
+  const auto hard_deadline = deadline + std::chrono::seconds(1);
+  while (!m.engine.idle() && Clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   if (!m.engine.idle()) m.engine.cancel_all();
-  for (int i = 0; i < 100 && !m.engine.idle(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // let open streams write their last events
-  m.server.stop();
+  const auto flushed = std::min(hard_deadline, Clock::now() + std::chrono::milliseconds(500));
+  while (!m.engine.idle() && Clock::now() < flushed) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  std::this_thread::sleep_until(std::min(hard_deadline, Clock::now() + std::chrono::milliseconds(300)));
+  m.server.stop();  // closes the listening socket; the listener then waits for the connections' workers
+  while (!listener_done && Clock::now() < hard_deadline) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  if (!listener_done) {
+    listener.detach();
+    return false;
+  }
   listener.join();
+  return true;
 }
 
 }  // namespace kiln::serve

@@ -20,10 +20,11 @@ struct HttpOptions {
   std::vector<std::string> api_keys;  // empty: no authentication
   size_t max_body_bytes = 8 << 20;
   std::string model_name;
-  double drain_timeout = 30;              // seconds to finish running requests after SIGTERM before cancelling them
-  int threads = 256;                      // HTTP worker threads: each open stream holds one
+  double drain_timeout = 30;               // seconds to finish running requests after SIGTERM before cancelling them
+  int64_t context = 0;                     // positions per request: prompts that cannot fit are refused untokenized
+  int threads = 256;                       // HTTP worker threads: each open stream holds one
   std::vector<std::string> allow_origins;  // CORS (--allow-origin): origins or "*"; empty: no CORS headers
-  bool cache_salt_per_key = true;         // prefix cache salt = the request's API key (tenants never share blocks)
+  bool cache_salt_per_key = true;          // prefix cache salt = the request's API key (tenants never share blocks)
 };
 
 class HttpServer {
@@ -31,9 +32,11 @@ class HttpServer {
   HttpServer(Engine& engine, Metrics& metrics, const Tokenizer& tok, const ChatTemplate* chat_template,
              HttpOptions options);
   ~HttpServer();
-  // Binds (kiln::Error naming host:port on failure), then serves until stop_flag turns true; then drains: refuses
-  // new requests with 503, lets running ones finish for up to drain_timeout, cancels the rest, and returns.
-  void run(const std::atomic<bool>& stop_flag);
+  // Binds (kiln::Error naming host:port and why on failure: "address already in use" when another server has it),
+  // then serves until stop_flag turns true; then drains: refuses new requests with 503, lets running ones finish for
+  // up to drain_timeout, cancels the rest, and returns within drain_timeout + 1 s. False: connections still held
+  // workers at that deadline; the caller must then end the process without destroying this object (_Exit).
+  bool run(const std::atomic<bool>& stop_flag);
 
  private:
   struct Impl;

@@ -76,9 +76,11 @@ std::string Metrics::render(int64_t waiting, int64_t running, int64_t kv_used, i
     o += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " gauge\n" + name + " " + std::to_string(v) +
          "\n";
   };
+  // Text format 0.0.4: HELP and TYPE name the samples exactly, so a counter's are declared with its _total suffix
+  // (what prometheus_client itself writes; its parser then files them under one family without the suffix).
   auto counter = [&](const char* name, const char* help, int64_t v) {
-    o += std::string("# HELP ") + name + " " + help + "\n# TYPE " + name + " counter\n" + name + "_total " +
-         std::to_string(v) + "\n";
+    const std::string total = std::string(name) + "_total";
+    o += "# HELP " + total + " " + help + "\n# TYPE " + total + " counter\n" + total + " " + std::to_string(v) + "\n";
   };
   gauge("kiln_requests_waiting", "Requests in the waiting queue.", waiting);
   gauge("kiln_requests_running", "Requests in the running batch.", running);
@@ -93,7 +95,8 @@ std::string Metrics::render(int64_t waiting, int64_t running, int64_t kv_used, i
           prefix_hit_);
   counter("kiln_preemptions", "Requests preempted (KV blocks freed, recomputed on readmission).", preemptions_);
   counter("kiln_requests_rejected", "Requests refused with 429 (queue full).", rejected_429_);
-  o += "# HELP kiln_requests_finished Requests finished, by reason.\n# TYPE kiln_requests_finished counter\n";
+  o += "# HELP kiln_requests_finished_total Requests finished, by reason.\n"
+       "# TYPE kiln_requests_finished_total counter\n";
   const char* reasons[4] = {"stop", "length", "cancelled", "error"};
   for (int i = 0; i < 4; ++i)
     o += std::string("kiln_requests_finished_total{finish_reason=\"") + reasons[i] + "\"} " +

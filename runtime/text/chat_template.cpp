@@ -3,6 +3,7 @@
 #include <ctime>
 
 #include "runtime/core/error.h"
+#include "runtime/core/json_limits.h"
 #include "runtime/io/staging_dir.h"
 #include "runtime/text/jinja.h"
 
@@ -77,9 +78,14 @@ std::string ChatTemplate::render(const ordered_json& messages, bool add_generati
   if (!tools.is_null() && !tools.is_array()) throw Error("tools must be a list of JSON schemas");
   if (!extra_kwargs.is_null() && !extra_kwargs.is_object()) throw Error("template keyword arguments must be an object");
 
+  // Copying and converting the documents below recurses once per level: refuse deep ones before either.
+  for (const ordered_json* doc : {&messages, &tools, &extra_kwargs})
+    if (json_value_depth(*doc) > kMaxJsonDepth)
+      throw Error("chat template input nests arrays and objects deeper than " + std::to_string(kMaxJsonDepth) +
+                  " levels");
   ordered_json chat = ordered_json::array();
   for (const auto& m : messages) {
-    if (!m.is_object()) throw Error("chat messages should be objects, but got " + m.dump());
+    if (!m.is_object()) throw Error("chat messages should be objects, but got " + one_line_excerpt(m.dump()));
     // apply_chat_template drops None-valued keys: templates handle a missing key better than a None.
     ordered_json clean = ordered_json::object();
     for (const auto& [k, v] : m.items())
@@ -88,7 +94,7 @@ std::string ChatTemplate::render(const ordered_json& messages, bool add_generati
   }
   if (tools.is_array())
     for (const auto& t : tools)
-      if (!t.is_object()) throw Error("tools should be JSON schemas (objects), but got " + t.dump());
+      if (!t.is_object()) throw Error("tools should be JSON schemas (objects), but got " + one_line_excerpt(t.dump()));
 
   std::vector<std::pair<std::string, Value>> vars;
   for (const auto& [k, v] : special_tokens_) vars.emplace_back(k, Value::string(v));

@@ -20,6 +20,11 @@ namespace {
 
 enum class Flow { Normal, Break, Continue };
 
+// Nested evaluations (expressions within expressions, statements within statements, macro calls within them) at
+// once. The parser bounds how deep one template's syntax nests, but macros multiply that; this bounds the product,
+// so rendering never runs off the stack (jinja2 meets Python's recursion limit of 1000 frames similarly).
+constexpr int kMaxNesting = 400;
+
 ScopePtr child(const ScopePtr& parent) {
   auto s = std::make_shared<Scope>();
   s->parent = parent;
@@ -37,6 +42,7 @@ class Evaluator {
   }
 
   Value eval(const Expr& e, const ScopePtr& scope) {
+    Nested nested(*this, e.line);
     try {
       return eval_inner(e, scope);
     } catch (const Failure& f) {
@@ -45,7 +51,20 @@ class Evaluator {
   }
 
  private:
+  struct Nested {
+    Evaluator& ev;
+    Nested(Evaluator& evaluator, int line) : ev(evaluator) {
+      if (++ev.nesting_ > kMaxNesting) {
+        --ev.nesting_;
+        throw Error("chat template line " + std::to_string(line) + ": expressions, statements and macro calls nested " +
+                    "deeper than " + std::to_string(kMaxNesting) + " levels");
+      }
+    }
+    ~Nested() { --ev.nesting_; }
+  };
+
   Flow exec(const Stmt& s, const ScopePtr& scope, std::string& out) {
+    Nested nested(*this, s.line);
     using K = Stmt::Kind;
     switch (s.kind) {
       case K::Data:
@@ -146,6 +165,10 @@ class Evaluator {
     const Value* ns = scope->lookup(s.targets[0]);
     if (!ns || !ns->is_namespace() || ns->dict_ref().type_name != "Namespace")
       throw Error("chat template line " + std::to_string(s.line) + ": can't assign attribute on non-namespace object");
+    // The one place a value can grow without bound: an attribute set from itself once per loop iteration.
+    if (v.depth() > kMaxValueDepth)
+      throw Error("chat template line " + std::to_string(s.line) + ": values nested deeper than " +
+                  std::to_string(kMaxValueDepth) + " levels");
     if (!s.name.empty() && s.name[0] == '_')
       throw Error("chat template line " + std::to_string(s.line) +
                   ": Chat templates cannot store underscore-prefixed attributes on a namespace, but got '" + s.name +
@@ -367,6 +390,7 @@ class Evaluator {
   }
 
   int depth_ = 0;
+  int nesting_ = 0;
 };
 
 }  // namespace

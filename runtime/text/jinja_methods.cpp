@@ -250,6 +250,7 @@ Value dict_method(const std::string& name, const Value& self, Args& a) {
     a.check("copy", 0, {});
     Value out = Value::dict();
     out.dict_ref().entries = d.entries;
+    out.dict_ref().depth = d.depth;
     return out;
   }
   throw Failure("dict." + name + "() is not supported in chat templates");

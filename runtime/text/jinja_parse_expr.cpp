@@ -97,6 +97,7 @@ ExprPtr Parser::parse_and() {
 }
 
 ExprPtr Parser::parse_not() {
+  DepthGuard guard(*this);
   if (is_name("not")) {
     auto e = node(Expr::Kind::Not, advance().line);
     e->args.push_back(parse_not());

@@ -16,7 +16,7 @@ namespace kiln::jinja {
 
 class Parser {
  public:
-  explicit Parser(std::vector<Token> tokens) : toks_(std::move(tokens)) {}
+  explicit Parser(std::vector<Token> tokens) : toks_(std::move(tokens)) { check_tag_lengths(); }
 
   Body parse_all() {
     Body body = subparse({});
@@ -100,6 +100,19 @@ class Parser {
   }
 
   ExprPtr parse_tuple(bool with_condexpr, const std::set<std::string>& extra_end, bool explicit_parens);
+
+  // Left-associative chains (a ~ b ~ c ..., x|f|g ..., a.b.c ...) are parsed by loops but nest the tree one level per
+  // link, and the tree is evaluated and freed recursively: bounding the tokens of one tag bounds that depth.
+  static constexpr size_t kMaxTagTokens = 4096;
+  void check_tag_lengths() const {
+    size_t in_tag = 0;
+    for (const Token& t : toks_) {
+      if (t.type == Tok::VarBegin || t.type == Tok::BlockBegin) in_tag = 0;
+      if (++in_tag > kMaxTagTokens)
+        throw Error("chat template line " + std::to_string(t.line) + ": a tag longer than " +
+                    std::to_string(kMaxTagTokens) + " tokens");
+    }
+  }
 
   // Nesting depth guard: malformed input like "((((((..." must fail cleanly instead of overflowing the stack.
   struct DepthGuard {

@@ -47,6 +47,9 @@ Value Value::string(std::string s, bool markup) {
 Value Value::list(List items) {
   Value v;
   v.kind_ = Kind::List;
+  int deepest = 0;
+  for (const Value& item : items) deepest = std::max(deepest, item.depth());
+  v.depth_ = static_cast<uint16_t>(std::min(deepest + 1, 0xFFFF));
   v.list_ = std::make_shared<List>(std::move(items));
   return v;
 }
@@ -74,6 +77,22 @@ Value Value::function(std::string name, std::function<Value(Args&)> fn) {
   v.fn_ = std::make_shared<Callable>(Callable{std::move(name), std::move(fn)});
   return v;
 }
+
+int Value::depth() const {
+  if (kind_ == Kind::List || kind_ == Kind::Tuple) return depth_;
+  if (kind_ == Kind::Dict || kind_ == Kind::Namespace) return std::min(dict_->depth, 0xFFFF) + 1;
+  return 0;
+}
+
+namespace {
+
+// Every recursive walk over values calls this once per level.
+void check_depth(int depth) {
+  if (depth > kMaxValueDepth)
+    throw Failure("values nested deeper than " + std::to_string(kMaxValueDepth) + " levels (or holding themselves)");
+}
+
+}  // namespace
 
 std::string Value::type_name() const {
   switch (kind_) {
@@ -139,6 +158,7 @@ const Value* Dict::find(const std::string& key) const {
 }
 
 void Dict::set(const Value& key, Value value) {
+  depth = std::max({depth, key.depth(), value.depth()});
   for (auto& [k, v] : entries)
     if (equals(k, key)) {
       v = std::move(value);
@@ -172,8 +192,9 @@ void Args::check(const char* fn, size_t max_pos, std::initializer_list<const cha
   }
 }
 
-bool equals(const Value& a, const Value& b) {
+bool equals(const Value& a, const Value& b, int depth) {
   using K = Value::Kind;
+  check_depth(depth);
   if (a.is_number() && b.is_number()) {
     if (a.is_float() || b.is_float()) return a.as_float() == b.as_float();
     return a.as_int() == b.as_int();
@@ -189,14 +210,14 @@ bool equals(const Value& a, const Value& b) {
     case K::Tuple: {
       if (a.items().size() != b.items().size()) return false;
       for (size_t i = 0; i < a.items().size(); ++i)
-        if (!equals(a.items()[i], b.items()[i])) return false;
+        if (!equals(a.items()[i], b.items()[i], depth + 1)) return false;
       return true;
     }
     case K::Dict: {
       if (a.dict_ref().entries.size() != b.dict_ref().entries.size()) return false;
       for (const auto& [k, v] : a.dict_ref().entries) {
         const Value* other = b.dict_ref().find(k);
-        if (!other || !equals(v, *other)) return false;
+        if (!other || !equals(v, *other, depth + 1)) return false;
       }
       return true;
     }
@@ -209,7 +230,8 @@ bool equals(const Value& a, const Value& b) {
   }
 }
 
-int compare(const Value& a, const Value& b, const char* op) {
+int compare(const Value& a, const Value& b, const char* op, int depth) {
+  check_depth(depth);
   if (a.is_undefined() || b.is_undefined()) throw Failure(a.is_undefined() ? a.str() : b.str());
   if (a.is_number() && b.is_number()) {
     if (a.is_float() || b.is_float()) {
@@ -222,7 +244,7 @@ int compare(const Value& a, const Value& b, const char* op) {
   if (a.kind() == b.kind() && a.is_sequence()) {
     const List &x = a.items(), &y = b.items();
     for (size_t i = 0; i < x.size() && i < y.size(); ++i)
-      if (!equals(x[i], y[i])) return compare(x[i], y[i], op);
+      if (!equals(x[i], y[i], depth + 1)) return compare(x[i], y[i], op, depth + 1);
     return x.size() < y.size() ? -1 : (x.size() > y.size() ? 1 : 0);
   }
   throw Failure(std::string("'") + op + "' not supported between instances of '" + a.type_name() + "' and '" +
@@ -294,45 +316,47 @@ std::string py_str_repr(const std::string& s) {
   return out;
 }
 
-static std::string repr_items(const List& items, const char* open, const char* close, bool tuple) {
+static std::string repr_items(const List& items, const char* open, const char* close, bool tuple, int depth) {
   std::string out = open;
   for (size_t i = 0; i < items.size(); ++i) {
     if (i) out += ", ";
-    out += repr(items[i]);
+    out += repr(items[i], depth + 1);
   }
   if (tuple && items.size() == 1) out += ",";
   return out + close;
 }
 
-static std::string repr_dict(const Dict& d) {
+static std::string repr_dict(const Dict& d, int depth) {
   std::string out = "{";
   for (size_t i = 0; i < d.entries.size(); ++i) {
     if (i) out += ", ";
-    out += repr(d.entries[i].first) + ": " + repr(d.entries[i].second);
+    out += repr(d.entries[i].first, depth + 1) + ": " + repr(d.entries[i].second, depth + 1);
   }
   return out + "}";
 }
 
-std::string repr(const Value& v) {
+std::string repr(const Value& v, int depth) {
   using K = Value::Kind;
+  check_depth(depth);
   switch (v.kind()) {
     case K::Undefined:
       return "Undefined";
     case K::String:
       return py_str_repr(v.str());
     case K::List:
-      return repr_items(v.items(), "[", "]", false);
+      return repr_items(v.items(), "[", "]", false, depth);
     case K::Tuple:
-      return repr_items(v.items(), "(", ")", true);
+      return repr_items(v.items(), "(", ")", true, depth);
     case K::Dict:
-      return repr_dict(v.dict_ref());
+      return repr_dict(v.dict_ref(), depth);
     default:
-      return to_str(v);
+      return to_str(v, depth);
   }
 }
 
-std::string to_str(const Value& v) {
+std::string to_str(const Value& v, int depth) {
   using K = Value::Kind;
+  check_depth(depth);
   switch (v.kind()) {
     case K::Undefined:
       return "";
@@ -347,17 +371,19 @@ std::string to_str(const Value& v) {
     case K::String:
       return v.str();
     case K::Namespace:
-      if (v.dict_ref().type_name == "Namespace") return "<Namespace " + repr_dict(v.dict_ref()) + ">";
+      if (v.dict_ref().type_name == "Namespace") return "<Namespace " + repr_dict(v.dict_ref(), depth) + ">";
       throw Failure("printing a " + v.type_name() + " object is not supported");
     case K::Callable:
       throw Failure("printing the function '" + v.callable().name + "' is not supported");
     default:
-      return repr(v);
+      return repr(v, depth);
   }
 }
 
-Value from_json(const nlohmann::ordered_json& j) {
+Value from_json(const nlohmann::ordered_json& j, int depth) {
   using T = nlohmann::ordered_json::value_t;
+  if ((j.is_array() || j.is_object()) && depth >= kMaxJsonDepth)
+    throw Failure("JSON nested deeper than " + std::to_string(kMaxJsonDepth) + " levels");
   switch (j.type()) {
     case T::null:
       return Value::none();
@@ -367,7 +393,7 @@ Value from_json(const nlohmann::ordered_json& j) {
       return Value::integer(j.get<int64_t>());
     case T::number_unsigned: {
       auto u = j.get<uint64_t>();
-      if (u > static_cast<uint64_t>(INT64_MAX)) throw Failure("integer " + j.dump() + " is too large");
+      if (u > static_cast<uint64_t>(INT64_MAX)) throw Failure("integer " + std::to_string(u) + " is too large");
       return Value::integer(static_cast<int64_t>(u));
     }
     case T::number_float:
@@ -376,12 +402,18 @@ Value from_json(const nlohmann::ordered_json& j) {
       return Value::string(j.get<std::string>());
     case T::array: {
       List items;
-      for (const auto& e : j) items.push_back(from_json(e));
+      items.reserve(j.size());
+      for (const auto& e : j) items.push_back(from_json(e, depth + 1));
       return Value::list(std::move(items));
     }
     case T::object: {
       Value d = Value::dict();
-      for (const auto& [k, e] : j.items()) d.dict_ref().entries.emplace_back(Value::string(k), from_json(e));
+      Dict& dict = d.dict_ref();
+      for (const auto& [k, e] : j.items()) {
+        Value v = from_json(e, depth + 1);
+        dict.depth = std::max(dict.depth, v.depth());
+        dict.entries.emplace_back(Value::string(k), std::move(v));  // JSON keys are unique: no lookup needed
+      }
       return d;
     }
     default:
@@ -441,6 +473,7 @@ static std::string json_float(double d) {
 
 static void json_value(std::string& out, const Value& v, const JsonOptions& o, int depth) {
   using K = Value::Kind;
+  check_depth(depth);
   auto newline = [&](int level) {
     if (o.indent < 0) return;
     out += '\n';

@@ -10,7 +10,14 @@
 #include <utility>
 #include <vector>
 
+#include "runtime/core/json_limits.h"
+
 namespace kiln::jinja {
+
+// How deeply lists, tuples and dicts may nest, whether they come from JSON (kMaxJsonDepth) or are built by a
+// template: printing, serialising and comparing recurse once per level, and so does freeing a value, so a template
+// that nests a namespace attribute once per loop iteration must fail instead of overflowing the stack.
+inline constexpr int kMaxValueDepth = 2 * kMaxJsonDepth;
 
 // A failure while rendering, without a line number yet; the evaluator adds the line of the failing node.
 class Failure : public std::runtime_error {
@@ -67,6 +74,8 @@ class Value {
   List& items() const { return *list_; }
   Dict& dict_ref() const { return *dict_; }
   Callable& callable() const { return *fn_; }
+  // Levels of containers: 0 for a scalar, 1 for a list of scalars, 1 + the deepest item otherwise. O(1).
+  int depth() const;
 
   // Python's type name as error messages show it ('str', 'dict object', ...).
   std::string type_name() const;
@@ -76,6 +85,7 @@ class Value {
   Kind kind_ = Kind::Undefined;
   bool b_ = false;
   bool markup_ = false;
+  uint16_t depth_ = 0;  // lists and tuples (immutable once built); dicts keep theirs in Dict::depth
   int64_t i_ = 0;
   double f_ = 0;
   std::shared_ptr<const std::string> s_;
@@ -88,6 +98,7 @@ class Value {
 struct Dict {
   std::vector<std::pair<Value, Value>> entries;
   std::string type_name = "dict";  // Namespace / LoopContext for attribute bags
+  int depth = 0;                   // the deepest key or value held (Value::depth); set() keeps it
   const Value* find(const Value& key) const;
   const Value* find(const std::string& key) const;
   void set(const Value& key, Value value);
@@ -109,14 +120,15 @@ struct Callable {
   std::function<Value(Args&)> fn;
 };
 
-// Python semantics.
-bool equals(const Value& a, const Value& b);
-int compare(const Value& a, const Value& b, const char* op);  // <0, 0, >0; throws Failure on unorderable types
-std::string to_str(const Value& v);                           // str(v)
-std::string repr(const Value& v);                             // repr(v)
+// Python semantics. The recursive ones throw Failure past kMaxValueDepth levels (a namespace can hold itself).
+bool equals(const Value& a, const Value& b, int depth = 0);
+int compare(const Value& a, const Value& b, const char* op, int depth = 0);  // <0, 0, >0; Failure if unorderable
+std::string to_str(const Value& v, int depth = 0);                           // str(v)
+std::string repr(const Value& v, int depth = 0);                             // repr(v)
 std::string py_float_repr(double d);
 std::string py_str_repr(const std::string& s);
-Value from_json(const nlohmann::ordered_json& j);
+// Throws Failure for documents nested deeper than kMaxJsonDepth.
+Value from_json(const nlohmann::ordered_json& j, int depth = 0);
 
 struct JsonOptions {
   int indent = -1;  // -1: None

@@ -1,6 +1,7 @@
 #include "runtime/text/tokenizer_files.h"
 
 #include "runtime/core/error.h"
+#include "runtime/core/json_limits.h"
 #include "runtime/io/staging_dir.h"
 
 namespace fs = std::filesystem;
@@ -38,7 +39,9 @@ TokenizerFiles locate_tokenizer_files(const fs::path& path) {
 
 nlohmann::json read_tokenizer_config(const TokenizerFiles& files) {
   if (!files.tokenizer_config) return nlohmann::json::object();
-  auto j = nlohmann::json::parse(read_text_file(*files.tokenizer_config), nullptr, false);
+  const std::string text = read_text_file(*files.tokenizer_config);
+  check_json_depth(text, files.tokenizer_config->string());
+  auto j = nlohmann::json::parse(text, nullptr, false);
   if (j.is_discarded() || !j.is_object()) throw Error(files.tokenizer_config->string() + ": not a valid JSON object");
   return j;
 }

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "runtime/core/json_limits.h"
 #include "runtime/io/path_safety.h"
 #include "runtime/text/tokenizer_impl.h"
 #include "runtime/text/unicode.h"
@@ -241,9 +242,11 @@ std::shared_ptr<TokenizerImpl> build(const json* tok_json, const std::string& na
     added = text::sp_control_tokens(*impl->sp);
   }
 
+  const bool llama_pipeline = compat == TokenizerCompat::Transformers && tok_json &&
+                              takes_llama_pipeline(cfg, ctx.model_type, ctx.json_mentions_byte_level);
   if (compat == TokenizerCompat::Transformers) {
     add_config_tokens(added, *impl, cfg, cfg_name);
-    if (tok_json && takes_llama_pipeline(cfg, ctx.model_type, ctx.json_mentions_byte_level)) {
+    if (llama_pipeline) {
       // transformers 5's LlamaTokenizer keeps only vocab, merges and post-processor from tokenizer.json and
       // hard-codes the rest (models/llama/tokenization_llama.py).
       bool add_prefix_space = cfg.contains("add_prefix_space") && cfg["add_prefix_space"].is_boolean()
@@ -267,19 +270,23 @@ std::shared_ptr<TokenizerImpl> build(const json* tok_json, const std::string& na
   impl->bos = config_token_id(*impl, names, "bos_token", added);
   impl->eos = config_token_id(*impl, names, "eos_token", added);
 
-  bool explicit_bos_eos = cfg.contains("add_bos_token") || cfg.contains("add_eos_token");
-  if (compat == TokenizerCompat::Transformers && (explicit_bos_eos || !post_json || !tok_json)) {
-    // transformers rebuilds the post-processor from add_bos_token / add_eos_token. Without tokenizer.json the
-    // SentencePiece (Llama) convention applies: BOS unless told otherwise.
-    bool add_bos = cfg.value("add_bos_token", !tok_json);
+  if (compat == TokenizerCompat::Transformers && !tok_json) {
+    // A SentencePiece model alone: transformers' slow tokenizer follows add_bos_token / add_eos_token, with the
+    // Llama convention (BOS unless told otherwise).
+    bool add_bos = cfg.value("add_bos_token", true);
     bool add_eos = cfg.value("add_eos_token", false);
-    if (!tok_json && !cfg.contains("bos_token") && impl->sp) {
-      int b = impl->sp ? text::sp_piece_to_id(*impl->sp, "<s>") : -1;
+    if (!cfg.contains("bos_token") && impl->sp) {
+      int b = text::sp_piece_to_id(*impl->sp, "<s>");
       if (b >= 0) impl->bos = b;
     }
     if (add_bos && impl->bos) impl->post.prefix.push_back(*impl->bos);
     if (add_eos && impl->eos) impl->post.suffix.push_back(*impl->eos);
+  } else if (llama_pipeline) {
+    // With tokenizer.json, transformers 5 drops add_bos_token / add_eos_token from tokenizer_config.json;
+    // LlamaTokenizer then adds BOS with its own defaults, unless tokenizer.json has no post-processor at all.
+    if (post_json && impl->bos) impl->post.prefix.push_back(*impl->bos);
   } else if (post_json) {
+    // Every other class runs the post-processor of tokenizer.json as written, whatever the flags say.
     impl->post = text::make_post_processor(*post_json, w / "post_processor", *impl);
   }
   return impl;
@@ -289,6 +296,7 @@ std::shared_ptr<TokenizerImpl> build(const json* tok_json, const std::string& na
 
 Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, const json& cfg, TokenizerCompat compat,
                                const std::string& name) {
+  check_json_depth(tokenizer_json, name);
   json j = json::parse(tokenizer_json.begin(), tokenizer_json.end(), nullptr, false);
   if (j.is_discarded()) throw Error(name + ": not valid JSON");
   LoadContext ctx{"", tokenizer_json.find("\"ByteLevel\"") != std::string_view::npos};
@@ -301,7 +309,8 @@ Tokenizer Tokenizer::load(const TokenizerFiles& files, TokenizerCompat compat) {
   LoadContext ctx{directory_model_type(files.dir), false};
   if (files.tokenizer_json) {
     std::string name = files.tokenizer_json->string();
-    std::string text = read_file(*files.tokenizer_json);
+    const std::string text = read_file(*files.tokenizer_json);
+    check_json_depth(text, name);
     json j = json::parse(text, nullptr, false);
     if (j.is_discarded()) throw Error(name + ": not valid JSON");
     ctx.json_mentions_byte_level = text.find("\"ByteLevel\"") != std::string::npos;

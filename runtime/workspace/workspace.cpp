@@ -5,6 +5,7 @@
 #include <cstdio>
 
 #include "runtime/core/error.h"
+#include "runtime/core/json_limits.h"
 #include "runtime/io/sha256.h"
 #include "runtime/io/staging_dir.h"
 
@@ -83,7 +84,9 @@ WorkspaceInfo read_workspace_info(const fs::path& dir) {
   if (!fs::is_regular_file(path, ec)) throw Error(dir.string() + ": not a kiln workspace (no kiln.json)");
   WorkspaceInfo w;
   w.dir = dir;
-  w.json = json::parse(read_text_file(path), nullptr, false);
+  const std::string text = read_text_file(path);
+  check_json_depth(text, label);
+  w.json = json::parse(text, nullptr, false);
   if (w.json.is_discarded() || !w.json.is_object()) throw Error(label + ": not a valid JSON object");
   const json& j = w.json;
   if (j.value("format", "") != kWorkspaceFormat) throw Error(label + ": 'format' is not \"kiln-workspace\"");

@@ -37,6 +37,8 @@ TEMPLATE_SPECS = {
     "qwen2.5": ("qwen2.5.jinja", CHATML),
     "qwen3": (None, "qwen3"),
     "deepseek_v3_real": (None, "deepseek_v3"),
+    "phi3_real": (None, "phi3"),
+    "gemma4_real": (None, "gemma4"),
     "gemma": ("gemma.jinja", GEMMA),
     "phi3": ("phi3.jinja", {"bos_token": "<s>", "eos_token": "<|endoftext|>", "unk_token": "<unk>"}),
     "smollm2": ("smollm2.jinja", {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>"}),

@@ -45,7 +45,8 @@ def test_cuda_without_device_is_one_line_error(fixture_models, kiln_bin):
 def test_kv_cache_fraction_is_checked(fixture_models, kiln_bin):
     ws = fixture_models / FIXTURE
     proc = run_kiln("serve", ws, "--port", "0", "--kv-cache-fraction", "1.5", check=False, env=env_with(KILN_DEVICE="cpu"))
-    one_line_error(proc, "--kv-cache-fraction must be in (0, 1)")
+    one_line_error(proc, "--kv-cache-fraction: must be in (0, 1)")
+    assert proc.returncode == 2  # a usage error, found when the flags are parsed
     # Known only once the model is on the backend, so serve's load-time notes (this fixture has no chat template) may
     # come first; the error itself is one line, and the last.
     proc = run_kiln("serve", ws, "--port", "0", "--kv-cache-fraction", "0.5", check=False, env=env_with(KILN_DEVICE="cpu"))

@@ -85,6 +85,33 @@ def test_config_model_type_decides_the_llama_pipeline(real_tokenizers, tmp_path,
     assert kiln_lines(d, [" hi"])[0]["ids"] == auto(" hi")["input_ids"]
 
 
+@pytest.mark.parametrize("name,cls", [("phi3", "TokenizersBackend"), ("llama2", "LlamaTokenizer"),
+                                      ("gpt2", "GPT2Tokenizer")])
+def test_bos_eos_follow_transformers(real_tokenizers, tmp_path, name, cls):
+    """With tokenizer.json, transformers 5 ignores add_bos_token/add_eos_token and runs the file's post-processor
+    (LlamaTokenizer adds BOS itself unless the file has none): every combination against AutoTokenizer."""
+    transformers = pytest.importorskip("transformers")
+    src = json.loads((real_tokenizers / name / "tokenizer.json").read_text("utf-8"))
+    bos = json.loads((real_tokenizers / name / "tokenizer_config.json").read_text("utf-8"))["bos_token"]
+    bos_id = Tokenizer.from_str(json.dumps(src)).token_to_id(bos)
+    with_bos = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": bos, "type_id": 0}},
+                                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+    for k, (flags, post) in enumerate([(f, p) for f in (None, True, False) for p in (with_bos, "as is", None)]):
+        d = tmp_path / str(k)
+        d.mkdir()
+        j = dict(src, post_processor=src["post_processor"] if post == "as is" else post)
+        (d / "tokenizer.json").write_text(json.dumps(j), "utf-8")
+        cfg = {"tokenizer_class": cls, "bos_token": bos, "eos_token": bos}
+        if flags is not None:
+            cfg.update(add_bos_token=flags, add_eos_token=flags)
+        (d / "tokenizer_config.json").write_text(json.dumps(cfg), "utf-8")
+        auto = transformers.AutoTokenizer.from_pretrained(str(d))
+        texts = ["hi there", ""]
+        assert [g["ids"] for g in kiln_lines(d, texts)] == [auto(t)["input_ids"] for t in texts], (flags, post)
+
+
 @pytest.mark.parametrize("name", REAL_TOKENIZERS)
 @pytest.mark.parametrize("skip", [False, True])
 def test_real_tokenizer_decode_matches(real_tokenizers, name, skip):
