@@ -170,3 +170,28 @@ def test_awq_folding_is_exact_for_each_family(name, fixture_models, eval_text, t
     a, b = load_np(str(next(ws.glob("weights-*.safetensors")))), load_np(str(next(folded.glob("weights-*.safetensors"))))
     assert not np.array_equal(a["layers.0.attn_norm.weight"], b["layers.0.attn_norm.weight"])  # scales were folded
     assert np.abs(ref["logits"] - got["logits"]).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["gpt2-fp32", "gemma3-fp32", "glm4-fp32"])
+def test_static_int8_kv_and_serve(name, fixture_models, tmp_path):
+    """Calibration's K/V observer and the static INT8 KV cache through each family's attention (GPT-2 without RoPE,
+    Gemma 3 with q/k norms and a local RoPE base, GLM-4 with partial interleaved RoPE), then `kiln serve` answering
+    the official openai client with exactly what `kiln generate` produces."""
+    from test_serve import Server, generate
+    ws, stats, ref, q = tmp_path / "ws", tmp_path / "stats.safetensors", tmp_path / "ref.safetensors", tmp_path / "q"
+    eval_args = ["--text", EVAL, "--ctx", 128, "--max-tokens", 384]
+    run_kiln("convert", fixture_models / name, "-o", ws)
+    run_kiln("calibrate", ws, "--data", CALIB, "--samples", 8, "--seqlen", 64, "-o", stats)
+    run_kiln("eval", ws, *eval_args, "--kv-cache", "fp32", "--save-logits", ref)
+    run_kiln("quantize", ws, "-o", q, "--method", "none", "--kv-cache", "int8", "--kv-mode", "static",
+             "--kv-stats", stats)
+    rep = json.loads(run_kiln("eval", q, *eval_args, "--ref-logits", ref, "--json").stdout)
+    assert rep["kv_cache"] == "int8-static" and 0 < rep["kld_mean"] < 1e-3, rep
+    server = Server(ws)
+    try:
+        want = generate(ws, "Once upon a time", 12)
+        got = server.client().completions.create(model="tiny", prompt="Once upon a time", max_tokens=12,
+                                                 temperature=0)
+        assert got.choices[0].text == want["text"]
+    finally:
+        server.stop()
