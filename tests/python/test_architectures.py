@@ -237,3 +237,15 @@ def test_awq_beats_rtn_on_outliers(family, fixture_models, eval_text, tmp_path):
     awq = quality(tmp_path / "awq", "awq", "--data", CALIB, "--samples", 16, "--seqlen", 64, "--seed", 1)
     print(family, "RTN", rtn, "\nAWQ", awq)
     assert awq["kld_mean"] < 0.7 * rtn["kld_mean"], (awq, rtn)
+
+
+def test_bench_offline_reports_batched_vs_one_by_one_on_gpt2(fixture_models, tmp_path):
+    ws = tmp_path / "ws"
+    run_kiln("convert", fixture_models / "gpt2-fp32", "-o", ws)
+    out = run_kiln("bench", "offline", ws, "-n", 8, "--input-len", 16, "--output-len", 8, "-c", "1,4").stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith("offline")]
+    tps = {int(r[1]): float(r[6]) for r in rows}  # conc -> out tok/s
+    ratio = [line for line in out.splitlines() if line.startswith("batched vs one-by-one")]
+    assert len(ratio) == 1, out
+    got = float(ratio[0].split("c=4 ")[1].rstrip("x"))
+    assert got == pytest.approx(tps[4] / tps[1], rel=0.02, abs=0.01), out
