@@ -99,6 +99,22 @@ void report(const BenchCliOptions& o, const std::string& mode, const std::string
     return;
   }
   std::printf("%s", bench::table(runs).c_str());
+  // The batched-vs-one-by-one ratio users compare (e.g. against a transformers pipeline run one prompt at a time):
+  // each closed-loop run's output tokens/s over the c=1 run's.
+  const bench::RunSummary* one = nullptr;
+  for (const auto& r : runs)
+    if (r.rate == 0 && r.concurrency == 1) one = &r;
+  if (one && one->output_tokens_per_s > 0 && runs.size() > 1) {
+    std::string line = "batched vs one-by-one (output tokens/s over c=1):";
+    for (const auto& r : runs)
+      if (r.rate == 0 && r.concurrency > 1) {
+        char buf[64];
+        std::snprintf(buf, sizeof buf, " c=%lld %.2fx", (long long)r.concurrency,
+                      r.output_tokens_per_s / one->output_tokens_per_s);
+        line += buf;
+      }
+    std::printf("%s\n", line.c_str());
+  }
   for (const auto& r : runs)
     if (r.failed)
       std::fprintf(stderr, "bench: %lld requests failed; first: %s\n", (long long)r.failed, r.first_error.c_str());

@@ -1,7 +1,5 @@
 #include "runtime/model/model.h"
 
-#include <cmath>
-#include <cstring>
 #include <string>
 
 #include "runtime/core/error.h"

@@ -170,3 +170,82 @@ def test_awq_folding_is_exact_for_each_family(name, fixture_models, eval_text, t
     a, b = load_np(str(next(ws.glob("weights-*.safetensors")))), load_np(str(next(folded.glob("weights-*.safetensors"))))
     assert not np.array_equal(a["layers.0.attn_norm.weight"], b["layers.0.attn_norm.weight"])  # scales were folded
     assert np.abs(ref["logits"] - got["logits"]).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["gpt2-fp32", "gemma3-fp32", "glm4-fp32"])
+def test_static_int8_kv_and_serve(name, fixture_models, tmp_path):
+    """Calibration's K/V observer and the static INT8 KV cache through each family's attention (GPT-2 without RoPE,
+    Gemma 3 with q/k norms and a local RoPE base, GLM-4 with partial interleaved RoPE), then `kiln serve` answering
+    the official openai client with exactly what `kiln generate` produces."""
+    from test_serve import Server, generate
+    ws, stats, ref, q = tmp_path / "ws", tmp_path / "stats.safetensors", tmp_path / "ref.safetensors", tmp_path / "q"
+    eval_args = ["--text", EVAL, "--ctx", 128, "--max-tokens", 384]
+    run_kiln("convert", fixture_models / name, "-o", ws)
+    run_kiln("calibrate", ws, "--data", CALIB, "--samples", 8, "--seqlen", 64, "-o", stats)
+    run_kiln("eval", ws, *eval_args, "--kv-cache", "fp32", "--save-logits", ref)
+    run_kiln("quantize", ws, "-o", q, "--method", "none", "--kv-cache", "int8", "--kv-mode", "static",
+             "--kv-stats", stats)
+    rep = json.loads(run_kiln("eval", q, *eval_args, "--ref-logits", ref, "--json").stdout)
+    assert rep["kv_cache"] == "int8-static" and 0 < rep["kld_mean"] < 1e-3, rep
+    server = Server(ws)
+    try:
+        want = generate(ws, "Once upon a time", 12)
+        got = server.client().completions.create(model="tiny", prompt="Once upon a time", max_tokens=12,
+                                                 temperature=0)
+        assert got.choices[0].text == want["text"]
+    finally:
+        server.stop()
+
+
+def outlier_checkpoint(cls_cfg, cls_model, dst, **cfg):
+    """A 2-layer model of a Llama-like family (no GQA) whose attention and MLP input norms have 3 outlier channels
+    scaled 40x (for (1 + w) norms, the effective weight), so qkv and gate_up inputs carry outliers."""
+    torch.manual_seed(0)
+    config = cls_cfg(vocab_size=32000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, initializer_range=0.08,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0, **cfg)
+    model = cls_model(config).float()
+    plus_one = cls_cfg.__name__.startswith("Gemma")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            mlp_norm = getattr(layer, "pre_feedforward_layernorm", None) or layer.post_attention_layernorm
+            for norm in (layer.input_layernorm, mlp_norm):
+                idx = [3, 17, 40]
+                norm.weight[idx] = (40.0 * (1.0 + norm.weight[idx]) - 1.0) if plus_one else norm.weight[idx] * 40.0
+    model.save_pretrained(dst)
+    return dst
+
+
+@pytest.mark.parametrize("family", ["gemma2", "glm4", "phi3"])
+def test_awq_beats_rtn_on_outliers(family, fixture_models, eval_text, tmp_path):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Glm4Config, Glm4ForCausalLM, Phi3Config, Phi3ForCausalLM
+    classes = {"gemma2": (Gemma2Config, Gemma2ForCausalLM, dict(head_dim=16, query_pre_attn_scalar=16)),
+               "glm4": (Glm4Config, Glm4ForCausalLM, dict(head_dim=16)),
+               "phi3": (Phi3Config, Phi3ForCausalLM, {})}
+    cfg_cls, model_cls, extra = classes[family]
+    src = outlier_checkpoint(cfg_cls, model_cls, tmp_path / "hf", **extra)
+    copy_tokenizer(fixture_models / "gpt2-fp32", src)
+    ws = tmp_path / "ws"
+    run_kiln("convert", src, "-o", ws, "--dtype", "fp32")
+
+    def quality(out, method, *extra_args):
+        r = run_kiln("quantize", ws, "-o", out, "--method", method, "--group-size", 32, "--eval-text", eval_text,
+                     "--eval-ctx", 128, "--json", *extra_args)
+        return json.loads(r.stdout)["quality"]
+
+    rtn = quality(tmp_path / "rtn", "rtn")
+    awq = quality(tmp_path / "awq", "awq", "--data", CALIB, "--samples", 16, "--seqlen", 64, "--seed", 1)
+    print(family, "RTN", rtn, "\nAWQ", awq)
+    assert awq["kld_mean"] < 0.7 * rtn["kld_mean"], (awq, rtn)
+
+
+def test_bench_offline_reports_batched_vs_one_by_one_on_gpt2(fixture_models, tmp_path):
+    ws = tmp_path / "ws"
+    run_kiln("convert", fixture_models / "gpt2-fp32", "-o", ws)
+    out = run_kiln("bench", "offline", ws, "-n", 8, "--input-len", 16, "--output-len", 8, "-c", "1,4").stdout
+    rows = [line.split() for line in out.splitlines() if line.startswith("offline")]
+    tps = {int(r[1]): float(r[6]) for r in rows}  # conc -> out tok/s
+    ratio = [line for line in out.splitlines() if line.startswith("batched vs one-by-one")]
+    assert len(ratio) == 1, out
+    got = float(ratio[0].split("c=4 ")[1].rstrip("x"))
+    assert got == pytest.approx(tps[4] / tps[1], rel=0.02, abs=0.01), out
