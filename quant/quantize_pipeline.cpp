@@ -4,6 +4,7 @@
 
 #include "runtime/core/error.h"
 #include "runtime/io/path_safety.h"
+#include "runtime/io/staging_dir.h"
 
 namespace kiln {
 
@@ -37,7 +38,8 @@ QuantizeSummary quantize_weights_and_kv(const QuantizeOptions& opt, KvQuantizeOp
     kv.input = opt.input;
   } else {
     QuantizeOptions w = opt;
-    w.output = tmp = opt.output.parent_path() / ("." + opt.output.filename().string() + ".kiln-weights");
+    // Named with our PID, so that a later write to the same output sweeps it up after a SIGKILL.
+    w.output = tmp = process_sibling(opt.output, "kiln-weights");
     w.force = true;
     w.eval_text.clear();  // the report runs once, on the final output
     w.max_ppl_increase.reset();

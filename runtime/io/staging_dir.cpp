@@ -19,7 +19,7 @@ namespace fs = std::filesystem;
 
 namespace kiln {
 
-static fs::path sibling(const fs::path& dest, const std::string& tag) {
+fs::path process_sibling(const fs::path& dest, const std::string& tag) {
   fs::path parent = dest.parent_path().empty() ? fs::path(".") : dest.parent_path();
   return parent / ("." + dest.filename().string() + "." + tag + "-" + std::to_string(::getpid()));
 }
@@ -53,6 +53,7 @@ void remove_stale_staging(const fs::path& destination) {
     // A staging sibling of a dead kiln is garbage. The old output moved aside by a --force commit is garbage only
     // once the new output is in place (a crash between the two renames leaves the only copy there).
     std::optional<pid_t> pid = sibling_pid(entry, name, "kiln-tmp");
+    if (!pid) pid = sibling_pid(entry, name, "kiln-weights");
     if (!pid && dest_exists) pid = sibling_pid(entry, name, "kiln-old");
     if (!pid || !process_is_gone(*pid)) continue;
     const fs::file_status st = e.symlink_status(ec);
@@ -73,7 +74,7 @@ StagingDir::StagingDir(const fs::path& destination, bool force) : destination_(d
   fs::create_directories(parent, ec);  // like mkdir -p; only the destination itself is atomic
   if (!fs::is_directory(parent, ec)) throw Error(parent.string() + ": cannot create the output's parent directory");
   remove_stale_staging(destination_);
-  staging_ = sibling(destination_, "kiln-tmp");
+  staging_ = process_sibling(destination_, "kiln-tmp");
   fs::remove_all(staging_, ec);
   if (!fs::create_directory(staging_, ec))
     throw Error(staging_.string() + ": cannot create staging directory: " + ec.message());

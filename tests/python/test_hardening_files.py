@@ -251,13 +251,14 @@ def test_stale_staging_of_a_dead_process_is_removed(fixture_models, tmp_path):
     live = tmp_path / f".ws.kiln-tmp-{os.getpid()}"
     other_name = tmp_path / f".other.kiln-tmp-{dead}"
     not_a_pid = tmp_path / ".ws.kiln-tmp-12ab"
-    for d in (stale, live, other_name, not_a_pid):
+    stale_weights = tmp_path / f".ws.kiln-weights-{dead}"  # quantize --kv-cache int8's intermediate int4 workspace
+    for d in (stale, live, other_name, not_a_pid, stale_weights):
         d.mkdir()
         (d / "junk.safetensors").write_bytes(b"x" * 1000)
     old_of_dead = tmp_path / f".ws.kiln-old-{dead}"  # kept while ws does not exist: it may be the only copy
     old_of_dead.mkdir()
     run_kiln("convert", fixture_models / SOURCE, "-o", tmp_path / "ws")
-    assert not stale.exists()
+    assert not stale.exists() and not stale_weights.exists()
     assert live.exists() and other_name.exists() and not_a_pid.exists() and old_of_dead.exists()
     # Once ws exists, the old output of a dead --force run is garbage too.
     run_kiln("convert", fixture_models / SOURCE, "-o", tmp_path / "ws", "--force")
