@@ -51,8 +51,7 @@ fs::path report_path(const fs::path& stats) {
 // A hidden sibling that is renamed over the destination once complete; removed if anything fails first.
 struct TempFile {
   fs::path path;
-  explicit TempFile(const fs::path& dest)
-      : path(dest.parent_path() / ("." + dest.filename().string() + ".kiln-tmp-" + std::to_string(::getpid()))) {}
+  explicit TempFile(const fs::path& dest) : path(process_sibling(dest, "kiln-tmp")) {}
   ~TempFile() {
     std::error_code ec;
     if (!path.empty()) fs::remove(path, ec);
@@ -94,8 +93,10 @@ int run(const CalibrateOptions& o) {
   const ModelSpec& spec = m.model->spec();
   Tokenizer tok = Tokenizer::load(locate_tokenizer_files(o.workspace));
   std::optional<int32_t> eos;
-  if (!spec.eos_token_ids.empty()) eos = int32_t(spec.eos_token_ids[0]);
-  else eos = tok.eos_id();
+  if (!spec.eos_token_ids.empty())
+    eos = int32_t(spec.eos_token_ids[0]);
+  else
+    eos = tok.eos_id();
   std::vector<int32_t> stream = calib::token_stream(tok, docs, eos);
   docs.clear();
   if (stream.empty()) throw Error(o.data + ": the dataset is empty (no tokens)");
@@ -105,9 +106,11 @@ int run(const CalibrateOptions& o) {
                   std::to_string(spec.vocab_size));
   calib::Blocks blocks = calib::sample_blocks(stream, o.samples, o.seqlen, o.seed, o.data);
   if (blocks.count() < o.samples)
-    std::fprintf(stderr, "kiln calibrate: warning: %s holds %lld tokens, room for only %lld of the %lld requested "
-                 "blocks of %lld; using %lld\n", o.data.c_str(), (long long)stream.size(), (long long)blocks.count(),
-                 (long long)o.samples, (long long)o.seqlen, (long long)blocks.count());
+    std::fprintf(stderr,
+                 "kiln calibrate: warning: %s holds %lld tokens, room for only %lld of the %lld requested "
+                 "blocks of %lld; using %lld\n",
+                 o.data.c_str(), (long long)stream.size(), (long long)blocks.count(), (long long)o.samples,
+                 (long long)o.seqlen, (long long)blocks.count());
 
   Progress progress("calibrate", uint64_t(blocks.count()), !o.json);
   int64_t shown = 0;

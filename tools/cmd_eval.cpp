@@ -16,6 +16,7 @@
 #include "runtime/engine/loaded_model.h"
 #include "runtime/io/path_safety.h"
 #include "runtime/io/safetensors.h"
+#include "runtime/io/staging_dir.h"
 #include "runtime/text/tokenizer.h"
 #include "tools/command.h"
 #include "tools/flag_checks.h"
@@ -99,8 +100,11 @@ int run(const EvalOptions& o) {
   std::optional<RefLogits> ref;
   if (!o.ref_logits.empty()) ref.emplace(o.ref_logits, tokens, vocab);
   std::unique_ptr<SafetensorsWriter> writer;
-  std::string tmp_save = o.save_logits + ".kiln-tmp";
+  // A hidden sibling named with our PID, renamed into place at the end; what a SIGKILLed run left is swept first.
+  std::string tmp_save;
   if (!o.save_logits.empty()) {
+    remove_stale_staging(o.save_logits);
+    tmp_save = process_sibling(o.save_logits, "kiln-tmp").string();
     writer = std::make_unique<SafetensorsWriter>(
         tmp_save, std::vector<TensorPlan>{{"tokens", DType::I32, {n}}, {"logits", DType::F32, {n, vocab}}});
     writer->write(tokens.data(), size_t(n) * 4);
