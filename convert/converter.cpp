@@ -230,7 +230,7 @@ ordered_json converted_document(const ConvertOptions& opt, const ModelSpec& spec
                                 uint64_t tensor_bytes, ordered_json tokenizer, ordered_json source_files) {
   ordered_json doc;
   doc["format"] = kWorkspaceFormat;
-  doc["format_version"] = kWorkspaceFormatVersion;
+  doc["format_version"] = spec_format_version(spec);
   doc["model"] = spec_to_json(spec);
   doc["dtype"] = workspace_dtype_name(target);
   doc["quantization"] = {{"weights", std::move(weights_quantization)}, {"kv_cache", {{"dtype", "auto"}}}};

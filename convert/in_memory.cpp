@@ -58,7 +58,7 @@ std::unique_ptr<Workspace> open_hf_in_memory(const std::filesystem::path& hf_dir
   const DType target = resolve_target_dtype("auto", ckpt);
   info.dtype = workspace_dtype_name(target);
   info.json = {{"format", kWorkspaceFormat},
-               {"format_version", kWorkspaceFormatVersion},
+               {"format_version", spec_format_version(info.spec)},
                {"model", spec_to_json(info.spec)},
                {"dtype", info.dtype},
                {"quantization", {{"weights", {{"method", "none"}}}, {"kv_cache", {{"dtype", "auto"}}}}},

@@ -42,7 +42,7 @@ ordered_json output_document(const Workspace& src, const WeightQuantization& q, 
   const json& sj = src.info().json;
   ordered_json doc;
   doc["format"] = kWorkspaceFormat;
-  doc["format_version"] = kWorkspaceFormatVersion;
+  doc["format_version"] = spec_format_version(src.spec());
   doc["model"] = spec_to_json(src.spec());
   doc["dtype"] = src.info().dtype;
   ordered_json kv = !opt.kv_cache.empty() ? ordered_json{{"dtype", opt.kv_cache}}

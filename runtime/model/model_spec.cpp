@@ -61,6 +61,16 @@ nlohmann::ordered_json spec_to_json(const ModelSpec& s) {
   return j;
 }
 
+int spec_format_version(const ModelSpec& s) {
+  const ModelSpec d;
+  const bool layer_graph = s.norm != d.norm || s.norm_bias || s.norm_plus_one || !s.mlp_gated || s.learned_positions ||
+                           !s.sliding_layers.empty() || s.query_scale > 0 || s.attn_softcap > 0 ||
+                           s.final_softcap > 0 || s.embedding_scale > 0 || s.post_attn_norm || s.post_ffn_norm ||
+                           s.rope_style != "half" || (s.rotary_dim > 0 && s.rotary_dim != s.head_dim) ||
+                           s.rope_local_theta > 0;
+  return layer_graph ? 2 : 1;
+}
+
 namespace {
 struct Reader {
   const json& j;

@@ -76,6 +76,10 @@ struct ModelSpec {
 };
 
 nlohmann::ordered_json spec_to_json(const ModelSpec& spec);
+// The workspace format_version a model with this spec is written as: 1 for the Llama block, which every kiln reads;
+// 2 when it uses a layer-graph field (LayerNorm, GELU MLP, soft-caps, ...) that a kiln older than the layer graph
+// would ignore, so that such a kiln refuses the workspace instead of running it wrong.
+int spec_format_version(const ModelSpec& spec);
 // Validates as it reads: a workspace with a missing or nonsensical field is refused with the field's name.
 ModelSpec spec_from_json(const nlohmann::json& j, const std::string& label);
 

@@ -22,10 +22,14 @@ bool is_workspace(const fs::path& dir) {
 
 std::string workspace_dtype_name(DType t) {
   switch (t) {
-    case DType::F32: return "fp32";
-    case DType::F16: return "fp16";
-    case DType::BF16: return "bf16";
-    default: throw Error("internal error: workspace dtype must be fp32, fp16 or bf16");
+    case DType::F32:
+      return "fp32";
+    case DType::F16:
+      return "fp16";
+    case DType::BF16:
+      return "bf16";
+    default:
+      throw Error("internal error: workspace dtype must be fp32, fp16 or bf16");
   }
 }
 
@@ -98,16 +102,17 @@ WorkspaceInfo read_workspace_info(const fs::path& dir) {
         "; kiln.json was changed after kiln wrote it (convert or quantize again to get a consistent workspace)");
   if (!j.contains("format_version") || !j["format_version"].is_number_integer())
     throw Error(label + ": 'format_version' is missing");
-  if (j["format_version"].get<int>() != kWorkspaceFormatVersion)
+  if (j["format_version"].get<int>() < 1 || j["format_version"].get<int>() > kWorkspaceFormatVersion)
     throw Error(label + ": format_version " + std::to_string(j["format_version"].get<int>()) +
-                " is not supported by this kiln (supports " + std::to_string(kWorkspaceFormatVersion) + ")");
+                " is not supported by this kiln (supports 1 to " + std::to_string(kWorkspaceFormatVersion) + ")");
   if (!j.contains("model")) throw Error(label + ": 'model' is missing");
   w.spec = spec_from_json(j["model"], label);
   if (!j.contains("dtype") || !j["dtype"].is_string()) throw Error(label + ": 'dtype' is missing");
   w.dtype = j["dtype"].get<std::string>();
   workspace_dtype(w.dtype, label);
   auto wf = j.find("weights");
-  if (wf == j.end() || !wf->is_object() || !wf->contains("files") || !(*wf)["files"].is_array() || (*wf)["files"].empty())
+  if (wf == j.end() || !wf->is_object() || !wf->contains("files") || !(*wf)["files"].is_array() ||
+      (*wf)["files"].empty())
     throw Error(label + ": 'weights.files' is missing or empty");
   for (const auto& f : (*wf)["files"]) {
     if (!f.is_string()) throw Error(label + ": 'weights.files' must list file names");
@@ -123,7 +128,8 @@ WorkspaceInfo read_workspace_info(const fs::path& dir) {
     if (!e.is_object() || !e.contains("sha256") || !e["sha256"].is_string() || !e.contains("size") ||
         !e["size"].is_number_unsigned())
       throw Error(label + ": manifest entry '" + it.key() + "' needs a sha256 string and a size");
-    if (it.key().find('/') != std::string::npos) throw Error(label + ": manifest entry '" + it.key() + "' is not a plain file name");
+    if (it.key().find('/') != std::string::npos)
+      throw Error(label + ": manifest entry '" + it.key() + "' is not a plain file name");
     w.manifest[it.key()] = {e["sha256"].get<std::string>(), e["size"].get<uint64_t>()};
   }
   return w;

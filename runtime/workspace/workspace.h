@@ -13,7 +13,8 @@
 
 namespace kiln {
 
-constexpr int kWorkspaceFormatVersion = 1;
+// The newest format_version this kiln reads (see spec_format_version: 1 and 2 differ only in the model block).
+constexpr int kWorkspaceFormatVersion = 2;
 constexpr const char* kWorkspaceFormat = "kiln-workspace";
 constexpr const char* kWorkspaceFile = "kiln.json";
 // kiln.json's last key: the sha256 of the document's canonical JSON without this key (docs/workspace.md). The

@@ -249,3 +249,16 @@ def test_bench_offline_reports_batched_vs_one_by_one_on_gpt2(fixture_models, tmp
     assert len(ratio) == 1, out
     got = float(ratio[0].split("c=4 ")[1].rstrip("x"))
     assert got == pytest.approx(tps[4] / tps[1], rel=0.02, abs=0.01), out
+
+
+@pytest.mark.parametrize("name, version", [("llama-fp32-sharded", 1), ("phi3-fp32", 1), ("gpt2-fp32", 2),
+                                           ("gemma2-fp32", 2), ("glm-fp32", 2), ("phi3-partial-bf16-sharded", 2)])
+def test_format_version_marks_layer_graph_fields(name, version, fixture_models, tmp_path):
+    """A kiln older than the layer graph reads format_version 1 only; a model it would run wrong must not say 1."""
+    ws = tmp_path / "ws"
+    run_kiln("convert", fixture_models / name, "-o", ws)
+    doc = json.loads((ws / "kiln.json").read_text())
+    assert doc["format_version"] == version, doc["model"]
+    q = tmp_path / "q"
+    run_kiln("quantize", ws, "-o", q, "--method", "rtn", "--group-size", 32)
+    assert json.loads((q / "kiln.json").read_text())["format_version"] == version
