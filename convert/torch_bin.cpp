@@ -61,17 +61,15 @@ void copy_strided(const uint8_t* base, const TorchTensorRef& t, size_t esz, uint
 
 }  // namespace
 
-TorchBinFile open_torch_bin(const std::string& path) {
-  MappedFile file(path);
-  const uint8_t* data = file.data();
-  if (!looks_like_zip(data, file.size())) {
-    if (file.size() >= 2 && data[0] == 0x80 && data[1] <= 5)
+TorchBinLayout plan_torch_bin(const uint8_t* data, uint64_t size, const std::string& path) {
+  if (!looks_like_zip(data, size)) {
+    if (size >= 2 && data[0] == 0x80 && data[1] <= 5)
       throw Error(path +
                   ": legacy torch.save format (not a zip archive, PyTorch < 1.6), which kiln does not read; "
                   "re-save it as safetensors (save_pretrained(safe_serialization=True)) and convert that");
     throw Error(path + ": not a torch.save zip archive");
   }
-  const std::vector<ZipEntry> entries = read_stored_zip(data, file.size(), path);
+  const std::vector<ZipEntry> entries = read_stored_zip(data, size, path);
   std::map<std::string, const ZipEntry*> by_name;
   for (const auto& e : entries) by_name[e.name] = &e;
   const std::string prefix = archive_prefix(entries, path);
@@ -97,9 +95,9 @@ TorchBinFile open_torch_bin(const std::string& path) {
     storage_entries.push_back(e);
   }
 
-  SafetensorsHeader mapped, materialized;
-  std::vector<const TorchTensorRef*> to_copy;
-  uint64_t copy_bytes = 0;
+  TorchBinLayout out;
+  SafetensorsHeader &mapped = out.mapped, &materialized = out.materialized;
+  uint64_t& copy_bytes = out.copy_bytes;
   for (const auto& t : sd.tensors) {
     const TorchStorageRef& s = sd.storages[t.storage];
     const uint64_t esz = dtype_size(s.dtype);
@@ -136,27 +134,34 @@ TorchBinFile open_torch_bin(const std::string& path) {
     }
     // Materialized views could be expansions (stride 0) of a tiny storage; the copies together may not exceed the
     // file's own size, so a few bytes cannot ask for terabytes.
-    if (!add(copy_bytes, nbytes, &copy_bytes) || copy_bytes > file.size())
+    if (!add(copy_bytes, nbytes, &copy_bytes) || copy_bytes > size)
       throw Error(where + " is a strided view of " + std::to_string(nbytes) +
                   " bytes; the views in this file would need more memory than the file's size");
     info.begin = copy_bytes - nbytes;
     info.end = copy_bytes;
     materialized.tensors.push_back(std::move(info));
-    to_copy.push_back(&t);
+    out.views.push_back({t, storage_entries[t.storage]->data_offset, esz});
   }
+  return out;
+}
 
-  TorchBinFile out;
-  if (!to_copy.empty()) {
-    MappedFile copies = MappedFile::in_memory(path, size_t(copy_bytes), [&](uint8_t* dst) {
-      for (size_t i = 0; i < to_copy.size(); ++i) {
-        const TorchTensorRef& t = *to_copy[i];
-        const uint8_t* base = data + storage_entries[t.storage]->data_offset;
-        copy_strided(base, t, dtype_size(sd.storages[t.storage].dtype), dst + materialized.tensors[i].begin);
-      }
-    });
-    out.materialized = std::make_unique<SafetensorsFile>(std::move(copies), std::move(materialized));
+void copy_views(const uint8_t* data, const TorchBinLayout& layout, uint8_t* dst) {
+  for (size_t i = 0; i < layout.views.size(); ++i) {
+    const auto& v = layout.views[i];
+    copy_strided(data + v.storage_begin, v.view, v.element_size, dst + layout.materialized.tensors[i].begin);
   }
-  out.mapped = std::make_unique<SafetensorsFile>(std::move(file), std::move(mapped));
+}
+
+TorchBinFile open_torch_bin(const std::string& path) {
+  MappedFile file(path);
+  TorchBinLayout layout = plan_torch_bin(file.data(), file.size(), path);
+  TorchBinFile out;
+  if (!layout.views.empty()) {
+    MappedFile copies = MappedFile::in_memory(path, size_t(layout.copy_bytes),
+                                              [&](uint8_t* dst) { copy_views(file.data(), layout, dst); });
+    out.materialized = std::make_unique<SafetensorsFile>(std::move(copies), std::move(layout.materialized));
+  }
+  out.mapped = std::make_unique<SafetensorsFile>(std::move(file), std::move(layout.mapped));
   return out;
 }
 

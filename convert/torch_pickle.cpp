@@ -178,7 +178,7 @@ class Unpickler {
         push(o);
         return;
       }
-    fail("data.pkl names the global '" + module + "." + name +
+    fail("names the global '" + module + "." + name +
          "', which a torch.save state dict never contains; refusing it (nothing was executed)");
   }
 
