@@ -318,8 +318,9 @@ def test_compressed_zip_bomb_is_refused(tmp_path):
     assert_refused(tmp_path, d, "compressed")
 
 
-def raw_zip(entries, overlap_second_into_first=False):
-    """A stored zip written byte by byte, so that a central directory entry can point inside another entry's data."""
+def raw_zip(entries, overlap_second_into_first=False, zip64=False):
+    """A stored zip written byte by byte, so that a central directory entry can point inside another entry's data, or
+    defer its sizes and offset to zip64 extra fields as writers do for entries past 4 GiB."""
     out = bytearray()
     local = []
     for name, data in entries:
@@ -332,11 +333,38 @@ def raw_zip(entries, overlap_second_into_first=False):
     cd = bytearray()
     for (name, data), off in zip(entries, local):
         n = name.encode()
-        cd += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, zipfile.crc32(data), len(data),
-                          len(data), len(n), 0, 0, 0, 0, 0, off) + n
+        extra = struct.pack("<HHQQQ", 1, 24, len(data), len(data), off) if zip64 else b""
+        size32, off32 = (0xFFFFFFFF, 0xFFFFFFFF) if zip64 else (len(data), off)
+        cd += struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 0, 0, 0, zipfile.crc32(data), size32,
+                          size32, len(n), len(extra), 0, 0, 0, 0, off32) + n + extra
     start = len(out)
-    out += cd + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), len(cd), start, 0)
+    out += cd
+    count = len(entries)
+    if zip64:
+        z64 = len(out)
+        out += struct.pack("<IQHHIIQQQQ", 0x06064B50, 44, 45, 45, 0, 0, count, count, len(cd), start)
+        out += struct.pack("<IIQI", 0x07064B50, 0, z64, 1)
+        count, start = 0xFFFF, 0xFFFFFFFF
+    out += struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count, count, len(cd), start, 0)
     return bytes(out)
+
+
+def test_zip64_directory_is_read(tmp_path):
+    """Shards past 4 GiB defer sizes and offsets to zip64 fields; the same file laid out that way converts the same."""
+    st = tmp_path / "st"
+    model = tiny_llama(torch.float32)
+    model.save_pretrained(st)
+    d = bin_dir(tmp_path, st)
+    torch.save(model.state_dict(), d / "pytorch_model.bin")
+    with zipfile.ZipFile(d / "pytorch_model.bin") as z:
+        entries = [(i.filename, z.read(i)) for i in z.infolist()]
+    data = raw_zip(entries, zip64=True)
+    with zipfile.ZipFile(io.BytesIO(data)) as z:  # Python's reader agrees the zip64 layout is valid
+        assert [(i.filename, z.read(i)) for i in z.infolist()] == entries
+    (d / "pytorch_model.bin").write_bytes(data)
+    run_kiln("convert", st, "-o", tmp_path / "ws_st")
+    run_kiln("convert", d, "-o", tmp_path / "ws_bin")
+    assert_same_workspace(tmp_path / "ws_bin", tmp_path / "ws_st")
 
 
 def test_overlapping_zip_entries_are_refused(tmp_path):
