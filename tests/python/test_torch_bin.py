@@ -73,7 +73,8 @@ def test_torch_save_is_bit_exact_against_safetensors(tmp_path, dtype):
     st, ws_st = safetensors_reference(tmp_path, model)
     sd = model.state_dict()
     # Tied: lm_head and the embedding share one storage in the pickle.
-    assert sd["lm_head.weight"].untyped_storage().data_ptr() == sd["model.embed_tokens.weight"].untyped_storage().data_ptr()
+    storage = lambda name: sd[name].untyped_storage().data_ptr()  # noqa: E731
+    assert storage("lm_head.weight") == storage("model.embed_tokens.weight")
     d = bin_dir(tmp_path, st)
     torch.save(sd, d / "pytorch_model.bin")
     run_kiln("convert", d, "-o", tmp_path / "ws_bin")
@@ -130,7 +131,8 @@ def test_views_shared_storages_and_strides_are_materialized_exactly(tmp_path, dt
     d = bin_dir(tmp_path, st)
     torch.save(sd, d / "pytorch_model.bin")
     loaded = torch.load(d / "pytorch_model.bin", weights_only=True)
-    assert loaded["model.layers.0.self_attn.o_proj.weight"].stride() == sd["model.layers.0.self_attn.o_proj.weight"].stride()
+    o_proj = "model.layers.0.self_attn.o_proj.weight"
+    assert loaded[o_proj].stride() == sd[o_proj].stride()  # torch.save kept the transposed layout
     run_kiln("convert", d, "-o", tmp_path / "ws_bin")
     assert_same_workspace(tmp_path / "ws_bin", ws_st)
 
@@ -239,7 +241,8 @@ def test_baseline_hand_built_file_is_accepted(tmp_path):
     d.mkdir()
     shutil.copy(st / "config.json", d / "config.json")
     torch_zip(d / "pytorch_model.bin", state_pickle(tensors), storages)
-    assert torch.equal(torch.load(d / "pytorch_model.bin", weights_only=True)["model.norm.weight"], sd["model.norm.weight"])
+    loaded = torch.load(d / "pytorch_model.bin", weights_only=True)  # torch reads the hand-built file
+    assert torch.equal(loaded["model.norm.weight"], sd["model.norm.weight"])
     run_kiln("convert", st, "-o", tmp_path / "ws_st")
     run_kiln("convert", d, "-o", tmp_path / "ws_hand")
     assert_same_workspace(tmp_path / "ws_hand", tmp_path / "ws_st")
@@ -375,7 +378,8 @@ def test_overlapping_zip_entries_are_refused(tmp_path):
     good = raw_zip([("archive/data.pkl", pkl), ("archive/data/0", bytes(8))])
     assert zipfile.ZipFile(io.BytesIO(good)).read("archive/data/0") == bytes(8)  # the writer makes valid zips
     d = hostile_checkpoint(tmp_path, pkl)
-    (d / "pytorch_model.bin").write_bytes(raw_zip([first, ("archive/data/0", bytes(8))], overlap_second_into_first=True))
+    bomb = raw_zip([first, ("archive/data/0", bytes(8))], overlap_second_into_first=True)
+    (d / "pytorch_model.bin").write_bytes(bomb)
     assert_refused(tmp_path, d, "overlap")
 
 
