@@ -154,7 +154,7 @@ void check_unused_tensors(const HfCheckpoint& ckpt, const std::vector<TensorMapp
 ordered_json hash_sources(const fs::path& dir, const HfCheckpoint& ckpt, const std::atomic<bool>* cancel) {
   std::vector<std::string> files = {"config.json"};
   std::error_code ec;
-  if (fs::exists(dir / "model.safetensors.index.json", ec)) files.push_back("model.safetensors.index.json");
+  if (!ckpt.index_file().empty()) files.push_back(ckpt.index_file());
   for (const auto& s : ckpt.shards()) files.push_back(fs::path(s->path()).filename().string());
   for (const auto& f : tokenizer_file_names())
     if (fs::is_regular_file(dir / f, ec)) files.push_back(f);

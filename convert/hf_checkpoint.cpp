@@ -2,6 +2,7 @@
 
 #include <set>
 
+#include "convert/torch_bin.h"
 #include "runtime/core/error.h"
 #include "runtime/core/json_limits.h"
 #include "runtime/io/staging_dir.h"
@@ -54,10 +55,26 @@ HfCheckpoint::HfCheckpoint(const fs::path& dir) : dir_(dir) {
                            ? read_json_object(dir / "generation_config.json")
                            : json::object();
 
-  const fs::path index_path = dir / "model.safetensors.index.json";
+  // safetensors when the checkpoint has them; torch.save .bin files (read without executing them) otherwise.
   std::map<std::string, std::string> weight_map;  // tensor -> shard file name
   std::vector<std::string> shard_names;
-  if (fs::is_regular_file(index_path, ec)) {
+  bool torch_bin = false;
+  if (fs::is_regular_file(dir / "model.safetensors.index.json", ec)) {
+    index_file_ = "model.safetensors.index.json";
+  } else if (fs::exists(dir / "model.safetensors", ec)) {
+    shard_names.push_back("model.safetensors");
+  } else if (fs::is_regular_file(dir / "pytorch_model.bin.index.json", ec)) {
+    index_file_ = "pytorch_model.bin.index.json";
+    torch_bin = true;
+  } else if (fs::exists(dir / "pytorch_model.bin", ec)) {
+    shard_names.push_back("pytorch_model.bin");
+    torch_bin = true;
+  } else {
+    throw Error(dir.string() + ": no model.safetensors, model.safetensors.index.json, pytorch_model.bin or " +
+                "pytorch_model.bin.index.json");
+  }
+  if (!index_file_.empty()) {
+    const fs::path index_path = dir / index_file_;
     weight_map = parse_safetensors_index(read_text_file(index_path), index_path.string());
     std::set<std::string> seen;
     for (const auto& [tensor, shard] : weight_map)
@@ -65,23 +82,28 @@ HfCheckpoint::HfCheckpoint(const fs::path& dir) : dir_(dir) {
     std::sort(shard_names.begin(), shard_names.end());
     for (const auto& s : shard_names)
       if (!fs::exists(dir / s, ec))  // present but not a regular file: refused by MappedFile, naming it
-        throw Error((dir / s).string() + ": shard named by model.safetensors.index.json is missing");
-  } else if (fs::exists(dir / "model.safetensors", ec)) {
-    shard_names.push_back("model.safetensors");
-  } else if (fs::is_regular_file(dir / "pytorch_model.bin", ec) ||
-             fs::is_regular_file(dir / "pytorch_model.bin.index.json", ec)) {
-    throw Error(dir.string() + ": only PyTorch .bin weights found; kiln reads safetensors (re-save with save_pretrained(safe_serialization=True))");
-  } else {
-    throw Error(dir.string() + ": no model.safetensors or model.safetensors.index.json");
+        throw Error((dir / s).string() + ": shard named by " + index_file_ + " is missing");
   }
 
-  for (const auto& s : shard_names) {
-    shards_.push_back(std::make_unique<SafetensorsFile>((dir / s).string()));
-    const SafetensorsFile* f = shards_.back().get();
+  auto add_tensors = [&](const SafetensorsFile* f) {
     for (const auto& t : f->tensors()) {
       auto [it, inserted] = tensors_.emplace(t.name, SourceTensor{f, &t});
       if (!inserted)
         throw Error(f->path() + ": tensor '" + t.name + "' also appears in " + it->second.file->path());
+    }
+  };
+  for (const auto& s : shard_names) {
+    if (torch_bin) {
+      TorchBinFile bin = open_torch_bin((dir / s).string());
+      add_tensors(bin.mapped.get());
+      shards_.push_back(std::move(bin.mapped));
+      if (bin.materialized) {
+        add_tensors(bin.materialized.get());
+        materialized_.push_back(std::move(bin.materialized));
+      }
+    } else {
+      shards_.push_back(std::make_unique<SafetensorsFile>((dir / s).string()));
+      add_tensors(shards_.back().get());
     }
   }
   for (const auto& [name, shard] : weight_map) {

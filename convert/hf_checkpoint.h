@@ -1,6 +1,7 @@
 #pragma once
 // A Hugging Face checkpoint directory: config.json plus safetensors weights, either one model.safetensors or shards
-// listed by model.safetensors.index.json. Every shard is mmapped and validated on open.
+// listed by model.safetensors.index.json, or, when it has no safetensors, torch.save weights (pytorch_model.bin or
+// shards listed by pytorch_model.bin.index.json; see torch_bin.h). Every shard is mmapped and validated on open.
 #include <filesystem>
 #include <map>
 #include <memory>
@@ -27,7 +28,10 @@ class HfCheckpoint {
   const nlohmann::json& config() const { return config_; }
   // generation_config.json, or an empty object.
   const nlohmann::json& generation_config() const { return generation_config_; }
+  // One per weight file of the checkpoint.
   const std::vector<std::unique_ptr<SafetensorsFile>>& shards() const { return shards_; }
+  // The index file read ("model.safetensors.index.json", "pytorch_model.bin.index.json"), or empty.
+  const std::string& index_file() const { return index_file_; }
   // Every tensor by name, across shards.
   const std::map<std::string, SourceTensor>& tensors() const { return tensors_; }
   const SourceTensor* find(const std::string& name) const;
@@ -38,6 +42,8 @@ class HfCheckpoint {
   nlohmann::json config_;
   nlohmann::json generation_config_;
   std::vector<std::unique_ptr<SafetensorsFile>> shards_;
+  std::vector<std::unique_ptr<SafetensorsFile>> materialized_;  // strided torch.save views copied to memory
+  std::string index_file_;
   std::map<std::string, SourceTensor> tensors_;
 };
 

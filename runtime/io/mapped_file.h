@@ -3,6 +3,7 @@
 // the page cache instead of being copied into the heap.
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace kiln {
@@ -11,6 +12,10 @@ class MappedFile {
  public:
   MappedFile() = default;
   explicit MappedFile(const std::string& path);  // throws kiln::Error naming the path
+  // `size` bytes of anonymous memory (a memfd, so writers can still copy_file_range from it) that `fill` writes once
+  // before they become read-only; `label` stands for the path in messages. For tensors rebuilt in memory from a source
+  // whose layout cannot be mapped as is (strided views in a torch.save checkpoint).
+  static MappedFile in_memory(const std::string& label, size_t size, const std::function<void(uint8_t*)>& fill);
   ~MappedFile();
   MappedFile(MappedFile&& o) noexcept;
   MappedFile& operator=(MappedFile&& o) noexcept;

@@ -136,6 +136,11 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : file_(path) {
   for (size_t i = 0; i < header_.tensors.size(); ++i) index_[header_.tensors[i].name] = i;
 }
 
+SafetensorsFile::SafetensorsFile(MappedFile file, SafetensorsHeader header)
+    : file_(std::move(file)), header_(std::move(header)) {
+  for (size_t i = 0; i < header_.tensors.size(); ++i) index_[header_.tensors[i].name] = i;
+}
+
 const TensorInfo* SafetensorsFile::find(const std::string& name) const {
   auto it = index_.find(name);
   return it == index_.end() ? nullptr : &header_.tensors[it->second];

@@ -45,6 +45,9 @@ SafetensorsHeader parse_safetensors_header(const uint8_t* data, uint64_t size, c
 class SafetensorsFile {
  public:
   explicit SafetensorsFile(const std::string& path);
+  // Tensors that another reader found laid out in a mapped file (a torch.save zip), with data_start 0 and offsets
+  // that reader has checked against the file. Such a layout may share bytes between tensors (tied weights).
+  SafetensorsFile(MappedFile file, SafetensorsHeader header);
   const std::string& path() const { return file_.path(); }
   const std::vector<TensorInfo>& tensors() const { return header_.tensors; }
   const std::map<std::string, std::string>& metadata() const { return header_.metadata; }
