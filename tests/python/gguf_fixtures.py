@@ -67,9 +67,11 @@ def encode(values, qtype, rng):
     return gguf.quants.quantize(values.astype(np.float32), qtype), qtype
 
 
-def write_model(path, arch="llama", qtype=None, embed_qtype=None, seed=0, tied=True, iq_tensor=None):
+def write_model(path, arch="llama", qtype=None, embed_qtype=None, seed=0, tied=True, iq_tensor=None, head_dim=None):
     """Writes a tiny model; linear weights in `qtype`, the embedding in `embed_qtype`, norms and biases F32.
-    `iq_tensor` is stored as IQ2_XXS (zero bytes), a type kiln refuses. Returns {gguf name: (stored array, qtype)}."""
+    `iq_tensor` is stored as IQ2_XXS (zero bytes), a type kiln refuses. `head_dim` may differ from hidden / heads
+    (as in real Qwen3 models). Returns {gguf name: (stored array, qtype)}."""
+    HEAD_DIM = head_dim or HIDDEN // HEADS
     import gguf
     from gguf import GGMLQuantizationType as T
     qtype = T.F32 if qtype is None else qtype
@@ -87,6 +89,8 @@ def write_model(path, arch="llama", qtype=None, embed_qtype=None, seed=0, tied=T
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-6)
     w.add_rope_dimension_count(HEAD_DIM)
+    w.add_key_length(HEAD_DIM)
+    w.add_value_length(HEAD_DIM)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")
     w.add_token_list(tokens)

@@ -33,7 +33,7 @@ struct Builder {
     return *this;
   }
   Builder& header(uint32_t version, uint64_t tensors, uint64_t kvs) {
-    b.insert(b.end(), {'G', 'G', 'U', 'F'});
+    for (char c : std::string("GGUF")) b.push_back(uint8_t(c));
     return put(version).put(tensors).put(kvs);
   }
   Builder& kv_u32(const std::string& key, uint32_t v) { return str(key).put<uint32_t>(4).put(v); }
