@@ -95,8 +95,9 @@ ModelSpec spec_from_gguf(const Model& model, const Architecture& arch) {
         r.positive("rope.scaling.original_context_length", s.max_position_embeddings);
   }
   if (model.tensor("rope_freqs.weight"))
-    throw Error(model.label() + ": tensor 'rope_freqs.weight' (Llama 3.1-style RoPE frequency factors) is not "
-                                "supported yet");
+    throw Error(model.label() +
+                ": tensor 'rope_freqs.weight' (Llama 3.1-style RoPE frequency factors) is not "
+                "supported yet");
   if (r.get("attention.sliding_window"))
     r.fail("attention.sliding_window", "is set; sliding-window attention from GGUF is not supported yet");
 
@@ -127,8 +128,8 @@ ModelSpec spec_from_gguf(const Model& model, const Architecture& arch) {
   s.bos_token_id = special("tokenizer.ggml.bos_token_id");
   // llama.cpp ends generation on EOS and on the end-of-turn/-message tokens.
   for (const char* key : {"tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"})
-    if (int64_t id = special(key); id >= 0 &&
-                                   std::find(s.eos_token_ids.begin(), s.eos_token_ids.end(), id) == s.eos_token_ids.end())
+    if (int64_t id = special(key);
+        id >= 0 && std::find(s.eos_token_ids.begin(), s.eos_token_ids.end(), id) == s.eos_token_ids.end())
       s.eos_token_ids.push_back(id);
   return s;
 }

@@ -101,8 +101,9 @@ void check_all_consumed(const Model& model, const std::vector<Mapping>& mappings
     for (const auto& p : m.parts) used.insert(p.name);
   for (const auto& [name, t] : model.tensors())
     if (!used.count(name))
-      throw Error(t.file->path() + ": tensor '" + name + "' is not part of the model its metadata describes; "
-                                   "refusing to drop it");
+      throw Error(t.file->path() + ": tensor '" + name +
+                  "' is not part of the model its metadata describes; "
+                  "refusing to drop it");
 }
 
 ordered_json hash_files(const Model& model, const std::atomic<bool>* cancel) {
@@ -118,7 +119,9 @@ ordered_json hash_files(const Model& model, const std::atomic<bool>* cancel) {
 ordered_json import_record(const Model& model) {
   std::map<std::string, size_t> types;
   for (const auto& [name, t] : model.tensors()) types[t.info->type->name]++;
-  ordered_json r = {{"format", "gguf"}, {"version", model.header().version}, {"files", model.files().size()},
+  ordered_json r = {{"format", "gguf"},
+                    {"version", model.header().version},
+                    {"files", model.files().size()},
                     {"tensor_types", types}};
   if (const gguf::Value* n = model.find("general.name"); n && n->type == gguf::ValueType::STRING) r["name"] = n->s;
   return r;

@@ -11,8 +11,18 @@ namespace {
 
 // Type ids, as in the file.
 enum : uint32_t {
-  kF32 = 0, kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8,
-  kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kQ8_K = 15, kBF16 = 30,
+  kF32 = 0,
+  kF16 = 1,
+  kQ4_0 = 2,
+  kQ4_1 = 3,
+  kQ5_0 = 6,
+  kQ5_1 = 7,
+  kQ8_0 = 8,
+  kQ4_K = 12,
+  kQ5_K = 13,
+  kQ6_K = 14,
+  kQ8_K = 15,
+  kBF16 = 30,
 };
 
 float half(const uint8_t* p) {
@@ -144,16 +154,26 @@ using BlockFn = void (*)(const uint8_t*, float*);
 
 BlockFn block_fn(uint32_t id) {
   switch (id) {
-    case kQ8_0: return q8_0;
-    case kQ4_0: return q4_0;
-    case kQ4_1: return q4_1;
-    case kQ5_0: return q5_0;
-    case kQ5_1: return q5_1;
-    case kQ4_K: return [](const uint8_t* b, float* y) { q45_k(b, y, false); };
-    case kQ5_K: return [](const uint8_t* b, float* y) { q45_k(b, y, true); };
-    case kQ6_K: return q6_k;
-    case kQ8_K: return q8_k;
-    default: return nullptr;
+    case kQ8_0:
+      return q8_0;
+    case kQ4_0:
+      return q4_0;
+    case kQ4_1:
+      return q4_1;
+    case kQ5_0:
+      return q5_0;
+    case kQ5_1:
+      return q5_1;
+    case kQ4_K:
+      return [](const uint8_t* b, float* y) { q45_k(b, y, false); };
+    case kQ5_K:
+      return [](const uint8_t* b, float* y) { q45_k(b, y, true); };
+    case kQ6_K:
+      return q6_k;
+    case kQ8_K:
+      return q8_k;
+    default:
+      return nullptr;
   }
 }
 

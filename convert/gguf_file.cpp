@@ -92,11 +92,24 @@ bool valid_value_type(uint32_t t) { return t <= uint32_t(ValueType::F64); }
 // The fewest bytes one value of type t occupies, to bound array counts before allocating.
 uint64_t min_value_size(ValueType t) {
   switch (t) {
-    case ValueType::U8: case ValueType::I8: case ValueType::BOOL: return 1;
-    case ValueType::U16: case ValueType::I16: return 2;
-    case ValueType::U32: case ValueType::I32: case ValueType::F32: return 4;
-    case ValueType::STRING: case ValueType::U64: case ValueType::I64: case ValueType::F64: return 8;
-    case ValueType::ARRAY: return 12;
+    case ValueType::U8:
+    case ValueType::I8:
+    case ValueType::BOOL:
+      return 1;
+    case ValueType::U16:
+    case ValueType::I16:
+      return 2;
+    case ValueType::U32:
+    case ValueType::I32:
+    case ValueType::F32:
+      return 4;
+    case ValueType::STRING:
+    case ValueType::U64:
+    case ValueType::I64:
+    case ValueType::F64:
+      return 8;
+    case ValueType::ARRAY:
+      return 12;
   }
   return 1;
 }
@@ -105,23 +118,45 @@ Value read_value(Reader& r, ValueType type, const std::string& what, uint64_t de
   Value v;
   v.type = type;
   switch (type) {
-    case ValueType::U8: v.u = r.get<uint8_t>(what); break;
-    case ValueType::I8: v.i = r.get<int8_t>(what); break;
-    case ValueType::U16: v.u = r.get<uint16_t>(what); break;
-    case ValueType::I16: v.i = r.get<int16_t>(what); break;
-    case ValueType::U32: v.u = r.get<uint32_t>(what); break;
-    case ValueType::I32: v.i = r.get<int32_t>(what); break;
-    case ValueType::U64: v.u = r.get<uint64_t>(what); break;
-    case ValueType::I64: v.i = r.get<int64_t>(what); break;
-    case ValueType::F32: v.f = r.get<float>(what); break;
-    case ValueType::F64: v.f = r.get<double>(what); break;
+    case ValueType::U8:
+      v.u = r.get<uint8_t>(what);
+      break;
+    case ValueType::I8:
+      v.i = r.get<int8_t>(what);
+      break;
+    case ValueType::U16:
+      v.u = r.get<uint16_t>(what);
+      break;
+    case ValueType::I16:
+      v.i = r.get<int16_t>(what);
+      break;
+    case ValueType::U32:
+      v.u = r.get<uint32_t>(what);
+      break;
+    case ValueType::I32:
+      v.i = r.get<int32_t>(what);
+      break;
+    case ValueType::U64:
+      v.u = r.get<uint64_t>(what);
+      break;
+    case ValueType::I64:
+      v.i = r.get<int64_t>(what);
+      break;
+    case ValueType::F32:
+      v.f = r.get<float>(what);
+      break;
+    case ValueType::F64:
+      v.f = r.get<double>(what);
+      break;
     case ValueType::BOOL: {
       uint8_t b = r.get<uint8_t>(what);
       if (b > 1) r.fail(what + " is a bool holding " + std::to_string(b) + " (must be 0 or 1)");
       v.u = b;
       break;
     }
-    case ValueType::STRING: v.s = r.string(what); break;
+    case ValueType::STRING:
+      v.s = r.string(what);
+      break;
     case ValueType::ARRAY: {
       if (depth >= kMaxArrayDepth) r.fail(what + " nests arrays deeper than " + std::to_string(kMaxArrayDepth));
       uint32_t et = r.get<uint32_t>(what + " element type");
@@ -148,7 +183,8 @@ bool mul_overflows(uint64_t a, uint64_t b, uint64_t* out) { return __builtin_mul
 }  // namespace
 
 const char* value_type_name(ValueType t) {
-  static const char* names[] = {"u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "string", "array", "u64", "i64", "f64"};
+  static const char* names[] = {"u8",   "i8",     "u16",   "i16", "u32", "i32", "f32",
+                                "bool", "string", "array", "u64", "i64", "f64"};
   return uint32_t(t) <= uint32_t(ValueType::F64) ? names[uint32_t(t)] : "?";
 }
 
@@ -159,12 +195,20 @@ bool Value::is_integer() const {
 
 std::optional<int64_t> Value::as_int() const {
   switch (type) {
-    case ValueType::U8: case ValueType::U16: case ValueType::U32: return int64_t(u);
+    case ValueType::U8:
+    case ValueType::U16:
+    case ValueType::U32:
+      return int64_t(u);
     case ValueType::U64:
       if (u > uint64_t(std::numeric_limits<int64_t>::max())) return std::nullopt;
       return int64_t(u);
-    case ValueType::I8: case ValueType::I16: case ValueType::I32: case ValueType::I64: return i;
-    default: return std::nullopt;
+    case ValueType::I8:
+    case ValueType::I16:
+    case ValueType::I32:
+    case ValueType::I64:
+      return i;
+    default:
+      return std::nullopt;
   }
 }
 
@@ -177,7 +221,8 @@ std::optional<double> Value::as_number() const {
 
 std::string Value::summary(size_t max_chars) const {
   switch (type) {
-    case ValueType::BOOL: return u ? "true" : "false";
+    case ValueType::BOOL:
+      return u ? "true" : "false";
     case ValueType::STRING: {
       std::string out;
       for (char c : s.substr(0, max_chars)) out += c == '\n' ? std::string("\\n") : std::string(1, c);
@@ -185,13 +230,19 @@ std::string Value::summary(size_t max_chars) const {
     }
     case ValueType::ARRAY:
       return "[" + std::to_string(items.size()) + " " + value_type_name(element_type) + "]";
-    case ValueType::F32: case ValueType::F64: {
+    case ValueType::F32:
+    case ValueType::F64: {
       char buf[32];
       std::snprintf(buf, sizeof buf, "%g", f);
       return buf;
     }
-    case ValueType::U8: case ValueType::U16: case ValueType::U32: case ValueType::U64: return std::to_string(u);
-    default: return std::to_string(i);
+    case ValueType::U8:
+    case ValueType::U16:
+    case ValueType::U32:
+    case ValueType::U64:
+      return std::to_string(u);
+    default:
+      return std::to_string(i);
   }
 }
 
@@ -207,9 +258,7 @@ uint64_t TensorInfo::numel() const {
   return n;
 }
 
-std::vector<int64_t> TensorInfo::shape() const {
-  return std::vector<int64_t>(dims.rbegin(), dims.rend());
-}
+std::vector<int64_t> TensorInfo::shape() const { return std::vector<int64_t>(dims.rbegin(), dims.rend()); }
 
 const Value* Header::find(const std::string& key) const {
   auto it = metadata_index.find(key);
@@ -335,9 +384,7 @@ std::string split_path(const std::string& prefix, int index, int count) {
   return prefix + buf;
 }
 
-bool is_gguf_path(const std::string& path) {
-  return path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0;
-}
+bool is_gguf_path(const std::string& path) { return path.size() > 5 && path.compare(path.size() - 5, 5, ".gguf") == 0; }
 
 namespace {
 
@@ -378,8 +425,8 @@ Model::Model(const std::string& path) {
       auto [it, inserted] = tensors_.emplace(t.name, SourceTensor{f.get(), &t});
       if (!inserted) throw Error(f->path() + ": tensor '" + t.name + "' also appears in " + it->second.file->path());
     }
-  if (const Value* total = header().find("split.tensors.count"); total && total->as_int() &&
-                                                                  uint64_t(*total->as_int()) != tensors_.size())
+  if (const Value* total = header().find("split.tensors.count");
+      total && total->as_int() && uint64_t(*total->as_int()) != tensors_.size())
     throw Error(label() + ": metadata 'split.tensors.count' says " + std::to_string(*total->as_int()) +
                 " tensors, the split files hold " + std::to_string(tensors_.size()));
 }

@@ -16,17 +16,28 @@ namespace kiln::gguf {
 
 // Metadata value types, numbered as in the file.
 enum class ValueType : uint32_t {
-  U8 = 0, I8 = 1, U16 = 2, I16 = 3, U32 = 4, I32 = 5, F32 = 6, BOOL = 7, STRING = 8, ARRAY = 9, U64 = 10, I64 = 11,
+  U8 = 0,
+  I8 = 1,
+  U16 = 2,
+  I16 = 3,
+  U32 = 4,
+  I32 = 5,
+  F32 = 6,
+  BOOL = 7,
+  STRING = 8,
+  ARRAY = 9,
+  U64 = 10,
+  I64 = 11,
   F64 = 12,
 };
 const char* value_type_name(ValueType t);
 
 struct Value {
   ValueType type = ValueType::U8;
-  uint64_t u = 0;      // unsigned integers and bool
-  int64_t i = 0;       // signed integers
-  double f = 0;        // F32, F64
-  std::string s;       // STRING
+  uint64_t u = 0;                          // unsigned integers and bool
+  int64_t i = 0;                           // signed integers
+  double f = 0;                            // F32, F64
+  std::string s;                           // STRING
   ValueType element_type = ValueType::U8;  // ARRAY
   std::vector<Value> items;                // ARRAY
 
@@ -64,7 +75,7 @@ struct TensorInfo {
 struct Header {
   uint32_t version = 0;
   uint64_t alignment = 32;
-  uint64_t data_start = 0;  // absolute offset of the data section
+  uint64_t data_start = 0;                              // absolute offset of the data section
   std::vector<std::pair<std::string, Value>> metadata;  // in file order
   std::map<std::string, size_t> metadata_index;
   std::vector<TensorInfo> tensors;  // in file order

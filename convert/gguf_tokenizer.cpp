@@ -49,8 +49,7 @@ const std::vector<PreTokenizerEntry>& pre_tokenizer_table() {
       {{"smollm"},
        [] {
          return ordered_json{{"type", "Sequence"},
-                             {"pretokenizers",
-                              {{{"type", "Digits"}, {"individual_digits", true}}, byte_level(true)}}};
+                             {"pretokenizers", {{{"type", "Digits"}, {"individual_digits", true}}, byte_level(true)}}};
        }},
       {{"llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3"}, [] { return split_then_bytes(kLlama3Split); }},
       {{"qwen2", "deepseek-r1-qwen"}, [] { return split_then_bytes(kQwen2Split); }},
@@ -123,7 +122,8 @@ std::vector<std::string> merges_from_scores(const std::vector<std::string>& toke
     for (size_t c = 1; c < starts.size(); ++c) {
       std::string l = t.substr(0, starts[c]), r = t.substr(starts[c]);
       auto il = id.find(l), ir = id.find(r);
-      if (il != id.end() && ir != id.end()) local.push_back({score, c, starts.size() - c, il->second, ir->second, l + " " + r});
+      if (il != id.end() && ir != id.end())
+        local.push_back({score, c, starts.size() - c, il->second, ir->second, l + " " + r});
     }
     std::stable_sort(local.begin(), local.end(), [](const Merge& a, const Merge& b) {
       return a.left_id != b.left_id ? a.left_id < b.left_id : a.right_id < b.right_id;
@@ -161,8 +161,9 @@ RebuiltTokenizer rebuild_tokenizer(const Model& model) {
   const std::string type = r.string("tokenizer.ggml.model", "");
   if (type.empty()) r.fail("tokenizer.ggml.model", "is missing; the file carries no tokenizer");
   if (type != "gpt2" && type != "llama")
-    r.fail("tokenizer.ggml.model", "is '" + type + "'; kiln rebuilds 'gpt2' (byte-level BPE) and 'llama' "
-                                   "(SentencePiece BPE) tokenizers");
+    r.fail("tokenizer.ggml.model", "is '" + type +
+                                       "'; kiln rebuilds 'gpt2' (byte-level BPE) and 'llama' "
+                                       "(SentencePiece BPE) tokenizers");
   const Value& token_values = r.array("tokenizer.ggml.tokens", ValueType::STRING);
   std::vector<std::string> tokens;
   tokens.reserve(token_values.items.size());
@@ -172,8 +173,8 @@ RebuiltTokenizer rebuild_tokenizer(const Model& model) {
   if (r.get("tokenizer.ggml.token_type")) {
     const Value& tv = r.array("tokenizer.ggml.token_type", ValueType::I32);
     if (tv.items.size() != tokens.size())
-      r.fail("tokenizer.ggml.token_type", "has " + std::to_string(tv.items.size()) + " entries for " +
-                                              std::to_string(tokens.size()) + " tokens");
+      r.fail("tokenizer.ggml.token_type",
+             "has " + std::to_string(tv.items.size()) + " entries for " + std::to_string(tokens.size()) + " tokens");
     for (size_t k = 0; k < tokens.size(); ++k) types[k] = tv.items[k].i;
   }
 
@@ -194,10 +195,15 @@ RebuiltTokenizer rebuild_tokenizer(const Model& model) {
       for (const char* n : e.names)
         if (pre == n) entry = &e;
     if (!entry)
-      r.fail("tokenizer.ggml.pre", "is '" + pre + "', a pre-tokenizer kiln does not know (known: " +
-                                       supported_pre_tokenizers() + ")");
-    model_json.update({{"unk_token", nullptr}, {"continuing_subword_prefix", nullptr}, {"end_of_word_suffix", nullptr},
-                       {"fuse_unk", false}, {"byte_fallback", false}, {"ignore_merges", false}, {"vocab", vocab},
+      r.fail("tokenizer.ggml.pre",
+             "is '" + pre + "', a pre-tokenizer kiln does not know (known: " + supported_pre_tokenizers() + ")");
+    model_json.update({{"unk_token", nullptr},
+                       {"continuing_subword_prefix", nullptr},
+                       {"end_of_word_suffix", nullptr},
+                       {"fuse_unk", false},
+                       {"byte_fallback", false},
+                       {"ignore_merges", false},
+                       {"vocab", vocab},
                        {"merges", merges}});
     tok["normalizer"] = nullptr;
     tok["pre_tokenizer"] = entry->make();
@@ -214,13 +220,17 @@ RebuiltTokenizer rebuild_tokenizer(const Model& model) {
     for (const Value& v : score_values.items) scores.push_back(float(v.f));
     const bool add_space_prefix = r.flag("tokenizer.ggml.add_space_prefix", true);
     model_json.update({{"unk_token", unk ? ordered_json(tokens[size_t(*unk)]) : ordered_json(nullptr)},
-                       {"continuing_subword_prefix", nullptr}, {"end_of_word_suffix", nullptr}, {"fuse_unk", true},
-                       {"byte_fallback", true}, {"ignore_merges", false}, {"vocab", vocab},
+                       {"continuing_subword_prefix", nullptr},
+                       {"end_of_word_suffix", nullptr},
+                       {"fuse_unk", true},
+                       {"byte_fallback", true},
+                       {"ignore_merges", false},
+                       {"vocab", vocab},
                        {"merges", merges_from_scores(tokens, scores)}});
     const std::string scheme = add_space_prefix ? "first" : "never";
     tok["normalizer"] = nullptr;
-    tok["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "\xE2\x96\x81"}, {"prepend_scheme", scheme},
-                            {"split", false}};
+    tok["pre_tokenizer"] = {
+        {"type", "Metaspace"}, {"replacement", "\xE2\x96\x81"}, {"prepend_scheme", scheme}, {"split", false}};
     tok["post_processor"] = nullptr;
     ordered_json steps = {{{"type", "Replace"}, {"pattern", {{"String", "\xE2\x96\x81"}}}, {"content", " "}},
                           {{"type", "ByteFallback"}},
@@ -239,26 +249,30 @@ RebuiltTokenizer rebuild_tokenizer(const Model& model) {
   for (size_t k = 0; k < tokens.size(); ++k) {
     if (types[k] != kControl && types[k] != kUserDefined) continue;
     if (tokens[k].empty()) continue;
-    added.push_back({{"id", k}, {"content", tokens[k]}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
-                     {"normalized", false}, {"special", types[k] == kControl}});
+    added.push_back({{"id", k},
+                     {"content", tokens[k]},
+                     {"single_word", false},
+                     {"lstrip", false},
+                     {"rstrip", false},
+                     {"normalized", false},
+                     {"special", types[k] == kControl}});
   }
   tok["added_tokens"] = added;
   tok["model"] = model_json;
 
-  for (auto [key, name] : {std::pair{"tokenizer.ggml.bos_token_id", "bos_token"},
-                           std::pair{"tokenizer.ggml.eos_token_id", "eos_token"},
-                           std::pair{"tokenizer.ggml.unknown_token_id", "unk_token"},
-                           std::pair{"tokenizer.ggml.padding_token_id", "pad_token"}})
+  for (auto [key, name] :
+       {std::pair{"tokenizer.ggml.bos_token_id", "bos_token"}, std::pair{"tokenizer.ggml.eos_token_id", "eos_token"},
+        std::pair{"tokenizer.ggml.unknown_token_id", "unk_token"},
+        std::pair{"tokenizer.ggml.padding_token_id", "pad_token"}})
     if (auto id = r.token_id(key, tokens.size())) config[name] = tokens[size_t(*id)];
   config["clean_up_tokenization_spaces"] = false;
 
   RebuiltTokenizer out;
   // The key order of tokenizer.json follows Hugging Face's; "model" last keeps the large vocabulary at the end.
-  ordered_json ordered = {{"version", tok["version"]},       {"truncation", nullptr},
-                          {"padding", nullptr},              {"added_tokens", tok["added_tokens"]},
-                          {"normalizer", tok["normalizer"]}, {"pre_tokenizer", tok["pre_tokenizer"]},
-                          {"post_processor", nullptr},       {"decoder", tok["decoder"]},
-                          {"model", tok["model"]}};
+  ordered_json ordered = {
+      {"version", tok["version"]},           {"truncation", nullptr},           {"padding", nullptr},
+      {"added_tokens", tok["added_tokens"]}, {"normalizer", tok["normalizer"]}, {"pre_tokenizer", tok["pre_tokenizer"]},
+      {"post_processor", nullptr},           {"decoder", tok["decoder"]},       {"model", tok["model"]}};
   out.tokenizer_json = ordered.dump(2) + "\n";
   out.tokenizer_config_json = config.dump(2) + "\n";
   if (const Value* t = r.get("tokenizer.chat_template")) {

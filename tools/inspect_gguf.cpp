@@ -17,17 +17,26 @@ constexpr size_t kArrayItemsShown = 16;
 ordered_json value_json(const gguf::Value& v) {
   using gguf::ValueType;
   switch (v.type) {
-    case ValueType::BOOL: return v.u != 0;
-    case ValueType::STRING: return v.s;
-    case ValueType::F32: case ValueType::F64: return v.f;
-    case ValueType::U8: case ValueType::U16: case ValueType::U32: case ValueType::U64: return v.u;
+    case ValueType::BOOL:
+      return v.u != 0;
+    case ValueType::STRING:
+      return v.s;
+    case ValueType::F32:
+    case ValueType::F64:
+      return v.f;
+    case ValueType::U8:
+    case ValueType::U16:
+    case ValueType::U32:
+    case ValueType::U64:
+      return v.u;
     case ValueType::ARRAY: {
       if (v.items.size() > kArrayItemsShown) return v.summary();
       ordered_json a = ordered_json::array();
       for (const auto& item : v.items) a.push_back(value_json(item));
       return a;
     }
-    default: return v.i;
+    default:
+      return v.i;
   }
 }
 
