@@ -165,9 +165,9 @@ ConvertResult convert_gguf(const ConvertOptions& opt) {
     if (tokenizer.chat_template) writer.add_file("chat_template.jinja", *tokenizer.chat_template);
     ordered_json tok = {{"files", {"tokenizer.json", "tokenizer_config.json"}},
                         {"chat_template", tokenizer.chat_template ? ordered_json("chat_template.jinja") : nullptr}};
-    ordered_json weights = {{"method", "none"}, {"imported_from", import_record(model)}};
-    ordered_json doc =
-        converted_document(opt, spec, target, weights, writer, plan.size(), total, tok, source_hashes.get());
+    ordered_json doc = converted_document(opt, spec, target, {{"method", "none"}}, writer, plan.size(), total, tok,
+                                          source_hashes.get());
+    doc["provenance"]["imported_from"] = import_record(model);  // what the dequantized weights were stored as
     ConvertResult result;
     result.kiln_json = writer.finish(std::move(doc));
     result.tensor_bytes = total;
