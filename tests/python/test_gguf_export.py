@@ -99,17 +99,23 @@ def llama_cpp():
 
 def llama_logits(path, ids):
     Llama = llama_cpp().Llama
-    m = Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+    # F32 KV cache: llama.cpp's default F16 cache would add its own rounding.
+    m = Llama(model_path=str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, type_k=0, type_v=0)
     m.eval(ids)
     return np.array(m.scores[: len(ids)], dtype=np.float32)
 
 
-@pytest.mark.parametrize("name,tol", [("ws", 1e-3), ("qws", 5e-2)])
+# F32: the same fp32 arithmetic (measured 3e-6). Q4_1: llama.cpp multiplies Q4_1 weights by activations it first
+# quantizes to 8 bits (Q8_1); on this model that alone moves the logits (max |logit| ~2.8) by 0.061, measured against
+# llama.cpp on an F32 file holding the same dequantized weights (which matches kiln to 3e-6); the fp16 rounding of m
+# adds 0.004. The bound leaves room for both; the weights themselves are checked exactly by the round-trip test.
+@pytest.mark.parametrize("name,tol", [("ws", 1e-3), ("qws", 0.1)])
 def test_llama_cpp_logits_match_kiln(tiny, tmp_path, name, tol):
     want = kiln_logits(tiny / name, tmp_path, IDS)
     got = llama_logits(tiny / f"{name}.gguf", IDS)
     diff = float(np.abs(got - want).max())
-    print(f"{name}: max |logit diff| llama.cpp vs kiln {diff:.2e}")
+    print(f"{name}: max |logit diff| llama.cpp vs kiln {diff:.2e}, max |logit| {float(np.abs(want).max()):.2f}, "
+          f"argmax agreement {float((got.argmax(-1) == want.argmax(-1)).mean()):.2f}")
     assert diff <= tol
 
 
