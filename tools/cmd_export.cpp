@@ -1,10 +1,12 @@
 // kiln export WS --format autoawq -o DIR: a quantized workspace -> a Hugging Face checkpoint in the AutoAWQ GEMM
 // layout, for servers that load AutoAWQ checkpoints (vLLM, transformers, lmdeploy).
+// kiln export WS --format gguf -o FILE.gguf: a plain or int4 workspace -> a GGUF file for llama.cpp (docs/gguf.md).
 #include <chrono>
 #include <cstdio>
 #include <nlohmann/json.hpp>
 
 #include "convert/autoawq_export.h"
+#include "convert/gguf_export.h"
 #include "tools/command.h"
 #include "tools/flag_checks.h"
 
@@ -15,11 +17,13 @@ static Action setup_export(CLI::App& sub) {
   auto format = std::make_shared<std::string>();
   auto json_out = std::make_shared<bool>(false);
   auto shard_mb = std::make_shared<uint64_t>(4096);
-  sub.add_option("WS", opt->workspace, "quantized workspace (written by kiln quantize)")->required();
-  sub.add_option("--format", *format, "output format; autoawq: Hugging Face checkpoint in the AutoAWQ GEMM layout")
+  sub.add_option("WS", opt->workspace, "workspace (quantized, for autoawq)")->required();
+  sub.add_option("--format", *format,
+                 "output format; autoawq: Hugging Face checkpoint in the AutoAWQ GEMM layout; gguf: one GGUF file for "
+                 "llama.cpp (plain workspaces in their dtype, int4 ones as Q4_1)")
       ->required()
-      ->check(CLI::IsMember({"autoawq"}));
-  sub.add_option("-o,--output", opt->output, "checkpoint directory to create")->required();
+      ->check(CLI::IsMember({"autoawq", "gguf"}));
+  sub.add_option("-o,--output", opt->output, "checkpoint directory (autoawq) or .gguf file to create")->required();
   sub.add_option("--shard-size-mb", *shard_mb, "largest safetensors shard in MiB")
       ->capture_default_str()
       ->check(int_range(1, kMaxShardMiB));
@@ -36,6 +40,18 @@ static Action setup_export(CLI::App& sub) {
     opt->progress = !*json_out;
     opt->max_shard_bytes = *shard_mb << 20;
     auto t0 = std::chrono::steady_clock::now();
+    if (*format == "gguf") {
+      GgufExportResult g = export_gguf({opt->workspace, opt->output, opt->force});
+      double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (*json_out)
+        print_json(nlohmann::ordered_json({{"output", opt->output.string()}, {"format", "gguf"},
+                                           {"weight_type", g.weight_type}, {"bytes", g.bytes}, {"seconds", secs}})
+                       .dump(2));
+      else
+        std::printf("exported %s -> %s (GGUF, %s weights): %.1f MB in %.2f s\n", opt->workspace.c_str(),
+                    opt->output.c_str(), g.weight_type, double(g.bytes) / 1e6, secs);
+      return 0;
+    }
     ExportResult r = export_autoawq(*opt);
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     if (*json_out) {
@@ -56,6 +72,6 @@ static Action setup_export(CLI::App& sub) {
   };
 }
 
-KILN_COMMAND(77, "export", "Export a quantized workspace as a Hugging Face AutoAWQ checkpoint", setup_export);
+KILN_COMMAND(77, "export", "Export a workspace as a Hugging Face AutoAWQ checkpoint or a GGUF file for llama.cpp", setup_export);
 
 }  // namespace kiln::tools

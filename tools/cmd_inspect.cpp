@@ -4,10 +4,12 @@
 
 #include "convert/arch_table.h"
 #include "convert/config_check.h"
+#include "convert/gguf_file.h"
 #include "convert/hf_checkpoint.h"
 #include "runtime/core/error.h"
 #include "runtime/workspace/workspace.h"
 #include "tools/command.h"
+#include "tools/inspect_gguf.h"
 
 namespace kiln::tools {
 
@@ -82,9 +84,17 @@ static void print_human(const ordered_json& j) {
 static Action setup_inspect(CLI::App& sub) {
   auto path = std::make_shared<std::string>();
   auto json_out = std::make_shared<bool>(false);
-  sub.add_option("PATH", *path, "workspace or Hugging Face checkpoint directory")->required();
+  sub.add_option("PATH", *path, "workspace, Hugging Face checkpoint directory or GGUF file")->required();
   sub.add_flag("--json", *json_out, "print the description as JSON");
   return [=]() {
+    if (gguf::is_gguf_path(*path)) {
+      ordered_json j = inspect_gguf(*path);
+      if (*json_out)
+        print_json(j.dump(2));
+      else
+        print_gguf(j);
+      return 0;
+    }
     ordered_json j = inspect_path(*path);
     if (*json_out)
       print_json(j.dump(2));
@@ -94,7 +104,7 @@ static Action setup_inspect(CLI::App& sub) {
   };
 }
 
-KILN_COMMAND(20, "inspect", "Describe a workspace or Hugging Face checkpoint: architecture, dims, dtype, sizes",
+KILN_COMMAND(20, "inspect", "Describe a workspace, Hugging Face checkpoint or GGUF file: architecture, dims, dtype, sizes",
              setup_inspect);
 
 }  // namespace kiln::tools

@@ -1,0 +1,183 @@
+#include "convert/gguf_convert.h"
+
+#include <future>
+#include <set>
+
+#include "convert/gguf_arch.h"
+#include "convert/gguf_dequant.h"
+#include "convert/gguf_tokenizer.h"
+#include "runtime/core/dtype_convert.h"
+#include "runtime/core/error.h"
+#include "runtime/io/interrupt.h"
+#include "runtime/io/sha256.h"
+#include "runtime/io/staging_dir.h"
+
+namespace fs = std::filesystem;
+using nlohmann::ordered_json;
+
+namespace kiln {
+
+namespace {
+
+using gguf::Mapping;
+using gguf::Model;
+using gguf::Part;
+
+DType gguf_target_dtype(const std::string& requested) {
+  if (requested == "auto" || requested == "bf16") return DType::BF16;
+  if (requested == "fp32") return DType::F32;
+  if (requested == "fp16") return DType::F16;
+  throw Error("--dtype '" + requested + "' is not one of auto, bf16, fp16, fp32");
+}
+
+// The GGUF tensor behind one part, checked for presence, a type kiln decodes and the shape the spec implies.
+const gguf::SourceTensor& checked_part(const Model& model, const Part& part, const std::vector<int64_t>& canonical) {
+  const gguf::SourceTensor* t = model.tensor(part.name);
+  if (!t) throw Error(model.label() + ": tensor '" + part.name + "' is missing");
+  gguf::check_dequantizable(*t->info->type, part.name, t->file->path());
+  std::vector<int64_t> want = canonical;
+  want[0] = part.rows;
+  if (t->info->shape() != want)
+    throw Error(t->file->path() + ": tensor '" + part.name + "' has shape " + shape_string(t->info->shape()) +
+                "; the metadata implies " + shape_string(want));
+  if (part.unpermute_heads && part.rows % (2 * part.unpermute_heads))
+    throw Error(t->file->path() + ": tensor '" + part.name + "' has " + std::to_string(part.rows) +
+                " rows, not whole heads of even size");
+  return *t;
+}
+
+// Rounds fp32 values once to the workspace dtype and hands them to the sink.
+void emit_rounded(const std::vector<float>& v, DType target, const std::string& name, std::vector<uint8_t>& buf,
+                  TensorSink& sink) {
+  buf.resize(v.size() * dtype_size(target));
+  if (target == DType::F32) {
+    std::memcpy(buf.data(), v.data(), buf.size());
+  } else if (target == DType::BF16) {
+    convert_f32_to_bf16(v.data(), reinterpret_cast<uint16_t*>(buf.data()), v.size());
+  } else if (size_t bad = convert_f32_to_f16(v.data(), reinterpret_cast<uint16_t*>(buf.data()), v.size());
+             bad != v.size()) {
+    throw Error("tensor '" + name + "' holds " + std::to_string(v[bad]) +
+                ", beyond the fp16 range (+-65504); convert with --dtype bf16 or fp32");
+  }
+  sink.write(buf.data(), buf.size());
+}
+
+// Streams one canonical tensor: each part dequantized a chunk of rows at a time (whole heads where rows are
+// un-permuted), rounded to `target`.
+void emit_gguf_tensor(const Model& model, const Mapping& m, DType target, TensorSink& sink) {
+  std::vector<float> wide, reordered;
+  std::vector<uint8_t> buf;
+  for (const Part& part : m.parts) {
+    const gguf::SourceTensor& t = checked_part(model, part, m.shape);
+    const int64_t row_len = m.shape.size() > 1 ? m.shape[1] : 1;
+    const gguf::TensorType& type = *t.info->type;
+    // A 1-D tensor is decoded whole (its blocks run along it); a matrix in chunks of whole rows.
+    const int64_t unit = part.unpermute_heads ? part.rows / part.unpermute_heads : 1;
+    int64_t chunk_rows = row_len == 1 ? part.rows : std::max<int64_t>(1, (int64_t(1) << 20) / row_len);
+    chunk_rows = std::max(unit, chunk_rows / unit * unit);
+    const uint64_t row_bytes = uint64_t(row_len) / type.block_size * type.type_size;
+    for (int64_t r = 0; r < part.rows; r += chunk_rows) {
+      check_interrupt();
+      const int64_t n = std::min(chunk_rows, part.rows - r);
+      wide.resize(size_t(n * row_len));
+      const uint8_t* src = row_len == 1 ? t.data() : t.data() + uint64_t(r) * row_bytes;
+      gguf::dequantize(type, src, wide.data(), uint64_t(n * row_len));
+      if (part.unpermute_heads) {
+        reordered.resize(wide.size());
+        for (int64_t h = 0; h < n / unit; ++h)
+          gguf::unpermute_rows(wide.data() + h * unit * row_len, reordered.data() + h * unit * row_len, unit, row_len,
+                               unit);
+        wide.swap(reordered);
+      }
+      emit_rounded(wide, target, part.name, buf, sink);
+    }
+    t.file->mapped().dont_need(t.file->header().data_start + t.info->offset, t.info->nbytes);
+  }
+}
+
+void check_all_consumed(const Model& model, const std::vector<Mapping>& mappings) {
+  std::set<std::string> used;
+  for (const auto& m : mappings)
+    for (const auto& p : m.parts) used.insert(p.name);
+  for (const auto& [name, t] : model.tensors())
+    if (!used.count(name))
+      throw Error(t.file->path() + ": tensor '" + name +
+                  "' is not part of the model its metadata describes; "
+                  "refusing to drop it");
+}
+
+ordered_json hash_files(const Model& model, const std::atomic<bool>* cancel) {
+  ordered_json out = ordered_json::object();
+  for (const auto& f : model.files()) {
+    size_t size = 0;
+    std::string h = sha256_file(f->path(), &size, cancel);
+    out[fs::path(f->path()).filename().string()] = {{"sha256", h}, {"size", size}};
+  }
+  return out;
+}
+
+ordered_json import_record(const Model& model) {
+  std::map<std::string, size_t> types;
+  for (const auto& [name, t] : model.tensors()) types[t.info->type->name]++;
+  ordered_json r = {{"format", "gguf"},
+                    {"version", model.header().version},
+                    {"files", model.files().size()},
+                    {"tensor_types", types}};
+  if (const gguf::Value* n = model.find("general.name"); n && n->type == gguf::ValueType::STRING) r["name"] = n->s;
+  return r;
+}
+
+}  // namespace
+
+ConvertResult convert_gguf(const ConvertOptions& opt) {
+  StagingDir staging(opt.output, opt.force);
+  const DType target = gguf_target_dtype(opt.dtype);
+  Model model(opt.source.string());
+  const gguf::Architecture& arch = gguf::find_architecture(model);
+  const ModelSpec spec = gguf::spec_from_gguf(model, arch);
+  const std::vector<Mapping> mappings = gguf::tensor_mappings(spec, arch);
+  for (const Mapping& m : mappings)
+    for (const Part& p : m.parts) checked_part(model, p, m.shape);
+  check_all_consumed(model, mappings);
+  const gguf::RebuiltTokenizer tokenizer = gguf::rebuild_tokenizer(model);
+
+  std::atomic<bool> cancel_hashing{false};
+  auto source_hashes = std::async(std::launch::async, hash_files, std::cref(model), &cancel_hashing);
+  try {
+    std::vector<TensorPlan> plan;
+    uint64_t total = 0;
+    for (const Mapping& m : mappings) {
+      plan.push_back({m.canonical, target, m.shape});
+      total += plan.back().nbytes();
+    }
+    WorkspaceWriter writer(staging.path(), plan, opt.max_shard_bytes);
+    {
+      Progress progress("converting", total, opt.progress);
+      WriterSink sink(writer, progress);
+      for (const Mapping& m : mappings) {
+        writer.begin_tensor();
+        emit_gguf_tensor(model, m, target, sink);
+      }
+      progress.finish();
+    }
+    writer.add_file("tokenizer.json", tokenizer.tokenizer_json);
+    writer.add_file("tokenizer_config.json", tokenizer.tokenizer_config_json);
+    if (tokenizer.chat_template) writer.add_file("chat_template.jinja", *tokenizer.chat_template);
+    ordered_json tok = {{"files", {"tokenizer.json", "tokenizer_config.json"}},
+                        {"chat_template", tokenizer.chat_template ? ordered_json("chat_template.jinja") : nullptr}};
+    ordered_json doc = converted_document(opt, spec, target, {{"method", "none"}}, writer, plan.size(), total, tok,
+                                          source_hashes.get());
+    doc["provenance"]["imported_from"] = import_record(model);  // what the dequantized weights were stored as
+    ConvertResult result;
+    result.kiln_json = writer.finish(std::move(doc));
+    result.tensor_bytes = total;
+    check_interrupt();
+    staging.commit();
+    return result;
+  } catch (...) {
+    cancel_hashing = true;
+    throw;
+  }
+}
+
+}  // namespace kiln
