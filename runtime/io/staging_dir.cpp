@@ -92,7 +92,7 @@ void StagingDir::commit() {
   fs::path trash;
   if (fs::exists(destination_, ec)) {
     if (!force_) throw Error(destination_.string() + ": output appeared while converting; not replacing it");
-    trash = sibling(destination_, "kiln-old");
+    trash = process_sibling(destination_, "kiln-old");
     fs::remove_all(trash, ec);
     fs::rename(destination_, trash, ec);
     if (ec) throw Error(destination_.string() + ": cannot move the old output aside: " + ec.message());
