@@ -59,8 +59,6 @@ VARIANTS = {
                    torch.float32, None, "qwen3"),
     "qwen3-bf16-tied": (Qwen3Config, Qwen3ForCausalLM, dict(vocab_size=QWEN_VOCAB, head_dim=32, tie_word_embeddings=True),
                         torch.bfloat16, None, "qwen3"),
-    # Appended, not inserted: each variant's seed is its position, so the others keep their weights.
-    "llama-fp16": (LlamaConfig, LlamaForCausalLM, dict(vocab_size=LLAMA_VOCAB), torch.float16, None, "llama2"),
     # GPT-2: tied head and tanh GELU (gelu_new) by default; one variant untied with exact GELU and a wider MLP.
     "gpt2-fp32": (GPT2Config, GPT2LMHeadModel, dict(), torch.float32, None, "llama2"),
     "gpt2-bf16-sharded": (GPT2Config, GPT2LMHeadModel, dict(), torch.bfloat16, "300KB", "llama2"),
@@ -86,6 +84,8 @@ VARIANTS = {
     "phi3-fp32": (Phi3Config, Phi3ForCausalLM, dict(SMALL, sliding_window=24), torch.float32, None, "llama2"),
     "phi3-partial-bf16-sharded": (Phi3Config, Phi3ForCausalLM, dict(SMALL, partial_rotary_factor=0.5),
                                   torch.bfloat16, "200KB", "llama2"),
+    # Appended, not inserted: each variant's seed is its position, so the others keep their weights.
+    "llama-fp16": (LlamaConfig, LlamaForCausalLM, dict(vocab_size=LLAMA_VOCAB), torch.float16, None, "llama2"),
 }
 
 

@@ -47,7 +47,11 @@ std::vector<BenchPrompt> synthetic_prompts(int64_t n, int64_t input_len, int64_t
 
 std::vector<BenchPrompt> file_prompts(const std::filesystem::path& path, int64_t n, const Tokenizer* tok) {
   if (n < 1) throw Error("--num-prompts must be at least 1");
-  require_regular_file(path);
+  try {
+    require_regular_file(path);
+  } catch (const Error& e) {
+    throw Error(std::string("the prompt file ") + e.what());
+  }
   std::ifstream in(path);
   if (!in) throw Error("cannot read the prompt file " + path.string());
   std::vector<std::string> lines;

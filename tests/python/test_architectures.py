@@ -110,7 +110,8 @@ def test_generate_eval_and_rtn(name, fixture_models, eval_text, tmp_path):
 def gpt2_outliers(fixture_models, tmp_path_factory):
     """A GPT-2 (no GQA, LayerNorm with bias, plain GELU MLP) with outlier channels in ln_1 and ln_2."""
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=32000, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.08)
+    cfg = GPT2Config(vocab_size=32000, n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.08,
+                     bos_token_id=1, eos_token_id=2)
     model = GPT2LMHeadModel(cfg).float()
     with torch.no_grad():
         for block in model.transformer.h:
