@@ -3,7 +3,8 @@
 # against transformers, the unit tests again under ASan+UBSan, and each libFuzzer target for a bounded time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# In CI every oracle test must run: tests/python/conftest.py turns a skip into a failure unless it is a CUDA test.
+# In CI every oracle test must run: tests/python/conftest.py turns a skip into a failure unless it is a CUDA test
+# or needs llama.cpp (built only with KILN_WITH_LLAMA_CPP=1).
 export KILN_CI=1
 
 # ctest into a log: on success its summary line and the tests that did not run (one line each, CUDA without a device);
