@@ -169,6 +169,11 @@ class Evaluator {
     if (v.depth() > kMaxValueDepth)
       throw Error("chat template line " + std::to_string(s.line) + ": values nested deeper than " +
                   std::to_string(kMaxValueDepth) + " levels");
+    // Namespace attributes are the only mutable state a template has, so refusing a value that holds the namespace
+    // rules out every reference cycle, which shared ownership would leak.
+    if (v.holds(&ns->dict_ref()))
+      throw Error("chat template line " + std::to_string(s.line) + ": namespace attribute '" + s.name +
+                  "' would hold its own namespace");
     if (!s.name.empty() && s.name[0] == '_')
       throw Error("chat template line " + std::to_string(s.line) +
                   ": Chat templates cannot store underscore-prefixed attributes on a namespace, but got '" + s.name +

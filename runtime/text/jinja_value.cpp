@@ -78,6 +78,18 @@ Value Value::function(std::string name, std::function<Value(Args&)> fn) {
   return v;
 }
 
+bool Value::holds(const Dict* target) const {
+  if (kind_ == Kind::Dict || kind_ == Kind::Namespace) {
+    if (dict_.get() == target) return true;
+    for (const auto& [key, value] : dict_->entries)
+      if (key.holds(target) || value.holds(target)) return true;
+  } else if (kind_ == Kind::List || kind_ == Kind::Tuple) {
+    for (const Value& item : *list_)
+      if (item.holds(target)) return true;
+  }
+  return false;
+}
+
 int Value::depth() const {
   if (kind_ == Kind::List || kind_ == Kind::Tuple) return depth_;
   if (kind_ == Kind::Dict || kind_ == Kind::Namespace) return std::min(dict_->depth, 0xFFFF) + 1;

@@ -49,6 +49,9 @@ class Value {
   static Value function(std::string name, std::function<Value(struct Args&)> fn);
 
   Kind kind() const { return kind_; }
+  // Whether this value is, or holds at any depth, the dict or namespace `target` (values are depth-bounded, so the
+  // walk is too).
+  bool holds(const Dict* target) const;
   bool is_undefined() const { return kind_ == Kind::Undefined; }
   bool is_none() const { return kind_ == Kind::None; }
   bool is_bool() const { return kind_ == Kind::Bool; }
