@@ -40,8 +40,8 @@ def free_port():
 
 
 class Server:
-    def __init__(self, ws, *args, ctx=512):
-        self.port = free_port()
+    def __init__(self, ws, *args, port=None, ctx=512):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen([str(kiln_binary()), "serve", str(ws), "--port", str(self.port), "--ctx", str(ctx),
                                       "--model-name", "tiny", *map(str, args)],

@@ -9,19 +9,16 @@ Raw sockets are used where an HTTP client would hide what is sent (chunking, Con
 import concurrent.futures as cf
 import gzip
 import json
-import os
 import signal
 import socket
-import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import kiln_binary, run_kiln
+import test_serve as serve_test
+from conftest import run_kiln
 
 prometheus_parser = pytest.importorskip("prometheus_client.parser")
 
@@ -40,65 +37,21 @@ def ws(fixture_models, tmp_path_factory):
     return out
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Server(serve_test.Server):
+    """test_serve's server, with this file's small context, JSON posts and the process's resident memory."""
 
-
-class Server:
     def __init__(self, ws, *args, port=None, ctx=CTX):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([str(kiln_binary()), "serve", str(ws), "--port", str(self.port), "--ctx", str(ctx),
-                                      "--model-name", "tiny", *map(str, args)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"kiln serve exited: {self.proc.stderr.read().decode()}")
-            try:
-                if self.request("GET", "/health")[0] == 200:
-                    return
-            except OSError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError("kiln serve did not become healthy in 60 s")
-
-    def request(self, method, path, body=None, headers=None):
-        data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                return r.status, r.read().decode(), dict(r.headers)
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode(), dict(e.headers)
+        super().__init__(ws, *args, port=port, ctx=ctx)
 
     def post(self, body, path="/v1/completions", headers=None):
         status, text, _ = self.request("POST", path, body, {"Content-Type": "application/json", **(headers or {})})
         return status, json.loads(text)
-
-    def metrics(self):
-        status, text, _ = self.request("GET", "/metrics")
-        assert status == 200
-        return {s.name: s.value for fam in prometheus_parser.text_string_to_metric_families(text)
-                for s in fam.samples if not s.labels}
 
     def rss_kib(self):
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         raise AssertionError("no VmRSS")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stderr.close()
 
 
 def raw_exchange(port, head: bytes, body_parts=(), shut_wr=False, read_timeout=60):
