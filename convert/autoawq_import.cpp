@@ -177,12 +177,7 @@ ConvertResult convert_autoawq_checkpoint(const ConvertOptions& opt, StagingDir& 
                                 {"quantization_config", ordered_json::parse(cfg.source.dump())}};
     ordered_json doc =
         converted_document(opt, spec, target, weights, writer, plan.size(), total, tokenizer, source_hashes.get());
-    ConvertResult result;
-    result.kiln_json = writer.finish(std::move(doc));
-    result.tensor_bytes = total;
-    check_interrupt();
-    staging.commit();
-    return result;
+    return commit_converted(writer, std::move(doc), total, staging);
   } catch (...) {
     cancel_hashing = true;
     throw;

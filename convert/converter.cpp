@@ -225,6 +225,15 @@ ordered_json add_tokenizer_files(const fs::path& source, WorkspaceWriter& writer
   return {{"files", tokenizer_files}, {"chat_template", chat_template ? json("chat_template.jinja") : json(nullptr)}};
 }
 
+ConvertResult commit_converted(WorkspaceWriter& writer, ordered_json doc, uint64_t tensor_bytes, StagingDir& staging) {
+  ConvertResult result;
+  result.kiln_json = writer.finish(std::move(doc));
+  result.tensor_bytes = tensor_bytes;
+  check_interrupt();
+  staging.commit();
+  return result;
+}
+
 ordered_json converted_document(const ConvertOptions& opt, const ModelSpec& spec, DType target,
                                 ordered_json weights_quantization, const WorkspaceWriter& writer, size_t tensor_count,
                                 uint64_t tensor_bytes, ordered_json tokenizer, ordered_json source_files) {
@@ -310,12 +319,7 @@ ConvertResult finish_conversion(const ConvertOptions& opt, StagingDir& staging, 
 
   ordered_json doc = converted_document(opt, spec, target, {{"method", "none"}}, writer, plan.size(), total, tokenizer,
                                         source_hashes.get());
-  ConvertResult result;
-  result.kiln_json = writer.finish(std::move(doc));
-  result.tensor_bytes = total;
-  check_interrupt();
-  staging.commit();
-  return result;
+  return commit_converted(writer, std::move(doc), total, staging);
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include "convert/arch_table.h"
 #include "convert/hf_checkpoint.h"
 #include "runtime/io/progress.h"
+#include "runtime/io/staging_dir.h"
 #include "runtime/workspace/workspace.h"
 
 namespace kiln {
@@ -80,6 +81,11 @@ nlohmann::ordered_json converted_document(const ConvertOptions& opt, const Model
                                           nlohmann::ordered_json weights_quantization, const WorkspaceWriter& writer,
                                           size_t tensor_count, uint64_t tensor_bytes, nlohmann::ordered_json tokenizer,
                                           nlohmann::ordered_json source_files);
+
+// The last step of every import: writes kiln.json (`doc`) and its manifest, then moves the staging directory into
+// place unless Ctrl-C arrived meanwhile.
+ConvertResult commit_converted(WorkspaceWriter& writer, nlohmann::ordered_json doc, uint64_t tensor_bytes,
+                               StagingDir& staging);
 // Copies the source's tokenizer files and writes its resolved chat template; returns kiln.json's "tokenizer" block.
 nlohmann::ordered_json add_tokenizer_files(const std::filesystem::path& source, WorkspaceWriter& writer);
 

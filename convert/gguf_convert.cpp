@@ -168,12 +168,7 @@ ConvertResult convert_gguf(const ConvertOptions& opt) {
     ordered_json doc = converted_document(opt, spec, target, {{"method", "none"}}, writer, plan.size(), total, tok,
                                           source_hashes.get());
     doc["provenance"]["imported_from"] = import_record(model);  // what the dequantized weights were stored as
-    ConvertResult result;
-    result.kiln_json = writer.finish(std::move(doc));
-    result.tensor_bytes = total;
-    check_interrupt();
-    staging.commit();
-    return result;
+    return commit_converted(writer, std::move(doc), total, staging);
   } catch (...) {
     cancel_hashing = true;
     throw;
