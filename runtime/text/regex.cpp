@@ -44,11 +44,12 @@ Regex::Regex(const std::string& pattern) {
   int err = 0;
   PCRE2_SIZE offset = 0;
   // Oniguruma's ^ and $ are line anchors, and its only newline is \n (so '.' matches \r): MULTILINE and
-  // NEWLINE_LF say the same to PCRE2, whatever its build defaults are.
+  // NEWLINE_LF say the same to PCRE2, whatever its build defaults are. PCRE2's \C matches one byte even in UTF
+  // mode, so it could cut a character in two; Oniguruma has no such escape, and NEVER_BACKSLASH_C refuses it.
   pcre2_compile_context* cc = pcre2_compile_context_create(nullptr);
   pcre2_set_newline(cc, PCRE2_NEWLINE_LF);
   auto* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(translated_.data()), translated_.size(),
-                             PCRE2_UTF | PCRE2_UCP | PCRE2_MULTILINE, &err, &offset, cc);
+                             PCRE2_UTF | PCRE2_UCP | PCRE2_MULTILINE | PCRE2_NEVER_BACKSLASH_C, &err, &offset, cc);
   pcre2_compile_context_free(cc);
   if (!code) {
     PCRE2_UCHAR msg[256];
