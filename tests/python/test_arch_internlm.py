@@ -215,11 +215,12 @@ def test_logits_match_llama_oracle(family, length, tmp_path):
         assert unscaled > 20 * TOL
 
 
-@pytest.mark.parametrize("family,prompt_len", [("internlm", 24), ("internlm2", 110)], indirect=["family"])
-def test_greedy_32_tokens_match_llama_oracle(family, prompt_len, tmp_path):
+# (family, prompt length, prompt seed): seeds whose 32 greedy steps all have top-2 margins >= 1e-3 in transformers
+@pytest.mark.parametrize("family,prompt_len,seed", [("internlm", 24, 31), ("internlm2", 110, 118)], indirect=["family"])
+def test_greedy_32_tokens_match_llama_oracle(family, prompt_len, seed, tmp_path):
     """32 greedy tokens; InternLM2's cross max_position_embeddings (128) while decoding, so each step's key is rotated
     with a larger dynamic NTK base than the cached ones, as in transformers."""
-    prompt = token_ids(prompt_len, seed=7 + prompt_len)
+    prompt = token_ids(prompt_len, seed=seed)
     want, safe = greedy(family.oracle, prompt, 32)
     tok = tmp_path / "p.json"
     tok.write_text(json.dumps(prompt))
@@ -289,8 +290,11 @@ def test_quantize_rtn_awq_int8_kv_and_serve(family, tmp_path):
     assert rep["kv_cache"] == "int8-online"
     got = load_np(str(saved))["logits"]
     want = cached_logits(family.oracle, ids, int8_online_store)
-    assert float(np.abs(got - want).max()) <= INT8_ORACLE_TOL
-    assert float(np.abs(got - oracle_logits(family.oracle, ids)).max()) > 3 * INT8_ORACLE_TOL  # really quantized
+    diff, unquantized = (float(np.abs(got - x).max()) for x in (want, oracle_logits(family.oracle, ids)))
+    print(f"int8 KV: max |logit diff| vs transformers int8 cache {diff:.3g}, vs its fp32 cache {unquantized:.3g}")
+    # ~1e-6 with the AVX2 kernels; test_kv_int8.py's bound allows the scalar ISA's last-bit differences. The cache is
+    # quantized by that scheme: kiln is far closer to transformers with it than without it (0.007 .. 0.009 away).
+    assert diff <= INT8_ORACLE_TOL and diff < unquantized / 3
 
     server = Server(ws)
     try:
