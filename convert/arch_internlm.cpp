@@ -37,8 +37,7 @@ void read_internlm_rotary(const HfConfigReader& r, ModelSpec& s) {
   if (rotary) {
     if (!rotary->is_object()) r.refuse("rotary", "must be an object {\"base\": ..., \"type\": ...}");
     auto type = rotary->find("type");
-    if (type == rotary->end() || !type->is_string())
-      r.refuse("rotary", "needs a 'type' (origin or dynamic)");
+    if (type == rotary->end() || !type->is_string()) r.refuse("rotary", "needs a 'type' (origin or dynamic)");
     s.rope_theta = r.optional_number(*rotary, "base", 0);
     if (s.rope_theta <= 0) r.refuse("rotary", "needs a positive 'base'");
     if (*type == "dynamic") {
