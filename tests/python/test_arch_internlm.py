@@ -91,7 +91,8 @@ def internlm2_checkpoint(model, rope_scaling):
     out = {"model.tok_embeddings.weight": sd["model.embed_tokens.weight"], "model.norm.weight": sd["model.norm.weight"],
            "output.weight": sd["lm_head.weight"]}
     for i in range(c.num_hidden_layers):
-        p, a, m, L = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp.", f"model.layers.{i}."
+        p = L = f"model.layers.{i}."
+        a, m = p + "self_attn.", p + "mlp."
         kinds = ["weight", "bias"] if c.attention_bias else ["weight"]
         for kind in kinds:
             q, k, v = (sd[a + f"{x}_proj.{kind}"] for x in "qkv")
@@ -160,7 +161,8 @@ def internlm2(real_tokenizers, tmp_path_factory):
     """internlm2-chat-7b's shape in small: GQA (2 queries per KV head), no biases, rope_theta 1e6 and dynamic NTK
     factor 2. Oracle: Llama with the same rope_scaling."""
     scaling = {"type": "dynamic", "factor": 2.0}
-    model = tiny_llama(seed=12, heads=4, kv_heads=2, bias=False, theta=1e6, rope={"rope_type": "dynamic", "factor": 2.0})
+    model = tiny_llama(seed=12, heads=4, kv_heads=2, bias=False, theta=1e6,
+                       rope={"rope_type": "dynamic", "factor": 2.0})
     return Family(tmp_path_factory.mktemp("internlm2"), model, lambda m: internlm2_checkpoint(m, scaling),
                   real_tokenizers / "llama2", "bin")
 
