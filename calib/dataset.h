@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/text/tokenizer.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 
 namespace kiln::calib {
 

@@ -22,8 +22,8 @@
 #include "runtime/io/safetensors.h"
 #include "runtime/io/sha256.h"
 #include "runtime/model/model.h"
-#include "runtime/text/tokenizer.h"
-#include "runtime/text/tokenizer_files.h"
+#include "runtime/text/tokenizer/tokenizer.h"
+#include "runtime/text/tokenizer/files.h"
 #include "runtime/workspace/workspace.h"
 
 namespace kiln {

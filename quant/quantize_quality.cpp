@@ -10,7 +10,7 @@
 #include "runtime/engine/evaluate.h"
 #include "runtime/engine/loaded_model.h"
 #include "runtime/io/path_safety.h"
-#include "runtime/text/tokenizer.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 
 namespace kiln {
 

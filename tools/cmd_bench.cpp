@@ -13,7 +13,7 @@
 #include "runtime/core/error.h"
 #include "runtime/engine/loaded_model.h"
 #include "runtime/serve/async_scheduler.h"
-#include "runtime/text/tokenizer.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 #include "tools/command.h"
 #include "tools/flag_checks.h"
 #include "tools/generation_cli.h"

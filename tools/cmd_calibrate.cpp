@@ -18,7 +18,7 @@
 #include "runtime/io/progress.h"
 #include "runtime/io/sha256.h"
 #include "runtime/io/staging_dir.h"
-#include "runtime/text/tokenizer.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 #include "tools/command.h"
 #include "tools/flag_checks.h"
 

@@ -17,7 +17,7 @@
 #include "runtime/io/path_safety.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/io/staging_dir.h"
-#include "runtime/text/tokenizer.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 #include "tools/command.h"
 #include "tools/flag_checks.h"
 

@@ -9,7 +9,7 @@
 #include "runtime/core/error.h"
 #include "runtime/core/json_limits.h"
 #include "runtime/io/staging_dir.h"
-#include "runtime/text/chat_template.h"
+#include "runtime/text/jinja/chat_template.h"
 #include "tools/command.h"
 
 namespace kiln::tools {

@@ -12,8 +12,8 @@
 
 #include "runtime/core/error.h"
 #include "runtime/engine/loaded_model.h"
-#include "runtime/text/chat_template.h"
-#include "runtime/text/tokenizer.h"
+#include "runtime/text/jinja/chat_template.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 #include "tools/command.h"
 #include "tools/flag_checks.h"
 #include "tools/generation_cli.h"

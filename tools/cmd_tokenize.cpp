@@ -9,8 +9,8 @@
 
 #include "runtime/core/error.h"
 #include "runtime/io/path_safety.h"
-#include "runtime/text/detokenizer.h"
-#include "runtime/text/tokenizer.h"
+#include "runtime/text/tokenizer/detokenizer.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 #include "tools/command.h"
 
 namespace kiln::tools {

@@ -9,8 +9,8 @@
 #include <vector>
 
 #include "runtime/sampling/params.h"
-#include "runtime/text/chat_template.h"
-#include "runtime/text/tokenizer.h"
+#include "runtime/text/jinja/chat_template.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 
 namespace kiln::tools {
 

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/text/tokenizer.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 
 namespace kiln::bench {
 

@@ -16,7 +16,7 @@
 #include "runtime/kv/kv_cache.h"
 #include "runtime/model/model.h"
 #include "runtime/sampling/params.h"
-#include "runtime/text/tokenizer.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 
 namespace kiln {
 

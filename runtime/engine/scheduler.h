@@ -29,7 +29,7 @@
 #include "runtime/kv/prefix_cache.h"
 #include "runtime/model/model.h"
 #include "runtime/sampling/params.h"
-#include "runtime/text/tokenizer.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 
 namespace kiln {
 

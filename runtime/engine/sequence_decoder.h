@@ -13,8 +13,8 @@
 #include "runtime/sampling/params.h"
 #include "runtime/sampling/sampler.h"
 #include "runtime/sampling/stop.h"
-#include "runtime/text/detokenizer.h"
-#include "runtime/text/tokenizer.h"
+#include "runtime/text/tokenizer/detokenizer.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 
 namespace kiln {
 

@@ -10,8 +10,8 @@
 
 #include "runtime/sampling/params.h"
 #include "runtime/sampling/sampler.h"
-#include "runtime/text/chat_template.h"
-#include "runtime/text/tokenizer.h"
+#include "runtime/text/jinja/chat_template.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 
 namespace kiln::serve {
 

@@ -9,8 +9,8 @@
 
 #include "runtime/serve/async_scheduler.h"
 #include "runtime/serve/metrics.h"
-#include "runtime/text/chat_template.h"
-#include "runtime/text/tokenizer.h"
+#include "runtime/text/jinja/chat_template.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 
 namespace kiln::serve {
 

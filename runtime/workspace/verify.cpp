@@ -5,7 +5,7 @@
 #include "runtime/core/error.h"
 #include "runtime/io/progress.h"
 #include "runtime/io/sha256.h"
-#include "runtime/text/tokenizer.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 #include "runtime/workspace/workspace.h"
 
 namespace fs = std::filesystem;

@@ -4,7 +4,7 @@
 #include <string>
 
 #include "runtime/core/error.h"
-#include "runtime/text/jinja.h"
+#include "runtime/text/jinja/jinja.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size > 4096) return 0;  // bound work per input: nested loops over range() grow fast

@@ -8,7 +8,7 @@
 #include <string>
 
 #include "runtime/core/json_limits.h"
-#include "runtime/text/jinja_value.h"
+#include "runtime/text/jinja/value.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string text(reinterpret_cast<const char*>(data), size);

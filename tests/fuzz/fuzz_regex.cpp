@@ -7,8 +7,8 @@
 #include <string>
 
 #include "runtime/core/error.h"
-#include "runtime/text/regex.h"
-#include "runtime/text/unicode.h"
+#include "runtime/text/tokenizer/regex.h"
+#include "runtime/text/tokenizer/unicode.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (size == 0) return 0;

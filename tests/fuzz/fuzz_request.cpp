@@ -7,8 +7,8 @@
 #include <string>
 
 #include "runtime/serve/http_api.h"
-#include "runtime/text/chat_template.h"
-#include "runtime/text/tokenizer.h"
+#include "runtime/text/jinja/chat_template.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 
 #ifndef KILN_TESTDATA_DIR
 #define KILN_TESTDATA_DIR "build/testdata"

@@ -6,9 +6,9 @@
 #include <cstdlib>
 #include <string>
 
-#include "runtime/text/detokenizer.h"
-#include "runtime/text/tokenizer.h"
-#include "runtime/text/unicode.h"
+#include "runtime/text/tokenizer/detokenizer.h"
+#include "runtime/text/tokenizer/tokenizer.h"
+#include "runtime/text/tokenizer/unicode.h"
 
 #ifndef KILN_TESTDATA_DIR
 #define KILN_TESTDATA_DIR "build/testdata"

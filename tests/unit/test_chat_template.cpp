@@ -2,7 +2,7 @@
 #include <gtest/gtest.h>
 
 #include "runtime/core/error.h"
-#include "runtime/text/chat_template.h"
+#include "runtime/text/jinja/chat_template.h"
 
 namespace kiln {
 namespace {

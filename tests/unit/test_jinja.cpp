@@ -2,7 +2,7 @@
 #include <gtest/gtest.h>
 
 #include "runtime/core/error.h"
-#include "runtime/text/jinja.h"
+#include "runtime/text/jinja/jinja.h"
 
 namespace kiln::jinja {
 namespace {

@@ -13,8 +13,8 @@
 #include "runtime/core/json_limits.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/serve/http_api.h"
-#include "runtime/text/chat_template.h"
-#include "runtime/text/jinja.h"
+#include "runtime/text/jinja/chat_template.h"
+#include "runtime/text/jinja/jinja.h"
 
 namespace kiln {
 namespace {

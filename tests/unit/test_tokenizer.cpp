@@ -6,11 +6,11 @@
 #include <sstream>
 
 #include "runtime/core/error.h"
-#include "runtime/text/detokenizer.h"
-#include "runtime/text/pre_tokenizer.h"
-#include "runtime/text/regex.h"
-#include "runtime/text/tokenizer.h"
-#include "runtime/text/unicode.h"
+#include "runtime/text/tokenizer/detokenizer.h"
+#include "runtime/text/tokenizer/pre_tokenizer.h"
+#include "runtime/text/tokenizer/regex.h"
+#include "runtime/text/tokenizer/tokenizer.h"
+#include "runtime/text/tokenizer/unicode.h"
 
 namespace kiln {
 namespace {

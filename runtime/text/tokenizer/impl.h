@@ -1,0 +1,55 @@
+#pragma once
+// Internals of kiln::Tokenizer shared by its source files (loading, encoding, SentencePiece); not a public interface.
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "runtime/text/tokenizer/bpe.h"
+#include "runtime/text/tokenizer/decoder.h"
+#include "runtime/text/tokenizer/normalizer.h"
+#include "runtime/text/tokenizer/pre_tokenizer.h"
+#include "runtime/text/tokenizer/tokenizer.h"
+#include "runtime/text/tokenizer/added.h"
+
+namespace kiln::text {
+
+class SentencePieceModel;  // tokenizer_sp.cpp
+
+// Ids that a post-processor puts around a single sequence when add_special_tokens is true.
+struct PostProcessor {
+  std::vector<int32_t> prefix, suffix;
+};
+
+struct TokenizerImpl {
+  std::string name;  // file name for messages
+  std::unique_ptr<Normalizer> normalizer;
+  std::unique_ptr<PreTokenizer> pre_tokenizer;
+  std::unique_ptr<BpeModel> bpe;
+  std::shared_ptr<SentencePieceModel> sp;  // set instead of bpe for tokenizer.model-only directories
+  std::unique_ptr<Decoder> decoder;
+  AddedVocabulary added;
+  PostProcessor post;
+  std::optional<int32_t> bos, eos;
+
+  int32_t model_token_to_id(std::string_view token) const;
+  std::optional<std::string> model_id_to_token(int32_t id) const;
+  size_t model_id_limit() const;
+  size_t model_vocab_count() const;
+  void model_tokenize(std::string_view word, std::vector<int32_t>& out) const;
+  std::string model_decode(const std::vector<int32_t>& ids) const;  // only for SentencePiece models
+};
+
+// tokenizer.json "post_processor" -> prefix/suffix ids.
+PostProcessor make_post_processor(const json& j, const JsonWhere& where, const TokenizerImpl& impl);
+
+// SentencePiece support (tokenizer_sp.cpp).
+std::shared_ptr<SentencePieceModel> load_sentencepiece(const std::string& path);
+int32_t sp_piece_to_id(const SentencePieceModel& m, std::string_view piece);  // -1 when absent
+std::optional<std::string> sp_id_to_piece(const SentencePieceModel& m, int32_t id);
+size_t sp_size(const SentencePieceModel& m);
+void sp_encode(const SentencePieceModel& m, std::string_view text, std::vector<int32_t>& out);
+std::string sp_decode(const SentencePieceModel& m, const std::vector<int32_t>& ids);
+std::vector<AddedToken> sp_control_tokens(const SentencePieceModel& m);
+
+}  // namespace kiln::text
