@@ -102,6 +102,22 @@ const std::vector<ArchEntry>& architecture_table() {
       {"GlmForCausalLM", "glm", read_glm_config, &kGlmParts, "lm_head.weight", {"rotary_emb.inv_freq"}},
       {"Glm4ForCausalLM", "glm4", read_glm4_config, &kGlmParts, "lm_head.weight", {"rotary_emb.inv_freq"}},
       {"Phi3ForCausalLM", "phi3", read_phi3_config, &kPhi3Parts, "lm_head.weight", {"rotary_emb.inv_freq"}},
+      {"ChatGLMModel",
+       "chatglm",
+       read_chatglm_config,
+       &kChatGlmParts,
+       "transformer.output_layer.weight",
+       {"rotary_pos_emb.inv_freq"},
+       "",
+       {"hidden_size", "ffn_hidden_size", "num_attention_heads", "multi_query_group_num", "padded_vocab_size"}},
+      {"ChatGLMForConditionalGeneration",
+       "chatglm",
+       read_chatglm_config,
+       &kChatGlmParts,
+       "transformer.output_layer.weight",
+       {"rotary_pos_emb.inv_freq"},
+       "",
+       {"hidden_size", "ffn_hidden_size", "num_attention_heads", "multi_query_group_num", "padded_vocab_size"}},
   };
   return table;
 }

@@ -52,4 +52,9 @@ void sp_encode(const SentencePieceModel& m, std::string_view text, std::vector<i
 std::string sp_decode(const SentencePieceModel& m, const std::vector<int32_t>& ids);
 std::vector<AddedToken> sp_control_tokens(const SentencePieceModel& m);
 
+// ChatGLM2/3's tokenizer (tokenizer_chatglm.cpp): recognised by tokenizer_config.json's tokenizer_class; its command
+// and role tokens, numbered from the SentencePiece vocabulary size on.
+bool is_chatglm_tokenizer(const json& tokenizer_config);
+std::vector<AddedToken> chatglm_command_tokens(size_t sp_vocab_size);
+
 }  // namespace kiln::text

@@ -240,6 +240,10 @@ std::shared_ptr<TokenizerImpl> build(const json* tok_json, const std::string& na
   } else {
     impl->sp = std::move(sp);
     added = text::sp_control_tokens(*impl->sp);
+    if (text::is_chatglm_tokenizer(cfg_in)) {
+      auto glm = text::chatglm_command_tokens(text::sp_size(*impl->sp));
+      added.insert(added.end(), glm.begin(), glm.end());
+    }
   }
 
   const bool llama_pipeline = compat == TokenizerCompat::Transformers && tok_json &&
@@ -270,7 +274,15 @@ std::shared_ptr<TokenizerImpl> build(const json* tok_json, const std::string& na
   impl->bos = config_token_id(*impl, names, "bos_token", added);
   impl->eos = config_token_id(*impl, names, "eos_token", added);
 
-  if (compat == TokenizerCompat::Transformers && !tok_json) {
+  if (!tok_json && text::is_chatglm_tokenizer(cfg_in)) {
+    // ChatGLM2/3 start every encoded text with [gMASK] sop and add no BOS or EOS; EOS is the model's </s>.
+    impl->bos.reset();
+    const int32_t eos = text::sp_piece_to_id(*impl->sp, "</s>");
+    impl->eos = eos >= 0 ? std::optional<int32_t>(eos) : std::nullopt;
+    if (compat == TokenizerCompat::Transformers)
+      for (const AddedToken& t : added)
+        if (t.content == "[gMASK]" || t.content == "sop") impl->post.prefix.push_back(t.id);
+  } else if (compat == TokenizerCompat::Transformers && !tok_json) {
     // A SentencePiece model alone: transformers' slow tokenizer follows add_bos_token / add_eos_token, with the
     // Llama convention (BOS unless told otherwise).
     bool add_bos = cfg.value("add_bos_token", true);
