@@ -38,8 +38,9 @@ void read_chatglm_config(const HfConfigReader& r, ModelSpec& s) {
   if (const nlohmann::json* p = r.get("pre_seq_len"))
     r.refuse("pre_seq_len", p->dump() + " (a P-tuning prefix encoder) is not supported");
   if (const nlohmann::json* q = r.get("quantization_bit"); q && !(q->is_number_integer() && q->get<int64_t>() == 0))
-    r.refuse("quantization_bit", q->dump() + " (ChatGLM's own int4/int8 weights) is not supported; convert the "
-                                          "unquantized checkpoint");
+    r.refuse("quantization_bit", q->dump() +
+                                     " (ChatGLM's own int4/int8 weights) is not supported; convert the "
+                                     "unquantized checkpoint");
   s.vocab_size = r.required_positive("padded_vocab_size");
   s.hidden_size = r.required_positive("hidden_size");
   s.intermediate_size = r.required_positive("ffn_hidden_size");

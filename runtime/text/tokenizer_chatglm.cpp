@@ -8,8 +8,8 @@ namespace kiln::text {
 namespace {
 // In id order from the SentencePiece vocabulary size on: ChatGLM2's five command tokens, then ChatGLM3's four role
 // tokens. ChatGLM2's code stops after "eop"; its checkpoints never produce the role ids (untrained embedding rows).
-const char* const kChatGlmTokens[] = {"[MASK]",     "[gMASK]",  "[sMASK]",       "sop",           "eop",
-                                      "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"};
+const char* const kChatGlmTokens[] = {"[MASK]",   "[gMASK]",       "[sMASK]",        "sop", "eop", "<|system|>",
+                                      "<|user|>", "<|assistant|>", "<|observation|>"};
 }  // namespace
 
 bool is_chatglm_tokenizer(const json& tokenizer_config) {

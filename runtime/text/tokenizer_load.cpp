@@ -239,11 +239,10 @@ std::shared_ptr<TokenizerImpl> build(const json* tok_json, const std::string& na
     if (auto it = j.find("post_processor"); it != j.end() && !it->is_null()) post_json = &*it;
   } else {
     impl->sp = std::move(sp);
-    added = text::sp_control_tokens(*impl->sp);
-    if (text::is_chatglm_tokenizer(cfg_in)) {
-      auto glm = text::chatglm_command_tokens(text::sp_size(*impl->sp));
-      added.insert(added.end(), glm.begin(), glm.end());
-    }
+    // ChatGLM's code matches only its command tokens in text; <s>, </s> and <unk> stay text, as SentencePiece
+    // reads them.
+    added = text::is_chatglm_tokenizer(cfg_in) ? text::chatglm_command_tokens(text::sp_size(*impl->sp))
+                                               : text::sp_control_tokens(*impl->sp);
   }
 
   const bool llama_pipeline = compat == TokenizerCompat::Transformers && tok_json &&
