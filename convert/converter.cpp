@@ -195,7 +195,8 @@ bool copyable_source_file(const fs::path& source, const std::string& name) {
 
 }  // namespace
 
-ordered_json add_tokenizer_files(const fs::path& source, WorkspaceWriter& writer, const std::string& chat_template_flag) {
+ordered_json add_tokenizer_files(const fs::path& source, WorkspaceWriter& writer,
+                                 const std::string& chat_template_flag) {
   std::vector<std::string> tokenizer_files;
   bool loadable = false;
   for (const auto& f : tokenizer_file_names()) {

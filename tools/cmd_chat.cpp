@@ -167,7 +167,9 @@ Action setup(CLI::App& sub) {
   sub.add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory (converted in memory)")
       ->required();
   sub.add_option("--system", o->system, "System prompt");
-  sub.add_option("--chat-template", o->chat_template, "Chat template instead of the model's: a Jinja file, or a built-in (" + builtin_chat_template_names() + ")");
+  sub.add_option(
+      "--chat-template", o->chat_template,
+      "Chat template instead of the model's: a Jinja file, or a built-in (" + builtin_chat_template_names() + ")");
   sub.add_flag("--show-prompt", o->show_prompt, "Print each turn's rendered prompt to stderr");
   add_sampling_flags(sub, o->sampling);
   sub.add_option("--ctx", o->ctx, "Context length of the conversation (default: the model's maximum)")

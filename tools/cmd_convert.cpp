@@ -32,7 +32,8 @@ static Action setup_convert(CLI::App& sub) {
       ->check(int_range(1, kMaxShardMiB));
   sub.add_option("--chat-template", opt->chat_template,
                  "chat template stored in the workspace instead of the checkpoint's: a Jinja file, or a built-in "
-                 "(" + builtin_chat_template_names() + ")");
+                 "(" +
+                     builtin_chat_template_names() + ")");
   sub.add_flag("--force", opt->force, "replace an existing output (only once the new one is complete)");
   sub.add_flag("--json", *json_out, "print a JSON summary on stdout instead of text");
   sub.footer("The output is written to a hidden sibling directory and renamed into place when complete, so an error or\n"

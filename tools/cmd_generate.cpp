@@ -162,7 +162,9 @@ Action setup(CLI::App& sub) {
   input->add_option("--messages", o->messages, "JSON file with a list of chat messages, rendered with the template");
   input->require_option(1);
   sub.add_flag("--chat", o->chat, "Wrap the prompt as one user message in the model's chat template");
-  sub.add_option("--chat-template", o->chat_template, "Chat template instead of the model's: a Jinja file, or a built-in (" + builtin_chat_template_names() + ")");
+  sub.add_option(
+      "--chat-template", o->chat_template,
+      "Chat template instead of the model's: a Jinja file, or a built-in (" + builtin_chat_template_names() + ")");
   add_sampling_flags(sub, o->sampling);
   sub.add_option("--ctx", o->ctx, "Context length: prompt plus completion (default: the model's maximum)")
       ->check(int_range(0, kMaxTokens));

@@ -68,8 +68,8 @@ static ordered_json inspect_path(const std::filesystem::path& path) {
       text_files.tokenizer_config = path / "tokenizer_config.json";
     const BuiltinChatTemplate* builtin = builtin_chat_template_for_config(ckpt.config());
     out["chat_template"] = resolve_chat_template(text_files) ? ordered_json("checkpoint")
-                           : builtin ? ordered_json(std::string("builtin:") + builtin->name)
-                                     : ordered_json(nullptr);
+                           : builtin                         ? ordered_json(std::string("builtin:") + builtin->name)
+                                                             : ordered_json(nullptr);
     add_tensor_totals(out, ckpt.tensors());
   } else {
     throw Error(path.string() + ": neither a kiln workspace (kiln.json) nor a Hugging Face checkpoint (config.json)");
@@ -92,8 +92,8 @@ static void print_human(const ordered_json& j) {
               m["qkv_bias"].get<bool>() ? "yes" : "no", m["qk_norm"].get<bool>() ? "yes" : "no");
   if (j.contains("dtype")) std::printf("  dtype          %s\n", j["dtype"].get<std::string>().c_str());
   if (j.contains("chat_template"))
-    std::printf("  chat template  %s\n", j["chat_template"].is_string() ? j["chat_template"].get<std::string>().c_str()
-                                                                        : "none");
+    std::printf("  chat template  %s\n",
+                j["chat_template"].is_string() ? j["chat_template"].get<std::string>().c_str() : "none");
   if (j.contains("quantization")) std::printf("  quantization   %s\n", j["quantization"].dump().c_str());
   std::printf("  parameters     %.3f M in %zu tensors, %.1f MB\n", double(j["parameters"].get<uint64_t>()) / 1e6,
               size_t(j["tensors"]), double(j["tensor_bytes"].get<uint64_t>()) / 1e6);

@@ -107,16 +107,17 @@ Action setup(CLI::App& sub) {
                  "and extra template arguments")
       ->required();
   sub.add_flag("--no-generation-prompt", o->no_generation_prompt, "Do not append the assistant generation prompt");
-  sub.add_option("--chat-template", o->chat_template,
-                 "Chat template instead of the model's: a Jinja file, or a built-in (" + builtin_chat_template_names() +
-                     ")");
+  sub.add_option(
+      "--chat-template", o->chat_template,
+      "Chat template instead of the model's: a Jinja file, or a built-in (" + builtin_chat_template_names() + ")");
   sub.add_flag("--batch", o->batch,
                "The file holds a list of conversations; print a JSON list of {\"prompt\": ...} or {\"error\": ...}");
   return [o]() {
     TokenizerFiles files = template_files(o->path);
     ordered_json input = read_input(o->messages);
     if (!o->batch) {
-      std::string out = render(files, o->chat_template, parse_conversation(input, o->messages), o->no_generation_prompt);
+      std::string out =
+          render(files, o->chat_template, parse_conversation(input, o->messages), o->no_generation_prompt);
       std::fwrite(out.data(), 1, out.size(), stdout);
       std::fflush(stdout);
       return 0;
@@ -126,7 +127,8 @@ Action setup(CLI::App& sub) {
     for (size_t i = 0; i < input.size(); ++i) {
       try {
         std::string where = o->messages + "[" + std::to_string(i) + "]";
-        results.push_back({{"prompt", render(files, o->chat_template, parse_conversation(input[i], where), o->no_generation_prompt)}});
+        results.push_back({{"prompt", render(files, o->chat_template, parse_conversation(input[i], where),
+                                             o->no_generation_prompt)}});
       } catch (const Error& e) {
         results.push_back({{"error", e.what()}});
       }

@@ -107,8 +107,8 @@ std::string builtin_chat_template_names() {
 const BuiltinChatTemplate* builtin_chat_template_for_config(const nlohmann::json& config) {
   if (!config.is_object()) return nullptr;
   std::string arch;
-  if (auto it = config.find("architectures"); it != config.end() && it->is_array() && !it->empty() &&
-                                              (*it)[0].is_string())
+  if (auto it = config.find("architectures");
+      it != config.end() && it->is_array() && !it->empty() && (*it)[0].is_string())
     arch = (*it)[0].get<std::string>();
   const std::string type = string_field(config, "model_type");
   if (arch == "QWenLMHeadModel" || type == "qwen") return find_builtin_chat_template("qwen");
@@ -129,8 +129,8 @@ ChatTemplateText read_chat_template_flag(const std::string& value) {
   } else {
     std::error_code ec;
     if (!std::filesystem::is_regular_file(value, ec))
-      throw Error("--chat-template '" + value + "': no such file, and not a built-in template (built-ins: " +
-                  builtin_chat_template_names() + ")");
+      throw Error("--chat-template '" + value +
+                  "': no such file, and not a built-in template (built-ins: " + builtin_chat_template_names() + ")");
     out = {read_text_file(value), "file"};
   }
   try {

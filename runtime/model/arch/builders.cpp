@@ -14,7 +14,7 @@ ModelGraph build_model_graph(const ModelSpec& spec) {
       {"qwen3", arch::build_llama},  {"gpt2", arch::build_gpt2},     {"gemma2", arch::build_gemma},
       {"gemma3", arch::build_gemma}, {"glm", arch::build_glm},       {"glm4", arch::build_glm},
       {"chatglm", arch::build_glm},  // ChatGLM2/3's original layout is GLM's graph (convert/arch_chatglm.cpp)
-      {"phi3", arch::build_llama},  // Phi-3's block is Llama's; only its checkpoint layout differs (convert/)
+      {"phi3", arch::build_llama},   // Phi-3's block is Llama's; only its checkpoint layout differs (convert/)
   };
   for (const Builder& b : kBuilders)
     if (spec.family == b.family) return b.build(spec);
