@@ -5,6 +5,7 @@
 
 #include "runtime/core/error.h"
 #include "runtime/io/staging_dir.h"
+#include "runtime/text/tokenizer.h"
 
 namespace kiln {
 
@@ -84,10 +85,10 @@ std::string string_field(const nlohmann::json& c, const char* key) {
 
 const std::vector<BuiltinChatTemplate>& builtin_chat_templates() {
   static const std::vector<BuiltinChatTemplate> all = {
-      {"chatglm2", "ChatGLM2-6B", kChatGlm2},
-      {"chatglm3", "ChatGLM3-6B", kChatGlm3},
-      {"internlm", "internlm-chat-7b / internlm-chat-20b (v1)", kInternLm},
-      {"qwen", "Qwen-7B-Chat / Qwen-14B-Chat (v1)", kQwen},
+      {"chatglm2", "ChatGLM2-6B", kChatGlm2, {}},
+      {"chatglm3", "ChatGLM3-6B", kChatGlm3, {"<|user|>", "<|observation|>"}},
+      {"internlm", "internlm-chat-7b / internlm-chat-20b (v1)", kInternLm, {"<eoa>"}},
+      {"qwen", "Qwen-7B-Chat / Qwen-14B-Chat (v1)", kQwen, {"<|im_end|>", "<|im_start|>"}},
   };
   return all;
 }
@@ -120,6 +121,17 @@ const BuiltinChatTemplate* builtin_chat_template_for_config(const nlohmann::json
     if (name.find("chatglm2") != std::string::npos) return find_builtin_chat_template("chatglm2");
   }
   return nullptr;
+}
+
+void add_turn_end_tokens(std::vector<int64_t>& eos_token_ids, const std::string& origin, const Tokenizer& tok) {
+  const std::string prefix = "builtin:";
+  if (origin.rfind(prefix, 0) != 0) return;
+  const BuiltinChatTemplate* b = find_builtin_chat_template(std::string_view(origin).substr(prefix.size()));
+  if (!b) return;
+  for (const char* t : b->turn_end_tokens)
+    if (auto id = tok.token_to_id(t);
+        id && std::find(eos_token_ids.begin(), eos_token_ids.end(), int64_t(*id)) == eos_token_ids.end())
+      eos_token_ids.push_back(*id);
 }
 
 ChatTemplateText read_chat_template_flag(const std::string& value) {

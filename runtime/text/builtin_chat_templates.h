@@ -19,6 +19,8 @@ struct BuiltinChatTemplate {
   const char* name;    // what --chat-template NAME takes
   const char* family;  // whose prompt-building code it reproduces
   const char* source;  // Jinja
+  // Tokens at which the family's own chat() stops besides EOS (the end of an answer, or the start of the next turn).
+  std::vector<const char*> turn_end_tokens;
 };
 
 const std::vector<BuiltinChatTemplate>& builtin_chat_templates();
@@ -28,6 +30,11 @@ std::string builtin_chat_template_names();  // "chatglm2, chatglm3, ..." for mes
 // The built-in for a checkpoint's config.json (architectures, model_type, and for ChatGLM, whose two generations share
 // both, _name_or_path), or null when the family is not one of them.
 const BuiltinChatTemplate* builtin_chat_template_for_config(const nlohmann::json& config);
+
+// Adds to `eos_token_ids` the ids (under `tok`) of the turn-end tokens of the built-in named by `origin`
+// ("builtin:NAME"; anything else adds nothing), so that generation stops where the family's chat() stops.
+class Tokenizer;
+void add_turn_end_tokens(std::vector<int64_t>& eos_token_ids, const std::string& origin, const Tokenizer& tok);
 
 // A --chat-template value: a built-in's name, else a Jinja file. Returns the template text and where it came from
 // ("builtin:NAME" or "file"). Throws kiln::Error naming the value when it is neither.

@@ -11,6 +11,9 @@ import json
 import subprocess
 
 import pytest
+import torch
+
+from safetensors.torch import load_file, save_file
 
 from conftest import kiln_binary, run_kiln
 from reference_code import load_modelscope_file
@@ -219,3 +222,34 @@ def test_generate_chat_and_serve_take_chat_template(chatglm, tmp_path):
         assert r.choices[0].message.content == want["text"]
     finally:
         server.stop()
+
+
+def test_builtin_turn_end_tokens_stop_generation(chatglm, tmp_path):
+    """ChatGLM3's chat() stops at <|user|> and <|observation|> as well as at EOS: a checkpoint that gets the chatglm3
+    built-in gets those ids in its EOS set, in the workspace and when run from the HF directory. The head is rigged
+    so that every step picks <|user|> or token 5 (sign of one hidden unit), so <|user|> comes up within a few steps."""
+    sp = load_modelscope_file("models/nlp/chatglm2/tokenization.py", "chatglm2_tokenization").SPTokenizer(
+        str(chatglm["sp"]))
+    user, observation = sp.n_words + 1, sp.n_words + 3
+    src, ws = convert_with(chatglm_config(_name_or_path="THUDM/chatglm3-6b"), chatglm, tmp_path)
+    eos = json.loads((ws / "kiln.json").read_text())["model"]["eos_token_ids"]
+    assert eos == [2, user, observation]
+    _, ws2 = convert_with(chatglm_config(_name_or_path="THUDM/chatglm2-6b"), chatglm, tmp_path, name="ws2")
+    assert json.loads((ws2 / "kiln.json").read_text())["model"]["eos_token_ids"] == [2]
+
+    sd = load_file(str(src / "model.safetensors"))
+    norm = torch.zeros_like(sd["transformer.encoder.final_layernorm.weight"])
+    norm[0] = 1.0
+    head = torch.zeros_like(sd["transformer.output_layer.weight"])
+    head[user, 0], head[5, 0] = 10.0, -10.0
+    sd["transformer.encoder.final_layernorm.weight"], sd["transformer.output_layer.weight"] = norm, head
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "p.json").write_text(json.dumps([64, 65, 300, 12]))
+    args = ["--tokens", tmp_path / "p.json", "-n", 32, "--temperature", 0, "--json"]
+    from_dir = json.loads(run_kiln("generate", src, *args).stdout)
+    assert from_dir["finish_reason"] == "stop" and from_dir["token_ids"][-1] == user, from_dir
+    assert len(from_dir["token_ids"]) < 32
+    run_kiln("convert", src, "-o", tmp_path / "rigged")
+    assert json.loads(run_kiln("generate", tmp_path / "rigged", *args).stdout)["token_ids"] == from_dir["token_ids"]
+    ignoring = json.loads(run_kiln("generate", src, *args, "--ignore-eos").stdout)["token_ids"]
+    assert len(ignoring) == 32 and ignoring[:len(from_dir["token_ids"])] == from_dir["token_ids"]
