@@ -102,6 +102,18 @@ const std::vector<ArchEntry>& architecture_table() {
       {"GlmForCausalLM", "glm", read_glm_config, &kGlmParts, "lm_head.weight", {"rotary_emb.inv_freq"}},
       {"Glm4ForCausalLM", "glm4", read_glm4_config, &kGlmParts, "lm_head.weight", {"rotary_emb.inv_freq"}},
       {"Phi3ForCausalLM", "phi3", read_phi3_config, &kPhi3Parts, "lm_head.weight", {"rotary_emb.inv_freq"}},
+      {"InternLMForCausalLM",
+       "internlm",
+       read_internlm_config,
+       &kLlamaParts,
+       "lm_head.weight",
+       {"rotary_emb.inv_freq"}},
+      {"InternLM2ForCausalLM",
+       "internlm2",
+       read_internlm2_config,
+       &kInternLm2Parts,
+       "output.weight",
+       {"rotary_emb.inv_freq"}},
       {"ChatGLMModel",
        "chatglm",
        read_chatglm_config,
@@ -154,6 +166,16 @@ void append_token_ids(const json* v, std::vector<int64_t>& out, const std::strin
     add(*v);
 }
 
+// InternLM2's wqkv order (RowOrder::kQkvPerKvGroup) as the source head block of each canonical head block.
+std::vector<int64_t> qkv_per_kv_group_blocks(const ModelSpec& s) {
+  const int64_t group = s.num_heads / s.num_kv_heads, stride = group + 2;
+  std::vector<int64_t> blocks;
+  for (int64_t h = 0; h < s.num_heads; ++h) blocks.push_back(h / group * stride + h % group);
+  for (int64_t g = 0; g < s.num_kv_heads; ++g) blocks.push_back(g * stride + group);
+  for (int64_t g = 0; g < s.num_kv_heads; ++g) blocks.push_back(g * stride + group + 1);
+  return blocks;
+}
+
 std::string layer_name(const char* pattern, int64_t i) {
   std::string p = pattern;
   auto pos = p.find("{i}");
@@ -200,11 +222,17 @@ std::vector<TensorMapping> tensor_mappings(const ModelSpec& s, const ArchEntry& 
     auto it =
         std::find_if(arch.parts->begin(), arch.parts->end(), [&](const HfPart& p) { return c.suffix == p.canonical; });
     if (it == arch.parts->end()) throw Error("internal error: no HF source for canonical tensor '" + c.name + "'");
-    TensorMapping m{c.name, {}, c.shape, c.part_rows, it->transpose && c.shape.size() == 2};
+    TensorMapping m{c.name, {}, c.shape, c.part_rows, it->transpose && c.shape.size() == 2, {}, 0};
     for (const char* pattern : it->sources) m.sources.push_back(layer_name(pattern, c.layer));
     // One HF tensor that already holds every part, in canonical order (GPT-2's c_attn, Phi-3's qkv_proj, GLM's
     // gate_up_proj): its rows are the whole tensor's.
     if (m.sources.size() == 1) m.part_rows = {c.shape[0]};
+    if (it->order == RowOrder::kQkvPerKvGroup) {
+      if (m.sources.size() != 1 || m.transpose)
+        throw Error("internal error: '" + c.name + "' reorders rows of several or transposed sources");
+      m.row_blocks = qkv_per_kv_group_blocks(s);
+      m.block_rows = s.head_dim;
+    }
     if (m.sources.size() != m.part_rows.size())
       throw Error("internal error: canonical tensor '" + c.name + "' has " + std::to_string(m.part_rows.size()) +
                   " parts but " + std::to_string(m.sources.size()) + " HF sources");

@@ -32,10 +32,18 @@ void read_rope(const HfConfigReader& r, ModelSpec& s);
 // One canonical tensor suffix (as in canonical_tensors) and the HF tensors it is made of: their patterns ("{i}" is
 // the layer index), concatenated along dim 0 in order. `transpose`: each source is stored [in, out] (GPT-2's
 // Conv1D) and is transposed to the canonical [out, in].
+// `order`: how the rows of a single fused source are ordered against the canonical tensor's.
+enum class RowOrder {
+  kCanonical,
+  // InternLM2's wqkv (weight and bias): per KV head, its num_heads / num_kv_heads queries, then its key, then its
+  // value, head_dim rows each; canonical is every query head, then every key head, then every value head.
+  kQkvPerKvGroup,
+};
 struct HfPart {
   const char* canonical;
   std::vector<const char*> sources;
   bool transpose = false;
+  RowOrder order = RowOrder::kCanonical;
 };
 
 // The config.json keys a family reads its dimensions from, named in shape errors.
@@ -75,6 +83,9 @@ struct TensorMapping {
   std::vector<int64_t> shape;      // canonical shape
   std::vector<int64_t> part_rows;  // expected rows of each source (in the canonical layout)
   bool transpose = false;          // sources are stored [in, out]
+  // When not empty (one source only): canonical block j, of block_rows rows, is the source's block row_blocks[j].
+  std::vector<int64_t> row_blocks;
+  int64_t block_rows = 0;
   // The shape source p must have in the checkpoint.
   std::vector<int64_t> source_shape(size_t p) const;
 };
@@ -106,6 +117,9 @@ int64_t read_rotary_dim(const HfConfigReader& r, int64_t head_dim, double fallba
 extern const std::vector<HfPart> kGemmaParts;
 extern const std::vector<HfPart> kGlmParts;
 extern const std::vector<HfPart> kPhi3Parts;
+void read_internlm_config(const HfConfigReader& r, ModelSpec& s);
+void read_internlm2_config(const HfConfigReader& r, ModelSpec& s);
+extern const std::vector<HfPart> kInternLm2Parts;
 void read_chatglm_config(const HfConfigReader& r, ModelSpec& s);
 extern const std::vector<HfPart> kChatGlmParts;
 

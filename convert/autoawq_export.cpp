@@ -123,6 +123,9 @@ ExportResult export_autoawq(const ExportOptions& opt) {
   uint64_t total = 0;
   for (size_t i = 0; i < canon.size(); ++i) {
     const CanonicalTensor& c = canon[i];
+    if (q.covers(c.suffix) && !mappings[i].row_blocks.empty())
+      throw Error(label + ": " + spec.architecture + " cannot be exported as AutoAWQ ('" +
+                  strip_weight(mappings[i].sources[0]) + "' packs q, k and v per KV group)");
     for (size_t p = 0; p < mappings[i].sources.size(); ++p) {
       const std::string& src = mappings[i].sources[p];
       const int64_t rows = c.part_rows[p];

@@ -140,6 +140,10 @@ ConvertResult convert_autoawq_checkpoint(const ConvertOptions& opt, StagingDir& 
   std::vector<TensorMapping> consumed = mappings;
   for (size_t i = 0; i < canon.size(); ++i) {
     if (!q.covers(canon[i].suffix)) continue;
+    if (!mappings[i].row_blocks.empty())
+      throw Error(label + ": AutoAWQ checkpoints of " + arch.hf_architecture + " are not supported ('" +
+                  strip_weight(mappings[i].sources[0]) +
+                  "' packs q, k and v per KV group); convert the unquantized checkpoint and run 'kiln quantize'");
     check_quantized_linear(ckpt, canon[i], mappings[i], cfg, skipped, label);
     consumed[i].sources.clear();
     for (const std::string& s : mappings[i].sources)

@@ -83,6 +83,31 @@ void emit_transposed(const SourceTensor& t, DType target, TensorSink& sink) {
   sink.write(out.data(), out.size());
 }
 
+// A single source whose blocks of m.block_rows rows are emitted in the order m.row_blocks gives (InternLM2's wqkv
+// regrouped into q, k, v); a block at a time, so memory stays that of one block.
+void emit_row_blocks(const SourceTensor& t, const TensorMapping& m, DType target, TensorSink& sink) {
+  const TensorInfo& info = *t.info;
+  const uint64_t row_elements = info.shape[0] > 0 ? info.numel() / uint64_t(info.shape[0]) : 0;
+  const uint64_t block = uint64_t(m.block_rows) * row_elements, esz = dtype_size(info.dtype);
+  if (int64_t(m.row_blocks.size()) * m.block_rows != info.shape[0])
+    throw Error("internal error: the row blocks of '" + m.canonical + "' do not cover '" + info.name + "'");
+  const MappedFile& file = t.file->file();
+  const uint64_t file_off = t.file->data_start() + info.begin;
+  std::vector<uint8_t> buf;
+  std::vector<float> wide;
+  for (int64_t b : m.row_blocks) {
+    check_interrupt();
+    const uint64_t begin = uint64_t(b) * block * esz;
+    if (info.dtype == target)
+      sink.copy(file, file_off + begin, block * esz);  // bit-exact
+    else {
+      convert_chunk(info.dtype, t.data() + begin, block, target, wide, buf, info.name);
+      sink.write(buf.data(), buf.size());
+    }
+  }
+  file.dont_need(file_off, info.nbytes());
+}
+
 }  // namespace
 
 void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& m, DType target, TensorSink& sink) {
@@ -106,6 +131,10 @@ void emit_tensor(const HfCheckpoint& ckpt, const TensorMapping& m, DType target,
   constexpr size_t kChunkElements = 1 << 20;
   std::vector<uint8_t> buf;
   std::vector<float> wide;
+  if (!m.row_blocks.empty()) {
+    emit_row_blocks(*parts.at(0), m, target, sink);
+    return;
+  }
   for (const SourceTensor* t : parts) {
     const TensorInfo& info = *t->info;
     const uint8_t* src = t->data();

@@ -1,4 +1,4 @@
-// kiln bench offline PATH | kiln bench serve --url URL: throughput and latency of the serving engine in process, or of
+// kiln bench offline PATH | kiln bench serve --url URL: throughput and latency of the scheduler in process, or of
 // an OpenAI-compatible server under load, swept over concurrencies (or Poisson rates). Thin: options, set-up, output;
 // the measuring is runtime/bench.
 #include <cstdio>
@@ -12,7 +12,7 @@
 #include "runtime/bench/workload.h"
 #include "runtime/core/error.h"
 #include "runtime/engine/loaded_model.h"
-#include "runtime/serve/engine.h"
+#include "runtime/serve/async_scheduler.h"
 #include "runtime/text/tokenizer.h"
 #include "tools/command.h"
 #include "tools/flag_checks.h"
@@ -30,7 +30,7 @@ struct BenchCliOptions {
   uint64_t seed = 0;
   std::string prompts_file, concurrency = "8", rate, csv;
   bool json = false;
-  // offline: the engine, with kiln serve's defaults so the two compare at equal settings
+  // offline: the scheduler, with kiln serve's defaults so the two compare at equal settings
   std::string path, kv_cache = "auto";
   int64_t max_batch_tokens = 512, max_running = 64, kv_cache_mib = 1024, ctx = 0;
   unsigned threads = 0;
@@ -131,7 +131,7 @@ int run_offline(const BenchCliOptions& o) {
   Tokenizer tok = Tokenizer::load(locate_tokenizer_files(o.path));
   const std::vector<bench::BenchPrompt> prompts = make_prompts(o, &tok);
 
-  // The engine as kiln serve builds it (tools/cmd_serve.cpp), so that offline and served runs compare.
+  // The scheduler as kiln serve builds it (tools/cmd_serve.cpp), so that offline and served runs compare.
   const int64_t context = o.ctx > 0 ? o.ctx : spec.max_position_embeddings;
   const KvDType kv = resolve_kv_dtype(*m.workspace, o.kv_cache);
   const int64_t block = 16;
@@ -140,22 +140,22 @@ int run_offline(const BenchCliOptions& o) {
                                            int64_t((o.kv_cache_mib << 20) / (KvCache::bytes_per_token(probe) * block)));
   KvCache cache(m.model->backend(), m.model->kv_config(blocks * block, kv, block));
   serve::Metrics metrics;
-  serve::EngineOptions eo;
-  eo.context = context;
-  eo.max_batch_tokens = o.max_batch_tokens;
-  eo.max_running = o.max_running;
-  eo.max_queue = std::max<int64_t>(256, o.num_prompts);
-  eo.eos_ids = eos_ids(spec.eos_token_ids);
-  eo.tokenizer = &tok;
-  serve::Engine engine(*m.model, cache, eo, metrics);
+  SchedulerOptions so;
+  so.context = context;
+  so.max_batch_tokens = o.max_batch_tokens;
+  so.max_running = o.max_running;
+  so.max_queue = std::max<int64_t>(256, o.num_prompts);
+  so.eos_ids = eos_ids(spec.eos_token_ids);
+  so.tokenizer = &tok;
+  serve::AsyncScheduler scheduler(*m.model, cache, so, metrics);
 
   double warm = 0;  // one request first, so that no run pays for first-touch costs
-  bench::run_offline(engine, {prompts.front()}, std::min<int64_t>(o.output_len, 8), 1, &warm);
+  bench::run_offline(scheduler, {prompts.front()}, std::min<int64_t>(o.output_len, 8), 1, &warm);
   std::vector<bench::RunSummary> runs;
   for (double c : levels) {
     double duration = 0;
     const double cpu0 = bench::process_cpu_seconds();
-    auto records = bench::run_offline(engine, prompts, o.output_len, int64_t(c), &duration);
+    auto records = bench::run_offline(scheduler, prompts, o.output_len, int64_t(c), &duration);
     runs.push_back(bench::summarize("offline", int64_t(c), 0, duration, records));
     runs.back().process_cpu_s = bench::process_cpu_seconds() - cpu0;
   }
@@ -234,7 +234,7 @@ Action setup(CLI::App& sub) {
       "Each run sends --num-prompts requests and reports requests/s, output tokens/s, and mean/p50/p99 of TTFT (time "
       "to first token), TPOT (time per output token after the first), ITL (gap between token arrivals) and "
       "end-to-end latency. Concurrency 1 is the sequential baseline.");
-  CLI::App* off = sub.add_subcommand("offline", "The serving engine in process (no HTTP)");
+  CLI::App* off = sub.add_subcommand("offline", "The scheduler kiln serve runs, in process (no HTTP)");
   off->add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory")->required();
   workload_flags(*off, *o);
   off->add_option("--max-batch-tokens", o->max_batch_tokens, "Most tokens per forward pass")

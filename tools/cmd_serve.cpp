@@ -1,5 +1,6 @@
 // kiln serve PATH [--host H] [--port P] [--api-key K]... [--max-queue N] [--max-batch-tokens T] ...: an
-// OpenAI-compatible HTTP server over the serving engine (runtime/serve). Thin: options, loading, signals.
+// OpenAI-compatible HTTP server over the scheduler (runtime/engine/scheduler.h, on its thread in runtime/serve). Thin:
+// options, loading, signals.
 #include <unistd.h>
 
 #include <atomic>
@@ -95,15 +96,15 @@ int run(const ServeCliOptions& o) {
   KvCache cache(m.model->backend(), m.model->kv_config(blocks * block, kv, block));
 
   serve::Metrics metrics;
-  serve::EngineOptions eo;
-  eo.context = context;
-  eo.max_batch_tokens = o.max_batch_tokens;
-  eo.max_running = o.max_running;
-  eo.max_queue = o.max_queue;
-  eo.eos_ids = eos_ids(spec.eos_token_ids);
-  eo.tokenizer = &tok;
-  eo.prefix_cache = !o.no_prefix_cache;
-  serve::Engine engine(*m.model, cache, eo, metrics);
+  SchedulerOptions so;
+  so.context = context;
+  so.max_batch_tokens = o.max_batch_tokens;
+  so.max_running = o.max_running;
+  so.max_queue = o.max_queue;
+  so.eos_ids = eos_ids(spec.eos_token_ids);
+  so.tokenizer = &tok;
+  so.prefix_cache = !o.no_prefix_cache;
+  serve::AsyncScheduler scheduler(*m.model, cache, so, metrics);
 
   serve::HttpOptions ho;
   ho.host = o.host;
@@ -117,7 +118,7 @@ int run(const ServeCliOptions& o) {
   ho.model_name =
       o.model_name.empty() ? std::filesystem::path(o.path).lexically_normal().filename().string() : o.model_name;
   if (ho.model_name.empty()) ho.model_name = std::filesystem::path(o.path).parent_path().filename().string();
-  serve::HttpServer server(engine, metrics, tok, tpl.get(), ho);
+  serve::HttpServer server(scheduler, metrics, tok, tpl.get(), ho);
   std::fprintf(stderr, "kiln serve: %lld KV blocks of %lld tokens, context %lld\n", (long long)blocks, (long long)block,
                (long long)context);
   if (!server.run(g_stop)) {

@@ -11,7 +11,7 @@ using Clock = std::chrono::steady_clock;
 
 double seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
-RequestRecord run_one(serve::Engine& engine, const BenchPrompt& p, int64_t output_len) {
+RequestRecord run_one(serve::AsyncScheduler& engine, const BenchPrompt& p, int64_t output_len) {
   RequestRecord r;
   SamplingParams params;
   params.temperature = 0;
@@ -43,7 +43,7 @@ RequestRecord run_one(serve::Engine& engine, const BenchPrompt& p, int64_t outpu
 
 }  // namespace
 
-std::vector<RequestRecord> run_offline(serve::Engine& engine, const std::vector<BenchPrompt>& prompts,
+std::vector<RequestRecord> run_offline(serve::AsyncScheduler& engine, const std::vector<BenchPrompt>& prompts,
                                        int64_t output_len, int64_t concurrency, double* duration_s) {
   std::vector<RequestRecord> records(prompts.size());
   std::atomic<size_t> next{0};

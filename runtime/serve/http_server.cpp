@@ -108,7 +108,7 @@ BodyRead read_body(const httplib::Request& req, const httplib::ContentReader& re
 }  // namespace
 
 struct HttpServer::Impl {
-  Engine& engine;
+  AsyncScheduler& engine;
   Metrics& metrics;
   const Tokenizer& tok;
   const ChatTemplate* tpl;
@@ -119,7 +119,7 @@ struct HttpServer::Impl {
   CorsPolicy cors;
   PromptBound bound;
 
-  Impl(Engine& e, Metrics& m, const Tokenizer& t, const ChatTemplate* c, HttpOptions o)
+  Impl(AsyncScheduler& e, Metrics& m, const Tokenizer& t, const ChatTemplate* c, HttpOptions o)
       : engine(e), metrics(m), tok(t), tpl(c), opt(std::move(o)), cors(opt.allow_origins) {
     bound.context = opt.context;
     if (bound.context > 0) bound.longest_token_bytes = longest_token_bytes(tok);
@@ -354,7 +354,7 @@ struct HttpServer::Impl {
       res.set_content("{\"status\":\"ready\"}", "application/json");
     });
     server.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
-      EngineStats s = engine.stats();
+      QueueStats s = engine.stats();
       res.set_content(metrics.render(s.waiting, s.running, s.kv_used, s.kv_total, s.kv_cached),
                       "text/plain; version=0.0.4; charset=utf-8");
     });
@@ -382,7 +382,7 @@ struct HttpServer::Impl {
   }
 };
 
-HttpServer::HttpServer(Engine& engine, Metrics& metrics, const Tokenizer& tok, const ChatTemplate* tpl,
+HttpServer::HttpServer(AsyncScheduler& engine, Metrics& metrics, const Tokenizer& tok, const ChatTemplate* tpl,
                        HttpOptions options)
     : impl_(std::make_unique<Impl>(engine, metrics, tok, tpl, std::move(options))) {
   impl_->routes();

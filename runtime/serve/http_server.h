@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/serve/engine.h"
+#include "runtime/serve/async_scheduler.h"
 #include "runtime/serve/metrics.h"
 #include "runtime/text/chat_template.h"
 #include "runtime/text/tokenizer.h"
@@ -29,7 +29,7 @@ struct HttpOptions {
 
 class HttpServer {
  public:
-  HttpServer(Engine& engine, Metrics& metrics, const Tokenizer& tok, const ChatTemplate* chat_template,
+  HttpServer(AsyncScheduler& engine, Metrics& metrics, const Tokenizer& tok, const ChatTemplate* chat_template,
              HttpOptions options);
   ~HttpServer();
   // Binds (kiln::Error naming host:port and why on failure: "address already in use" when another server has it),

@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "runtime/serve/engine.h"
+#include "runtime/serve/async_scheduler.h"
 #include "runtime/serve/http_api.h"
 
 namespace kiln::serve {

@@ -1,8 +1,8 @@
-// The serving engine's scheduler on a transformers-written fixture (qwen3-fp32): admission by free blocks, the token
-// budget (chunked prefill), decode-first with preemption by recompute, prefix caching (hits, salts, LRU eviction),
-// n > 1, cancellation, and every block's reference count back to zero. The oracle for outputs is the same request
-// run alone on an engine with ample cache and no prefix cache: caching, chunking and preemption must not change a
-// single greedy token.
+// The scheduler (runtime/engine/scheduler.h, as kiln serve runs it) on a transformers-written fixture (qwen3-fp32):
+// admission by free blocks, the token budget (chunked prefill), decode-first with preemption by recompute, prefix
+// caching (hits, salts, LRU eviction), n > 1, cancellation, and every block's reference count back to zero. The oracle
+// for outputs is the same request run alone on an engine with ample cache and no prefix cache: caching, chunking and
+// preemption must not change a single greedy token.
 #include <gtest/gtest.h>
 #include <unistd.h>
 
@@ -16,7 +16,7 @@
 #include "runtime/cpu/cpu_backend.h"
 #include "runtime/kv/prefix_cache.h"
 #include "runtime/model/model.h"
-#include "runtime/serve/engine.h"
+#include "runtime/serve/async_scheduler.h"
 #include "runtime/workspace/workspace.h"
 #include "tests/unit/fixture_workspace.h"
 
@@ -82,16 +82,16 @@ class Scheduler : public ::testing::Test {
   std::vector<int32_t> alone(const std::vector<int32_t>& p, SamplingParams params) {
     auto c = cache(256);
     Metrics m;
-    EngineOptions o;
+    SchedulerOptions o;
     o.prefix_cache = false;
     o.max_batch_tokens = 4096;
-    Engine e(*model_, *c, o, m);
+    AsyncScheduler e(*model_, *c, o, m);
     return collect(*e.submit(p, params)).tokens[0];
   }
-  static void wait_idle(Engine& e) {
+  static void wait_idle(AsyncScheduler& e) {
     while (!e.idle()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
-  static void expect_all_free(Engine& e) {
+  static void expect_all_free(AsyncScheduler& e) {
     wait_idle(e);
     const BlockAllocator& a = e.cache().allocator();
     for (int32_t b = 0; b < a.num_blocks(); ++b) ASSERT_EQ(a.ref_count(b), 0) << "block " << b;
@@ -126,9 +126,9 @@ TEST(PrefixCacheBlocks, EvictionIsLeastRecentlyReleasedAndForgetsTheBlock) {
 TEST_F(Scheduler, PrefixHitsReuseBlocksAndKeepGreedyTokens) {
   auto c = cache(64);
   Metrics m;
-  EngineOptions o;
+  SchedulerOptions o;
   o.max_batch_tokens = 64;
-  Engine e(*model_, *c, o, m);
+  AsyncScheduler e(*model_, *c, o, m);
   const auto p = prompt(50, 1);  // 3 full blocks + 2 tokens
   const auto ref = alone(p, greedy(12));
   EXPECT_EQ(collect(*e.submit(p, greedy(12))).tokens[0], ref);
@@ -157,7 +157,7 @@ TEST_F(Scheduler, PrefixHitsReuseBlocksAndKeepGreedyTokens) {
 TEST_F(Scheduler, SaltsIsolateTenants) {
   auto c = cache(64);
   Metrics m;
-  Engine e(*model_, *c, EngineOptions{}, m);
+  AsyncScheduler e(*model_, *c, SchedulerOptions{}, m);
   const auto p = prompt(40, 2);
   RequestOptions a, b;
   a.cache_salt = "key-a";
@@ -174,7 +174,7 @@ TEST_F(Scheduler, EvictedPrefixesAreRecomputedCorrectly) {
   // 12 blocks: each 40-token request needs 3; ten different prompts cycle through and evict each other.
   auto c = cache(12);
   Metrics m;
-  Engine e(*model_, *c, EngineOptions{}, m);
+  AsyncScheduler e(*model_, *c, SchedulerOptions{}, m);
   std::vector<std::vector<int32_t>> refs;
   for (int32_t i = 0; i < 10; ++i) refs.push_back(alone(prompt(40, 10 + i), greedy(4)));
   for (int round = 0; round < 2; ++round)
@@ -190,10 +190,10 @@ TEST_F(Scheduler, ConcurrentRequestsWithChunkingAndPreemptionEqualAlone) {
   for (bool prefix : {false, true}) {
     auto c = cache(24);
     Metrics m;
-    EngineOptions o;
+    SchedulerOptions o;
     o.max_batch_tokens = 24;
     o.prefix_cache = prefix;
-    Engine e(*model_, *c, o, m);
+    AsyncScheduler e(*model_, *c, o, m);
     std::vector<std::vector<int32_t>> prompts, refs;
     for (int32_t i = 0; i < 12; ++i) {
       auto p = i % 2 ? prompt(20 + i, 40 + i) : prompt(34, 99);
@@ -213,7 +213,7 @@ TEST_F(Scheduler, ConcurrentRequestsWithChunkingAndPreemptionEqualAlone) {
 TEST_F(Scheduler, ChoicesShareThePromptAndSampleTheirOwnStreams) {
   auto c = cache(64);
   Metrics m;
-  Engine e(*model_, *c, EngineOptions{}, m);
+  AsyncScheduler e(*model_, *c, SchedulerOptions{}, m);
   const auto p = prompt(37, 5);  // 2 full blocks
   SamplingParams s;
   s.temperature = 0.9f;
@@ -237,7 +237,7 @@ TEST_F(Scheduler, ChoicesShareThePromptAndSampleTheirOwnStreams) {
 TEST_F(Scheduler, CancellationFreesBlocksAndEndsAllChoices) {
   auto c = cache(64);
   Metrics m;
-  Engine e(*model_, *c, EngineOptions{}, m);
+  AsyncScheduler e(*model_, *c, SchedulerOptions{}, m);
   RequestOptions ro;
   ro.n = 2;
   auto s1 = e.submit(prompt(30, 6), greedy(400), ro);
@@ -256,7 +256,7 @@ TEST_F(Scheduler, CancellationFreesBlocksAndEndsAllChoices) {
 TEST_F(Scheduler, LogprobsAreLogSoftmaxOfTheRawLogits) {
   auto c = cache(64);
   Metrics m;
-  Engine e(*model_, *c, EngineOptions{}, m);
+  AsyncScheduler e(*model_, *c, SchedulerOptions{}, m);
   const auto p = prompt(20, 8);
   SamplingParams s = greedy(3);
   s.logprobs = true;

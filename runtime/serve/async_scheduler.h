@@ -1,18 +1,7 @@
 #pragma once
-// The serving engine: one thread owns the model, the KV cache and the scheduler; any thread may submit requests and
-// read their events. See docs/serving.md for the scheduling policy.
-//
-// Each step builds one ragged batch under a token budget (max_batch_tokens): first one token for every decoding
-// request, then prompt chunks for requests still prefilling (chunked prefill), then newly admitted requests from the
-// waiting queue while their whole prompt fits in the free KV blocks. When a decoding request needs a block and none
-// is free, the most recently admitted request is preempted by recompute: its blocks are freed and it goes back to the
-// front of the queue with prompt + generated tokens, keeping its sampler state, so its output is unchanged.
-//
-// Prefix caching (EngineOptions::prefix_cache, runtime/kv/prefix_cache.h): at admission a request takes the longest
-// run of cached full blocks that starts its tokens (same salt) and prefills only the rest, at least its last token.
-// Every full block it computes is filed for later requests. n > 1: the choices of one request are separate
-// sequences; with prefix caching the other choices wait until the first has prefilled the prompt, then reuse its
-// blocks.
+// kiln serve's side of the scheduler: the one Scheduler (runtime/engine/scheduler.h) on its own thread, which owns
+// the model and the KV cache; any thread may submit requests and read their events. The scheduling policy itself is
+// the Scheduler's (docs/serving.md).
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -27,25 +16,10 @@
 #include <unordered_set>
 #include <vector>
 
-#include "runtime/kv/kv_cache.h"
-#include "runtime/kv/prefix_cache.h"
-#include "runtime/model/model.h"
-#include "runtime/sampling/params.h"
-#include "runtime/sampling/sampler.h"
+#include "runtime/engine/scheduler.h"
 #include "runtime/serve/metrics.h"
-#include "runtime/text/tokenizer.h"
 
 namespace kiln::serve {
-
-struct EngineOptions {
-  int64_t context = 0;             // positions per request; 0: max_position_embeddings
-  int64_t max_batch_tokens = 512;  // tokens per forward over all requests
-  int64_t max_running = 64;        // requests in the running set at once
-  int64_t max_queue = 256;         // waiting requests; beyond, submit() fails with QueueFull
-  std::vector<int32_t> eos_ids;
-  const Tokenizer* tokenizer = nullptr;
-  bool prefix_cache = true;
-};
 
 // Per request, besides the prompt and the sampling params.
 struct RequestOptions {
@@ -90,7 +64,7 @@ struct NotAccepting : std::runtime_error {
   NotAccepting() : std::runtime_error("the server is shutting down and accepts no new requests") {}
 };
 
-struct EngineStats {
+struct QueueStats {
   int64_t waiting = 0, running = 0, kv_used = 0, kv_total = 0, kv_cached = 0;
 };
 
@@ -101,10 +75,10 @@ struct QueueInfo {
   std::optional<double> eta_seconds;
 };
 
-class Engine {
+class AsyncScheduler {
  public:
-  Engine(Model& model, KvCache& cache, EngineOptions options, Metrics& metrics);
-  ~Engine();  // stops the thread; open requests end as "cancelled"
+  AsyncScheduler(Model& model, KvCache& cache, SchedulerOptions options, Metrics& metrics);
+  ~AsyncScheduler();  // stops the thread; open requests end as "cancelled"
 
   // Thread-safe. Validates (kiln::Error naming the problem: empty prompt, context overflow, bad params) and queues.
   // params.max_new_tokens is clamped to the room the context leaves. Throws QueueFull / NotAccepting.
@@ -118,44 +92,36 @@ class Engine {
   void stop_accepting() { accepting_ = false; }
   bool idle();
   void cancel_all();
-  EngineStats stats();
+  QueueStats stats();
   // Thread-safe: the queue position of a request that has not yet produced a token and waits for admission.
   std::optional<QueueInfo> queue_info(uint64_t id);
-  // Engine thread only, or when idle: for tests.
-  const KvCache& cache() const { return cache_; }
+  // Scheduler thread only, or when idle: for tests.
+  const KvCache& cache() const { return scheduler_.cache(); }
 
  private:
-  struct Active;
   void loop();
-  bool step();  // one scheduling step; false when there was nothing to do
-  void finish(Active& a, const std::string& reason, const std::string& error = {});
-  void preempt(Active& a);
-  bool admit(Active& a, int64_t& promised);
-  void file_blocks(Active& a);
+  void take_inbox();
+  void finished(Sequence& s, const std::string& reason, const std::string& error, std::string tail,
+                RequestStream& stream);
   void publish();
 
-  Model& model_;
-  KvCache& cache_;
-  EngineOptions opt_;
+  Scheduler scheduler_;  // scheduler thread only, after construction
   Metrics& metrics_;
-  int64_t context_;
-  std::unique_ptr<PrefixCache> prefix_;
+  int64_t max_queue_;
+  SchedulerCounters reported_;  // what metrics_ has been told of the scheduler's counters
 
-  std::mutex mu_;  // guards inbox_, cancels_, waiting_count_, stats_
+  std::mutex mu_;  // guards inbox_, cancels_, cancel_everything_, stats_, positions_, finish_interval_
   std::condition_variable cv_;
-  std::deque<std::unique_ptr<Active>> inbox_;
+  std::deque<std::unique_ptr<Sequence>> inbox_;
   std::unordered_set<uint64_t> cancels_;
   bool cancel_everything_ = false;
-  EngineStats stats_;
+  QueueStats stats_;
   std::unordered_map<uint64_t, int64_t> positions_;
   std::optional<double> finish_interval_;
   uint64_t next_id_ = 1;
   std::atomic<bool> accepting_{true}, stop_{false};
 
-  // Engine-thread only.
-  std::deque<std::unique_ptr<Active>> waiting_;
-  std::vector<std::unique_ptr<Active>> running_;                    // in admission order
-  std::deque<std::chrono::steady_clock::time_point> finish_times_;  // the last completions, for queue ETAs
+  std::deque<std::chrono::steady_clock::time_point> finish_times_;  // scheduler thread: the last completions
   std::thread thread_;
 };
 
