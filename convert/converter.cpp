@@ -273,11 +273,14 @@ ordered_json add_tokenizer_files(const fs::path& source, WorkspaceWriter& writer
           {"chat_template_source", chat_template ? json(origin) : json(nullptr)}};
 }
 
-void add_template_turn_end_tokens(ModelSpec& spec, const ordered_json& tokenizer_block, const fs::path& source) {
-  auto it = tokenizer_block.find("chat_template_source");
-  if (it == tokenizer_block.end() || !it->is_string() || it->get_ref<const std::string&>().rfind("builtin:", 0) != 0)
+void add_family_turn_end_tokens(ModelSpec& spec, const json& config, const fs::path& source) {
+  const BuiltinChatTemplate* b = builtin_chat_template_for_config(config);
+  std::error_code ec;
+  if (!b || b->turn_end_tokens.empty() ||
+      !(fs::is_regular_file(source / "tokenizer.json", ec) || fs::is_regular_file(source / "tokenizer.model", ec)))
     return;
-  add_turn_end_tokens(spec.eos_token_ids, *it, Tokenizer::load(locate_tokenizer_files(source)));
+  add_turn_end_tokens(spec.eos_token_ids, std::string("builtin:") + b->name,
+                      Tokenizer::load(locate_tokenizer_files(source)));
 }
 
 ConvertResult commit_converted(WorkspaceWriter& writer, ordered_json doc, uint64_t tensor_bytes, StagingDir& staging) {
@@ -372,7 +375,7 @@ ConvertResult finish_conversion(const ConvertOptions& opt, StagingDir& staging, 
   // Tokenizer files verbatim, then the resolved chat template.
   ordered_json tokenizer = add_tokenizer_files(opt.source, writer, opt.chat_template);
   ModelSpec final_spec = spec;
-  add_template_turn_end_tokens(final_spec, tokenizer, opt.source);
+  add_family_turn_end_tokens(final_spec, ckpt.config(), opt.source);
 
   ordered_json doc = converted_document(opt, final_spec, target, {{"method", "none"}}, writer, plan.size(), total, tokenizer,
                                         source_hashes.get());

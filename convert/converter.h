@@ -91,9 +91,8 @@ ConvertResult commit_converted(WorkspaceWriter& writer, nlohmann::ordered_json d
 // `chat_template_flag`: --chat-template (a built-in's name or a file), which replaces the checkpoint's template.
 nlohmann::ordered_json add_tokenizer_files(const std::filesystem::path& source, WorkspaceWriter& writer,
                                            const std::string& chat_template_flag = "");
-// When add_tokenizer_files stored a built-in template, the ids of its turn-end tokens join spec.eos_token_ids (the
-// family's chat() stops there too, e.g. ChatGLM3 at <|user|>).
-void add_template_turn_end_tokens(ModelSpec& spec, const nlohmann::ordered_json& tokenizer_block,
-                                  const std::filesystem::path& source);
+// For a family with a built-in chat template (by config.json), the ids of its turn-end tokens join
+// spec.eos_token_ids: the family's own chat() stops there too (ChatGLM3 at <|user|>, Qwen-7B-Chat at <|im_end|>).
+void add_family_turn_end_tokens(ModelSpec& spec, const nlohmann::json& config, const std::filesystem::path& source);
 
 }  // namespace kiln

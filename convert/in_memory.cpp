@@ -5,8 +5,6 @@
 #include "convert/config_check.h"
 #include "convert/converter.h"
 #include "runtime/core/error.h"
-#include "runtime/text/builtin_chat_templates.h"
-#include "runtime/text/tokenizer.h"
 
 namespace kiln {
 
@@ -57,18 +55,7 @@ std::unique_ptr<Workspace> open_hf_in_memory(const std::filesystem::path& hf_dir
   info.spec = spec_from_hf_config(ckpt.config(), ckpt.generation_config(), label);
   const ArchEntry& arch = find_architecture(ckpt.config(), label);
   check_config_against_tensors(ckpt, info.spec, arch, label);
-  // As convert stores a family's built-in chat template (none next to the tokenizer), with its turn-end tokens.
-  if (const BuiltinChatTemplate* b = builtin_chat_template_for_config(ckpt.config())) {
-    std::error_code ec;
-    TokenizerFiles text_files;
-    text_files.dir = hf_dir;
-    if (std::filesystem::is_regular_file(hf_dir / "tokenizer_config.json", ec))
-      text_files.tokenizer_config = hf_dir / "tokenizer_config.json";
-    if (!resolve_chat_template(text_files) && (std::filesystem::is_regular_file(hf_dir / "tokenizer.json", ec) ||
-                                               std::filesystem::is_regular_file(hf_dir / "tokenizer.model", ec)))
-      add_turn_end_tokens(info.spec.eos_token_ids, std::string("builtin:") + b->name,
-                          Tokenizer::load(locate_tokenizer_files(hf_dir)));
-  }
+  add_family_turn_end_tokens(info.spec, ckpt.config(), hf_dir);  // as convert does
   const DType target = resolve_target_dtype("auto", ckpt);
   info.dtype = workspace_dtype_name(target);
   info.json = {{"format", kWorkspaceFormat},

@@ -191,6 +191,10 @@ def test_checkpoint_template_wins_over_the_builtin(chatglm, tmp_path):
     (src / "tokenizer_config.json").write_text(json.dumps(cfg))
     run_kiln("convert", src, "-o", tmp_path / "ws")
     assert inspected(src) == inspected(tmp_path / "ws") == "checkpoint"
+    # ChatGLM3's chat() stops at <|user|> and <|observation|> whatever the template.
+    n_words = json.loads(run_kiln("tokenize", src, "--json", "--text", "<|system|>").stdout)["ids"][-1]
+    eos = json.loads((tmp_path / "ws" / "kiln.json").read_text())["model"]["eos_token_ids"]
+    assert eos == [2, n_words + 1, n_words + 3]
 
 
 def test_generate_chat_and_serve_take_chat_template(chatglm, tmp_path):
@@ -225,8 +229,8 @@ def test_generate_chat_and_serve_take_chat_template(chatglm, tmp_path):
 
 
 def test_builtin_turn_end_tokens_stop_generation(chatglm, tmp_path):
-    """ChatGLM3's chat() stops at <|user|> and <|observation|> as well as at EOS: a checkpoint that gets the chatglm3
-    built-in gets those ids in its EOS set, in the workspace and when run from the HF directory. The head is rigged
+    """ChatGLM3's chat() stops at <|user|> and <|observation|> as well as at EOS: a checkpoint config.json names as
+    ChatGLM3 gets those ids in its EOS set, in the workspace and when run from the HF directory. The head is rigged
     so that every step picks <|user|> or token 5 (sign of one hidden unit), so <|user|> comes up within a few steps."""
     sp = load_modelscope_file("models/nlp/chatglm2/tokenization.py", "chatglm2_tokenization").SPTokenizer(
         str(chatglm["sp"]))
