@@ -2,6 +2,9 @@
 // "chatglm", the remote-code layout): the GLM block under other names. query_key_value holds q, k, v in canonical order
 // (multi-query groups), dense_h_to_4h is [gate | up], RoPE rotates interleaved pairs of the leading half of each head,
 // which is exactly what transformers' GlmForCausalLM runs (its conversion script maps these tensors one to one).
+#include <algorithm>
+#include <cctype>
+
 #include "convert/arch_table.h"
 #include "runtime/core/error.h"
 
@@ -31,10 +34,6 @@ void read_chatglm_config(const HfConfigReader& r, ModelSpec& s) {
   // Without multi-query attention the remote code packs q, k, v per head ([heads, 3, head_dim]).
   if (!r.flag("multi_query_attention", false))
     r.refuse("multi_query_attention", "false (q, k, v packed per head) is not supported");
-  // The 32k/128k checkpoints' code reads rope_ratio in two incompatible ways (ChatGLM2-32k divides positions by it,
-  // ChatGLM3-32k multiplies the base), and config.json does not say which.
-  if (r.optional_number("rope_ratio", 1.0) != 1.0)
-    r.refuse("rope_ratio", "other than 1 is not supported (its meaning depends on the checkpoint's modeling code)");
   if (const nlohmann::json* p = r.get("pre_seq_len"))
     r.refuse("pre_seq_len", p->dump() + " (a P-tuning prefix encoder) is not supported");
   if (const nlohmann::json* q = r.get("quantization_bit"); q && !(q->is_number_integer() && q->get<int64_t>() == 0))
@@ -51,6 +50,25 @@ void read_chatglm_config(const HfConfigReader& r, ModelSpec& s) {
   s.max_position_embeddings = r.optional_positive("seq_length", 2048);
   s.norm_eps = r.optional_number("layernorm_epsilon", 1e-5);
   s.rope_theta = 10000.0;
+  // The long-context checkpoints' code reads rope_ratio in two ways: ChatGLM2-6B-32K divides the positions by it
+  // (linear scaling), ChatGLM3-6B-32K/128K multiplies the RoPE base (as transformers' GLM conversion does). Only the
+  // Hub name config.json keeps tells them apart.
+  const double ratio = r.optional_number("rope_ratio", 1.0);
+  if (!(ratio > 0)) r.refuse("rope_ratio", "must be positive");
+  if (ratio != 1.0) {
+    std::string name = r.optional_string("_name_or_path", "");
+    std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return char(std::tolower(c)); });
+    if (name.find("chatglm2") != std::string::npos) {
+      s.rope_scaling.type = "linear";
+      s.rope_scaling.factor = ratio;
+      s.rope_scaling.original_max_position_embeddings = s.max_position_embeddings;
+    } else if (name.find("chatglm3") != std::string::npos) {
+      s.rope_theta *= ratio;
+    } else {
+      r.refuse("rope_ratio", "other than 1 needs '_name_or_path' to name chatglm2 (positions divided) or chatglm3 "
+                             "(base multiplied); the two generations' code reads it differently");
+    }
+  }
   s.rope_style = "interleaved";
   s.rotary_dim = s.head_dim / 2;
   if (s.rotary_dim < 2 || s.rotary_dim % 2) r.refuse("kv_channels", "must be a multiple of 4");

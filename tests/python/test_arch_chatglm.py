@@ -237,7 +237,7 @@ def refused(src, tmp_path):
     return lines[0]
 
 
-@pytest.mark.parametrize("key,value", [("rope_ratio", 16), ("multi_query_attention", False), ("pre_seq_len", 128),
+@pytest.mark.parametrize("key,value", [("rope_ratio", 16), ("rope_ratio", 0), ("multi_query_attention", False), ("pre_seq_len", 128),
                                        ("quantization_bit", 4), ("rmsnorm", False), ("add_bias_linear", True),
                                        ("apply_residual_connection_post_layernorm", True), ("original_rope", False)])
 def test_unsupported_variants_are_refused(chatglm, key, value, tmp_path):
@@ -256,3 +256,33 @@ def test_qkv_width_contradicting_config_is_refused(chatglm, tmp_path):
     (src / "model.safetensors").write_bytes((chatglm["st"] / "model.safetensors").read_bytes())
     line = refused(src, tmp_path)
     assert "query_key_value" in line and "multi_query_group_num = 1" in line, line
+
+
+@pytest.mark.parametrize("name,ratio,rope", [
+    ("THUDM/chatglm2-6b-32k", 16.0, {"rope_type": "linear", "factor": 16.0, "rope_theta": 10000.0}),
+    ("THUDM/chatglm3-6b-32k", 50.0, {"rope_type": "default", "rope_theta": 500000.0}),
+])
+def test_rope_ratio_of_each_generation(chatglm, name, ratio, rope, tmp_path):
+    """ChatGLM2-6B-32K's code divides positions by rope_ratio (= linear RoPE scaling); ChatGLM3's multiplies the base
+    by it (transformers' GLM conversion: rope_theta = 10000 * rope_ratio). Oracle: GlmForCausalLM so configured,
+    with the same weights."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(chatglm_config(rope_ratio=ratio, _name_or_path=name)))
+    for f in ("model.safetensors", "tokenizer.model", "tokenizer_config.json"):
+        (src / f).write_bytes((chatglm["st"] / f).read_bytes())
+    cfg = GlmConfig.from_pretrained(chatglm["glm"])
+    cfg.rope_parameters = dict(rope, partial_rotary_factor=0.5)
+    model = GlmForCausalLM.from_pretrained(chatglm["glm"], config=cfg, dtype=torch.float32).eval()
+    ids = [int(x) for x in np.random.default_rng(3).integers(3, PADDED_VOCAB, size=64)]
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    out = tmp_path / "logits.safetensors"
+    run_kiln("eval", src, "--tokens", tmp_path / "ids.json", "--ctx", len(ids), "--save-logits", out,
+             "--kv-cache", "fp32")
+    from safetensors.numpy import load_file as load_np
+    ours = load_np(str(out))["logits"]
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+        plain = chatglm["model"](torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(ref - plain).max() > 1e-2  # rope_ratio changes the logits
+    assert float(np.abs(ours - ref).max()) <= 1e-3
