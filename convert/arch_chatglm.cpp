@@ -65,8 +65,9 @@ void read_chatglm_config(const HfConfigReader& r, ModelSpec& s) {
     } else if (name.find("chatglm3") != std::string::npos) {
       s.rope_theta *= ratio;
     } else {
-      r.refuse("rope_ratio", "other than 1 needs '_name_or_path' to name chatglm2 (positions divided) or chatglm3 "
-                             "(base multiplied); the two generations' code reads it differently");
+      r.refuse("rope_ratio",
+               "other than 1 needs '_name_or_path' to name chatglm2 (positions divided) or chatglm3 "
+               "(base multiplied); the two generations' code reads it differently");
     }
   }
   s.rope_style = "interleaved";
