@@ -237,8 +237,8 @@ def refused(src, tmp_path):
     return lines[0]
 
 
-@pytest.mark.parametrize("key,value", [("rope_ratio", 16), ("rope_ratio", 0), ("multi_query_attention", False), ("pre_seq_len", 128),
-                                       ("quantization_bit", 4), ("rmsnorm", False), ("add_bias_linear", True),
+@pytest.mark.parametrize("key,value", [("rope_ratio", 16), ("rope_ratio", 0), ("multi_query_attention", False),
+                                       ("pre_seq_len", 128), ("quantization_bit", 4), ("rmsnorm", False), ("add_bias_linear", True),
                                        ("apply_residual_connection_post_layernorm", True), ("original_rope", False)])
 def test_unsupported_variants_are_refused(chatglm, key, value, tmp_path):
     src = tmp_path / "src"
