@@ -102,6 +102,14 @@ const std::vector<ArchEntry>& architecture_table() {
       {"GlmForCausalLM", "glm", read_glm_config, &kGlmParts, "lm_head.weight", {"rotary_emb.inv_freq"}},
       {"Glm4ForCausalLM", "glm4", read_glm4_config, &kGlmParts, "lm_head.weight", {"rotary_emb.inv_freq"}},
       {"Phi3ForCausalLM", "phi3", read_phi3_config, &kPhi3Parts, "lm_head.weight", {"rotary_emb.inv_freq"}},
+      {"QWenLMHeadModel",
+       "qwen",
+       read_qwen_config,
+       &kQwenParts,
+       "lm_head.weight",
+       {"rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"},
+       "",
+       {"hidden_size", "intermediate_size / 2", "num_attention_heads", "num_attention_heads", "vocab_size"}},
   };
   return table;
 }

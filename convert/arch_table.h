@@ -106,5 +106,7 @@ int64_t read_rotary_dim(const HfConfigReader& r, int64_t head_dim, double fallba
 extern const std::vector<HfPart> kGemmaParts;
 extern const std::vector<HfPart> kGlmParts;
 extern const std::vector<HfPart> kPhi3Parts;
+void read_qwen_config(const HfConfigReader& r, ModelSpec& s);
+extern const std::vector<HfPart> kQwenParts;
 
 }  // namespace kiln

@@ -38,6 +38,14 @@ std::vector<float> rope_inv_freq(const ModelSpec& spec, int64_t seq_len, double 
     double base = base_theta * std::pow(s.factor * len / max_pos - (s.factor - 1), double(dim) / double(dim - 2));
     return base_inv_freq(base, dim);
   }
+  if (s.type == "qwen_dynamic") {
+    // Qwen v1 (modeling_qwen.py): alpha = max(2^ceil(log2(L / seq_length) + 1) - 1, 1), the base times
+    // alpha^(d / (d - 2)). log2 is computed as Python's math.log(x, 2) does (ln x / ln 2) so that the ceiling falls
+    // on the same side at exact powers of two.
+    const double ctx = std::log(double(seq_len) / double(s.original_max_position_embeddings)) / std::log(2.0) + 1.0;
+    const double alpha = std::max(std::pow(2.0, std::ceil(ctx)) - 1.0, 1.0);
+    return base_inv_freq(base_theta * std::pow(alpha, double(dim) / double(dim - 2)), dim);
+  }
   if (s.type == "llama3") {
     auto f = base_inv_freq(base_theta, dim);
     const float factor = float(s.factor), low = float(s.low_freq_factor), high = float(s.high_freq_factor);

@@ -8,6 +8,10 @@
 //             transformers recomputes this on every forward from the largest position of the batch; kiln does it
 //             per sequence (what a batch of one gives in transformers). Cached keys keep the rotation they were
 //             written with, exactly as in transformers' KV cache.
+//  - qwen_dynamic: Qwen v1's use_dynamic_ntk: theta is scaled by alpha^(d / (d - 2)) where alpha = 1 up to
+//             seq_length (original_max_position_embeddings) positions, then 3, 7, 15, ... each time L doubles. Qwen
+//             fixes alpha from the length of a sequence's first forward (its prompt) for the whole generation, so
+//             Model::forward passes the prompt length as L when the caller gives it (BatchEntry::prompt_length).
 //  - llama3:  long wavelengths divided by factor, short ones kept, a smooth blend in between.
 #include <cstdint>
 #include <vector>
@@ -21,7 +25,9 @@ namespace kiln {
 // `scaled` false gives the unscaled frequencies (Gemma 3's local layers ignore the global scaling).
 std::vector<float> rope_inv_freq(const ModelSpec& spec, int64_t seq_len, double theta = 0, bool scaled = true);
 
-// True when the frequencies depend on seq_len (only dynamic NTK scaling).
-inline bool rope_depends_on_length(const ModelSpec& spec) { return spec.rope_scaling.type == "dynamic"; }
+// True when the frequencies depend on seq_len (dynamic NTK scaling, HF's or Qwen's).
+inline bool rope_depends_on_length(const ModelSpec& spec) {
+  return spec.rope_scaling.type == "dynamic" || spec.rope_scaling.type == "qwen_dynamic";
+}
 
 }  // namespace kiln

@@ -364,7 +364,8 @@ bool Engine::step() {
   std::vector<BatchEntry> batch;
   int64_t prompt_fed = 0;
   for (auto& [a, take] : plan) {
-    batch.push_back({&a->kv, std::span<const int32_t>(a->tokens).subspan(size_t(a->computed), size_t(take)), false});
+    batch.push_back(
+        {&a->kv, std::span<const int32_t>(a->tokens).subspan(size_t(a->computed), size_t(take)), false, a->prompt_len});
     if (a->computed < a->prompt_len) prompt_fed += std::min(take, a->prompt_len - a->computed);
   }
   ForwardResult r = model_.forward(batch, cache_);

@@ -14,6 +14,7 @@ ModelGraph build_model_graph(const ModelSpec& spec) {
       {"qwen3", arch::build_llama},  {"gpt2", arch::build_gpt2},     {"gemma2", arch::build_gemma},
       {"gemma3", arch::build_gemma}, {"glm", arch::build_glm},       {"glm4", arch::build_glm},
       {"phi3", arch::build_llama},  // Phi-3's block is Llama's; only its checkpoint layout differs (convert/)
+      {"qwen", arch::build_llama},  // Qwen v1 likewise; its logn attention and NTK RoPE are spec data
   };
   for (const Builder& b : kBuilders)
     if (spec.family == b.family) return b.build(spec);
