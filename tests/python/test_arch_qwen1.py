@@ -368,17 +368,18 @@ def test_generate_chat_eval_quantize_and_serve(qwen, tmp_path):
     assert chat["prompt_token_ids"] == qwen_encode(enc, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
     ev = tmp_path / "eval.txt"
     ev.write_text(EVAL.read_text(encoding="utf-8")[:2000], encoding="utf-8")
-    base = json.loads(run_kiln("eval", ws, "--text", ev, "--ctx", 64, "--json").stdout)
-    assert np.isfinite(base["ppl"]) and base["n_tokens"] == len(qwen_encode(enc, ev.read_text(encoding="utf-8")))
+    stats, ref, q = tmp_path / "stats.safetensors", tmp_path / "ref.safetensors", tmp_path / "kv8"
+    base = json.loads(run_kiln("eval", ws, "--text", ev, "--ctx", 64, "--kv-cache", "fp32", "--save-logits", ref,
+                               "--json").stdout)
+    assert np.isfinite(base["ppl"])
+    assert load_np(str(ref))["tokens"].tolist() == qwen_encode(enc, ev.read_text(encoding="utf-8"))
     cal = ("--data", CALIB, "--samples", 8, "--seqlen", 48, "--seed", 1)
     for method, extra in (("rtn", ()), ("awq", cal)):
         r = json.loads(run_kiln("quantize", ws, "-o", tmp_path / method, "--method", method, "--group-size", 32,
                                 "--eval-text", ev, "--eval-ctx", 64, "--json", *extra).stdout)
         run_kiln("verify", tmp_path / method)
         assert r["quality"]["kld_mean"] < 0.5, (method, r["quality"])
-    stats, ref, q = tmp_path / "stats.safetensors", tmp_path / "ref.safetensors", tmp_path / "kv8"
     run_kiln("calibrate", ws, *cal[:6], "-o", stats)
-    run_kiln("eval", ws, "--text", ev, "--ctx", 64, "--kv-cache", "fp32", "--save-logits", ref)
     run_kiln("quantize", ws, "-o", q, "--method", "none", "--kv-cache", "int8", "--kv-mode", "static",
              "--kv-stats", stats)
     rep = json.loads(run_kiln("eval", q, "--text", ev, "--ctx", 64, "--ref-logits", ref, "--json").stdout)
