@@ -50,7 +50,8 @@ void read_qwen_config(const HfConfigReader& r, ModelSpec& s) {
   if (r.get("rope_scaling")) r.refuse("rope_scaling", "is not a Qwen v1 setting (use_dynamic_ntk is)");
   const bool logn = r.flag("use_logn_attn", true), ntk = r.flag("use_dynamic_ntk", true);
   if (logn || ntk) {
-    if (!r.get("seq_length")) r.refuse("seq_length", "is missing (use_logn_attn and use_dynamic_ntk are relative to it)");
+    if (!r.get("seq_length"))
+      r.refuse("seq_length", "is missing (use_logn_attn and use_dynamic_ntk are relative to it)");
     const int64_t seq_length = r.required_positive("seq_length");
     if (logn) s.logn_attn_length = seq_length;
     if (ntk) {

@@ -319,9 +319,8 @@ void CudaBackend::attention(const float* q, int64_t q_stride, const KvCache& cac
   }
   attention_kernel<<<dim3(unsigned(rows.size()), unsigned(p.num_heads), unsigned(splits)), kWarps * 32, 0, stream_>>>(
       q, q_stride, static_cast<const uint8_t*>(cache.keys(layer)), static_cast<const uint8_t*>(cache.values(layer)),
-      layout_of(c), ks, vs, d_rows, d_tables, p.num_heads, p.num_heads / p.num_kv_heads, p.scale, p.softcap, p.sliding_window,
-      p.logn_length, out,
-      keys_per_split, part_ml, part_acc);
+      layout_of(c), ks, vs, d_rows, d_tables, p.num_heads, p.num_heads / p.num_kv_heads, p.scale, p.softcap,
+      p.sliding_window, p.logn_length, out, keys_per_split, part_ml, part_acc);
   check_launch("attention_kernel");
   if (splits > 1) {
     attention_merge_kernel<<<dim3(unsigned(rows.size()), unsigned(p.num_heads)), 128, 0, stream_>>>(

@@ -100,12 +100,12 @@ std::vector<GenerationOutput> generate_batch(Model& model, KvCache& cache, std::
         if (prefill_left == 0) continue;
         const int64_t take = std::min(prefill_left, n - s->fed);
         prefill_left -= take;
-        batch.push_back({s->kv, std::span<const int32_t>(s->req->prompt).subspan(size_t(s->fed), size_t(take)),
-                         false, n});
+        batch.push_back(
+            {s->kv, std::span<const int32_t>(s->req->prompt).subspan(size_t(s->fed), size_t(take)), false, n});
         s->fed += take;
       } else {
-        batch.push_back({s->kv, std::span<const int32_t>(&s->out->tokens.back(), 1), false,
-                         int64_t(s->req->prompt.size())});
+        batch.push_back(
+            {s->kv, std::span<const int32_t>(&s->out->tokens.back(), 1), false, int64_t(s->req->prompt.size())});
       }
       stepping.push_back(s);
     }

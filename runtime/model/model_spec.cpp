@@ -68,8 +68,7 @@ int spec_format_version(const ModelSpec& s) {
                            !s.sliding_layers.empty() || s.query_scale > 0 || s.attn_softcap > 0 ||
                            s.final_softcap > 0 || s.embedding_scale > 0 || s.post_attn_norm || s.post_ffn_norm ||
                            s.rope_style != "half" || (s.rotary_dim > 0 && s.rotary_dim != s.head_dim) ||
-                           s.rope_local_theta > 0 || s.logn_attn_length > 0 ||
-                           s.rope_scaling.type == "qwen_dynamic";
+                           s.rope_local_theta > 0 || s.logn_attn_length > 0 || s.rope_scaling.type == "qwen_dynamic";
   return layer_graph ? 2 : 1;
 }
 

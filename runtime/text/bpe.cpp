@@ -128,7 +128,8 @@ BpeModel::BpeModel(const std::vector<std::string>& tokens) {
     const std::string& t = tokens[i];
     for (size_t cut = char_len(static_cast<unsigned char>(t[0])); cut < t.size();
          cut += char_len(static_cast<unsigned char>(t[cut]))) {
-      const int32_t a = token_to_id(std::string_view(t).substr(0, cut)), b = token_to_id(std::string_view(t).substr(cut));
+      const int32_t a = token_to_id(std::string_view(t).substr(0, cut)),
+                    b = token_to_id(std::string_view(t).substr(cut));
       if (a >= 0 && b >= 0) merges_.insert(a, b, {uint32_t(i), int32_t(i)});
     }
   }
