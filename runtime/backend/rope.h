@@ -14,6 +14,7 @@
 //             Model::forward passes the prompt length as L when the caller gives it (BatchEntry::prompt_length).
 //  - llama3:  long wavelengths divided by factor, short ones kept, a smooth blend in between.
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "runtime/model/model_spec.h"
@@ -24,6 +25,14 @@ namespace kiln {
 // `seq_len` positions. `theta` > 0 replaces spec.rope_theta (the local base of Gemma 3's sliding-window layers);
 // `scaled` false gives the unscaled frequencies (Gemma 3's local layers ignore the global scaling).
 std::vector<float> rope_inv_freq(const ModelSpec& spec, int64_t seq_len, double theta = 0, bool scaled = true);
+
+// Qwen's NTK alpha for a context of `len` positions over a training length of `seq_length`.
+double qwen_ntk_alpha(int64_t len, int64_t seq_length);
+
+// Keys written for a prompt of `prompt_length` tokens are rotated by frequencies that depend on it for Qwen's dynamic
+// NTK (through its alpha): this names that dependence ("" when none), so that prefix caches only hand a prompt K/V
+// written under the same frequencies.
+std::string rope_prompt_key(const ModelSpec& spec, int64_t prompt_length);
 
 // True when the frequencies depend on seq_len (dynamic NTK scaling, HF's or Qwen's).
 inline bool rope_depends_on_length(const ModelSpec& spec) {

@@ -4,6 +4,7 @@
 #include <chrono>
 #include <string_view>
 
+#include "runtime/backend/rope.h"
 #include "runtime/core/error.h"
 #include "runtime/engine/sequence_decoder.h"
 
@@ -81,7 +82,8 @@ std::shared_ptr<RequestStream> Engine::submit(std::vector<int32_t> prompt, Sampl
   params.max_new_tokens = int32_t(std::min<int64_t>(params.max_new_tokens, context_ - n));
   std::vector<int32_t> end_ids = opt_.eos_ids;
   end_ids.insert(end_ids.end(), params.stop_token_ids.begin(), params.stop_token_ids.end());
-  const uint64_t root = prefix_ ? prefix_->root(options.cache_salt) : 0;
+  // Blocks are shared only between prompts whose keys RoPE rotates alike (Qwen's NTK alpha follows the prompt length).
+  const uint64_t root = prefix_ ? prefix_->root(options.cache_salt + rope_prompt_key(model_.spec(), n)) : 0;
   std::vector<std::unique_ptr<Active>> choices;
   for (int32_t i = 0; i < options.n; ++i) {
     SamplingParams p = params;

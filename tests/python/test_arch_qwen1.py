@@ -393,3 +393,59 @@ def test_generate_chat_eval_quantize_and_serve(qwen, tmp_path):
         assert got.choices[0].text == want["text"]
     finally:
         server.stop()
+
+
+def test_prefix_caches_keep_ntk_alphas_apart(qwen, tmp_path):
+    """Qwen fixes the NTK alpha from the prompt length, so K/V that serve cached for a 40-token prompt (alpha 3) must
+    not be reused by a 30-token prompt sharing its first block (alpha 1: with those keys its 6th token would differ
+    from the reference's), while a longer prompt with the same alpha reuses them."""
+    from test_serve import Server
+    p1 = token_ids(40, seed=5)
+    p2, p3 = p1[:30], p1 + token_ids(8, seed=6)
+
+    def fresh(p):  # a fresh cache (equal to the reference: test_greedy_matches_reference)
+        (tmp_path / "p.json").write_text(json.dumps(p))
+        return json.loads(run_kiln("generate", qwen.ws, "--tokens", tmp_path / "p.json", "-n", 8, "--temperature", 0,
+                                   "--json").stdout)["text"]
+
+    server = Server(qwen.ws)
+    try:
+        client = server.client()
+
+        def ask(p):
+            return client.completions.create(model="tiny", prompt=p, max_tokens=8, temperature=0).choices[0].text
+
+        def hits():
+            m = server.metrics()
+            return m.get("kiln_prefix_cache_hit_tokens_total", m.get("kiln_prefix_cache_hit_tokens"))
+
+        assert ask(p1) == fresh(p1)
+        before = hits()
+        assert ask(p2) == fresh(p2)
+        assert hits() == before
+        assert ask(p3) == fresh(p3)
+        assert hits() > before
+    finally:
+        server.stop()
+
+
+def test_chat_session_drops_kv_when_the_ntk_alpha_changes(qwen, tmp_path):
+    """kiln chat keeps the conversation's K/V across turns; when the conversation grows past seq_length Qwen's NTK
+    alpha changes, so the next turn must be computed as from scratch (as `kiln generate --messages` does, which
+    equals the reference), and reuse must resume once the alpha stays."""
+    from test_chat import stats
+    common = ("--ctx", 256, "-n", 6, "--temperature", 0)
+    users = ["Hi", "And the sea?", "Then?"]
+    proc = run_kiln("chat", qwen.ws, *common, input="".join(u + "\n" for u in users))
+    messages, want = [], ""
+    for u in users:
+        messages.append({"role": "user", "content": u})
+        (tmp_path / "m.json").write_text(json.dumps(messages))
+        answer = json.loads(run_kiln("generate", qwen.ws, "--messages", tmp_path / "m.json", *common,
+                                     "--json").stdout)
+        assert answer["prompt_tokens"] <= SEQ_LENGTH if len(messages) == 1 else answer["prompt_tokens"] > SEQ_LENGTH
+        messages.append({"role": "assistant", "content": answer["text"]})
+        want += answer["text"] + "\n"
+    assert proc.stdout == want
+    reused = [int(line.split(" reused")[0].rsplit(" ", 1)[1]) for line in stats(proc.stderr)]
+    assert reused[1] == 0 and reused[2] > SEQ_LENGTH, (reused, proc.stderr)
