@@ -219,6 +219,18 @@ def test_logits_match_reference(qwen, n, tmp_path):
             assert np.abs(other - want).max() > 1e-2, flag
 
 
+def test_biases_of_no_bias_false_match_reference(tmp_path):
+    """no_bias: false gives c_proj and the MLP biases (w2's and w1's go into gate_up's bias in that order)."""
+    cfg = qwen_config(no_bias=False, num_hidden_layers=1)
+    model = make_reference(cfg, seed=3)
+    src = write_checkpoint(tmp_path / "hf", cfg, model)
+    run_kiln("convert", src, "-o", tmp_path / "ws", "--dtype", "fp32")
+    ids = token_ids(48, seed=4)
+    with torch.no_grad():
+        want = model(ids)[0].numpy()
+    assert np.abs(kiln_logits(tmp_path / "ws", ids, tmp_path) - want).max() <= 1e-3
+
+
 def test_logits_match_transformers_qwen2_within_seq_length(qwen, tmp_path):
     """A second, independent oracle while logn and NTK are inactive: Qwen2ForCausalLM with the same weights."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
