@@ -130,6 +130,14 @@ const std::vector<ArchEntry>& architecture_table() {
        {"rotary_pos_emb.inv_freq"},
        "",
        {"hidden_size", "ffn_hidden_size", "num_attention_heads", "multi_query_group_num", "padded_vocab_size"}},
+      {"QWenLMHeadModel",
+       "qwen",
+       read_qwen_config,
+       &kQwenParts,
+       "lm_head.weight",
+       {"rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"},
+       "",
+       {"hidden_size", "intermediate_size / 2", "num_attention_heads", "num_attention_heads", "vocab_size"}},
   };
   return table;
 }

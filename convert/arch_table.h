@@ -122,5 +122,7 @@ void read_internlm2_config(const HfConfigReader& r, ModelSpec& s);
 extern const std::vector<HfPart> kInternLm2Parts;
 void read_chatglm_config(const HfConfigReader& r, ModelSpec& s);
 extern const std::vector<HfPart> kChatGlmParts;
+void read_qwen_config(const HfConfigReader& r, ModelSpec& s);
+extern const std::vector<HfPart> kQwenParts;
 
 }  // namespace kiln

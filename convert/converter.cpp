@@ -233,7 +233,7 @@ ordered_json add_tokenizer_files(const fs::path& source, WorkspaceWriter& writer
     std::string content = read_text_file(source / f);
     if (f.size() > 5 && f.compare(f.size() - 5, 5, ".json") == 0 && !json::accept(content))
       throw Error((source / f).string() + ": not valid JSON; refusing to copy it into the workspace");
-    loadable |= f == "tokenizer.json" || f == "tokenizer.model";
+    loadable |= f == "tokenizer.json" || f == "tokenizer.model" || f == "qwen.tiktoken";
     writer.add_file(f, content);
     tokenizer_files.push_back(f);
   }

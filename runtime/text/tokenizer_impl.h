@@ -43,6 +43,9 @@ struct TokenizerImpl {
 // tokenizer.json "post_processor" -> prefix/suffix ids.
 PostProcessor make_post_processor(const json& j, const JsonWhere& where, const TokenizerImpl& impl);
 
+// Qwen v1's qwen.tiktoken with its special tokens and regex (tokenizer_tiktoken.cpp).
+std::shared_ptr<TokenizerImpl> load_tiktoken(const std::filesystem::path& file);
+
 // SentencePiece support (tokenizer_sp.cpp).
 std::shared_ptr<SentencePieceModel> load_sentencepiece(const std::string& path);
 int32_t sp_piece_to_id(const SentencePieceModel& m, std::string_view piece);  // -1 when absent

@@ -318,6 +318,8 @@ Tokenizer Tokenizer::load(const TokenizerFiles& files, TokenizerCompat compat) {
   json cfg = read_tokenizer_config(files);
   std::string cfg_name = files.tokenizer_config ? files.tokenizer_config->string() : "tokenizer_config.json";
   LoadContext ctx{directory_model_type(files.dir), false};
+  if (!files.tokenizer_json && !files.tokenizer_model && files.tiktoken)
+    return Tokenizer(text::load_tiktoken(*files.tiktoken));
   if (files.tokenizer_json) {
     std::string name = files.tokenizer_json->string();
     const std::string text = read_file(*files.tokenizer_json);
