@@ -120,5 +120,9 @@ extern const std::vector<HfPart> kPhi3Parts;
 void read_internlm_config(const HfConfigReader& r, ModelSpec& s);
 void read_internlm2_config(const HfConfigReader& r, ModelSpec& s);
 extern const std::vector<HfPart> kInternLm2Parts;
+void read_chatglm_config(const HfConfigReader& r, ModelSpec& s);
+extern const std::vector<HfPart> kChatGlmParts;
+void read_qwen_config(const HfConfigReader& r, ModelSpec& s);
+extern const std::vector<HfPart> kQwenParts;
 
 }  // namespace kiln

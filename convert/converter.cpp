@@ -16,6 +16,7 @@
 #include "runtime/io/progress.h"
 #include "runtime/io/sha256.h"
 #include "runtime/io/staging_dir.h"
+#include "runtime/text/jinja/builtin_chat_templates.h"
 #include "runtime/text/tokenizer/tokenizer.h"
 #include "runtime/text/tokenizer/files.h"
 #include "runtime/workspace/workspace.h"
@@ -223,7 +224,8 @@ bool copyable_source_file(const fs::path& source, const std::string& name) {
 
 }  // namespace
 
-ordered_json add_tokenizer_files(const fs::path& source, WorkspaceWriter& writer) {
+ordered_json add_tokenizer_files(const fs::path& source, WorkspaceWriter& writer,
+                                 const std::string& chat_template_flag) {
   std::vector<std::string> tokenizer_files;
   bool loadable = false;
   for (const auto& f : tokenizer_file_names()) {
@@ -231,7 +233,7 @@ ordered_json add_tokenizer_files(const fs::path& source, WorkspaceWriter& writer
     std::string content = read_text_file(source / f);
     if (f.size() > 5 && f.compare(f.size() - 5, 5, ".json") == 0 && !json::accept(content))
       throw Error((source / f).string() + ": not valid JSON; refusing to copy it into the workspace");
-    loadable |= f == "tokenizer.json" || f == "tokenizer.model";
+    loadable |= f == "tokenizer.json" || f == "tokenizer.model" || f == "qwen.tiktoken";
     writer.add_file(f, content);
     tokenizer_files.push_back(f);
   }
@@ -249,9 +251,36 @@ ordered_json add_tokenizer_files(const fs::path& source, WorkspaceWriter& writer
   text_files.dir = source;
   if (fs::is_regular_file(source / "tokenizer_config.json", ec))
     text_files.tokenizer_config = source / "tokenizer_config.json";
-  std::optional<std::string> chat_template = resolve_chat_template(text_files);
+  // --chat-template wins; then the checkpoint's own; then the built-in of a family that builds its prompt in Python.
+  std::optional<std::string> chat_template;
+  std::string origin;
+  if (!chat_template_flag.empty()) {
+    ChatTemplateText t = read_chat_template_flag(chat_template_flag);
+    chat_template = std::move(t.source);
+    origin = t.origin;
+  } else if ((chat_template = resolve_chat_template(text_files))) {
+    origin = "checkpoint";
+  } else if (fs::is_regular_file(source / "config.json", ec)) {
+    const json config = json::parse(read_text_file(source / "config.json"), nullptr, false);
+    if (const BuiltinChatTemplate* b = builtin_chat_template_for_config(config)) {
+      chat_template = b->source;
+      origin = std::string("builtin:") + b->name;
+    }
+  }
   if (chat_template) writer.add_file("chat_template.jinja", *chat_template);
-  return {{"files", tokenizer_files}, {"chat_template", chat_template ? json("chat_template.jinja") : json(nullptr)}};
+  return {{"files", tokenizer_files},
+          {"chat_template", chat_template ? json("chat_template.jinja") : json(nullptr)},
+          {"chat_template_source", chat_template ? json(origin) : json(nullptr)}};
+}
+
+void add_family_turn_end_tokens(ModelSpec& spec, const json& config, const fs::path& source) {
+  const BuiltinChatTemplate* b = builtin_chat_template_for_config(config);
+  std::error_code ec;
+  if (!b || b->turn_end_tokens.empty() ||
+      !(fs::is_regular_file(source / "tokenizer.json", ec) || fs::is_regular_file(source / "tokenizer.model", ec)))
+    return;
+  add_turn_end_tokens(spec.eos_token_ids, std::string("builtin:") + b->name,
+                      Tokenizer::load(locate_tokenizer_files(source)));
 }
 
 ConvertResult commit_converted(WorkspaceWriter& writer, ordered_json doc, uint64_t tensor_bytes, StagingDir& staging) {
@@ -344,9 +373,11 @@ ConvertResult finish_conversion(const ConvertOptions& opt, StagingDir& staging, 
   }
 
   // Tokenizer files verbatim, then the resolved chat template.
-  ordered_json tokenizer = add_tokenizer_files(opt.source, writer);
+  ordered_json tokenizer = add_tokenizer_files(opt.source, writer, opt.chat_template);
+  ModelSpec final_spec = spec;
+  add_family_turn_end_tokens(final_spec, ckpt.config(), opt.source);
 
-  ordered_json doc = converted_document(opt, spec, target, {{"method", "none"}}, writer, plan.size(), total, tokenizer,
+  ordered_json doc = converted_document(opt, final_spec, target, {{"method", "none"}}, writer, plan.size(), total, tokenizer,
                                         source_hashes.get());
   return commit_converted(writer, std::move(doc), total, staging);
 }

@@ -23,6 +23,7 @@ struct ConvertOptions {
   bool progress = true;
   uint64_t max_shard_bytes = 2ull << 30;
   std::string command;  // recorded in provenance; must not contain run-specific paths (determinism)
+  std::string chat_template;  // --chat-template: a built-in's name or a Jinja file; empty: the checkpoint's
 };
 
 struct ConvertResult {
@@ -87,6 +88,11 @@ nlohmann::ordered_json converted_document(const ConvertOptions& opt, const Model
 ConvertResult commit_converted(WorkspaceWriter& writer, nlohmann::ordered_json doc, uint64_t tensor_bytes,
                                StagingDir& staging);
 // Copies the source's tokenizer files and writes its resolved chat template; returns kiln.json's "tokenizer" block.
-nlohmann::ordered_json add_tokenizer_files(const std::filesystem::path& source, WorkspaceWriter& writer);
+// `chat_template_flag`: --chat-template (a built-in's name or a file), which replaces the checkpoint's template.
+nlohmann::ordered_json add_tokenizer_files(const std::filesystem::path& source, WorkspaceWriter& writer,
+                                           const std::string& chat_template_flag = "");
+// For a family with a built-in chat template (by config.json), the ids of its turn-end tokens join
+// spec.eos_token_ids: the family's own chat() stops there too (ChatGLM3 at <|user|>, Qwen-7B-Chat at <|im_end|>).
+void add_family_turn_end_tokens(ModelSpec& spec, const nlohmann::json& config, const std::filesystem::path& source);
 
 }  // namespace kiln

@@ -55,6 +55,7 @@ std::unique_ptr<Workspace> open_hf_in_memory(const std::filesystem::path& hf_dir
   info.spec = spec_from_hf_config(ckpt.config(), ckpt.generation_config(), label);
   const ArchEntry& arch = find_architecture(ckpt.config(), label);
   check_config_against_tensors(ckpt, info.spec, arch, label);
+  add_family_turn_end_tokens(info.spec, ckpt.config(), hf_dir);  // as convert does
   const DType target = resolve_target_dtype("auto", ckpt);
   info.dtype = workspace_dtype_name(target);
   info.json = {{"format", kWorkspaceFormat},

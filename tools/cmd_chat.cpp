@@ -17,6 +17,7 @@
 #include "runtime/engine/chat_session.h"
 #include "runtime/engine/loaded_model.h"
 #include "runtime/io/interrupt.h"
+#include "runtime/text/jinja/builtin_chat_templates.h"
 #include "runtime/text/jinja/chat_template.h"
 #include "runtime/text/tokenizer/tokenizer.h"
 #include "tools/command.h"
@@ -27,7 +28,7 @@ namespace kiln::tools {
 namespace {
 
 struct ChatCliOptions {
-  std::string path, system, kv_cache = "auto";
+  std::string path, system, kv_cache = "auto", chat_template;
   bool show_prompt = false;
   int64_t ctx = 0;
   unsigned threads = 0;
@@ -48,7 +49,7 @@ class Repl {
     m_ = load_model(o_.path, o_.threads, o_.verify);
     files_ = locate_tokenizer_files(o_.path);
     tok_ = std::make_unique<Tokenizer>(Tokenizer::load(files_));
-    tpl_ = std::make_unique<ChatTemplate>(ChatTemplate::from_files(files_));
+    tpl_ = std::make_unique<ChatTemplate>(load_chat_template(files_, o_.chat_template));
     params_ = resolve_sampling(o_.sampling, read_generation_config(files_));
     const ModelSpec& spec = m_.model->spec();
     context_ = o_.ctx > 0 ? o_.ctx : spec.max_position_embeddings;
@@ -166,6 +167,9 @@ Action setup(CLI::App& sub) {
   sub.add_option("PATH", o->path, "Workspace, or a Hugging Face checkpoint directory (converted in memory)")
       ->required();
   sub.add_option("--system", o->system, "System prompt");
+  sub.add_option(
+      "--chat-template", o->chat_template,
+      "Chat template instead of the model's: a Jinja file, or a built-in (" + builtin_chat_template_names() + ")");
   sub.add_flag("--show-prompt", o->show_prompt, "Print each turn's rendered prompt to stderr");
   add_sampling_flags(sub, o->sampling);
   sub.add_option("--ctx", o->ctx, "Context length of the conversation (default: the model's maximum)")

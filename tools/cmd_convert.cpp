@@ -7,6 +7,8 @@
 #include "convert/converter.h"
 #include "convert/gguf_convert.h"
 #include "convert/gguf_file.h"
+#include "runtime/core/error.h"
+#include "runtime/text/jinja/builtin_chat_templates.h"
 #include "tools/command.h"
 #include "tools/flag_checks.h"
 
@@ -28,6 +30,10 @@ static Action setup_convert(CLI::App& sub) {
   sub.add_option("--shard-size-mb", *shard_mb, "largest weight shard in MiB")
       ->capture_default_str()
       ->check(int_range(1, kMaxShardMiB));
+  sub.add_option("--chat-template", opt->chat_template,
+                 "chat template stored in the workspace instead of the checkpoint's: a Jinja file, or a built-in "
+                 "(" +
+                     builtin_chat_template_names() + ")");
   sub.add_flag("--force", opt->force, "replace an existing output (only once the new one is complete)");
   sub.add_flag("--json", *json_out, "print a JSON summary on stdout instead of text");
   sub.footer("The output is written to a hidden sibling directory and renamed into place when complete, so an error or\n"
@@ -36,8 +42,13 @@ static Action setup_convert(CLI::App& sub) {
     opt->progress = !*json_out;
     opt->max_shard_bytes = *shard_mb << 20;
     opt->command = "kiln convert " + std::filesystem::absolute(opt->source).lexically_normal().string() + " --dtype " + opt->dtype;
+    const bool gguf_source = gguf::is_gguf_path(opt->source.string());
+    if (!opt->chat_template.empty()) {
+      if (gguf_source) throw kiln::Error("--chat-template applies to Hugging Face checkpoints, not GGUF files");
+      read_chat_template_flag(opt->chat_template);  // a bad value fails before any conversion work
+    }
     auto t0 = std::chrono::steady_clock::now();
-    ConvertResult r = gguf::is_gguf_path(opt->source.string()) ? convert_gguf(*opt) : convert_checkpoint(*opt);
+    ConvertResult r = gguf_source ? convert_gguf(*opt) : convert_checkpoint(*opt);
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const auto& doc = r.kiln_json;
     if (*json_out) {

@@ -12,6 +12,7 @@
 #include "runtime/engine/batch_generate.h"
 #include "runtime/engine/loaded_model.h"
 #include "runtime/io/path_safety.h"
+#include "runtime/text/jinja/builtin_chat_templates.h"
 #include "runtime/text/jinja/chat_template.h"
 #include "runtime/text/tokenizer/tokenizer.h"
 #include "tools/command.h"
@@ -22,7 +23,7 @@ namespace kiln::tools {
 namespace {
 
 struct GenerateCliOptions {
-  std::string path, prompt, prompt_tokens, messages, kv_cache = "auto";
+  std::string path, prompt, prompt_tokens, messages, kv_cache = "auto", chat_template;
   bool chat = false, json = false;
   int64_t ctx = 0, batch = 1, prefill_chunk = 512;
   unsigned threads = 0;
@@ -58,7 +59,7 @@ std::vector<int32_t> build_prompt(const GenerateCliOptions& o, const TokenizerFi
     return prompt;
   }
   if (!o.messages.empty() || o.chat) {
-    ChatTemplate tpl = ChatTemplate::from_files(files);
+    ChatTemplate tpl = load_chat_template(files, o.chat_template);
     nlohmann::ordered_json messages = nlohmann::ordered_json::array();
     if (!o.messages.empty()) {
       const std::string text = read_text(o.messages);
@@ -161,6 +162,9 @@ Action setup(CLI::App& sub) {
   input->add_option("--messages", o->messages, "JSON file with a list of chat messages, rendered with the template");
   input->require_option(1);
   sub.add_flag("--chat", o->chat, "Wrap the prompt as one user message in the model's chat template");
+  sub.add_option(
+      "--chat-template", o->chat_template,
+      "Chat template instead of the model's: a Jinja file, or a built-in (" + builtin_chat_template_names() + ")");
   add_sampling_flags(sub, o->sampling);
   sub.add_option("--ctx", o->ctx, "Context length: prompt plus completion (default: the model's maximum)")
       ->check(int_range(0, kMaxTokens));

@@ -7,6 +7,7 @@
 #include "convert/gguf_file.h"
 #include "convert/hf_checkpoint.h"
 #include "runtime/core/error.h"
+#include "runtime/text/jinja/builtin_chat_templates.h"
 #include "runtime/workspace/workspace.h"
 #include "tools/command.h"
 #include "tools/inspect_gguf.h"
@@ -44,6 +45,11 @@ static ordered_json inspect_path(const std::filesystem::path& path) {
     out["weight_files"] = ws.info().weight_files;
     add_tensor_totals(out, ws.tensors());
     out["provenance"] = j.value("provenance", nlohmann::json::object());
+    const nlohmann::json tok = j.value("tokenizer", nlohmann::json::object());
+    const bool has_template = tok.contains("chat_template") && tok["chat_template"].is_string();
+    out["chat_template"] = tok.contains("chat_template_source") ? ordered_json(tok["chat_template_source"])
+                           : has_template                       ? ordered_json("checkpoint")
+                                                                : ordered_json(nullptr);
   } else if (is_hf_checkpoint(path)) {
     HfCheckpoint ckpt(path);
     const std::string label = (path / "config.json").string();
@@ -55,6 +61,15 @@ static ordered_json inspect_path(const std::filesystem::path& path) {
     auto td = ckpt.config().find("torch_dtype");
     out["config_dtype"] = td != ckpt.config().end() ? *td : nlohmann::json(nullptr);
     out["shards"] = ckpt.shards().size();
+    // The template convert would store: the checkpoint's own, else a built-in for its family.
+    TokenizerFiles text_files;
+    text_files.dir = path;
+    if (std::filesystem::is_regular_file(path / "tokenizer_config.json"))
+      text_files.tokenizer_config = path / "tokenizer_config.json";
+    const BuiltinChatTemplate* builtin = builtin_chat_template_for_config(ckpt.config());
+    out["chat_template"] = resolve_chat_template(text_files) ? ordered_json("checkpoint")
+                           : builtin                         ? ordered_json(std::string("builtin:") + builtin->name)
+                                                             : ordered_json(nullptr);
     add_tensor_totals(out, ckpt.tensors());
   } else {
     throw Error(path.string() + ": neither a kiln workspace (kiln.json) nor a Hugging Face checkpoint (config.json)");
@@ -76,6 +91,9 @@ static void print_human(const ordered_json& j) {
   std::printf("  tied embedding %s, qkv bias %s, qk norm %s\n", m["tie_word_embeddings"].get<bool>() ? "yes" : "no",
               m["qkv_bias"].get<bool>() ? "yes" : "no", m["qk_norm"].get<bool>() ? "yes" : "no");
   if (j.contains("dtype")) std::printf("  dtype          %s\n", j["dtype"].get<std::string>().c_str());
+  if (j.contains("chat_template"))
+    std::printf("  chat template  %s\n",
+                j["chat_template"].is_string() ? j["chat_template"].get<std::string>().c_str() : "none");
   if (j.contains("quantization")) std::printf("  quantization   %s\n", j["quantization"].dump().c_str());
   std::printf("  parameters     %.3f M in %zu tensors, %.1f MB\n", double(j["parameters"].get<uint64_t>()) / 1e6,
               size_t(j["tensors"]), double(j["tensor_bytes"].get<uint64_t>()) / 1e6);

@@ -9,6 +9,7 @@
 #include "runtime/core/error.h"
 #include "runtime/core/json_limits.h"
 #include "runtime/io/staging_dir.h"
+#include "runtime/text/jinja/builtin_chat_templates.h"
 #include "runtime/text/jinja/chat_template.h"
 #include "tools/command.h"
 
@@ -23,6 +24,7 @@ struct PromptOptions {
   std::string messages;
   bool no_generation_prompt = false;
   bool batch = false;
+  std::string chat_template;
 };
 
 // Like locate_tokenizer_files, but a directory or tokenizer_config.json without a tokenizer is fine: only the
@@ -87,8 +89,12 @@ Conversation parse_conversation(const ordered_json& j, const std::string& where)
   return c;
 }
 
-std::string render(const TokenizerFiles& files, const Conversation& c, bool no_generation_prompt) {
-  ChatTemplate tmpl = ChatTemplate::from_files(files, !c.tools.is_null());
+std::string render(const TokenizerFiles& files, const std::string& chat_template_flag, const Conversation& c,
+                   bool no_generation_prompt) {
+  // --chat-template, or with no template next to the tokenizer, the built-in of the directory's family.
+  ChatTemplate tmpl = !chat_template_flag.empty() || !resolve_chat_template(files)
+                          ? load_chat_template(files, chat_template_flag)
+                          : ChatTemplate::from_files(files, !c.tools.is_null());
   return tmpl.render(c.messages, c.add_generation_prompt && !no_generation_prompt, c.tools, c.kwargs);
 }
 
@@ -101,13 +107,17 @@ Action setup(CLI::App& sub) {
                  "and extra template arguments")
       ->required();
   sub.add_flag("--no-generation-prompt", o->no_generation_prompt, "Do not append the assistant generation prompt");
+  sub.add_option(
+      "--chat-template", o->chat_template,
+      "Chat template instead of the model's: a Jinja file, or a built-in (" + builtin_chat_template_names() + ")");
   sub.add_flag("--batch", o->batch,
                "The file holds a list of conversations; print a JSON list of {\"prompt\": ...} or {\"error\": ...}");
   return [o]() {
     TokenizerFiles files = template_files(o->path);
     ordered_json input = read_input(o->messages);
     if (!o->batch) {
-      std::string out = render(files, parse_conversation(input, o->messages), o->no_generation_prompt);
+      std::string out =
+          render(files, o->chat_template, parse_conversation(input, o->messages), o->no_generation_prompt);
       std::fwrite(out.data(), 1, out.size(), stdout);
       std::fflush(stdout);
       return 0;
@@ -117,7 +127,8 @@ Action setup(CLI::App& sub) {
     for (size_t i = 0; i < input.size(); ++i) {
       try {
         std::string where = o->messages + "[" + std::to_string(i) + "]";
-        results.push_back({{"prompt", render(files, parse_conversation(input[i], where), o->no_generation_prompt)}});
+        results.push_back({{"prompt", render(files, o->chat_template, parse_conversation(input[i], where),
+                                             o->no_generation_prompt)}});
       } catch (const Error& e) {
         results.push_back({{"error", e.what()}});
       }

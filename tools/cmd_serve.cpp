@@ -12,6 +12,7 @@
 
 #include "runtime/core/error.h"
 #include "runtime/engine/loaded_model.h"
+#include "runtime/text/jinja/builtin_chat_templates.h"
 #include "runtime/text/jinja/chat_template.h"
 #include "runtime/text/tokenizer/tokenizer.h"
 #include "tools/command.h"
@@ -26,7 +27,7 @@ namespace kiln::tools {
 namespace {
 
 struct ServeCliOptions {
-  std::string path, host = "127.0.0.1", model_name, kv_cache = "auto", prefix_cache_salt = "per-key";
+  std::string path, host = "127.0.0.1", model_name, kv_cache = "auto", prefix_cache_salt = "per-key", chat_template;
   bool no_prefix_cache = false;
   int port = 8000;
   std::vector<std::string> api_keys, allow_origins;
@@ -68,11 +69,14 @@ int run(const ServeCliOptions& o) {
   TokenizerFiles files = locate_tokenizer_files(o.path);
   Tokenizer tok = Tokenizer::load(files);
   std::unique_ptr<ChatTemplate> tpl;
-  try {
-    tpl = std::make_unique<ChatTemplate>(ChatTemplate::from_files(files));
-  } catch (const Error& e) {
-    std::fprintf(stderr, "kiln serve: %s; /v1/chat/completions will answer 400\n", e.what());
-  }
+  if (!o.chat_template.empty()) {
+    tpl = std::make_unique<ChatTemplate>(load_chat_template(files, o.chat_template));  // a bad flag stops here
+  } else
+    try {
+      tpl = std::make_unique<ChatTemplate>(load_chat_template(files, ""));
+    } catch (const Error& e) {
+      std::fprintf(stderr, "kiln serve: %s; /v1/chat/completions will answer 400\n", e.what());
+    }
   const int64_t context = o.ctx > 0 ? o.ctx : spec.max_position_embeddings;
   const KvDType kv = resolve_kv_dtype(*m.workspace, o.kv_cache);
   const int64_t block = 16;
@@ -136,6 +140,9 @@ Action setup(CLI::App& sub) {
   sub.add_option("--port", o->port, "Port to listen on (0: any free port, printed at start)")
       ->check(CLI::Range(0, 65535))
       ->capture_default_str();
+  sub.add_option(
+      "--chat-template", o->chat_template,
+      "Chat template instead of the model's: a Jinja file, or a built-in (" + builtin_chat_template_names() + ")");
   sub.add_option("--api-key", o->api_keys, "Accepted API key (repeatable); none: no authentication");
   sub.add_option("--allow-origin", o->allow_origins,
                  "Origin (scheme://host[:port]) whose pages may call the API from a browser (CORS; repeatable, or *)");

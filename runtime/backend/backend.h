@@ -10,6 +10,7 @@
 //  - Linear weights are given in the workspace layout (HF [out, in], fp32/fp16/bf16) and packed at load time into
 //    whatever the backend's kernels want (LinearWeight is opaque). Quantized formats (int4) extend WeightFormat.
 //  - Every op accumulates in fp32, whatever the storage dtype.
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -73,7 +74,15 @@ struct AttentionParams {
   float scale = 1.0f;          // applied to q·k (usually 1/sqrt(head_dim))
   int64_t sliding_window = 0;  // >0: a query at position p sees keys at positions > p - sliding_window
   float softcap = 0;           // >0: scores s -> softcap * tanh(s / softcap) before the softmax (Gemma 2)
+  int64_t logn_length = 0;     // >0 (Qwen's use_logn_attn): scores of a query at position p >= logn_length are also
+                               // multiplied by logn_attention_factor(logn_length, p)
 };
+
+// ln(p + 1) / ln(n) past n positions, 1 before: Qwen's logn_tensor entry for position p (computed in double and
+// rounded to fp32, as modeling_qwen.py's math.log list becomes a float tensor).
+inline float logn_attention_factor(int64_t n, int64_t position) {
+  return n > 0 && position + 1 > n ? float(std::log(double(position + 1)) / std::log(double(n))) : 1.0f;
+}
 
 // Which dims of each head RoPE rotates, and how they pair up (backend_ops.h, rope).
 struct RopeLayout {

@@ -21,6 +21,19 @@ std::vector<float> base_inv_freq(double theta, int64_t dim) {
 
 }  // namespace
 
+double qwen_ntk_alpha(int64_t len, int64_t seq_length) {
+  // modeling_qwen.py: alpha = max(2^ceil(log2(L / seq_length) + 1) - 1, 1). log2 is computed as Python's
+  // math.log(x, 2) does (ln x / ln 2) so that the ceiling falls on the same side at exact powers of two.
+  const double ctx = std::log(double(len) / double(seq_length)) / std::log(2.0) + 1.0;
+  return std::max(std::pow(2.0, std::ceil(ctx)) - 1.0, 1.0);
+}
+
+std::string rope_prompt_key(const ModelSpec& spec, int64_t prompt_length) {
+  if (spec.rope_scaling.type != "qwen_dynamic") return "";
+  const double alpha = qwen_ntk_alpha(prompt_length, spec.rope_scaling.original_max_position_embeddings);
+  return alpha == 1.0 ? "" : "\nqwen-ntk-alpha=" + std::to_string(int64_t(alpha));
+}
+
 std::vector<float> rope_inv_freq(const ModelSpec& spec, int64_t seq_len, double theta, bool scaled) {
   const RopeScaling& s = spec.rope_scaling;
   const int64_t dim = spec.rotary();
@@ -37,6 +50,11 @@ std::vector<float> rope_inv_freq(const ModelSpec& spec, int64_t seq_len, double 
     double len = std::max(double(seq_len), max_pos);
     double base = base_theta * std::pow(s.factor * len / max_pos - (s.factor - 1), double(dim) / double(dim - 2));
     return base_inv_freq(base, dim);
+  }
+  if (s.type == "qwen_dynamic") {
+    // Qwen v1 (modeling_qwen.py): the base times alpha^(d / (d - 2)).
+    const double alpha = qwen_ntk_alpha(seq_len, s.original_max_position_embeddings);
+    return base_inv_freq(base_theta * std::pow(alpha, double(dim) / double(dim - 2)), dim);
   }
   if (s.type == "llama3") {
     auto f = base_inv_freq(base_theta, dim);

@@ -8,8 +8,13 @@
 //             transformers recomputes this on every forward from the largest position of the batch; kiln does it
 //             per sequence (what a batch of one gives in transformers). Cached keys keep the rotation they were
 //             written with, exactly as in transformers' KV cache.
+//  - qwen_dynamic: Qwen v1's use_dynamic_ntk: theta is scaled by alpha^(d / (d - 2)) where alpha = 1 up to
+//             seq_length (original_max_position_embeddings) positions, then 3, 7, 15, ... each time L doubles. Qwen
+//             fixes alpha from the length of a sequence's first forward (its prompt) for the whole generation, so
+//             Model::forward passes the prompt length as L when the caller gives it (BatchEntry::prompt_length).
 //  - llama3:  long wavelengths divided by factor, short ones kept, a smooth blend in between.
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "runtime/model/model_spec.h"
@@ -21,7 +26,17 @@ namespace kiln {
 // `scaled` false gives the unscaled frequencies (Gemma 3's local layers ignore the global scaling).
 std::vector<float> rope_inv_freq(const ModelSpec& spec, int64_t seq_len, double theta = 0, bool scaled = true);
 
-// True when the frequencies depend on seq_len (only dynamic NTK scaling).
-inline bool rope_depends_on_length(const ModelSpec& spec) { return spec.rope_scaling.type == "dynamic"; }
+// Qwen's NTK alpha for a context of `len` positions over a training length of `seq_length`.
+double qwen_ntk_alpha(int64_t len, int64_t seq_length);
+
+// Keys written for a prompt of `prompt_length` tokens are rotated by frequencies that depend on it for Qwen's dynamic
+// NTK (through its alpha): this names that dependence ("" when none), so that prefix caches only hand a prompt K/V
+// written under the same frequencies.
+std::string rope_prompt_key(const ModelSpec& spec, int64_t prompt_length);
+
+// True when the frequencies depend on seq_len (dynamic NTK scaling, HF's or Qwen's).
+inline bool rope_depends_on_length(const ModelSpec& spec) {
+  return spec.rope_scaling.type == "dynamic" || spec.rope_scaling.type == "qwen_dynamic";
+}
 
 }  // namespace kiln

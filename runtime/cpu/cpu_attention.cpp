@@ -85,12 +85,13 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
       const float* qh = q + r.row * q_stride + h * hd;
       const int64_t first = p.sliding_window > 0 ? std::max<int64_t>(0, r.position - p.sliding_window + 1) : 0;
       const int64_t n = r.position + 1 - first;
+      const float score_scale = p.scale * logn_attention_factor(p.logn_length, r.position);
       scores.resize(size_t(n));
       float max_score = -std::numeric_limits<float>::infinity();
       for (int64_t j = 0; j < n; ++j) {
         const int64_t pos = first + j;
         const float* k = load(row_ptr(kbase, r.seq->block_table[size_t(pos / bs)], g, pos % bs), c.k_scale, g);
-        scores[j] = dot(qh, k, hd) * p.scale;
+        scores[j] = dot(qh, k, hd) * score_scale;
         if (p.softcap > 0) scores[j] = p.softcap * std::tanh(scores[j] / p.softcap);
         max_score = std::max(max_score, scores[j]);
       }

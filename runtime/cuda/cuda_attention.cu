@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     attention_kernel(const float* q, int64_t q_stride, const uint8_t* kbase, const uint8_t* vbase, KvLayout L,
                      const float* k_scale, const float* v_scale, const RowMeta* rows, const int32_t* tables,
                      int64_t num_heads, int64_t group, float score_scale, float softcap, int64_t window,
-                     float* out, int64_t keys_per_split, float* part_ml, float* part_acc) {
+                     int64_t logn_length, float* out, int64_t keys_per_split, float* part_ml, float* part_acc) {
   const RowMeta meta = rows[blockIdx.x];
   const int64_t h = blockIdx.y, g = h / group, hd = L.head_dim, bs = L.block_size;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -153,6 +153,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   }
   float m = -INFINITY, l = 0.0f;
   const int64_t pos = meta.position;
+  // Qwen's logn attention: the query of a position past logn_length is scaled (backend.h, logn_attention_factor).
+  if (logn_length > 0 && pos + 1 > logn_length) score_scale *= float(log(double(pos + 1)) / log(double(logn_length)));
   const int64_t visible_from = window > 0 ? max(int64_t(0), pos - window + 1) : 0;
   // This block's keys: split blockIdx.z of the visible range (the whole range when there is one split).
   const int64_t first = visible_from + int64_t(blockIdx.z) * keys_per_split;
@@ -317,9 +319,8 @@ void CudaBackend::attention(const float* q, int64_t q_stride, const KvCache& cac
   }
   attention_kernel<<<dim3(unsigned(rows.size()), unsigned(p.num_heads), unsigned(splits)), kWarps * 32, 0, stream_>>>(
       q, q_stride, static_cast<const uint8_t*>(cache.keys(layer)), static_cast<const uint8_t*>(cache.values(layer)),
-      layout_of(c), ks, vs, d_rows, d_tables, p.num_heads, p.num_heads / p.num_kv_heads, p.scale, p.softcap, p.sliding_window,
-      out,
-      keys_per_split, part_ml, part_acc);
+      layout_of(c), ks, vs, d_rows, d_tables, p.num_heads, p.num_heads / p.num_kv_heads, p.scale, p.softcap,
+      p.sliding_window, p.logn_length, out, keys_per_split, part_ml, part_acc);
   check_launch("attention_kernel");
   if (splits > 1) {
     attention_merge_kernel<<<dim3(unsigned(rows.size()), unsigned(p.num_heads)), 128, 0, stream_>>>(

@@ -2,17 +2,22 @@
 
 #include <algorithm>
 
+#include "runtime/backend/rope.h"
+
 namespace kiln {
 
 ChatSession::ChatSession(Model& model, int64_t context, KvDType dtype)
-    : cache_(model.backend(), model.kv_config(context, dtype)) {}
+    : cache_(model.backend(), model.kv_config(context, dtype)), spec_(model.spec()) {}
 
 ChatSession::~ChatSession() { cache_.release(seq_); }
 
 int64_t ChatSession::reuse_prefix(std::span<const int32_t> prompt) {
   const size_t limit = std::min(tokens_.size(), prompt.empty() ? size_t(0) : prompt.size() - 1);
   size_t common = 0;
-  while (common < limit && tokens_[common] == prompt[common]) ++common;
+  const std::string key = rope_prompt_key(spec_, int64_t(prompt.size()));
+  if (key == rope_key_)
+    while (common < limit && tokens_[common] == prompt[common]) ++common;
+  rope_key_ = key;
   // The cache owns every block of this sequence (nothing is shared), so cutting inside a block is safe: later writes
   // overwrite the dropped positions.
   cache_.truncate(seq_, int64_t(common));

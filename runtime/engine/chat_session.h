@@ -6,6 +6,7 @@
 // token); comparing tokens rather than trusting the turn structure keeps reuse exact in every case.
 #include <cstdint>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "runtime/kv/kv_cache.h"
@@ -22,7 +23,8 @@ class ChatSession {
   ChatSession& operator=(const ChatSession&) = delete;
 
   // Truncates the cache to the longest common prefix of `prompt` and the cached tokens, leaving at least the last
-  // prompt token to compute (its logits pick the first answer token). Returns how many tokens are reused.
+  // prompt token to compute (its logits pick the first answer token). Returns how many tokens are reused: none when
+  // the prompt's RoPE frequencies differ from those the cache was written with (Qwen's NTK alpha grew).
   int64_t reuse_prefix(std::span<const int32_t> prompt);
   // After a turn: the cache now holds `prompt` followed by the completion except its last token.
   void record(std::span<const int32_t> prompt, std::span<const int32_t> completion);
@@ -37,6 +39,8 @@ class ChatSession {
   KvCache cache_;
   KvSequence seq_;
   std::vector<int32_t> tokens_;  // the token at each cached position
+  const ModelSpec& spec_;
+  std::string rope_key_;  // rope_prompt_key of the prompt the cache was written for
 };
 
 }  // namespace kiln

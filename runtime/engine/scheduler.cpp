@@ -4,6 +4,7 @@
 #include <span>
 #include <unordered_set>
 
+#include "runtime/backend/rope.h"
 #include "runtime/core/error.h"
 
 namespace kiln {
@@ -42,7 +43,8 @@ std::vector<std::unique_ptr<Sequence>> Scheduler::make_request(std::vector<int32
   if ((len + 1 + bs - 1) / bs > cache_.allocator().num_blocks())
     throw Error("the prompt has " + std::to_string(len) + " tokens, more than the KV cache can hold");
   params.max_new_tokens = int32_t(std::min<int64_t>(params.max_new_tokens, context_ - len));
-  const uint64_t root = prefix_ ? prefix_->root(cache_salt) : 0;
+  // Blocks are shared only between prompts whose keys RoPE rotates alike (Qwen's NTK alpha follows the prompt length).
+  const uint64_t root = prefix_ ? prefix_->root(cache_salt + rope_prompt_key(model_.spec(), len)) : 0;
   std::vector<std::unique_ptr<Sequence>> choices;
   for (int32_t i = 0; i < n; ++i) {
     SamplingParams p = params;
@@ -216,7 +218,8 @@ bool Scheduler::step() {
 
   std::vector<BatchEntry> batch;
   for (auto& [s, take] : plan) {
-    batch.push_back({s->kv, std::span<const int32_t>(s->tokens).subspan(size_t(s->computed), size_t(take)), false});
+    batch.push_back(
+        {s->kv, std::span<const int32_t>(s->tokens).subspan(size_t(s->computed), size_t(take)), false, s->prompt_len});
     if (s->computed < s->prompt_len) counters_.prompt_tokens += std::min(take, s->prompt_len - s->computed);
   }
   ForwardResult r = model_.forward(batch, cache_);

@@ -121,7 +121,8 @@ ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache, Forwar
       slots.push_back(cache.slot(*b.kv, start + i));
       if (b.all_logits || i == n - 1) logit_rows.push_back(int32_t(row0 + i));
     }
-    ctx.seq_lengths.push_back(start + n);
+    const bool fixed_at_prompt = spec_.rope_scaling.type == "qwen_dynamic" && b.prompt_length > 0;
+    ctx.seq_lengths.push_back(fixed_at_prompt ? b.prompt_length : start + n);
   }
   const int64_t N = int64_t(ids.size());
   // Attention spans refer to the block tables, which stay put until the next reserve.

@@ -23,6 +23,9 @@ struct BatchEntry {
   KvSequence* kv = nullptr;         // the sequence's cache; forward() appends the new tokens' K/V (length grows)
   std::span<const int32_t> tokens;  // the new tokens, at positions kv->length, kv->length + 1, ...
   bool all_logits = false;          // logits for every new token (evaluation) rather than only the last one
+  // The length of the sequence's prompt where the caller knows it (0: unknown, taken as the length after this step).
+  // Qwen's dynamic NTK fixes a sequence's RoPE base from it for the whole generation (runtime/backend/rope.h).
+  int64_t prompt_length = 0;
 };
 
 // Sees activations during forward(), for calibration (calib/observers.h). Called on the engine thread with host

@@ -18,7 +18,7 @@ nlohmann::ordered_json spec_to_json(const ModelSpec& s) {
     rope["low_freq_factor"] = s.rope_scaling.low_freq_factor;
     rope["high_freq_factor"] = s.rope_scaling.high_freq_factor;
   }
-  if (s.rope_scaling.type == "llama3" || s.rope_scaling.type == "dynamic")
+  if (s.rope_scaling.type == "llama3" || s.rope_scaling.type == "dynamic" || s.rope_scaling.type == "qwen_dynamic")
     rope["original_max_position_embeddings"] = s.rope_scaling.original_max_position_embeddings;
   if (s.rope_style != "half") rope["style"] = s.rope_style;
   if (s.rotary_dim > 0 && s.rotary_dim != s.head_dim) rope["rotary_dim"] = s.rotary_dim;
@@ -58,6 +58,7 @@ nlohmann::ordered_json spec_to_json(const ModelSpec& s) {
   if (s.embedding_scale > 0) j["embedding_scale"] = s.embedding_scale;
   if (s.post_attn_norm) j["post_attn_norm"] = true;
   if (s.post_ffn_norm) j["post_ffn_norm"] = true;
+  if (s.logn_attn_length > 0) j["logn_attn_length"] = s.logn_attn_length;
   return j;
 }
 
@@ -67,7 +68,7 @@ int spec_format_version(const ModelSpec& s) {
                            !s.sliding_layers.empty() || s.query_scale > 0 || s.attn_softcap > 0 ||
                            s.final_softcap > 0 || s.embedding_scale > 0 || s.post_attn_norm || s.post_ffn_norm ||
                            s.rope_style != "half" || (s.rotary_dim > 0 && s.rotary_dim != s.head_dim) ||
-                           s.rope_local_theta > 0;
+                           s.rope_local_theta > 0 || s.logn_attn_length > 0 || s.rope_scaling.type == "qwen_dynamic";
   return layer_graph ? 2 : 1;
 }
 
@@ -155,7 +156,7 @@ ModelSpec spec_from_json(const json& j, const std::string& label) {
     s.rope_scaling.low_freq_factor = r.number(rope, "low_freq_factor");
     s.rope_scaling.high_freq_factor = r.number(rope, "high_freq_factor");
   }
-  if (s.rope_scaling.type == "llama3" || s.rope_scaling.type == "dynamic")
+  if (s.rope_scaling.type == "llama3" || s.rope_scaling.type == "dynamic" || s.rope_scaling.type == "qwen_dynamic")
     s.rope_scaling.original_max_position_embeddings = int64_t(r.number(rope, "original_max_position_embeddings"));
   s.tie_word_embeddings = r.boolean("tie_word_embeddings");
   s.qkv_bias = r.boolean("qkv_bias");
@@ -192,6 +193,7 @@ ModelSpec spec_from_json(const json& j, const std::string& label) {
   s.embedding_scale = r.opt_number(j, "embedding_scale", 0);
   s.post_attn_norm = r.opt_boolean("post_attn_norm", false);
   s.post_ffn_norm = r.opt_boolean("post_ffn_norm", false);
+  s.logn_attn_length = int64_t(r.opt_number(j, "logn_attn_length", 0));
   s.bos_token_id = r.integer("bos_token_id");
   const json& eos = r.at("eos_token_ids");
   if (!eos.is_array()) throw Error(label + ": model field 'eos_token_ids' must be a list");
@@ -415,7 +417,7 @@ void validate_spec(const ModelSpec& s, const std::string& label) {
   check_positive(s.rope_theta, kMaxRopeTheta, "rope.theta", "rope_theta", label);
   const RopeScaling& r = s.rope_scaling;
   if (r.type != "none") check_positive(r.factor, kMaxRopeFactor, "rope.factor", "rope_scaling.factor", label);
-  if (r.type == "llama3" || r.type == "dynamic")
+  if (r.type == "llama3" || r.type == "dynamic" || r.type == "qwen_dynamic")
     check_range(r.original_max_position_embeddings, 1, kMaxPositions, "rope.original_max_position_embeddings",
                 "rope_scaling.original_max_position_embeddings", label);
   if (r.type == "llama3") {
@@ -424,6 +426,7 @@ void validate_spec(const ModelSpec& s, const std::string& label) {
     if (r.high_freq_factor <= r.low_freq_factor)
       throw Error(label + ": rope.high_freq_factor must be greater than rope.low_freq_factor");
   }
+  check_range(s.logn_attn_length, 0, kMaxPositions, "logn_attn_length", "seq_length", label);
   if (s.bos_token_id != -1) check_range(s.bos_token_id, 0, s.vocab_size - 1, "bos_token_id", nullptr, label);
   for (int64_t id : s.eos_token_ids) check_range(id, 0, s.vocab_size - 1, "eos_token_id", nullptr, label);
 }

@@ -13,12 +13,12 @@
 namespace kiln {
 
 struct RopeScaling {
-  std::string type = "none";  // none | linear | dynamic | llama3
-  double factor = 1.0;
+  std::string type = "none";  // none | linear | dynamic | llama3 | qwen_dynamic
+  double factor = 1.0;        // qwen_dynamic: unused (1)
   // llama3 only
   double low_freq_factor = 1.0;
   double high_freq_factor = 4.0;
-  int64_t original_max_position_embeddings = 0;
+  int64_t original_max_position_embeddings = 0;  // also dynamic and qwen_dynamic (Qwen's seq_length)
 };
 
 struct ModelSpec {
@@ -62,6 +62,8 @@ struct ModelSpec {
   double embedding_scale = 0;        // token embeddings multiplied by this; 0: not scaled
   bool post_attn_norm = false;       // a norm on the attention output before the residual add (Gemma 2/3, GLM-4)
   bool post_ffn_norm = false;        // likewise on the MLP output
+  int64_t logn_attn_length = 0;      // Qwen's use_logn_attn: a query at position p >= this many positions has its
+                                     // scores multiplied by ln(p + 1) / ln(logn_attn_length); 0: off
 
   int64_t q_size() const { return num_heads * head_dim; }
   int64_t kv_size() const { return num_kv_heads * head_dim; }

@@ -27,6 +27,7 @@ struct Scenario {
   std::vector<int64_t> new_rows;  // query rows of each sequence (the last positions)
   int64_t window = 0;
   float softcap = 0;
+  int64_t logn = 0;  // Qwen's logn attention past this many positions
 };
 
 KvCacheConfig config(KvDType dt, int64_t hd, int32_t num_blocks = 1100) {
@@ -81,6 +82,7 @@ CacheRun fill_and_attend(Backend& b, const KvCacheConfig& c, const Scenario& s, 
   p.scale = 1.0f / std::sqrt(float(hd));
   p.sliding_window = s.window;
   p.softcap = s.softcap;
+  p.logn_length = s.logn;
   b.attention(qb->f32(), q_stride, cache, 1, att, p, out->f32());
 
   CacheRun r;
@@ -100,6 +102,7 @@ const std::vector<Scenario>& scenarios() {
       {"mixed prefill chunk and decode", {50, 9}, {20, 1}},
       {"sliding window", {45, 30}, {45, 2}, 8},
       {"soft-capped scores", {40, 300}, {40, 1}, 0, 2.0f},
+      {"logn-scaled queries", {70, 1500}, {70, 1}, 0, 0, 24},
       {"long context decode (key splits)", {1500}, {1}},
       {"decode past the key-split cap", {16500}, {1}},
   };

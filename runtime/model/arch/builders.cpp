@@ -16,6 +16,8 @@ ModelGraph build_model_graph(const ModelSpec& spec) {
       {"phi3", arch::build_llama},       // Phi-3's block is Llama's; only its checkpoint layout differs (convert/)
       {"internlm", arch::build_llama},   // InternLM's and InternLM2's blocks are Llama's too
       {"internlm2", arch::build_llama},  // (convert/arch_internlm.cpp)
+      {"chatglm", arch::build_glm},      // ChatGLM2/3's original layout is GLM's graph (convert/arch_chatglm.cpp)
+      {"qwen", arch::build_llama},       // Qwen v1 likewise; its logn attention and NTK RoPE are spec data
   };
   for (const Builder& b : kBuilders)
     if (spec.family == b.family) return b.build(spec);

@@ -33,6 +33,7 @@ AttentionConfig attention(const ModelSpec& s, int64_t layer) {
   c.scale = s.query_scale > 0 ? float(s.query_scale) : float(1.0 / std::sqrt(double(s.head_dim)));
   c.softcap = float(s.attn_softcap);
   c.sliding_window = s.window(layer);
+  c.logn_length = s.logn_attn_length;
   if (!s.learned_positions) {
     c.rotary_dim = s.rotary();
     c.rope_interleaved = s.rope_style == "interleaved";

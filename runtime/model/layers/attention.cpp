@@ -41,6 +41,7 @@ void Attention::forward(ForwardContext& ctx, const Buffer& in, float* out) const
   ap.scale = c.scale;
   ap.softcap = c.softcap;
   ap.sliding_window = c.sliding_window;
+  ap.logn_length = c.logn_length;
   be.attention(qkv, stride, *ctx.cache, c.cache_layer, ctx.seqs, ap, attn);
   o_.forward(ctx, attn_buf, out);
 }

@@ -19,6 +19,7 @@ struct AttentionConfig {
   bool qk_norm_plus_one = false;  // q/k norms apply (1 + w) (Gemma 3)
   float scale = 0;                // multiplies q·k
   float softcap = 0;              // 0: none
+  int64_t logn_length = 0;        // Qwen's use_logn_attn (AttentionParams::logn_length); 0: off
   int64_t sliding_window = 0;
   // RoPE: none when rotary_dim is 0 (learned absolute positions instead)
   int64_t rotary_dim = 0;

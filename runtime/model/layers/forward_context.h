@@ -40,7 +40,8 @@ struct ForwardContext {
   std::span<const int32_t> ids, positions, seq_of_row;  // per row
   std::span<const int64_t> slots;                       // per row: its cache slot
   std::span<const AttentionSequence> seqs;
-  std::vector<int64_t> seq_lengths;  // per sequence: its length after this step (dynamic RoPE depends on it)
+  // per sequence: its length after this step, which dynamic RoPE depends on (Qwen's: its prompt length when known)
+  std::vector<int64_t> seq_lengths;
   ForwardObserver* observer = nullptr;
 
   // Per-sequence inverse frequencies (rotary/2 floats each) for RoPE base `theta`, with or without the spec's

@@ -115,6 +115,26 @@ BpeModel::BpeModel(const json& m, const JsonWhere& w) {
   }
 }
 
+BpeModel::BpeModel(const std::vector<std::string>& tokens) {
+  vocab_.reserve(tokens.size());
+  id_to_token_ = tokens;
+  has_id_.assign(tokens.size(), true);
+  for (size_t i = 0; i < tokens.size(); ++i) vocab_.emplace(tokens[i], int32_t(i));
+  ignore_merges_ = true;
+  std::fill(std::begin(byte_ids_), std::end(byte_ids_), -1);
+  for (int c = 0; c < 128; ++c) ascii_ids_[c] = token_to_id(std::string(1, static_cast<char>(c)));
+  merges_.reserve(tokens.size() * 2);
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    const std::string& t = tokens[i];
+    for (size_t cut = char_len(static_cast<unsigned char>(t[0])); cut < t.size();
+         cut += char_len(static_cast<unsigned char>(t[cut]))) {
+      const int32_t a = token_to_id(std::string_view(t).substr(0, cut)),
+                    b = token_to_id(std::string_view(t).substr(cut));
+      if (a >= 0 && b >= 0) merges_.insert(a, b, {uint32_t(i), int32_t(i)});
+    }
+  }
+}
+
 int32_t BpeModel::token_to_id(std::string_view token) const {
   auto it = vocab_.find(token);
   return it == vocab_.end() ? -1 : it->second;

@@ -50,6 +50,11 @@ class BpeModel {
  public:
   // `model` is tokenizer.json's "model" object. Throws kiln::Error naming the field on malformed input.
   BpeModel(const json& model, const JsonWhere& where);
+  // A tiktoken vocabulary: tokens[i] (spelled byte-level, as the ByteLevel pre-tokenizer writes words) has id and
+  // rank i. tiktoken merges the adjacent pair whose concatenation has the lowest rank, leftmost first, and takes a
+  // word that is itself a token whole: so every split of a token into two tokens is a merge ranked by that token, and
+  // ignore_merges is on. Every single byte must be a token (the caller checks).
+  explicit BpeModel(const std::vector<std::string>& tiktoken_tokens);
 
   // Appends the ids of one pre-tokenized word.
   void tokenize(std::string_view word, std::vector<int32_t>& out) const;

@@ -11,7 +11,7 @@ namespace kiln {
 const std::vector<std::string>& tokenizer_file_names() {
   static const std::vector<std::string> names = {"tokenizer.json",     "tokenizer.model",     "tokenizer_config.json",
                                                  "special_tokens_map.json", "added_tokens.json", "vocab.json",
-                                                 "merges.txt",         "generation_config.json"};
+                                                 "merges.txt",         "generation_config.json", "qwen.tiktoken"};
   return names;
 }
 
@@ -23,17 +23,20 @@ TokenizerFiles locate_tokenizer_files(const fs::path& path) {
     f.dir = path.parent_path().empty() ? fs::path(".") : path.parent_path();
     if (path.extension() == ".model")
       f.tokenizer_model = path;
+    else if (path.extension() == ".tiktoken")
+      f.tiktoken = path;
     else
       f.tokenizer_json = path;
   } else {
     f.dir = path;
     if (fs::is_regular_file(path / "tokenizer.json", ec)) f.tokenizer_json = path / "tokenizer.json";
     if (fs::is_regular_file(path / "tokenizer.model", ec)) f.tokenizer_model = path / "tokenizer.model";
+    if (fs::is_regular_file(path / "qwen.tiktoken", ec)) f.tiktoken = path / "qwen.tiktoken";
   }
   if (fs::is_regular_file(f.dir / "tokenizer_config.json", ec)) f.tokenizer_config = f.dir / "tokenizer_config.json";
   if (fs::is_regular_file(f.dir / "generation_config.json", ec)) f.generation_config = f.dir / "generation_config.json";
-  if (!f.tokenizer_json && !f.tokenizer_model)
-    throw Error(path.string() + ": no tokenizer found (expected tokenizer.json or tokenizer.model)");
+  if (!f.tokenizer_json && !f.tokenizer_model && !f.tiktoken)
+    throw Error(path.string() + ": no tokenizer found (expected tokenizer.json, tokenizer.model or qwen.tiktoken)");
   return f;
 }
 

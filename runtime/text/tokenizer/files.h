@@ -15,6 +15,7 @@ struct TokenizerFiles {
   std::filesystem::path dir;                             // directory holding the files
   std::optional<std::filesystem::path> tokenizer_json;   // tokenizer.json
   std::optional<std::filesystem::path> tokenizer_model;  // SentencePiece tokenizer.model
+  std::optional<std::filesystem::path> tiktoken;         // Qwen v1's qwen.tiktoken (when neither of the above)
   std::optional<std::filesystem::path> tokenizer_config; // tokenizer_config.json
   std::optional<std::filesystem::path> generation_config;
 };

@@ -43,6 +43,9 @@ struct TokenizerImpl {
 // tokenizer.json "post_processor" -> prefix/suffix ids.
 PostProcessor make_post_processor(const json& j, const JsonWhere& where, const TokenizerImpl& impl);
 
+// Qwen v1's qwen.tiktoken with its special tokens and regex (tokenizer_tiktoken.cpp).
+std::shared_ptr<TokenizerImpl> load_tiktoken(const std::filesystem::path& file);
+
 // SentencePiece support (tokenizer_sp.cpp).
 std::shared_ptr<SentencePieceModel> load_sentencepiece(const std::string& path);
 int32_t sp_piece_to_id(const SentencePieceModel& m, std::string_view piece);  // -1 when absent
@@ -51,5 +54,10 @@ size_t sp_size(const SentencePieceModel& m);
 void sp_encode(const SentencePieceModel& m, std::string_view text, std::vector<int32_t>& out);
 std::string sp_decode(const SentencePieceModel& m, const std::vector<int32_t>& ids);
 std::vector<AddedToken> sp_control_tokens(const SentencePieceModel& m);
+
+// ChatGLM2/3's tokenizer (tokenizer_chatglm.cpp): recognised by tokenizer_config.json's tokenizer_class; its command
+// and role tokens, numbered from the SentencePiece vocabulary size on.
+bool is_chatglm_tokenizer(const json& tokenizer_config);
+std::vector<AddedToken> chatglm_command_tokens(size_t sp_vocab_size);
 
 }  // namespace kiln::text

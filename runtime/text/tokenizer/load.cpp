@@ -239,7 +239,10 @@ std::shared_ptr<TokenizerImpl> build(const json* tok_json, const std::string& na
     if (auto it = j.find("post_processor"); it != j.end() && !it->is_null()) post_json = &*it;
   } else {
     impl->sp = std::move(sp);
-    added = text::sp_control_tokens(*impl->sp);
+    // ChatGLM's code matches only its command tokens in text; <s>, </s> and <unk> stay text, as SentencePiece
+    // reads them.
+    added = text::is_chatglm_tokenizer(cfg_in) ? text::chatglm_command_tokens(text::sp_size(*impl->sp))
+                                               : text::sp_control_tokens(*impl->sp);
   }
 
   const bool llama_pipeline = compat == TokenizerCompat::Transformers && tok_json &&
@@ -270,7 +273,15 @@ std::shared_ptr<TokenizerImpl> build(const json* tok_json, const std::string& na
   impl->bos = config_token_id(*impl, names, "bos_token", added);
   impl->eos = config_token_id(*impl, names, "eos_token", added);
 
-  if (compat == TokenizerCompat::Transformers && !tok_json) {
+  if (!tok_json && text::is_chatglm_tokenizer(cfg_in)) {
+    // ChatGLM2/3 start every encoded text with [gMASK] sop and add no BOS or EOS; EOS is the model's </s>.
+    impl->bos.reset();
+    const int32_t eos = text::sp_piece_to_id(*impl->sp, "</s>");
+    impl->eos = eos >= 0 ? std::optional<int32_t>(eos) : std::nullopt;
+    if (compat == TokenizerCompat::Transformers)
+      for (const AddedToken& t : added)
+        if (t.content == "[gMASK]" || t.content == "sop") impl->post.prefix.push_back(t.id);
+  } else if (compat == TokenizerCompat::Transformers && !tok_json) {
     // A SentencePiece model alone: transformers' slow tokenizer follows add_bos_token / add_eos_token, with the
     // Llama convention (BOS unless told otherwise).
     bool add_bos = cfg.value("add_bos_token", true);
@@ -307,6 +318,8 @@ Tokenizer Tokenizer::load(const TokenizerFiles& files, TokenizerCompat compat) {
   json cfg = read_tokenizer_config(files);
   std::string cfg_name = files.tokenizer_config ? files.tokenizer_config->string() : "tokenizer_config.json";
   LoadContext ctx{directory_model_type(files.dir), false};
+  if (!files.tokenizer_json && !files.tokenizer_model && files.tiktoken)
+    return Tokenizer(text::load_tiktoken(*files.tiktoken));
   if (files.tokenizer_json) {
     std::string name = files.tokenizer_json->string();
     const std::string text = read_file(*files.tokenizer_json);
