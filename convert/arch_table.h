@@ -30,8 +30,8 @@ struct HfConfigReader {
 void read_rope(const HfConfigReader& r, ModelSpec& s);
 
 // One canonical tensor suffix (as in canonical_tensors) and the HF tensors it is made of: their patterns ("{i}" is
-// the layer index), concatenated along dim 0 in order. `transpose`: each source is stored [in, out] (GPT-2's
-// Conv1D) and is transposed to the canonical [out, in].
+// the layer index, "{e}" the expert's), concatenated along dim 0 in order. `transpose`: each source is stored [in, out]
+// (GPT-2's Conv1D) and is transposed to the canonical [out, in].
 struct HfPart {
   const char* canonical;
   std::vector<const char*> sources;
@@ -106,5 +106,10 @@ int64_t read_rotary_dim(const HfConfigReader& r, int64_t head_dim, double fallba
 extern const std::vector<HfPart> kGemmaParts;
 extern const std::vector<HfPart> kGlmParts;
 extern const std::vector<HfPart> kPhi3Parts;
+void read_mixtral_config(const HfConfigReader& r, ModelSpec& s);
+void read_qwen2_moe_config(const HfConfigReader& r, ModelSpec& s);
+void read_qwen3_moe_config(const HfConfigReader& r, ModelSpec& s);
+extern const std::vector<HfPart> kMixtralParts;
+extern const std::vector<HfPart> kQwenMoeParts;
 
 }  // namespace kiln

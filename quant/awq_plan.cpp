@@ -346,6 +346,9 @@ AwqPlan awq_plan(const std::filesystem::path& workspace, const AwqOptions& o, in
   plan.data_sha256 = sha256_file(o.data.string(), &size);
   LoadedModel m = load_model(workspace, threads);
   const ModelSpec& spec = m.model->spec();
+  // The scale groups below are those of a dense MLP; experts need their own (per-expert down projections).
+  if (spec.num_experts > 0)
+    throw Error(workspace.string() + ": AWQ for mixture-of-experts models is not implemented yet; use --method rtn");
   calib::Blocks blocks = sample(workspace, *m.model, o);
   plan.blocks = blocks.count();
   plan.seqlen = blocks.seqlen;

@@ -10,10 +10,11 @@ ModelGraph build_model_graph(const ModelSpec& spec) {
     ModelGraph (*build)(const ModelSpec&);
   };
   static const Builder kBuilders[] = {
-      {"llama", arch::build_llama},  {"mistral", arch::build_llama}, {"qwen2", arch::build_llama},
-      {"qwen3", arch::build_llama},  {"gpt2", arch::build_gpt2},     {"gemma2", arch::build_gemma},
-      {"gemma3", arch::build_gemma}, {"glm", arch::build_glm},       {"glm4", arch::build_glm},
+      {"llama", arch::build_llama},   {"mistral", arch::build_llama},   {"qwen2", arch::build_llama},
+      {"qwen3", arch::build_llama},   {"gpt2", arch::build_gpt2},       {"gemma2", arch::build_gemma},
+      {"gemma3", arch::build_gemma},  {"glm", arch::build_glm},         {"glm4", arch::build_glm},
       {"phi3", arch::build_llama},  // Phi-3's block is Llama's; only its checkpoint layout differs (convert/)
+      {"mixtral", arch::build_llama}, {"qwen2_moe", arch::build_llama}, {"qwen3_moe", arch::build_llama},
   };
   for (const Builder& b : kBuilders)
     if (spec.family == b.family) return b.build(spec);
