@@ -104,6 +104,8 @@ def test_workspace_records_the_routing(workspaces):
                            "shared_intermediate_size": 64, "layers": [False, True]}
     assert json.loads((workspaces["mixtral"] / "kiln.json").read_text())["model"]["moe"]["renormalize"] is True
     assert json.loads((workspaces["qwen2-moe"] / "kiln.json").read_text())["model"]["moe"]["renormalize"] is False
+    shown = run_kiln("inspect", workspaces["qwen2-moe"]).stdout
+    assert "experts        8, top-2, expert ffn 32, shared expert ffn 64" in shown, shown
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2-moe-dense0", "qwen3-moe"])
