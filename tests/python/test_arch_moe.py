@@ -198,9 +198,70 @@ def test_missing_or_misshapen_expert_is_refused(checkpoints, tmp_path):
     assert "model.layers.1.block_sparse_moe.experts.2.w3.weight" in line and "missing" in line
 
 
-def test_awq_is_refused_with_one_line(workspaces, tmp_path):
-    out = tmp_path / "awq"
-    r = run_kiln("quantize", workspaces["mixtral"], "-o", out, "--method", "awq", "--group-size", 32, "--data", CALIB, "--samples", 2,
-                 "--seqlen", 16, check=False)
-    assert r.returncode == 1 and "mixture-of-experts" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not out.exists()
+@pytest.mark.parametrize("name", ["mixtral", "qwen2-moe-dense0"])
+def test_awq_folding_is_exact(name, workspaces, tmp_path):
+    """--awq-fold-only folds the searched scales without quantizing: ffn_norm divided, the router's, every expert's
+    gate_up, the shared expert's and its gate's columns multiplied, each expert's up rows divided and down columns
+    multiplied. The logits must not move."""
+    from safetensors.numpy import load_file as load_np
+    ws, folded = workspaces[name], tmp_path / "folded"
+    run_kiln("quantize", ws, "-o", folded, "--method", "awq", "--group-size", 32, "--awq-fold-only", "--data", CALIB,
+             "--samples", 8, "--seqlen", 32, "--seed", 1)
+    for w in (ws, folded):
+        run_kiln("eval", w, "--text", EVAL, "--ctx", 64, "--max-tokens", 256, "--save-logits",
+                 tmp_path / f"{w.name}.safetensors")
+    ref, got = load_np(str(tmp_path / f"{ws.name}.safetensors")), load_np(str(tmp_path / "folded.safetensors"))
+    a, b = load_np(str(next(ws.glob("weights-*.safetensors")))), load_np(str(next(folded.glob("weights-*.safetensors"))))
+    for t in ("layers.1.ffn_norm.weight", "layers.1.ffn.router.weight", "layers.1.ffn.experts.0.down.weight"):
+        assert not np.array_equal(a[t], b[t]), t  # scales were folded
+    assert np.abs(ref["logits"] - got["logits"]).max() < 1e-4
+
+
+@pytest.fixture(scope="module")
+def outlier_moe(fixture_models, tmp_path_factory):
+    """A Qwen2-MoE whose attention and MLP input norms carry 3 outlier channels (40x)."""
+    torch.manual_seed(5)
+    cfg = Qwen2MoeConfig(**COMMON, intermediate_size=96, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                         num_experts=4)
+    model = Qwen2MoeForCausalLM(cfg).float()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[[3, 17, 40]] *= 40.0
+            layer.mlp.gate.weight.mul_(8.0)
+    out = tmp_path_factory.mktemp("moe_outliers") / "hf"
+    model.save_pretrained(out)
+    copy_tokenizer(fixture_models / "llama-fp32-sharded", out)
+    ws = out.parent / "ws"
+    run_kiln("convert", out, "-o", ws, "--dtype", "fp32")
+    return ws
+
+
+def test_awq_beats_rtn(outlier_moe, tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text(EVAL.read_text(encoding="utf-8")[:6000], encoding="utf-8")
+
+    def quantize(out, method, *extra):
+        r = run_kiln("quantize", outlier_moe, "-o", out, "--method", method, "--group-size", 32, "--eval-text", text,
+                     "--eval-ctx", 128, "--json", *extra)
+        return json.loads(r.stdout)["quality"], r.stderr
+
+    rtn, _ = quantize(tmp_path / "rtn", "rtn")
+    awq, _ = quantize(tmp_path / "awq", "awq", "--data", CALIB, "--samples", 16, "--seqlen", 64, "--seed", 1)
+    print("RTN", rtn, "\nAWQ", awq)
+    assert awq["kld_mean"] < 0.7 * rtn["kld_mean"], (awq, rtn)
+
+
+def test_awq_reports_experts_without_tokens_and_quantizes_them_rtn(workspaces, tmp_path):
+    """One calibration block of 2 tokens reaches at most 4 of the 8 experts of each layer (top-2): the others get a
+    note, are listed in kiln.json, and are quantized RTN; the workspace is complete and runs."""
+    q = tmp_path / "q"
+    r = run_kiln("quantize", workspaces["qwen2-moe"], "-o", q, "--method", "awq", "--group-size", 32, "--data", CALIB,
+                 "--samples", 1, "--seqlen", 2, "--seed", 3)
+    alpha = json.loads((q / "kiln.json").read_text())["quantization"]["weights"]["awq"]["alpha"]
+    for layer, a in enumerate(alpha):
+        assert len(a["idle_experts"]) >= 4, a
+        for e in a["idle_experts"]:
+            assert f"layer {layer} expert {e} received no calibration tokens; it is quantized RTN" in r.stderr
+    run_kiln("verify", q)
+    assert json.loads(run_kiln("generate", q, "--prompt", "The fox", "-n", 4, "--json").stdout)["completion_tokens"]
