@@ -67,7 +67,7 @@ __global__ void fill_kernel(float* y, float v, int64_t n) {
 
 }  // namespace
 
-// Slots 8 and 9 of the staging area are the MoE ops' (0-7 belong to embedding, rope, attention and logits).
+// Staging slots 8 and 9 are the MoE ops' (cuda_backend.cu sizes the staging area for them).
 void CudaBackend::moe_route(const float* logits, int64_t rows, int64_t experts, int64_t top_k, bool renormalize,
                             int32_t* expert_ids, float* weights) {
   if (rows == 0) return;
