@@ -398,8 +398,11 @@ AwqPlan awq_plan(const std::filesystem::path& workspace, const AwqOptions& o, in
   std::vector<int64_t> slot(size_t(blocks.count()), -1);
   for (int64_t i = 0; i < cached; ++i) slot[size_t(i * blocks.count() / cached)] = i;
   plan.loss_blocks = cached;
-  const uint64_t per_layer =
-      uint64_t(8) * uint64_t(2 * H * H + Q * Q + I * I) + uint64_t(2 * 4) * uint64_t(cached * blocks.seqlen * H);
+  // An MoE layer also holds one Gram per expert's down input (and the shared expert's).
+  const int64_t EI = spec.expert_intermediate_size, SI = spec.shared_expert_intermediate_size;
+  const uint64_t moe_grams = spec.num_experts > 0 ? uint64_t(8) * uint64_t(spec.num_experts * EI * EI + SI * SI) : 0;
+  const uint64_t per_layer = uint64_t(8) * uint64_t(2 * H * H + Q * Q + I * I) +
+                             uint64_t(2 * 4) * uint64_t(cached * blocks.seqlen * H) + moe_grams;
   const int64_t chunk = std::max<int64_t>(1, int64_t(o.memory_budget / std::max<uint64_t>(per_layer, 1)));
   std::unique_ptr<AwqDump> dump;
   if (!o.dump.empty()) dump = std::make_unique<AwqDump>(o.dump, spec, blocks, slot, cached);
