@@ -1,15 +1,17 @@
 // The mixture-of-experts ops of the backend seam (backend_ops.h): the router's softmax/top-k with and without
 // renormalisation, the row gather and weighted scatter-add, the sigmoid row gate and fill. On the CPU backend against
 // plain reference loops written here (softmax in double, top-k by sorting); on the CUDA backend against the CPU
-// backend (skipped, with one line, without a CUDA device). The layer built from them (MoeMlp) is checked against
-// transformers in tests/python/test_arch_moe.py.
+// backend (skipped, with one line, without a CUDA device). The layer built from them (MoeMlp) is checked here against
+// a token-by-token reference and for batch invariance, and against transformers in tests/python/test_arch_moe.py.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <map>
 #include <numeric>
 
+#include "runtime/model/layers/moe_mlp.h"
 #include "tests/unit/cuda_parity.h"
 
 namespace kiln {
@@ -144,6 +146,105 @@ TEST(MoeOps, CudaMatchesCpu) {
     return out;
   };
   expect_close(run(gpu), run(cpu), 1e-6f, 1e-5f, "gather, scatter_add, sigmoid gate, fill");
+}
+
+// A random MoE layer (6 experts, top-2, optionally a shared expert) as host tensors under canonical names.
+struct MoeFixture {
+  MoeConfig c;
+  HostSource src;
+  std::map<std::string, std::vector<float>> w;
+  MoeFixture(bool shared, bool renormalize) {
+    c = {"layers.0.ffn", 64, 32, 6, 2, renormalize, shared ? 48 : 0};
+    uint32_t seed = 20;
+    auto add = [&](const std::string& name, int64_t rows, int64_t cols, float range) {
+      w[name] = random_floats(size_t(rows * cols), seed++, -range, range);
+      src.add(name, w[name], {rows, cols});
+    };
+    add("layers.0.ffn.router.weight", c.num_experts, c.hidden, 1.0f);
+    for (int64_t e = 0; e < c.num_experts; ++e) {
+      add("layers.0." + names::expert(e, "gate_up"), 2 * c.expert_inter, c.hidden, 0.2f);
+      add("layers.0." + names::expert(e, "down"), c.hidden, c.expert_inter, 0.2f);
+    }
+    if (shared) {
+      add("layers.0.ffn.shared.gate_up.weight", 2 * c.shared_inter, c.hidden, 0.2f);
+      add("layers.0.ffn.shared.down.weight", c.hidden, c.shared_inter, 0.2f);
+      add("layers.0.ffn.shared_gate.weight", 1, c.hidden, 0.3f);
+    }
+  }
+  std::vector<float> forward(Backend& be, const std::vector<float>& x) {
+    MoeMlp layer;
+    layer.load(src, be, c);
+    ModelSpec spec;
+    Scratch scratch(be);
+    ForwardContext ctx(be, spec, scratch);
+    ctx.rows = int64_t(x.size()) / c.hidden;
+    auto in = to_backend(be, x), out = be.alloc(x.size() * 4);
+    layer.forward(ctx, *in, out->f32());
+    return from_backend(be, *out, x.size());
+  }
+  // y = W x for W [rows, cols] in double.
+  std::vector<double> mv(const std::string& name, const std::vector<double>& x, int64_t rows) {
+    const std::vector<float>& m = w.at(name);
+    std::vector<double> y(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r)
+      for (size_t k = 0; k < x.size(); ++k) y[size_t(r)] += double(m[size_t(r) * x.size() + k]) * x[k];
+    return y;
+  }
+  std::vector<double> gated_mlp(const std::string& prefix, const std::vector<double>& x, int64_t inter) {
+    const std::vector<double> gu = mv(prefix + ".gate_up.weight", x, 2 * inter);
+    std::vector<double> a(static_cast<size_t>(inter));
+    for (int64_t i = 0; i < inter; ++i)
+      a[size_t(i)] = gu[size_t(i)] / (1 + std::exp(-gu[size_t(i)])) * gu[size_t(inter + i)];
+    return mv(prefix + ".down.weight", a, c.hidden);
+  }
+  // One token at a time, every expert's MLP in double: the definition, without gathering or grouping.
+  std::vector<float> reference(const std::vector<float>& x) {
+    std::vector<float> out;
+    for (size_t t = 0; t < x.size() / size_t(c.hidden); ++t) {
+      const std::vector<double> xt(x.begin() + long(t * c.hidden), x.begin() + long((t + 1) * c.hidden));
+      const std::vector<double> logits = mv("layers.0.ffn.router.weight", xt, c.num_experts);
+      const Routed r =
+          reference_route(std::vector<float>(logits.begin(), logits.end()), 1, c.num_experts, c.top_k, c.renormalize);
+      std::vector<double> y(static_cast<size_t>(c.hidden));
+      for (int64_t k = 0; k < c.top_k; ++k) {
+        const std::vector<double> e =
+            gated_mlp("layers.0.ffn.experts." + std::to_string(r.ids[size_t(k)]), xt, c.expert_inter);
+        for (int64_t i = 0; i < c.hidden; ++i) y[size_t(i)] += r.weights[size_t(k)] * e[size_t(i)];
+      }
+      if (c.shared_inter > 0) {
+        const std::vector<double> s = gated_mlp("layers.0.ffn.shared", xt, c.shared_inter);
+        const double g = 1 / (1 + std::exp(-mv("layers.0.ffn.shared_gate.weight", xt, 1)[0]));
+        for (int64_t i = 0; i < c.hidden; ++i) y[size_t(i)] += g * s[size_t(i)];
+      }
+      out.insert(out.end(), y.begin(), y.end());
+    }
+    return out;
+  }
+};
+
+TEST(MoeOps, CpuLayerMatchesTokenByTokenReferenceAndIsBatchInvariant) {
+  Backend& cpu = cuda_test::cpu_backend();
+  for (bool shared : {false, true})
+    for (bool renorm : {false, true}) {
+      MoeFixture f(shared, renorm);
+      const int64_t rows = 23;
+      const auto x = random_floats(size_t(rows * f.c.hidden), 7, -2, 2);
+      const auto got = f.forward(cpu, x);
+      const std::string what = std::string("shared ") + (shared ? "1" : "0") + " renorm " + (renorm ? "1" : "0");
+      expect_close(got, f.reference(x), 1e-5f, 1e-4f, "MoeMlp " + what);
+      // Rows 5..8 alone: other experts' groups are smaller or empty, and each row's result must not change.
+      const std::vector<float> part(x.begin() + 5 * f.c.hidden, x.begin() + 9 * f.c.hidden);
+      const auto alone = f.forward(cpu, part);
+      EXPECT_EQ(alone, std::vector<float>(got.begin() + 5 * f.c.hidden, got.begin() + 9 * f.c.hidden)) << what;
+    }
+}
+
+TEST(MoeOps, CudaLayerMatchesCpu) {
+  KILN_REQUIRE_CUDA(gpu);
+  Backend& cpu = cuda_test::cpu_backend();
+  MoeFixture f(true, false);
+  const auto x = random_floats(size_t(37 * f.c.hidden), 8, -2, 2);
+  expect_close(f.forward(gpu, x), f.forward(cpu, x), 1e-5f, 1e-4f, "MoeMlp on CUDA");
 }
 
 }  // namespace
