@@ -124,6 +124,10 @@ def test_generate_eval_and_rtn(name, workspaces, tmp_path):
     assert "ffn.experts.gate_up" in modules and "ffn.experts.down" in modules
     names = load_file(str(next(q.glob("weights-*.safetensors"))))
     assert "layers.1.ffn.experts.1.down.qweight" in names and "layers.1.ffn.router.weight" in names
+    r = run_kiln("export", q, "--format", "autoawq", "-o", tmp_path / "aa", check=False)
+    assert r.returncode == 1 and "mixture-of-experts" in r.stderr and not (tmp_path / "aa").exists()
+    r = run_kiln("export", q, "--format", "gguf", "-o", tmp_path / "x.gguf", check=False)
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.gguf").exists()
     base = json.loads(run_kiln("eval", ws, "--text", text, "--ctx", 64, "--json").stdout)
     quant = json.loads(run_kiln("eval", q, "--text", text, "--ctx", 64, "--json").stdout)
     assert np.isfinite(base["ppl"]) and np.isfinite(quant["ppl"])
