@@ -269,6 +269,12 @@ def test_awq_reports_experts_without_tokens_and_quantizes_them_rtn(workspaces, t
             assert f"layer {layer} expert {e} received no calibration tokens; it is quantized RTN" in r.stderr
     run_kiln("verify", q)
     assert json.loads(run_kiln("generate", q, "--prompt", "The fox", "-n", 4, "--json").stdout)["completion_tokens"]
+    # kiln calibrate reports them too, in its report and on stderr.
+    r = run_kiln("calibrate", workspaces["qwen2-moe"], "--data", CALIB, "--samples", 1, "--seqlen", 2, "--seed", 3,
+                 "-o", tmp_path / "s.safetensors", "--json")
+    idle = json.loads(r.stdout)["idle_experts"]
+    assert idle == [f"layers.{i}.ffn.experts.{e}" for i, a in enumerate(alpha) for e in a["idle_experts"]]
+    assert all(f"{name} received no calibration tokens" in r.stderr for name in idle)
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2-moe"])
