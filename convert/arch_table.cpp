@@ -138,6 +138,19 @@ const std::vector<ArchEntry>& architecture_table() {
        {"rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias"},
        "",
        {"hidden_size", "intermediate_size / 2", "num_attention_heads", "num_attention_heads", "vocab_size"}},
+      {"MixtralForCausalLM", "mixtral", read_mixtral_config, &kMixtralParts, "lm_head.weight", {"rotary_emb.inv_freq"}},
+      {"Qwen2MoeForCausalLM",
+       "qwen2_moe",
+       read_qwen2_moe_config,
+       &kQwenMoeParts,
+       "lm_head.weight",
+       {"rotary_emb.inv_freq"}},
+      {"Qwen3MoeForCausalLM",
+       "qwen3_moe",
+       read_qwen3_moe_config,
+       &kQwenMoeParts,
+       "lm_head.weight",
+       {"rotary_emb.inv_freq"}},
   };
   return table;
 }
@@ -184,10 +197,12 @@ std::vector<int64_t> qkv_per_kv_group_blocks(const ModelSpec& s) {
   return blocks;
 }
 
-std::string layer_name(const char* pattern, int64_t i) {
+std::string layer_name(const char* pattern, int64_t i, int64_t expert) {
   std::string p = pattern;
   auto pos = p.find("{i}");
   if (pos != std::string::npos) p.replace(pos, 3, std::to_string(i));
+  pos = p.find("{e}");
+  if (pos != std::string::npos) p.replace(pos, 3, std::to_string(expert));
   return p;
 }
 
@@ -227,11 +242,11 @@ std::vector<int64_t> TensorMapping::source_shape(size_t p) const {
 std::vector<TensorMapping> tensor_mappings(const ModelSpec& s, const ArchEntry& arch) {
   std::vector<TensorMapping> out;
   for (const CanonicalTensor& c : canonical_tensors(s)) {
-    auto it =
-        std::find_if(arch.parts->begin(), arch.parts->end(), [&](const HfPart& p) { return c.suffix == p.canonical; });
+    const std::string key = names::expert_pattern(c.suffix);  // one part entry serves every expert
+    auto it = std::find_if(arch.parts->begin(), arch.parts->end(), [&](const HfPart& p) { return key == p.canonical; });
     if (it == arch.parts->end()) throw Error("internal error: no HF source for canonical tensor '" + c.name + "'");
     TensorMapping m{c.name, {}, c.shape, c.part_rows, it->transpose && c.shape.size() == 2, {}, 0};
-    for (const char* pattern : it->sources) m.sources.push_back(layer_name(pattern, c.layer));
+    for (const char* pattern : it->sources) m.sources.push_back(layer_name(pattern, c.layer, c.expert));
     // One HF tensor that already holds every part, in canonical order (GPT-2's c_attn, Phi-3's qkv_proj, GLM's
     // gate_up_proj): its rows are the whole tensor's.
     if (m.sources.size() == 1) m.part_rows = {c.shape[0]};

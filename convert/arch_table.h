@@ -30,9 +30,9 @@ struct HfConfigReader {
 void read_rope(const HfConfigReader& r, ModelSpec& s);
 
 // One canonical tensor suffix (as in canonical_tensors) and the HF tensors it is made of: their patterns ("{i}" is
-// the layer index), concatenated along dim 0 in order. `transpose`: each source is stored [in, out] (GPT-2's
-// Conv1D) and is transposed to the canonical [out, in].
-// `order`: how the rows of a single fused source are ordered against the canonical tensor's.
+// the layer index, "{e}" the expert's), concatenated along dim 0 in order. `transpose`: each source is stored [in, out]
+// (GPT-2's Conv1D) and is transposed to the canonical [out, in]. `order`: how the rows of a single fused source are
+// ordered against the canonical tensor's.
 enum class RowOrder {
   kCanonical,
   // InternLM2's wqkv (weight and bias): per KV head, its num_heads / num_kv_heads queries, then its key, then its
@@ -124,5 +124,10 @@ void read_chatglm_config(const HfConfigReader& r, ModelSpec& s);
 extern const std::vector<HfPart> kChatGlmParts;
 void read_qwen_config(const HfConfigReader& r, ModelSpec& s);
 extern const std::vector<HfPart> kQwenParts;
+void read_mixtral_config(const HfConfigReader& r, ModelSpec& s);
+void read_qwen2_moe_config(const HfConfigReader& r, ModelSpec& s);
+void read_qwen3_moe_config(const HfConfigReader& r, ModelSpec& s);
+extern const std::vector<HfPart> kMixtralParts;
+extern const std::vector<HfPart> kQwenMoeParts;
 
 }  // namespace kiln

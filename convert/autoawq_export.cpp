@@ -102,6 +102,9 @@ ExportResult export_autoawq(const ExportOptions& opt) {
     throw Error(opt.workspace.string() +
                 " is not quantized (quantization.weights.method = none); AutoAWQ checkpoints "
                 "hold int4 weights: run 'kiln quantize' first");
+  if (ws.spec().num_experts > 0)
+    throw Error(label + ": AutoAWQ export of a mixture-of-experts model (" + ws.spec().architecture +
+                ") is not supported; kiln runs the workspace itself");
   if (q.modules != default_quantized_modules())
     throw Error(label +
                 ": only some linears are quantized; the export needs attn.qkv, attn.o, ffn.gate_up and ffn.down");

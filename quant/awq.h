@@ -71,6 +71,11 @@ struct AwqLayerPlan {
   double a_attn = 0, a_vo = -1, a_ffn = 0, a_down = 0;
   double mse_rtn[4] = {}, mse_awq[4] = {};  // qkv, o, gate_up, down: the search's loss (before clipping)
   std::vector<float> clip_qkv, clip_o, clip_gate_up, clip_down;  // thresholds; clip_qkv covers the v rows only
+  // Mixture-of-experts layers (quant/awq_moe.h): s_ffn is shared by every reader of the ffn_norm output; expert e's
+  // up -> down scale (empty for an expert no calibration token reached: RTN, listed in idle_experts).
+  std::vector<std::vector<float>> s_expert_down;
+  std::vector<float> s_shared_down;
+  std::vector<int64_t> idle_experts;
 };
 
 struct AwqOptions {

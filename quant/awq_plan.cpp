@@ -13,6 +13,7 @@
 #include "calib/dataset.h"
 #include "quant/awq.h"
 #include "quant/awq_block.h"
+#include "quant/awq_moe.h"
 #include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
 #include "runtime/cpu/thread_pool.h"
@@ -57,6 +58,14 @@ class GramObserver : public ForwardObserver {
     }
     for (auto& in : inputs_)
       for (auto& v : in) v.resize(size_t(cached * seqlen * s.hidden_size));
+    moe_.resize(size_t(l1 - l0));
+    for (int64_t l = l0; l < l1; ++l) {
+      if (!s.is_moe_layer(l)) continue;
+      AwqMoeStats& m = moe_[size_t(l - l0)];
+      m.down.resize(size_t(s.num_experts));
+      for (auto& d : m.down) d.resize(s.expert_intermediate_size);
+      if (s.shared_expert_intermediate_size > 0) m.shared_down.resize(s.shared_expert_intermediate_size);
+    }
   }
   // The next forward's rows belong to calibration blocks first, first + 1, ... (seqlen rows each).
   void begin_batch(int64_t first) { first_ = first; }
@@ -64,8 +73,10 @@ class GramObserver : public ForwardObserver {
     int64_t layer = 0;
     std::string suffix;
     if (!names::split_layer(name, layer, suffix)) return;
-    const int which = linear_index(suffix);
-    if (which < 0 || layer < l0_ || layer >= l0_ + int64_t(stats_.size())) return;
+    if (layer < l0_ || layer >= l0_ + int64_t(stats_.size())) return;
+    if (moe_input(layer, suffix, x, rows)) return;
+    const int which = suffix == "ffn.router" ? GateUp : linear_index(suffix);  // the router reads the ffn_norm output
+    if (which < 0) return;
     AwqInputStats& st = stats_[size_t(layer - l0_)][which];
     if (cols != st.dim) throw Error("AWQ calibration: unexpected input width of linear layer " + name);
     st.add(pool_, x, rows);
@@ -79,6 +90,7 @@ class GramObserver : public ForwardObserver {
   }
   void on_kv(int64_t, const float*, const float*, int64_t, int64_t, int64_t) override {}
   std::array<AwqInputStats, 4>& layer(int64_t l) { return stats_[size_t(l - l0_)]; }
+  AwqMoeStats& moe(int64_t l) { return moe_[size_t(l - l0_)]; }
   // [0]: attn_norm output, [1]: ffn_norm output, each [cached * seqlen, hidden]; empty without block losses.
   std::array<std::vector<float>, 2>& inputs(int64_t l) { return inputs_[size_t(l - l0_)]; }
 
@@ -89,6 +101,22 @@ class GramObserver : public ForwardObserver {
   int64_t seqlen_;
   std::vector<std::array<AwqInputStats, 4>> stats_;
   std::vector<std::array<std::vector<float>, 2>> inputs_;
+  std::vector<AwqMoeStats> moe_;
+
+  // An expert's (routed rows) or the shared expert's down-projection input; the experts' gate_up inputs are rows of
+  // the router's and need nothing of their own.
+  bool moe_input(int64_t layer, const std::string& suffix, const float* x, int64_t rows) {
+    AwqMoeStats& m = moe_[size_t(layer - l0_)];
+    if (suffix == "ffn.shared.down") {
+      m.shared_down.add(pool_, x, rows);
+      return true;
+    }
+    if (names::expert_pattern(suffix + ".weight") == "ffn.experts.{e}.down.weight") {
+      m.down[size_t(std::stoll(suffix.substr(12)))].add(pool_, x, rows);
+      return true;
+    }
+    return suffix.rfind("ffn.experts.", 0) == 0 || suffix.rfind("ffn.shared", 0) == 0;
+  }
 };
 
 calib::Blocks sample(const std::filesystem::path& ws, const Model& model, const AwqOptions& o) {
@@ -219,7 +247,8 @@ struct BlockContext {
 };
 
 AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelSpec& spec, int64_t l,
-                        std::array<AwqInputStats, 4>& st, const AwqOptions& o, int64_t gsz, const BlockContext& bc) {
+                        std::array<AwqInputStats, 4>& st, const AwqMoeStats& moe_st, const AwqOptions& o, int64_t gsz,
+                        const BlockContext& bc) {
   const int64_t H = spec.hidden_size, I = spec.intermediate_size, Q = spec.q_size(), KV = spec.kv_size();
   // The MLP's first projection: gate and up fused (scale groups ffn_norm -> gate_up and up -> down), or up alone
   // (ffn_norm -> up only: a GELU between up and down does not commute with a scale, so down is not smoothed).
@@ -230,8 +259,11 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
   AwqBlockWeights w;
   w.qkv = read_f32(ws, name(names::kQkv));
   w.o = read_f32(ws, name(names::kO));
-  w.gate_up = read_f32(ws, name(first));
-  w.down = read_f32(ws, name(names::kDown));
+  const bool moe = bc.graph->moe.has_value();  // the feed-forward is quant/awq_moe.cpp's
+  if (!moe) {
+    w.gate_up = read_f32(ws, name(first));
+    w.down = read_f32(ws, name(names::kDown));
+  }
   std::vector<float>&qkv = w.qkv, &ow = w.o, &gu = w.gate_up, &down = w.down;
   AwqLoss qkv_loss, gu_loss;
   std::unique_ptr<AwqBlockLoss> attn_block, mlp_block;
@@ -245,14 +277,15 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
     attn_block =
         std::make_unique<AwqBlockLoss>(*bc.backend, spec, *bc.graph, AwqBlockLoss::Kind::Attention, w,
                                        AwqBlockInput{(*bc.inputs)[0].data(), bc.sequences, bc.seqlen}, bc.batch_tokens);
-    mlp_block =
-        std::make_unique<AwqBlockLoss>(*bc.backend, spec, *bc.graph, AwqBlockLoss::Kind::Mlp, w,
-                                       AwqBlockInput{(*bc.inputs)[1].data(), bc.sequences, bc.seqlen}, bc.batch_tokens);
+    if (!moe)
+      mlp_block = std::make_unique<AwqBlockLoss>(*bc.backend, spec, *bc.graph, AwqBlockLoss::Kind::Mlp, w,
+                                                 AwqBlockInput{(*bc.inputs)[1].data(), bc.sequences, bc.seqlen},
+                                                 bc.batch_tokens);
     qkv_loss = [&](const float* x) { return (*attn_block)(x); };
     gu_loss = [&](const float* x) { return (*mlp_block)(x); };
   } else {
     qkv_loss = awq_linear_loss(pool, qkv.data(), Q + 2 * KV, H, st[0]);
-    gu_loss = awq_linear_loss(pool, gu.data(), F, H, st[2]);
+    if (!moe) gu_loss = awq_linear_loss(pool, gu.data(), F, H, st[2]);
   }
   AwqLayerPlan p;
   auto record = [&](int k, const AwqScaleSearch& r, std::vector<float>& s, double& a) {
@@ -268,8 +301,11 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
            awq_search_scales(ow.data(), H, Q, gsz, st[1], o.grid, name(names::kO),
                              awq_linear_loss(pool, ow.data(), H, Q, st[1])),
            p.s_vo, p.a_vo);
-  record(2, awq_search_scales(gu.data(), F, H, gsz, st[2], o.grid, name(first), gu_loss), p.s_ffn, p.a_ffn);
-  if (gated)
+  if (moe)
+    awq_plan_moe_ffn(pool, ws, spec, l, st[2], moe_st, o, gsz, p);
+  else
+    record(2, awq_search_scales(gu.data(), F, H, gsz, st[2], o.grid, name(first), gu_loss), p.s_ffn, p.a_ffn);
+  if (gated && !moe)
     record(3,
            awq_search_scales(down.data(), H, I, gsz, st[3], o.grid, name(names::kDown),
                              awq_linear_loss(pool, down.data(), H, I, st[3])),
@@ -278,13 +314,16 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
   // Clipping runs on the scaled weights, exactly as they will be quantized (awq_transform without clip).
   awq_transform(spec, p, names::kQkv, qkv.data(), Q + 2 * KV, H, gsz);
   awq_transform(spec, p, names::kO, ow.data(), H, Q, gsz);
-  awq_transform(spec, p, first, gu.data(), F, H, gsz);
-  awq_transform(spec, p, names::kDown, down.data(), H, I, gsz);
+  if (!moe) {
+    awq_transform(spec, p, first, gu.data(), F, H, gsz);
+    awq_transform(spec, p, names::kDown, down.data(), H, I, gsz);
+  }
   // q and k rows are not clipped (AutoAWQ): their errors are amplified through the softmax, which a per-row output
   // MSE does not see.
   p.clip_qkv = awq_search_clip(qkv.data(), Q + 2 * KV, H, Q + KV, gsz, st[0], p.s_attn, o.clip_grid, o.max_shrink,
                                name(names::kQkv));
   p.clip_o = awq_search_clip(ow.data(), H, Q, 0, gsz, st[1], p.s_vo, o.clip_grid, o.max_shrink, name(names::kO));
+  if (moe) return p;  // no clipping in the experts (quant/awq_moe.h)
   p.clip_gate_up = awq_search_clip(gu.data(), F, H, 0, gsz, st[2], p.s_ffn, o.clip_grid, o.max_shrink, name(first));
   p.clip_down =
       awq_search_clip(down.data(), H, I, 0, gsz, st[3], p.s_down, o.clip_grid, o.max_shrink, name(names::kDown));
@@ -295,6 +334,7 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
 
 bool awq_transform(const ModelSpec& spec, const AwqLayerPlan& p, const std::string& suffix, float* w, int64_t rows,
                    int64_t cols, int64_t gsz) {
+  if (awq_transform_moe(spec, p, suffix, w, rows, cols)) return true;
   const int64_t Q = spec.q_size(), KV = spec.kv_size(), I = spec.intermediate_size;
   if (suffix == names::kAttnNorm) {
     divide_norm(spec, w, p.s_attn);
@@ -358,8 +398,11 @@ AwqPlan awq_plan(const std::filesystem::path& workspace, const AwqOptions& o, in
   std::vector<int64_t> slot(size_t(blocks.count()), -1);
   for (int64_t i = 0; i < cached; ++i) slot[size_t(i * blocks.count() / cached)] = i;
   plan.loss_blocks = cached;
-  const uint64_t per_layer =
-      uint64_t(8) * uint64_t(2 * H * H + Q * Q + I * I) + uint64_t(2 * 4) * uint64_t(cached * blocks.seqlen * H);
+  // An MoE layer also holds one Gram per expert's down input (and the shared expert's).
+  const int64_t EI = spec.expert_intermediate_size, SI = spec.shared_expert_intermediate_size;
+  const uint64_t moe_grams = spec.num_experts > 0 ? uint64_t(8) * uint64_t(spec.num_experts * EI * EI + SI * SI) : 0;
+  const uint64_t per_layer = uint64_t(8) * uint64_t(2 * H * H + Q * Q + I * I) +
+                             uint64_t(2 * 4) * uint64_t(cached * blocks.seqlen * H) + moe_grams;
   const int64_t chunk = std::max<int64_t>(1, int64_t(o.memory_budget / std::max<uint64_t>(per_layer, 1)));
   std::unique_ptr<AwqDump> dump;
   if (!o.dump.empty()) dump = std::make_unique<AwqDump>(o.dump, spec, blocks, slot, cached);
@@ -377,10 +420,11 @@ AwqPlan awq_plan(const std::filesystem::path& workspace, const AwqOptions& o, in
                       cached,
                       blocks.seqlen,
                       o.batch_tokens};
-      plan.layers.push_back(plan_layer(pool, *m.workspace, spec, l, obs.layer(l), o, gsz, bc));
+      plan.layers.push_back(plan_layer(pool, *m.workspace, spec, l, obs.layer(l), obs.moe(l), o, gsz, bc));
       if (dump) dump->layer(obs.inputs(l), plan.layers.back());
       obs.layer(l) = {};  // release this layer's Grams and cached inputs before the next search
       obs.inputs(l) = {};
+      obs.moe(l) = {};
       bar.advance(1);
     }
   }

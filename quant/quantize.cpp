@@ -67,9 +67,9 @@ ordered_json output_document(const Workspace& src, const WeightQuantization& q, 
 bool awq_touches(const std::string& suffix) {
   for (const char* n : {names::kAttnNorm, names::kAttnNormBias, names::kQkv, names::kQkvBias, names::kO,
                         names::kFfnNorm, names::kFfnNormBias, names::kGateUp, names::kGateUpBias, names::kUp,
-                        names::kDown})
+                        names::kDown, names::kRouter, names::kSharedGate, names::kSharedGateUp, names::kSharedDown})
     if (suffix == n) return true;
-  return false;
+  return names::expert_pattern(suffix) != suffix;  // an expert's gate_up or down
 }
 
 // A tensor changed by AWQ that stays unquantized (norm weights, biases, or everything with --awq-fold-only) goes back
@@ -97,6 +97,10 @@ ordered_json awq_document(const AwqPlan& p, const QuantizeOptions& opt) {
     a["v->o"] = l.s_vo.empty() ? ordered_json(nullptr) : ordered_json(l.a_vo);
     a["ffn_norm->gate_up"] = l.a_ffn;
     a["up->down"] = l.s_down.empty() ? ordered_json(nullptr) : ordered_json(l.a_down);  // null: not gated
+    if (!l.s_expert_down.empty()) {  // MoE: the token-weighted mean over experts; experts no token reached
+      a["up->down"] = l.a_down;
+      a["idle_experts"] = l.idle_experts;
+    }
     layers.push_back(a);
   }
   return {{"data", fs::absolute(opt.awq.data).lexically_normal().string()},

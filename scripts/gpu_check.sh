@@ -54,6 +54,9 @@ log "CLI on the CUDA device (greedy tokens equal the CPU's; logits against trans
 python3 -m pytest -q -s -rs tests/python/test_cuda_cli.py -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest_cuda_cli.txt" \
   | grep -E "CUDA vs transformers|passed|failed|SKIPPED|Error"
 
+log "mixture of experts on the CUDA device: logits equal the CPU backend's"
+python3 -m pytest -q -rs tests/python/test_arch_moe.py -k cuda -p no:cacheprovider 2>&1 | tail -n 3
+
 log "oracle tests against transformers on the CUDA device (KILN_DEVICE=cuda; informational)"
 KILN_DEVICE=cuda python3 -m pytest -q tests/python/test_runtime.py -p no:cacheprovider 2>&1 | tee "$OUT_DIR/pytest_cuda.txt" | tail -n 15 || true
 

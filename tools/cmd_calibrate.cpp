@@ -119,6 +119,17 @@ int run(const CalibrateOptions& o) {
     shown = done;
   });
   progress.finish();
+  // Experts of a mixture-of-experts model that no calibration token was routed to: their statistics are empty.
+  std::vector<std::string> idle_experts;
+  for (const auto& [name, c] : stats.linears()) {
+    const std::string gate_up = ".gate_up";
+    if (c.rows > 0 || name.find(".ffn.experts.") == std::string::npos ||
+        name.compare(name.size() - std::min(name.size(), gate_up.size()), gate_up.size(), gate_up))
+      continue;
+    idle_experts.push_back(name.substr(0, name.size() - gate_up.size()));
+    std::fprintf(stderr, "kiln calibrate: note: %s received no calibration tokens; its statistics are empty\n",
+                 idle_experts.back().c_str());
+  }
 
   const std::string data_sha = sha256_file(o.data);
   // Only inputs go into the stats file's header (no paths, times or sizes of this machine), so it is reproducible.
@@ -147,6 +158,7 @@ int run(const CalibrateOptions& o) {
                              {"dataset_tokens", int64_t(stream.size())},
                              {"seed", o.seed},
                              {"block_starts", blocks.starts},
+                             {"idle_experts", idle_experts},
                              {"peak_rss_bytes", peak_rss_bytes()},
                              {"seconds", seconds}};
   write_text_file(tmp_report.path, out.dump(2) + "\n");

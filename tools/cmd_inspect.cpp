@@ -90,6 +90,12 @@ static void print_human(const ordered_json& j) {
   std::printf("  context        %lld\n", (long long)m["max_position_embeddings"]);
   std::printf("  tied embedding %s, qkv bias %s, qk norm %s\n", m["tie_word_embeddings"].get<bool>() ? "yes" : "no",
               m["qkv_bias"].get<bool>() ? "yes" : "no", m["qk_norm"].get<bool>() ? "yes" : "no");
+  if (m.contains("moe")) {
+    const auto& e = m["moe"];
+    std::printf("  experts        %lld, top-%lld%s, expert ffn %lld, shared expert ffn %lld\n", (long long)e["experts"],
+                (long long)e["top_k"], e["renormalize"].get<bool>() ? " renormalized" : "",
+                (long long)e["intermediate_size"], (long long)e["shared_intermediate_size"]);
+  }
   if (j.contains("dtype")) std::printf("  dtype          %s\n", j["dtype"].get<std::string>().c_str());
   if (j.contains("chat_template"))
     std::printf("  chat template  %s\n",

@@ -27,6 +27,12 @@
 //  add            y += x (n floats): the residual connection
 //  scale          y *= s (n floats)
 //  softcap        y = c * tanh(y / c) (n floats)
+//  moe_route      per row of `experts` router logits: softmax, the top_k largest probabilities (best first, ties
+//                 to the lower expert), divided by their sum when `renormalize`: expert ids and weights, rows × top_k
+//  gather_rows    out[i, :] = x[rows[i], :] (dim floats): the tokens routed to one expert
+//  scatter_add_rows y[rows[i], :] += weights[weight_index[i]] * x[i, :]; no row appears twice in one call
+//  sigmoid_scale_rows y[r, :] *= sigmoid(g[r]) (rows of dim floats): Qwen2-MoE's shared-expert gate
+//  fill           y = v (n floats)
 //  logits         out[i, :] = x[rows[i], :] · headᵀ: the output projection for the selected rows only
 #include <cstdint>
 #include <span>
@@ -58,6 +64,15 @@
   X(void, add, (float* y, const float* x, int64_t n))                                                                \
   X(void, scale, (float* y, float s, int64_t n))                                                                     \
   X(void, softcap, (float* y, int64_t n, float cap))                                                                 \
+  X(void, moe_route,                                                                                                 \
+    (const float* logits, int64_t rows, int64_t experts, int64_t top_k, bool renormalize, int32_t* expert_ids,       \
+     float* weights))                                                                                                \
+  X(void, gather_rows, (const float* x, int64_t dim, std::span<const int32_t> rows, float* out))                     \
+  X(void, scatter_add_rows,                                                                                          \
+    (float* y, int64_t dim, const float* x, std::span<const int32_t> rows, const float* weights,                     \
+     std::span<const int32_t> weight_index))                                                                         \
+  X(void, sigmoid_scale_rows, (float* y, const float* g, int64_t rows, int64_t dim))                                 \
+  X(void, fill, (float* y, float v, int64_t n))                                                                      \
   X(void, logits, (const float* x, int64_t dim, std::span<const int32_t> rows, const LinearWeight& head, float* out))
 
 #define KILN_OP_PURE(ret, name, params) virtual ret name params = 0;

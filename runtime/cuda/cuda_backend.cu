@@ -44,7 +44,7 @@ CudaBackend::CudaBackend(int device) : device_(device) {
   check(cudaMemPoolSetAttribute(pool_, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
   check_cublas(cublasCreate(&cublas_), "cublasCreate");
   check_cublas(cublasSetStream(cublas_, stream_), "cublasSetStream");
-  staging_.resize(8);
+  staging_.resize(10);  // 0-7: embedding, rope, logits, attention; 8-9: the MoE row lists (cuda_moe.cu)
   scratch_.resize(4);
 }
 

@@ -8,17 +8,20 @@
 #include "runtime/model/layers/attention.h"
 #include "runtime/model/layers/embedding.h"
 #include "runtime/model/layers/mlp.h"
+#include "runtime/model/layers/moe_mlp.h"
 #include "runtime/model/layers/norm.h"
 
 namespace kiln {
 
-// One decoder block, pre-norm: x += [post_attn_norm](attn(attn_norm(x))); x += [post_ffn_norm](mlp(ffn_norm(x))).
+// One decoder block, pre-norm: x += [post_attn_norm](attn(attn_norm(x))); x += [post_ffn_norm](mlp(ffn_norm(x))),
+// where mlp is the MoE layer when `moe` is set.
 struct BlockGraph {
   NormConfig attn_norm;
   AttentionConfig attn;
   std::optional<NormConfig> post_attn_norm;
   NormConfig ffn_norm;
   MlpConfig mlp;
+  std::optional<MoeConfig> moe;  // set: the block's feed-forward is a mixture of experts and `mlp` is unused
   std::optional<NormConfig> post_ffn_norm;
 };
 

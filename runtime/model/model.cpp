@@ -14,6 +14,7 @@ struct Model::Block {
   std::optional<Norm> post_attn_norm, post_ffn_norm;
   Attention attn;
   Mlp mlp;
+  std::optional<MoeMlp> moe;  // replaces mlp in a mixture-of-experts layer
 };
 
 namespace {
@@ -72,7 +73,10 @@ void Model::load(const Workspace& ws) {
     b.attn.load(src, backend_, g.attn);
     if (g.post_attn_norm) b.post_attn_norm.emplace().load(src, backend_, *g.post_attn_norm);
     b.ffn_norm.load(src, backend_, g.ffn_norm);
-    b.mlp.load(src, backend_, g.mlp);
+    if (g.moe)
+      b.moe.emplace().load(src, backend_, *g.moe);
+    else
+      b.mlp.load(src, backend_, g.mlp);
     if (g.post_ffn_norm) b.post_ffn_norm.emplace().load(src, backend_, *g.post_ffn_norm);
   }
   final_norm_.load(src, backend_, graph_.final_norm);
@@ -155,7 +159,10 @@ ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache, Forwar
     b.attn.forward(ctx, hbuf, y);
     if (b.post_attn_norm) b.post_attn_norm->forward(backend_, y, y, N);
     b.ffn_norm.add_forward(backend_, x, y, h, N);
-    b.mlp.forward(ctx, hbuf, y);
+    if (b.moe)
+      b.moe->forward(ctx, hbuf, y);
+    else
+      b.mlp.forward(ctx, hbuf, y);
     if (b.post_ffn_norm) b.post_ffn_norm->forward(backend_, y, y, N);
     const Norm& next = i + 1 < blocks_.size() ? blocks_[i + 1].attn_norm : final_norm_;
     next.add_forward(backend_, x, y, h, N);

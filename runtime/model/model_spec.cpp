@@ -59,6 +59,15 @@ nlohmann::ordered_json spec_to_json(const ModelSpec& s) {
   if (s.post_attn_norm) j["post_attn_norm"] = true;
   if (s.post_ffn_norm) j["post_ffn_norm"] = true;
   if (s.logn_attn_length > 0) j["logn_attn_length"] = s.logn_attn_length;
+  if (s.num_experts > 0) {
+    ordered_json moe = {{"experts", s.num_experts},
+                        {"top_k", s.experts_per_token},
+                        {"intermediate_size", s.expert_intermediate_size},
+                        {"renormalize", s.experts_renormalize},
+                        {"shared_intermediate_size", s.shared_expert_intermediate_size}};
+    if (!s.moe_layers.empty()) moe["layers"] = s.moe_layers;
+    j["moe"] = moe;
+  }
   return j;
 }
 
@@ -68,7 +77,8 @@ int spec_format_version(const ModelSpec& s) {
                            !s.sliding_layers.empty() || s.query_scale > 0 || s.attn_softcap > 0 ||
                            s.final_softcap > 0 || s.embedding_scale > 0 || s.post_attn_norm || s.post_ffn_norm ||
                            s.rope_style != "half" || (s.rotary_dim > 0 && s.rotary_dim != s.head_dim) ||
-                           s.rope_local_theta > 0 || s.logn_attn_length > 0 || s.rope_scaling.type == "qwen_dynamic";
+                           s.rope_local_theta > 0 || s.logn_attn_length > 0 || s.rope_scaling.type == "qwen_dynamic" ||
+                           s.num_experts > 0;
   return layer_graph ? 2 : 1;
 }
 
@@ -128,6 +138,35 @@ struct Reader {
     return v.get<std::string>();
   }
 };
+
+// kiln.json's "moe" block (docs/workspace.md).
+void read_moe(const json& m, ModelSpec& s, const std::string& label) {
+  const std::string f = label + ": model field 'moe.";
+  if (!m.is_object()) throw Error(label + ": model field 'moe' must be an object");
+  auto count = [&](const char* key, int64_t lo) {
+    auto it = m.find(key);
+    if (it == m.end() || !it->is_number_integer() || it->get<int64_t>() < lo)
+      throw Error(f + key + "' must be an integer of at least " + std::to_string(lo));
+    return it->get<int64_t>();
+  };
+  s.num_experts = count("experts", 1);
+  s.experts_per_token = count("top_k", 1);
+  s.expert_intermediate_size = count("intermediate_size", 1);
+  s.shared_expert_intermediate_size = count("shared_intermediate_size", 0);
+  auto rn = m.find("renormalize");
+  if (rn == m.end() || !rn->is_boolean()) throw Error(f + "renormalize' must be true or false");
+  s.experts_renormalize = rn->get<bool>();
+  if (m.contains("layers")) {
+    const json& v = m["layers"];
+    if (!v.is_array() || int64_t(v.size()) != s.num_layers)
+      throw Error(f + "layers' must be a list of num_layers booleans");
+    for (const json& e : v) {
+      if (!e.is_boolean()) throw Error(f + "layers' must hold true or false");
+      s.moe_layers.push_back(e.get<bool>());
+    }
+  }
+}
+
 }  // namespace
 
 ModelSpec spec_from_json(const json& j, const std::string& label) {
@@ -194,6 +233,7 @@ ModelSpec spec_from_json(const json& j, const std::string& label) {
   s.post_attn_norm = r.opt_boolean("post_attn_norm", false);
   s.post_ffn_norm = r.opt_boolean("post_ffn_norm", false);
   s.logn_attn_length = int64_t(r.opt_number(j, "logn_attn_length", 0));
+  if (j.contains("moe")) read_moe(j["moe"], s, label);
   s.bos_token_id = r.integer("bos_token_id");
   const json& eos = r.at("eos_token_ids");
   if (!eos.is_array()) throw Error(label + ": model field 'eos_token_ids' must be a list");
@@ -218,9 +258,10 @@ std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& s) {
   global(names::kEmbedding, {s.vocab_size, H});
   if (s.learned_positions) global(names::kPosEmbedding, {s.max_position_embeddings, H});
   for (int64_t i = 0; i < s.num_layers; ++i) {
-    auto add = [&](const char* suffix, std::vector<int64_t> shape, std::vector<int64_t> parts = {}) {
+    auto add = [&](const std::string& suffix, std::vector<int64_t> shape, std::vector<int64_t> parts = {},
+                   int64_t expert = -1) {
       if (parts.empty()) parts = {shape[0]};
-      out.push_back({names::layer(i, suffix), std::move(shape), i, suffix, std::move(parts), {}});
+      out.push_back({names::layer(i, suffix.c_str()), std::move(shape), i, suffix, std::move(parts), {}, expert});
     };
     auto norm = [&](const char* weight, const char* bias) {
       add(weight, {H});
@@ -239,6 +280,22 @@ std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& s) {
     if (s.o_bias) add(names::kOBias, {H});
     if (s.post_attn_norm) norm(names::kPostAttnNorm, names::kPostAttnNormBias);
     norm(names::kFfnNorm, names::kFfnNormBias);
+    if (s.is_moe_layer(i)) {
+      // Router, each expert's gated MLP, then the shared expert and its gate (docs/workspace.md).
+      const int64_t EI = s.expert_intermediate_size, SI = s.shared_expert_intermediate_size;
+      add(names::kRouter, {s.num_experts, H});
+      for (int64_t e = 0; e < s.num_experts; ++e) {
+        add(names::expert(e, "gate_up"), {2 * EI, H}, {EI, EI}, e);
+        add(names::expert(e, "down"), {H, EI}, {}, e);
+      }
+      if (SI > 0) {
+        add(names::kSharedGateUp, {2 * SI, H}, {SI, SI});
+        add(names::kSharedDown, {H, SI});
+        add(names::kSharedGate, {1, H});
+      }
+      if (s.post_ffn_norm) norm(names::kPostFfnNorm, names::kPostFfnNormBias);
+      continue;
+    }
     add(s.mlp_gated ? names::kGateUp : names::kUp, {s.mlp_in_rows(), H}, in_parts);
     if (s.mlp_bias) add(s.mlp_gated ? names::kGateUpBias : names::kUpBias, {s.mlp_in_rows()}, in_parts);
     add(names::kDown, {H, I});
@@ -262,8 +319,12 @@ std::vector<LinearModule> linear_modules(const ModelSpec& spec) {
   return out;
 }
 
-bool WeightQuantization::covers(const std::string& weight_suffix) const {
+bool WeightQuantization::covers(const std::string& suffix) const {
   if (!quantized()) return false;
+  // Every expert's projection is covered by one module name: ffn.experts.3.down by "ffn.experts.down".
+  std::string weight_suffix = names::expert_pattern(suffix);
+  const size_t at = weight_suffix.find(".{e}.");
+  if (at != std::string::npos) weight_suffix.erase(at, 4);
   const std::string ext = ".weight";
   if (weight_suffix.size() <= ext.size() || weight_suffix.compare(weight_suffix.size() - ext.size(), ext.size(), ext))
     return false;
@@ -276,8 +337,23 @@ bool WeightQuantization::covers(const std::string& weight_suffix) const {
 std::vector<std::string> default_quantized_modules() { return {"attn.qkv", "attn.o", "ffn.gate_up", "ffn.down"}; }
 
 std::vector<std::string> default_quantized_modules(const ModelSpec& spec) {
-  if (spec.mlp_gated) return default_quantized_modules();
-  return {"attn.qkv", "attn.o", "ffn.up", "ffn.down"};
+  std::vector<std::string> m = {"attn.qkv", "attn.o"};
+  bool dense = false;
+  for (int64_t i = 0; i < spec.num_layers; ++i) dense = dense || !spec.is_moe_layer(i);
+  if (dense) {
+    m.push_back(spec.mlp_gated ? "ffn.gate_up" : "ffn.up");
+    m.push_back("ffn.down");
+  }
+  // The router and the shared expert's gate stay in the workspace dtype: tiny, and routing is sensitive to them.
+  if (spec.num_experts > 0) {
+    m.push_back("ffn.experts.gate_up");
+    m.push_back("ffn.experts.down");
+  }
+  if (spec.num_experts > 0 && spec.shared_expert_intermediate_size > 0) {
+    m.push_back("ffn.shared.gate_up");
+    m.push_back("ffn.shared.down");
+  }
+  return m;
 }
 
 nlohmann::ordered_json weight_quantization_to_json(const WeightQuantization& q) {
@@ -311,10 +387,16 @@ WeightQuantization weight_quantization_from_json(const nlohmann::json& j, const 
     throw Error(f + ".zero_point must be true (the int4 layout always stores zero points)");
   q.zero_point = true;
   if (!w.contains("modules") || !w["modules"].is_array()) throw Error(f + ".modules must be a list");
-  const std::vector<std::string> known = {"attn.qkv", "attn.o", "ffn.gate_up", "ffn.up", "ffn.down"};
+  const std::vector<std::string> known = {"attn.qkv",         "attn.o",
+                                          "ffn.gate_up",      "ffn.up",
+                                          "ffn.down",         "ffn.experts.gate_up",
+                                          "ffn.experts.down", "ffn.shared.gate_up",
+                                          "ffn.shared.down"};
   for (const json& m : w["modules"]) {
     if (!m.is_string() || std::find(known.begin(), known.end(), m.get<std::string>()) == known.end())
-      throw Error(f + ".modules holds " + m.dump() + ", not one of attn.qkv, attn.o, ffn.gate_up, ffn.up, ffn.down");
+      throw Error(f + ".modules holds " + m.dump() +
+                  ", not one of attn.qkv, attn.o, ffn.gate_up, ffn.up, ffn.down, ffn.experts.gate_up, "
+                  "ffn.experts.down, ffn.shared.gate_up, ffn.shared.down");
     q.modules.push_back(m.get<std::string>());
   }
   return q;
@@ -349,6 +431,20 @@ std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& spec, const Weig
 
 std::string names::layer(int64_t i, const char* suffix) { return "layers." + std::to_string(i) + "." + suffix; }
 
+std::string names::expert(int64_t e, const char* what) {
+  return "ffn.experts." + std::to_string(e) + "." + what + ".weight";
+}
+
+std::string names::expert_pattern(const std::string& suffix) {
+  const std::string head = "ffn.experts.";
+  if (suffix.rfind(head, 0) != 0) return suffix;
+  const size_t dot = suffix.find('.', head.size());
+  if (dot == std::string::npos || dot == head.size()) return suffix;
+  for (size_t k = head.size(); k < dot; ++k)
+    if (suffix[k] < '0' || suffix[k] > '9') return suffix;
+  return head + "{e}" + suffix.substr(dot);
+}
+
 bool names::split_layer(const std::string& name, int64_t& layer, std::string& suffix) {
   if (name.rfind("layers.", 0) != 0) return false;
   const size_t dot = name.find('.', 7);
@@ -375,6 +471,7 @@ constexpr int64_t kMaxIntermediate = 1 << 20;
 constexpr int64_t kMaxLayers = 1024;
 constexpr int64_t kMaxHeads = 1024;
 constexpr int64_t kMaxHeadDim = 1024;
+constexpr int64_t kMaxExperts = 4096;
 constexpr int64_t kMaxPositions = 1 << 24;
 constexpr double kMaxRopeTheta = 1e12;
 constexpr double kMaxRopeFactor = 1e4;
@@ -427,6 +524,14 @@ void validate_spec(const ModelSpec& s, const std::string& label) {
       throw Error(label + ": rope.high_freq_factor must be greater than rope.low_freq_factor");
   }
   check_range(s.logn_attn_length, 0, kMaxPositions, "logn_attn_length", "seq_length", label);
+  if (s.num_experts > 0) {
+    check_range(s.num_experts, 1, kMaxExperts, "moe.experts", "num_experts", label);
+    check_range(s.experts_per_token, 1, s.num_experts, "moe.top_k", "num_experts_per_tok", label);
+    check_range(s.expert_intermediate_size, 1, kMaxIntermediate, "moe.intermediate_size", nullptr, label);
+    check_range(s.shared_expert_intermediate_size, 0, kMaxIntermediate, "moe.shared_intermediate_size", nullptr, label);
+    if (s.mlp_bias || !s.mlp_gated || s.hidden_act != "silu")
+      throw Error(label + ": mixture-of-experts layers are SiLU-gated MLPs without biases");
+  }
   if (s.bos_token_id != -1) check_range(s.bos_token_id, 0, s.vocab_size - 1, "bos_token_id", nullptr, label);
   for (int64_t id : s.eos_token_ids) check_range(id, 0, s.vocab_size - 1, "eos_token_id", nullptr, label);
 }

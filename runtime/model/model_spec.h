@@ -64,6 +64,15 @@ struct ModelSpec {
   bool post_ffn_norm = false;        // likewise on the MLP output
   int64_t logn_attn_length = 0;      // Qwen's use_logn_attn: a query at position p >= this many positions has its
                                      // scores multiplied by ln(p + 1) / ln(logn_attn_length); 0: off
+  // Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): a router picks experts_per_token of num_experts gated MLPs
+  // per token (softmax over the router logits, top-k, divided by the top-k sum when experts_renormalize). 0 experts:
+  // every layer has the dense MLP.
+  int64_t num_experts = 0;
+  int64_t experts_per_token = 0;
+  int64_t expert_intermediate_size = 0;
+  bool experts_renormalize = false;
+  int64_t shared_expert_intermediate_size = 0;  // a shared expert scaled by sigmoid(shared_gate · x); 0: none
+  std::vector<bool> moe_layers;                 // which layers route to experts; empty: all (others: dense MLP)
 
   int64_t q_size() const { return num_heads * head_dim; }
   int64_t kv_size() const { return num_kv_heads * head_dim; }
@@ -72,6 +81,10 @@ struct ModelSpec {
   int64_t window(int64_t i) const {
     if (sliding_layers.empty()) return sliding_window;
     return i < int64_t(sliding_layers.size()) && sliding_layers[size_t(i)] ? sliding_window : 0;
+  }
+  bool is_moe_layer(int64_t i) const {
+    if (num_experts == 0) return false;
+    return moe_layers.empty() || (i < int64_t(moe_layers.size()) && moe_layers[size_t(i)]);
   }
   // Width of the MLP's first projection: gate and up side by side, or up alone.
   int64_t mlp_in_rows() const { return mlp_gated ? 2 * intermediate_size : intermediate_size; }
@@ -111,6 +124,14 @@ inline const char* kUp = "ffn.up.weight";  // the first projection of a non-gate
 inline const char* kUpBias = "ffn.up.bias";
 inline const char* kDown = "ffn.down.weight";
 inline const char* kDownBias = "ffn.down.bias";
+inline const char* kRouter = "ffn.router.weight";                // [num_experts, hidden]
+inline const char* kSharedGateUp = "ffn.shared.gate_up.weight";  // the shared expert (Qwen2-MoE)
+inline const char* kSharedDown = "ffn.shared.down.weight";
+inline const char* kSharedGate = "ffn.shared_gate.weight";  // [1, hidden]
+// "ffn.experts.{e}.gate_up.weight" / "ffn.experts.{e}.down.weight"
+std::string expert(int64_t e, const char* what);
+// "ffn.experts.3.gate_up.weight" -> "ffn.experts.{e}.gate_up.weight"; other names unchanged.
+std::string expert_pattern(const std::string& suffix);
 inline const char* kPostFfnNorm = "post_ffn_norm.weight";
 inline const char* kPostFfnNormBias = "post_ffn_norm.bias";
 // Splits "layers.{i}.{suffix}" into i and suffix; false for a name outside the layer stack.
@@ -124,6 +145,7 @@ struct CanonicalTensor {
   std::string suffix;              // the name without "layers.{i}." (equal to name outside the stack)
   std::vector<int64_t> part_rows;  // rows of each fused part along dim 0 (q, k, v / gate, up); one entry if unfused
   std::optional<DType> dtype;      // set where the format fixes the dtype (int4 parts); else the workspace dtype
+  int64_t expert = -1;             // the expert of an ffn.experts.{e} tensor
 };
 
 // Every tensor a model with this spec has, in the workspace's fixed order. Shapes follow the HF (out, in) convention
@@ -142,7 +164,9 @@ std::vector<LinearModule> linear_modules(const ModelSpec& spec);
 
 // kiln.json quantization.weights (docs/int4_layout.md). method "none": every weight in the workspace dtype.
 // Otherwise each linear layer named in `modules` (canonical suffixes without ".weight": "attn.qkv", "attn.o",
-// "ffn.gate_up", "ffn.down") stores X.qweight / X.scales / X.zeros instead of X.weight.
+// "ffn.gate_up", "ffn.down"; for MoE layers "ffn.experts.gate_up", "ffn.experts.down", "ffn.shared.gate_up",
+// "ffn.shared.down", each naming that projection of every expert) stores X.qweight / X.scales / X.zeros instead of
+// X.weight.
 struct WeightQuantization {
   std::string method = "none";  // none | rtn | awq
   int64_t bits = 0, group_size = 0;

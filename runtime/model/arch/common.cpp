@@ -56,6 +56,18 @@ MlpConfig mlp(const ModelSpec& s, int64_t layer) {
   return c;
 }
 
+MoeConfig moe(const ModelSpec& s, int64_t layer) {
+  MoeConfig c;
+  c.name = names::layer(layer, "ffn");
+  c.hidden = s.hidden_size;
+  c.expert_inter = s.expert_intermediate_size;
+  c.num_experts = s.num_experts;
+  c.top_k = s.experts_per_token;
+  c.renormalize = s.experts_renormalize;
+  c.shared_inter = s.shared_expert_intermediate_size;
+  return c;
+}
+
 EmbeddingConfig embedding(const ModelSpec& s) {
   EmbeddingConfig c;
   c.vocab = s.vocab_size;
@@ -71,6 +83,7 @@ BlockGraph pre_norm_block(const ModelSpec& s, int64_t layer) {
   b.attn = attention(s, layer);
   b.ffn_norm = norm(s, names::layer(layer, "ffn_norm"));
   b.mlp = mlp(s, layer);
+  if (s.is_moe_layer(layer)) b.moe = moe(s, layer);
   return b;
 }
 

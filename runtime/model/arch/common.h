@@ -8,8 +8,10 @@ namespace kiln::arch {
 NormConfig norm(const ModelSpec& s, std::string name);
 AttentionConfig attention(const ModelSpec& s, int64_t layer);
 MlpConfig mlp(const ModelSpec& s, int64_t layer);
+MoeConfig moe(const ModelSpec& s, int64_t layer);
 EmbeddingConfig embedding(const ModelSpec& s);
-// The pre-norm block every family shares: attn_norm -> attention, ffn_norm -> MLP, no post norms.
+// The pre-norm block every family shares: attn_norm -> attention, ffn_norm -> MLP (or mixture of experts, in the
+// spec's MoE layers), no post norms.
 BlockGraph pre_norm_block(const ModelSpec& s, int64_t layer);
 // Final norm, head and soft-cap.
 void finish(const ModelSpec& s, ModelGraph& g);

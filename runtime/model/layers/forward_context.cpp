@@ -32,10 +32,11 @@ std::span<const float> ForwardContext::inv_freq(double theta, bool scaled) {
   return freqs_.back().f;
 }
 
-void ForwardContext::observe_linear(const std::string& name, const Buffer& x, int64_t cols) {
-  host_.resize(size_t(rows * cols));
-  backend.download(x, 0, host_.data(), host_.size() * sizeof(float));
-  observer->on_linear_input(name, host_.data(), rows, cols);
+void ForwardContext::observe_linear(const std::string& name, const Buffer& x, int64_t cols, int64_t x_rows) {
+  if (x_rows < 0) x_rows = rows;
+  host_.resize(size_t(x_rows * cols));
+  if (!host_.empty()) backend.download(x, 0, host_.data(), host_.size() * sizeof(float));
+  observer->on_linear_input(name, host_.data(), x_rows, cols);
 }
 
 void ForwardContext::observe_kv(int64_t layer, const Buffer& qkv, int64_t stride, int64_t q_size, int64_t kv_heads,

@@ -19,7 +19,7 @@ class KvCache;
 // Activation buffers by role, each grown to the largest request seen and kept across forwards.
 class Scratch {
  public:
-  enum Slot { Residual, Normed, LayerOut, Qkv, Attn, Mid, Act, Tmp, Logits, kSlots };
+  enum Slot { Residual, Normed, LayerOut, Qkv, Attn, Mid, Act, Tmp, Logits, MoeRoute, MoeIn, MoeOut, kSlots };
   explicit Scratch(Backend& backend) : backend_(backend) {}
   // At least `floats` floats; growing drops the old contents, so each slot is asked one size per forward.
   Buffer& get(Slot slot, int64_t floats);
@@ -48,7 +48,8 @@ struct ForwardContext {
   // scaling, computed once per forward.
   std::span<const float> inv_freq(double theta, bool scaled);
   // Hands `cols`-wide rows of `x` (the input of linear `name`, e.g. "layers.3.attn.qkv") to the observer.
-  void observe_linear(const std::string& name, const Buffer& x, int64_t cols);
+  // `x_rows` rows (-1: the whole batch; fewer for an expert's routed tokens).
+  void observe_linear(const std::string& name, const Buffer& x, int64_t cols, int64_t x_rows = -1);
   // Hands the new rows' K and V (inside qkv rows of `stride` floats) to the observer.
   void observe_kv(int64_t layer, const Buffer& qkv, int64_t stride, int64_t q_size, int64_t kv_heads, int64_t head_dim);
 

@@ -13,7 +13,9 @@ class Linear {
  public:
   void load(const TensorSource& src, Backend& backend, std::string name, bool bias);
   // y[rows, out] = x[rows, in] · Wᵀ (+ b). x is a whole scratch buffer, so that an observer can be handed its rows.
-  void forward(ForwardContext& ctx, const Buffer& x, float* y) const;
+  void forward(ForwardContext& ctx, const Buffer& x, float* y) const { forward(ctx, x, ctx.rows, y); }
+  // The same over the first `rows` rows of x (an expert's gathered tokens).
+  void forward(ForwardContext& ctx, const Buffer& x, int64_t rows, float* y) const;
   // Replaces the weight (AWQ's block losses try candidate weights this way); the bias stays.
   void set_weight(std::unique_ptr<LinearWeight> w) { weight_ = std::move(w); }
   const std::string& name() const { return name_; }

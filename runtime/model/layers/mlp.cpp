@@ -17,13 +17,13 @@ void Mlp::load(const TensorSource& src, Backend& backend, const MlpConfig& c) {
   down_.load(src, backend, c.name + ".down", c.bias);
 }
 
-void Mlp::forward(ForwardContext& ctx, const Buffer& in, float* out) const {
+void Mlp::forward(ForwardContext& ctx, const Buffer& in, int64_t rows, float* out) const {
   const MlpConfig& c = config_;
   Backend& be = ctx.backend;
-  const int64_t N = ctx.rows, I = c.inter;
+  const int64_t N = rows, I = c.inter;
   Buffer& mid_buf = ctx.scratch.get(Scratch::Mid, N * (c.gated ? 2 * I : I));
   Buffer& act_buf = ctx.scratch.get(Scratch::Act, N * I);
-  in_.forward(ctx, in, mid_buf.f32());
+  in_.forward(ctx, in, N, mid_buf.f32());
   if (c.gated) {
     if (c.act == Activation::Silu)
       be.silu_mul(mid_buf.f32(), act_buf.f32(), N, I);
@@ -33,7 +33,7 @@ void Mlp::forward(ForwardContext& ctx, const Buffer& in, float* out) const {
     if (c.act == Activation::Silu) throw Error(c.name + ": a non-gated SiLU MLP is not supported");
     be.gelu(mid_buf.f32(), act_buf.f32(), N * I, c.act == Activation::GeluTanh);
   }
-  down_.forward(ctx, act_buf, out);
+  down_.forward(ctx, act_buf, N, out);
 }
 
 }  // namespace kiln

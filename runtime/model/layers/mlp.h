@@ -22,7 +22,9 @@ class Mlp {
  public:
   void load(const TensorSource& src, Backend& backend, const MlpConfig& config);
   // out[rows, hidden] = down(act(...)) of the normed hidden states `in` [rows, hidden].
-  void forward(ForwardContext& ctx, const Buffer& in, float* out) const;
+  void forward(ForwardContext& ctx, const Buffer& in, float* out) const { forward(ctx, in, ctx.rows, out); }
+  // The same over the first `rows` rows of `in` (an expert's gathered tokens).
+  void forward(ForwardContext& ctx, const Buffer& in, int64_t rows, float* out) const;
   Linear& in_proj() { return in_; }  // gate_up (gated) or up
   const MlpConfig& config() const { return config_; }
 
