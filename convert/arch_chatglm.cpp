@@ -1,4 +1,4 @@
-// ChatGLM2-6B / ChatGLM3-6B original checkpoints (ChatGLMModel / ChatGLMForConditionalGeneration, model_type
+// ChatGLM2-6B / ChatGLM3-6B / GLM-4-9B original checkpoints (ChatGLMModel / ChatGLMForConditionalGeneration, model_type
 // "chatglm", the remote-code layout): the GLM block under other names. query_key_value holds q, k, v in canonical order
 // (multi-query groups), dense_h_to_4h is [gate | up], RoPE rotates interleaved pairs of the leading half of each head,
 // which is exactly what transformers' GlmForCausalLM runs (its conversion script maps these tensors one to one).
@@ -51,8 +51,8 @@ void read_chatglm_config(const HfConfigReader& r, ModelSpec& s) {
   s.norm_eps = r.optional_number("layernorm_epsilon", 1e-5);
   s.rope_theta = 10000.0;
   // The long-context checkpoints' code reads rope_ratio in two ways: ChatGLM2-6B-32K divides the positions by it
-  // (linear scaling), ChatGLM3-6B-32K/128K multiplies the RoPE base (as transformers' GLM conversion does). Only the
-  // Hub name config.json keeps tells them apart.
+  // (linear scaling), ChatGLM3-6B-32K/128K and GLM-4-9B (rope_ratio 500 in glm-4-9b-chat) multiply the RoPE base (as
+  // transformers' GLM conversion does). Only the Hub name config.json keeps tells them apart.
   const double ratio = r.optional_number("rope_ratio", 1.0);
   if (!(ratio > 0)) r.refuse("rope_ratio", "must be positive");
   if (ratio != 1.0) {
@@ -62,12 +62,13 @@ void read_chatglm_config(const HfConfigReader& r, ModelSpec& s) {
       s.rope_scaling.type = "linear";
       s.rope_scaling.factor = ratio;
       s.rope_scaling.original_max_position_embeddings = s.max_position_embeddings;
-    } else if (name.find("chatglm3") != std::string::npos) {
+    } else if (name.find("chatglm3") != std::string::npos || name.find("glm-4") != std::string::npos ||
+               name.find("glm4") != std::string::npos) {
       s.rope_theta *= ratio;
     } else {
       r.refuse("rope_ratio",
-               "other than 1 needs '_name_or_path' to name chatglm2 (positions divided) or chatglm3 "
-               "(base multiplied); the two generations' code reads it differently");
+               "other than 1 needs '_name_or_path' to name chatglm2 (positions divided), chatglm3 or glm-4 "
+               "(base multiplied); the generations' code reads it differently");
     }
   }
   s.rope_style = "interleaved";

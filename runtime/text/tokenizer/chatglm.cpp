@@ -17,6 +17,11 @@ bool is_chatglm_tokenizer(const json& tokenizer_config) {
   return it != tokenizer_config.end() && it->is_string() && *it == "ChatGLMTokenizer";
 }
 
+bool is_glm4_tokenizer(const json& tokenizer_config) {
+  auto it = tokenizer_config.find("tokenizer_class");
+  return it != tokenizer_config.end() && it->is_string() && *it == "ChatGLM4Tokenizer";
+}
+
 std::vector<AddedToken> chatglm_command_tokens(size_t sp_vocab_size) {
   std::vector<AddedToken> out;
   int32_t id = static_cast<int32_t>(sp_vocab_size);

@@ -5,12 +5,12 @@
 #include <string>
 #include <vector>
 
+#include "runtime/text/tokenizer/added.h"
 #include "runtime/text/tokenizer/bpe.h"
 #include "runtime/text/tokenizer/decoder.h"
 #include "runtime/text/tokenizer/normalizer.h"
 #include "runtime/text/tokenizer/pre_tokenizer.h"
 #include "runtime/text/tokenizer/tokenizer.h"
-#include "runtime/text/tokenizer/added.h"
 
 namespace kiln::text {
 
@@ -43,8 +43,10 @@ struct TokenizerImpl {
 // tokenizer.json "post_processor" -> prefix/suffix ids.
 PostProcessor make_post_processor(const json& j, const JsonWhere& where, const TokenizerImpl& impl);
 
-// Qwen v1's qwen.tiktoken with its special tokens and regex (tokenizer_tiktoken.cpp).
-std::shared_ptr<TokenizerImpl> load_tiktoken(const std::filesystem::path& file);
+// A tiktoken rank file with its family's special tokens, regex and prefix (tiktoken.cpp): Qwen v1's qwen.tiktoken,
+// or GLM-4's tokenizer.model (tokenizer_class ChatGLM4Tokenizer).
+enum class TiktokenFlavor { kQwen, kGlm4 };
+std::shared_ptr<TokenizerImpl> load_tiktoken(const std::filesystem::path& file, TiktokenFlavor flavor);
 
 // SentencePiece support (tokenizer_sp.cpp).
 std::shared_ptr<SentencePieceModel> load_sentencepiece(const std::string& path);
@@ -58,6 +60,8 @@ std::vector<AddedToken> sp_control_tokens(const SentencePieceModel& m);
 // ChatGLM2/3's tokenizer (tokenizer_chatglm.cpp): recognised by tokenizer_config.json's tokenizer_class; its command
 // and role tokens, numbered from the SentencePiece vocabulary size on.
 bool is_chatglm_tokenizer(const json& tokenizer_config);
+// GLM-4's (tokenizer_class "ChatGLM4Tokenizer"): its tokenizer.model is a tiktoken rank file, not SentencePiece.
+bool is_glm4_tokenizer(const json& tokenizer_config);
 std::vector<AddedToken> chatglm_command_tokens(size_t sp_vocab_size);
 
 }  // namespace kiln::text

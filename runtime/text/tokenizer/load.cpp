@@ -319,7 +319,9 @@ Tokenizer Tokenizer::load(const TokenizerFiles& files, TokenizerCompat compat) {
   std::string cfg_name = files.tokenizer_config ? files.tokenizer_config->string() : "tokenizer_config.json";
   LoadContext ctx{directory_model_type(files.dir), false};
   if (!files.tokenizer_json && !files.tokenizer_model && files.tiktoken)
-    return Tokenizer(text::load_tiktoken(*files.tiktoken));
+    return Tokenizer(text::load_tiktoken(*files.tiktoken, text::TiktokenFlavor::kQwen));
+  if (!files.tokenizer_json && files.tokenizer_model && text::is_glm4_tokenizer(cfg))
+    return Tokenizer(text::load_tiktoken(*files.tokenizer_model, text::TiktokenFlavor::kGlm4));
   if (files.tokenizer_json) {
     std::string name = files.tokenizer_json->string();
     const std::string text = read_file(*files.tokenizer_json);

@@ -1,7 +1,10 @@
-// Qwen v1's tokenizer: a tiktoken vocabulary (qwen.tiktoken, one "base64(token bytes) rank" line per token) with
-// Qwen's special tokens and pre-tokenizer regex, as its tokenization_qwen.py builds it: the text is NFC-normalized,
-// special tokens are recognised anywhere in it, the rest is split by the regex and each piece byte-pair merged by
-// rank. kiln runs it through its own pipeline: NFC normalizer, the regex as a Split, ByteLevel spelling, and a
+// The tiktoken tokenizers: a vocabulary file of one "base64(token bytes) rank" line per token, with a family's special
+// tokens (numbered after the vocabulary) and pre-tokenizer regex.
+//  - Qwen v1 (qwen.tiktoken, tokenization_qwen.py): the text is NFC-normalized, special tokens are recognised anywhere
+//    in it, the rest is split by the regex and each piece byte-pair merged by rank.
+//  - GLM-4 (tokenizer.model, tokenization_chatglm.py's ChatGLM4Tokenizer): no normalization, digits in runs of up to
+//    three, its special tokens recognised as added tokens, and every encoded text prefixed with [gMASK] <sop>.
+// kiln runs both through its own pipeline: the normalizer, the regex as a Split, ByteLevel spelling, and a
 // rank-ordered BPE (BpeModel's tiktoken constructor).
 #include <fstream>
 #include <sstream>
@@ -19,6 +22,32 @@ namespace {
 constexpr const char* kQwenPattern =
     R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
 constexpr int kQwenExtraTokens = 205;  // <|extra_0|> ... <|extra_204|>
+
+// GLM-4's pat_str (tokenization_chatglm.py): Qwen's, but with digits grouped by up to three.
+constexpr const char* kGlm4Pattern =
+    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+// In id order from the vocabulary size on, as ChatGLM4Tokenizer numbers them.
+const char* const kGlm4Specials[] = {"<|endoftext|>",
+                                     "[MASK]",
+                                     "[gMASK]",
+                                     "[sMASK]",
+                                     "<sop>",
+                                     "<eop>",
+                                     "<|system|>",
+                                     "<|user|>",
+                                     "<|assistant|>",
+                                     "<|observation|>",
+                                     "<|begin_of_image|>",
+                                     "<|end_of_image|>",
+                                     "<|begin_of_video|>",
+                                     "<|end_of_video|>"};
+
+std::vector<std::string> special_tokens(TiktokenFlavor flavor) {
+  if (flavor == TiktokenFlavor::kGlm4) return {std::begin(kGlm4Specials), std::end(kGlm4Specials)};
+  std::vector<std::string> specials = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"};
+  for (int i = 0; i < kQwenExtraTokens; ++i) specials.push_back("<|extra_" + std::to_string(i) + "|>");
+  return specials;
+}
 
 // Standard base64 with padding, as Python's base64.b64decode accepts it; false on anything else.
 bool base64_decode(std::string_view in, std::string& out) {
@@ -60,7 +89,7 @@ std::string byte_level(std::string_view bytes) {
 
 }  // namespace
 
-std::shared_ptr<TokenizerImpl> load_tiktoken(const std::filesystem::path& file) {
+std::shared_ptr<TokenizerImpl> load_tiktoken(const std::filesystem::path& file, TiktokenFlavor flavor) {
   const std::string name = file.string();
   require_regular_file(file);
   std::ifstream in(file, std::ios::binary);
@@ -100,20 +129,20 @@ std::shared_ptr<TokenizerImpl> load_tiktoken(const std::filesystem::path& file) 
     if (impl->bpe->token_to_id(byte_to_unicode(static_cast<unsigned char>(b))) < 0)
       throw Error(name + ": the single byte " + std::to_string(b) + " is not a token (tiktoken needs all 256)");
   const JsonWhere w{name, ""};
-  impl->normalizer = make_normalizer(json{{"type", "NFC"}}, w);
+  const bool glm4 = flavor == TiktokenFlavor::kGlm4;
+  if (!glm4) impl->normalizer = make_normalizer(json{{"type", "NFC"}}, w);
   impl->pre_tokenizer = make_pre_tokenizer(
       json{{"type", "Sequence"},
            {"pretokenizers",
             json::array({json{{"type", "Split"},
-                              {"pattern", {{"Regex", kQwenPattern}}},
+                              {"pattern", {{"Regex", glm4 ? kGlm4Pattern : kQwenPattern}}},
                               {"behavior", "Isolated"},
                               {"invert", false}},
                          json{{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}})}},
       w);
   impl->decoder = make_decoder(json{{"type", "ByteLevel"}}, w);
-  // Special tokens follow the vocabulary, in tokenization_qwen.py's order.
-  std::vector<std::string> specials = {"<|endoftext|>", "<|im_start|>", "<|im_end|>"};
-  for (int i = 0; i < kQwenExtraTokens; ++i) specials.push_back("<|extra_" + std::to_string(i) + "|>");
+  // Special tokens follow the vocabulary, in the family's order.
+  const std::vector<std::string> specials = special_tokens(flavor);
   std::vector<AddedToken> added;
   for (size_t i = 0; i < specials.size(); ++i) {
     AddedToken t;
@@ -124,7 +153,9 @@ std::shared_ptr<TokenizerImpl> load_tiktoken(const std::filesystem::path& file) 
     added.push_back(t);
   }
   impl->added.build(added, impl->normalizer.get());
-  impl->eos = int32_t(by_rank.size());  // <|endoftext|>, Qwen's eod token
+  impl->eos = int32_t(by_rank.size());  // <|endoftext|>: Qwen's eod token, GLM-4's eos_token
+  // ChatGLM4Tokenizer.build_inputs_with_special_tokens puts [gMASK] <sop> before every text; no BOS, no EOS.
+  if (glm4) impl->post.prefix = {int32_t(by_rank.size() + 2), int32_t(by_rank.size() + 4)};  // kGlm4Specials[2], [4]
   return impl;
 }
 
