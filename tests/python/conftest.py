@@ -35,6 +35,18 @@ def run_kiln(*args, check=True, input=None, env=None, timeout=600):
     return proc
 
 
+def convert_refused(src, tmp_path) -> str:
+    """Converts a checkpoint that must be refused: exit 1, one line on stderr, and nothing written (not even a staging
+    sibling). Returns the line."""
+    out = tmp_path / "refused-ws"
+    r = run_kiln("convert", src, "-o", out, check=False)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert not any(p.name.startswith(out.name) or p.name.startswith("." + out.name) for p in tmp_path.iterdir())
+    return lines[0]
+
+
 def copy_tokenizer(src: Path, dst: Path):
     """Gives a checkpoint written in a test the tokenizer files of a fixture model."""
     for f in ("tokenizer.json", "tokenizer_config.json"):

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import GlmConfig, GlmForCausalLM
 
-from conftest import REPO, run_kiln
+from conftest import REPO, convert_refused, run_kiln
 from reference_code import load_modelscope_file
 from test_tokenizer import kiln_lines
 
@@ -216,25 +216,10 @@ def test_eval_quantize_int8_kv_and_serve(chatglm, tmp_path):
     rep = json.loads(run_kiln("eval", tmp_path / "kv8", *eval_args, "--ref-logits", ref, "--json").stdout)
     assert rep["kv_cache"] == "int8-static" and 0 < rep["kld_mean"] < 1e-3, rep
 
-    from test_serve import Server, generate
-    server = Server(ws)
-    try:
-        want = generate(ws, "Once upon a time", 12)
-        got = server.client().completions.create(model="tiny", prompt="Once upon a time", max_tokens=12,
-                                                 temperature=0)
-        assert got.choices[0].text == want["text"]
-    finally:
-        server.stop()
+    from test_serve import assert_serve_matches_generate
+    assert_serve_matches_generate(ws)
 
 
-def refused(src, tmp_path):
-    out = tmp_path / "ws"
-    r = run_kiln("convert", src, "-o", out, check=False)
-    assert r.returncode == 1, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert not out.exists()
-    return lines[0]
 
 
 @pytest.mark.parametrize("key,value", [("rope_ratio", 16), ("rope_ratio", 0), ("multi_query_attention", False),
@@ -245,7 +230,7 @@ def test_unsupported_variants_are_refused(chatglm, key, value, tmp_path):
     src.mkdir()
     (src / "config.json").write_text(json.dumps(chatglm_config(**{key: value})))
     (src / "model.safetensors").write_bytes((chatglm["st"] / "model.safetensors").read_bytes())
-    line = refused(src, tmp_path)
+    line = convert_refused(src, tmp_path)
     assert f"'{key}'" in line, line
 
 
@@ -254,7 +239,7 @@ def test_qkv_width_contradicting_config_is_refused(chatglm, tmp_path):
     src.mkdir()
     (src / "config.json").write_text(json.dumps(chatglm_config(multi_query_group_num=1)))
     (src / "model.safetensors").write_bytes((chatglm["st"] / "model.safetensors").read_bytes())
-    line = refused(src, tmp_path)
+    line = convert_refused(src, tmp_path)
     assert "query_key_value" in line and "multi_query_group_num = 1" in line, line
 
 

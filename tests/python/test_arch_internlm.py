@@ -23,7 +23,7 @@ from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import REPO, copy_tokenizer, run_kiln
+from conftest import REPO, copy_tokenizer, convert_refused, run_kiln
 from hf_oracle import cached_logits, greedy, int8_online_store
 
 CALIB = REPO / "tests" / "data" / "text" / "devils_dictionary_calib.txt"
@@ -268,7 +268,7 @@ def test_quantize_rtn_awq_int8_kv_and_serve(family, tmp_path):
     """RTN and AWQ int4 workspaces verify and stay close to the input (AWQ's folded scales alone leave the logits
     unchanged); the INT8 KV cache matches transformers with the same quantized cache; serve answers the openai client
     with what generate produces."""
-    from test_serve import Server, generate
+    from test_serve import assert_serve_matches_generate
     ws = family.ws
     cal = ("--data", CALIB, "--samples", 8, "--seqlen", 64, "--seed", 1)
     quality = ("--eval-text", EVAL, "--eval-ctx", 64, "--eval-tokens", 256, "--json")
@@ -302,24 +302,9 @@ def test_quantize_rtn_awq_int8_kv_and_serve(family, tmp_path):
     # quantized by that scheme: kiln is far closer to transformers with it than without it (0.007 .. 0.009 away).
     assert diff <= INT8_ORACLE_TOL and diff < unquantized / 3
 
-    server = Server(ws)
-    try:
-        want = generate(ws, "Once upon a time", 12)
-        got = server.client().completions.create(model="tiny", prompt="Once upon a time", max_tokens=12,
-                                                 temperature=0)
-        assert got.choices[0].text == want["text"]
-    finally:
-        server.stop()
+    assert_serve_matches_generate(ws)
 
 
-def refused(src, tmp_path):
-    out = tmp_path / "ws"
-    r = run_kiln("convert", src, "-o", out, check=False)
-    assert r.returncode == 1, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert not out.exists()
-    return lines[0]
 
 
 def edited(family, tmp_path, config=None, tensors=None):
@@ -347,25 +332,25 @@ def edited(family, tmp_path, config=None, tensors=None):
     ("internlm2", {"rope_scaling": {"type": "yarn", "factor": 2.0}}, "rope scaling type 'yarn' is not supported"),
 ])
 def test_unsupported_config_is_refused(name, config, needle, request, tmp_path):
-    line = refused(edited(request.getfixturevalue(name), tmp_path, config), tmp_path)
+    line = convert_refused(edited(request.getfixturevalue(name), tmp_path, config), tmp_path)
     assert needle in line, line
 
 
 def test_config_contradicting_tensors_is_refused(internlm, internlm2, tmp_path):
     # wqkv packed for 2 KV heads, config says 4: the row count (4 + 2 * 4) * 16 names the tensor and the keys.
-    line = refused(edited(internlm2, tmp_path / "a", {"num_key_value_heads": 4}), tmp_path / "a")
+    line = convert_refused(edited(internlm2, tmp_path / "a", {"num_key_value_heads": 4}), tmp_path / "a")
     assert "'model.layers.0.attention.wqkv.weight'" in line and "num_key_value_heads = 4" in line, line
     assert "[192, 64]" in line and "[128, 64]" in line, line
     # InternLM's biases with "bias": false would be dropped silently; refused naming the first one.
-    line = refused(edited(internlm, tmp_path / "b", {"bias": False}), tmp_path / "b")
+    line = convert_refused(edited(internlm, tmp_path / "b", {"bias": False}), tmp_path / "b")
     assert "self_attn." in line and ".bias' is not part of a InternLMForCausalLM" in line, line
     # InternLM2 "bias": true without wqkv.bias.
-    line = refused(edited(internlm2, tmp_path / "c", {"bias": True}), tmp_path / "c")
+    line = convert_refused(edited(internlm2, tmp_path / "c", {"bias": True}), tmp_path / "c")
     assert "'model.layers.0.attention.wqkv.bias' is missing" in line, line
     # An AutoAWQ InternLM2 checkpoint (its packed wqkv is not regrouped in int4) is refused before anything is read.
     awq = {"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
                                    "version": "gemm"}}
-    line = refused(edited(internlm2, tmp_path / "d", awq), tmp_path / "d")
+    line = convert_refused(edited(internlm2, tmp_path / "d", awq), tmp_path / "d")
     assert "AutoAWQ checkpoints of InternLM2ForCausalLM are not supported" in line and "wqkv" in line, line
 
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig,
                           Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
-from conftest import REPO, copy_tokenizer, run_kiln
+from conftest import REPO, copy_tokenizer, convert_refused, run_kiln
 
 CALIB = REPO / "tests" / "data" / "text" / "devils_dictionary_calib.txt"
 EVAL = REPO / "tests" / "data" / "text" / "devils_dictionary_eval.txt"
@@ -161,14 +161,6 @@ def test_static_int8_kv_and_serve(workspaces, tmp_path):
         server.stop()
 
 
-def refused(src, tmp_path):
-    out = tmp_path / "ws"
-    r = run_kiln("convert", src, "-o", out, check=False)
-    assert r.returncode == 1, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert not out.exists()
-    return lines[0]
 
 
 @pytest.mark.parametrize("key,value,needle", [
@@ -184,7 +176,7 @@ def test_bad_routing_config_is_refused(key, value, needle, checkpoints, tmp_path
     cfg = json.loads((src / "config.json").read_text())
     cfg[key] = value
     (src / "config.json").write_text(json.dumps(cfg))
-    assert needle in refused(src, tmp_path)
+    assert needle in convert_refused(src, tmp_path)
 
 
 def test_missing_or_misshapen_expert_is_refused(checkpoints, tmp_path):
@@ -195,10 +187,10 @@ def test_missing_or_misshapen_expert_is_refused(checkpoints, tmp_path):
     st["model.layers.1.block_sparse_moe.experts.2.w3.weight"] = st[
         "model.layers.1.block_sparse_moe.experts.2.w3.weight"][:40].contiguous()
     save_file(st, str(src / "model.safetensors"), metadata={"format": "pt"})
-    assert "model.layers.1.block_sparse_moe.experts.2.w3.weight" in refused(src, tmp_path)
+    assert "model.layers.1.block_sparse_moe.experts.2.w3.weight" in convert_refused(src, tmp_path)
     del st["model.layers.1.block_sparse_moe.experts.2.w3.weight"]
     save_file(st, str(src / "model.safetensors"), metadata={"format": "pt"})
-    line = refused(src, tmp_path)
+    line = convert_refused(src, tmp_path)
     assert "model.layers.1.block_sparse_moe.experts.2.w3.weight" in line and "missing" in line
 
 

@@ -29,7 +29,7 @@ import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
 
-from conftest import DATA, REPO, run_kiln
+from conftest import DATA, REPO, convert_refused, run_kiln
 from test_tokenizer import CORPUS, kiln_decode_lines, kiln_lines
 
 CALIB = REPO / "tests" / "data" / "text" / "devils_dictionary_calib.txt"
@@ -286,12 +286,6 @@ def test_bin_checkpoint_converts_like_safetensors(qwen, tmp_path):
         assert (tmp_path / "ws" / f).read_bytes() == (qwen.ws / f).read_bytes()
 
 
-def refused(src, tmp_path):
-    out = tmp_path / "out"
-    r = run_kiln("convert", src, "-o", out, check=False)
-    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert not out.exists()
-    return r.stderr.strip()
 
 
 @pytest.mark.parametrize("change,needle", [
@@ -314,7 +308,7 @@ def test_config_contradictions_are_refused(qwen, change, needle, tmp_path):
         else:
             cfg[k] = v
     (src / "config.json").write_text(json.dumps(cfg))
-    line = refused(src, tmp_path)
+    line = convert_refused(src, tmp_path)
     assert needle in line, line
 
 
@@ -398,15 +392,8 @@ def test_generate_chat_eval_quantize_and_serve(qwen, tmp_path):
     rep = json.loads(run_kiln("eval", q, "--text", ev, "--ctx", 64, "--ref-logits", ref, "--json").stdout)
     print("int8-static KV", rep)
     assert rep["kv_cache"] == "int8-static" and 0 < rep["kld_mean"] < 1e-2, rep
-    from test_serve import Server, generate
-    server = Server(ws)
-    try:
-        want = generate(ws, "Once upon a time", 12)
-        got = server.client().completions.create(model="tiny", prompt="Once upon a time", max_tokens=12,
-                                                 temperature=0)
-        assert got.choices[0].text == want["text"]
-    finally:
-        server.stop()
+    from test_serve import assert_serve_matches_generate
+    assert_serve_matches_generate(ws)
 
 
 def test_prefix_caches_keep_ntk_alphas_apart(qwen, tmp_path):

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from conftest import copy_tokenizer, REPO, run_kiln
+from conftest import copy_tokenizer, REPO, convert_refused, run_kiln
 
 CALIB = REPO / "tests" / "data" / "text" / "devils_dictionary_calib.txt"
 EVAL = REPO / "tests" / "data" / "text" / "devils_dictionary_eval.txt"
@@ -31,14 +31,6 @@ def copy_fixture(fixture_models, name, dst):
     return dst
 
 
-def refused(src, tmp_path):
-    out = tmp_path / "ws"
-    r = run_kiln("convert", src, "-o", out, check=False)
-    assert r.returncode == 1, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert not out.exists() and not any(p.name.startswith("ws") for p in tmp_path.iterdir())
-    return lines[0]
 
 
 def test_gpt2_c_attn_width_contradicting_config_is_refused(fixture_models, tmp_path):
@@ -47,7 +39,7 @@ def test_gpt2_c_attn_width_contradicting_config_is_refused(fixture_models, tmp_p
     st["transformer.h.1.attn.c_attn.weight"] = st["transformer.h.1.attn.c_attn.weight"][:, :190].contiguous()
     st["transformer.h.1.attn.c_attn.bias"] = st["transformer.h.1.attn.c_attn.bias"][:190].contiguous()
     save_file(st, str(src / "model.safetensors"), metadata={"format": "pt"})
-    line = refused(src, tmp_path)
+    line = convert_refused(src, tmp_path)
     assert "transformer.h.1.attn.c_attn.weight" in line and "n_embd = 64" in line and "[64, 192]" in line, line
 
 
@@ -66,7 +58,7 @@ def test_unsupported_variants_are_refused_at_convert(name, key, value, needle, f
     if key == "partial_rotary_factor" and isinstance(cfg.get("rope_parameters"), dict):
         cfg["rope_parameters"][key] = value
     (src / "config.json").write_text(json.dumps(cfg))
-    line = refused(src, tmp_path)
+    line = convert_refused(src, tmp_path)
     assert needle in line, line
 
 
@@ -178,7 +170,7 @@ def test_static_int8_kv_and_serve(name, fixture_models, tmp_path):
     """Calibration's K/V observer and the static INT8 KV cache through each family's attention (GPT-2 without RoPE,
     Gemma 3 with q/k norms and a local RoPE base, GLM-4 with partial interleaved RoPE), then `kiln serve` answering
     the official openai client with exactly what `kiln generate` produces."""
-    from test_serve import Server, generate
+    from test_serve import assert_serve_matches_generate
     ws, stats, ref, q = tmp_path / "ws", tmp_path / "stats.safetensors", tmp_path / "ref.safetensors", tmp_path / "q"
     eval_args = ["--text", EVAL, "--ctx", 128, "--max-tokens", 384]
     run_kiln("convert", fixture_models / name, "-o", ws)
@@ -188,14 +180,7 @@ def test_static_int8_kv_and_serve(name, fixture_models, tmp_path):
              "--kv-stats", stats)
     rep = json.loads(run_kiln("eval", q, *eval_args, "--ref-logits", ref, "--json").stdout)
     assert rep["kv_cache"] == "int8-static" and 0 < rep["kld_mean"] < 1e-3, rep
-    server = Server(ws)
-    try:
-        want = generate(ws, "Once upon a time", 12)
-        got = server.client().completions.create(model="tiny", prompt="Once upon a time", max_tokens=12,
-                                                 temperature=0)
-        assert got.choices[0].text == want["text"]
-    finally:
-        server.stop()
+    assert_serve_matches_generate(ws)
 
 
 def outlier_checkpoint(cls_cfg, cls_model, dst, **cfg):

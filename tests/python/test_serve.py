@@ -7,7 +7,6 @@ qwen3-fp32 has no EOS id, so every answer runs to max_tokens unless a stop strin
 """
 import concurrent.futures as cf
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -95,6 +94,17 @@ def server(ws):
     s = Server(ws, "--max-body-bytes", 65536)
     yield s
     s.stop()
+
+
+def assert_serve_matches_generate(ws, prompt="Once upon a time", n=12):
+    """kiln serve answers a greedy completion with exactly the text kiln generate writes."""
+    server = Server(ws)
+    try:
+        want = generate(ws, prompt, n)
+        got = server.client().completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0)
+        assert got.choices[0].text == want["text"]
+    finally:
+        server.stop()
 
 
 def generate(ws, prompt, n, *args):
