@@ -1,6 +1,7 @@
 #include "calib/layer_stream.h"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -21,6 +22,13 @@ uint64_t default_max_memory() {
   const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
   if (pages <= 0 || page <= 0) return uint64_t(1) << 30;
   return uint64_t(pages) * uint64_t(page) / 4;
+}
+
+double process_cpu_seconds() {
+  struct rusage ru {};
+  ::getrusage(RUSAGE_SELF, &ru);
+  auto secs = [](const timeval& t) { return double(t.tv_sec) + double(t.tv_usec) * 1e-6; };
+  return secs(ru.ru_utime) + secs(ru.ru_stime);
 }
 
 uint64_t parse_memory_size(const std::string& text) {

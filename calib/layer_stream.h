@@ -55,6 +55,13 @@ uint64_t parse_memory_size(const std::string& text);
 // Throws naming `dir` when its file system has fewer than `bytes` available for `what`.
 void require_free_space(const std::filesystem::path& dir, uint64_t bytes, const std::string& what);
 
+// Wall and CPU time (user + system, all threads of this process) spent on one layer, for the --json reports.
+struct LayerTiming {
+  double seconds = 0, cpu_seconds = 0;
+};
+// This process's CPU time so far (getrusage).
+double process_cpu_seconds();
+
 class LayerStream {
  public:
   // Embeds every block's tokens (the workspace's embedding layer, freed afterwards): the stream enters layer 0.

@@ -103,6 +103,7 @@ struct AwqPlan {
   bool fp_inputs = false;   // the inputs the search saw (AwqOptions::fp_inputs)
   bool spilled = false;     // the residual stream went to a temporary file (not recorded: it changes nothing)
   int64_t loss_blocks = 0;  // calibration blocks the block losses were evaluated on (0 with --awq-loss linear)
+  std::vector<std::pair<double, double>> layer_seconds;  // wall and CPU seconds per layer (--json summary only)
 };
 
 class Workspace;

@@ -10,6 +10,7 @@
 // (docs/quantization.md).
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <thread>
 
 #include "calib/dataset.h"
@@ -334,7 +335,7 @@ struct AwqPlanner::State {
         o(opt),
         gsz(g),
         pool(threads ? threads : std::max(1u, std::thread::hardware_concurrency())),
-        bar("awq search", uint64_t(w.spec().num_layers), progress) {}
+        bar("awq search", uint64_t(w.spec().num_layers), progress, "layers") {}
 };
 
 AwqPlanner::AwqPlanner(const Workspace& ws, const AwqOptions& o, int64_t gsz, unsigned threads, bool progress,
@@ -381,6 +382,8 @@ const AwqLayerPlan& AwqPlanner::layer(int64_t l) {
   while (int64_t(s.plan.layers.size()) <= l) {
     const int64_t i = int64_t(s.plan.layers.size());
     check_interrupt();
+    const auto t0 = std::chrono::steady_clock::now();
+    const double c0 = calib::process_cpu_seconds();
     const bool last = i + 1 == spec.num_layers;
     // The unquantized layer: its inputs' statistics (and, with --awq-fp-inputs, the next layer's input).
     GramObserver obs(s.pool, spec, i, s.slot, s.cached, s.blocks.seqlen);
@@ -405,6 +408,8 @@ const AwqLayerPlan& AwqPlanner::layer(int64_t l) {
       s.stream->run_layer(i, src, nullptr, /*advance=*/true);
     }
     s.stream->release_pages(i);
+    s.plan.layer_seconds.emplace_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+                                      calib::process_cpu_seconds() - c0);
     s.bar.advance(1);
   }
   return s.plan.layers[size_t(l)];

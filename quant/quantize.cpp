@@ -219,7 +219,10 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
     progress.finish();
   }
   if (planner) {
-    awq_json = awq_document(planner->finish(), opt);
+    const AwqPlan& done = planner->finish();
+    awq_json = awq_document(done, opt);
+    result.awq_layer_seconds = done.layer_seconds;
+    result.awq_spilled = done.spilled;
     planner.reset();  // frees the stream and removes its spill file before the staging directory is committed
   }
 

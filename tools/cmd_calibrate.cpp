@@ -128,11 +128,20 @@ int run(const CalibrateOptions& o) {
                             "the statistics and the spilled activations");
 
   std::unique_ptr<Backend> backend = make_backend("", o.threads);
-  Progress progress("calibrate", uint64_t(spec.num_layers), !o.json);
+  Progress progress("calibrate", uint64_t(spec.num_layers), !o.json, "layers");
   int64_t shown = 0;
+  nlohmann::ordered_json layer_times = nlohmann::ordered_json::array();
+  auto lt = std::chrono::steady_clock::now();
+  double lc = calib::process_cpu_seconds();
   calib::StatsObserver stats = calib::run_calibration(*ws, *backend, blocks, lo, [&](int64_t done) {
     progress.advance(uint64_t(done - shown));
     shown = done;
+    const auto now = std::chrono::steady_clock::now();
+    const double c = calib::process_cpu_seconds();
+    layer_times.push_back(
+        {{"layer", done - 1}, {"seconds", std::chrono::duration<double>(now - lt).count()}, {"cpu_seconds", c - lc}});
+    lt = now;
+    lc = c;
   });
   progress.finish();
 
@@ -164,7 +173,9 @@ int run(const CalibrateOptions& o) {
                              {"seed", o.seed},
                              {"block_starts", blocks.starts},
                              {"peak_rss_bytes", peak_rss_bytes()},
-                             {"seconds", seconds}};
+                             {"seconds", seconds},
+                             {"spilled", blocks.count() * o.seqlen * spec.hidden_size * 4 > int64_t(lo.max_memory)},
+                             {"layers", layer_times}};
   write_text_file(tmp_report.path, out.dump(2) + "\n");
   tmp_stats.commit(stats_path);
   tmp_report.commit(report);

@@ -42,6 +42,15 @@ void print_summary(const QuantizeOptions& opt, const QuantizeSummary& s, double 
       out["tensors_quantized"] = s.weights->tensors_quantized;
       out["input_weight_bytes"] = s.weights->input_bytes;
       out["output_weight_bytes"] = s.weights->output_bytes;
+      if (!s.weights->awq_layer_seconds.empty()) {
+        nlohmann::ordered_json layers = nlohmann::ordered_json::array();
+        for (size_t i = 0; i < s.weights->awq_layer_seconds.size(); ++i)
+          layers.push_back({{"layer", i},
+                            {"seconds", s.weights->awq_layer_seconds[i].first},
+                            {"cpu_seconds", s.weights->awq_layer_seconds[i].second}});
+        out["awq_layers"] = layers;
+        out["awq_spilled"] = s.weights->awq_spilled;
+      }
     }
     if (s.kv_mode) out["kv_cache"] = {{"dtype", "int8"}, {"mode", *s.kv_mode}};
     out["seconds"] = secs;
