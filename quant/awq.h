@@ -91,8 +91,9 @@ struct AwqOptions {
   int64_t loss_samples = 8;
   std::filesystem::path dump;  // debug: the block losses' cached inputs, chosen scales and losses (safetensors)
   // Each layer's calibration inputs: from the already scaled, clipped and quantized earlier layers (default, as the
-  // output model computes them), or with fp_inputs from the unquantized model (--awq-fp-inputs).
-  bool fp_inputs = false;
+  // output model computes them, --awq-inputs quantized), or from the unquantized model (fp_inputs, the default:
+  // better on SmolLM2-135M, docs/BENCHMARKS.md).
+  bool fp_inputs = true;
   uint64_t max_memory = 0;  // residual-stream bytes kept in memory between layers; 0: calib::default_max_memory()
 };
 

@@ -6,8 +6,8 @@
 // (quant/awq_block.h) also need the attn_norm and ffn_norm outputs of a few whole calibration blocks
 // (--awq-loss-samples). Both are held for one layer at a time; between layers only the residual stream of every
 // calibration token is kept (in memory, or spilled beside the output beyond --max-memory). Each layer's inputs come
-// from the already transformed and quantized earlier layers, or with --awq-fp-inputs from the unquantized model
-// (docs/quantization.md).
+// from the unquantized model (default), or with --awq-inputs quantized from the already transformed and quantized
+// earlier layers (docs/quantization.md).
 #include <algorithm>
 #include <array>
 #include <chrono>
@@ -385,7 +385,7 @@ const AwqLayerPlan& AwqPlanner::layer(int64_t l) {
     const auto t0 = std::chrono::steady_clock::now();
     const double c0 = calib::process_cpu_seconds();
     const bool last = i + 1 == spec.num_layers;
-    // The unquantized layer: its inputs' statistics (and, with --awq-fp-inputs, the next layer's input).
+    // The unquantized layer: its inputs' statistics (and, with fp inputs, the next layer's input).
     GramObserver obs(s.pool, spec, i, s.slot, s.cached, s.blocks.seqlen);
     s.stream->run_layer(i, WorkspaceSource(s.ws), &obs, s.o.fp_inputs && !last);
     BlockContext bc{s.backend.get(),

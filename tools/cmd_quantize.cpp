@@ -125,9 +125,12 @@ Action setup_quantize(CLI::App& sub) {
                  "AWQ debug: write the block losses' cached inputs, chosen scales and losses to this safetensors file");
   sub.add_flag("--awq-fold-only", opt->awq.fold_only,
                "AWQ debug: fold the smoothing scales into unquantized weights (the output is not quantized)");
-  sub.add_flag("--awq-fp-inputs", opt->awq.fp_inputs,
-               "AWQ: search each layer on inputs from the unquantized model rather than from the already quantized "
-               "earlier layers");
+  auto awq_inputs = std::make_shared<std::string>("fp");
+  sub.add_option("--awq-inputs", *awq_inputs,
+                 "AWQ: each layer's calibration inputs come from the unquantized model (fp) or from the already "
+                 "scaled, clipped and quantized earlier layers (quantized)")
+      ->check(CLI::IsMember({"fp", "quantized"}))
+      ->capture_default_str();
   auto max_memory = std::make_shared<std::string>();
   sub.add_option("--max-memory", *max_memory,
                  "AWQ: calibration activations kept in memory between layers (e.g. 512M, 8G); beyond that they are "
@@ -167,6 +170,7 @@ Action setup_quantize(CLI::App& sub) {
       "embeddings, norms and lm_head keep the input's dtype. Output is atomic and deterministic.");
   return [=]() {
     opt->progress = !*json_out;
+    opt->awq.fp_inputs = *awq_inputs == "fp";
     if (!max_memory->empty()) opt->awq.max_memory = calib::parse_memory_size(*max_memory);
     opt->max_shard_bytes <<= 20;
     opt->command = "kiln quantize " + std::filesystem::absolute(opt->input).lexically_normal().string() + " --method " +
@@ -182,7 +186,7 @@ Action setup_quantize(CLI::App& sub) {
       if (opt->awq.loss == "block") opt->command += " --awq-loss-samples " + std::to_string(opt->awq.loss_samples);
       if (!opt->awq.clip) opt->command += " --awq-no-clip";
       if (opt->awq.fold_only) opt->command += " --awq-fold-only";
-      if (opt->awq.fp_inputs) opt->command += " --awq-fp-inputs";
+      if (!opt->awq.fp_inputs) opt->command += " --awq-inputs quantized";
     }
     if (*kv_cache != "auto" && *kv_cache != "int8") opt->kv_cache = *kv_cache;
     auto t0 = std::chrono::steady_clock::now();

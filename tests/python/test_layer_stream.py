@@ -120,13 +120,19 @@ def test_missing_tokenizer_fails_before_loading_weights(stacks, tmp_path):
 def test_spilled_and_repeated_runs_are_byte_identical(stacks, tmp_path):
     _, ws = stacks
     outs = []
-    for i, extra in enumerate(((), (), ("--max-memory", "64K"))):
+    runs = ((), (), ("--max-memory", "64K"), ("--awq-inputs", "quantized"), ("--awq-inputs", "quantized"),
+            ("--awq-inputs", "quantized", "--max-memory", "64K"))
+    for i, extra in enumerate(runs):
         out = tmp_path / f"q{i}"
         run_kiln("quantize", ws[4], "-o", out, *AWQ, *extra)
         outs.append(out)
         assert not [p for p in out.iterdir() if p.name.startswith(".")], list(out.iterdir())  # spill file removed
     digests = [{p.name: sha(p) for p in o.iterdir()} for o in outs]
     assert digests[0] == digests[1] == digests[2]
+    assert digests[3] == digests[4] == digests[5]
+    # Quantized inputs change what layers 1.. are searched on, hence their weights.
+    assert digests[0]["weights-00001-of-00001.safetensors"] != digests[3]["weights-00001-of-00001.safetensors"]
+    assert json.loads((outs[3] / "kiln.json").read_text())["quantization"]["weights"]["awq"]["inputs"] == "quantized"
     stats = []
     for i, extra in enumerate(((), ("--max-memory", "64K"))):
         s = tmp_path / f"stats{i}.safetensors"
