@@ -124,7 +124,9 @@ def test_spilled_and_repeated_runs_are_byte_identical(stacks, tmp_path):
             ("--awq-inputs", "quantized", "--max-memory", "64K"))
     for i, extra in enumerate(runs):
         out = tmp_path / f"q{i}"
-        run_kiln("quantize", ws[4], "-o", out, *AWQ, *extra)
+        summary = json.loads(run_kiln("quantize", ws[4], "-o", out, *AWQ, *extra).stdout)
+        assert summary["awq_spilled"] == ("--max-memory" in extra)  # 2 x 64 x 256 floats are 128 KiB
+        assert [layer["layer"] for layer in summary["awq_layers"]] == [0, 1, 2, 3]
         outs.append(out)
         assert not [p for p in out.iterdir() if p.name.startswith(".")], list(out.iterdir())  # spill file removed
     digests = [{p.name: sha(p) for p in o.iterdir()} for o in outs]
@@ -136,7 +138,9 @@ def test_spilled_and_repeated_runs_are_byte_identical(stacks, tmp_path):
     stats = []
     for i, extra in enumerate(((), ("--max-memory", "64K"))):
         s = tmp_path / f"stats{i}.safetensors"
-        run_kiln("calibrate", ws[4], "--data", CALIB, "--samples", 4, "--seqlen", 64, "-o", s, *extra)
+        report = json.loads(run_kiln("calibrate", ws[4], "--data", CALIB, "--samples", 4, "--seqlen", 64, "-o", s,
+                                     "--json", *extra).stdout)
+        assert report["spilled"] == bool(extra) and len(report["layers"]) == 4
         stats.append(sha(s))
     assert stats[0] == stats[1]
     assert not [p for p in tmp_path.iterdir() if "spill" in p.name]
