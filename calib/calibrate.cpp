@@ -5,30 +5,19 @@
 #include "runtime/core/error.h"
 #include "runtime/io/interrupt.h"
 #include "runtime/io/safetensors.h"
+#include "runtime/workspace/workspace.h"
 
 namespace kiln::calib {
 
-StatsObserver run_calibration(Model& model, const Blocks& blocks, int64_t batch_tokens,
-                              const std::function<void(int64_t done)>& on_block) {
-  const int64_t L = blocks.seqlen, n = blocks.count();
-  const int64_t per_batch = std::clamp<int64_t>(batch_tokens / L, 1, std::max<int64_t>(n, 1));
-  // Each sequence needs whole blocks of the cache; size it for one full batch and release between batches.
-  const int64_t block_size = 16;
-  const int64_t padded = (L + block_size - 1) / block_size * block_size;
-  KvCache cache(model.backend(), model.kv_config(per_batch * padded, KvDType::F32, block_size));
-  StatsObserver stats(model.spec());
-  for (int64_t first = 0; first < n; first += per_batch) {
-    check_interrupt();
-    const int64_t count = std::min(per_batch, n - first);
-    std::vector<KvSequence> seqs(static_cast<size_t>(count));
-    std::vector<BatchEntry> batch;
-    for (int64_t i = 0; i < count; ++i) {
-      std::span<const int32_t> tokens(blocks.tokens.data() + (first + i) * L, size_t(L));
-      batch.push_back({&seqs[size_t(i)], tokens, false});
-    }
-    model.forward(batch, cache, &stats);
-    for (KvSequence& s : seqs) cache.release(s);
-    if (on_block) on_block(first + count);
+StatsObserver run_calibration(const Workspace& ws, Backend& backend, const Blocks& blocks,
+                              const LayerStreamOptions& options, const std::function<void(int64_t)>& on_layer) {
+  LayerStream stream(ws, backend, blocks, options);
+  StatsObserver stats(ws.spec());
+  const WorkspaceSource src(ws);
+  for (int64_t l = 0; l < stream.num_layers(); ++l) {
+    stream.run_layer(l, src, &stats, /*advance=*/l + 1 < stream.num_layers());
+    stream.release_pages(l);
+    if (on_layer) on_layer(l + 1);
   }
   return stats;
 }

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -94,20 +95,48 @@ struct AwqOptions {
   std::string loss = "block";
   int64_t loss_samples = 8;
   std::filesystem::path dump;  // debug: the block losses' cached inputs, chosen scales and losses (safetensors)
-  uint64_t memory_budget = uint64_t(768) << 20;  // bytes of Grams and cached inputs held at once (layers per pass)
+  // Each layer's calibration inputs: from the already scaled, clipped and quantized earlier layers (default, as the
+  // output model computes them, --awq-inputs quantized), or from the unquantized model (fp_inputs, the default:
+  // better on SmolLM2-135M, docs/BENCHMARKS.md).
+  bool fp_inputs = true;
+  uint64_t max_memory = 0;  // residual-stream bytes kept in memory between layers; 0: calib::default_max_memory()
 };
 
 struct AwqPlan {
   std::vector<AwqLayerPlan> layers;
   std::string data_sha256;
-  int64_t blocks = 0, seqlen = 0, passes = 0;
+  int64_t blocks = 0, seqlen = 0;
+  bool fp_inputs = false;   // the inputs the search saw (AwqOptions::fp_inputs)
+  bool spilled = false;     // the residual stream went to a temporary file (not recorded: it changes nothing)
   int64_t loss_blocks = 0;  // calibration blocks the block losses were evaluated on (0 with --awq-loss linear)
+  std::vector<std::pair<double, double>> layer_seconds;  // wall and CPU seconds per layer (--json summary only)
 };
 
-// Runs the calibration blocks through the unquantized input workspace (as many forward passes as the memory budget
-// needs) and searches every layer. `progress` shows on a TTY.
-AwqPlan awq_plan(const std::filesystem::path& workspace, const AwqOptions& opt, int64_t group_size, unsigned threads,
-                 bool progress);
+class Workspace;
+struct CanonicalTensor;
+
+// The layer-by-layer search (calib/layer_stream.h): the constructor checks the data and the tokenizer and draws the
+// calibration blocks before any weight is read, then embeds them; layer(l) searches layers in order up to l, each
+// loaded, searched and freed in turn. The residual stream spills to `spill_path` (removed again) beyond
+// AwqOptions::max_memory. `progress` shows a per-layer bar on a TTY.
+class AwqPlanner {
+ public:
+  AwqPlanner(const Workspace& ws, const AwqOptions& opt, int64_t group_size, unsigned threads, bool progress,
+             const std::filesystem::path& spill_path);
+  ~AwqPlanner();
+  const AwqLayerPlan& layer(int64_t l);
+  // Searches what is left; the complete plan.
+  const AwqPlan& finish();
+
+ private:
+  struct State;
+  std::unique_ptr<State> s_;
+};
+
+// Tensor `c` of layer plan `p`'s layer as the output workspace will hold it, in fp32: transformed, then quantized and
+// dequantized when int4 covers it, else rounded to the workspace dtype.
+std::vector<float> awq_layer_tensor(const Workspace& ws, const AwqLayerPlan& p, const CanonicalTensor& c,
+                                    int64_t group_size, bool fold_only);
 
 // Transforms one tensor of the workspace in place (fp32), given by its canonical layer-relative suffix; tensors AWQ
 // does not touch are left alone. Returns whether it changed anything.

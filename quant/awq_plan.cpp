@@ -1,27 +1,31 @@
-// AWQ planning (quant/awq.h): calibration passes through the runtime's forward collecting each layer's input
-// statistics, the per-layer scale and clip searches, and the transform applied to tensors as they are written.
+// AWQ planning (quant/awq.h): the calibration blocks streamed through the model one decoder layer at a time
+// (calib/layer_stream.h), each layer's input statistics collected while its own forward runs, the per-layer scale and
+// clip searches, and the transform applied to tensors as they are written.
 //
-// Memory/time trade-off: the linear losses only need mean |x| and XᵀX per linear input (see awq.h); the block
-// losses (quant/awq_block.h) also need the attn_norm and ffn_norm outputs of a few whole calibration blocks
-// (--awq-loss-samples). The statistics and cached inputs of as many layers as fit in AwqOptions::memory_budget are
-// collected in one forward pass over every calibration block; a model that does not fit takes several passes (each a
-// full forward). Inputs always come from the unquantized input workspace (see docs/quantization.md).
+// Memory: the linear losses only need mean |x| and XᵀX per linear input (see awq.h); the block losses
+// (quant/awq_block.h) also need the attn_norm and ffn_norm outputs of a few whole calibration blocks
+// (--awq-loss-samples). Both are held for one layer at a time; between layers only the residual stream of every
+// calibration token is kept (in memory, or spilled beside the output beyond --max-memory). Each layer's inputs come
+// from the unquantized model (default), or with --awq-inputs quantized from the already transformed and quantized
+// earlier layers (docs/quantization.md).
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <thread>
 
 #include "calib/dataset.h"
+#include "calib/layer_stream.h"
 #include "quant/awq.h"
 #include "quant/awq_block.h"
 #include "quant/awq_moe.h"
 #include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
 #include "runtime/cpu/thread_pool.h"
-#include "runtime/engine/loaded_model.h"
 #include "runtime/io/interrupt.h"
 #include "runtime/io/progress.h"
 #include "runtime/io/safetensors.h"
 #include "runtime/io/sha256.h"
+#include "runtime/model/layers/tensor_source.h"
 #include "runtime/model/model.h"
 #include "runtime/text/tokenizer/tokenizer.h"
 #include "runtime/text/tokenizer/files.h"
@@ -41,91 +45,84 @@ int linear_index(const std::string& suffix) {
   return -1;
 }
 
-// Collects the statistics of layers [l0, l1) and, for the block losses, the attn_norm and ffn_norm outputs (the
-// inputs of qkv and gate_up) of the calibration blocks that `slot` maps to a cache slot (-1: not cached).
+// Collects the statistics of one layer's four linear inputs and, for the block losses, the attn_norm and ffn_norm
+// outputs (the inputs of qkv and gate_up) of the calibration blocks that `slot` maps to a cache slot (-1: not
+// cached). Rows arrive batch after batch in calibration-block order, so a running row count says which block a row
+// belongs to.
 class GramObserver : public ForwardObserver {
  public:
-  GramObserver(cpu::ThreadPool& pool, const ModelSpec& s, int64_t l0, int64_t l1, std::vector<int64_t> slot,
+  GramObserver(cpu::ThreadPool& pool, const ModelSpec& s, int64_t layer, const std::vector<int64_t>& slot,
                int64_t cached, int64_t seqlen)
-      : pool_(pool), l0_(l0), slot_(std::move(slot)), seqlen_(seqlen) {
-    stats_.resize(size_t(l1 - l0));
-    inputs_.resize(size_t(l1 - l0));
-    for (auto& l : stats_) {
-      l[Qkv].resize(s.hidden_size);
-      l[O].resize(s.q_size());
-      l[GateUp].resize(s.hidden_size);
-      l[Down].resize(s.intermediate_size);
-    }
-    for (auto& in : inputs_)
-      for (auto& v : in) v.resize(size_t(cached * seqlen * s.hidden_size));
-    moe_.resize(size_t(l1 - l0));
-    for (int64_t l = l0; l < l1; ++l) {
-      if (!s.is_moe_layer(l)) continue;
-      AwqMoeStats& m = moe_[size_t(l - l0)];
-      m.down.resize(size_t(s.num_experts));
-      for (auto& d : m.down) d.resize(s.expert_intermediate_size);
-      if (s.shared_expert_intermediate_size > 0) m.shared_down.resize(s.shared_expert_intermediate_size);
+      : pool_(pool), layer_(layer), slot_(slot), seqlen_(seqlen) {
+    stats_[Qkv].resize(s.hidden_size);
+    stats_[O].resize(s.q_size());
+    stats_[GateUp].resize(s.hidden_size);
+    stats_[Down].resize(s.intermediate_size);
+    for (auto& v : inputs_) v.resize(size_t(cached * seqlen * s.hidden_size));
+    if (s.is_moe_layer(layer)) {
+      moe_.down.resize(size_t(s.num_experts));
+      for (auto& d : moe_.down) d.resize(s.expert_intermediate_size);
+      if (s.shared_expert_intermediate_size > 0) moe_.shared_down.resize(s.shared_expert_intermediate_size);
     }
   }
-  // The next forward's rows belong to calibration blocks first, first + 1, ... (seqlen rows each).
-  void begin_batch(int64_t first) { first_ = first; }
   void on_linear_input(const std::string& name, const float* x, int64_t rows, int64_t cols) override {
     int64_t layer = 0;
     std::string suffix;
     if (!names::split_layer(name, layer, suffix)) return;
-    if (layer < l0_ || layer >= l0_ + int64_t(stats_.size())) return;
-    if (moe_input(layer, suffix, x, rows)) return;
+    if (layer != layer_ || moe_input(suffix, x, rows)) return;
     const int which = suffix == "ffn.router" ? GateUp : linear_index(suffix);  // the router reads the ffn_norm output
     if (which < 0) return;
-    AwqInputStats& st = stats_[size_t(layer - l0_)][which];
+    AwqInputStats& st = stats_[which];
     if (cols != st.dim) throw Error("AWQ calibration: unexpected input width of linear layer " + name);
     st.add(pool_, x, rows);
+    const int64_t row0 = seen_[which];
+    seen_[which] += rows;
     if (which != Qkv && which != GateUp) return;
-    std::vector<float>& dst = inputs_[size_t(layer - l0_)][which == Qkv ? 0 : 1];
+    std::vector<float>& dst = inputs_[which == Qkv ? 0 : 1];
     if (dst.empty()) return;
     for (int64_t r = 0; r < rows; r += seqlen_) {
-      const int64_t slot = slot_[size_t(first_ + r / seqlen_)];
+      const int64_t slot = slot_[size_t((row0 + r) / seqlen_)];
       if (slot >= 0) std::copy(x + r * cols, x + (r + seqlen_) * cols, dst.begin() + slot * seqlen_ * cols);
     }
   }
   void on_kv(int64_t, const float*, const float*, int64_t, int64_t, int64_t) override {}
-  std::array<AwqInputStats, 4>& layer(int64_t l) { return stats_[size_t(l - l0_)]; }
-  AwqMoeStats& moe(int64_t l) { return moe_[size_t(l - l0_)]; }
+  std::array<AwqInputStats, 4>& stats() { return stats_; }
+  AwqMoeStats& moe() { return moe_; }
   // [0]: attn_norm output, [1]: ffn_norm output, each [cached * seqlen, hidden]; empty without block losses.
-  std::array<std::vector<float>, 2>& inputs(int64_t l) { return inputs_[size_t(l - l0_)]; }
+  std::array<std::vector<float>, 2>& inputs() { return inputs_; }
 
  private:
   cpu::ThreadPool& pool_;
-  int64_t l0_, first_ = 0;
-  std::vector<int64_t> slot_;
+  int64_t layer_;
+  const std::vector<int64_t>& slot_;
   int64_t seqlen_;
-  std::vector<std::array<AwqInputStats, 4>> stats_;
-  std::vector<std::array<std::vector<float>, 2>> inputs_;
-  std::vector<AwqMoeStats> moe_;
+  std::array<int64_t, 4> seen_{};
+  std::array<AwqInputStats, 4> stats_;
+  std::array<std::vector<float>, 2> inputs_;
+  AwqMoeStats moe_;
 
   // An expert's (routed rows) or the shared expert's down-projection input; the experts' gate_up inputs are rows of
   // the router's and need nothing of their own.
-  bool moe_input(int64_t layer, const std::string& suffix, const float* x, int64_t rows) {
-    AwqMoeStats& m = moe_[size_t(layer - l0_)];
+  bool moe_input(const std::string& suffix, const float* x, int64_t rows) {
     if (suffix == "ffn.shared.down") {
-      m.shared_down.add(pool_, x, rows);
+      moe_.shared_down.add(pool_, x, rows);
       return true;
     }
     if (names::expert_pattern(suffix + ".weight") == "ffn.experts.{e}.down.weight") {
-      m.down[size_t(std::stoll(suffix.substr(12)))].add(pool_, x, rows);
+      moe_.down[size_t(std::stoll(suffix.substr(12)))].add(pool_, x, rows);
       return true;
     }
     return suffix.rfind("ffn.experts.", 0) == 0 || suffix.rfind("ffn.shared", 0) == 0;
   }
 };
 
-calib::Blocks sample(const std::filesystem::path& ws, const Model& model, const AwqOptions& o) {
+calib::Blocks sample(const Workspace& ws, const AwqOptions& o) {
   if (o.data.empty()) throw Error("--method awq needs calibration data: pass --data FILE (.txt or .jsonl)");
   if (o.samples < 1) throw Error("--samples must be at least 1");
   if (o.seqlen < 1) throw Error("--seqlen must be at least 1");
   std::vector<std::string> docs = calib::load_documents(o.data, o.field);
-  const ModelSpec& spec = model.spec();
-  Tokenizer tok = Tokenizer::load(locate_tokenizer_files(ws));
+  const ModelSpec& spec = ws.spec();
+  Tokenizer tok = Tokenizer::load(locate_tokenizer_files(ws.info().dir));
   // The same stream and sampling as kiln calibrate (docs/calibration.md), so the same flags draw the same blocks.
   std::optional<int32_t> eos;
   if (!spec.eos_token_ids.empty())
@@ -138,25 +135,6 @@ calib::Blocks sample(const std::filesystem::path& ws, const Model& model, const 
     if (id < 0 || id >= spec.vocab_size)
       throw Error(o.data.string() + ": token id " + std::to_string(id) + " is outside the model's vocabulary");
   return calib::sample_blocks(stream, o.samples, o.seqlen, o.seed, o.data.string());
-}
-
-void forward_all(Model& model, const calib::Blocks& blocks, int64_t batch_tokens, GramObserver& obs) {
-  const int64_t L = blocks.seqlen, n = blocks.count();
-  const int64_t per_batch = std::clamp<int64_t>(batch_tokens / L, 1, std::max<int64_t>(n, 1));
-  const int64_t block_size = 16, padded = (L + block_size - 1) / block_size * block_size;
-  KvCache cache(model.backend(), model.kv_config(per_batch * padded, KvDType::F32, block_size));
-  for (int64_t first = 0; first < n; first += per_batch) {
-    check_interrupt();
-    const int64_t count = std::min(per_batch, n - first);
-    std::vector<KvSequence> seqs(static_cast<size_t>(count));
-    std::vector<BatchEntry> batch;
-    for (int64_t i = 0; i < count; ++i)
-      batch.push_back(
-          {&seqs[size_t(i)], std::span<const int32_t>(blocks.tokens.data() + (first + i) * L, size_t(L)), false});
-    obs.begin_batch(first);
-    model.forward(batch, cache, &obs);
-    for (KvSequence& s : seqs) cache.release(s);
-  }
 }
 
 std::vector<float> read_f32(const Workspace& ws, const std::string& name) {
@@ -373,64 +351,137 @@ bool awq_transform(const ModelSpec& spec, const AwqLayerPlan& p, const std::stri
   return true;
 }
 
-AwqPlan awq_plan(const std::filesystem::path& workspace, const AwqOptions& o, int64_t gsz, unsigned threads,
-                 bool progress) {
+// The planner's state between layers: the stream, the sampled blocks and what the search has chosen so far.
+struct AwqPlanner::State {
+  const Workspace& ws;
+  AwqOptions o;
+  int64_t gsz;
+  calib::Blocks blocks;
+  std::unique_ptr<Backend> backend;
+  cpu::ThreadPool pool;
+  std::unique_ptr<calib::LayerStream> stream;
+  std::vector<int64_t> slot;  // calibration block -> cached slot of the block losses (-1: not cached)
+  int64_t cached = 0;
+  std::unique_ptr<AwqDump> dump;
+  Progress bar;
+  AwqPlan plan;
+  State(const Workspace& w, const AwqOptions& opt, int64_t g, unsigned threads, bool progress)
+      : ws(w),
+        o(opt),
+        gsz(g),
+        pool(threads ? threads : std::max(1u, std::thread::hardware_concurrency())),
+        bar("awq search", uint64_t(w.spec().num_layers), progress, "layers") {}
+};
+
+AwqPlanner::AwqPlanner(const Workspace& ws, const AwqOptions& o, int64_t gsz, unsigned threads, bool progress,
+                       const std::filesystem::path& spill_path) {
   if (o.grid < 1 || o.clip_grid < 1) throw Error("AWQ grids need at least one point");
   if (o.data.empty()) throw Error("--method awq needs calibration data: pass --data FILE (.txt or .jsonl)");
   if (o.loss != "block" && o.loss != "linear") throw Error("--awq-loss must be block or linear, not '" + o.loss + "'");
   if (o.loss == "block" && o.loss_samples < 1) throw Error("--awq-loss-samples must be at least 1");
   if (!o.dump.empty() && o.loss != "block") throw Error("--awq-dump needs --awq-loss block");
-  AwqPlan plan;
-  size_t size = 0;
   if (!std::filesystem::is_regular_file(o.data)) throw Error(o.data.string() + ": cannot be read (--data)");
-  plan.data_sha256 = sha256_file(o.data.string(), &size);
-  LoadedModel m = load_model(workspace, threads);
-  const ModelSpec& spec = m.model->spec();
-  calib::Blocks blocks = sample(workspace, *m.model, o);
-  plan.blocks = blocks.count();
-  plan.seqlen = blocks.seqlen;
-  const unsigned n_threads = threads ? threads : std::max(1u, std::thread::hardware_concurrency());
-  cpu::ThreadPool pool(n_threads);
-  const int64_t H = spec.hidden_size, I = spec.intermediate_size, Q = spec.q_size();
+  s_ = std::make_unique<State>(ws, o, gsz, threads, progress);
+  State& s = *s_;
+  size_t size = 0;
+  s.plan.data_sha256 = sha256_file(o.data.string(), &size);
+  // The tokenizer and the data are checked here, before any weight is read.
+  s.blocks = sample(ws, o);
+  s.plan.blocks = s.blocks.count();
+  s.plan.seqlen = s.blocks.seqlen;
+  calib::LayerStreamOptions lo;
+  lo.batch_tokens = o.batch_tokens;
+  lo.max_memory = o.max_memory ? o.max_memory : calib::default_max_memory();
+  lo.spill_path = spill_path;
+  const uint64_t stream_bytes = uint64_t(s.blocks.count() * s.blocks.seqlen * ws.spec().hidden_size) * sizeof(float);
+  if (stream_bytes > lo.max_memory)
+    calib::require_free_space(spill_path.parent_path(), stream_bytes, "the spilled calibration activations");
   // Block losses run on `loss_samples` whole blocks spread evenly over the drawn ones (deterministic).
-  const bool block_loss = o.loss == "block";
-  const int64_t cached = block_loss ? std::min(o.loss_samples, blocks.count()) : 0;
-  std::vector<int64_t> slot(size_t(blocks.count()), -1);
-  for (int64_t i = 0; i < cached; ++i) slot[size_t(i * blocks.count() / cached)] = i;
-  plan.loss_blocks = cached;
-  // An MoE layer also holds one Gram per expert's down input (and the shared expert's).
-  const int64_t EI = spec.expert_intermediate_size, SI = spec.shared_expert_intermediate_size;
-  const uint64_t moe_grams = spec.num_experts > 0 ? uint64_t(8) * uint64_t(spec.num_experts * EI * EI + SI * SI) : 0;
-  const uint64_t per_layer = uint64_t(8) * uint64_t(2 * H * H + Q * Q + I * I) +
-                             uint64_t(2 * 4) * uint64_t(cached * blocks.seqlen * H) + moe_grams;
-  const int64_t chunk = std::max<int64_t>(1, int64_t(o.memory_budget / std::max<uint64_t>(per_layer, 1)));
-  std::unique_ptr<AwqDump> dump;
-  if (!o.dump.empty()) dump = std::make_unique<AwqDump>(o.dump, spec, blocks, slot, cached);
-  Progress bar("awq search", uint64_t(spec.num_layers), progress);
-  for (int64_t l0 = 0; l0 < spec.num_layers; l0 += chunk) {
-    const int64_t l1 = std::min(spec.num_layers, l0 + chunk);
-    GramObserver obs(pool, spec, l0, l1, slot, cached, blocks.seqlen);
-    forward_all(*m.model, blocks, o.batch_tokens, obs);
-    plan.passes++;
-    for (int64_t l = l0; l < l1; ++l) {
-      check_interrupt();
-      BlockContext bc{m.backend.get(),
-                      &m.model->graph().blocks[size_t(l)],
-                      block_loss ? &obs.inputs(l) : nullptr,
-                      cached,
-                      blocks.seqlen,
-                      o.batch_tokens};
-      plan.layers.push_back(plan_layer(pool, *m.workspace, spec, l, obs.layer(l), obs.moe(l), o, gsz, bc));
-      if (dump) dump->layer(obs.inputs(l), plan.layers.back());
-      obs.layer(l) = {};  // release this layer's Grams and cached inputs before the next search
-      obs.inputs(l) = {};
-      obs.moe(l) = {};
-      bar.advance(1);
+  s.cached = o.loss == "block" ? std::min(o.loss_samples, s.blocks.count()) : 0;
+  s.slot.assign(size_t(s.blocks.count()), -1);
+  for (int64_t i = 0; i < s.cached; ++i) s.slot[size_t(i * s.blocks.count() / s.cached)] = i;
+  s.plan.loss_blocks = s.cached;
+  s.plan.fp_inputs = o.fp_inputs;
+  s.backend = make_backend("", threads);
+  s.stream = std::make_unique<calib::LayerStream>(ws, *s.backend, s.blocks, lo);
+  s.plan.spilled = s.stream->spilled();
+  if (!o.dump.empty()) s.dump = std::make_unique<AwqDump>(o.dump, ws.spec(), s.blocks, s.slot, s.cached);
+}
+
+AwqPlanner::~AwqPlanner() = default;
+
+const AwqLayerPlan& AwqPlanner::layer(int64_t l) {
+  State& s = *s_;
+  const ModelSpec& spec = s.ws.spec();
+  if (l < 0 || l >= spec.num_layers) throw Error("AWQ: no layer " + std::to_string(l));
+  while (int64_t(s.plan.layers.size()) <= l) {
+    const int64_t i = int64_t(s.plan.layers.size());
+    check_interrupt();
+    const auto t0 = std::chrono::steady_clock::now();
+    const double c0 = calib::process_cpu_seconds();
+    const bool last = i + 1 == spec.num_layers;
+    // The unquantized layer: its inputs' statistics (and, with fp inputs, the next layer's input).
+    GramObserver obs(s.pool, spec, i, s.slot, s.cached, s.blocks.seqlen);
+    s.stream->run_layer(i, WorkspaceSource(s.ws), &obs, s.o.fp_inputs && !last);
+    BlockContext bc{s.backend.get(),
+                    &s.stream->graph().blocks[size_t(i)],
+                    s.cached ? &obs.inputs() : nullptr,
+                    s.cached,
+                    s.blocks.seqlen,
+                    s.o.batch_tokens};
+    s.plan.layers.push_back(plan_layer(s.pool, s.ws, spec, i, obs.stats(), obs.moe(), s.o, s.gsz, bc));
+    if (s.dump) s.dump->layer(obs.inputs(), s.plan.layers.back());
+    if (!s.o.fp_inputs && !last) {
+      // The next layer sees this layer as it will be written: scaled, clipped and quantized.
+      std::vector<std::vector<float>> keep;
+      HostSource src;
+      for (const CanonicalTensor& c : canonical_tensors(spec)) {
+        if (c.layer != i) continue;
+        keep.push_back(awq_layer_tensor(s.ws, s.plan.layers.back(), c, s.gsz, s.o.fold_only));
+        src.add(c.name, keep.back(), c.shape);
+      }
+      s.stream->run_layer(i, src, nullptr, /*advance=*/true);
     }
+    s.stream->release_pages(i);
+    s.plan.layer_seconds.emplace_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+                                      calib::process_cpu_seconds() - c0);
+    s.bar.advance(1);
   }
-  if (dump) dump->finish();
-  bar.finish();
-  return plan;
+  return s.plan.layers[size_t(l)];
+}
+
+const AwqPlan& AwqPlanner::finish() {
+  State& s = *s_;
+  if (s.ws.spec().num_layers > 0) layer(s.ws.spec().num_layers - 1);
+  if (s.dump) {
+    s.dump->finish();
+    s.dump.reset();
+  }
+  s.bar.finish();
+  s.stream.reset();  // removes a spill file
+  return s.plan;
+}
+
+std::vector<float> awq_layer_tensor(const Workspace& ws, const AwqLayerPlan& p, const CanonicalTensor& c, int64_t gsz,
+                                    bool fold_only) {
+  const Workspace::Tensor& t = ws.get(c.name);
+  std::vector<float> v(static_cast<size_t>(t.info->numel()));
+  convert_to_f32(t.info->dtype, t.data(), v.data(), v.size());
+  const int64_t rows = c.shape[0], cols = c.shape.size() > 1 ? c.shape[1] : 1;
+  awq_transform(ws.spec(), p, c.suffix, v.data(), rows, cols, gsz);
+  WeightQuantization q;
+  q.method = "awq";
+  q.bits = 4;
+  q.group_size = gsz;
+  q.modules = default_quantized_modules(ws.spec());
+  if (!fold_only && q.covers(c.suffix)) return awq_rtn(v.data(), rows, cols, gsz, c.name);
+  // Unquantized tensors are written in the workspace dtype: round as the writer will.
+  if (t.info->dtype == DType::BF16) {
+    for (float& x : v) x = bf16_to_f32(f32_to_bf16(x));
+  } else if (t.info->dtype == DType::F16) {
+    for (float& x : v) x = f16_to_f32(f32_to_f16(x));
+  }
+  return v;
 }
 
 }  // namespace kiln

@@ -2,6 +2,7 @@
 
 #include <vector>
 
+#include "calib/layer_stream.h"
 #include "quant/int4.h"
 #include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
@@ -10,6 +11,8 @@
 #include "runtime/io/progress.h"
 #include "runtime/io/sha256.h"
 #include "runtime/io/staging_dir.h"
+#include "runtime/text/tokenizer/tokenizer.h"
+#include "runtime/text/tokenizer/files.h"
 #include "runtime/workspace/workspace.h"
 
 namespace fs = std::filesystem;
@@ -116,6 +119,7 @@ ordered_json awq_document(const AwqPlan& p, const QuantizeOptions& opt) {
           {"clip_grid", opt.awq.clip_grid},
           {"clip_max_shrink", opt.awq.max_shrink},
           {"fold_only", opt.awq.fold_only},
+          {"inputs", p.fp_inputs ? "fp" : "quantized"},
           {"alpha", layers}};
 }
 
@@ -163,18 +167,23 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
     out_bytes += plan.back().nbytes();
   }
 
-  // AWQ searches before any byte is written: only its small per-layer results (scales, clip thresholds) are kept.
-  AwqPlan awq_p;
-  ordered_json awq_json;
-  if (awq) {
-    awq_p = awq_plan(opt.input, opt.awq, opt.group_size, opt.threads, opt.progress);
-    awq_json = awq_document(awq_p, opt);
-  }
+  // Disk space for the output (and, checked by the planner, for spilled activations) before any weight is read.
+  calib::require_free_space(staging.path(), out_bytes, "the quantized workspace");
+  if (!opt.eval_text.empty()) require_regular_file(opt.eval_text);
+  if (awq || !opt.eval_text.empty()) Tokenizer::load(locate_tokenizer_files(opt.input));  // fails here, not at the end
+
+  // AWQ searches layer by layer while the output is written: a layer's tensors are transformed with its plan as soon
+  // as it has been searched, so only one layer's weights are ever widened at a time.
+  std::unique_ptr<AwqPlanner> planner;
+  if (awq)
+    planner = std::make_unique<AwqPlanner>(src, opt.awq, opt.group_size, opt.threads, opt.progress,
+                                           staging.path() / ".awq-activations");
 
   WorkspaceWriter writer(staging.path(), plan, opt.max_shard_bytes);
   QuantizeResult result;
+  ordered_json awq_json;
   {
-    Progress progress("quantizing", in_bytes, opt.progress);
+    Progress progress("quantizing", in_bytes, opt.progress && !awq);  // AWQ shows its per-layer bar instead
     std::vector<float> wide;
     for (const CanonicalTensor& c : source_list) {
       check_interrupt();
@@ -190,15 +199,14 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
         wide.resize(size_t(t.info->numel()));
         convert_to_f32(dtype, t.data(), wide.data(), wide.size());
         const int64_t cols = c.shape.size() > 1 ? c.shape[1] : 1;
-        awq_transform(src.spec(), awq_p.layers[size_t(c.layer)], c.suffix, wide.data(), c.shape[0], cols,
-                      opt.group_size);
+        awq_transform(src.spec(), planner->layer(c.layer), c.suffix, wide.data(), c.shape[0], cols, opt.group_size);
         write_in_dtype(writer, dtype, wide, c.name);
         file.dont_need(off, n);
       } else {
         wide.resize(size_t(t.info->numel()));
         convert_to_f32(dtype, t.data(), wide.data(), wide.size());
         if (awq)
-          awq_transform(src.spec(), awq_p.layers[size_t(c.layer)], c.suffix, wide.data(), c.shape[0], c.shape[1],
+          awq_transform(src.spec(), planner->layer(c.layer), c.suffix, wide.data(), c.shape[0], c.shape[1],
                         opt.group_size);
         Int4Matrix m = quantize_int4(wide.data(), c.shape[0], c.shape[1], q.group_size, c.name);
         writer.begin_tensor();
@@ -213,6 +221,13 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
       progress.advance(n);
     }
     progress.finish();
+  }
+  if (planner) {
+    const AwqPlan& done = planner->finish();
+    awq_json = awq_document(done, opt);
+    result.awq_layer_seconds = done.layer_seconds;
+    result.awq_spilled = done.spilled;
+    planner.reset();  // frees the stream and removes its spill file before the staging directory is committed
   }
 
   // Every non-weight file of the source (tokenizer files, chat template, generation config) is copied verbatim.

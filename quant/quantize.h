@@ -45,7 +45,9 @@ struct QuantizeResult {
   int64_t tensors_quantized = 0;
   uint64_t input_bytes = 0, output_bytes = 0;  // weight bytes
   std::optional<QualityReport> quality;
-  bool gate_failed = false;  // the output was not committed
+  bool gate_failed = false;                                  // the output was not committed
+  std::vector<std::pair<double, double>> awq_layer_seconds;  // AWQ: wall and CPU seconds of each layer's search
+  bool awq_spilled = false;                                  // AWQ: the calibration activations went to disk
 };
 
 // Throws kiln::Error (one sentence naming the file, tensor or option) on bad input; nothing is left behind.

@@ -19,6 +19,9 @@
 #include "runtime/io/sha256.h"
 #include "runtime/io/staging_dir.h"
 #include "runtime/text/tokenizer/tokenizer.h"
+#include "runtime/text/tokenizer/files.h"
+#include "runtime/workspace/verify.h"
+#include "runtime/workspace/workspace.h"
 #include "tools/command.h"
 #include "tools/flag_checks.h"
 
@@ -28,7 +31,7 @@ namespace {
 namespace fs = std::filesystem;
 
 struct CalibrateOptions {
-  std::string workspace, data, field = "text", output;
+  std::string workspace, data, field = "text", output, max_memory;
   int64_t samples = 128, seqlen = 512, batch_tokens = 4096;
   uint64_t seed = 0;
   unsigned threads = 0;
@@ -87,11 +90,16 @@ int run(const CalibrateOptions& o) {
   if (o.samples < 1) throw Error("--samples must be at least 1");
   if (o.seqlen < 1) throw Error("--seqlen must be at least 1");
 
-  // The data is checked before the model is loaded: a bad dataset fails in milliseconds.
+  // Everything that can be wrong with the inputs is checked before a weight is read: the data, the tokenizer, the
+  // workspace's tensor list (opening only maps the shards) and the disk space for a spilled residual stream.
   std::vector<std::string> docs = calib::load_documents(o.data, o.field);
-  LoadedModel m = load_model(o.workspace, o.threads, o.verify);
-  const ModelSpec& spec = m.model->spec();
+  if (o.verify && is_workspace(o.workspace)) {
+    VerifyReport r = verify_workspace(o.workspace, /*progress=*/false);
+    if (!r.ok()) throw Error(o.workspace + ": --verify: " + r.problems[0]);
+  }
   Tokenizer tok = Tokenizer::load(locate_tokenizer_files(o.workspace));
+  std::unique_ptr<Workspace> ws = open_workspace(o.workspace);
+  const ModelSpec& spec = ws->spec();
   std::optional<int32_t> eos;
   if (!spec.eos_token_ids.empty())
     eos = int32_t(spec.eos_token_ids[0]);
@@ -111,12 +119,29 @@ int run(const CalibrateOptions& o) {
                  "blocks of %lld; using %lld\n",
                  o.data.c_str(), (long long)stream.size(), (long long)blocks.count(), (long long)o.samples,
                  (long long)o.seqlen, (long long)blocks.count());
+  calib::LayerStreamOptions lo;
+  lo.batch_tokens = o.batch_tokens;
+  lo.max_memory = o.max_memory.empty() ? calib::default_max_memory() : calib::parse_memory_size(o.max_memory);
+  lo.spill_path = process_sibling(stats_path, "kiln-spill");
+  const uint64_t stream_bytes = uint64_t(blocks.count() * blocks.seqlen * spec.hidden_size) * sizeof(float);
+  calib::require_free_space(out_dir, (stream_bytes > lo.max_memory ? stream_bytes : 0) + (uint64_t(1) << 20),
+                            "the statistics and the spilled activations");
 
-  Progress progress("calibrate", uint64_t(blocks.count()), !o.json);
+  std::unique_ptr<Backend> backend = make_backend("", o.threads);
+  Progress progress("calibrate", uint64_t(spec.num_layers), !o.json, "layers");
   int64_t shown = 0;
-  calib::StatsObserver stats = calib::run_calibration(*m.model, blocks, o.batch_tokens, [&](int64_t done) {
+  nlohmann::ordered_json layer_times = nlohmann::ordered_json::array();
+  auto lt = std::chrono::steady_clock::now();
+  double lc = calib::process_cpu_seconds();
+  calib::StatsObserver stats = calib::run_calibration(*ws, *backend, blocks, lo, [&](int64_t done) {
     progress.advance(uint64_t(done - shown));
     shown = done;
+    const auto now = std::chrono::steady_clock::now();
+    const double c = calib::process_cpu_seconds();
+    layer_times.push_back(
+        {{"layer", done - 1}, {"seconds", std::chrono::duration<double>(now - lt).count()}, {"cpu_seconds", c - lc}});
+    lt = now;
+    lc = c;
   });
   progress.finish();
   // Experts of a mixture-of-experts model that no calibration token was routed to: their statistics are empty.
@@ -160,7 +185,9 @@ int run(const CalibrateOptions& o) {
                              {"block_starts", blocks.starts},
                              {"idle_experts", idle_experts},
                              {"peak_rss_bytes", peak_rss_bytes()},
-                             {"seconds", seconds}};
+                             {"seconds", seconds},
+                             {"spilled", blocks.count() * o.seqlen * spec.hidden_size * 4 > int64_t(lo.max_memory)},
+                             {"layers", layer_times}};
   write_text_file(tmp_report.path, out.dump(2) + "\n");
   tmp_stats.commit(stats_path);
   tmp_report.commit(report);
@@ -189,6 +216,9 @@ Action setup(CLI::App& sub) {
   sub.add_option("--batch-tokens", o->batch_tokens, "Tokens per forward batch (whole blocks; bounds activations)")
       ->capture_default_str()
       ->check(int_range(1, kMaxTokens));
+  sub.add_option("--max-memory", o->max_memory,
+                 "Residual-stream bytes kept in memory between layers (e.g. 512M, 8G); beyond that it is spilled to "
+                 "a temporary file beside the output (default: a quarter of RAM)");
   sub.add_option("--threads", o->threads, "CPU threads (default: all, or KILN_THREADS)")
       ->check(int_range(0, kMaxThreads));
   sub.add_flag("--verify", o->verify, kVerifyFlagHelp);

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <optional>
 
+#include "calib/layer_stream.h"
 #include "quant/quantize_pipeline.h"
 #include "runtime/core/error.h"
 #include "tools/command.h"
@@ -41,6 +42,15 @@ void print_summary(const QuantizeOptions& opt, const QuantizeSummary& s, double 
       out["tensors_quantized"] = s.weights->tensors_quantized;
       out["input_weight_bytes"] = s.weights->input_bytes;
       out["output_weight_bytes"] = s.weights->output_bytes;
+      if (!s.weights->awq_layer_seconds.empty()) {
+        nlohmann::ordered_json layers = nlohmann::ordered_json::array();
+        for (size_t i = 0; i < s.weights->awq_layer_seconds.size(); ++i)
+          layers.push_back({{"layer", i},
+                            {"seconds", s.weights->awq_layer_seconds[i].first},
+                            {"cpu_seconds", s.weights->awq_layer_seconds[i].second}});
+        out["awq_layers"] = layers;
+        out["awq_spilled"] = s.weights->awq_spilled;
+      }
     }
     if (s.kv_mode) out["kv_cache"] = {{"dtype", "int8"}, {"mode", *s.kv_mode}};
     out["seconds"] = secs;
@@ -115,6 +125,16 @@ Action setup_quantize(CLI::App& sub) {
                  "AWQ debug: write the block losses' cached inputs, chosen scales and losses to this safetensors file");
   sub.add_flag("--awq-fold-only", opt->awq.fold_only,
                "AWQ debug: fold the smoothing scales into unquantized weights (the output is not quantized)");
+  auto awq_inputs = std::make_shared<std::string>("fp");
+  sub.add_option("--awq-inputs", *awq_inputs,
+                 "AWQ: each layer's calibration inputs come from the unquantized model (fp) or from the already "
+                 "scaled, clipped and quantized earlier layers (quantized)")
+      ->check(CLI::IsMember({"fp", "quantized"}))
+      ->capture_default_str();
+  auto max_memory = std::make_shared<std::string>();
+  sub.add_option("--max-memory", *max_memory,
+                 "AWQ: calibration activations kept in memory between layers (e.g. 512M, 8G); beyond that they are "
+                 "spilled to a temporary file in the output's staging directory (default: a quarter of RAM)");
   sub.add_option("--eval-text", opt->eval_text,
                  "Held-out text for a quality report (PPL, KL divergence, top-1 agreement vs the input workspace)");
   sub.add_option("--eval-ctx", opt->eval_ctx, "Tokens per evaluation window")
@@ -150,6 +170,8 @@ Action setup_quantize(CLI::App& sub) {
       "embeddings, norms and lm_head keep the input's dtype. Output is atomic and deterministic.");
   return [=]() {
     opt->progress = !*json_out;
+    opt->awq.fp_inputs = *awq_inputs == "fp";
+    if (!max_memory->empty()) opt->awq.max_memory = calib::parse_memory_size(*max_memory);
     opt->max_shard_bytes <<= 20;
     opt->command = "kiln quantize " + std::filesystem::absolute(opt->input).lexically_normal().string() + " --method " +
                    opt->method + " --w-bits " + std::to_string(opt->bits) + " --group-size " +
@@ -164,6 +186,7 @@ Action setup_quantize(CLI::App& sub) {
       if (opt->awq.loss == "block") opt->command += " --awq-loss-samples " + std::to_string(opt->awq.loss_samples);
       if (!opt->awq.clip) opt->command += " --awq-no-clip";
       if (opt->awq.fold_only) opt->command += " --awq-fold-only";
+      if (!opt->awq.fp_inputs) opt->command += " --awq-inputs quantized";
     }
     if (*kv_cache != "auto" && *kv_cache != "int8") opt->kv_cache = *kv_cache;
     auto t0 = std::chrono::steady_clock::now();

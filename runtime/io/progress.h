@@ -9,7 +9,8 @@ namespace kiln {
 
 class Progress {
  public:
-  Progress(std::string label, uint64_t total, bool allowed = true);
+  // `unit` set (e.g. "layers"): shows "done/total unit" and an ETA instead of a byte rate.
+  Progress(std::string label, uint64_t total, bool allowed = true, const char* unit = nullptr);
   ~Progress();
   void advance(uint64_t n);
   void set_label(const std::string& label);
@@ -22,6 +23,7 @@ class Progress {
   uint64_t done_ = 0;
   bool enabled_;
   bool finished_ = false;
+  const char* unit_ = nullptr;
   std::chrono::steady_clock::time_point start_, last_draw_;
 };
 

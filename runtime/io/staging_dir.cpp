@@ -54,6 +54,7 @@ void remove_stale_staging(const fs::path& destination) {
     // once the new output is in place (a crash between the two renames leaves the only copy there).
     std::optional<pid_t> pid = sibling_pid(entry, name, "kiln-tmp");
     if (!pid) pid = sibling_pid(entry, name, "kiln-weights");
+    if (!pid) pid = sibling_pid(entry, name, "kiln-spill");  // kiln calibrate's spilled activations
     if (!pid && dest_exists) pid = sibling_pid(entry, name, "kiln-old");
     if (!pid || !process_is_gone(*pid)) continue;
     const fs::file_status st = e.symlink_status(ec);

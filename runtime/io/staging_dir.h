@@ -31,9 +31,9 @@ class StagingDir {
 // intermediate int4 workspace.
 std::filesystem::path process_sibling(const std::filesystem::path& dest, const std::string& tag);
 
-// Removes what a killed kiln left beside `destination`: hidden siblings named exactly ".NAME.kiln-tmp-PID" or
-// ".NAME.kiln-weights-PID" (and ".NAME.kiln-old-PID" once NAME exists) whose process is gone. Live PIDs and other
-// names are left alone.
+// Removes what a killed kiln left beside `destination`: hidden siblings named exactly ".NAME.kiln-tmp-PID",
+// ".NAME.kiln-weights-PID", ".NAME.kiln-spill-PID" (and ".NAME.kiln-old-PID" once NAME exists) whose process is gone.
+// Live PIDs and other names are left alone.
 void remove_stale_staging(const std::filesystem::path& destination);
 
 // Writes a small file completely or throws, naming the path.

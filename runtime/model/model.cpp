@@ -9,14 +9,6 @@
 
 namespace kiln {
 
-struct Model::Block {
-  Norm attn_norm, ffn_norm;
-  std::optional<Norm> post_attn_norm, post_ffn_norm;
-  Attention attn;
-  Mlp mlp;
-  std::optional<MoeMlp> moe;  // replaces mlp in a mixture-of-experts layer
-};
-
 namespace {
 
 const Workspace::Tensor& checked(const Workspace& ws, const std::string& name, const std::vector<int64_t>& shape) {
@@ -67,18 +59,7 @@ void Model::load(const Workspace& ws) {
   const WorkspaceSource src(ws);
   embedding_.load(src, backend_, graph_.embedding);
   blocks_.reserve(graph_.blocks.size());
-  for (const BlockGraph& g : graph_.blocks) {
-    Block& b = blocks_.emplace_back();
-    b.attn_norm.load(src, backend_, g.attn_norm);
-    b.attn.load(src, backend_, g.attn);
-    if (g.post_attn_norm) b.post_attn_norm.emplace().load(src, backend_, *g.post_attn_norm);
-    b.ffn_norm.load(src, backend_, g.ffn_norm);
-    if (g.moe)
-      b.moe.emplace().load(src, backend_, *g.moe);
-    else
-      b.mlp.load(src, backend_, g.mlp);
-    if (g.post_ffn_norm) b.post_ffn_norm.emplace().load(src, backend_, *g.post_ffn_norm);
-  }
+  for (const BlockGraph& g : graph_.blocks) blocks_.emplace_back().load(src, backend_, g);
   final_norm_.load(src, backend_, graph_.final_norm);
   head_ = graph_.tied_head ? backend_.pack_tied_head(embedding_.tokens()) : pack_linear(backend_, src, names::kLmHead);
 }
@@ -153,19 +134,10 @@ ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache, Forwar
   float* h = hbuf.f32();
   float* y = scratch_.get(Scratch::LayerOut, N * H).f32();
   embedding_.forward(ctx, x);
-  (blocks_.empty() ? final_norm_ : blocks_[0].attn_norm).forward(backend_, x, h, N);
+  (blocks_.empty() ? final_norm_ : blocks_[0].attn_norm()).forward(backend_, x, h, N);
   for (size_t i = 0; i < blocks_.size(); ++i) {
-    const Block& b = blocks_[i];
-    b.attn.forward(ctx, hbuf, y);
-    if (b.post_attn_norm) b.post_attn_norm->forward(backend_, y, y, N);
-    b.ffn_norm.add_forward(backend_, x, y, h, N);
-    if (b.moe)
-      b.moe->forward(ctx, hbuf, y);
-    else
-      b.mlp.forward(ctx, hbuf, y);
-    if (b.post_ffn_norm) b.post_ffn_norm->forward(backend_, y, y, N);
-    const Norm& next = i + 1 < blocks_.size() ? blocks_[i + 1].attn_norm : final_norm_;
-    next.add_forward(backend_, x, y, h, N);
+    const Norm& next = i + 1 < blocks_.size() ? blocks_[i + 1].attn_norm() : final_norm_;
+    blocks_[i].forward(ctx, x, hbuf, y, &next);
   }
 
   const int64_t R = int64_t(logit_rows.size());

@@ -13,6 +13,7 @@
 #include "runtime/backend/backend.h"
 #include "runtime/kv/kv_cache.h"
 #include "runtime/model/graph.h"
+#include "runtime/model/layers/decoder_block.h"
 #include "runtime/model/model_spec.h"
 
 namespace kiln {
@@ -74,14 +75,13 @@ class Model {
   ForwardResult forward(std::span<BatchEntry> batch, KvCache& cache, ForwardObserver* observer = nullptr);
 
  private:
-  struct Block;
   void load(const Workspace& ws);
 
   ModelSpec spec_;
   ModelGraph graph_;
   Backend& backend_;
   Embedding embedding_;
-  std::vector<Block> blocks_;
+  std::vector<DecoderBlock> blocks_;
   Norm final_norm_;
   std::unique_ptr<LinearWeight> head_;
   Scratch scratch_;

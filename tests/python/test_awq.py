@@ -120,8 +120,9 @@ def fake_quant(w, s):
 def test_block_loss_matches_transformers(name, ws, fixture_models, outlier_checkpoint, tmp_path):
     dump = tmp_path / "dump.safetensors"
     # 3 of the 16 blocks, 2 blocks per batch: the losses also cover a batch holding fewer sequences than the others.
+    # --awq-inputs fp (the default): every layer's cached inputs come from the unquantized model, as in transformers.
     run_kiln("quantize", ws(name), "-o", tmp_path / "q", "--method", "awq", "--group-size", GS, *CAL_ARGS,
-             "--awq-loss-samples", 3, "--batch-tokens", 128, "--awq-dump", dump)
+             "--awq-loss-samples", 3, "--batch-tokens", 128, "--awq-dump", dump, "--awq-inputs", "fp")
     d = load_file(str(dump))
     tokens = torch.from_numpy(d["tokens"].astype(np.int64))
     assert tokens.shape == (3, 64)

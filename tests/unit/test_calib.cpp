@@ -8,6 +8,7 @@
 #include <fstream>
 
 #include "calib/dataset.h"
+#include "calib/layer_stream.h"
 #include "calib/observers.h"
 #include "runtime/core/error.h"
 
@@ -63,6 +64,34 @@ std::string error_of(const fs::path& p, const std::string& field = "text") {
     return e.what();
   }
   return "";
+}
+
+TEST(CalibLayerStream, ParsesMemorySizes) {
+  EXPECT_EQ(parse_memory_size("4096"), 4096u);
+  EXPECT_EQ(parse_memory_size("64K"), 64u << 10);
+  EXPECT_EQ(parse_memory_size("512M"), 512u << 20);
+  EXPECT_EQ(parse_memory_size("1.5G"), 3ull << 29);
+  EXPECT_EQ(parse_memory_size("2GB"), 2ull << 30);
+  for (const char* bad : {"", "lots", "5X", "-1G", "1e30T"}) EXPECT_THROW(parse_memory_size(bad), Error) << bad;
+}
+
+TEST(CalibLayerStream, ActivationStoreSpillsAndCleansUp) {
+  const fs::path spill = fs::temp_directory_path() / ("kiln-test-spill-" + std::to_string(::getpid()));
+  std::vector<float> rows(6 * 5);
+  for (size_t i = 0; i < rows.size(); ++i) rows[i] = float(i) * 0.5f;
+  for (uint64_t budget : {uint64_t(1) << 20, uint64_t(16)}) {
+    {
+      ActivationStore store(6, 5, budget, spill);
+      EXPECT_EQ(store.spilled(), budget < 6 * 5 * 4);
+      EXPECT_EQ(fs::exists(spill), store.spilled());
+      store.write(0, 4, rows.data());
+      store.write(4, 2, rows.data() + 4 * 5);
+      std::vector<float> back(3 * 5);
+      store.read(2, 3, back.data());
+      for (size_t i = 0; i < back.size(); ++i) EXPECT_EQ(back[i], rows[2 * 5 + i]);
+    }
+    EXPECT_FALSE(fs::exists(spill));
+  }
 }
 
 TEST(CalibDataset, ReadsTxtAndJsonl) {
