@@ -19,8 +19,8 @@ from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
 from transformers import GlmConfig, GlmForCausalLM
 
-from conftest import run_kiln
-from test_arch_chatglm import chatglm_config, chatglm_state_dict, refused
+from conftest import convert_refused, run_kiln
+from test_arch_chatglm import chatglm_config, chatglm_state_dict
 from test_arch_qwen1 import gpt2_ranks, write_tiktoken
 from test_tokenizer import CORPUS, kiln_decode_lines, kiln_lines
 
@@ -190,5 +190,5 @@ def test_rope_ratio_without_a_generation_name_is_refused(glm4, tmp_path):
     (src / "config.json").write_text(json.dumps(chatglm_config(
         _name_or_path="/data/my-finetune", rope_ratio=ROPE_RATIO, padded_vocab_size=PADDED_VOCAB)))
     (src / "model.safetensors").write_bytes((glm4["src"] / "model.safetensors").read_bytes())
-    line = refused(src, tmp_path)
+    line = convert_refused(src, tmp_path)
     assert "'rope_ratio'" in line and "glm-4" in line, line
