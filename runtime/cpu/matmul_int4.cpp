@@ -158,7 +158,7 @@ void matmul_int4_int8(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t r
   quantize_rows_int8(x, rows, w.in, w.group_size, xq);
   const Int4Int8Kernel kernel =
       isa == MatmulIsa::Avx512 && cpu_has_avx512_vnni() ? matmul_int4_int8_vnni : matmul_int4_int8_scalar;
-  const int64_t panels_per_task = 4, rows_per_task = 64;
+  const int64_t panels_per_task = 1, rows_per_task = 64;
   const int64_t pg = (w.panels() + panels_per_task - 1) / panels_per_task;
   const int64_t rg = (rows + rows_per_task - 1) / rows_per_task;
   pool.parallel_for(
