@@ -58,7 +58,7 @@ std::unique_ptr<LinearWeight> CpuBackend::pack_linear(const void* data, DType dt
 }
 
 std::unique_ptr<LinearWeight> CpuBackend::pack_linear_int4(const Int4WeightView& w) {
-  return std::make_unique<Int4Linear>(cpu::pack_linear_int4(w));
+  return std::make_unique<Int4Linear>(cpu::pack_linear_int4(w, cpu::best_int4_layout(isa_)));
 }
 
 std::unique_ptr<EmbeddingTable> CpuBackend::load_embedding(const void* data, DType dtype, int64_t rows, int64_t dim) {

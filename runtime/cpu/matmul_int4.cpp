@@ -1,6 +1,7 @@
 #include "runtime/cpu/matmul_int4.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <string>
 
@@ -9,7 +10,20 @@
 
 namespace kiln::cpu {
 
-Int4Linear pack_linear_int4(const Int4WeightView& v) {
+bool cpu_has_avx512_vnni() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = __builtin_cpu_supports("avx512vnni");
+  return has;
+#else
+  return false;
+#endif
+}
+
+Int4Layout best_int4_layout(MatmulIsa isa) {
+  return isa == MatmulIsa::Avx512 && cpu_has_avx512_vnni() ? Int4Layout::Vnni : Int4Layout::Panel;
+}
+
+Int4Linear pack_linear_int4(const Int4WeightView& v, Int4Layout layout) {
   if (v.group_size <= 0 || v.group_size % 2 || v.in <= 0 || v.out <= 0 || v.in % v.group_size)
     throw Error("int4 weight [" + std::to_string(v.out) + ", " + std::to_string(v.in) + "] with group size " +
                 std::to_string(v.group_size) + " is not a valid int4 layout");
@@ -17,6 +31,8 @@ Int4Linear pack_linear_int4(const Int4WeightView& v) {
   w.out = v.out;
   w.in = v.in;
   w.group_size = v.group_size;
+  w.layout = layout == Int4Layout::Vnni && v.group_size % 16 == 0 ? Int4Layout::Vnni : Int4Layout::Panel;
+  const bool vnni = w.layout == Int4Layout::Vnni;
   const int64_t P = w.panels(), G = w.groups(), in = v.in;
   w.q.assign(size_t(P * in * 8), 0);
   w.scale.assign(size_t(P * G * kPanel), 0.0f);
@@ -25,10 +41,13 @@ Int4Linear pack_linear_int4(const Int4WeightView& v) {
     const int64_t p = o / kPanel, j = o % kPanel;
     const int64_t byte = j % 8, shift = j < 8 ? 0 : 4;
     const uint8_t* src = v.qweight + o * (in / 2);
-    uint8_t* dst = w.q.data() + p * in * 8 + byte;
+    uint8_t* panel = w.q.data() + p * in * 8;
     for (int64_t k = 0; k < in; ++k) {
       const uint8_t nib = (src[k / 2] >> ((k & 1) * 4)) & 0xF;
-      dst[k * 8] |= uint8_t(nib << shift);
+      if (vnni)  // block k / 8, lane j, byte k % 4; inputs 4..7 of the block in the high nibble
+        panel[(k / 8) * 64 + 4 * j + k % 4] |= uint8_t(nib << (k % 8 < 4 ? 0 : 4));
+      else
+        panel[k * 8 + byte] |= uint8_t(nib << shift);
     }
     for (int64_t g = 0; g < G; ++g) {
       uint16_t bits;
@@ -70,7 +89,93 @@ void matmul_int4_scalar(const float* x, const float* xsum, int64_t r0, int64_t r
   }
 }
 
+// The reference of the VNNI kernel: same int32 sums (exact) and the same fp32 operations in the same order.
+void matmul_int4_int8_scalar(const Int8Rows& x, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0, int64_t p1,
+                             float* y) {
+  const int64_t G = w.groups(), blocks = w.group_size / 8;
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t width = std::min(kPanel, w.out - p * kPanel);
+    const uint8_t* panel = w.q.data() + p * w.in * 8;
+    for (int64_t r = r0; r < r1; ++r) {
+      float acc[kPanel] = {};
+      for (int64_t g = 0; g < G; ++g) {
+        int32_t dot[kPanel] = {};
+        for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
+          const uint8_t* wb = panel + b * 64;
+          const int8_t* xb = x.q.data() + r * w.in + b * 8;
+          for (int j = 0; j < kPanel; ++j)
+            for (int i = 0; i < 4; ++i) dot[j] += (wb[4 * j + i] & 0xF) * xb[i] + (wb[4 * j + i] >> 4) * xb[4 + i];
+        }
+        const float* s = w.scale.data() + (p * G + g) * kPanel;
+        const float* zs = w.zscale.data() + (p * G + g) * kPanel;
+        const float d = x.d[size_t(r * G + g)], qsum = x.qsum[size_t(r * G + g)];
+        for (int j = 0; j < kPanel; ++j) {
+          const float u = std::fma(-zs[j], qsum, s[j] * float(dot[j]));
+          acc[j] = std::fma(d, u, acc[j]);
+        }
+      }
+      std::memcpy(y + r * w.out + p * kPanel, acc, size_t(width) * sizeof(float));
+    }
+  }
+}
+
+namespace {
+
+// Per (row, group): d = max|x| / 127 and q = round(x / d) in [-127, 127] (ties to even). A group holding a NaN or an
+// infinity gets d = NaN, so its outputs are NaN as the fp32 kernels' would be (not silently finite).
+void quantize_rows_int8(const float* x, int64_t rows, int64_t in, int64_t gs, Int8Rows& out) {
+  const int64_t G = in / gs;
+  out.q.resize(size_t(rows * in));
+  out.d.resize(size_t(rows * G));
+  out.qsum.resize(size_t(rows * G));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t g = 0; g < G; ++g) {
+      const float* xg = x + r * in + g * gs;
+      int8_t* qg = out.q.data() + r * in + g * gs;
+      float amax = 0.0f;
+      bool finite = true;
+      for (int64_t k = 0; k < gs; ++k) {
+        finite = finite && std::isfinite(xg[k]);
+        amax = std::max(amax, std::fabs(xg[k]));
+      }
+      const float d = finite ? amax / 127.0f : NAN;
+      int32_t sum = 0;
+      for (int64_t k = 0; k < gs; ++k) {
+        const float v = finite && amax > 0.0f ? std::nearbyint(xg[k] / d) : 0.0f;
+        qg[k] = int8_t(std::clamp(v, -127.0f, 127.0f));
+        sum += qg[k];
+      }
+      out.d[size_t(r * G + g)] = d;
+      out.qsum[size_t(r * G + g)] = float(sum);
+    }
+}
+
+void matmul_int4_int8(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const Int4Linear& w, float* y) {
+  // Reused across calls (decode quantizes a few KB per matmul). Named through a reference: inside the workers' lambda
+  // the name of a thread_local would mean each worker's own, empty, instance.
+  thread_local Int8Rows scratch;
+  Int8Rows& xq = scratch;
+  quantize_rows_int8(x, rows, w.in, w.group_size, xq);
+  const Int4Int8Kernel kernel =
+      isa == MatmulIsa::Avx512 && cpu_has_avx512_vnni() ? matmul_int4_int8_vnni : matmul_int4_int8_scalar;
+  const int64_t panels_per_task = 1, rows_per_task = 64;
+  const int64_t pg = (w.panels() + panels_per_task - 1) / panels_per_task;
+  const int64_t rg = (rows + rows_per_task - 1) / rows_per_task;
+  pool.parallel_for(
+      pg * rg,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t p0 = (t % pg) * panels_per_task, r0 = (t / pg) * rows_per_task;
+          kernel(xq, r0, std::min(rows, r0 + rows_per_task), w, p0, std::min(w.panels(), p0 + panels_per_task), y);
+        }
+      },
+      1);
+}
+
+}  // namespace
+
 void matmul_int4(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const Int4Linear& w, float* y) {
+  if (w.layout == Int4Layout::Vnni) return matmul_int4_int8(pool, isa, x, rows, w, y);
   const int64_t G = w.groups(), gs = w.group_size;
   // Group sums of x, once per call (every panel needs them for the zero-point term).
   std::vector<float> xsum(size_t(rows * G));
@@ -86,13 +191,16 @@ void matmul_int4(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, 
   Int4Kernel kernel = isa == MatmulIsa::Avx512 ? matmul_int4_avx512
                       : isa == MatmulIsa::Avx2 ? matmul_int4_avx2
                                                : matmul_int4_scalar;
-  pool.parallel_for(pg * rg, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t p0 = (t % pg) * panels_per_task, r0 = (t / pg) * rows_per_task;
-      kernel(x, xsum.data(), r0, std::min(rows, r0 + rows_per_task), w, p0, std::min(w.panels(), p0 + panels_per_task),
-             y);
-    }
-  }, 1);
+  pool.parallel_for(
+      pg * rg,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t p0 = (t % pg) * panels_per_task, r0 = (t / pg) * rows_per_task;
+          kernel(x, xsum.data(), r0, std::min(rows, r0 + rows_per_task), w, p0,
+                 std::min(w.panels(), p0 + panels_per_task), y);
+        }
+      },
+      1);
 }
 
 }  // namespace kiln::cpu

@@ -12,6 +12,17 @@
 //   Σ_k x_k (q_k - z) s = s · Σ_k x_k q_k  -  z·s · Σ_k x_k,
 // where Σ_k x_k per (row, group) is computed once per call. Every kernel uses this order, and a row's result never
 // depends on the other rows of the batch (batch invariance, see docs/runtime.md).
+//
+// VNNI layout (Int4Layout::Vnni, chosen at load on CPUs with AVX512-VNNI when the group size is a multiple of 16).
+// The fp32 kernels above spend ~8 instructions widening 16 codes for 16 multiply-adds, so decode is compute-bound
+// far below memory speed. Instead, each row's activations are quantized to int8 per weight group
+// (x ≈ d · x8, d = max|x| / 127, x8 = round(x / d), as llama.cpp's Q8 activations) and one `vpdpbusd` multiplies 64
+// codes by 64 int8 activations into 16 int32 sums. Panel p, block b of 8 inputs, is 64 bytes: byte 4j + i holds
+// output j's input 8b + i in its low nibble and input 8b + 4 + i in its high nibble, so AND / shift+AND give two
+// u8 operands whose 32-bit lane j is output j's 4 consecutive inputs. Per group the exact int32 dot becomes
+//   y += d · (s · Σ x8 q  -  z·s · Σ x8)
+// The only approximation is x's int8 rounding: |x - d·x8| ≤ d / 2 = max|x|_group / 254 per element
+// (docs/int4_layout.md).
 #include <cstdint>
 #include <vector>
 
@@ -20,30 +31,50 @@
 
 namespace kiln::cpu {
 
+enum class Int4Layout { Panel, Vnni };
+
 struct Int4Linear : LinearWeight {
   int64_t out = 0, in = 0, group_size = 0;
-  std::vector<uint8_t> q;      // [panels][in][8]
-  std::vector<float> scale;    // [panels][groups][kPanel]
-  std::vector<float> zscale;   // [panels][groups][kPanel]: zero * scale
+  Int4Layout layout = Int4Layout::Panel;
+  std::vector<uint8_t> q;     // Panel: [panels][in][8]; Vnni: [panels][in / 8][64]
+  std::vector<float> scale;   // [panels][groups][kPanel]
+  std::vector<float> zscale;  // [panels][groups][kPanel]: zero * scale
   int64_t out_features() const override { return out; }
   int64_t in_features() const override { return in; }
   int64_t panels() const { return (out + kPanel - 1) / kPanel; }
   int64_t groups() const { return in / group_size; }
 };
 
-// Throws kiln::Error when the shape is inconsistent (group size not dividing in, odd group size).
-Int4Linear pack_linear_int4(const Int4WeightView& w);
+// The layout matmul_int4 runs fastest with isa on this CPU: Vnni with Avx512 and AVX512-VNNI, Panel otherwise.
+Int4Layout best_int4_layout(MatmulIsa isa);
+// Throws kiln::Error when the shape is inconsistent (group size not dividing in, odd group size). Vnni is only used
+// when the group size is a multiple of 16; otherwise the result is in the Panel layout (see w.layout).
+Int4Linear pack_linear_int4(const Int4WeightView& w, Int4Layout layout = best_int4_layout(best_matmul_isa()));
 
 void matmul_int4(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const Int4Linear& w, float* y);
 
 // Kernels over panels [p0, p1) and rows [r0, r1). xsum: [rows][groups] sums of x over each group.
-using Int4Kernel = void (*)(const float* x, const float* xsum, int64_t r0, int64_t r1, const Int4Linear& w,
-                            int64_t p0, int64_t p1, float* y);
+using Int4Kernel = void (*)(const float* x, const float* xsum, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0,
+                            int64_t p1, float* y);
 void matmul_int4_scalar(const float* x, const float* xsum, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0,
                         int64_t p1, float* y);
 void matmul_int4_avx2(const float* x, const float* xsum, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0,
                       int64_t p1, float* y);
 void matmul_int4_avx512(const float* x, const float* xsum, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0,
                         int64_t p1, float* y);
+
+// Vnni layout: activations quantized per (row, group) by matmul_int4.
+struct Int8Rows {
+  std::vector<int8_t> q;    // [rows][in]
+  std::vector<float> d;     // [rows][groups]: x ≈ d * q
+  std::vector<float> qsum;  // [rows][groups]: Σ q over the group (exact as a float: |Σ| ≤ 127 * group size)
+};
+using Int4Int8Kernel = void (*)(const Int8Rows& x, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0, int64_t p1,
+                                float* y);
+bool cpu_has_avx512_vnni();
+void matmul_int4_int8_scalar(const Int8Rows& x, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0, int64_t p1,
+                             float* y);
+void matmul_int4_int8_vnni(const Int8Rows& x, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0, int64_t p1,
+                           float* y);
 
 }  // namespace kiln::cpu

@@ -1,7 +1,8 @@
 #pragma once
 // A small fixed pool of worker threads for the CPU backend. parallel_for hands out chunks of an index range through
 // an atomic counter (the calling thread works too) and returns when every chunk is done. A parallel_for issued from
-// inside a worker runs serially, so ops may nest without deadlock.
+// inside a worker runs serially, so ops may nest without deadlock. Workers join a job when they wake; once the caller
+// has taken the last chunk, late workers skip it, so the caller never waits on a wake-up.
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -37,7 +38,8 @@ class ThreadPool {
   const std::function<void(int64_t, int64_t)>* fn_ = nullptr;
   int64_t n_ = 0, grain_ = 1;
   std::atomic<int64_t> next_{0};
-  int active_ = 0;  // workers still inside the current job
+  bool open_ = false;  // workers may still join the current job (until the caller has run out of chunks)
+  int active_ = 0;     // workers that joined the current job and are still inside it
 };
 
 }  // namespace kiln::cpu

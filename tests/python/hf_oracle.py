@@ -83,3 +83,47 @@ def greedy(model, prompt, n, margin=1e-3, store=None):
             safe = i
             break
     return tokens, safe
+
+
+def kiln_int8_activations(gs, isa=None):
+    """Whether kiln's CPU int4 matmul rounds activations to int8 on this machine (KILN_CPU_ISA=isa): it takes the
+    VNNI layout (docs/int4_layout.md) with AVX-512 (F, BW, with AVX2, FMA, F16C) and AVX512-VNNI when gs % 16 == 0."""
+    if isa is not None or gs % 16:
+        return False
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni"} <= flags
+
+
+def round_linear_inputs_int8(model, gs):
+    """The oracle of kiln's int8 activations: every decoder-layer linear's input is rounded per (row, group of gs
+    inputs) as documented: d = max|x| / 127, q = round(x / d) (half to even), x -> d * q. The LM head is not an int4
+    linear and keeps fp32 inputs. Returns the model (hooks added in place)."""
+    def hook(_module, args):
+        x = args[0]
+        g = x.reshape(*x.shape[:-1], x.shape[-1] // gs, gs)
+        d = g.abs().amax(-1, keepdim=True) / 127.0
+        q = torch.where(d > 0, torch.round(g / torch.where(d > 0, d, 1.0)), 0.0)
+        return ((q * d).reshape(x.shape),)
+    for layer in model.model.layers:
+        for m in layer.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.register_forward_pre_hook(hook)
+    return model
+
+
+def int8_logits_close(ours, ref, tol, far_tol=5e-2):
+    """kiln's logits [n, vocab] against round_linear_inputs_int8's. An activation sitting on a rounding boundary may
+    round to the neighbouring int8 step after upstream fp32 noise (~1e-6): that position's logits move by up to
+    ~1e-2 and, when the flip feeds the KV cache, so do the later positions'. So either at most 10% of the positions
+    differ by more than tol, or the first half of them match within tol; none may differ by more than far_tol. Had
+    kiln and the oracle disagreed on the rounding method, (nearly) every position would differ."""
+    per_pos = np.abs(np.asarray(ours) - np.asarray(ref)).max(-1)
+    far = np.flatnonzero(per_pos > tol)
+    lead = int(far[0]) if far.size else per_pos.size
+    few = far.size <= 0.1 * per_pos.size
+    return bool((few or lead >= per_pos.size / 2) and per_pos.max() <= far_tol)

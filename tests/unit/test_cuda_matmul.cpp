@@ -13,6 +13,7 @@
 #include <random>
 
 #include "runtime/core/dtype.h"
+#include "runtime/cpu/matmul_int4.h"
 #include "tests/unit/cuda_parity.h"
 
 namespace kiln {
@@ -107,7 +108,8 @@ TEST(CudaMatmul, Int4GemvAndDequantPaths) {
       }
     Int4WeightView v{q.data(), scales.data(), zeros.data(), c.out, c.in, c.group};
     auto wg = gpu.pack_linear_int4(v);
-    auto wc = cpu.pack_linear_int4(v);
+    // The CPU reference in the fp32-activation Panel layout (the Vnni one rounds activations to int8).
+    auto wc = std::make_unique<cpu::Int4Linear>(cpu::pack_linear_int4(v, cpu::Int4Layout::Panel));
     const bool gemv = c.in % 32 == 0 && c.group % 32 == 0;
     for (int64_t rows : {1, 2, 5, 8, 9, 40}) {
       const auto x = random_floats(size_t(rows * c.in), uint32_t(13 + rows), -2, 2);
