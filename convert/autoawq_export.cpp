@@ -126,12 +126,16 @@ ExportResult export_autoawq(const ExportOptions& opt) {
   uint64_t total = 0;
   for (size_t i = 0; i < canon.size(); ++i) {
     const CanonicalTensor& c = canon[i];
+    // GPT-2's Conv1D weights are stored [in, out]; AutoAWQ's layout is a Linear's.
+    if (mappings[i].transpose)
+      throw Error(label + ": " + spec.architecture + " cannot be exported as AutoAWQ ('" +
+                  strip_weight(mappings[i].sources[0]) + "' is a Conv1D weight stored [in, out])");
     if (q.covers(c.suffix) && !mappings[i].row_blocks.empty())
       throw Error(label + ": " + spec.architecture + " cannot be exported as AutoAWQ ('" +
                   strip_weight(mappings[i].sources[0]) + "' packs q, k and v per KV group)");
     for (size_t p = 0; p < mappings[i].sources.size(); ++p) {
       const std::string& src = mappings[i].sources[p];
-      const int64_t rows = c.part_rows[p];
+      const int64_t rows = mappings[i].part_rows[p];
       if (q.covers(c.suffix)) {
         const int64_t in = c.shape[1], G = in / q.group_size;
         if (rows % 8)
@@ -164,7 +168,7 @@ ExportResult export_autoawq(const ExportOptions& opt) {
         std::memcpy(sc.data(), ws.get(int4_name(c.name, "scales")).data(), sc.size() * 2);
         int64_t row = 0;
         for (size_t p = 0; p < m.sources.size(); ++p) {
-          const int64_t rows = c.part_rows[p];
+          const int64_t rows = m.part_rows[p];
           AutoAwqLinear a = pack_autoawq(qw + row * in / 2, sc.data() + row * G, zs + row * G, rows, in, q.group_size);
           out.write_tensor(a.qweight.data(), a.qweight.size() * 4);
           out.write_tensor(a.qzeros.data(), a.qzeros.size() * 4);
@@ -177,11 +181,11 @@ ExportResult export_autoawq(const ExportOptions& opt) {
         const size_t cols = size_t(t.info->numel() / uint64_t(c.shape[0]));
         size_t row = 0;
         for (size_t p = 0; p < m.sources.size(); ++p) {
-          const size_t n = size_t(c.part_rows[p]) * cols;
+          const size_t n = size_t(m.part_rows[p]) * cols;
           std::vector<uint16_t> h = to_f16(dtype, t.data() + row * cols * dtype_size(dtype), n, m.sources[p]);
           out.write_tensor(h.data(), n * 2);
           progress.advance(n * 2);
-          row += size_t(c.part_rows[p]);
+          row += size_t(m.part_rows[p]);
         }
       }
     }

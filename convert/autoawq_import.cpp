@@ -64,15 +64,15 @@ void check_quantized_linear(const HfCheckpoint& ckpt, const CanonicalTensor& c, 
     if (!ckpt.find(base + ".qweight") && ckpt.find(base + ".weight"))
       throw Error(ckpt.dir().string() + ": '" + base + "' is stored unquantized ('" + base +
                   ".weight'); kiln workspaces quantize every linear of every layer");
-    if (c.part_rows[p] % 8)
-      throw Error(label + ": '" + base + "' has " + std::to_string(c.part_rows[p]) +
+    if (m.part_rows[p] % 8)
+      throw Error(label + ": '" + base + "' has " + std::to_string(m.part_rows[p]) +
                   " outputs, not a multiple of 8 as the AutoAWQ GEMM layout needs");
   }
   if (in % cfg.group_size)
     throw Error(label + ": quantization_config.group_size " + std::to_string(cfg.group_size) + " does not divide the " +
                 std::to_string(in) + " inputs of '" + strip_weight(m.sources[0]) + "'");
   for (size_t p = 0; p < m.sources.size(); ++p)
-    packed_parts(ckpt, strip_weight(m.sources[p]), c.part_rows[p], in, cfg.group_size);
+    packed_parts(ckpt, strip_weight(m.sources[p]), m.part_rows[p], in, cfg.group_size);
 }
 
 // Unpacks every part of a fused linear into its rows of the canonical tensor and writes qweight, scales, zeros.
@@ -85,7 +85,7 @@ void write_quantized_linear(const HfCheckpoint& ckpt, const CanonicalTensor& c, 
   for (size_t p = 0; p < m.sources.size(); ++p) {
     check_interrupt();
     const std::string base = strip_weight(m.sources[p]);
-    const int64_t out = c.part_rows[p];
+    const int64_t out = m.part_rows[p];
     const PackedParts parts = packed_parts(ckpt, base, out, in, gs);
     auto qw = read_tensor<int32_t>(parts.qweight);
     auto qz = read_tensor<int32_t>(parts.qzeros);
@@ -140,6 +140,9 @@ ConvertResult convert_autoawq_checkpoint(const ConvertOptions& opt, StagingDir& 
   std::vector<TensorMapping> consumed = mappings;
   for (size_t i = 0; i < canon.size(); ++i) {
     if (!q.covers(canon[i].suffix)) continue;
+    if (mappings[i].transpose)
+      throw Error(label + ": AutoAWQ checkpoints of " + arch.hf_architecture + " are not supported ('" +
+                  strip_weight(mappings[i].sources[0]) + "' is a Conv1D weight stored [in, out])");
     if (!mappings[i].row_blocks.empty())
       throw Error(label + ": AutoAWQ checkpoints of " + arch.hf_architecture + " are not supported ('" +
                   strip_weight(mappings[i].sources[0]) +
