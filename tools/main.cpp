@@ -1,5 +1,7 @@
 // kiln: the command-line entry point. Subcommands register themselves (see command.h); this file only parses and
 // turns errors into one stderr line and an exit code.
+#include <malloc.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <iostream>
@@ -30,6 +32,11 @@ void print_json(const std::string& dumped) {
 
 int main(int argc, char** argv) {
   using namespace kiln::tools;
+  // calibrate and quantize stream the model a layer at a time, freeing layer-sized buffers over and over. glibc's
+  // default raises its mmap threshold after each such free, so later buffers come from the heap, where fragmentation
+  // keeps freed layers resident and peak RSS creeps up with the layer count. A fixed threshold keeps every buffer of
+  // 1 MiB or more in its own mapping, returned to the system when freed (tests/python/test_layer_stream.py).
+  mallopt(M_MMAP_THRESHOLD, 1 << 20);
   CLI::App app{
       "kiln: convert, quantize, check and serve large language models.\n"
       "Run 'kiln COMMAND --help' for the options of one command."};

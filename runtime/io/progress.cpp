@@ -46,8 +46,8 @@ void Progress::draw(bool force) {
     } else if (done_ >= total_) {
       eta = "done";
     }
-    std::fprintf(stderr, "\r\033[K%-28.28s [%s] %llu/%llu %s, ETA %s", label_.c_str(), bar.c_str(),
-                 (unsigned long long)done_, (unsigned long long)total_, unit_, eta.c_str());
+    std::fprintf(stderr, "\r\033[K%-28.28s [%s] %3d%% %llu/%llu %s, ETA %s", label_.c_str(), bar.c_str(),
+                 int(frac * 100), (unsigned long long)done_, (unsigned long long)total_, unit_, eta.c_str());
     std::fflush(stderr);
     return;
   }
