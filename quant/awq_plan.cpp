@@ -27,8 +27,8 @@
 #include "runtime/io/sha256.h"
 #include "runtime/model/layers/tensor_source.h"
 #include "runtime/model/model.h"
-#include "runtime/text/tokenizer/tokenizer.h"
 #include "runtime/text/tokenizer/files.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 #include "runtime/workspace/workspace.h"
 
 namespace kiln {
