@@ -24,9 +24,9 @@ std::vector<int32_t> token_stream(const Tokenizer& tok, const std::vector<std::s
 
 struct Blocks {
   int64_t seqlen = 0;
-  int64_t requested = 0;           // samples asked for; more than fit is not an error, see sample_blocks
-  std::vector<int64_t> starts;     // offsets into the stream, ascending, non-overlapping
-  std::vector<int32_t> tokens;     // [starts.size()][seqlen]
+  int64_t requested = 0;        // samples asked for; more than fit is not an error, see sample_blocks
+  std::vector<int64_t> starts;  // offsets into the stream, ascending, non-overlapping
+  std::vector<int32_t> tokens;  // [starts.size()][seqlen]
   int64_t count() const { return int64_t(starts.size()); }
 };
 

@@ -17,8 +17,8 @@
 #include "runtime/io/sha256.h"
 #include "runtime/io/staging_dir.h"
 #include "runtime/text/jinja/builtin_chat_templates.h"
-#include "runtime/text/tokenizer/tokenizer.h"
 #include "runtime/text/tokenizer/files.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 #include "runtime/workspace/workspace.h"
 
 namespace fs = std::filesystem;
@@ -377,8 +377,8 @@ ConvertResult finish_conversion(const ConvertOptions& opt, StagingDir& staging, 
   ModelSpec final_spec = spec;
   add_family_turn_end_tokens(final_spec, ckpt.config(), opt.source);
 
-  ordered_json doc = converted_document(opt, final_spec, target, {{"method", "none"}}, writer, plan.size(), total, tokenizer,
-                                        source_hashes.get());
+  ordered_json doc = converted_document(opt, final_spec, target, {{"method", "none"}}, writer, plan.size(), total,
+                                        tokenizer, source_hashes.get());
   return commit_converted(writer, std::move(doc), total, staging);
 }
 

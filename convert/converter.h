@@ -22,7 +22,7 @@ struct ConvertOptions {
   bool force = false;
   bool progress = true;
   uint64_t max_shard_bytes = 2ull << 30;
-  std::string command;  // recorded in provenance; must not contain run-specific paths (determinism)
+  std::string command;        // recorded in provenance; must not contain run-specific paths (determinism)
   std::string chat_template;  // --chat-template: a built-in's name or a Jinja file; empty: the checkpoint's
 };
 

@@ -88,8 +88,7 @@ HfCheckpoint::HfCheckpoint(const fs::path& dir) : dir_(dir) {
   auto add_tensors = [&](const SafetensorsFile* f) {
     for (const auto& t : f->tensors()) {
       auto [it, inserted] = tensors_.emplace(t.name, SourceTensor{f, &t});
-      if (!inserted)
-        throw Error(f->path() + ": tensor '" + t.name + "' also appears in " + it->second.file->path());
+      if (!inserted) throw Error(f->path() + ": tensor '" + t.name + "' also appears in " + it->second.file->path());
     }
   };
   for (const auto& s : shard_names) {
@@ -111,7 +110,8 @@ HfCheckpoint::HfCheckpoint(const fs::path& dir) : dir_(dir) {
     if (it == tensors_.end())
       throw Error((dir / shard).string() + ": tensor '" + name + "' named by the index is not in the shard");
     if (fs::path(it->second.file->path()).filename() != shard)
-      throw Error((dir / shard).string() + ": tensor '" + name + "' is in " + it->second.file->path() + ", not where the index says");
+      throw Error((dir / shard).string() + ": tensor '" + name + "' is in " + it->second.file->path() +
+                  ", not where the index says");
   }
 }
 

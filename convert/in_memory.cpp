@@ -58,13 +58,14 @@ std::unique_ptr<Workspace> open_hf_in_memory(const std::filesystem::path& hf_dir
   add_family_turn_end_tokens(info.spec, ckpt.config(), hf_dir);  // as convert does
   const DType target = resolve_target_dtype("auto", ckpt);
   info.dtype = workspace_dtype_name(target);
-  info.json = {{"format", kWorkspaceFormat},
-               {"format_version", spec_format_version(info.spec)},
-               {"model", spec_to_json(info.spec)},
-               {"dtype", info.dtype},
-               {"quantization", {{"weights", {{"method", "none"}}}, {"kv_cache", {{"dtype", "auto"}}}}},
-               {"provenance", {{"source", std::filesystem::absolute(hf_dir).lexically_normal().string()},
-                               {"converted_in_memory", true}}}};
+  info.json = {
+      {"format", kWorkspaceFormat},
+      {"format_version", spec_format_version(info.spec)},
+      {"model", spec_to_json(info.spec)},
+      {"dtype", info.dtype},
+      {"quantization", {{"weights", {{"method", "none"}}}, {"kv_cache", {{"dtype", "auto"}}}}},
+      {"provenance",
+       {{"source", std::filesystem::absolute(hf_dir).lexically_normal().string()}, {"converted_in_memory", true}}}};
 
   std::vector<TensorMapping> mappings = tensor_mappings(info.spec, arch);
   check_sources(ckpt, mappings, arch, info.spec, label);

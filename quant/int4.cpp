@@ -12,8 +12,8 @@ void check_int4_shape(int64_t out, int64_t in, int64_t group_size, const std::st
   if (group_size <= 0 || group_size % 2 != 0)
     throw Error("--group-size " + std::to_string(group_size) + " must be a positive even number");
   if (out <= 0 || in <= 0 || in % group_size != 0)
-    throw Error("tensor '" + label + "' has " + std::to_string(in) + " input features, not a multiple of --group-size " +
-                std::to_string(group_size));
+    throw Error("tensor '" + label + "' has " + std::to_string(in) +
+                " input features, not a multiple of --group-size " + std::to_string(group_size));
 }
 
 namespace {

@@ -23,9 +23,9 @@ constexpr int64_t kInt4MaxQ = 15;
 
 struct Int4Matrix {
   int64_t out = 0, in = 0, group_size = 0;
-  std::vector<uint8_t> qweight;   // [out, in / 2]: byte k/2 of a row holds input k (even) in the low nibble
-  std::vector<uint16_t> scales;   // fp16 bits, [out, in / group_size]
-  std::vector<uint8_t> zeros;     // [out, in / group_size], each in [0, 15]
+  std::vector<uint8_t> qweight;  // [out, in / 2]: byte k/2 of a row holds input k (even) in the low nibble
+  std::vector<uint16_t> scales;  // fp16 bits, [out, in / group_size]
+  std::vector<uint8_t> zeros;    // [out, in / group_size], each in [0, 15]
   int64_t groups() const { return in / group_size; }
 };
 

@@ -28,7 +28,7 @@ class PerplexityMeter {
 struct LogitComparisonReport {
   int64_t n_tokens = 0;
   double kld_mean = 0, kld_p99 = 0, kld_max = 0;
-  double top1_agreement = 0;  // fraction of rows whose argmax agrees
+  double top1_agreement = 0;                   // fraction of rows whose argmax agrees
   double ppl = 0, ref_ppl = 0, ppl_ratio = 0;  // ratio = ppl / ref_ppl (only when targets were given)
 };
 

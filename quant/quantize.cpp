@@ -11,8 +11,8 @@
 #include "runtime/io/progress.h"
 #include "runtime/io/sha256.h"
 #include "runtime/io/staging_dir.h"
-#include "runtime/text/tokenizer/tokenizer.h"
 #include "runtime/text/tokenizer/files.h"
+#include "runtime/text/tokenizer/tokenizer.h"
 #include "runtime/workspace/workspace.h"
 
 namespace fs = std::filesystem;

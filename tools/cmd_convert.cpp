@@ -18,8 +18,9 @@ static Action setup_convert(CLI::App& sub) {
   auto opt = std::make_shared<ConvertOptions>();
   auto json_out = std::make_shared<bool>(false);
   auto shard_mb = std::make_shared<uint64_t>(2048);
-  sub.add_option("SOURCE", opt->source,
-                 "Hugging Face checkpoint directory (config.json + safetensors), or a GGUF file (any file of a split set)")
+  sub.add_option(
+         "SOURCE", opt->source,
+         "Hugging Face checkpoint directory (config.json + safetensors), or a GGUF file (any file of a split set)")
       ->required();
   sub.add_option("-o,--output", opt->output, "workspace directory to create")->required();
   sub.add_option("--dtype", opt->dtype,
@@ -36,12 +37,14 @@ static Action setup_convert(CLI::App& sub) {
                      builtin_chat_template_names() + ")");
   sub.add_flag("--force", opt->force, "replace an existing output (only once the new one is complete)");
   sub.add_flag("--json", *json_out, "print a JSON summary on stdout instead of text");
-  sub.footer("The output is written to a hidden sibling directory and renamed into place when complete, so an error or\n"
-             "Ctrl-C leaves nothing behind. Converting the same input twice gives byte-identical workspaces.");
+  sub.footer(
+      "The output is written to a hidden sibling directory and renamed into place when complete, so an error or\n"
+      "Ctrl-C leaves nothing behind. Converting the same input twice gives byte-identical workspaces.");
   return [=]() {
     opt->progress = !*json_out;
     opt->max_shard_bytes = *shard_mb << 20;
-    opt->command = "kiln convert " + std::filesystem::absolute(opt->source).lexically_normal().string() + " --dtype " + opt->dtype;
+    opt->command =
+        "kiln convert " + std::filesystem::absolute(opt->source).lexically_normal().string() + " --dtype " + opt->dtype;
     const bool gguf_source = gguf::is_gguf_path(opt->source.string());
     if (!opt->chat_template.empty()) {
       if (gguf_source) throw kiln::Error("--chat-template applies to Hugging Face checkpoints, not GGUF files");
@@ -52,18 +55,16 @@ static Action setup_convert(CLI::App& sub) {
     double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     const auto& doc = r.kiln_json;
     if (*json_out) {
-      nlohmann::ordered_json out = {{"output", opt->output.string()},
-                                    {"architecture", doc["model"]["architecture"]},
-                                    {"dtype", doc["dtype"]},
-                                    {"tensors", doc["weights"]["tensor_count"]},
-                                    {"tensor_bytes", r.tensor_bytes},
-                                    {"seconds", secs},
+      nlohmann::ordered_json out = {{"output", opt->output.string()}, {"architecture", doc["model"]["architecture"]},
+                                    {"dtype", doc["dtype"]},          {"tensors", doc["weights"]["tensor_count"]},
+                                    {"tensor_bytes", r.tensor_bytes}, {"seconds", secs},
                                     {"manifest", doc["manifest"]}};
       print_json(out.dump(2));
     } else {
-      std::printf("converted %s -> %s: %s, %s, %zu tensors, %.1f MB in %.2f s\n", opt->source.c_str(), opt->output.c_str(),
-                  doc["model"]["architecture"].get<std::string>().c_str(), doc["dtype"].get<std::string>().c_str(),
-                  size_t(doc["weights"]["tensor_count"]), double(r.tensor_bytes) / 1e6, secs);
+      std::printf("converted %s -> %s: %s, %s, %zu tensors, %.1f MB in %.2f s\n", opt->source.c_str(),
+                  opt->output.c_str(), doc["model"]["architecture"].get<std::string>().c_str(),
+                  doc["dtype"].get<std::string>().c_str(), size_t(doc["weights"]["tensor_count"]),
+                  double(r.tensor_bytes) / 1e6, secs);
     }
     return 0;
   };

@@ -14,8 +14,12 @@ static Action setup_devices(CLI::App& sub) {
     CpuFeatures c = cpu_features();
     CudaStatus g = cuda_status();
     nlohmann::ordered_json j;
-    j["cpu"] = {{"threads", c.threads}, {"avx2", c.avx2},         {"fma", c.fma},
-                {"f16c", c.f16c},       {"avx512f", c.avx512f}, {"avx512bw", c.avx512bw},
+    j["cpu"] = {{"threads", c.threads},
+                {"avx2", c.avx2},
+                {"fma", c.fma},
+                {"f16c", c.f16c},
+                {"avx512f", c.avx512f},
+                {"avx512bw", c.avx512bw},
                 {"avx512_bf16", c.avx512_bf16}};
     nlohmann::ordered_json devs = nlohmann::ordered_json::array();
     for (const auto& d : g.devices)

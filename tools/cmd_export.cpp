@@ -44,8 +44,11 @@ static Action setup_export(CLI::App& sub) {
       GgufExportResult g = export_gguf({opt->workspace, opt->output, opt->force});
       double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       if (*json_out)
-        print_json(nlohmann::ordered_json({{"output", opt->output.string()}, {"format", "gguf"},
-                                           {"weight_type", g.weight_type}, {"bytes", g.bytes}, {"seconds", secs}})
+        print_json(nlohmann::ordered_json({{"output", opt->output.string()},
+                                           {"format", "gguf"},
+                                           {"weight_type", g.weight_type},
+                                           {"bytes", g.bytes},
+                                           {"seconds", secs}})
                        .dump(2));
       else
         std::printf("exported %s -> %s (GGUF, %s weights): %.1f MB in %.2f s\n", opt->workspace.c_str(),
@@ -72,6 +75,7 @@ static Action setup_export(CLI::App& sub) {
   };
 }
 
-KILN_COMMAND(77, "export", "Export a workspace as a Hugging Face AutoAWQ checkpoint or a GGUF file for llama.cpp", setup_export);
+KILN_COMMAND(77, "export", "Export a workspace as a Hugging Face AutoAWQ checkpoint or a GGUF file for llama.cpp",
+             setup_export);
 
 }  // namespace kiln::tools

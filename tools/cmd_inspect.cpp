@@ -80,9 +80,10 @@ static ordered_json inspect_path(const std::filesystem::path& path) {
 static void print_human(const ordered_json& j) {
   const auto& m = j["model"];
   std::printf("%s: %s\n", j["kind"].get<std::string>().c_str(), j["path"].get<std::string>().c_str());
-  std::printf("  architecture   %s (%s)\n", m["architecture"].get<std::string>().c_str(), m["family"].get<std::string>().c_str());
-  std::printf("  layers         %lld, hidden %lld, ffn %lld, vocab %lld\n", (long long)m["num_layers"], (long long)m["hidden_size"],
-              (long long)m["intermediate_size"], (long long)m["vocab_size"]);
+  std::printf("  architecture   %s (%s)\n", m["architecture"].get<std::string>().c_str(),
+              m["family"].get<std::string>().c_str());
+  std::printf("  layers         %lld, hidden %lld, ffn %lld, vocab %lld\n", (long long)m["num_layers"],
+              (long long)m["hidden_size"], (long long)m["intermediate_size"], (long long)m["vocab_size"]);
   std::printf("  attention      %lld heads, %lld kv heads, head_dim %lld\n", (long long)m["num_heads"],
               (long long)m["num_kv_heads"], (long long)m["head_dim"]);
   std::printf("  rope           theta %g, scaling %s\n", m["rope"]["theta"].get<double>(),
@@ -128,7 +129,8 @@ static Action setup_inspect(CLI::App& sub) {
   };
 }
 
-KILN_COMMAND(20, "inspect", "Describe a workspace, Hugging Face checkpoint or GGUF file: architecture, dims, dtype, sizes",
+KILN_COMMAND(20, "inspect",
+             "Describe a workspace, Hugging Face checkpoint or GGUF file: architecture, dims, dtype, sizes",
              setup_inspect);
 
 }  // namespace kiln::tools

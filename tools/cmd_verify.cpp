@@ -21,7 +21,8 @@ static Action setup_verify(CLI::App& sub) {
                                         {"bytes_checked", r.bytes_checked}}
                      .dump(2));
     } else if (r.ok()) {
-      std::printf("%s: OK (%zu files, %.1f MB checked)\n", dir->c_str(), r.files_checked, double(r.bytes_checked) / 1e6);
+      std::printf("%s: OK (%zu files, %.1f MB checked)\n", dir->c_str(), r.files_checked,
+                  double(r.bytes_checked) / 1e6);
     }
     for (const auto& p : r.problems) std::fprintf(stderr, "kiln verify: %s: %s\n", dir->c_str(), p.c_str());
     return r.ok() ? 0 : 1;

@@ -3,8 +3,8 @@
 // naming the flag, never silently ignored or clamped later.
 #include <CLI/CLI.hpp>
 #include <cmath>
-#include <cstdio>
 #include <cstdint>
+#include <cstdio>
 #include <string>
 
 namespace kiln::tools {

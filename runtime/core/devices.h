@@ -26,7 +26,7 @@ struct CudaDevice {
 };
 
 struct CudaStatus {
-  bool compiled = false;    // kiln was built with the CUDA backend
+  bool compiled = false;      // kiln was built with the CUDA backend
   std::string runtime_error;  // why no device is usable, when none is
   std::vector<CudaDevice> devices;
 };

@@ -17,7 +17,9 @@ size_t dtype_size(DType t);
 // The safetensors spelling: "F32", "BF16", ...
 std::string_view dtype_name(DType t);
 std::optional<DType> dtype_from_name(std::string_view name);
-inline bool dtype_is_float(DType t) { return t == DType::F32 || t == DType::F16 || t == DType::BF16 || t == DType::F64; }
+inline bool dtype_is_float(DType t) {
+  return t == DType::F32 || t == DType::F16 || t == DType::BF16 || t == DType::F64;
+}
 
 inline float f32_from_bits(uint32_t b) {
   float f;
@@ -35,7 +37,7 @@ inline float bf16_to_f32(uint16_t h) { return f32_from_bits(uint32_t(h) << 16); 
 inline uint16_t f32_to_bf16(float f) {
   uint32_t b = bits_from_f32(f);
   if ((b & 0x7fffffffu) > 0x7f800000u) return uint16_t((b >> 16) | 0x40);  // NaN stays a quiet NaN
-  b += 0x7fffu + ((b >> 16) & 1u);                                           // round to nearest, ties to even
+  b += 0x7fffu + ((b >> 16) & 1u);                                         // round to nearest, ties to even
   return uint16_t(b >> 16);
 }
 

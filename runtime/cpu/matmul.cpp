@@ -37,8 +37,10 @@ MatmulIsa best_matmul_isa() {
     if (best == MatmulIsa::Avx2 && f.avx512f && f.avx512bw) best = MatmulIsa::Avx512;
     if (const char* env = std::getenv("KILN_CPU_ISA")) {
       std::string s = env;
-      if (s == "scalar") best = MatmulIsa::Scalar;
-      else if (s == "avx2" && best != MatmulIsa::Scalar) best = MatmulIsa::Avx2;
+      if (s == "scalar")
+        best = MatmulIsa::Scalar;
+      else if (s == "avx2" && best != MatmulIsa::Scalar)
+        best = MatmulIsa::Avx2;
     }
     return best;
   }();
@@ -47,9 +49,12 @@ MatmulIsa best_matmul_isa() {
 
 const char* matmul_isa_name(MatmulIsa isa) {
   switch (isa) {
-    case MatmulIsa::Scalar: return "scalar";
-    case MatmulIsa::Avx2: return "avx2";
-    case MatmulIsa::Avx512: return "avx512";
+    case MatmulIsa::Scalar:
+      return "scalar";
+    case MatmulIsa::Avx2:
+      return "avx2";
+    case MatmulIsa::Avx512:
+      return "avx512";
   }
   return "?";
 }
@@ -60,12 +65,15 @@ void matmul(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const
   const int64_t pg = (w.panels() + panels_per_task - 1) / panels_per_task;
   const int64_t rg = (rows + rows_per_task - 1) / rows_per_task;
   auto kernel = isa == MatmulIsa::Avx512 ? matmul_avx512 : isa == MatmulIsa::Avx2 ? matmul_avx2 : matmul_scalar;
-  pool.parallel_for(pg * rg, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t p0 = (t % pg) * panels_per_task, r0 = (t / pg) * rows_per_task;
-      kernel(x, r0, std::min(rows, r0 + rows_per_task), w, p0, std::min(w.panels(), p0 + panels_per_task), y);
-    }
-  }, 1);
+  pool.parallel_for(
+      pg * rg,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t p0 = (t % pg) * panels_per_task, r0 = (t / pg) * rows_per_task;
+          kernel(x, r0, std::min(rows, r0 + rows_per_task), w, p0, std::min(w.panels(), p0 + panels_per_task), y);
+        }
+      },
+      1);
 }
 
 namespace {

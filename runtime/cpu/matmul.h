@@ -21,7 +21,7 @@ constexpr int64_t kPanel = 16;
 
 struct PackedLinear : LinearWeight {
   int64_t out = 0, in = 0;
-  DType dtype = DType::F32;  // F32, F16 or BF16
+  DType dtype = DType::F32;   // F32, F16 or BF16
   std::vector<uint8_t> data;  // [ceil(out / kPanel)][in][kPanel] elements of dtype
   int64_t out_features() const override { return out; }
   int64_t in_features() const override { return in; }

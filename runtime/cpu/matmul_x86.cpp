@@ -68,10 +68,18 @@ KILN_AVX2 void run_avx2(const float* x, int64_t r0, int64_t r1, const PackedLine
       const int64_t n = std::min<int64_t>(4, r1 - r);
       const float* xr = x + r * w.in;
       switch (n) {
-        case 4: tile_avx2<T, 4>(xr, w.in, panel, tile); break;
-        case 3: tile_avx2<T, 3>(xr, w.in, panel, tile); break;
-        case 2: tile_avx2<T, 2>(xr, w.in, panel, tile); break;
-        default: tile_avx2<T, 1>(xr, w.in, panel, tile); break;
+        case 4:
+          tile_avx2<T, 4>(xr, w.in, panel, tile);
+          break;
+        case 3:
+          tile_avx2<T, 3>(xr, w.in, panel, tile);
+          break;
+        case 2:
+          tile_avx2<T, 2>(xr, w.in, panel, tile);
+          break;
+        default:
+          tile_avx2<T, 1>(xr, w.in, panel, tile);
+          break;
       }
       for (int64_t i = 0; i < n; ++i)
         std::memcpy(y + (r + i) * w.out + p * kPanel, tile + i * kPanel, size_t(width) * sizeof(float));
@@ -116,14 +124,30 @@ KILN_AVX512 void run_avx512(const float* x, int64_t r0, int64_t r1, const Packed
       const int64_t n = std::min<int64_t>(8, r1 - r);
       const float* xr = x + r * w.in;
       switch (n) {
-        case 8: tile_avx512<T, 8>(xr, w.in, panel, tile); break;
-        case 7: tile_avx512<T, 7>(xr, w.in, panel, tile); break;
-        case 6: tile_avx512<T, 6>(xr, w.in, panel, tile); break;
-        case 5: tile_avx512<T, 5>(xr, w.in, panel, tile); break;
-        case 4: tile_avx512<T, 4>(xr, w.in, panel, tile); break;
-        case 3: tile_avx512<T, 3>(xr, w.in, panel, tile); break;
-        case 2: tile_avx512<T, 2>(xr, w.in, panel, tile); break;
-        default: tile_avx512<T, 1>(xr, w.in, panel, tile); break;
+        case 8:
+          tile_avx512<T, 8>(xr, w.in, panel, tile);
+          break;
+        case 7:
+          tile_avx512<T, 7>(xr, w.in, panel, tile);
+          break;
+        case 6:
+          tile_avx512<T, 6>(xr, w.in, panel, tile);
+          break;
+        case 5:
+          tile_avx512<T, 5>(xr, w.in, panel, tile);
+          break;
+        case 4:
+          tile_avx512<T, 4>(xr, w.in, panel, tile);
+          break;
+        case 3:
+          tile_avx512<T, 3>(xr, w.in, panel, tile);
+          break;
+        case 2:
+          tile_avx512<T, 2>(xr, w.in, panel, tile);
+          break;
+        default:
+          tile_avx512<T, 1>(xr, w.in, panel, tile);
+          break;
       }
       for (int64_t i = 0; i < n; ++i)
         std::memcpy(y + (r + i) * w.out + p * kPanel, tile + i * kPanel, size_t(width) * sizeof(float));
@@ -135,17 +159,23 @@ KILN_AVX512 void run_avx512(const float* x, int64_t r0, int64_t r1, const Packed
 
 void matmul_avx2(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1, float* y) {
   switch (w.dtype) {
-    case DType::F32: return run_avx2<DType::F32>(x, r0, r1, w, p0, p1, y);
-    case DType::F16: return run_avx2<DType::F16>(x, r0, r1, w, p0, p1, y);
-    default: return run_avx2<DType::BF16>(x, r0, r1, w, p0, p1, y);
+    case DType::F32:
+      return run_avx2<DType::F32>(x, r0, r1, w, p0, p1, y);
+    case DType::F16:
+      return run_avx2<DType::F16>(x, r0, r1, w, p0, p1, y);
+    default:
+      return run_avx2<DType::BF16>(x, r0, r1, w, p0, p1, y);
   }
 }
 
 void matmul_avx512(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1, float* y) {
   switch (w.dtype) {
-    case DType::F32: return run_avx512<DType::F32>(x, r0, r1, w, p0, p1, y);
-    case DType::F16: return run_avx512<DType::F16>(x, r0, r1, w, p0, p1, y);
-    default: return run_avx512<DType::BF16>(x, r0, r1, w, p0, p1, y);
+    case DType::F32:
+      return run_avx512<DType::F32>(x, r0, r1, w, p0, p1, y);
+    case DType::F16:
+      return run_avx512<DType::F16>(x, r0, r1, w, p0, p1, y);
+    default:
+      return run_avx512<DType::BF16>(x, r0, r1, w, p0, p1, y);
   }
 }
 

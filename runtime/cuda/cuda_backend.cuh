@@ -130,8 +130,8 @@ void launch_embedding(cudaStream_t s, const void* table, DType dtype, int64_t di
 void launch_rms_norm(cudaStream_t s, float* x, const float* r, const float* w, float* y, int64_t rows, int64_t dim,
                      int64_t row_stride, int64_t heads, float eps);
 // LayerNorm of each row (x += r first when r is set); b may be null, y may alias x or r.
-void launch_layer_norm(cudaStream_t s, float* x, const float* r, const float* w, const float* b, float* y,
-                       int64_t rows, int64_t dim, float eps);
+void launch_layer_norm(cudaStream_t s, float* x, const float* r, const float* w, const float* b, float* y, int64_t rows,
+                       int64_t dim, float eps);
 void launch_rope(cudaStream_t s, float* x, int64_t rows, int64_t row_stride, int64_t num_heads,
                  const RopeLayout& layout, const int32_t* positions, const int32_t* seq_of_row, const float* inv_freq);
 void launch_silu_mul(cudaStream_t s, const float* gate_up, float* out, int64_t rows, int64_t inter);

@@ -194,8 +194,8 @@ void launch_rms_norm(cudaStream_t s, float* x, const float* r, const float* w, f
   check_launch("rms_norm_kernel");
 }
 
-void launch_layer_norm(cudaStream_t s, float* x, const float* r, const float* w, const float* b, float* y,
-                       int64_t rows, int64_t dim, float eps) {
+void launch_layer_norm(cudaStream_t s, float* x, const float* r, const float* w, const float* b, float* y, int64_t rows,
+                       int64_t dim, float eps) {
   if (rows == 0) return;
   layer_norm_kernel<<<unsigned(rows), kThreads, 0, s>>>(x, r, w, b, y, dim, eps);
   check_launch("layer_norm_kernel");

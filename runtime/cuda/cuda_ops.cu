@@ -60,7 +60,9 @@ void CudaBackend::gelu_mul(const float* gate_up, float* out, int64_t rows, int64
   launch_gelu_mul(stream_, gate_up, out, rows, inter, tanh_form);
 }
 
-void CudaBackend::gelu(const float* x, float* y, int64_t n, bool tanh_form) { launch_gelu(stream_, x, y, n, tanh_form); }
+void CudaBackend::gelu(const float* x, float* y, int64_t n, bool tanh_form) {
+  launch_gelu(stream_, x, y, n, tanh_form);
+}
 
 void CudaBackend::add(float* y, const float* x, int64_t n) { launch_add(stream_, y, x, n); }
 

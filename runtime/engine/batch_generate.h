@@ -26,7 +26,7 @@ struct GenerationRequest {
   // then not recomputed (chat turns). nullptr: a fresh sequence, released when the request ends. A caller-owned
   // sequence keeps its blocks: afterwards it holds prompt + completion without the last token (never fed back).
   KvSequence* kv = nullptr;
-  SamplingParams params;  // sampling, seed, max_new_tokens, stop strings and stop ids
+  SamplingParams params;                          // sampling, seed, max_new_tokens, stop strings and stop ids
   std::function<void(std::string_view)> on_text;  // streamed text, may be null
 };
 
@@ -35,8 +35,8 @@ struct GenerationOutput {
   std::string text;             // detokenized, without stop strings and special tokens
   std::string finish_reason;    // "stop", "length" or "cancelled"
   int64_t prompt_tokens = 0;
-  int64_t prefilled_tokens = 0;  // prompt tokens computed (the rest came from the cache)
-  uint64_t seed = 0;             // the seed the sampler used (drawn at random when params.seed is unset)
+  int64_t prefilled_tokens = 0;    // prompt tokens computed (the rest came from the cache)
+  uint64_t seed = 0;               // the seed the sampler used (drawn at random when params.seed is unset)
   double first_token_seconds = 0;  // from the start of the call to this sequence's first sampled token
   double end_seconds = 0;          // from the start of the call to this sequence's end
 };

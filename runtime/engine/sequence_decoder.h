@@ -20,10 +20,10 @@ namespace kiln {
 
 struct DecodeStep {
   int32_t token = -1;
-  float logprob = 0.0f;            // when params.logprobs
-  std::vector<TokenLogprob> top;   // params.top_logprobs entries
-  std::string text;                // text safe to show now (often empty: held back by detokenizer or stop strings)
-  bool done = false;               // the stop checker ended the sequence with this token
+  float logprob = 0.0f;           // when params.logprobs
+  std::vector<TokenLogprob> top;  // params.top_logprobs entries
+  std::string text;               // text safe to show now (often empty: held back by detokenizer or stop strings)
+  bool done = false;              // the stop checker ended the sequence with this token
 };
 
 class SequenceDecoder {

@@ -47,7 +47,8 @@ MappedFile MappedFile::in_memory(const std::string& label, size_t size, const st
   m.fd_ = ::memfd_create("kiln-tensors", MFD_CLOEXEC);
   if (m.fd_ < 0) throw Error(label + ": cannot create an in-memory file: " + std::strerror(errno));
   if (size == 0) return m;
-  if (::ftruncate(m.fd_, off_t(size)) != 0) throw Error(label + ": cannot size an in-memory file: " + std::strerror(errno));
+  if (::ftruncate(m.fd_, off_t(size)) != 0)
+    throw Error(label + ": cannot size an in-memory file: " + std::strerror(errno));
   void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, m.fd_, 0);
   if (p == MAP_FAILED) throw Error(label + ": cannot map " + std::to_string(size) + " bytes: " + std::strerror(errno));
   m.data_ = static_cast<const uint8_t*>(p);

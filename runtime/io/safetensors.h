@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "runtime/core/dtype.h"
-#include "runtime/io/mapped_file.h"
 #include "runtime/io/hash_pipeline.h"
+#include "runtime/io/mapped_file.h"
 
 namespace kiln {
 
@@ -29,7 +29,7 @@ struct TensorInfo {
 std::string shape_string(const std::vector<int64_t>& shape);
 
 struct SafetensorsHeader {
-  uint64_t data_start = 0;  // absolute offset of the data section in the file
+  uint64_t data_start = 0;          // absolute offset of the data section in the file
   std::vector<TensorInfo> tensors;  // in header order
   std::map<std::string, std::string> metadata;
 };
@@ -38,8 +38,8 @@ struct SafetensorsHeader {
 constexpr uint64_t kMaxSafetensorsHeader = 100ull << 20;
 
 // Validates a complete safetensors file image: header length inside the file and under the cap, well-formed JSON, known
-// dtypes, shape x dtype size = byte range, offsets inside the data section, contiguous and non-overlapping, and covering
-// the data section exactly (as the reference implementation requires). `label` names the file in errors.
+// dtypes, shape x dtype size = byte range, offsets inside the data section, contiguous and non-overlapping, and
+// covering the data section exactly (as the reference implementation requires). `label` names the file in errors.
 SafetensorsHeader parse_safetensors_header(const uint8_t* data, uint64_t size, const std::string& label);
 
 class SafetensorsFile {

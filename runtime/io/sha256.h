@@ -21,7 +21,6 @@ class Sha256 {
 
 // Hashes a whole file by streaming it; throws kiln::Error naming the path. When `cancel` becomes true (another thread
 // failed) or the user interrupts, it stops early by throwing kiln::Interrupted.
-std::string sha256_file(const std::string& path, size_t* size_out = nullptr,
-                        const std::atomic<bool>* cancel = nullptr);
+std::string sha256_file(const std::string& path, size_t* size_out = nullptr, const std::atomic<bool>* cancel = nullptr);
 
 }  // namespace kiln

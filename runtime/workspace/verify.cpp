@@ -36,14 +36,16 @@ void check_manifest(const WorkspaceInfo& info, bool show_progress, VerifyReport&
     r.bytes_checked += size;
     progress.advance(size);
     if (size != e.size)
-      r.problems.push_back(name + ": size " + std::to_string(size) + " differs from the manifest's " + std::to_string(e.size));
+      r.problems.push_back(name + ": size " + std::to_string(size) + " differs from the manifest's " +
+                           std::to_string(e.size));
     else if (h != e.sha256)
       r.problems.push_back(name + ": sha256 " + h + " differs from the manifest's " + e.sha256);
   }
   progress.finish();
   for (const auto& entry : fs::directory_iterator(info.dir, ec)) {
     std::string name = entry.path().filename().string();
-    if (name != kWorkspaceFile && !info.manifest.count(name)) r.problems.push_back(name + ": not listed in the manifest");
+    if (name != kWorkspaceFile && !info.manifest.count(name))
+      r.problems.push_back(name + ": not listed in the manifest");
   }
   for (const auto& f : info.weight_files)
     if (!info.manifest.count(f)) r.problems.push_back(f + ": weight file is not covered by the manifest");
@@ -66,11 +68,11 @@ void check_tensors(const WorkspaceInfo& info, VerifyReport& r) {
       r.problems.push_back("tensor '" + c.name + "' has shape " + shape_string(t->info->shape) + ", the spec needs " +
                            shape_string(c.shape));
     if (c.dtype && t->info->dtype != *c.dtype)
-      r.problems.push_back("tensor '" + c.name + "' is " + std::string(dtype_name(t->info->dtype)) + ", the int4 layout needs " +
-                           std::string(dtype_name(*c.dtype)));
+      r.problems.push_back("tensor '" + c.name + "' is " + std::string(dtype_name(t->info->dtype)) +
+                           ", the int4 layout needs " + std::string(dtype_name(*c.dtype)));
     else if (!c.dtype && t->info->dtype != dtype)
-      r.problems.push_back("tensor '" + c.name + "' is " + std::string(dtype_name(t->info->dtype)) + ", kiln.json says " +
-                           info.dtype);
+      r.problems.push_back("tensor '" + c.name + "' is " + std::string(dtype_name(t->info->dtype)) +
+                           ", kiln.json says " + info.dtype);
   }
   for (const auto& [name, t] : ws.tensors())
     if (!expected.count(name)) r.problems.push_back("tensor '" + name + "' is not part of the model spec");

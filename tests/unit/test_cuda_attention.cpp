@@ -1,10 +1,10 @@
 // CUDA backend parity, paged KV cache: kv_write must store byte-identical rows to the CPU backend for every cache
 // dtype (fp32/fp16/bf16 conversions and the int8 codes and scales of docs/kv_cache.md are deterministic), and
 // attention over those rows must match the CPU backend's for prefill, decode, mixed batches, block boundaries,
-// non-contiguous block tables, grouped-query heads, a sliding window, soft-capped scores, and long contexts (the CUDA kernel splits the
-// keys of a decode row and merges the splits; past 64 splits they grow beyond 256 keys). Attention tolerance:
-// 5e-6 absolute + 1e-5 relative (the same stored rows; only the softmax summation order and FMA contraction differ:
-// a numpy simulation of both orders over 1500 keys stays under a quarter of it).
+// non-contiguous block tables, grouped-query heads, a sliding window, soft-capped scores, and long contexts (the CUDA
+// kernel splits the keys of a decode row and merges the splits; past 64 splits they grow beyond 256 keys). Attention
+// tolerance: 5e-6 absolute + 1e-5 relative (the same stored rows; only the softmax summation order and FMA contraction
+// differ: a numpy simulation of both orders over 1500 keys stays under a quarter of it).
 #include <gtest/gtest.h>
 
 #include <algorithm>

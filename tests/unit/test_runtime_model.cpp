@@ -116,8 +116,8 @@ TEST_P(RuntimeModel, GenerateStopsAtTheContext) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, RuntimeModel,
-                         ::testing::Values("llama-fp32-sharded", "mistral-fp32-sharded", "qwen3-bf16-tied",
-                                           "gpt2-fp32", "gemma2-fp32", "glm4-fp32"));
+                         ::testing::Values("llama-fp32-sharded", "mistral-fp32-sharded", "qwen3-bf16-tied", "gpt2-fp32",
+                                           "gemma2-fp32", "glm4-fp32"));
 
 }  // namespace
 }  // namespace kiln

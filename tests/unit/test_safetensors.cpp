@@ -36,10 +36,9 @@ std::string parse_error(const std::vector<uint8_t>& img) {
 }  // namespace
 
 TEST(Safetensors, AcceptsWellFormedHeader) {
-  auto img = file_image(
-      R"({"__metadata__":{"format":"pt"},"b":{"dtype":"BF16","shape":[2,3],"data_offsets":[16,28]},)"
-      R"("a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})",
-      28);
+  auto img = file_image(R"({"__metadata__":{"format":"pt"},"b":{"dtype":"BF16","shape":[2,3],"data_offsets":[16,28]},)"
+                        R"("a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}})",
+                        28);
   auto h = parse_safetensors_header(img.data(), img.size(), "x");
   ASSERT_EQ(h.tensors.size(), 2u);
   EXPECT_EQ(h.metadata.at("format"), "pt");
@@ -53,8 +52,9 @@ TEST(Safetensors, RejectsEachKindOfCorruption) {
   EXPECT_NE(parse_error(file_image("{" + ok_tensor + "}", 16, 5000)).find("past the end"), std::string::npos);
   EXPECT_NE(parse_error(file_image("{" + ok_tensor, 16)).find("not valid JSON"), std::string::npos);
   EXPECT_NE(parse_error(file_image("[]", 0)).find("not a JSON object"), std::string::npos);
-  EXPECT_NE(parse_error(file_image(R"({"a":{"dtype":"F7","shape":[4],"data_offsets":[0,16]}})", 16)).find("unknown dtype"),
-            std::string::npos);
+  EXPECT_NE(
+      parse_error(file_image(R"({"a":{"dtype":"F7","shape":[4],"data_offsets":[0,16]}})", 16)).find("unknown dtype"),
+      std::string::npos);
   EXPECT_NE(parse_error(file_image(R"({"a":{"dtype":"F32","shape":[5],"data_offsets":[0,16]}})", 16)).find("need"),
             std::string::npos);
   EXPECT_NE(parse_error(file_image(R"({"a":{"dtype":"F32","shape":[-4],"data_offsets":[0,16]}})", 16)).find("shape"),
@@ -64,10 +64,13 @@ TEST(Safetensors, RejectsEachKindOfCorruption) {
   EXPECT_NE(parse_error(file_image("{" + ok_tensor + R"(,"b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})", 16))
                 .find("overlaps"),
             std::string::npos);
-  EXPECT_NE(parse_error(file_image(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[16,0]}})", 16)).find("end before"),
-            std::string::npos);
+  EXPECT_NE(
+      parse_error(file_image(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[16,0]}})", 16)).find("end before"),
+      std::string::npos);
   // Dimensions whose product overflows 64 bits must not wrap around to a small, "valid" size.
-  EXPECT_NE(parse_error(file_image(R"({"a":{"dtype":"F32","shape":[281474976710656,281474976710656,256],"data_offsets":[0,16]}})", 16))
+  EXPECT_NE(parse_error(
+                file_image(
+                    R"({"a":{"dtype":"F32","shape":[281474976710656,281474976710656,256],"data_offsets":[0,16]}})", 16))
                 .find("absurd shape"),
             std::string::npos);
 }

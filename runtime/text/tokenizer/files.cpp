@@ -9,9 +9,15 @@ namespace fs = std::filesystem;
 namespace kiln {
 
 const std::vector<std::string>& tokenizer_file_names() {
-  static const std::vector<std::string> names = {"tokenizer.json",     "tokenizer.model",     "tokenizer_config.json",
-                                                 "special_tokens_map.json", "added_tokens.json", "vocab.json",
-                                                 "merges.txt",         "generation_config.json", "qwen.tiktoken"};
+  static const std::vector<std::string> names = {"tokenizer.json",
+                                                 "tokenizer.model",
+                                                 "tokenizer_config.json",
+                                                 "special_tokens_map.json",
+                                                 "added_tokens.json",
+                                                 "vocab.json",
+                                                 "merges.txt",
+                                                 "generation_config.json",
+                                                 "qwen.tiktoken"};
   return names;
 }
 
@@ -51,7 +57,8 @@ nlohmann::json read_tokenizer_config(const TokenizerFiles& files) {
 
 std::optional<std::string> resolve_chat_template(const TokenizerFiles& files) {
   std::error_code ec;
-  if (fs::is_regular_file(files.dir / "chat_template.jinja", ec)) return read_text_file(files.dir / "chat_template.jinja");
+  if (fs::is_regular_file(files.dir / "chat_template.jinja", ec))
+    return read_text_file(files.dir / "chat_template.jinja");
   nlohmann::json cfg = read_tokenizer_config(files);
   auto it = cfg.find("chat_template");
   if (it == cfg.end() || it->is_null()) return std::nullopt;
@@ -69,7 +76,8 @@ std::optional<std::string> special_token_text(const nlohmann::json& cfg, const c
   auto it = cfg.find(key);
   if (it == cfg.end() || it->is_null()) return std::nullopt;
   if (it->is_string()) return it->get<std::string>();
-  if (it->is_object() && it->contains("content") && (*it)["content"].is_string()) return (*it)["content"].get<std::string>();
+  if (it->is_object() && it->contains("content") && (*it)["content"].is_string())
+    return (*it)["content"].get<std::string>();
   return std::nullopt;
 }
 

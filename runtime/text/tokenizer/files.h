@@ -3,20 +3,19 @@
 // directory, a bare tokenizer directory, or a tokenizer.json file. Tokenizer files are copied verbatim into
 // workspaces, so the same lookup works for all of them.
 #include <filesystem>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 namespace kiln {
 
 struct TokenizerFiles {
-  std::filesystem::path dir;                             // directory holding the files
-  std::optional<std::filesystem::path> tokenizer_json;   // tokenizer.json
-  std::optional<std::filesystem::path> tokenizer_model;  // SentencePiece tokenizer.model
-  std::optional<std::filesystem::path> tiktoken;         // Qwen v1's qwen.tiktoken (when neither of the above)
-  std::optional<std::filesystem::path> tokenizer_config; // tokenizer_config.json
+  std::filesystem::path dir;                              // directory holding the files
+  std::optional<std::filesystem::path> tokenizer_json;    // tokenizer.json
+  std::optional<std::filesystem::path> tokenizer_model;   // SentencePiece tokenizer.model
+  std::optional<std::filesystem::path> tiktoken;          // Qwen v1's qwen.tiktoken (when neither of the above)
+  std::optional<std::filesystem::path> tokenizer_config;  // tokenizer_config.json
   std::optional<std::filesystem::path> generation_config;
 };
 

@@ -5,8 +5,8 @@
 #include <string>
 #include <vector>
 
-#include "runtime/text/tokenizer/regex.h"
 #include "runtime/text/tokenizer/json.h"
+#include "runtime/text/tokenizer/regex.h"
 
 namespace kiln::text {
 
