@@ -69,7 +69,7 @@ fi
 # source without AMX (the AMX build dies with SIGILL on AVX-512 CI machines); slow on 2 cores, so opt-in.
 if [ "${KILN_WITH_LLAMA_CPP:-0}" = 1 ] && ! python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llama_cpp') is None)"; then
   echo "setup: building llama-cpp-python from source (GGUF export oracle)"
-  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AMX_TILE=OFF \
+  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON -DGGML_AMX_TILE=OFF \
 -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
 -DLLAMA_CURL=OFF" pip_install --no-cache-dir llama-cpp-python==0.3.36
 fi
