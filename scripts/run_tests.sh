@@ -31,19 +31,26 @@ bash scripts/build.sh -DCMAKE_CUDA_ARCHITECTURES=80-virtual
 echo "== fixtures written by transformers ($SECONDS s)"
 python3 scripts/make_fixtures.py --out build/fixtures --tokenizers build/testdata/tokenizers >build/fixtures.log 2>&1 || { cat build/fixtures.log; exit 1; }
 
+# The sanitizer/fuzz build (one clang build serves both: everything compiled with ASan+UBSan and fuzzer coverage
+# instrumentation; only the fuzz targets link libFuzzer's driver) runs at the lowest CPU priority behind the tests:
+# pytest leaves about half of the two cores idle (one test at a time, waiting on servers and subprocesses), and the
+# build fills that time instead of adding its own minutes at the end.
+targets=$(cd tests/fuzz && ls fuzz_*.cpp | sed 's/\.cpp$//')
+(
+  cmake -S . -B build-san -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKILN_FUZZ=ON -DKILN_CUDA=OFF \
+    -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 >/dev/null &&
+    nice -n 19 ninja -C build-san -j"$(nproc)" kiln_unit_tests $targets
+) >build-san.log 2>&1 &
+san_build=$!
+
 echo "== unit tests ($SECONDS s)"
 run_ctest build
 
 echo "== oracle tests: pytest against transformers / tokenizers ($SECONDS s)"
 python3 -m pytest -q -rs --durations=15 --continue-on-collection-errors tests/python -p no:cacheprovider
 
-# One clang build serves both the sanitizer run and the fuzzers: everything is compiled with ASan+UBSan and fuzzer
-# coverage instrumentation; only the fuzz targets link libFuzzer's driver.
 echo "== unit tests under AddressSanitizer + UndefinedBehaviorSanitizer (clang) ($SECONDS s)"
-cmake -S . -B build-san -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKILN_FUZZ=ON -DKILN_CUDA=OFF \
-  -DCMAKE_C_COMPILER=clang-14 -DCMAKE_CXX_COMPILER=clang++-14 >/dev/null
-targets=$(cd tests/fuzz && ls fuzz_*.cpp | sed 's/\.cpp$//')
-ninja -C build-san -j"$(nproc)" kiln_unit_tests $targets
+wait $san_build || { tail -n 100 build-san.log; echo "sanitizer build failed (log above, also in build-san.log)"; exit 1; }
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 run_ctest build-san
 
 echo "== fuzzing (libFuzzer, ${FUZZ_SECONDS:-20}s per target, seed ${FUZZ_SEED:-1}) ($SECONDS s)"
@@ -51,21 +58,32 @@ echo "== fuzzing (libFuzzer, ${FUZZ_SECONDS:-20}s per target, seed ${FUZZ_SEED:-
 # draws a random one, for longer exploratory runs). Inputs that once failed are kept in tests/fuzz/corpus.
 # The fuzz build has -fno-sanitize-recover=undefined and UBSan halts on its first report, so any finding (ASan or
 # UBSan) ends the target with a non-zero status: the whole log is then printed and the run fails.
-for t in $targets; do
+# libFuzzer runs on one core: the targets run $(nproc) at a time, each for the same bounded time.
+fuzz_one() {
+  local t=$1 corpus rc=0
   corpus=$(mktemp -d)
   [ -d "tests/fuzz/corpus/$t" ] && cp -r "tests/fuzz/corpus/$t/." "$corpus/"
-  log="build-san/$t.log"
-  echo "-- $t"
-  if ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    "build-san/tests/$t" -max_total_time="${FUZZ_SECONDS:-20}" -seed="${FUZZ_SEED:-1}" -max_len=65536 -print_final_stats=1 "$corpus" \
-    >"$log" 2>&1; then
-    grep -E "^Done|stat::number_of_executed_units" "$log" || true
-  else
-    tail -n 80 "$log"
-    echo "fuzz target $t found a failure (log above, also in $log)"
-    rm -rf "$corpus"
-    exit 1
-  fi
+  ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    "build-san/tests/$t" -max_total_time="${FUZZ_SECONDS:-20}" -seed="${FUZZ_SEED:-1}" -max_len=65536 \
+    -print_final_stats=1 "$corpus" >"build-san/$t.log" 2>&1 || rc=$?
+  echo $rc >"build-san/$t.status"
   rm -rf "$corpus"
+}
+for t in $targets; do
+  fuzz_one "$t" &
+  while [ "$(jobs -rp | wc -l)" -ge "$(nproc)" ]; do wait -n || true; done
 done
+wait
+fuzz_failed=0
+for t in $targets; do
+  echo "-- $t"
+  if [ "$(cat "build-san/$t.status")" = 0 ]; then
+    grep -E "^Done|stat::number_of_executed_units" "build-san/$t.log" || true
+  else
+    tail -n 80 "build-san/$t.log"
+    echo "fuzz target $t found a failure (log above, also in build-san/$t.log)"
+    fuzz_failed=1
+  fi
+done
+[ $fuzz_failed = 0 ]
 echo "all test stages passed in $SECONDS s"
