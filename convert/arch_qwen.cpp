@@ -25,20 +25,31 @@ const std::vector<HfPart> kQwenParts = {
 };
 
 // The keys of Qwen's configuration_qwen.py (defaults as there; config.json states them all for the released models).
+// The first release (August 2023) spelled four of them the GPT-2 way and named the MLP width ffn_hidden_size; its code
+// also defaulted to layer_norm_epsilon 1e-5 and to neither logn attention nor dynamic NTK. A config in that spelling
+// is read with those names and defaults; one that mixes both spellings is refused rather than guessed.
 void read_qwen_config(const HfConfigReader& r, ModelSpec& s) {
+  const bool first_release = r.get("n_embd") != nullptr;
+  const char* const kNew[] = {"hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings",
+                              "intermediate_size"};
+  const char* const kOld[] = {"n_embd", "n_layer", "n_head", "n_positions", "ffn_hidden_size"};
+  for (int i = 0; i < 5; ++i)
+    if (r.get(kNew[i]) && r.get(kOld[i]))
+      r.refuse(kOld[i], std::string("and ") + kNew[i] + " are both set (two spellings of one Qwen setting)");
+  auto key = [&](int i) { return first_release ? kOld[i] : kNew[i]; };
   s.vocab_size = r.required_positive("vocab_size");
-  s.hidden_size = r.required_positive("hidden_size");
-  s.num_layers = r.required_positive("num_hidden_layers");
-  s.num_heads = s.num_kv_heads = r.required_positive("num_attention_heads");
-  const int64_t inter = r.required_positive("intermediate_size");
-  if (inter % 2) r.refuse("intermediate_size", "must be even (w1 and w2 are each intermediate_size / 2 wide)");
+  s.hidden_size = r.required_positive(key(0));
+  s.num_layers = r.required_positive(key(1));
+  s.num_heads = s.num_kv_heads = r.required_positive(key(2));
+  const int64_t inter = r.required_positive(key(4));
+  if (inter % 2) r.refuse(key(4), "must be even (w1 and w2 are each half of it wide)");
   s.intermediate_size = inter / 2;
   s.head_dim = r.optional_positive("kv_channels", 128);
   // modeling_qwen.py splits c_attn's output at hidden_size and reshapes heads of hidden_size / heads.
   if (s.head_dim * s.num_heads != s.hidden_size)
     r.refuse("kv_channels", "times num_attention_heads must equal hidden_size (" + std::to_string(s.hidden_size) + ")");
-  s.max_position_embeddings = r.optional_positive("max_position_embeddings", 8192);
-  s.norm_eps = r.optional_number("layer_norm_epsilon", 1e-6);
+  s.max_position_embeddings = r.optional_positive(key(3), 8192);
+  s.norm_eps = r.optional_number("layer_norm_epsilon", first_release ? 1e-5 : 1e-6);
   s.rope_theta = r.optional_number("rotary_emb_base", 10000.0);
   const double pct = r.optional_number("rotary_pct", 1.0);
   if (!(pct > 0 && pct <= 1)) r.refuse("rotary_pct", "must be in (0, 1]");
@@ -48,7 +59,7 @@ void read_qwen_config(const HfConfigReader& r, ModelSpec& s) {
   if (r.flag("apply_residual_connection_post_layernorm", false))
     r.refuse("apply_residual_connection_post_layernorm", "true is not supported");
   if (r.get("rope_scaling")) r.refuse("rope_scaling", "is not a Qwen v1 setting (use_dynamic_ntk is)");
-  const bool logn = r.flag("use_logn_attn", true), ntk = r.flag("use_dynamic_ntk", true);
+  const bool logn = r.flag("use_logn_attn", !first_release), ntk = r.flag("use_dynamic_ntk", !first_release);
   if (logn || ntk) {
     if (!r.get("seq_length"))
       r.refuse("seq_length", "is missing (use_logn_attn and use_dynamic_ntk are relative to it)");

@@ -278,6 +278,30 @@ def test_greedy_matches_reference(qwen, n_prompt, seed, chunk, tmp_path):
 
 
 # --- checkpoints and refusals --------------------------------------------------------------------------------------
+def test_first_release_config_spelling_matches_reference(tmp_path):
+    """Qwen's first release spelled hidden_size / num_hidden_layers / num_attention_heads / max_position_embeddings /
+    intermediate_size as n_embd / n_layer / n_head / n_positions / ffn_hidden_size, and its code defaulted to
+    layer_norm_epsilon 1e-5 without logn attention or dynamic NTK. Such a config (defaults left out) gives the
+    reference model of those settings, past seq_length too."""
+    cfg = qwen_config(layer_norm_epsilon=1e-5, use_logn_attn=False, use_dynamic_ntk=False)
+    model = make_reference(cfg, seed=5)
+    old = {k: v for k, v in cfg.items() if k not in ("layer_norm_epsilon", "use_logn_attn", "use_dynamic_ntk")}
+    for new_key, old_key in (("hidden_size", "n_embd"), ("num_hidden_layers", "n_layer"),
+                             ("num_attention_heads", "n_head"), ("max_position_embeddings", "n_positions"),
+                             ("intermediate_size", "ffn_hidden_size")):
+        old[old_key] = old.pop(new_key)
+    src = write_checkpoint(tmp_path / "hf", old, model)
+    run_kiln("convert", src, "-o", tmp_path / "ws", "--dtype", "fp32")
+    ids = token_ids(100, seed=6)
+    with torch.no_grad():
+        want = model(ids)[0].numpy()
+    assert np.abs(kiln_logits(tmp_path / "ws", ids, tmp_path) - want).max() <= 1e-3
+    # Both spellings of one key at once are refused, not guessed.
+    (src / "config.json").write_text(json.dumps({**old, "hidden_size": 64}))
+    line = convert_refused(src, tmp_path)
+    assert "n_embd" in line and "hidden_size" in line, line
+
+
 def test_bin_checkpoint_converts_like_safetensors(qwen, tmp_path):
     src = write_checkpoint(tmp_path / "bin", qwen.cfg, qwen.model, fmt="bin")
     run_kiln("convert", src, "-o", tmp_path / "ws", "--dtype", "fp32")
