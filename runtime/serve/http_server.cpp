@@ -294,10 +294,11 @@ struct HttpServer::Impl {
     server.new_task_queue = [n = opt.threads] { return new httplib::ThreadPool(size_t(n)); };
     server.set_payload_max_length(opt.max_body_bytes);
     server.set_socket_options(listen_socket_options);
-    // A client that waits for "100 Continue" before sending an oversized body is told 413 instead.
+    // A client that waits for "100 Continue" before sending an oversized body is told 413 instead, and the connection
+    // closes: a client may send the body anyway, which must not be read as its next request.
     server.set_expect_100_continue_handler([this](const httplib::Request& req, httplib::Response& res) {
       if (declared_length(req, opt.max_body_bytes) == BodyRead::kTooLarge) {
-        send_error(res, 413, too_large());
+        answer_and_close(req, res, 413, too_large());
         return 413;
       }
       return 100;

@@ -10,6 +10,7 @@ import concurrent.futures as cf
 import gzip
 import json
 import signal
+import re
 import socket
 import threading
 import time
@@ -329,6 +330,33 @@ def test_second_signal_exits_at_once(ws):
     finally:
         trickler.close()
         s.stop()
+
+
+def test_expect_100_continue_oversized_is_413_and_closes(server):
+    """A client that asks before sending an oversized body gets 413 instead of "100 Continue", and the connection
+    closes: a client that then sends the body anyway (curl does after a second) must not have it parsed as the next
+    request on a kept-alive connection."""
+    head = post_head(10**9).replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n")
+    s = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    try:
+        s.sendall(head)
+        out = b""
+        while b"\r\n\r\n" not in out or len(out) < out.index(b"\r\n\r\n") + 4 + int(
+                re.search(rb"(?i)content-length: *(\d+)", out).group(1)):
+            chunk = s.recv(65536)
+            assert chunk, out
+            out += chunk
+        status, err = status_and_error(out)
+        assert status == 413 and err["type"] == "invalid_request_error", err
+        assert b"connection: close" in out.lower(), out
+        try:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(65536) == b""  # closed: nothing more is answered on this connection
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    finally:
+        s.close()
+    assert server.get("/health")[0] == 200
 
 
 @pytest.fixture(scope="module")
