@@ -5,6 +5,7 @@
 
 #include "convert/gguf_arch.h"
 #include "convert/gguf_dequant.h"
+#include "convert/gguf_keep_quantized.h"
 #include "convert/gguf_tokenizer.h"
 #include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
@@ -148,22 +149,30 @@ ConvertResult convert_gguf(const ConvertOptions& opt) {
   check_all_consumed(model, mappings, spec.tie_word_embeddings ? arch.names.lm_head : "");
   const gguf::RebuiltTokenizer tokenizer = gguf::rebuild_tokenizer(model);
 
+  const std::vector<CanonicalTensor> canonical = canonical_tensors(spec);  // in the order of `mappings`
+  WeightQuantization q;
+  if (opt.keep_quantized) q = gguf::kept_int4_quantization(model, spec, canonical, mappings);
+
   std::atomic<bool> cancel_hashing{false};
   auto source_hashes = std::async(std::launch::async, hash_files, std::cref(model), &cancel_hashing);
   try {
     std::vector<TensorPlan> plan;
     uint64_t total = 0;
-    for (const Mapping& m : mappings) {
-      plan.push_back({m.canonical, target, m.shape});
+    for (const CanonicalTensor& c : canonical_tensors(spec, q)) {
+      plan.push_back({c.name, c.dtype ? *c.dtype : target, c.shape});
       total += plan.back().nbytes();
     }
     WorkspaceWriter writer(staging.path(), plan, opt.max_shard_bytes);
     {
       Progress progress("converting", total, opt.progress);
       WriterSink sink(writer, progress);
-      for (const Mapping& m : mappings) {
-        writer.begin_tensor();
-        emit_gguf_tensor(model, m, target, sink);
+      for (size_t i = 0; i < mappings.size(); ++i) {
+        if (q.covers(canonical[i].suffix)) {
+          gguf::emit_kept_int4(model, mappings[i], writer, sink);
+        } else {
+          writer.begin_tensor();
+          emit_gguf_tensor(model, mappings[i], target, sink);
+        }
       }
       progress.finish();
     }
@@ -172,8 +181,10 @@ ConvertResult convert_gguf(const ConvertOptions& opt) {
     if (tokenizer.chat_template) writer.add_file("chat_template.jinja", *tokenizer.chat_template);
     ordered_json tok = {{"files", {"tokenizer.json", "tokenizer_config.json"}},
                         {"chat_template", tokenizer.chat_template ? ordered_json("chat_template.jinja") : nullptr}};
-    ordered_json doc = converted_document(opt, spec, target, {{"method", "none"}}, writer, plan.size(), total, tok,
-                                          source_hashes.get());
+    ordered_json weights = weight_quantization_to_json(q);
+    if (q.quantized()) weights["imported_from"] = {{"format", "gguf"}};  // blocks repacked, not requantized
+    ordered_json doc =
+        converted_document(opt, spec, target, weights, writer, plan.size(), total, tok, source_hashes.get());
     doc["provenance"]["imported_from"] = import_record(model);  // what the dequantized weights were stored as
     return commit_converted(writer, std::move(doc), total, staging);
   } catch (...) {
