@@ -324,3 +324,40 @@ def test_inconsistent_family_files_are_refused_in_one_line(tmp_path, monkeypatch
         assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert message in p.stderr and f"{name}.gguf" in p.stderr, p.stderr
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_gguf_family_export_round_trip(name, tmp_path):
+    """kiln export --format gguf of the converted workspace: the same tensor names, shapes and types as the file
+    written here the way llama.cpp's converter does; kiln convert of it gives the workspace back exactly; and where
+    transformers reads the architecture, its logits on the exported file are the original model's."""
+    arch, model, writer, hf_reads_gguf = make_model(name)
+    src = tmp_path / "src.gguf"
+    writer(src, model, arch)
+    ws, back, exported = tmp_path / "ws", tmp_path / "back", tmp_path / "out" / f"tiny-{name}.gguf"
+    run_kiln("convert", src, "-o", ws, "--dtype", "fp32")
+    exported.parent.mkdir()
+    run_kiln("export", ws, "--format", "gguf", "-o", exported)
+    layout = lambda path: {t.name: (t.tensor_type.name, [int(d) for d in t.shape])
+                           for t in gguf.GGUFReader(str(path)).tensors}
+    assert layout(exported) == layout(src)
+    meta = gguf.GGUFReader(str(exported)).fields
+    assert meta["general.architecture"].contents() == arch
+    run_kiln("convert", exported, "-o", back, "--dtype", "fp32")
+    from safetensors.numpy import load_file
+    a = {k: v for f in sorted(ws.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    b = {k: v for f in sorted(back.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    spec = lambda w: json.loads((w / "kiln.json").read_text())["model"]
+    assert spec(ws) == spec(back)
+    if hf_reads_gguf:
+        from transformers import AutoModelForCausalLM
+        ref = AutoModelForCausalLM.from_pretrained(str(exported.parent), gguf_file=exported.name,
+                                                   dtype=torch.float32).eval()
+        with torch.no_grad():
+            got, want = ref(torch.tensor([IDS])).logits[0].numpy(), model(torch.tensor([IDS])).logits[0].numpy()
+        diff = float(np.abs(got - want).max())
+        print(f"{name}: transformers on kiln's export vs the original model: {diff:.2e}")
+        assert diff <= TOL
