@@ -24,6 +24,10 @@ const std::vector<Architecture>& architecture_table() {
       {"phi3", "Phi3ForCausalLM", "phi3", false, true, true, 0, read_gguf_phi3},
       {"gpt2", "GPT2LMHeadModel", "gpt2", false, true, false, 0, read_gguf_gpt2},
       {"internlm2", "InternLM2ForCausalLM", "internlm2", true, false, false, 0, nullptr},
+      // GLM's RoPE rotates interleaved pairs, as llama.cpp's "normal" RoPE does: no permutation.
+      {"glm4", "Glm4ForCausalLM", "glm4", false, false, true, 0, read_gguf_glm4},
+      {"chatglm", "GlmForCausalLM", "glm", false, true, true, 0, read_gguf_glm, {}, "blk.0.attn_qkv.weight"},
+      {"chatglm", "GlmForCausalLM", "glm", false, false, true, 0, read_gguf_glm},
   };
   return table;
 }
@@ -34,8 +38,8 @@ const Architecture& find_architecture(const Model& model) {
     throw Error(model.label() + ": metadata 'general.architecture' is missing or not a string");
   std::string known;
   for (const auto& e : architecture_table()) {
-    if (a->s == e.gguf_name) return e;
-    known += (known.empty() ? "" : ", ") + std::string(e.gguf_name);
+    if (a->s == e.gguf_name && (!e.requires_tensor || model.tensor(e.requires_tensor))) return e;
+    if (known.find(e.gguf_name) == std::string::npos) known += (known.empty() ? "" : ", ") + std::string(e.gguf_name);
   }
   throw Error(model.label() + ": general.architecture '" + a->s + "' is not supported (supported: " + known + ")");
 }

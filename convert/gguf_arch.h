@@ -70,6 +70,9 @@ struct Architecture {
   // Reads what the family adds (Qwen2's q/k/v bias, Gemma's soft-caps, experts...). May be null.
   void (*hook)(const MetaReader& r, ModelSpec& spec) = nullptr;
   TensorNames names = {};
+  // Where llama.cpp writes a family in two layouts under one name, the first entry whose tensor (layer 0) the file
+  // holds is taken (ChatGLM's fused attn_qkv, GlmForCausalLM's separate q/k/v). Null: any file.
+  const char* requires_tensor = nullptr;
 };
 
 const std::vector<Architecture>& architecture_table();
@@ -108,6 +111,8 @@ void read_gguf_gemma2(const MetaReader& r, ModelSpec& s);
 void read_gguf_gemma3(const MetaReader& r, ModelSpec& s);
 void read_gguf_phi3(const MetaReader& r, ModelSpec& s);
 void read_gguf_gpt2(const MetaReader& r, ModelSpec& s);
+void read_gguf_glm(const MetaReader& r, ModelSpec& s);
+void read_gguf_glm4(const MetaReader& r, ModelSpec& s);
 void read_gguf_qwen2moe(const MetaReader& r, ModelSpec& s);
 void read_gguf_qwen3moe(const MetaReader& r, ModelSpec& s);
 

@@ -248,13 +248,17 @@ void add_tokenizer(gguf::Writer& out, const fs::path& dir, const ModelSpec& spec
 // The GGUF architecture llama.cpp runs a workspace's family as, and the refusal of what llama.cpp's graph for it
 // would compute differently (its fixed sliding-window patterns, MoE renormalisation, Gemma's scales).
 const gguf::Architecture& export_architecture(const ModelSpec& s, const std::string& label) {
-  const std::string family = s.family == "mistral" || s.family == "mixtral" ? "llama"
-                             : s.family == "qwen2_moe"                      ? "qwen2moe"
-                             : s.family == "qwen3_moe"                      ? "qwen3moe"
-                                                                            : s.family;
+  // kiln family -> llama.cpp architecture where the names differ.
+  static const std::map<std::string, std::string> renamed = {{"mistral", "llama"},
+                                                             {"mixtral", "llama"},
+                                                             {"qwen2_moe", "qwen2moe"},
+                                                             {"qwen3_moe", "qwen3moe"},
+                                                             {"glm", "chatglm"}};
+  const auto it = renamed.find(s.family);
+  const std::string family = it == renamed.end() ? s.family : it->second;
   const gguf::Architecture* arch = nullptr;
   for (const auto& a : gguf::architecture_table())
-    if (family == a.gguf_name) arch = &a;
+    if (!arch && family == a.gguf_name) arch = &a;  // the first of a name is the layout llama.cpp's converter writes
   if (!arch) throw Error(label + ": family '" + s.family + "' has no GGUF architecture in kiln's table");
   auto refuse = [&](const std::string& why) {
     throw Error(label + ": " + why + ", which llama.cpp's '" + family + "' models cannot express");

@@ -106,4 +106,13 @@ void read_gguf_gpt2(const MetaReader& r, ModelSpec& s) {
   s.qkv_bias = s.o_bias = s.mlp_bias = true;
 }
 
+// GLM-4 (chatglm: fused or separate q/k/v with biases) and GLM-4-0414 (glm4: post-norms); both fuse gate and up in
+// ffn_up and rotate interleaved pairs of the leading rope.dimension_count dims.
+void read_gguf_glm(const MetaReader&, ModelSpec& s) { s.rope_style = "interleaved"; }
+
+void read_gguf_glm4(const MetaReader& r, ModelSpec& s) {
+  read_gguf_glm(r, s);
+  s.post_attn_norm = s.post_ffn_norm = true;
+}
+
 }  // namespace kiln::gguf
