@@ -146,3 +146,25 @@ def test_llama_cpp_greedy_tokens_on_the_real_model(tmp_path):
     want = [t for t in res["token_ids"] if t != m.token_eos()]
     print(f"llama.cpp: {m.detokenize(got).decode(errors='replace')!r}")
     assert len(want) == 32 and got == want
+
+
+# Every architecture kiln exports, on a tiny model of that family (tests/python/test_gguf_families.py makes them with
+# transformers): llama.cpp's logits on kiln's F32 export equal kiln's on the workspace.
+FAMILIES = ["gemma", "gemma2", "gemma3", "phi3", "gpt2", "mixtral", "qwen2moe", "qwen3moe", "internlm2", "chatglm",
+            "glm4"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_llama_cpp_runs_each_exported_family(name, tmp_path):
+    llama_cpp()
+    import test_gguf_families as fam
+    arch, model, writer, _ = fam.make_model(name)
+    src, ws, out = tmp_path / "src.gguf", tmp_path / "ws", tmp_path / "out.gguf"
+    writer(src, model, arch)
+    run_kiln("convert", src, "-o", ws, "--dtype", "fp32")
+    run_kiln("export", ws, "--format", "gguf", "-o", out)
+    want = kiln_logits(ws, tmp_path, fam.IDS)
+    got = llama_logits(out, fam.IDS)
+    diff = float(np.abs(got - want).max())
+    print(f"{name}: max |logit diff| llama.cpp vs kiln {diff:.2e}, max |logit| {float(np.abs(want).max()):.2f}")
+    assert diff <= 1e-3
