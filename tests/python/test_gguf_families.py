@@ -321,27 +321,56 @@ FAMILIES = ["gemma", "gemma2", "gemma3", "phi3", "gpt2", "mixtral", "qwen2moe", 
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_gguf_family_logits_match_transformers(name, tmp_path):
+def test_gguf_family_import_and_export(name, tmp_path):
+    """Import: kiln's logits on the converted file equal transformers' on the original model (and on the same file,
+    where transformers reads that GGUF architecture). Export: kiln export --format gguf of the workspace has the same
+    tensor names, shapes and types as the file written here the way llama.cpp's converter does; kiln convert of it
+    gives the workspace back exactly; transformers' GGUF loader, where it reads the architecture, gives the original
+    model's logits on it."""
     arch, model, writer, hf_reads_gguf = make_model(name)
-    path = tmp_path / f"tiny-{name}.gguf"
-    writer(path, model, arch)
-    ws = tmp_path / "ws"
-    run_kiln("convert", path, "-o", ws, "--dtype", "fp32")
-    spec = json.loads((ws / "kiln.json").read_text())["model"]
+    src = tmp_path / f"tiny-{name}.gguf"
+    writer(src, model, arch)
+    ws, back, exported = tmp_path / "ws", tmp_path / "back", tmp_path / "out" / f"tiny-{name}.gguf"
+    run_kiln("convert", src, "-o", ws, "--dtype", "fp32")
+    spec = lambda w: json.loads((w / "kiln.json").read_text())["model"]
     got = kiln_logits(ws, tmp_path, IDS)
     with torch.no_grad():
         want = model(torch.tensor([IDS])).logits[0].numpy()
     diff = float(np.abs(got - want).max())
-    print(f"{name} ({spec['family']}): max |logit diff| vs transformers {diff:.2e}")
+    print(f"{name} ({spec(ws)['family']}): max |logit diff| vs transformers {diff:.2e}")
     assert diff <= TOL
-    if hf_reads_gguf:
+
+    def transformers_gguf_logits(path):
         from transformers import AutoModelForCausalLM
-        ref = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32).eval()
+        ref = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
         with torch.no_grad():
-            want2 = ref(torch.tensor([IDS])).logits[0].numpy()
-        diff2 = float(np.abs(got - want2).max())
-        print(f"{name}: max |logit diff| vs transformers' GGUF loader {diff2:.2e}")
-        assert diff2 <= TOL
+            return ref(torch.tensor([IDS])).logits[0].numpy()
+
+    if hf_reads_gguf:
+        diff = float(np.abs(got - transformers_gguf_logits(src)).max())
+        print(f"{name}: max |logit diff| vs transformers' GGUF loader {diff:.2e}")
+        assert diff <= TOL
+
+    exported.parent.mkdir()
+    run_kiln("export", ws, "--format", "gguf", "-o", exported)
+    layout = lambda path: {t.name: (t.tensor_type.name, [int(d) for d in t.shape])
+                           for t in gguf.GGUFReader(str(path)).tensors}
+    if not arch.endswith("-split"):  # kiln writes the fused layout
+        assert layout(exported) == layout(src)
+    meta = gguf.GGUFReader(str(exported)).fields
+    assert meta["general.architecture"].contents() == arch.removesuffix("-split")
+    run_kiln("convert", exported, "-o", back, "--dtype", "fp32")
+    from safetensors.numpy import load_file
+    a = {k: v for f in sorted(ws.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    b = {k: v for f in sorted(back.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert spec(ws) == spec(back)
+    if hf_reads_gguf:
+        diff = float(np.abs(transformers_gguf_logits(exported) - want).max())
+        print(f"{name}: transformers on kiln's export vs the original model: {diff:.2e}")
+        assert diff <= TOL
 
 
 def test_inconsistent_family_files_are_refused_in_one_line(tmp_path, monkeypatch):
@@ -360,41 +389,3 @@ def test_inconsistent_family_files_are_refused_in_one_line(tmp_path, monkeypatch
         assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert message in p.stderr and f"{name}.gguf" in p.stderr, p.stderr
         assert not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_gguf_family_export_round_trip(name, tmp_path):
-    """kiln export --format gguf of the converted workspace: the same tensor names, shapes and types as the file
-    written here the way llama.cpp's converter does; kiln convert of it gives the workspace back exactly; and where
-    transformers reads the architecture, its logits on the exported file are the original model's."""
-    arch, model, writer, hf_reads_gguf = make_model(name)
-    src = tmp_path / "src.gguf"
-    writer(src, model, arch)
-    ws, back, exported = tmp_path / "ws", tmp_path / "back", tmp_path / "out" / f"tiny-{name}.gguf"
-    run_kiln("convert", src, "-o", ws, "--dtype", "fp32")
-    exported.parent.mkdir()
-    run_kiln("export", ws, "--format", "gguf", "-o", exported)
-    layout = lambda path: {t.name: (t.tensor_type.name, [int(d) for d in t.shape])
-                           for t in gguf.GGUFReader(str(path)).tensors}
-    if not arch.endswith("-split"):  # kiln writes the fused layout
-        assert layout(exported) == layout(src)
-    meta = gguf.GGUFReader(str(exported)).fields
-    assert meta["general.architecture"].contents() == arch.removesuffix("-split")
-    run_kiln("convert", exported, "-o", back, "--dtype", "fp32")
-    from safetensors.numpy import load_file
-    a = {k: v for f in sorted(ws.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-    b = {k: v for f in sorted(back.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-    spec = lambda w: json.loads((w / "kiln.json").read_text())["model"]
-    assert spec(ws) == spec(back)
-    if hf_reads_gguf:
-        from transformers import AutoModelForCausalLM
-        ref = AutoModelForCausalLM.from_pretrained(str(exported.parent), gguf_file=exported.name,
-                                                   dtype=torch.float32).eval()
-        with torch.no_grad():
-            got, want = ref(torch.tensor([IDS])).logits[0].numpy(), model(torch.tensor([IDS])).logits[0].numpy()
-        diff = float(np.abs(got - want).max())
-        print(f"{name}: transformers on kiln's export vs the original model: {diff:.2e}")
-        assert diff <= TOL

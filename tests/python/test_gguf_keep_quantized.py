@@ -124,9 +124,9 @@ def test_types_without_an_exact_int4_form_are_refused(tmp_path):
     assert p.returncode != 0 and "--keep-quantized applies to GGUF files" in p.stderr, p.stderr
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2moe", "gpt2"])
+@pytest.mark.parametrize("name", ["mixtral", "gpt2"])
 def test_kept_int4_of_other_families(name, tmp_path, monkeypatch):
-    """Stacked experts (a row range of a 3-D tensor), the shared expert, fused qkv and GPT-2's non-gated MLP: each
+    """Stacked experts (a row range of a 3-D tensor), fused qkv and GPT-2's non-gated MLP: each
     family's Q4_0 file kept as int4 gives the logits of its dequantized conversion."""
     import test_gguf_families as fam
     plain_add = fam.Writer.add
