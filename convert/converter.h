@@ -22,8 +22,9 @@ struct ConvertOptions {
   bool force = false;
   bool progress = true;
   uint64_t max_shard_bytes = 2ull << 30;
-  std::string command;        // recorded in provenance; must not contain run-specific paths (determinism)
-  std::string chat_template;  // --chat-template: a built-in's name or a Jinja file; empty: the checkpoint's
+  std::string command;          // recorded in provenance; must not contain run-specific paths (determinism)
+  std::string chat_template;    // --chat-template: a built-in's name or a Jinja file; empty: the checkpoint's
+  bool keep_quantized = false;  // GGUF only: keep Q4_0/Q4_1 linears as int4 (convert/gguf_keep_quantized.h)
 };
 
 struct ConvertResult {

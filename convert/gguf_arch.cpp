@@ -8,11 +8,26 @@
 namespace kiln::gguf {
 
 const std::vector<Architecture>& architecture_table() {
-  // Mistral models are written by llama.cpp as "llama" (it has no separate architecture for them).
+  // Mistral and Mixtral models are written by llama.cpp as "llama" (Mixtral with expert tensors; read_gguf_llama).
+  // Which architectures llama.cpp runs with interleaved ("normal") RoPE, and so permutes q/k for, is its fact.
   static const std::vector<Architecture> table = {
-      {"llama", "LlamaForCausalLM", "llama", TensorNames{}, true, nullptr},
-      {"qwen2", "Qwen2ForCausalLM", "qwen2", TensorNames{}, false, [](ModelSpec& s) { s.qkv_bias = true; }},
-      {"qwen3", "Qwen3ForCausalLM", "qwen3", TensorNames{}, false, [](ModelSpec& s) { s.qk_norm = true; }},
+      {"llama", "LlamaForCausalLM", "llama", true, false, false, 0, read_gguf_llama},
+      {"qwen2", "Qwen2ForCausalLM", "qwen2", false, false, false, 0,
+       [](const MetaReader&, ModelSpec& s) { s.qkv_bias = true; }},
+      {"qwen3", "Qwen3ForCausalLM", "qwen3", false, false, false, 0,
+       [](const MetaReader&, ModelSpec& s) { s.qk_norm = true; }},
+      {"qwen2moe", "Qwen2MoeForCausalLM", "qwen2_moe", false, false, false, 0, read_gguf_qwen2moe},
+      {"qwen3moe", "Qwen3MoeForCausalLM", "qwen3_moe", false, false, false, 0, read_gguf_qwen3moe},
+      {"gemma", "GemmaForCausalLM", "gemma", false, false, false, 1, read_gguf_gemma},
+      {"gemma2", "Gemma2ForCausalLM", "gemma2", false, false, false, 1, read_gguf_gemma2},
+      {"gemma3", "Gemma3ForCausalLM", "gemma3", false, false, false, 1, read_gguf_gemma3},
+      {"phi3", "Phi3ForCausalLM", "phi3", false, true, true, 0, read_gguf_phi3},
+      {"gpt2", "GPT2LMHeadModel", "gpt2", false, true, false, 0, read_gguf_gpt2},
+      {"internlm2", "InternLM2ForCausalLM", "internlm2", true, false, false, 0, nullptr},
+      // GLM's RoPE rotates interleaved pairs, as llama.cpp's "normal" RoPE does: no permutation.
+      {"glm4", "Glm4ForCausalLM", "glm4", false, false, true, 0, read_gguf_glm4},
+      {"chatglm", "GlmForCausalLM", "glm", false, true, true, 0, read_gguf_glm, {}, "blk.0.attn_qkv.weight"},
+      {"chatglm", "GlmForCausalLM", "glm", false, false, true, 0, read_gguf_glm},
   };
   return table;
 }
@@ -23,10 +38,40 @@ const Architecture& find_architecture(const Model& model) {
     throw Error(model.label() + ": metadata 'general.architecture' is missing or not a string");
   std::string known;
   for (const auto& e : architecture_table()) {
-    if (a->s == e.gguf_name) return e;
-    known += (known.empty() ? "" : ", ") + std::string(e.gguf_name);
+    if (a->s == e.gguf_name && (!e.requires_tensor || model.tensor(e.requires_tensor))) return e;
+    if (known.find(e.gguf_name) == std::string::npos) known += (known.empty() ? "" : ", ") + std::string(e.gguf_name);
   }
   throw Error(model.label() + ": general.architecture '" + a->s + "' is not supported (supported: " + known + ")");
+}
+
+void MetaReader::fail(const std::string& key, const std::string& what) const {
+  throw Error(m.label() + ": metadata '" + prefix + key + "' " + what);
+}
+
+int64_t MetaReader::positive(const std::string& key, std::optional<int64_t> fallback) const {
+  const Value* v = get(key);
+  if (!v) {
+    if (fallback) return *fallback;
+    fail(key, "is missing");
+  }
+  auto n = v->as_int();
+  if (!n || *n <= 0) fail(key, "must be a positive integer, not " + v->summary());
+  return *n;
+}
+
+double MetaReader::number(const std::string& key, double fallback) const {
+  const Value* v = get(key);
+  if (!v) return fallback;
+  auto n = v->as_number();
+  if (!n) fail(key, "must be a number, not " + v->summary());
+  return *n;
+}
+
+bool MetaReader::flag(const std::string& key, bool fallback) const {
+  const Value* v = get(key);
+  if (!v) return fallback;
+  if (v->type != ValueType::BOOL) fail(key, "must be a bool, not " + v->summary());
+  return v->u != 0;
 }
 
 namespace {
@@ -38,53 +83,14 @@ std::string layer_name(const char* pattern, int64_t i, const char* suffix = "") 
   return p + suffix;
 }
 
-struct MetaReader {
-  const Model& m;
-  std::string prefix;  // "llama."
-  const Value* get(const std::string& key) const { return m.find(prefix + key); }
-  [[noreturn]] void fail(const std::string& key, const std::string& what) const {
-    throw Error(m.label() + ": metadata '" + prefix + key + "' " + what);
-  }
-  int64_t positive(const std::string& key, std::optional<int64_t> fallback = std::nullopt) const {
-    const Value* v = get(key);
-    if (!v) {
-      if (fallback) return *fallback;
-      fail(key, "is missing");
-    }
-    auto n = v->as_int();
-    if (!n || *n <= 0) fail(key, "must be a positive integer, not " + v->summary());
-    return *n;
-  }
-  double number(const std::string& key, double fallback) const {
-    const Value* v = get(key);
-    if (!v) return fallback;
-    auto n = v->as_number();
-    if (!n) fail(key, "must be a number, not " + v->summary());
-    return *n;
-  }
-};
+// "blk.{i}.attn_norm.weight" -> "blk.{i}.attn_norm.bias".
+std::string bias_of(const char* norm_weight) {
+  std::string p = norm_weight;
+  return p.substr(0, p.size() - std::strlen("weight")) + "bias";
+}
 
-}  // namespace
-
-ModelSpec spec_from_gguf(const Model& model, const Architecture& arch) {
-  MetaReader r{model, std::string(arch.gguf_name) + "."};
-  ModelSpec s;
-  s.architecture = arch.hf_architecture;
-  s.family = arch.family;
-  s.hidden_size = r.positive("embedding_length");
-  s.intermediate_size = r.positive("feed_forward_length");
-  s.num_layers = r.positive("block_count");
-  s.num_heads = r.positive("attention.head_count");
-  s.num_kv_heads = r.positive("attention.head_count_kv", s.num_heads);
-  s.head_dim = r.positive("attention.key_length", s.hidden_size / s.num_heads);
-  if (r.positive("attention.value_length", s.head_dim) != s.head_dim)
-    r.fail("attention.value_length", "differs from the key length, which kiln does not support");
-  if (r.positive("rope.dimension_count", s.head_dim) != s.head_dim)
-    r.fail("rope.dimension_count", "is not the head dimension " + std::to_string(s.head_dim) +
-                                       " (partial rotary embeddings are not supported)");
-  if (s.num_heads % s.num_kv_heads) r.fail("attention.head_count_kv", "does not divide attention.head_count");
-  s.max_position_embeddings = r.positive("context_length");
-  s.norm_eps = r.number("attention.layer_norm_rms_epsilon", 1e-6);
+// The RoPE part of the spec: base, linear scaling, and a rotary dimension below the head's (partial rotary).
+void read_rope(const MetaReader& r, const Architecture& arch, ModelSpec& s) {
   s.rope_theta = r.number("rope.freq_base", 10000.0);
   if (const Value* t = r.get("rope.scaling.type"); t && t->type == ValueType::STRING && t->s != "none") {
     if (t->s != "linear") r.fail("rope.scaling.type", "is '" + t->s + "'; kiln supports none and linear from GGUF");
@@ -94,15 +100,43 @@ ModelSpec spec_from_gguf(const Model& model, const Architecture& arch) {
     s.rope_scaling.original_max_position_embeddings =
         r.positive("rope.scaling.original_context_length", s.max_position_embeddings);
   }
-  if (model.tensor("rope_freqs.weight"))
-    throw Error(model.label() +
-                ": tensor 'rope_freqs.weight' (Llama 3.1-style RoPE frequency factors) is not "
-                "supported yet");
-  if (r.get("attention.sliding_window"))
-    r.fail("attention.sliding_window", "is set; sliding-window attention from GGUF is not supported yet");
+  const int64_t rot = r.positive("rope.dimension_count", s.head_dim);
+  if (rot != s.head_dim) {
+    if (arch.permuted_qk || rot > s.head_dim || rot % 2)
+      r.fail("rope.dimension_count", "is " + std::to_string(rot) + ", not the head dimension " +
+                                         std::to_string(s.head_dim) + " (partial rotary is not supported here)");
+    s.rotary_dim = rot;
+  }
+  if (r.m.tensor("rope_freqs.weight"))
+    throw Error(r.m.label() +
+                ": tensor 'rope_freqs.weight' (Llama 3.1-style RoPE frequency factors) is not supported yet");
+}
+
+}  // namespace
+
+ModelSpec spec_from_gguf(const Model& model, const Architecture& arch) {
+  MetaReader r{model, std::string(arch.gguf_name) + "."};
+  const TensorNames& n = arch.names;
+  ModelSpec s;
+  s.architecture = arch.hf_architecture;
+  s.family = arch.family;
+  s.hidden_size = r.positive("embedding_length");
+  s.intermediate_size = r.positive("feed_forward_length", r.get("expert_feed_forward_length")
+                                                              ? std::optional(r.positive("expert_feed_forward_length"))
+                                                              : std::nullopt);
+  s.num_layers = r.positive("block_count");
+  s.num_heads = r.positive("attention.head_count");
+  s.num_kv_heads = r.positive("attention.head_count_kv", s.num_heads);
+  s.head_dim = r.positive("attention.key_length", s.hidden_size / s.num_heads);
+  if (r.positive("attention.value_length", s.head_dim) != s.head_dim)
+    r.fail("attention.value_length", "differs from the key length, which kiln does not support");
+  if (s.num_heads % s.num_kv_heads) r.fail("attention.head_count_kv", "does not divide attention.head_count");
+  s.max_position_embeddings = r.positive("context_length");
+  s.norm_eps = r.number("attention.layer_norm_rms_epsilon", 1e-6);
+  read_rope(r, arch, s);
 
   const Value* tokens = model.find("tokenizer.ggml.tokens");
-  const SourceTensor* emb = model.tensor(arch.names.embedding);
+  const SourceTensor* emb = model.tensor(n.embedding);
   if (r.get("vocab_size"))
     s.vocab_size = r.positive("vocab_size");
   else if (emb)
@@ -112,13 +146,24 @@ ModelSpec spec_from_gguf(const Model& model, const Architecture& arch) {
   else
     r.fail("vocab_size", "is missing, and there is no embedding or vocabulary to take it from");
 
-  // What the file holds decides the optional parts, as in llama.cpp's loader.
-  s.tie_word_embeddings = model.tensor(arch.names.lm_head) == nullptr;
-  s.qkv_bias = model.tensor(layer_name(arch.names.q, 0, ".bias")) != nullptr;
-  s.o_bias = model.tensor(layer_name(arch.names.o, 0, ".bias")) != nullptr;
-  s.mlp_bias = model.tensor(layer_name(arch.names.gate, 0, ".bias")) != nullptr;
-  s.qk_norm = model.tensor(layer_name(arch.names.q_norm, 0)) != nullptr;
-  if (arch.hook) arch.hook(s);
+  // What the file holds decides the optional parts, as in llama.cpp's loader. An output matrix that is a byte copy of
+  // the embedding (llama.cpp's GPT-2 converter writes one) is a tied head.
+  const SourceTensor* head = model.tensor(n.lm_head);
+  s.tie_word_embeddings =
+      head == nullptr || (emb && head->info->type == emb->info->type && head->info->dims == emb->info->dims &&
+                          std::memcmp(head->data(), emb->data(), head->info->nbytes) == 0);
+  auto has = [&](const char* pattern, const char* suffix = "") {
+    return model.tensor(layer_name(pattern, 0, suffix)) != nullptr;
+  };
+  s.qkv_bias = has(arch.fused_qkv ? n.qkv : n.q, ".bias");
+  s.o_bias = has(n.o, ".bias");
+  s.mlp_bias = has(n.gate, ".bias") || has(n.up, ".bias");
+  s.qk_norm = has(n.q_norm);
+  s.norm_bias = has(bias_of(n.attn_norm).c_str());
+  if (arch.hook) arch.hook(r, s);
+  if (r.get("attention.sliding_window") && s.sliding_window == 0)
+    r.fail("attention.sliding_window",
+           "is set; sliding-window attention is not read for '" + std::string(arch.gguf_name) + "' models");
 
   auto special = [&](const char* key) -> int64_t {
     const Value* v = model.find(key);
@@ -136,37 +181,86 @@ ModelSpec spec_from_gguf(const Model& model, const Architecture& arch) {
 
 std::vector<Mapping> tensor_mappings(const ModelSpec& s, const Architecture& arch) {
   const TensorNames& n = arch.names;
-  struct Source {
-    const char* pattern;
-    const char* suffix;
-    int64_t unpermute_heads;
-  };
   const int64_t qh = arch.permuted_qk ? s.num_heads : 0, kh = arch.permuted_qk ? s.num_kv_heads : 0;
-  const std::vector<std::pair<const char*, std::vector<Source>>> table = {
-      {names::kEmbedding, {{n.embedding, "", 0}}},
-      {names::kFinalNorm, {{n.final_norm, "", 0}}},
-      {names::kLmHead, {{n.lm_head, "", 0}}},
-      {names::kAttnNorm, {{n.attn_norm, "", 0}}},
-      {names::kQkv, {{n.q, ".weight", qh}, {n.k, ".weight", kh}, {n.v, ".weight", 0}}},
-      {names::kQkvBias, {{n.q, ".bias", qh}, {n.k, ".bias", kh}, {n.v, ".bias", 0}}},
-      {names::kQNorm, {{n.q_norm, "", 0}}},
-      {names::kKNorm, {{n.k_norm, "", 0}}},
-      {names::kO, {{n.o, ".weight", 0}}},
-      {names::kOBias, {{n.o, ".bias", 0}}},
-      {names::kFfnNorm, {{n.ffn_norm, "", 0}}},
-      {names::kGateUp, {{n.gate, ".weight", 0}, {n.up, ".weight", 0}}},
-      {names::kGateUpBias, {{n.gate, ".bias", 0}, {n.up, ".bias", 0}}},
-      {names::kDown, {{n.down, ".weight", 0}}},
-      {names::kDownBias, {{n.down, ".bias", 0}}},
-  };
   std::vector<Mapping> out;
   for (const CanonicalTensor& c : canonical_tensors(s)) {
-    auto it = std::find_if(table.begin(), table.end(), [&](const auto& e) { return c.suffix == e.first; });
-    if (it == table.end()) throw Error("internal error: no GGUF source for canonical tensor '" + c.name + "'");
     Mapping m{c.name, c.shape, {}};
-    for (size_t p = 0; p < it->second.size(); ++p) {
-      const Source& src = it->second[p];
-      m.parts.push_back({layer_name(src.pattern, c.layer, src.suffix), c.part_rows[p], src.unpermute_heads});
+    const std::string w = ".weight", b = ".bias";
+    const bool is_bias = c.suffix.size() > b.size() && c.suffix.compare(c.suffix.size() - b.size(), b.size(), b) == 0;
+    const char* ext = is_bias ? ".bias" : ".weight";
+    // A part taking `rows` rows of the canonical tensor from one GGUF tensor of the same row length.
+    auto part = [&](const std::string& name, int64_t rows, int64_t heads = 0, float shift = 0) {
+      std::vector<int64_t> shape = c.shape;
+      shape[0] = rows;
+      m.parts.push_back({name, rows, heads, 0, shape, shift});
+    };
+    auto at = [&](const char* pattern, const char* suffix = "") { return layer_name(pattern, c.layer, suffix); };
+    auto norm = [&](const char* pattern) {
+      if (is_bias)
+        part(at(bias_of(pattern).c_str()), c.shape[0]);
+      else
+        part(at(pattern), c.shape[0], 0, arch.norm_shift);
+    };
+    const std::string sfx = names::expert_pattern(c.suffix);
+    const int64_t E = s.num_experts, EI = s.expert_intermediate_size, H = s.hidden_size;
+    if (sfx == names::kEmbedding) {
+      part(n.embedding, c.shape[0]);
+    } else if (sfx == names::kPosEmbedding) {
+      part(n.pos_embedding, c.shape[0]);
+    } else if (sfx == names::kFinalNorm || sfx == names::kFinalNormBias) {
+      norm(n.final_norm);
+    } else if (sfx == names::kLmHead) {
+      part(n.lm_head, c.shape[0]);
+    } else if (sfx == names::kAttnNorm || sfx == names::kAttnNormBias) {
+      norm(n.attn_norm);
+    } else if (sfx == names::kQkv || sfx == names::kQkvBias) {
+      if (arch.fused_qkv) {
+        part(at(n.qkv, ext), c.shape[0]);
+      } else {
+        part(at(n.q, ext), c.part_rows[0], qh);
+        part(at(n.k, ext), c.part_rows[1], kh);
+        part(at(n.v, ext), c.part_rows[2]);
+      }
+    } else if (sfx == names::kQNorm) {
+      norm(n.q_norm);
+    } else if (sfx == names::kKNorm) {
+      norm(n.k_norm);
+    } else if (sfx == names::kO || sfx == names::kOBias) {
+      part(at(n.o, ext), c.shape[0]);
+    } else if (sfx == names::kPostAttnNorm || sfx == names::kPostAttnNormBias) {
+      norm(n.post_attn_norm);
+    } else if (sfx == names::kFfnNorm || sfx == names::kFfnNormBias) {
+      norm(n.ffn_norm);
+    } else if (sfx == names::kGateUp || sfx == names::kGateUpBias) {
+      if (arch.fused_gate_up) {
+        part(at(n.up, ext), c.shape[0]);
+      } else {
+        part(at(n.gate, ext), c.part_rows[0]);
+        part(at(n.up, ext), c.part_rows[1]);
+      }
+    } else if (sfx == names::kUp || sfx == names::kUpBias) {
+      part(at(n.up, ext), c.shape[0]);
+    } else if (sfx == names::kDown || sfx == names::kDownBias) {
+      part(at(n.down, ext), c.shape[0]);
+    } else if (sfx == names::kPostFfnNorm || sfx == names::kPostFfnNormBias) {
+      norm(n.post_ffn_norm);
+    } else if (sfx == names::kRouter) {
+      part(at(n.router), c.shape[0]);
+    } else if (sfx == "ffn.experts.{e}.gate_up.weight") {
+      // Expert e is rows [e*EI, (e+1)*EI) of the stacked [experts, EI, hidden] tensor.
+      m.parts.push_back({at(n.gate_exps), EI, 0, c.expert * EI, {E, EI, H}, 0});
+      m.parts.push_back({at(n.up_exps), EI, 0, c.expert * EI, {E, EI, H}, 0});
+    } else if (sfx == "ffn.experts.{e}.down.weight") {
+      m.parts.push_back({at(n.down_exps), H, 0, c.expert * H, {E, H, EI}, 0});
+    } else if (sfx == names::kSharedGateUp) {
+      part(at(n.gate_shexp), c.part_rows[0]);
+      part(at(n.up_shexp), c.part_rows[1]);
+    } else if (sfx == names::kSharedDown) {
+      part(at(n.down_shexp), c.shape[0]);
+    } else if (sfx == names::kSharedGate) {
+      part(at(n.shared_gate), 1);
+    } else {
+      throw Error("internal error: no GGUF source for canonical tensor '" + c.name + "'");
     }
     out.push_back(std::move(m));
   }

@@ -5,6 +5,7 @@
 
 #include "convert/gguf_arch.h"
 #include "convert/gguf_dequant.h"
+#include "convert/gguf_keep_quantized.h"
 #include "convert/gguf_tokenizer.h"
 #include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
@@ -30,16 +31,19 @@ DType gguf_target_dtype(const std::string& requested) {
   throw Error("--dtype '" + requested + "' is not one of auto, bf16, fp16, fp32");
 }
 
+std::vector<int64_t> without_leading_ones(std::vector<int64_t> shape) {
+  while (shape.size() > 1 && shape.front() == 1) shape.erase(shape.begin());
+  return shape;
+}
+
 // The GGUF tensor behind one part, checked for presence, a type kiln decodes and the shape the spec implies.
-const gguf::SourceTensor& checked_part(const Model& model, const Part& part, const std::vector<int64_t>& canonical) {
+const gguf::SourceTensor& checked_part(const Model& model, const Part& part) {
   const gguf::SourceTensor* t = model.tensor(part.name);
   if (!t) throw Error(model.label() + ": tensor '" + part.name + "' is missing");
   gguf::check_dequantizable(*t->info->type, part.name, t->file->path());
-  std::vector<int64_t> want = canonical;
-  want[0] = part.rows;
-  if (t->info->shape() != want)
+  if (without_leading_ones(t->info->shape()) != without_leading_ones(part.source_shape))
     throw Error(t->file->path() + ": tensor '" + part.name + "' has shape " + shape_string(t->info->shape()) +
-                "; the metadata implies " + shape_string(want));
+                "; the metadata implies " + shape_string(part.source_shape));
   if (part.unpermute_heads && part.rows % (2 * part.unpermute_heads))
     throw Error(t->file->path() + ": tensor '" + part.name + "' has " + std::to_string(part.rows) +
                 " rows, not whole heads of even size");
@@ -68,7 +72,7 @@ void emit_gguf_tensor(const Model& model, const Mapping& m, DType target, Tensor
   std::vector<float> wide, reordered;
   std::vector<uint8_t> buf;
   for (const Part& part : m.parts) {
-    const gguf::SourceTensor& t = checked_part(model, part, m.shape);
+    const gguf::SourceTensor& t = checked_part(model, part);
     const int64_t row_len = m.shape.size() > 1 ? m.shape[1] : 1;
     const gguf::TensorType& type = *t.info->type;
     // A 1-D tensor is decoded whole (its blocks run along it); a matrix in chunks of whole rows.
@@ -80,8 +84,10 @@ void emit_gguf_tensor(const Model& model, const Mapping& m, DType target, Tensor
       check_interrupt();
       const int64_t n = std::min(chunk_rows, part.rows - r);
       wide.resize(size_t(n * row_len));
-      const uint8_t* src = row_len == 1 ? t.data() : t.data() + uint64_t(r) * row_bytes;
+      const uint8_t* src = row_len == 1 ? t.data() : t.data() + uint64_t(part.first_row + r) * row_bytes;
       gguf::dequantize(type, src, wide.data(), uint64_t(n * row_len));
+      if (part.shift != 0)
+        for (float& x : wide) x -= part.shift;
       if (part.unpermute_heads) {
         reordered.resize(wide.size());
         for (int64_t h = 0; h < n / unit; ++h)
@@ -95,8 +101,9 @@ void emit_gguf_tensor(const Model& model, const Mapping& m, DType target, Tensor
   }
 }
 
-void check_all_consumed(const Model& model, const std::vector<Mapping>& mappings) {
-  std::set<std::string> used;
+void check_all_consumed(const Model& model, const std::vector<Mapping>& mappings,
+                        const std::string& copy_of_embedding) {
+  std::set<std::string> used = {copy_of_embedding};
   for (const auto& m : mappings)
     for (const auto& p : m.parts) used.insert(p.name);
   for (const auto& [name, t] : model.tensors())
@@ -137,26 +144,35 @@ ConvertResult convert_gguf(const ConvertOptions& opt) {
   const ModelSpec spec = gguf::spec_from_gguf(model, arch);
   const std::vector<Mapping> mappings = gguf::tensor_mappings(spec, arch);
   for (const Mapping& m : mappings)
-    for (const Part& p : m.parts) checked_part(model, p, m.shape);
-  check_all_consumed(model, mappings);
+    for (const Part& p : m.parts) checked_part(model, p);
+  // A tied head may still be in the file as a byte copy of the embedding (spec_from_gguf checked that).
+  check_all_consumed(model, mappings, spec.tie_word_embeddings ? arch.names.lm_head : "");
   const gguf::RebuiltTokenizer tokenizer = gguf::rebuild_tokenizer(model);
+
+  const std::vector<CanonicalTensor> canonical = canonical_tensors(spec);  // in the order of `mappings`
+  WeightQuantization q;
+  if (opt.keep_quantized) q = gguf::kept_int4_quantization(model, spec, canonical, mappings);
 
   std::atomic<bool> cancel_hashing{false};
   auto source_hashes = std::async(std::launch::async, hash_files, std::cref(model), &cancel_hashing);
   try {
     std::vector<TensorPlan> plan;
     uint64_t total = 0;
-    for (const Mapping& m : mappings) {
-      plan.push_back({m.canonical, target, m.shape});
+    for (const CanonicalTensor& c : canonical_tensors(spec, q)) {
+      plan.push_back({c.name, c.dtype ? *c.dtype : target, c.shape});
       total += plan.back().nbytes();
     }
     WorkspaceWriter writer(staging.path(), plan, opt.max_shard_bytes);
     {
       Progress progress("converting", total, opt.progress);
       WriterSink sink(writer, progress);
-      for (const Mapping& m : mappings) {
-        writer.begin_tensor();
-        emit_gguf_tensor(model, m, target, sink);
+      for (size_t i = 0; i < mappings.size(); ++i) {
+        if (q.covers(canonical[i].suffix)) {
+          gguf::emit_kept_int4(model, mappings[i], writer, sink);
+        } else {
+          writer.begin_tensor();
+          emit_gguf_tensor(model, mappings[i], target, sink);
+        }
       }
       progress.finish();
     }
@@ -165,8 +181,10 @@ ConvertResult convert_gguf(const ConvertOptions& opt) {
     if (tokenizer.chat_template) writer.add_file("chat_template.jinja", *tokenizer.chat_template);
     ordered_json tok = {{"files", {"tokenizer.json", "tokenizer_config.json"}},
                         {"chat_template", tokenizer.chat_template ? ordered_json("chat_template.jinja") : nullptr}};
-    ordered_json doc = converted_document(opt, spec, target, {{"method", "none"}}, writer, plan.size(), total, tok,
-                                          source_hashes.get());
+    ordered_json weights = weight_quantization_to_json(q);
+    if (q.quantized()) weights["imported_from"] = {{"format", "gguf"}};  // blocks repacked, not requantized
+    ordered_json doc =
+        converted_document(opt, spec, target, weights, writer, plan.size(), total, tok, source_hashes.get());
     doc["provenance"]["imported_from"] = import_record(model);  // what the dequantized weights were stored as
     return commit_converted(writer, std::move(doc), total, staging);
   } catch (...) {

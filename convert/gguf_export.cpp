@@ -1,6 +1,7 @@
 #include "convert/gguf_export.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -44,78 +45,136 @@ std::vector<int64_t> row_order(int64_t first, int64_t rows, int64_t head_dim) {
   return order;
 }
 
+// Rows of one canonical tensor that make up part of a GGUF tensor (the import mapping read backwards).
+struct Slice {
+  std::string canonical;  // the canonical weight name ("layers.0.attn.qkv.weight")
+  int64_t first = 0, rows = 0;
+  int64_t head_dim = 0;  // re-interleave q/k rows per head of this size (0: no)
+};
+struct OutTensor {
+  std::string name;
+  std::vector<int64_t> shape;  // row-major, leading 1s dropped
+  float shift = 0;             // added to every value (Gemma's norms are stored as 1 + w)
+  std::vector<Slice> slices;   // stacked along dim 0, in order
+};
+
+// Every GGUF tensor of the model in the order its first part appears in the workspace, from the import mapping
+// (convert/gguf_arch.h): what import takes apart, export puts together, so the two cannot disagree.
+std::vector<OutTensor> out_tensors(const ModelSpec& spec, const gguf::Architecture& arch) {
+  std::vector<OutTensor> out;
+  std::map<std::string, size_t> index;
+  for (const gguf::Mapping& m : gguf::tensor_mappings(spec, arch)) {
+    int64_t offset = 0;
+    for (const gguf::Part& p : m.parts) {
+      auto [it, inserted] = index.emplace(p.name, out.size());
+      if (inserted) {
+        std::vector<int64_t> shape = p.source_shape;
+        while (shape.size() > 1 && shape.front() == 1) shape.erase(shape.begin());
+        out.push_back({p.name, shape, p.shift, {}});
+      }
+      out[it->second].slices.push_back(
+          {m.canonical, offset, p.rows, p.unpermute_heads ? p.rows / p.unpermute_heads : 0});
+      offset += p.rows;
+    }
+  }
+  return out;
+}
+
 struct Exporter {
   const Workspace& ws;
-  const ModelSpec& spec;
-  WeightQuantization q;
-  DType dtype;
+  const WeightQuantization& q;
   gguf::Writer& out;
-  bool permute;
 
-  // A row range of a plain tensor: 2-D in the workspace dtype, 1-D widened to F32.
-  void plain(const std::string& gguf_name, const std::string& canonical, int64_t first, int64_t rows,
-             int64_t head_dim) {
-    const Workspace::Tensor& t = ws.get(canonical);
-    const int64_t cols = t.info->shape.size() > 1 ? t.info->shape[1] : 1;
-    const bool matrix = t.info->shape.size() > 1;
-    const size_t esz = dtype_size(t.info->dtype);
-    const DType from = t.info->dtype;
-    const uint8_t* base = t.data();
-    auto order = row_order(first, rows, head_dim);
-    std::vector<uint64_t> dims =
-        matrix ? std::vector<uint64_t>{uint64_t(cols), uint64_t(rows)} : std::vector<uint64_t>{uint64_t(rows)};
-    const uint32_t id = matrix ? dtype_type_id(from) : kF32;
-    out.add_tensor(gguf_name, type_of(id), dims, [=](std::vector<uint8_t>& b) {
-      for (int64_t r : order) {
-        const uint8_t* src = base + size_t(r * cols) * esz;
-        if (matrix || from == DType::F32) {
-          b.insert(b.end(), src, src + size_t(cols) * esz);
-        } else {
-          uint16_t h;
-          std::memcpy(&h, src, 2);
-          float f = from == DType::F16 ? f16_to_f32(h) : bf16_to_f32(h);
-          const uint8_t* p = reinterpret_cast<const uint8_t*>(&f);
-          b.insert(b.end(), p, p + 4);
+  bool is_int4(const std::string& canonical) const {
+    int64_t layer = 0;
+    std::string suffix;
+    return q.quantized() && names::split_layer(canonical, layer, suffix) && q.covers(suffix);
+  }
+
+  // Matrices in the workspace dtype, 1-D tensors widened to F32 (plus the shift).
+  void plain(const OutTensor& t) {
+    const bool matrix = t.shape.size() > 1;
+    const DType from = ws.get(t.slices[0].canonical).info->dtype;
+    const size_t esz = dtype_size(from);
+    std::vector<uint64_t> dims(t.shape.rbegin(), t.shape.rend());
+    const float shift = t.shift;
+    std::vector<std::pair<const uint8_t*, std::vector<int64_t>>> sources;
+    int64_t cols = 1;
+    for (const Slice& s : t.slices) {
+      const Workspace::Tensor& w = ws.get(s.canonical);
+      if (w.info->dtype != from) throw Error("tensor '" + s.canonical + "' has a dtype unlike its GGUF neighbours'");
+      cols = w.info->shape.size() > 1 ? w.info->shape[1] : 1;
+      sources.emplace_back(w.data(), row_order(s.first, s.rows, s.head_dim));
+    }
+    out.add_tensor(t.name, type_of(matrix ? dtype_type_id(from) : kF32), dims, [=](std::vector<uint8_t>& b) {
+      for (const auto& [base, order] : sources)
+        for (int64_t r : order) {
+          const uint8_t* src = base + size_t(r * cols) * esz;
+          if (matrix) {
+            b.insert(b.end(), src, src + size_t(cols) * esz);
+            continue;
+          }
+          for (int64_t c = 0; c < cols; ++c) {  // a vector: each value widened to F32 (a [1, n] matrix too)
+            const uint8_t* e = src + size_t(c) * esz;
+            uint16_t h;
+            std::memcpy(&h, e, 2);
+            float f;
+            if (from == DType::F32)
+              std::memcpy(&f, e, 4);
+            else
+              f = from == DType::F16 ? f16_to_f32(h) : bf16_to_f32(h);
+            f += shift;
+            const uint8_t* p = reinterpret_cast<const uint8_t*>(&f);
+            b.insert(b.end(), p, p + 4);
+          }
+        }
+    });
+  }
+
+  // An int4 linear as Q4_1: per 32 inputs, d = the group's scale, m = -zero * scale (fp16), and the same codes
+  // (Q4_1 keeps input j in the low nibble of byte j and input j + 16 in the high nibble).
+  void int4(const OutTensor& t) {
+    struct Source {
+      const uint8_t *codes, *scales, *zeros;
+      int64_t in, groups;
+      std::vector<int64_t> order;
+    };
+    std::vector<Source> sources;
+    for (const Slice& s : t.slices) {
+      const Workspace::Tensor& qw = ws.get(int4_name(s.canonical, "qweight"));
+      const Workspace::Tensor& sc = ws.get(int4_name(s.canonical, "scales"));
+      const Workspace::Tensor& zs = ws.get(int4_name(s.canonical, "zeros"));
+      sources.push_back({qw.data(), sc.data(), zs.data(), qw.info->shape[1] * 2, sc.info->shape[1],
+                         row_order(s.first, s.rows, s.head_dim)});
+    }
+    std::vector<uint64_t> dims(t.shape.rbegin(), t.shape.rend());
+    out.add_tensor(t.name, type_of(kQ4_1), dims, [=](std::vector<uint8_t>& b) {
+      for (const Source& s : sources) {
+        const int64_t gs = s.in / s.groups;
+        for (int64_t r : s.order) {
+          const uint8_t* row = s.codes + r * s.in / 2;
+          auto code = [row](int64_t k) { return uint8_t((row[k / 2] >> ((k & 1) * 4)) & 0x0F); };
+          for (int64_t blk = 0; blk < s.in / 32; ++blk) {
+            const int64_t g = blk * 32 / gs;
+            uint16_t d;
+            std::memcpy(&d, s.scales + size_t(r * s.groups + g) * 2, 2);
+            const uint16_t m = f32_to_f16(-float(s.zeros[r * s.groups + g]) * f16_to_f32(d));
+            uint8_t block[20];
+            std::memcpy(block, &d, 2);
+            std::memcpy(block + 2, &m, 2);
+            for (int j = 0; j < 16; ++j) block[4 + j] = uint8_t(code(blk * 32 + j) | (code(blk * 32 + j + 16) << 4));
+            b.insert(b.end(), block, block + 20);
+          }
         }
       }
     });
   }
 
-  // A row range of an int4 linear as Q4_1: per 32 inputs, d = the group's scale, m = -zero * scale (fp16), and the
-  // same codes (Q4_1 keeps input j in the low nibble of byte j and input j + 16 in the high nibble).
-  void int4(const std::string& gguf_name, const std::string& weight, int64_t first, int64_t rows, int64_t head_dim) {
-    const Workspace::Tensor& qw = ws.get(int4_name(weight, "qweight"));
-    const Workspace::Tensor& sc = ws.get(int4_name(weight, "scales"));
-    const Workspace::Tensor& zs = ws.get(int4_name(weight, "zeros"));
-    const int64_t in = qw.info->shape[1] * 2, groups = sc.info->shape[1], gs = in / groups;
-    const uint8_t *codes = qw.data(), *scales = sc.data(), *zeros = zs.data();
-    auto order = row_order(first, rows, head_dim);
-    out.add_tensor(gguf_name, type_of(kQ4_1), {uint64_t(in), uint64_t(rows)}, [=](std::vector<uint8_t>& b) {
-      for (int64_t r : order) {
-        const uint8_t* row = codes + r * in / 2;
-        auto code = [row](int64_t k) { return uint8_t((row[k / 2] >> ((k & 1) * 4)) & 0x0F); };
-        for (int64_t blk = 0; blk < in / 32; ++blk) {
-          const int64_t g = blk * 32 / gs;
-          uint16_t d;
-          std::memcpy(&d, scales + size_t(r * groups + g) * 2, 2);
-          const uint16_t m = f32_to_f16(-float(zeros[r * groups + g]) * f16_to_f32(d));
-          uint8_t block[20];
-          std::memcpy(block, &d, 2);
-          std::memcpy(block + 2, &m, 2);
-          for (int j = 0; j < 16; ++j) block[4 + j] = uint8_t(code(blk * 32 + j) | (code(blk * 32 + j + 16) << 4));
-          b.insert(b.end(), block, block + 20);
-        }
-      }
-    });
-  }
-
-  void weight(const std::string& gguf_name, const std::string& canonical, int64_t first, int64_t rows,
-              int64_t head_dim = 0) {
-    const std::string suffix = canonical.substr(canonical.find('.', canonical.find('.') + 1) + 1);
-    if (q.quantized() && q.covers(suffix))
-      int4(gguf_name, canonical, first, rows, head_dim);
+  void add(const OutTensor& t) {
+    if (is_int4(t.slices[0].canonical))
+      int4(t);
     else
-      plain(gguf_name, canonical, first, rows, head_dim);
+      plain(t);
   }
 };
 
@@ -186,22 +245,99 @@ void add_tokenizer(gguf::Writer& out, const fs::path& dir, const ModelSpec& spec
   if (!tmpl.empty()) out.add_string("tokenizer.chat_template", tmpl);
 }
 
+// The GGUF architecture llama.cpp runs a workspace's family as, and the refusal of what llama.cpp's graph for it
+// would compute differently (its fixed sliding-window patterns, MoE renormalisation, Gemma's scales).
+const gguf::Architecture& export_architecture(const ModelSpec& s, const std::string& label) {
+  // kiln family -> llama.cpp architecture where the names differ.
+  static const std::map<std::string, std::string> renamed = {{"mistral", "llama"},
+                                                             {"mixtral", "llama"},
+                                                             {"qwen2_moe", "qwen2moe"},
+                                                             {"qwen3_moe", "qwen3moe"},
+                                                             {"glm", "chatglm"}};
+  const auto it = renamed.find(s.family);
+  const std::string family = it == renamed.end() ? s.family : it->second;
+  const gguf::Architecture* arch = nullptr;
+  for (const auto& a : gguf::architecture_table())
+    if (!arch && family == a.gguf_name) arch = &a;  // the first of a name is the layout llama.cpp's converter writes
+  if (!arch) throw Error(label + ": family '" + s.family + "' has no GGUF architecture in kiln's table");
+  auto refuse = [&](const std::string& why) {
+    throw Error(label + ": " + why + ", which llama.cpp's '" + family + "' models cannot express");
+  };
+  auto pattern_is = [&](int64_t every) {
+    for (int64_t i = 0; i < s.num_layers; ++i)
+      if ((s.window(i) != 0) != ((i + 1) % every != 0)) return false;
+    return true;
+  };
+  const bool gemma = family.rfind("gemma", 0) == 0;
+  if (s.sliding_window && !(family == "phi3" && s.sliding_layers.empty()) && !(family == "gemma2" && pattern_is(2)) &&
+      !(family == "gemma3" && pattern_is(6)))
+    refuse("its sliding-window layers");
+  if (s.rope_scaling.type != "none" && s.rope_scaling.type != "linear")
+    refuse("rope scaling '" + s.rope_scaling.type + "'");
+  if (s.mlp_bias && family != "gpt2") refuse("MLP biases");
+  if (arch->permuted_qk && s.rotary() != s.head_dim) refuse("partial rotary embeddings");
+  if (s.num_experts) {
+    const bool renormalizes = family != "qwen2moe";  // llama.cpp's fixed choice per graph
+    if (!s.moe_layers.empty()) refuse("dense MLP layers between expert layers");
+    if (s.experts_renormalize != renormalizes)
+      refuse(std::string(s.experts_renormalize ? "" : "not ") + "renormalising the top-k expert weights");
+  }
+  if (gemma) {
+    const double llama_cpp_scale =
+        1.0 / std::sqrt(double((s.num_layers == 46 && family == "gemma2") || (s.num_layers == 62 && family == "gemma3")
+                                   ? s.hidden_size / s.num_heads
+                                   : s.head_dim));
+    if (s.query_scale != 0 && std::abs(s.query_scale - llama_cpp_scale) > 1e-7 * llama_cpp_scale)
+      refuse("query scale " + std::to_string(s.query_scale));
+    if (s.embedding_scale != double(float(std::sqrt(double(s.hidden_size))))) refuse("its embedding scale");
+    if (family == "gemma3" && s.rope_local_theta != 0 && s.rope_local_theta != 10000.0)
+      refuse("a local RoPE base other than 10000");
+    if (family != "gemma3" && !s.tie_word_embeddings) refuse("an untied output head");
+  }
+  return *arch;
+}
+
+void add_hyperparameters(gguf::Writer& out, const ModelSpec& s, const std::string& a) {
+  out.add_u32(a + ".vocab_size", uint32_t(s.vocab_size));
+  out.add_u32(a + ".context_length", uint32_t(s.max_position_embeddings));
+  out.add_u32(a + ".embedding_length", uint32_t(s.hidden_size));
+  out.add_u32(a + ".feed_forward_length", uint32_t(s.intermediate_size));
+  out.add_u32(a + ".block_count", uint32_t(s.num_layers));
+  out.add_u32(a + ".attention.head_count", uint32_t(s.num_heads));
+  out.add_u32(a + ".attention.head_count_kv", uint32_t(s.num_kv_heads));
+  out.add_u32(a + ".attention.key_length", uint32_t(s.head_dim));
+  out.add_u32(a + ".attention.value_length", uint32_t(s.head_dim));
+  if (s.norm == "layer")
+    out.add_f32(a + ".attention.layer_norm_epsilon", float(s.norm_eps));
+  else
+    out.add_f32(a + ".attention.layer_norm_rms_epsilon", float(s.norm_eps));
+  if (!s.learned_positions) {
+    out.add_u32(a + ".rope.dimension_count", uint32_t(s.rotary()));
+    out.add_f32(a + ".rope.freq_base", float(s.rope_theta));
+  }
+  if (s.rope_scaling.type == "linear") {
+    out.add_string(a + ".rope.scaling.type", "linear");
+    out.add_f32(a + ".rope.scaling.factor", float(s.rope_scaling.factor));
+  }
+  if (s.sliding_window) out.add_u32(a + ".attention.sliding_window", uint32_t(s.sliding_window));
+  if (s.attn_softcap) out.add_f32(a + ".attn_logit_softcapping", float(s.attn_softcap));
+  if (s.final_softcap) out.add_f32(a + ".final_logit_softcapping", float(s.final_softcap));
+  if (s.num_experts) {
+    out.add_u32(a + ".expert_count", uint32_t(s.num_experts));
+    out.add_u32(a + ".expert_used_count", uint32_t(s.experts_per_token));
+    out.add_u32(a + ".expert_feed_forward_length", uint32_t(s.expert_intermediate_size));
+    if (s.shared_expert_intermediate_size)
+      out.add_u32(a + ".expert_shared_feed_forward_length", uint32_t(s.shared_expert_intermediate_size));
+  }
+}
+
 }  // namespace
 
 GgufExportResult export_gguf(const GgufExportOptions& opt) {
   std::unique_ptr<Workspace> ws = open_workspace(opt.workspace);
   const ModelSpec& spec = ws->spec();
   const std::string label = (opt.workspace / kWorkspaceFile).string();
-  const std::string family = spec.family == "mistral" ? "llama" : spec.family;
-  const gguf::Architecture* arch = nullptr;
-  for (const auto& a : gguf::architecture_table())
-    if (family == a.gguf_name) arch = &a;
-  if (!arch) throw Error(label + ": family '" + spec.family + "' has no GGUF architecture in kiln's table");
-  if (spec.sliding_window)
-    throw Error(label + ": sliding-window attention cannot be expressed for llama.cpp's '" + family + "' models");
-  if (spec.rope_scaling.type != "none" && spec.rope_scaling.type != "linear")
-    throw Error(label + ": rope scaling '" + spec.rope_scaling.type + "' is not exported to GGUF yet");
-  if (spec.mlp_bias) throw Error(label + ": MLP biases are not exported to GGUF yet");
+  const gguf::Architecture& arch = export_architecture(spec, label);
   WeightQuantization q = weight_quantization_from_json(ws->info().json, label);
   if (q.quantized() && (q.bits != 4 || !q.zero_point || q.group_size % 32))
     throw Error(label + ": int" + std::to_string(q.bits) + " group " + std::to_string(q.group_size) +
@@ -210,62 +346,21 @@ GgufExportResult export_gguf(const GgufExportOptions& opt) {
   const DType dtype = workspace_dtype(ws->info().dtype, label);
 
   gguf::Writer out(opt.output.string(), opt.force);
-  const std::string a = arch->gguf_name;
+  const std::string a = arch.gguf_name;
   const uint32_t weight_type = q.quantized() ? kQ4_1 : dtype_type_id(dtype);
   out.add_string("general.architecture", a);
   out.add_string("general.name", fs::absolute(opt.workspace).lexically_normal().filename().string());
   out.add_u32("general.file_type", file_type(weight_type));
   if (q.quantized()) out.add_u32("general.quantization_version", 2);
-  out.add_u32(a + ".vocab_size", uint32_t(spec.vocab_size));
-  out.add_u32(a + ".context_length", uint32_t(spec.max_position_embeddings));
-  out.add_u32(a + ".embedding_length", uint32_t(spec.hidden_size));
-  out.add_u32(a + ".feed_forward_length", uint32_t(spec.intermediate_size));
-  out.add_u32(a + ".block_count", uint32_t(spec.num_layers));
-  out.add_u32(a + ".attention.head_count", uint32_t(spec.num_heads));
-  out.add_u32(a + ".attention.head_count_kv", uint32_t(spec.num_kv_heads));
-  out.add_u32(a + ".attention.key_length", uint32_t(spec.head_dim));
-  out.add_u32(a + ".attention.value_length", uint32_t(spec.head_dim));
-  out.add_u32(a + ".rope.dimension_count", uint32_t(spec.head_dim));
-  out.add_f32(a + ".rope.freq_base", float(spec.rope_theta));
-  out.add_f32(a + ".attention.layer_norm_rms_epsilon", float(spec.norm_eps));
-  if (spec.rope_scaling.type == "linear") {
-    out.add_string(a + ".rope.scaling.type", "linear");
-    out.add_f32(a + ".rope.scaling.factor", float(spec.rope_scaling.factor));
-  }
+  add_hyperparameters(out, spec, a);
   add_tokenizer(out, ws->info().dir, spec);
 
-  Exporter e{*ws, spec, q, dtype, out, arch->permuted_qk};
-  const gguf::TensorNames& n = arch->names;
-  auto at = [](const char* pattern, int64_t i, const char* suffix = "") {
-    std::string p = pattern;
-    p.replace(p.find("{i}"), 3, std::to_string(i));
-    return p + suffix;
-  };
-  e.weight(n.embedding, names::kEmbedding, 0, spec.vocab_size);
-  e.plain(n.final_norm, names::kFinalNorm, 0, spec.hidden_size, 0);
-  if (!spec.tie_word_embeddings) e.weight(n.lm_head, names::kLmHead, 0, spec.vocab_size);
-  const int64_t qs = spec.q_size(), kv = spec.kv_size(), hd = e.permute ? spec.head_dim : 0;
-  for (int64_t i = 0; i < spec.num_layers; ++i) {
-    auto c = [i](const char* suffix) { return names::layer(i, suffix); };
-    e.plain(at(n.attn_norm, i), c(names::kAttnNorm), 0, spec.hidden_size, 0);
-    e.weight(at(n.q, i, ".weight"), c(names::kQkv), 0, qs, hd);
-    e.weight(at(n.k, i, ".weight"), c(names::kQkv), qs, kv, hd);
-    e.weight(at(n.v, i, ".weight"), c(names::kQkv), qs + kv, kv);
-    if (spec.qkv_bias) {
-      e.plain(at(n.q, i, ".bias"), c(names::kQkvBias), 0, qs, hd);
-      e.plain(at(n.k, i, ".bias"), c(names::kQkvBias), qs, kv, hd);
-      e.plain(at(n.v, i, ".bias"), c(names::kQkvBias), qs + kv, kv, 0);
-    }
-    if (spec.qk_norm) {
-      e.plain(at(n.q_norm, i), c(names::kQNorm), 0, spec.head_dim, 0);
-      e.plain(at(n.k_norm, i), c(names::kKNorm), 0, spec.head_dim, 0);
-    }
-    e.weight(at(n.o, i, ".weight"), c(names::kO), 0, spec.hidden_size);
-    if (spec.o_bias) e.plain(at(n.o, i, ".bias"), c(names::kOBias), 0, spec.hidden_size, 0);
-    e.plain(at(n.ffn_norm, i), c(names::kFfnNorm), 0, spec.hidden_size, 0);
-    e.weight(at(n.gate, i, ".weight"), c(names::kGateUp), 0, spec.intermediate_size);
-    e.weight(at(n.up, i, ".weight"), c(names::kGateUp), spec.intermediate_size, spec.intermediate_size);
-    e.weight(at(n.down, i, ".weight"), c(names::kDown), 0, spec.hidden_size);
+  Exporter e{*ws, q, out};
+  for (const OutTensor& t : out_tensors(spec, arch)) {
+    e.add(t);
+    // llama.cpp's GPT-2 converter writes the tied head as a copy of the embedding; kiln's import reads it back as tied.
+    if (t.name == arch.names.embedding && spec.tie_word_embeddings && spec.family == "gpt2")
+      e.add({arch.names.lm_head, t.shape, 0, t.slices});
   }
   out.finish();
   GgufExportResult r;

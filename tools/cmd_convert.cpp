@@ -35,6 +35,9 @@ static Action setup_convert(CLI::App& sub) {
                  "chat template stored in the workspace instead of the checkpoint's: a Jinja file, or a built-in "
                  "(" +
                      builtin_chat_template_names() + ")");
+  sub.add_flag("--keep-quantized", opt->keep_quantized,
+               "GGUF only: keep linear weights stored as Q4_0 (or Q4_1 with m = -zero*d) as kiln int4, repacked "
+               "without requantizing; other types are refused (docs/gguf.md)");
   sub.add_flag("--force", opt->force, "replace an existing output (only once the new one is complete)");
   sub.add_flag("--json", *json_out, "print a JSON summary on stdout instead of text");
   sub.footer(
@@ -46,6 +49,10 @@ static Action setup_convert(CLI::App& sub) {
     opt->command =
         "kiln convert " + std::filesystem::absolute(opt->source).lexically_normal().string() + " --dtype " + opt->dtype;
     const bool gguf_source = gguf::is_gguf_path(opt->source.string());
+    if (opt->keep_quantized) {
+      if (!gguf_source) throw kiln::Error("--keep-quantized applies to GGUF files, not Hugging Face checkpoints");
+      opt->command += " --keep-quantized";
+    }
     if (!opt->chat_template.empty()) {
       if (gguf_source) throw kiln::Error("--chat-template applies to Hugging Face checkpoints, not GGUF files");
       read_chat_template_flag(opt->chat_template);  // a bad value fails before any conversion work
