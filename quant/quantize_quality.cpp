@@ -1,16 +1,20 @@
-// The quality report of kiln quantize: the runtime's evaluation path (runtime/engine/evaluate.h) over both
-// workspaces, window by window, compared with quant/metrics.h. Both models are loaded at once so that only one
-// window of reference logits is held (a whole text's logits would be n x vocab floats).
+// The quality report of kiln quantize, streamed one decoder layer at a time (calib/layer_stream.h): the evaluation
+// windows of both models advance side by side, layer by layer, each layer's weights loaded from its workspace, run
+// over every window and freed, so that peak memory is one layer plus the two residual streams, whatever the number of
+// layers. The windows, KV caches and output head are those of the runtime's evaluation path (runtime/engine/
+// evaluate.h, as kiln eval runs it); the logits of both models are compared window by window with quant/metrics.h.
 #include <fstream>
 #include <sstream>
 #include <vector>
 
+#include "calib/layer_stream.h"
 #include "quant/quantize.h"
 #include "runtime/core/error.h"
-#include "runtime/engine/evaluate.h"
-#include "runtime/engine/loaded_model.h"
 #include "runtime/io/path_safety.h"
+#include "runtime/kv/kv_scales.h"
+#include "runtime/text/tokenizer/files.h"
 #include "runtime/text/tokenizer/tokenizer.h"
+#include "runtime/workspace/workspace.h"
 
 namespace kiln {
 
@@ -23,26 +27,57 @@ QualityReport compare_workspaces(const std::filesystem::path& quantized, const s
   std::ostringstream ss;
   ss << in.rdbuf();
   if (ctx < 2) throw Error("--eval-ctx must be at least 2");
-  LoadedModel ref = load_model(reference, threads);
-  LoadedModel ours = load_model(quantized, threads);
+  // Opening maps the shards and checks their headers; no weight is read yet.
+  const Workspace ref_ws(reference), q_ws(quantized);
+  const ModelSpec &rs = ref_ws.spec(), &qs = q_ws.spec();
+  if (rs.num_layers != qs.num_layers || rs.hidden_size != qs.hidden_size || rs.vocab_size != qs.vocab_size)
+    throw Error(quantized.string() + ": the quantized model's shape differs from " + reference.string());
   std::vector<int32_t> tokens = Tokenizer::load(locate_tokenizer_files(reference)).encode(ss.str());
   if (max_tokens > 0 && int64_t(tokens.size()) > max_tokens) tokens.resize(size_t(max_tokens));
   if (tokens.size() < 2) throw Error(text.string() + ": fewer than 2 tokens to evaluate");
-  const int64_t vocab = ref.model->spec().vocab_size;
+  for (int32_t id : tokens)
+    if (id < 0 || id >= ref_ws.spec().vocab_size)
+      throw Error(text.string() + ": token id " + std::to_string(id) + " is outside the model's vocabulary");
+  const int64_t vocab = ref_ws.spec().vocab_size;
+  // Non-overlapping windows of ctx tokens (the last may be shorter), each a fresh sequence: kiln eval's windows.
+  std::vector<int64_t> windows;
+  for (size_t begin = 0; begin < tokens.size(); begin += size_t(ctx))
+    windows.push_back(int64_t(std::min(size_t(ctx), tokens.size() - begin)));
 
+  std::unique_ptr<Backend> backend = make_backend("", threads);
+  calib::LayerStreamOptions ro, qo;
+  ro.batch_tokens = qo.batch_tokens = std::max<int64_t>(ctx, 4096);
+  ro.max_memory = qo.max_memory = calib::default_max_memory() / 2;  // two streams
+  ro.spill_path = quantized / ".eval-reference-activations";
+  qo.spill_path = quantized / ".eval-quantized-activations";
+  ro.kv_dtype = KvDType::F32;  // the reference always runs with an fp32 cache
+  qo.kv_dtype = quantized_kv;
+  if (quantized_kv == KvDType::I8Static) {
+    std::optional<KvStaticScales> sc = read_kv_static_scales(q_ws.info());
+    if (!sc) throw Error(quantized.string() + " has no static INT8 KV scales (" + kKvScalesFile + ")");
+    qo.k_scale = std::move(sc->k);
+    qo.v_scale = std::move(sc->v);
+  }
+  calib::LayerStream ref(ref_ws, *backend, tokens, windows, ro);
+  calib::LayerStream ours(q_ws, *backend, tokens, windows, qo);
+  for (int64_t l = 0; l < ref.num_layers(); ++l) {
+    ref.run_layer(l, WorkspaceSource(ref_ws), nullptr, true);
+    ref.release_pages(l);
+    ours.run_layer(l, WorkspaceSource(q_ws), nullptr, true);
+    ours.release_pages(l);
+  }
+  ref.load_head(WorkspaceSource(ref_ws));
+  ours.load_head(WorkspaceSource(q_ws));
   LogitComparison cmp;
-  std::vector<float> ref_logits;
-  for (size_t begin = 0; begin < tokens.size(); begin += size_t(ctx)) {
-    const size_t n = std::min(size_t(ctx), tokens.size() - begin);
-    std::span<const int32_t> window(tokens.data() + begin, n);
-    evaluate_windows(*ref.model, window, ctx, KvDType::F32, [&](int64_t, std::span<const int32_t> w, const float* l) {
-      ref_logits.assign(l, l + w.size() * size_t(vocab));
-    });
-    evaluate_windows(*ours.model, window, ctx, quantized_kv, [&](int64_t, std::span<const int32_t> w, const float* l) {
-      // Row i predicts w[i + 1]; the window's last row has no target, as in kiln eval.
-      for (size_t i = 0; i + 1 < w.size(); ++i)
-        cmp.add(l + i * size_t(vocab), ref_logits.data() + i * size_t(vocab), vocab, w[i + 1]);
-    });
+  std::vector<float> ref_logits, logits;
+  size_t begin = 0;
+  for (size_t w = 0; w < windows.size(); ++w) {
+    ref.logits(int64_t(w), ref_logits);
+    ours.logits(int64_t(w), logits);
+    // Row i predicts token i + 1 of the window; the window's last row has no target, as in kiln eval.
+    for (size_t i = 0; i + 1 < size_t(windows[w]); ++i)
+      cmp.add(logits.data() + i * size_t(vocab), ref_logits.data() + i * size_t(vocab), vocab, tokens[begin + i + 1]);
+    begin += size_t(windows[w]);
   }
   QualityReport r;
   r.cmp = cmp.report();
