@@ -127,12 +127,10 @@ void ResumeState::load(const ordered_json& options, const std::string& label) {
 
 const MappedFile& ResumeState::layer_file(int64_t l) {
   if (l < 0 || l >= layers_done()) throw Error("resume: layer " + std::to_string(l) + " is not finished");
-  if (mapped_layer_ != l) {
-    mapped_ = MappedFile();
-    mapped_ = MappedFile((dir_ / layers_[size_t(l)].file).string());
-    mapped_layer_ = l;
-  }
-  return mapped_;
+  // Maps stay until this object goes: the workspace writer hashes copied ranges after copy_range() returns.
+  if (mapped_.size() <= size_t(l)) mapped_.resize(size_t(l) + 1);
+  if (!mapped_[size_t(l)]) mapped_[size_t(l)] = std::make_unique<MappedFile>((dir_ / layers_[size_t(l)].file).string());
+  return *mapped_[size_t(l)];
 }
 
 void ResumeState::begin_layer() {

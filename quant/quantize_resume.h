@@ -30,7 +30,7 @@ class ResumeState {
   int64_t layers_done() const { return int64_t(layers_.size()); }
   // What end_layer() recorded for a finished layer.
   const nlohmann::ordered_json& record(int64_t l) const { return layers_[size_t(l)].record; }
-  // A finished layer's tensors, mapped (the previous layer's map is released).
+  // A finished layer's tensors, mapped (until this object is destroyed).
   const MappedFile& layer_file(int64_t l);
   // The residual stream entering layer layers_done() (with_stream only).
   std::filesystem::path stream_file() const { return dir_ / stream_; }
@@ -60,8 +60,7 @@ class ResumeState {
   std::FILE* out_ = nullptr;
   std::unique_ptr<Sha256> hash_;
   uint64_t written_ = 0;
-  MappedFile mapped_;
-  int64_t mapped_layer_ = -1;
+  std::vector<std::unique_ptr<MappedFile>> mapped_;
 };
 
 // Test hook: KILN_TEST_SIGNAL_AFTER_LAYER="K:INT|TERM|KILL" makes kiln send itself that signal once layer K's
