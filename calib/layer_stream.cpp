@@ -279,37 +279,30 @@ void LayerStream::run_layer(int64_t l, const TensorSource& src, ForwardObserver*
   }
 }
 
-void LayerStream::load_head(const TensorSource& src) {
-  final_norm_.load(src, be_, graph_.final_norm);
-  if (graph_.tied_head) {
-    head_table_ = std::make_unique<Embedding>();
-    head_table_->load(src, be_, graph_.embedding);
-    head_ = be_.pack_tied_head(head_table_->tokens());
+OutputHead::OutputHead(const TensorSource& src, Backend& backend, const ModelGraph& graph)
+    : softcap_(graph.final_softcap) {
+  norm_.load(src, backend, graph.final_norm);
+  if (graph.tied_head) {
+    table_.load(src, backend, graph.embedding);
+    head_ = backend.pack_tied_head(table_.tokens());
   } else {
-    head_ = pack_linear(be_, src, names::kLmHead);
+    head_ = pack_linear(backend, src, names::kLmHead);
   }
 }
 
-void LayerStream::free_head() {
-  head_.reset();
-  head_table_.reset();
-  final_norm_ = Norm();
-}
-
-void LayerStream::logits(int64_t i, std::vector<float>& out) {
-  if (!head_) throw Error("layer stream: no output head loaded");
+void LayerStream::logits(int64_t i, const OutputHead& head, std::vector<float>& out) {
   const int64_t H = spec_.hidden_size, V = spec_.vocab_size, N = lengths_[size_t(i)];
   Buffer& x = scratch_.get(Scratch::Residual, N * H);
   Buffer& h = scratch_.get(Scratch::Normed, N * H);
   host_.resize(size_t(N * H));
   store_.read(offsets_[size_t(i)], N, host_.data());
   be_.upload(x, 0, host_.data(), host_.size() * sizeof(float));
-  final_norm_.forward(be_, x.f32(), h.f32(), N);
+  head.norm().forward(be_, x.f32(), h.f32(), N);
   std::vector<int32_t> rows(static_cast<size_t>(N));
   for (int64_t r = 0; r < N; ++r) rows[size_t(r)] = int32_t(r);
   Buffer& logits = scratch_.get(Scratch::Logits, N * V);
-  be_.logits(h.f32(), H, rows, *head_, logits.f32());
-  if (graph_.final_softcap > 0) be_.softcap(logits.f32(), N * V, graph_.final_softcap);
+  be_.logits(h.f32(), H, rows, head.weight(), logits.f32());
+  if (head.softcap() > 0) be_.softcap(logits.f32(), N * V, head.softcap());
   out.resize(size_t(N * V));
   be_.download(logits, 0, out.data(), out.size() * sizeof(float));
 }

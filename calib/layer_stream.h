@@ -85,11 +85,8 @@ class LayerStream {
   // the mmapped model does not accumulate in memory.
   void release_pages(int64_t l) const;
 
-  // The model's output head over the stream (after the last layer): the final norm and lm_head (or the tied
-  // embedding table) from `src`, as Model::forward applies them. logits() gives sequence i's [length, vocab] rows.
-  void load_head(const TensorSource& src);
-  void logits(int64_t i, std::vector<float>& out);
-  void free_head();
+  // Sequence i's [length, vocab] logits through `head`, once the stream has been through every layer.
+  void logits(int64_t i, const class OutputHead& head, std::vector<float>& out);
 
   // The stream as a file, for a resumable run's checkpoint: save() writes it whole (returns its sha256), load()
   // reads it back (same shape) over the stream.
@@ -114,9 +111,22 @@ class LayerStream {
   Scratch scratch_;
   std::unique_ptr<KvCache> cache_;
   std::vector<float> host_;
-  Norm final_norm_;
-  std::unique_ptr<Embedding> head_table_;  // the tied head's embedding
+};
+
+// The model's output head: the final norm and lm_head (or the tied embedding table) loaded from `src`, applied as
+// Model::forward applies them (with the final soft-capping).
+class OutputHead {
+ public:
+  OutputHead(const TensorSource& src, Backend& backend, const ModelGraph& graph);
+  const Norm& norm() const { return norm_; }
+  const LinearWeight& weight() const { return *head_; }
+  float softcap() const { return softcap_; }
+
+ private:
+  Norm norm_;
+  Embedding table_;  // a tied head's embedding
   std::unique_ptr<LinearWeight> head_;
+  float softcap_ = 0;
 };
 
 }  // namespace kiln::calib

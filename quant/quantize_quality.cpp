@@ -3,6 +3,7 @@
 // over every window and freed, so that peak memory is one layer plus the two residual streams, whatever the number of
 // layers. The windows, KV caches and output head are those of the runtime's evaluation path (runtime/engine/
 // evaluate.h, as kiln eval runs it); the logits of both models are compared window by window with quant/metrics.h.
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <vector>
@@ -17,6 +18,23 @@
 #include "runtime/workspace/workspace.h"
 
 namespace kiln {
+
+namespace {
+
+// Whether the output head's tensors (final norm, lm_head or the tied embedding) hold the same bytes in both.
+bool same_head(const Workspace& a, const Workspace& b, const ModelGraph& g) {
+  std::vector<std::string> names{g.final_norm.name + ".weight", g.tied_head ? names::kEmbedding : names::kLmHead};
+  if (g.final_norm.bias) names.push_back(g.final_norm.name + ".bias");
+  for (const std::string& n : names) {
+    const Workspace::Tensor *x = a.find(n), *y = b.find(n);
+    if (!x || !y || x->info->dtype != y->info->dtype || x->info->shape != y->info->shape ||
+        std::memcmp(x->data(), y->data(), x->info->nbytes()) != 0)
+      return false;
+  }
+  return true;
+}
+
+}  // namespace
 
 QualityReport compare_workspaces(const std::filesystem::path& quantized, const std::filesystem::path& reference,
                                  const std::filesystem::path& text, int64_t ctx, int64_t max_tokens, unsigned threads,
@@ -66,14 +84,20 @@ QualityReport compare_workspaces(const std::filesystem::path& quantized, const s
     ours.run_layer(l, WorkspaceSource(q_ws), nullptr, true);
     ours.release_pages(l);
   }
-  ref.load_head(WorkspaceSource(ref_ws));
-  ours.load_head(WorkspaceSource(q_ws));
+  // Quantization copies the output head bit for bit: then one copy serves both models.
+  const calib::OutputHead ref_head(WorkspaceSource(ref_ws), *backend, ref.graph());
+  std::unique_ptr<calib::OutputHead> own_head;
+  if (!same_head(ref_ws, q_ws, ref.graph()))
+    own_head = std::make_unique<calib::OutputHead>(WorkspaceSource(q_ws), *backend, ours.graph());
+  const calib::OutputHead& q_head = own_head ? *own_head : ref_head;
+  ref.release_pages(-1);  // the mapped pages read above, now packed in the backend
+  ours.release_pages(-1);
   LogitComparison cmp;
   std::vector<float> ref_logits, logits;
   size_t begin = 0;
   for (size_t w = 0; w < windows.size(); ++w) {
-    ref.logits(int64_t(w), ref_logits);
-    ours.logits(int64_t(w), logits);
+    ref.logits(int64_t(w), ref_head, ref_logits);
+    ours.logits(int64_t(w), q_head, logits);
     // Row i predicts token i + 1 of the window; the window's last row has no target, as in kiln eval.
     for (size_t i = 0; i + 1 < size_t(windows[w]); ++i)
       cmp.add(logits.data() + i * size_t(vocab), ref_logits.data() + i * size_t(vocab), vocab, tokens[begin + i + 1]);
