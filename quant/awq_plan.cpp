@@ -454,8 +454,7 @@ void AwqPlanner::skip_finished(int64_t layers, const std::filesystem::path& stre
                                std::vector<std::pair<double, double>> seconds) {
   State& s = *s_;
   if (!s.plan.layers.empty() || layers <= 0) return;
-  if (layers >= s.ws.spec().num_layers) throw Error("AWQ: cannot resume after the last layer");
-  s.stream->load(stream);
+  if (layers < s.ws.spec().num_layers) s.stream->load(stream);  // else every layer is finished: nothing to search
   s.plan.layers.resize(size_t(layers));
   s.plan.layer_seconds = std::move(seconds);
   s.bar.advance(uint64_t(layers));

@@ -240,9 +240,10 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
   std::unique_ptr<ResumeState> resume;
   if (opt.resume) {
     // What the interrupted run left besides its results (partial shards, a spill file) is rewritten from scratch.
-    std::error_code ec;
+    std::vector<fs::path> stale;
     for (const auto& e : fs::directory_iterator(staging.path()))
-      if (e.path().filename() != kResumeDir) fs::remove_all(e.path(), ec);
+      if (e.path().filename() != kResumeDir) stale.push_back(e.path());
+    for (const fs::path& p : stale) fs::remove_all(p);
     try {
       resume = std::make_unique<ResumeState>(staging.path() / kResumeDir, resume_options(src, opt), awq,
                                              opt.output.string());
