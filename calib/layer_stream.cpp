@@ -290,12 +290,13 @@ OutputHead::OutputHead(const TensorSource& src, Backend& backend, const ModelGra
   }
 }
 
-void LayerStream::logits(int64_t i, const OutputHead& head, std::vector<float>& out) {
-  const int64_t H = spec_.hidden_size, V = spec_.vocab_size, N = lengths_[size_t(i)];
+void LayerStream::logits(int64_t i, int64_t row0, int64_t N, const OutputHead& head, std::vector<float>& out) {
+  const int64_t H = spec_.hidden_size, V = spec_.vocab_size;
+  if (row0 < 0 || N < 1 || row0 + N > lengths_[size_t(i)]) throw Error("layer stream: rows outside the sequence");
   Buffer& x = scratch_.get(Scratch::Residual, N * H);
   Buffer& h = scratch_.get(Scratch::Normed, N * H);
   host_.resize(size_t(N * H));
-  store_.read(offsets_[size_t(i)], N, host_.data());
+  store_.read(offsets_[size_t(i)] + row0, N, host_.data());
   be_.upload(x, 0, host_.data(), host_.size() * sizeof(float));
   head.norm().forward(be_, x.f32(), h.f32(), N);
   std::vector<int32_t> rows(static_cast<size_t>(N));

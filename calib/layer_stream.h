@@ -85,8 +85,10 @@ class LayerStream {
   // the mmapped model does not accumulate in memory.
   void release_pages(int64_t l) const;
 
-  // Sequence i's [length, vocab] logits through `head`, once the stream has been through every layer.
-  void logits(int64_t i, const class OutputHead& head, std::vector<float>& out);
+  // Logits [rows, vocab] of rows [row0, row0 + rows) of sequence i through `head`, once the stream has been through
+  // every layer (rows are independent, so a long window can be taken a few rows at a time).
+  void logits(int64_t i, int64_t row0, int64_t rows, const class OutputHead& head, std::vector<float>& out);
+  int64_t length(int64_t i) const { return lengths_[size_t(i)]; }
 
   // The stream as a file, for a resumable run's checkpoint: save() writes it whole (returns its sha256), load()
   // reads it back (same shape) over the stream.

@@ -3,6 +3,7 @@
 // over every window and freed, so that peak memory is one layer plus the two residual streams, whatever the number of
 // layers. The windows, KV caches and output head are those of the runtime's evaluation path (runtime/engine/
 // evaluate.h, as kiln eval runs it); the logits of both models are compared window by window with quant/metrics.h.
+#include <algorithm>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -94,13 +95,19 @@ QualityReport compare_workspaces(const std::filesystem::path& quantized, const s
   ours.release_pages(-1);
   LogitComparison cmp;
   std::vector<float> ref_logits, logits;
+  // A few rows of both models at a time: a whole window's logits would be ctx x vocab floats per model.
+  const int64_t chunk = 64;
   size_t begin = 0;
   for (size_t w = 0; w < windows.size(); ++w) {
-    ref.logits(int64_t(w), ref_head, ref_logits);
-    ours.logits(int64_t(w), q_head, logits);
     // Row i predicts token i + 1 of the window; the window's last row has no target, as in kiln eval.
-    for (size_t i = 0; i + 1 < size_t(windows[w]); ++i)
-      cmp.add(logits.data() + i * size_t(vocab), ref_logits.data() + i * size_t(vocab), vocab, tokens[begin + i + 1]);
+    const int64_t scored = windows[w] - 1;
+    for (int64_t r0 = 0; r0 < scored; r0 += chunk) {
+      const int64_t n = std::min(chunk, scored - r0);
+      ref.logits(int64_t(w), r0, n, ref_head, ref_logits);
+      ours.logits(int64_t(w), r0, n, q_head, logits);
+      for (int64_t i = 0; i < n; ++i)
+        cmp.add(logits.data() + i * vocab, ref_logits.data() + i * vocab, vocab, tokens[begin + size_t(r0 + i) + 1]);
+    }
     begin += size_t(windows[w]);
   }
   QualityReport r;
