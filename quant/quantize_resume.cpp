@@ -74,9 +74,11 @@ void ResumeState::load(const ordered_json& options, const std::string& label) {
                  label.c_str());
     return;
   }
-  if (!j.is_object() || j.value("format", "") != kFormat || !j.contains("options") || !j.contains("layers"))
+  const auto text = [&](const char* k) { return j.contains(k) && j[k].is_string() ? j[k].get<std::string>() : ""; };
+  if (!j.is_object() || text("format") != kFormat || !j.contains("options") || !j["options"].is_object() ||
+      !j.contains("layers") || !j["layers"].is_array())
     throw Error(state.string() + ": not a kiln quantize resume state; rerun without --resume to start over");
-  if (j.value("key", "") != key_) {
+  if (text("key") != key_) {
     // Name the first option that differs, so the user knows which flag (or input) changed.
     const ordered_json& was = j["options"];
     const ordered_json& now = options;
@@ -90,17 +92,21 @@ void ResumeState::load(const ordered_json& options, const std::string& label) {
     throw Error(label + ": the partial results in " + dir_.parent_path().string() + " were made with a different " +
                 what + "; rerun with the same input and options, or without --resume to start over");
   }
-  for (const ordered_json& l : j["layers"]) {
-    Layer layer{l.at("file").get<std::string>(), l.at("sha256").get<std::string>(), l.at("size").get<uint64_t>(),
-                l.at("record")};
-    if (layer.file != layer_file_name(int64_t(layers_.size())))
-      throw Error(state.string() + ": unexpected layer file '" + layer.file + "'");
-    layers_.push_back(std::move(layer));
-  }
-  if (with_stream_ && !layers_.empty() && j.contains("stream") && j["stream"].is_object()) {
-    stream_ = j["stream"].at("file").get<std::string>();
-    stream_sha256_ = j["stream"].at("sha256").get<std::string>();
-    stream_size_ = j["stream"].at("size").get<uint64_t>();
+  try {
+    for (const ordered_json& l : j["layers"]) {
+      Layer layer{l.at("file").get<std::string>(), l.at("sha256").get<std::string>(), l.at("size").get<uint64_t>(),
+                  l.at("record")};
+      if (layer.file != layer_file_name(int64_t(layers_.size())))
+        throw Error(state.string() + ": unexpected layer file '" + layer.file + "'");
+      layers_.push_back(std::move(layer));
+    }
+    if (with_stream_ && !layers_.empty() && j.contains("stream") && j["stream"].is_object()) {
+      stream_ = j["stream"].at("file").get<std::string>();
+      stream_sha256_ = j["stream"].at("sha256").get<std::string>();
+      stream_size_ = j["stream"].at("size").get<uint64_t>();
+    }
+  } catch (const json::exception& e) {
+    throw Error(state.string() + ": malformed resume state (" + e.what() + "); rerun without --resume to start over");
   }
   // Every finished layer's file must hold what was recorded; from the first that does not, results are recomputed.
   for (size_t l = 0; l < layers_.size(); ++l) {
