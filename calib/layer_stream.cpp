@@ -6,10 +6,12 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 
 #include "runtime/core/error.h"
 #include "runtime/io/interrupt.h"
+#include "runtime/io/sha256.h"
 #include "runtime/model/layers/decoder_block.h"
 #include "runtime/model/layers/embedding.h"
 #include "runtime/workspace/workspace.h"
@@ -128,28 +130,35 @@ void ActivationStore::write(int64_t row0, int64_t n, const float* src) {
   ::posix_fadvise(fd_, off, off_t(bytes), POSIX_FADV_DONTNEED);
 }
 
+namespace {
+std::vector<int64_t> uniform(int64_t count, int64_t length) { return std::vector<int64_t>(size_t(count), length); }
+int64_t total(const std::vector<int64_t>& lengths) {
+  int64_t n = 0;
+  for (int64_t l : lengths) n += l;
+  return n;
+}
+}  // namespace
+
 LayerStream::LayerStream(const Workspace& ws, Backend& backend, const Blocks& blocks, const LayerStreamOptions& o)
+    : LayerStream(ws, backend, blocks.tokens, uniform(blocks.count(), blocks.seqlen), o) {}
+
+LayerStream::LayerStream(const Workspace& ws, Backend& backend, std::span<const int32_t> tokens,
+                         std::vector<int64_t> lengths, const LayerStreamOptions& o)
     : ws_(ws),
       be_(backend),
       spec_(ws.spec()),
       graph_(build_model_graph(spec_)),
-      seqlen_(blocks.seqlen),
-      per_batch_(std::clamp<int64_t>(o.batch_tokens / std::max<int64_t>(blocks.seqlen, 1), 1,
-                                     std::max<int64_t>(blocks.count(), 1))),
-      count_(blocks.count()),
-      store_(blocks.count() * blocks.seqlen, spec_.hidden_size, o.max_memory ? o.max_memory : default_max_memory(),
-             o.spill_path),
+      lengths_(std::move(lengths)),
+      batch_tokens_(o.batch_tokens),
+      options_(o),
+      store_(total(lengths_), spec_.hidden_size, o.max_memory ? o.max_memory : default_max_memory(), o.spill_path),
       scratch_(backend) {
-  const int64_t bs = 16;
-  KvCacheConfig kc;
-  kc.num_layers = 1;  // one layer at a time: every block's attention writes cache layer 0
-  kc.num_kv_heads = spec_.num_kv_heads;
-  kc.head_dim = spec_.head_dim;
-  kc.block_size = bs;
-  kc.num_blocks = int32_t(per_batch_ * ((seqlen_ + bs - 1) / bs));
-  kc.dtype = KvDType::F32;
-  cache_ = std::make_unique<KvCache>(be_, kc);
-
+  if (int64_t(tokens.size()) != total(lengths_)) throw Error("layer stream: token count does not match the lengths");
+  for (int64_t l : lengths_) {
+    offsets_.push_back(offsets_.empty() ? 0 : offsets_.back() + lengths_[offsets_.size() - 1]);
+    if (l < 1) throw Error("layer stream: empty sequence");
+  }
+  new_cache(0);
   const int64_t H = spec_.hidden_size;
   Embedding embedding;
   embedding.load(WorkspaceSource(ws_), be_, graph_.embedding);
@@ -157,44 +166,77 @@ LayerStream::LayerStream(const Workspace& ws, Backend& backend, const Blocks& bl
   std::vector<int32_t> positions;
   for (const Batch& b : batches()) {
     check_interrupt();
-    const int64_t N = b.count * seqlen_;
+    const int64_t N = b.rows;
     ForwardContext ctx(be_, spec_, scratch_);
     ctx.rows = N;
-    positions.resize(size_t(N));
-    for (int64_t r = 0; r < N; ++r) positions[size_t(r)] = int32_t(r % seqlen_);
-    ctx.ids = std::span<const int32_t>(blocks.tokens.data() + b.first * seqlen_, size_t(N));
+    positions.clear();
+    for (int64_t i = b.first; i < b.first + b.count; ++i)
+      for (int64_t p = 0; p < lengths_[size_t(i)]; ++p) positions.push_back(int32_t(p));
+    ctx.ids = tokens.subspan(size_t(b.row0), size_t(N));
     ctx.positions = positions;
     Buffer& x = scratch_.get(Scratch::Residual, N * H);
     embedding.forward(ctx, x.f32());
     host_.resize(size_t(N * H));
     be_.download(x, 0, host_.data(), host_.size() * sizeof(float));
-    store_.write(b.first * seqlen_, N, host_.data());
+    store_.write(b.row0, N, host_.data());
   }
 }
 
 LayerStream::~LayerStream() = default;
 
 std::vector<LayerStream::Batch> LayerStream::batches() const {
+  // Whole sequences, as many as fit in batch_tokens (at least one).
   std::vector<Batch> out;
-  for (int64_t first = 0; first < count_; first += per_batch_)
-    out.push_back({first, std::min(per_batch_, count_ - first)});
+  for (int64_t i = 0; i < int64_t(lengths_.size()); ++i) {
+    const int64_t len = lengths_[size_t(i)];
+    if (out.empty() || out.back().rows + len > batch_tokens_) out.push_back({i, 0, offsets_[size_t(i)], 0});
+    out.back().count++;
+    out.back().rows += len;
+  }
   return out;
+}
+
+void LayerStream::new_cache(int64_t layer) {
+  const int64_t bs = 16;
+  int64_t blocks = 1;
+  for (const Batch& b : batches()) {
+    int64_t n = 0;
+    for (int64_t i = b.first; i < b.first + b.count; ++i) n += (lengths_[size_t(i)] + bs - 1) / bs;
+    blocks = std::max(blocks, n);
+  }
+  KvCacheConfig kc;
+  kc.num_layers = 1;  // one layer at a time: every sequence's attention writes cache layer 0
+  kc.num_kv_heads = spec_.num_kv_heads;
+  kc.head_dim = spec_.head_dim;
+  kc.block_size = bs;
+  kc.num_blocks = int32_t(blocks);
+  kc.dtype = options_.kv_dtype;
+  if (kc.dtype == KvDType::I8Static) {  // this layer's scales
+    const auto first = size_t(layer * spec_.num_kv_heads), n = size_t(spec_.num_kv_heads);
+    if (options_.k_scale.size() < first + n || options_.v_scale.size() < first + n)
+      throw Error("layer stream: no static INT8 KV scales for layer " + std::to_string(layer));
+    kc.k_scale.assign(options_.k_scale.begin() + long(first), options_.k_scale.begin() + long(first + n));
+    kc.v_scale.assign(options_.v_scale.begin() + long(first), options_.v_scale.begin() + long(first + n));
+  }
+  cache_.reset();
+  cache_ = std::make_unique<KvCache>(be_, kc);
 }
 
 void LayerStream::run_layer(int64_t l, const TensorSource& src, ForwardObserver* observer, bool advance) {
   if (l < 0 || l >= num_layers()) throw Error("layer stream: no layer " + std::to_string(l));
+  if (options_.kv_dtype == KvDType::I8Static) new_cache(l);
   BlockGraph g = graph_.blocks[size_t(l)];
   g.attn.cache_layer = 0;
   DecoderBlock block;
   block.load(src, be_, g);
-  const int64_t H = spec_.hidden_size, L = seqlen_;
+  const int64_t H = spec_.hidden_size;
   std::vector<int32_t> positions, seq_of_row;
   std::vector<int64_t> slots;
   std::vector<AttentionSequence> spans;
   for (const Batch& b : batches()) {
     check_interrupt();
-    const int64_t N = b.count * L;
-    // Every calibration block is a fresh sequence at positions 0..L-1, as in calib::run_calibration's batches.
+    const int64_t N = b.rows;
+    // Every sequence is a fresh one at positions 0..length-1, as in calib::run_calibration's batches.
     std::vector<KvSequence> seqs(static_cast<size_t>(b.count));
     positions.clear();
     seq_of_row.clear();
@@ -202,6 +244,7 @@ void LayerStream::run_layer(int64_t l, const TensorSource& src, ForwardObserver*
     spans.clear();
     ForwardContext ctx(be_, spec_, scratch_);
     for (int64_t i = 0; i < b.count; ++i) {
+      const int64_t L = lengths_[size_t(b.first + i)];
       cache_->reserve(seqs[size_t(i)], L);
       for (int64_t p = 0; p < L; ++p) {
         positions.push_back(int32_t(p));
@@ -210,8 +253,10 @@ void LayerStream::run_layer(int64_t l, const TensorSource& src, ForwardObserver*
       }
       ctx.seq_lengths.push_back(L);
     }
-    for (int64_t i = 0; i < b.count; ++i)
-      spans.push_back({i * L, L, L, std::span<const int32_t>(seqs[size_t(i)].blocks)});
+    for (int64_t i = 0; i < b.count; ++i) {
+      const int64_t L = lengths_[size_t(b.first + i)];
+      spans.push_back({offsets_[size_t(b.first + i)] - b.row0, L, L, std::span<const int32_t>(seqs[size_t(i)].blocks)});
+    }
     ctx.cache = cache_.get();
     ctx.rows = N;
     ctx.positions = positions;
@@ -223,15 +268,84 @@ void LayerStream::run_layer(int64_t l, const TensorSource& src, ForwardObserver*
     Buffer& h = scratch_.get(Scratch::Normed, N * H);
     Buffer& y = scratch_.get(Scratch::LayerOut, N * H);
     host_.resize(size_t(N * H));
-    store_.read(b.first * L, N, host_.data());
+    store_.read(b.row0, N, host_.data());
     be_.upload(x, 0, host_.data(), host_.size() * sizeof(float));
     block.attn_norm().forward(be_, x.f32(), h.f32(), N);
     block.forward(ctx, x.f32(), h, y.f32(), nullptr);
     for (KvSequence& s : seqs) cache_->release(s);
     if (!advance) continue;
     be_.download(x, 0, host_.data(), host_.size() * sizeof(float));
-    store_.write(b.first * L, N, host_.data());
+    store_.write(b.row0, N, host_.data());
   }
+}
+
+OutputHead::OutputHead(const TensorSource& src, Backend& backend, const ModelGraph& graph)
+    : softcap_(graph.final_softcap) {
+  norm_.load(src, backend, graph.final_norm);
+  if (graph.tied_head) {
+    table_.load(src, backend, graph.embedding);
+    head_ = backend.pack_tied_head(table_.tokens());
+  } else {
+    head_ = pack_linear(backend, src, names::kLmHead);
+  }
+}
+
+void LayerStream::logits(int64_t i, int64_t row0, int64_t N, const OutputHead& head, std::vector<float>& out) {
+  const int64_t H = spec_.hidden_size, V = spec_.vocab_size;
+  if (row0 < 0 || N < 1 || row0 + N > lengths_[size_t(i)]) throw Error("layer stream: rows outside the sequence");
+  Buffer& x = scratch_.get(Scratch::Residual, N * H);
+  Buffer& h = scratch_.get(Scratch::Normed, N * H);
+  host_.resize(size_t(N * H));
+  store_.read(offsets_[size_t(i)] + row0, N, host_.data());
+  be_.upload(x, 0, host_.data(), host_.size() * sizeof(float));
+  head.norm().forward(be_, x.f32(), h.f32(), N);
+  std::vector<int32_t> rows(static_cast<size_t>(N));
+  for (int64_t r = 0; r < N; ++r) rows[size_t(r)] = int32_t(r);
+  Buffer& logits = scratch_.get(Scratch::Logits, N * V);
+  be_.logits(h.f32(), H, rows, head.weight(), logits.f32());
+  if (head.softcap() > 0) be_.softcap(logits.f32(), N * V, head.softcap());
+  out.resize(size_t(N * V));
+  be_.download(logits, 0, out.data(), out.size() * sizeof(float));
+}
+
+std::string LayerStream::save(const fs::path& file) const {
+  std::FILE* f = std::fopen(file.c_str(), "wb");
+  if (!f) throw Error(file.string() + ": cannot create: " + std::strerror(errno));
+  Sha256 hash;
+  std::vector<float> rows;
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(store_.cols(), 1));
+  bool ok = true;
+  for (int64_t r = 0; r < store_.rows() && ok; r += chunk) {
+    const int64_t n = std::min(chunk, store_.rows() - r);
+    rows.resize(size_t(n * store_.cols()));
+    store_.read(r, n, rows.data());
+    hash.update(rows.data(), rows.size() * sizeof(float));
+    ok = std::fwrite(rows.data(), sizeof(float), rows.size(), f) == rows.size();
+  }
+  ok = std::fflush(f) == 0 && ok && ::fsync(::fileno(f)) == 0;
+  ok = std::fclose(f) == 0 && ok;
+  if (!ok) throw Error(file.string() + ": cannot write the saved activations");
+  return hash.hex_digest();
+}
+
+void LayerStream::load(const fs::path& file) {
+  const uint64_t bytes = uint64_t(store_.rows() * store_.cols()) * sizeof(float);
+  std::error_code ec;
+  if (fs::file_size(file, ec) != bytes || ec) throw Error(file.string() + ": saved activations have the wrong size");
+  std::FILE* f = std::fopen(file.c_str(), "rb");
+  if (!f) throw Error(file.string() + ": cannot open: " + std::strerror(errno));
+  std::vector<float> rows;
+  const int64_t chunk = std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(store_.cols(), 1));
+  for (int64_t r = 0; r < store_.rows(); r += chunk) {
+    const int64_t n = std::min(chunk, store_.rows() - r);
+    rows.resize(size_t(n * store_.cols()));
+    if (std::fread(rows.data(), sizeof(float), rows.size(), f) != rows.size()) {
+      std::fclose(f);
+      throw Error(file.string() + ": cannot read the saved activations");
+    }
+    store_.write(r, n, rows.data());
+  }
+  std::fclose(f);
 }
 
 void LayerStream::release_pages(int64_t l) const {

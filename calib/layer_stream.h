@@ -7,10 +7,12 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "calib/dataset.h"
+#include "runtime/model/layers/embedding.h"
 #include "runtime/model/layers/tensor_source.h"
 #include "runtime/model/model.h"
 
@@ -45,6 +47,9 @@ struct LayerStreamOptions {
   int64_t batch_tokens = 4096;       // whole blocks per forward batch (at least one)
   uint64_t max_memory = 0;           // bytes of residual stream kept in memory; 0: default_max_memory()
   std::filesystem::path spill_path;  // where the residual stream goes when it does not fit
+  // The attention's KV cache (calibration: fp32). I8Static takes every layer's scales, [layers * kv_heads] each.
+  KvDType kv_dtype = KvDType::F32;
+  std::vector<float> k_scale, v_scale;
 };
 
 // A quarter of the physical memory: the residual stream shares the machine with one layer's weights and statistics.
@@ -66,6 +71,9 @@ class LayerStream {
  public:
   // Embeds every block's tokens (the workspace's embedding layer, freed afterwards): the stream enters layer 0.
   LayerStream(const Workspace& ws, Backend& backend, const Blocks& blocks, const LayerStreamOptions& options);
+  // The same for sequences of any lengths: `tokens` holds them one after another (evaluation windows).
+  LayerStream(const Workspace& ws, Backend& backend, std::span<const int32_t> tokens, std::vector<int64_t> lengths,
+              const LayerStreamOptions& options);
   ~LayerStream();
   const ModelGraph& graph() const { return graph_; }
   int64_t num_layers() const { return int64_t(graph_.blocks.size()); }
@@ -77,20 +85,50 @@ class LayerStream {
   // the mmapped model does not accumulate in memory.
   void release_pages(int64_t l) const;
 
+  // Logits [rows, vocab] of rows [row0, row0 + rows) of sequence i through `head`, once the stream has been through
+  // every layer (rows are independent, so a long window can be taken a few rows at a time).
+  void logits(int64_t i, int64_t row0, int64_t rows, const class OutputHead& head, std::vector<float>& out);
+  int64_t length(int64_t i) const { return lengths_[size_t(i)]; }
+
+  // The stream as a file, for a resumable run's checkpoint: save() writes it whole (returns its sha256), load()
+  // reads it back (same shape) over the stream.
+  std::string save(const std::filesystem::path& file) const;
+  void load(const std::filesystem::path& file);
+
  private:
   struct Batch {
-    int64_t first = 0, count = 0;
+    int64_t first = 0, count = 0;  // sequences
+    int64_t row0 = 0, rows = 0;
   };
   std::vector<Batch> batches() const;
+  void new_cache(int64_t layer);
   const Workspace& ws_;
   Backend& be_;
   ModelSpec spec_;
   ModelGraph graph_;
-  int64_t seqlen_, per_batch_, count_;
+  std::vector<int64_t> lengths_, offsets_;  // per sequence: tokens, first row
+  int64_t batch_tokens_;
+  LayerStreamOptions options_;
   ActivationStore store_;
   Scratch scratch_;
   std::unique_ptr<KvCache> cache_;
   std::vector<float> host_;
+};
+
+// The model's output head: the final norm and lm_head (or the tied embedding table) loaded from `src`, applied as
+// Model::forward applies them (with the final soft-capping).
+class OutputHead {
+ public:
+  OutputHead(const TensorSource& src, Backend& backend, const ModelGraph& graph);
+  const Norm& norm() const { return norm_; }
+  const LinearWeight& weight() const { return *head_; }
+  float softcap() const { return softcap_; }
+
+ private:
+  Norm norm_;
+  Embedding table_;  // a tied head's embedding
+  std::unique_ptr<LinearWeight> head_;
+  float softcap_ = 0;
 };
 
 }  // namespace kiln::calib

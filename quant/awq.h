@@ -125,6 +125,14 @@ class AwqPlanner {
              const std::filesystem::path& spill_path);
   ~AwqPlanner();
   const AwqLayerPlan& layer(int64_t l);
+  // kiln quantize --resume: layers [0, layers) were finished by an earlier run (their tensors come from its files,
+  // `seconds` are their timings, their plans stay empty); the stream entering layer `layers` is read from `stream`.
+  void skip_finished(int64_t layers, const std::filesystem::path& stream,
+                     std::vector<std::pair<double, double>> seconds);
+  // Writes the residual stream entering the next layer to be searched (a resumable run's checkpoint); its sha256.
+  std::string save_stream(const std::filesystem::path& file) const;
+  // What has been searched so far (layers, their timings).
+  const AwqPlan& so_far() const;
   // Searches what is left; the complete plan.
   const AwqPlan& finish();
 

@@ -450,6 +450,20 @@ const AwqLayerPlan& AwqPlanner::layer(int64_t l) {
   return s.plan.layers[size_t(l)];
 }
 
+void AwqPlanner::skip_finished(int64_t layers, const std::filesystem::path& stream,
+                               std::vector<std::pair<double, double>> seconds) {
+  State& s = *s_;
+  if (!s.plan.layers.empty() || layers <= 0) return;
+  if (layers < s.ws.spec().num_layers) s.stream->load(stream);  // else every layer is finished: nothing to search
+  s.plan.layers.resize(size_t(layers));
+  s.plan.layer_seconds = std::move(seconds);
+  s.bar.advance(uint64_t(layers));
+}
+
+const AwqPlan& AwqPlanner::so_far() const { return s_->plan; }
+
+std::string AwqPlanner::save_stream(const std::filesystem::path& file) const { return s_->stream->save(file); }
+
 const AwqPlan& AwqPlanner::finish() {
   State& s = *s_;
   if (s.ws.spec().num_layers > 0) layer(s.ws.spec().num_layers - 1);

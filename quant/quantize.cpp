@@ -1,9 +1,12 @@
 #include "quant/quantize.h"
 
+#include <chrono>
+#include <cstdio>
 #include <vector>
 
 #include "calib/layer_stream.h"
 #include "quant/int4.h"
+#include "quant/quantize_resume.h"
 #include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
 #include "runtime/io/interrupt.h"
@@ -23,6 +26,8 @@ namespace kiln {
 
 namespace {
 
+constexpr const char* kResumeDir = "resume";  // inside the staging directory
+
 void check_options(const QuantizeOptions& o) {
   if (o.method != "rtn" && o.method != "awq")
     throw Error("--method '" + o.method + "' is not supported; use rtn or awq");
@@ -36,6 +41,7 @@ void check_options(const QuantizeOptions& o) {
   if (o.max_ppl_increase && o.eval_text.empty())
     throw Error("--max-ppl-increase needs --eval-text (the text the perplexity is measured on)");
   if (o.max_ppl_increase && *o.max_ppl_increase < 0) throw Error("--max-ppl-increase must not be negative");
+  if (o.resume && !o.awq.dump.empty()) throw Error("--awq-dump cannot be combined with --resume");
 }
 
 // The same document the source has, with the quantization block, weight list and provenance of this step.
@@ -75,9 +81,35 @@ bool awq_touches(const std::string& suffix) {
   return names::expert_pattern(suffix) != suffix;  // an expert's gate_up or down
 }
 
+// Where a tensor's output bytes go: the workspace writer, or a resumable run's layer file.
+class TensorSink {
+ public:
+  virtual ~TensorSink() = default;
+  virtual void begin_tensor() = 0;
+  virtual void write(const void* bytes, size_t n) = 0;
+};
+class WriterSink : public TensorSink {
+ public:
+  explicit WriterSink(WorkspaceWriter& w) : w_(w) {}
+  void begin_tensor() override { w_.begin_tensor(); }
+  void write(const void* bytes, size_t n) override { w_.write(bytes, n); }
+
+ private:
+  WorkspaceWriter& w_;
+};
+class ResumeSink : public TensorSink {
+ public:
+  explicit ResumeSink(ResumeState& r) : r_(r) {}
+  void begin_tensor() override {}
+  void write(const void* bytes, size_t n) override { r_.write(bytes, n); }
+
+ private:
+  ResumeState& r_;
+};
+
 // A tensor changed by AWQ that stays unquantized (norm weights, biases, or everything with --awq-fold-only) goes back
 // to the workspace dtype.
-void write_in_dtype(WorkspaceWriter& writer, DType dtype, const std::vector<float>& v, const std::string& name) {
+void write_in_dtype(TensorSink& writer, DType dtype, const std::vector<float>& v, const std::string& name) {
   writer.begin_tensor();
   if (dtype == DType::F32) {
     writer.write(v.data(), v.size() * 4);
@@ -92,20 +124,21 @@ void write_in_dtype(WorkspaceWriter& writer, DType dtype, const std::vector<floa
   writer.write(half.data(), half.size() * 2);
 }
 
-// quantization.weights.awq in kiln.json: where the calibration came from and what the search chose, per layer.
-ordered_json awq_document(const AwqPlan& p, const QuantizeOptions& opt) {
-  ordered_json layers = ordered_json::array();
-  for (const AwqLayerPlan& l : p.layers) {
-    ordered_json a = {{"attn_norm->qkv", l.a_attn}};
-    a["v->o"] = l.s_vo.empty() ? ordered_json(nullptr) : ordered_json(l.a_vo);
-    a["ffn_norm->gate_up"] = l.a_ffn;
-    a["up->down"] = l.s_down.empty() ? ordered_json(nullptr) : ordered_json(l.a_down);  // null: not gated
-    if (!l.s_expert_down.empty()) {  // MoE: the token-weighted mean over experts; experts no token reached
-      a["up->down"] = l.a_down;
-      a["idle_experts"] = l.idle_experts;
-    }
-    layers.push_back(a);
+// One layer's entry of quantization.weights.awq.alpha: the chosen α of each group (null where a group is skipped).
+ordered_json awq_layer_json(const AwqLayerPlan& l) {
+  ordered_json a = {{"attn_norm->qkv", l.a_attn}};
+  a["v->o"] = l.s_vo.empty() ? ordered_json(nullptr) : ordered_json(l.a_vo);
+  a["ffn_norm->gate_up"] = l.a_ffn;
+  a["up->down"] = l.s_down.empty() ? ordered_json(nullptr) : ordered_json(l.a_down);  // null: not gated
+  if (!l.s_expert_down.empty()) {  // MoE: the token-weighted mean over experts; experts no token reached
+    a["up->down"] = l.a_down;
+    a["idle_experts"] = l.idle_experts;
   }
+  return a;
+}
+
+// quantization.weights.awq in kiln.json: where the calibration came from and what the search chose, per layer.
+ordered_json awq_document(const AwqPlan& p, const ordered_json& layers, const QuantizeOptions& opt) {
   return {{"data", fs::absolute(opt.awq.data).lexically_normal().string()},
           {"data_sha256", p.data_sha256},
           {"samples", opt.awq.samples},
@@ -123,6 +156,33 @@ ordered_json awq_document(const AwqPlan& p, const QuantizeOptions& opt) {
           {"alpha", layers}};
 }
 
+// Everything a layer's output bytes depend on: the key of a resumable run's saved results (quant/quantize_resume.h).
+ordered_json resume_options(const Workspace& src, const QuantizeOptions& opt) {
+  const std::string src_hash = sha256_file((src.info().dir / kWorkspaceFile).string());
+  ordered_json o = {{"kiln_version", KILN_VERSION},
+                    {"input_kiln_json_sha256", src_hash},
+                    {"method", opt.method},
+                    {"bits", opt.bits},
+                    {"group_size", opt.group_size}};
+  if (opt.method != "awq") return o;
+  const AwqOptions& a = opt.awq;
+  o["data_sha256"] = sha256_file(a.data.string());
+  o["field"] = a.field;
+  o["samples"] = a.samples;
+  o["seqlen"] = a.seqlen;
+  o["seed"] = a.seed;
+  o["batch_tokens"] = a.batch_tokens;
+  o["grid"] = a.grid;
+  o["clip_grid"] = a.clip_grid;
+  o["max_shrink"] = a.max_shrink;
+  o["clip"] = a.clip;
+  o["fold_only"] = a.fold_only;
+  o["loss"] = a.loss;
+  o["loss_samples"] = a.loss_samples;
+  o["inputs"] = a.fp_inputs ? "fp" : "quantized";
+  return o;
+}
+
 }  // namespace
 
 QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
@@ -131,7 +191,10 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
   refuse_output_overlap(opt.output, opt.awq.data, "--data");
   refuse_output_overlap(opt.output, opt.eval_text, "--eval-text");
   refuse_output_overlap(opt.awq.dump, opt.input, "the input workspace");
-  StagingDir staging(opt.output, opt.force);  // refuses an existing output before any work
+  // Refuses an existing output before any work. With --resume, an interrupted run's staging directory is taken over.
+  std::function<bool(const fs::path&)> adoptable;
+  if (opt.resume) adoptable = [](const fs::path& dir) { return fs::is_regular_file(dir / kResumeDir / "state.json"); };
+  StagingDir staging(opt.output, opt.force, adoptable);
   Workspace src(opt.input);
   const std::string src_label = (opt.input / kWorkspaceFile).string();
   const WeightQuantization existing = weight_quantization_from_json(src.info().json, src_label);
@@ -167,67 +230,166 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
     out_bytes += plan.back().nbytes();
   }
 
-  // Disk space for the output (and, checked by the planner, for spilled activations) before any weight is read.
-  calib::require_free_space(staging.path(), out_bytes, "the quantized workspace");
+  // Disk space for the output (and, checked by the planner, for spilled activations) before any weight is read. With
+  // --resume the layers' results are kept as files until the output is complete: about twice the output.
+  calib::require_free_space(staging.path(), opt.resume ? 2 * out_bytes : out_bytes, "the quantized workspace");
   if (!opt.eval_text.empty()) require_regular_file(opt.eval_text);
   if (awq || !opt.eval_text.empty()) Tokenizer::load(locate_tokenizer_files(opt.input));  // fails here, not at the end
 
-  // AWQ searches layer by layer while the output is written: a layer's tensors are transformed with its plan as soon
-  // as it has been searched, so only one layer's weights are ever widened at a time.
-  std::unique_ptr<AwqPlanner> planner;
-  if (awq)
-    planner = std::make_unique<AwqPlanner>(src, opt.awq, opt.group_size, opt.threads, opt.progress,
-                                           staging.path() / ".awq-activations");
+  const int64_t num_layers = src.spec().num_layers;
+  std::unique_ptr<ResumeState> resume;
+  if (opt.resume) {
+    // What the interrupted run left besides its results (partial shards, a spill file) is rewritten from scratch.
+    std::vector<fs::path> stale;
+    for (const auto& e : fs::directory_iterator(staging.path()))
+      if (e.path().filename() != kResumeDir) stale.push_back(e.path());
+    for (const fs::path& p : stale) fs::remove_all(p);
+    try {
+      resume = std::make_unique<ResumeState>(staging.path() / kResumeDir, resume_options(src, opt), awq,
+                                             opt.output.string());
+    } catch (const Error&) {
+      if (!staging.adopted_from().empty()) staging.keep();  // refused, not discarded: the right options can resume
+      throw;
+    }
+    if (resume->layers_done() > 0)
+      std::fprintf(stderr, "kiln quantize: resuming %s at layer %lld of %lld from an interrupted run's results\n",
+                   opt.output.c_str(), static_cast<long long>(resume->layers_done()),
+                   static_cast<long long>(num_layers));
+    else
+      std::fprintf(stderr, "kiln quantize: no finished layers to resume for %s; starting at layer 0\n",
+                   opt.output.c_str());
+  }
 
-  WorkspaceWriter writer(staging.path(), plan, opt.max_shard_bytes);
   QuantizeResult result;
   ordered_json awq_json;
-  {
-    Progress progress("quantizing", in_bytes, opt.progress && !awq);  // AWQ shows its per-layer bar instead
+  std::unique_ptr<AwqPlanner> planner;
+  WorkspaceWriter writer(staging.path(), plan, opt.max_shard_bytes);
+  try {
+    // AWQ searches layer by layer while the output is written: a layer's tensors are transformed with its plan as
+    // soon as it has been searched, so only one layer's weights are ever widened at a time.
+    if (awq) {
+      planner = std::make_unique<AwqPlanner>(src, opt.awq, opt.group_size, opt.threads, opt.progress,
+                                             staging.path() / ".awq-activations");
+      if (resume && resume->layers_done() > 0) {
+        std::vector<std::pair<double, double>> seconds;
+        for (int64_t l = 0; l < resume->layers_done(); ++l)
+          seconds.emplace_back(resume->record(l).value("seconds", 0.0), resume->record(l).value("cpu_seconds", 0.0));
+        planner->skip_finished(resume->layers_done(), resume->stream_file(), seconds);
+      }
+    }
+    if (resume) result.resumed_layers = resume->layers_done();
     std::vector<float> wide;
+    auto produced = [&](const CanonicalTensor& c) {
+      return q.covers(c.suffix) || (awq && c.layer >= 0 && awq_touches(c.suffix));
+    };
+    // A tensor that is not copied verbatim: transformed (AWQ) and quantized (int4) or rounded back to its dtype.
+    auto produce = [&](const CanonicalTensor& c, TensorSink& sink) {
+      const Workspace::Tensor& t = src.get(c.name);
+      wide.resize(size_t(t.info->numel()));
+      convert_to_f32(dtype, t.data(), wide.data(), wide.size());
+      const int64_t cols = c.shape.size() > 1 ? c.shape[1] : 1;
+      if (awq)
+        awq_transform(src.spec(), planner->layer(c.layer), c.suffix, wide.data(), c.shape[0], cols, opt.group_size);
+      if (!q.covers(c.suffix)) {
+        write_in_dtype(sink, dtype, wide, c.name);
+      } else {
+        Int4Matrix m = quantize_int4(wide.data(), c.shape[0], c.shape[1], q.group_size, c.name);
+        sink.begin_tensor();
+        sink.write(m.qweight.data(), m.qweight.size());
+        sink.begin_tensor();
+        sink.write(m.scales.data(), m.scales.size() * 2);  // fp16 bits, little-endian on every supported host
+        sink.begin_tensor();
+        sink.write(m.zeros.data(), m.zeros.size());
+      }
+      t.file->file().dont_need(t.file->data_start() + t.info->begin, t.info->nbytes());
+    };
+    // --resume: layer l's produced tensors go to its own file first, which is then recorded as finished.
+    auto finish_layer = [&](int64_t l) {
+      const auto t0 = std::chrono::steady_clock::now();
+      const double c0 = calib::process_cpu_seconds();
+      resume->begin_layer();
+      ResumeSink sink(*resume);
+      for (const CanonicalTensor& c : source_list) {
+        if (c.layer != l || !produced(c)) continue;
+        check_interrupt();
+        produce(c, sink);
+      }
+      ordered_json record = {{"layer", l}};
+      std::function<std::string(const fs::path&)> save;
+      if (planner) {
+        record["awq"] = awq_layer_json(planner->layer(l));
+        record["seconds"] = planner->so_far().layer_seconds[size_t(l)].first;
+        record["cpu_seconds"] = planner->so_far().layer_seconds[size_t(l)].second;
+        if (l + 1 < num_layers) save = [&](const fs::path& f) { return planner->save_stream(f); };
+      } else {
+        record["seconds"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        record["cpu_seconds"] = calib::process_cpu_seconds() - c0;
+      }
+      resume->end_layer(record, save);
+      test_signal_after_layer(l);
+    };
+
+    Progress progress("quantizing", in_bytes, opt.progress && !awq);  // AWQ shows its per-layer bar instead
+    WriterSink direct(writer);
+    size_t pi = 0;  // the plan entry of the next begin_tensor
+    int64_t current = -1;
+    uint64_t layer_off = 0;
     for (const CanonicalTensor& c : source_list) {
       check_interrupt();
       const Workspace::Tensor& t = src.get(c.name);
       const uint64_t n = t.info->nbytes();
       const MappedFile& file = t.file->file();
       const uint64_t off = t.file->data_start() + t.info->begin;
-      const bool touched = awq && c.layer >= 0 && awq_touches(c.suffix);
-      if (!q.covers(c.suffix) && !touched) {
+      const size_t parts = q.covers(c.suffix) ? 3 : 1;  // qweight, scales, zeros
+      if (!produced(c)) {
         writer.begin_tensor();
         writer.copy_range(file, off, size_t(n), [&file, off, n] { file.dont_need(off, n); });  // bit-exact
-      } else if (!q.covers(c.suffix)) {
-        wide.resize(size_t(t.info->numel()));
-        convert_to_f32(dtype, t.data(), wide.data(), wide.size());
-        const int64_t cols = c.shape.size() > 1 ? c.shape[1] : 1;
-        awq_transform(src.spec(), planner->layer(c.layer), c.suffix, wide.data(), c.shape[0], cols, opt.group_size);
-        write_in_dtype(writer, dtype, wide, c.name);
-        file.dont_need(off, n);
+      } else if (!resume || c.layer < 0) {
+        produce(c, direct);
       } else {
-        wide.resize(size_t(t.info->numel()));
-        convert_to_f32(dtype, t.data(), wide.data(), wide.size());
-        if (awq)
-          awq_transform(src.spec(), planner->layer(c.layer), c.suffix, wide.data(), c.shape[0], c.shape[1],
-                        opt.group_size);
-        Int4Matrix m = quantize_int4(wide.data(), c.shape[0], c.shape[1], q.group_size, c.name);
-        writer.begin_tensor();
-        writer.write(m.qweight.data(), m.qweight.size());
-        writer.begin_tensor();
-        writer.write(m.scales.data(), m.scales.size() * 2);  // fp16 bits, little-endian on every supported host
-        writer.begin_tensor();
-        writer.write(m.zeros.data(), m.zeros.size());
-        file.dont_need(off, n);
-        result.tensors_quantized++;
+        if (c.layer != current) {
+          current = c.layer;
+          while (resume->layers_done() <= current) finish_layer(resume->layers_done());
+          layer_off = 0;
+        }
+        const MappedFile& saved = resume->layer_file(current);
+        for (size_t k = 0; k < parts; ++k) {
+          const uint64_t bytes = plan[pi + k].nbytes();
+          if (layer_off + bytes > saved.size())
+            throw Error(saved.path() + ": shorter than the layer's tensors; rerun without --resume");
+          writer.begin_tensor();
+          writer.copy_range(saved, layer_off, size_t(bytes),
+                            [&saved, layer_off, bytes] { saved.dont_need(layer_off, bytes); });
+          layer_off += bytes;
+        }
       }
+      if (q.covers(c.suffix)) result.tensors_quantized++;
+      pi += parts;
       progress.advance(n);
     }
     progress.finish();
-  }
-  if (planner) {
-    const AwqPlan& done = planner->finish();
-    awq_json = awq_document(done, opt);
-    result.awq_layer_seconds = done.layer_seconds;
-    result.awq_spilled = done.spilled;
-    planner.reset();  // frees the stream and removes its spill file before the staging directory is committed
+    if (planner) {
+      const AwqPlan& done = planner->finish();
+      ordered_json layers = ordered_json::array();
+      for (int64_t l = 0; l < num_layers; ++l)
+        layers.push_back(l < result.resumed_layers ? ordered_json::parse(resume->record(l).at("awq").dump())
+                                                   : awq_layer_json(done.layers[size_t(l)]));
+      awq_json = awq_document(done, layers, opt);
+      result.awq_layer_seconds = done.layer_seconds;
+      result.awq_spilled = done.spilled;
+      planner.reset();  // frees the stream and removes its spill file before the staging directory is committed
+    }
+  } catch (...) {
+    planner.reset();
+    if (resume && resume->layers_done() > 0) {
+      staging.keep();
+      std::fprintf(stderr,
+                   "kiln quantize: %lld of %lld layers are finished and kept in %s; the same command with --resume "
+                   "continues from there\n",
+                   static_cast<long long>(resume->layers_done()), static_cast<long long>(num_layers),
+                   staging.path().c_str());
+    }
+    throw;
   }
 
   // Every non-weight file of the source (tokenizer files, chat template, generation config) is copied verbatim.
@@ -237,6 +399,10 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
     writer.copy_file(src.info().dir / name, name);
   }
   result.kiln_json = writer.finish(output_document(src, q, plan, out_bytes, writer.weight_files(), opt, awq_json));
+  if (resume) {
+    resume.reset();
+    fs::remove_all(staging.path() / kResumeDir);  // the layers' results are in the shards now
+  }
   result.input_bytes = in_bytes;
   result.output_bytes = out_bytes;
   check_interrupt();

@@ -24,6 +24,9 @@ struct QuantizeOptions {
   std::string kv_cache;  // quantization.kv_cache.dtype of the output (fp32|fp16|bf16); empty: the input's
   bool force = false;
   bool progress = false;
+  // Keep each finished layer's results in the staging directory (kept when interrupted), and continue from those of
+  // an interrupted run with the same input and options (quant/quantize_resume.h).
+  bool resume = false;
   uint64_t max_shard_bytes = uint64_t(2048) << 20;
   std::string command;  // normalized command line for provenance (no output path)
   // Quality report: PPL / KLD / top-1 of the quantized model against the input on held-out text.
@@ -48,6 +51,7 @@ struct QuantizeResult {
   bool gate_failed = false;                                  // the output was not committed
   std::vector<std::pair<double, double>> awq_layer_seconds;  // AWQ: wall and CPU seconds of each layer's search
   bool awq_spilled = false;                                  // AWQ: the calibration activations went to disk
+  int64_t resumed_layers = 0;                                // --resume: layers taken from an interrupted run's results
 };
 
 // Throws kiln::Error (one sentence naming the file, tensor or option) on bad input; nothing is left behind.

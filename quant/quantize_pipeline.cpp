@@ -22,6 +22,8 @@ QuantizeSummary quantize_weights_and_kv(const QuantizeOptions& opt, KvQuantizeOp
     return s;
   }
   if (opt.max_ppl_increase && opt.eval_text.empty()) throw Error("--max-ppl-increase needs --eval-text");
+  // The int4 weights of this path go to a sibling named after the process, which a later run cannot find again.
+  if (opt.resume) throw Error("--resume is not supported with --kv-cache int8; quantize the weights first");
   kv.output = opt.output;
   kv.force = opt.force;
   kv.max_shard_bytes = opt.max_shard_bytes;

@@ -42,6 +42,7 @@ void print_summary(const QuantizeOptions& opt, const QuantizeSummary& s, double 
       out["tensors_quantized"] = s.weights->tensors_quantized;
       out["input_weight_bytes"] = s.weights->input_bytes;
       out["output_weight_bytes"] = s.weights->output_bytes;
+      if (opt.resume) out["resumed_layers"] = s.weights->resumed_layers;
       if (!s.weights->awq_layer_seconds.empty()) {
         nlohmann::ordered_json layers = nlohmann::ordered_json::array();
         for (size_t i = 0; i < s.weights->awq_layer_seconds.size(); ++i)
@@ -164,6 +165,9 @@ Action setup_quantize(CLI::App& sub) {
       ->capture_default_str();
   sub.add_option("--kv-stats", kv->stats, "kiln calibrate stats file of this model (for --kv-mode static)");
   sub.add_flag("--force", opt->force, "Replace an existing output (only once the new one is complete)");
+  sub.add_flag("--resume", opt->resume,
+               "Keep each finished layer in the staging directory (kept when interrupted) and continue from an "
+               "interrupted --resume run with the same input and options");
   sub.add_flag("--json", *json_out, "Print a JSON summary on stdout");
   sub.footer(
       "Linear layers become 4-bit with an fp16 scale and a 4-bit zero point per group (docs/int4_layout.md);\n"

@@ -66,7 +66,10 @@ void remove_stale_staging(const fs::path& destination) {
   }
 }
 
-StagingDir::StagingDir(const fs::path& destination, bool force) : destination_(destination), force_(force) {
+StagingDir::StagingDir(const fs::path& destination, bool force) : StagingDir(destination, force, nullptr) {}
+
+StagingDir::StagingDir(const fs::path& destination, bool force, const std::function<bool(const fs::path&)>& adoptable)
+    : destination_(destination), force_(force) {
   if (destination_.filename().empty()) destination_ = destination_.parent_path();
   std::error_code ec;
   if (fs::exists(destination_, ec) && !force_)
@@ -74,15 +77,33 @@ StagingDir::StagingDir(const fs::path& destination, bool force) : destination_(d
   fs::path parent = destination_.parent_path().empty() ? fs::path(".") : destination_.parent_path();
   fs::create_directories(parent, ec);  // like mkdir -p; only the destination itself is atomic
   if (!fs::is_directory(parent, ec)) throw Error(parent.string() + ": cannot create the output's parent directory");
-  remove_stale_staging(destination_);
   staging_ = process_sibling(destination_, "kiln-tmp");
+  if (adoptable) {
+    // The newest staging directory of a dead kiln that the caller can continue from, renamed before the sweep below.
+    fs::path best;
+    fs::file_time_type best_time{};
+    const std::string name = destination_.filename().string();
+    for (const auto& e : fs::directory_iterator(parent, ec)) {
+      std::optional<pid_t> pid = sibling_pid(e.path().filename().string(), name, "kiln-tmp");
+      if (!pid || !process_is_gone(*pid) || !fs::is_directory(e.symlink_status(ec)) || !adoptable(e.path())) continue;
+      const fs::file_time_type t = fs::last_write_time(e.path(), ec);
+      if (best.empty() || t > best_time) best = e.path(), best_time = t;
+    }
+    if (!best.empty()) {
+      fs::remove_all(staging_, ec);
+      fs::rename(best, staging_, ec);  // fails harmlessly when another kiln took it first
+      if (!ec) adopted_from_ = best;
+    }
+  }
+  remove_stale_staging(destination_);
+  if (!adopted_from_.empty()) return;
   fs::remove_all(staging_, ec);
   if (!fs::create_directory(staging_, ec))
     throw Error(staging_.string() + ": cannot create staging directory: " + ec.message());
 }
 
 StagingDir::~StagingDir() {
-  if (!committed_) {
+  if (!committed_ && !kept_) {
     std::error_code ec;
     fs::remove_all(staging_, ec);
   }

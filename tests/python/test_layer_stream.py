@@ -21,6 +21,8 @@ from conftest import DATA, copy_tokenizer, kiln_binary, run_kiln
 HIDDEN, INTER, HEADS, VOCAB = 384, 1024, 6, 32000
 LAYER_BYTES = 4 * (4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTER)  # one decoder layer's linear weights, fp32
 CALIB = DATA / "text" / "devils_dictionary_calib.txt"
+# The quality report streams too (both models advance one layer at a time over the eval windows).
+EVAL = ("--eval-text", DATA / "text" / "devils_dictionary_eval.txt", "--eval-ctx", 64, "--eval-tokens", 128)
 
 
 def write_checkpoint(out, layers, tokenizer_from):
@@ -96,8 +98,11 @@ def test_peak_rss_does_not_grow_with_layers(stacks):
     for layers in (4, 16):
         rss["calibrate", layers] = run_measured("calibrate", ws[layers], "--data", CALIB, "--samples", 2, "--seqlen",
                                                 64, "-o", root / f"stats{layers}.safetensors", "--json", "--force")
-        rss["awq", layers] = run_measured("quantize", ws[layers], "-o", root / f"awq{layers}", *AWQ, "--force")
-    for cmd in ("calibrate", "awq"):
+        rss["awq", layers] = run_measured("quantize", ws[layers], "-o", root / f"awq{layers}", *AWQ, *EVAL,
+                                          "--force")
+        rss["rtn", layers] = run_measured("quantize", ws[layers], "-o", root / f"rtn{layers}", "--method", "rtn",
+                                          "--group-size", 64, *EVAL, "--force")
+    for cmd in ("calibrate", "awq", "rtn"):
         grow = rss[cmd, 16] - rss[cmd, 4]
         # 12 more layers would add 12 layers' weights (85 MB) if anything were kept per layer.
         assert grow < LAYER_BYTES, f"{cmd}: peak RSS {rss[cmd, 4]} -> {rss[cmd, 16]} (+{grow} B, layer {LAYER_BYTES} B)"

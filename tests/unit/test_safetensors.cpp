@@ -1,4 +1,5 @@
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -117,5 +118,41 @@ TEST(StagingDir, RemovedUnlessCommitted) {
   }
   EXPECT_FALSE(fs::exists(dest / "a"));
   EXPECT_EQ(read_text_file(dest / "b"), "2");
+  fs::remove_all(root);
+}
+
+// quantize --resume: the newest acceptable staging directory of a dead process is taken over (renamed to ours), the
+// others are swept; keep() leaves it in place.
+TEST(StagingDir, AdoptsADeadRunsDirectory) {
+  fs::path root = fs::temp_directory_path() / ("kiln-adopt-" + std::to_string(::getpid()));
+  fs::create_directories(root);
+  const pid_t dead = ::fork();
+  if (dead == 0) ::_exit(0);
+  ASSERT_GT(dead, 0);
+  int status = 0;
+  ::waitpid(dead, &status, 0);  // reaped: the PID names no process now
+  const fs::path theirs = root / (".ws.kiln-tmp-" + std::to_string(dead));
+  fs::create_directories(theirs);
+  write_text_file(theirs / "state", "layers");
+  auto adoptable = [](const fs::path& d) { return fs::exists(d / "state"); };
+  fs::path kept;
+  {
+    StagingDir s(root / "ws", false, adoptable);
+    EXPECT_EQ(s.adopted_from(), theirs);
+    EXPECT_EQ(read_text_file(s.path() / "state"), "layers");
+    EXPECT_FALSE(fs::exists(theirs));
+    kept = s.path();
+    s.keep();
+  }
+  EXPECT_TRUE(fs::exists(kept / "state"));
+  fs::rename(kept, theirs);
+  {
+    // Not acceptable: an empty directory, and the dead run's is swept.
+    StagingDir s(root / "ws", false, [](const fs::path&) { return false; });
+    EXPECT_TRUE(s.adopted_from().empty());
+    EXPECT_TRUE(fs::is_empty(s.path()));
+    EXPECT_FALSE(fs::exists(theirs));
+  }
+  EXPECT_TRUE(fs::is_empty(root));
   fs::remove_all(root);
 }
