@@ -76,6 +76,8 @@ class Model {
 
  private:
   void load(const Workspace& ws);
+  // Prefix LM (ModelSpec::prefix_lm): the sequence's bidirectional prefix and position anchor from its first tokens.
+  void start_prefix_lm(KvSequence& kv, std::span<const int32_t> tokens) const;
 
   ModelSpec spec_;
   ModelGraph graph_;

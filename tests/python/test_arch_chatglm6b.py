@@ -1,0 +1,191 @@
+"""ChatGLM-6B (v1: ChatGLMForConditionalGeneration with inner_hidden_size / position_encoding_2d) through convert,
+eval and generate, against its own model code.
+
+Oracle: the GLMBlock / SelfAttention / GLU / RotaryEmbedding / attention_fn / rotate_half /
+apply_rotary_pos_emb_index / gelu classes and functions of modelscope 1.9.5 (modelscope/models/nlp/chatglm/
+text_generation.py), taken from the installed package by name and run unchanged (the module's own imports pull in
+modelscope's hub client; these pieces need only torch), together with ChatGLMPreTrainedModel.get_masks and
+get_position_ids, also taken unchanged, which define the prefix-LM mask (tokens before <sop> see each other both
+ways) and the 2D position ids ([gMASK]'s position and 1, 2, ... from <sop> on). The glue is ChatGLMModel.forward's
+(embedding, blocks with their layer ids, final LayerNorm, lm_head). The checkpoint is that module's state dict, so
+its tensor names are the real ones. Each greedy step recomputes the whole sequence, which is what the reference's
+cached decoding computes (generated tokens are causal).
+"""
+import ast
+import importlib.util
+import json
+import math
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file as load_np
+from safetensors.torch import save_file
+
+from conftest import convert_refused, run_kiln
+
+VOCAB, MASK, GMASK, SOP, EOP = 640, 630, 631, 634, 635
+LAYERS = 2
+
+
+def reference_namespace():
+    spec = importlib.util.find_spec("modelscope")
+    assert spec is not None, "modelscope is not installed (scripts/setup.sh installs it without dependencies)"
+    path = Path(spec.origin).parent / "models" / "nlp" / "chatglm" / "text_generation.py"
+    tree = ast.parse(path.read_text())
+    wanted = {"gelu_impl", "gelu", "RotaryEmbedding", "rotate_half", "apply_rotary_pos_emb_index", "attention_fn",
+              "SelfAttention", "GLU", "GLMBlock"}
+    body = [n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name in wanted]
+    assert {n.name for n in body} == wanted
+    pre = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ChatGLMPreTrainedModel")
+    methods = [n for n in pre.body if isinstance(n, ast.FunctionDef) and n.name in ("get_masks", "get_position_ids")]
+    assert len(methods) == 2
+    from typing import Optional, Tuple
+    ns = {"__name__": "chatglm6b_reference", "torch": torch, "nn": torch.nn, "F": torch.nn.functional, "math": math, "LayerNorm": torch.nn.LayerNorm,
+          "skip_init": torch.nn.utils.skip_init, "Optional": Optional, "Tuple": Tuple}
+    exec(compile(ast.Module(body=body + methods, type_ignores=[]), str(path), "exec"), ns)
+    return ns
+
+
+class Reference(torch.nn.Module):
+    """ChatGLMForConditionalGeneration's modules under their names, and ChatGLMModel.forward without a cache."""
+
+    def __init__(self, ns, cfg):
+        super().__init__()
+        self.ns, self.config = ns, types.SimpleNamespace(**cfg)
+        self.position_encoding_2d = True
+        self.transformer = torch.nn.Module()
+        t = self.transformer
+        t.word_embeddings = torch.nn.Embedding(cfg["vocab_size"], cfg["hidden_size"])
+        t.layers = torch.nn.ModuleList([ns["GLMBlock"](
+            cfg["hidden_size"], cfg["num_attention_heads"], cfg["layernorm_epsilon"], i,
+            inner_hidden_size=cfg["inner_hidden_size"],
+            hidden_size_per_attention_head=cfg["hidden_size"] // cfg["num_attention_heads"],
+            layernorm=torch.nn.LayerNorm, use_bias=True, params_dtype=torch.float, num_layers=cfg["num_layers"],
+            position_encoding_2d=True) for i in range(cfg["num_layers"])])
+        t.final_layernorm = torch.nn.LayerNorm(cfg["hidden_size"], eps=cfg["layernorm_epsilon"])
+        self.lm_head = torch.nn.Linear(cfg["hidden_size"], cfg["vocab_size"], bias=False)
+
+    def forward(self, input_ids):
+        get_masks = self.ns["get_masks"].__get__(self)
+        get_position_ids = self.ns["get_position_ids"].__get__(self)
+        mask_token = GMASK if GMASK in input_ids else MASK
+        mask_positions = [seq.tolist().index(mask_token) for seq in input_ids]
+        attention_mask = get_masks(input_ids, device=input_ids.device)
+        position_ids = get_position_ids(input_ids, mask_positions=mask_positions, device=input_ids.device,
+                                        gmask=GMASK in input_ids)
+        h = self.transformer.word_embeddings(input_ids).transpose(0, 1)
+        for i, layer in enumerate(self.transformer.layers):
+            h = layer(h, position_ids=position_ids, attention_mask=attention_mask, layer_id=torch.tensor(i))[0]
+        h = self.transformer.final_layernorm(h)
+        return self.lm_head(h).permute(1, 0, 2).contiguous()
+
+
+def chatglm6b_config(**over):
+    """config.json of a tiny ChatGLM-6B checkpoint: the keys (and the defaults) of THUDM/chatglm-6b."""
+    cfg = {"architectures": ["ChatGLMModel"], "model_type": "chatglm",
+           "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                        "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"},
+           "bos_token_id": SOP, "eos_token_id": EOP, "mask_token_id": MASK, "gmask_token_id": GMASK,
+           "pad_token_id": 3, "hidden_size": 64, "inner_hidden_size": 256, "layernorm_epsilon": 1e-05,
+           "max_sequence_length": 256, "num_attention_heads": 4, "num_layers": LAYERS, "position_encoding_2d": True,
+           "torch_dtype": "float32", "use_cache": True, "vocab_size": VOCAB}
+    cfg.update(over)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def glm6b(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chatglm6b")
+    ns = reference_namespace()
+    torch.manual_seed(0)
+    model = Reference(ns, chatglm6b_config())
+    with torch.no_grad():  # skip_init leaves the linears uninitialized
+        for name, p in model.named_parameters():
+            if "layernorm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.1 if p.dim() == 2 else 0.05)
+    model = model.float().eval()
+    sd = {k: v.contiguous().clone() for k, v in model.state_dict().items()}
+    st, binary = root / "st", root / "bin"
+    for d in (st, binary):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(chatglm6b_config(), indent=2))
+    save_file(sd, str(st / "model.safetensors"), metadata={"format": "pt"})
+    torch.save(sd, binary / "pytorch_model.bin")
+    ws = root / "ws"
+    run_kiln("convert", st, "-o", ws)
+    return {"model": model, "st": st, "bin": binary, "ws": ws}
+
+
+def prompt(n=12, seed=7):
+    rng = np.random.default_rng(seed)
+    return [int(x) for x in rng.integers(5, 600, size=n)] + [GMASK, SOP]
+
+
+def test_inspect_and_bin_converts_identically(glm6b, tmp_path):
+    info = json.loads(run_kiln("inspect", glm6b["ws"], "--json").stdout)
+    assert info["model"]["family"] == "chatglm_v1", info["model"]
+    other = tmp_path / "ws-bin"
+    run_kiln("convert", glm6b["bin"], "-o", other)
+    weights = sorted(p.name for p in glm6b["ws"].glob("weights-*.safetensors"))
+    assert weights and weights == sorted(p.name for p in other.glob("weights-*.safetensors"))
+    for name in weights:
+        assert (glm6b["ws"] / name).read_bytes() == (other / name).read_bytes()
+
+
+def test_logits_match_reference(glm6b, tmp_path):
+    """A prompt (context, [gMASK], <sop>) and 6 continuation tokens in one forward: the context rows attend both
+    ways, the rest causally, under 2D positions."""
+    ids = prompt() + [17, 230, 5, 99, 410, 7]
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    out = tmp_path / "logits.safetensors"
+    run_kiln("eval", glm6b["ws"], "--tokens", tmp_path / "ids.json", "--ctx", len(ids), "--save-logits", out,
+             "--kv-cache", "fp32")
+    ours = load_np(str(out))["logits"]
+    with torch.no_grad():
+        ref = glm6b["model"](torch.tensor([ids]))[0].numpy()
+    assert ours.shape[0] in (len(ids), len(ids) - 1)
+    diff = float(np.abs(ours - ref[: ours.shape[0]]).max())
+    print(f"chatglm-6b: max |logit diff| = {diff:.3g}")
+    assert diff <= 1e-3
+    # The prefix is bidirectional: a context row's logits depend on later context tokens.
+    with torch.no_grad():
+        changed = glm6b["model"](torch.tensor([ids[:5] + [ids[5] + 1] + ids[6:]]))[0].numpy()
+    assert np.abs(changed[2] - ref[2]).max() > 1e-3
+
+
+def test_greedy_32_tokens_match(glm6b, tmp_path):
+    ids = prompt(10, seed=3)
+    model, seq, margins = glm6b["model"], list(ids), []
+    with torch.no_grad():
+        for _ in range(32):
+            logits = model(torch.tensor([seq]))[0, -1]
+            top = torch.topk(logits, 2).values
+            margins.append(float(top[0] - top[1]))
+            seq.append(int(torch.argmax(logits)))
+    assert min(margins) > 1e-3, margins
+    (tmp_path / "p.json").write_text(json.dumps(ids))
+    res = json.loads(run_kiln("generate", glm6b["ws"], "--tokens", tmp_path / "p.json", "-n", 32, "--kv-cache",
+                              "fp32", "--ignore-eos", "--json").stdout)
+    assert res["token_ids"] == seq[len(ids):]
+
+
+def test_prompt_without_sop_is_refused(glm6b, tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps(prompt()[:-1]))
+    r = run_kiln("generate", glm6b["ws"], "--tokens", tmp_path / "p.json", "-n", 4, check=False)
+    assert r.returncode == 1 and "<sop>" in r.stderr.strip().splitlines()[-1], r.stderr
+
+
+@pytest.mark.parametrize("key,value", [("position_encoding_2d", False), ("pre_seq_len", 8), ("quantization_bit", 4)])
+def test_unsupported_variants_are_refused(glm6b, key, value, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps(chatglm6b_config(**{key: value})))
+    (src / "model.safetensors").write_bytes((glm6b["st"] / "model.safetensors").read_bytes())
+    line = convert_refused(src, tmp_path)
+    assert f"'{key}'" in line, line
