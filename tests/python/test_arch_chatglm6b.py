@@ -1,7 +1,13 @@
 """ChatGLM-6B (v1: ChatGLMForConditionalGeneration with inner_hidden_size / position_encoding_2d) through convert,
-eval and generate, against its own model code.
+eval and generate, and its ice_text.model tokenizer, against its own model and tokenizer code.
 
-Oracle: the GLMBlock / SelfAttention / GLU / RotaryEmbedding / attention_fn / rotate_half /
+Oracle for the tokenizer: modelscope 1.9.5's ChatGLMTokenizer (models/nlp/chatglm/tokenization.py: SPTokenizer's
+newline / tab / blank rewriting and num_image_tokens shift, the class's special tokens, build_inputs_with_special_tokens
+appending [gMASK] <sop>), run as tokenize -> convert_tokens_to_ids -> build_inputs_with_special_tokens (its _pad does
+not take transformers 5's padding_side, so __call__ cannot run), over a SentencePiece model trained here with the
+command and whitespace pieces as user-defined symbols, as ice_text.model has them.
+
+Oracle for the model: the GLMBlock / SelfAttention / GLU / RotaryEmbedding / attention_fn / rotate_half /
 apply_rotary_pos_emb_index / gelu classes and functions of modelscope 1.9.5 (modelscope/models/nlp/chatglm/
 text_generation.py), taken from the installed package by name and run unchanged (the module's own imports pull in
 modelscope's hub client; these pieces need only torch), together with ChatGLMPreTrainedModel.get_masks and
@@ -13,6 +19,7 @@ cached decoding computes (generated tokens are causal).
 """
 import ast
 import importlib.util
+import io
 import json
 import math
 import types
@@ -20,14 +27,58 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
 
-from conftest import convert_refused, run_kiln
+from conftest import REPO, convert_refused, run_kiln
+from reference_code import load_modelscope_file
+from test_tokenizer import CORPUS, kiln_decode_lines, kiln_lines
 
-VOCAB, MASK, GMASK, SOP, EOP = 640, 630, 631, 634, 635
+# ids as the tokenizer below gives them: num_image_tokens 20, then <unk> <s> </s> and the user-defined pieces
+NUM_IMAGE_TOKENS = 20
+VOCAB, END, PAD, MASK, GMASK, SOP, EOP = 640, 22, 23, 24, 25, 28, 29
 LAYERS = 2
+CALIB = REPO / "tests" / "data" / "text" / "devils_dictionary_calib.txt"
+CHINESE = ["你好，请问今天天气怎么样？", "问：什么是机器学习？\n答：机器学习是人工智能的一个分支。"]
+PIECES = (["<pad>", "[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>", "<n>", "<|tab|>"] +
+          [f"<|blank_{i}|>" for i in range(2, 81)])
+
+
+# THUDM/chatglm-6b's tokenizer_config.json keys, with this vocabulary's num_image_tokens.
+TOKENIZER_CONFIG = {
+    "name_or_path": "THUDM/chatglm-6b", "bos_token": "<sop>", "eos_token": "<eop>", "end_token": "</s>",
+    "gmask_token": "[gMASK]", "mask_token": "[MASK]", "pad_token": "<pad>", "unk_token": "<unk>",
+    "remove_space": False, "do_lower_case": False, "num_image_tokens": NUM_IMAGE_TOKENS,
+    "tokenizer_class": "ChatGLMTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}}
+
+
+def train_ice_text(path):
+    lines = CALIB.read_text(encoding="utf-8").splitlines()[:400] + CHINESE * 3
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=600,
+                                   model_type="unigram", user_defined_symbols=PIECES, byte_fallback=True,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   add_dummy_prefix=True, character_coverage=1.0, hard_vocab_limit=False,
+                                   minloglevel=2)
+    path.write_bytes(buf.getvalue())
+
+
+def reference_tokenizer(model_file):
+    """ChatGLMTokenizer with the keyword arguments from_pretrained passes it from tokenizer_config.json."""
+    tok = load_modelscope_file("models/nlp/chatglm/tokenization.py", "chatglm_tokenization")
+    kwargs = {k: v for k, v in TOKENIZER_CONFIG.items() if k not in ("name_or_path", "tokenizer_class", "auto_map")}
+    return tok.ChatGLMTokenizer(vocab_file=str(model_file), **kwargs)
+
+
+def reference_ids(tok, text):
+    return tok.build_inputs_with_special_tokens(tok.convert_tokens_to_ids(tok.tokenize(text)))
+
+
+def write_tokenizer(dst, model_file):
+    (dst / "ice_text.model").write_bytes(model_file.read_bytes())
+    (dst / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
 
 
 def reference_namespace():
@@ -90,7 +141,7 @@ def chatglm6b_config(**over):
                         "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
                         "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"},
            "bos_token_id": SOP, "eos_token_id": EOP, "mask_token_id": MASK, "gmask_token_id": GMASK,
-           "pad_token_id": 3, "hidden_size": 64, "inner_hidden_size": 256, "layernorm_epsilon": 1e-05,
+           "pad_token_id": PAD, "hidden_size": 64, "inner_hidden_size": 256, "layernorm_epsilon": 1e-05,
            "max_sequence_length": 256, "num_attention_heads": 4, "num_layers": LAYERS, "position_encoding_2d": True,
            "torch_dtype": "float32", "use_cache": True, "vocab_size": VOCAB}
     cfg.update(over)
@@ -100,6 +151,12 @@ def chatglm6b_config(**over):
 @pytest.fixture(scope="module")
 def glm6b(tmp_path_factory):
     root = tmp_path_factory.mktemp("chatglm6b")
+    sp_model = root / "ice_text.model"
+    train_ice_text(sp_model)
+    ref_tok = reference_tokenizer(sp_model)
+    assert [ref_tok.convert_tokens_to_ids(t) for t in ("</s>", "<pad>", "[MASK]", "[gMASK]", "<sop>", "<eop>")] == [
+        END, PAD, MASK, GMASK, SOP, EOP]
+    assert NUM_IMAGE_TOKENS + ref_tok.sp_tokenizer.num_text_tokens <= VOCAB
     ns = reference_namespace()
     torch.manual_seed(0)
     model = Reference(ns, chatglm6b_config())
@@ -115,16 +172,17 @@ def glm6b(tmp_path_factory):
     for d in (st, binary):
         d.mkdir()
         (d / "config.json").write_text(json.dumps(chatglm6b_config(), indent=2))
+        write_tokenizer(d, sp_model)
     save_file(sd, str(st / "model.safetensors"), metadata={"format": "pt"})
     torch.save(sd, binary / "pytorch_model.bin")
     ws = root / "ws"
     run_kiln("convert", st, "-o", ws)
-    return {"model": model, "st": st, "bin": binary, "ws": ws}
+    return {"model": model, "st": st, "bin": binary, "ws": ws, "tok": ref_tok}
 
 
 def prompt(n=12, seed=7):
     rng = np.random.default_rng(seed)
-    return [int(x) for x in rng.integers(5, 600, size=n)] + [GMASK, SOP]
+    return [int(x) for x in rng.integers(31, 600, size=n)] + [GMASK, SOP]
 
 
 def test_inspect_and_bin_converts_identically(glm6b, tmp_path):
@@ -189,3 +247,19 @@ def test_unsupported_variants_are_refused(glm6b, key, value, tmp_path):
     (src / "model.safetensors").write_bytes((glm6b["st"] / "model.safetensors").read_bytes())
     line = convert_refused(src, tmp_path)
     assert f"'{key}'" in line, line
+
+
+def test_tokenizer_matches_reference(glm6b):
+    """Text ids + [gMASK] <sop>, whitespace spelled as pieces, every id shifted by num_image_tokens; the class's
+    special tokens split the text (each part with its own dummy prefix) and [MASK] in the text replaces [gMASK] with
+    </s>."""
+    tok = glm6b["tok"]
+    texts = CORPUS[:120] + CHINESE + ["code:\n\tif x:\n        return  1\n" + " " * 85 + "end", "a [MASK] b",
+                                      "x [gMASK] y <sop> z</s>w <eop>", "[sMASK] stays a piece", "<unk> and <pad>", "  lead\n\n"]
+    got = kiln_lines(glm6b["ws"], texts)
+    bad = [(t, g["ids"], reference_ids(tok, t)) for t, g in zip(texts, got) if g["ids"] != reference_ids(tok, t)]
+    assert not bad, bad[:3]
+    ids = tok.sp_tokenizer.encode(texts[-5]) + [5] + tok.sp_tokenizer.encode(CHINESE[1])  # 5: an image token
+    decoded = kiln_decode_lines(glm6b["ws"], [ids, ids[:-3]])
+    assert [d["text"] for d in decoded] == [tok.sp_tokenizer.decode(ids), tok.sp_tokenizer.decode(ids[:-3])]
+    assert tok.sp_tokenizer.decode(tok.sp_tokenizer.encode(texts[-5])) == texts[-5]
