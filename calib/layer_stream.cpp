@@ -128,11 +128,25 @@ void ActivationStore::write(int64_t row0, int64_t n, const float* src) {
   ::posix_fadvise(fd_, off, off_t(bytes), POSIX_FADV_DONTNEED);
 }
 
+namespace {
+// Calibration blocks are windows of plain text run as causal sequences at positions 0..L-1. A prefix LM
+// (ChatGLM-6B) defines its positions and attention only from a [gMASK] ... <sop> prompt, so its statistics would
+// describe inputs the model never sees: refused before anything is allocated.
+ModelGraph calibration_graph(const ModelSpec& s) {
+  if (s.prefix_lm())
+    throw Error(s.architecture +
+                " is a prefix LM (2D positions and bidirectional attention from its [gMASK] <sop> prompt): "
+                "calibration, AWQ and static INT8 KV scales are not supported for it; use --method rtn and "
+                "--kv-cache int8 (online scales)");
+  return build_model_graph(s);
+}
+}  // namespace
+
 LayerStream::LayerStream(const Workspace& ws, Backend& backend, const Blocks& blocks, const LayerStreamOptions& o)
     : ws_(ws),
       be_(backend),
       spec_(ws.spec()),
-      graph_(build_model_graph(spec_)),
+      graph_(calibration_graph(spec_)),
       seqlen_(blocks.seqlen),
       per_batch_(std::clamp<int64_t>(o.batch_tokens / std::max<int64_t>(blocks.seqlen, 1), 1,
                                      std::max<int64_t>(blocks.count(), 1))),

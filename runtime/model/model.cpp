@@ -82,25 +82,23 @@ KvCacheConfig Model::kv_config(int64_t max_tokens, KvDType dtype, int64_t block_
   return c;
 }
 
-void Model::start_prefix_lm(KvSequence& kv, std::span<const int32_t> tokens) const {
+PrefixLmPrompt prefix_lm_prompt(const ModelSpec& spec, std::span<const int32_t> prompt) {
   // modelscope's ChatGLM-6B (get_masks / get_position_ids): the context is everything before the first <sop>, and the
-  // generated part's first position is that of the first [gMASK] (of [MASK] when there is no [gMASK]). The whole
-  // context must be in this first forward so that it can attend both ways.
+  // generated part's first position is that of the first [gMASK] (of [MASK] when there is no [gMASK]).
   auto find = [&](int64_t id) {
-    for (size_t i = 0; i < tokens.size(); ++i)
-      if (tokens[i] == id) return int64_t(i);
+    for (size_t i = 0; i < prompt.size(); ++i)
+      if (prompt[i] == id) return int64_t(i);
     return int64_t(-1);
   };
-  const int64_t sop = find(spec_.prefix_lm_sop_id);
-  int64_t anchor = find(spec_.prefix_lm_gmask_id);
-  if (anchor < 0) anchor = find(spec_.prefix_lm_mask_id);
+  const int64_t sop = find(spec.prefix_lm_sop_id);
+  int64_t anchor = find(spec.prefix_lm_gmask_id);
+  if (anchor < 0) anchor = find(spec.prefix_lm_mask_id);
   if (sop < 0 || anchor < 0)
-    throw Error(spec_.architecture + ": a prompt of this prefix LM must hold [gMASK] (id " +
-                std::to_string(spec_.prefix_lm_gmask_id) + ") or [MASK] (id " +
-                std::to_string(spec_.prefix_lm_mask_id) + ") and then <sop> (id " +
-                std::to_string(spec_.prefix_lm_sop_id) + ") in its first forward; its positions start from them");
-  kv.bidirectional_prefix = sop;
-  kv.prefix_anchor = anchor;
+    throw Error(spec.architecture + ": a prompt of this prefix LM must hold [gMASK] (id " +
+                std::to_string(spec.prefix_lm_gmask_id) + ") or [MASK] (id " + std::to_string(spec.prefix_lm_mask_id) +
+                ") and then <sop> (id " + std::to_string(spec.prefix_lm_sop_id) +
+                "); its positions and attention are defined from them");
+  return {sop, anchor};
 }
 
 ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache, ForwardObserver* observer) {
@@ -117,7 +115,12 @@ ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache, Forwar
     if (!b.kv) throw Error("forward: batch entry without a KV sequence");
     if (b.tokens.empty()) throw Error("forward: batch entry " + std::to_string(e) + " has no tokens");
     const int64_t start = b.kv->length, n = int64_t(b.tokens.size());
-    if (spec_.prefix_lm() && start == 0) start_prefix_lm(*b.kv, b.tokens);
+    if (spec_.prefix_lm() && start == 0) {
+      // The whole context must be in the sequence's first forward so that it can attend both ways.
+      const PrefixLmPrompt p = prefix_lm_prompt(spec_, b.tokens);
+      b.kv->bidirectional_prefix = p.sop;
+      b.kv->prefix_anchor = p.anchor;
+    }
     cache.reserve(*b.kv, start + n);
     const int64_t row0 = int64_t(ids.size());
     result.first_row.push_back(int64_t(logit_rows.size()));

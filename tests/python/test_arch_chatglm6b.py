@@ -263,3 +263,104 @@ def test_tokenizer_matches_reference(glm6b):
     decoded = kiln_decode_lines(glm6b["ws"], [ids, ids[:-3]])
     assert [d["text"] for d in decoded] == [tok.sp_tokenizer.decode(ids), tok.sp_tokenizer.decode(ids[:-3])]
     assert tok.sp_tokenizer.decode(tok.sp_tokenizer.encode(texts[-5])) == texts[-5]
+
+
+def reference_chat_prompt(tok, query, history):
+    """The prompt ChatGLMForConditionalGeneration._chat builds (its code run unchanged, with the model's generate
+    replaced by a stop): the ids its tokenizer call makes of that prompt."""
+    spec = importlib.util.find_spec("modelscope")
+    path = Path(spec.origin).parent / "models" / "nlp" / "chatglm" / "text_generation.py"
+    tree = ast.parse(path.read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ChatGLMForConditionalGeneration")
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "_chat")
+    fn.decorator_list = []
+    ns = {"LogitsProcessorList": list, "InvalidScoreLogitsProcessor": lambda: None, "List": list, "Tuple": tuple}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(path), "exec"), ns)
+
+    class Seen(Exception):
+        pass
+
+    def tokenizer(prompts, return_tensors):
+        raise Seen(prompts[0])
+
+    try:
+        ns["_chat"](None, tokenizer, query, history)
+    except Seen as e:
+        return e.args[0]
+    raise AssertionError("_chat did not call its tokenizer")
+
+
+SYSTEM = "You are a careful assistant. 回答要简洁。"
+
+
+def test_builtin_chat_template_matches_chat(glm6b, tmp_path):
+    """convert picks the built-in "chatglm" template (the checkpoint ships none); it renders what _chat builds, and
+    the ids are the reference tokenizer's of that prompt (with its [gMASK] <sop>)."""
+    info = json.loads(run_kiln("inspect", glm6b["ws"], "--json").stdout)
+    assert "chatglm" in json.dumps(info), info
+    tok = glm6b["tok"]
+    cases = [([], "你好"), ([("What is the capital of France?", "Paris."), ("再见", "好的")], "你好，请问今天天气怎么样？")]
+    for history, query in cases:
+        msgs = []
+        for q, a in history:
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        msgs.append({"role": "user", "content": query})
+        (tmp_path / "m.json").write_text(json.dumps(msgs))
+        got = run_kiln("prompt", glm6b["ws"], "--messages", tmp_path / "m.json").stdout
+        ref = reference_chat_prompt(tok, query, history)
+        assert got == ref + "[gMASK]<sop>", (got, ref)
+        assert kiln_lines(glm6b["ws"], [got], "--no-special")[0]["ids"] == reference_ids(tok, ref)
+    assert ref == ("[Round 0]\n问：What is the capital of France?\n答：Paris.\n[Round 1]\n问：再见\n答：好的\n"
+                   "[Round 2]\n问：你好，请问今天天气怎么样？\n答：")
+    # No system role in ChatGLM-6B: kiln puts the system message first, then a newline.
+    (tmp_path / "m.json").write_text(json.dumps([{"role": "system", "content": SYSTEM}] + msgs))
+    got = run_kiln("prompt", glm6b["ws"], "--messages", tmp_path / "m.json").stdout
+    assert got == SYSTEM + "\n" + ref + "[gMASK]<sop>"
+
+
+def test_quantize_int8_kv_and_serve(glm6b, tmp_path):
+    """RTN int4 and INT8 KV (online scales) run; calibration-based paths (AWQ, static KV scales) are refused in one
+    line; serve equals generate, also when its token budget is smaller than the prompt's context (the first chunk
+    holds the whole bidirectional context) and with the prefix cache on (disabled for prefix LMs)."""
+    ws = glm6b["ws"]
+    ids = prompt(40, seed=5) + [17, 230, 5, 99]
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    ev = ["--tokens", tmp_path / "ids.json", "--ctx", len(ids)]
+    ref = tmp_path / "ref.safetensors"
+    run_kiln("eval", ws, *ev, "--kv-cache", "fp32", "--save-logits", ref)
+    rep = json.loads(run_kiln("eval", ws, *ev, "--kv-cache", "int8", "--ref-logits", ref, "--json").stdout)
+    assert 0 < rep["kld_mean"] < 1e-2, rep
+    run_kiln("quantize", ws, "-o", tmp_path / "rtn", "--method", "rtn", "--group-size", 32)
+    rep = json.loads(run_kiln("eval", tmp_path / "rtn", *ev, "--ref-logits", ref, "--json").stdout)
+    assert rep["kld_mean"] < 0.5, rep
+    calib = REPO / "tests" / "data" / "text" / "devils_dictionary_calib.txt"
+    for args in (["quantize", ws, "-o", tmp_path / "awq", "--method", "awq", "--group-size", 32, "--data", calib, "--samples", 4,
+                  "--seqlen", 32], ["calibrate", ws, "--data", calib, "--samples", 4, "--seqlen", 32, "-o",
+                                    tmp_path / "stats.safetensors"]):
+        r = run_kiln(*args, check=False)
+        assert r.returncode == 1 and "prefix LM" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "awq").exists() and not (tmp_path / "stats.safetensors").exists()
+
+    from test_serve import Server, generate
+    text = "The devil is in the details, " * 4
+    want = generate(ws, text, 12, "--ignore-eos")
+    # the reference's greedy tokens for the same prompt ids
+    seq = reference_ids(glm6b["tok"], text)
+    assert want["prompt_tokens"] == len(seq)
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(torch.argmax(glm6b["model"](torch.tensor([seq]))[0, -1])))
+    assert want["token_ids"] == seq[-12:]
+    server = Server(ws, "--max-batch-tokens", 8)  # the prompt's context is 3x that
+    try:
+        for _ in range(2):  # the second time a prefix cache would hold this prompt
+            status, body, _ = server.request("POST", "/v1/completions", {
+                "model": "tiny", "prompt": text, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
+            assert status == 200 and json.loads(body)["choices"][0]["text"] == want["text"], body
+        # A prompt without <sop> is refused with 400; the server stays up.
+        status, body, _ = server.request("POST", "/v1/completions", {"model": "tiny", "prompt": [31, 32, 33],
+                                                                     "max_tokens": 2})
+        assert status == 400 and "<sop>" in body, body
+        assert server.get("/health")[0] == 200
+    finally:
+        server.stop()
