@@ -25,7 +25,9 @@ QualityReport compare_workspaces(const std::filesystem::path& quantized, const s
   if (ctx < 2) throw Error("--eval-ctx must be at least 2");
   LoadedModel ref = load_model(reference, threads);
   LoadedModel ours = load_model(quantized, threads);
-  std::vector<int32_t> tokens = Tokenizer::load(locate_tokenizer_files(reference)).encode(ss.str());
+  // A prefix LM's [gMASK] <sop> prompt comes per window (evaluate_windows), not at the end of the text.
+  std::vector<int32_t> tokens =
+      Tokenizer::load(locate_tokenizer_files(reference)).encode(ss.str(), !ref.model->spec().prefix_lm());
   if (max_tokens > 0 && int64_t(tokens.size()) > max_tokens) tokens.resize(size_t(max_tokens));
   if (tokens.size() < 2) throw Error(text.string() + ": fewer than 2 tokens to evaluate");
   const int64_t vocab = ref.model->spec().vocab_size;

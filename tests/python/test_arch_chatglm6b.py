@@ -364,3 +364,28 @@ def test_quantize_int8_kv_and_serve(glm6b, tmp_path):
         assert server.get("/health")[0] == 200
     finally:
         server.stop()
+
+
+def test_eval_text_windows_follow_an_empty_prompt(glm6b, tmp_path):
+    """eval --text: each window of the text (encoded without the tokenizer's closing [gMASK] <sop>) runs after a
+    [gMASK] <sop> prompt, as the reference model's continuation of an empty context; the logits of every window row
+    equal the reference's for [gMASK] <sop> + window."""
+    text = tmp_path / "t.txt"
+    text.write_text(CALIB.read_text(encoding="utf-8")[:600], encoding="utf-8")
+    out = tmp_path / "logits.safetensors"
+    rep = json.loads(run_kiln("eval", glm6b["ws"], "--text", text, "--ctx", 24, "--max-tokens", 60, "--kv-cache",
+                              "fp32", "--save-logits", out, "--json").stdout)
+    saved = load_np(str(out))
+    tok = glm6b["tok"]
+    ids = tok.convert_tokens_to_ids(tok.tokenize(text.read_text(encoding="utf-8")))[:60]
+    assert saved["tokens"].tolist() == ids
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for begin in range(0, 60, 24):
+            w = ids[begin:begin + 24]
+            ref = glm6b["model"](torch.tensor([[GMASK, SOP] + w]))[0, 2:]
+            assert float(np.abs(saved["logits"][begin:begin + len(w)] - ref.numpy()).max()) <= 1e-3
+            logp = torch.log_softmax(ref.double(), -1)
+            nll -= sum(float(logp[i, w[i + 1]]) for i in range(len(w) - 1))
+            count += len(w) - 1
+    assert rep["n_tokens"] == count and abs(rep["ppl"] - math.exp(nll / count)) < 1e-3 * rep["ppl"]
