@@ -357,6 +357,14 @@ def test_quantize_int8_kv_and_serve(glm6b, tmp_path):
             status, body, _ = server.request("POST", "/v1/completions", {
                 "model": "tiny", "prompt": text, "max_tokens": 12, "temperature": 0, "ignore_eos": True})
             assert status == 200 and json.loads(body)["choices"][0]["text"] == want["text"], body
+        # Chat completions render the built-in template: the prompt is _chat's, closed by [gMASK] <sop>.
+        history = [("What is the capital of France?", "Paris.")]
+        msgs = [{"role": "user", "content": history[0][0]}, {"role": "assistant", "content": history[0][1]},
+                {"role": "user", "content": "你好"}]
+        status, body, _ = server.request("POST", "/v1/chat/completions", {
+            "model": "tiny", "messages": msgs, "max_tokens": 4, "temperature": 0})
+        ref_prompt = reference_ids(glm6b["tok"], reference_chat_prompt(glm6b["tok"], "你好", history))
+        assert status == 200 and json.loads(body)["usage"]["prompt_tokens"] == len(ref_prompt), body
         # A prompt without <sop> is refused with 400; the server stays up.
         status, body, _ = server.request("POST", "/v1/completions", {"model": "tiny", "prompt": [31, 32, 33],
                                                                      "max_tokens": 2})
