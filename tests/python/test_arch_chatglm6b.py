@@ -9,8 +9,9 @@ command and whitespace pieces as user-defined symbols, as ice_text.model has the
 
 Oracle for the model: the GLMBlock / SelfAttention / GLU / RotaryEmbedding / attention_fn / rotate_half /
 apply_rotary_pos_emb_index / gelu classes and functions of modelscope 1.9.5 (modelscope/models/nlp/chatglm/
-text_generation.py), taken from the installed package by name and run unchanged (the module's own imports pull in
-modelscope's hub client; these pieces need only torch), together with ChatGLMPreTrainedModel.get_masks and
+text_generation.py), taken from the installed package by name and run unchanged but for @torch.jit.script, which
+compiles the same ops and would recompile for every new length (the module's own imports pull in modelscope's hub
+client; these pieces need only torch), together with ChatGLMPreTrainedModel.get_masks and
 get_position_ids, also taken unchanged, which define the prefix-LM mask (tokens before <sop> see each other both
 ways) and the 2D position ids ([gMASK]'s position and 1, 2, ... from <sop> on). The glue is ChatGLMModel.forward's
 (embedding, blocks with their layer ids, final LayerNorm, lm_head). The checkpoint is that module's state dict, so
@@ -90,6 +91,9 @@ def reference_namespace():
               "SelfAttention", "GLU", "GLMBlock"}
     body = [n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef)) and n.name in wanted]
     assert {n.name for n in body} == wanted
+    for n in body:  # @torch.jit.script compiles the same ops, once per new sequence length (0.3 s each)
+        if isinstance(n, ast.FunctionDef):
+            n.decorator_list = []
     pre = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ChatGLMPreTrainedModel")
     methods = [n for n in pre.body if isinstance(n, ast.FunctionDef) and n.name in ("get_masks", "get_position_ids")]
     assert len(methods) == 2
@@ -146,6 +150,15 @@ def chatglm6b_config(**over):
            "torch_dtype": "float32", "use_cache": True, "vocab_size": VOCAB}
     cfg.update(over)
     return cfg
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The reference runs tiny tensors, where torch's thread handoffs on a busy 2-core machine cost 100x the math."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
