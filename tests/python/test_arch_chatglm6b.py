@@ -354,6 +354,11 @@ def test_quantize_int8_kv_and_serve(glm6b, tmp_path):
         assert r.returncode == 1 and "prefix LM" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "awq").exists() and not (tmp_path / "stats.safetensors").exists()
 
+    # bench offline: its synthetic prompts end with [gMASK] <sop> for a prefix LM, so none fails.
+    bench = json.loads(run_kiln("bench", "offline", ws, "--num-prompts", 3, "--input-len", 12, "--output-len", 4,
+                                "--id-range", 500, "--json").stdout)
+    assert all(r["failed"] == 0 and r["requests"] == 3 for r in bench["runs"]), bench
+
     from test_serve import Server, generate
     text = "The devil is in the details, " * 4
     want = generate(ws, text, 12, "--ignore-eos")
