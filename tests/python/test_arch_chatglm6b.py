@@ -187,7 +187,15 @@ def glm6b(tmp_path_factory):
         (d / "config.json").write_text(json.dumps(chatglm6b_config(), indent=2))
         write_tokenizer(d, sp_model)
     save_file(sd, str(st / "model.safetensors"), metadata={"format": "pt"})
-    torch.save(sd, binary / "pytorch_model.bin")
+    # THUDM/chatglm-6b ships sharded torch.save files with an index, as save_pretrained(safe_serialization=False)
+    # writes them.
+    names = sorted(sd)
+    weight_map = {}
+    for n, keys in enumerate([names[: len(names) // 2], names[len(names) // 2:]]):
+        fname = f"pytorch_model-{n + 1:05d}-of-00002.bin"
+        torch.save({k: sd[k] for k in keys}, binary / fname)
+        weight_map.update({k: fname for k in keys})
+    (binary / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     ws = root / "ws"
     run_kiln("convert", st, "-o", ws)
     return {"model": model, "st": st, "bin": binary, "ws": ws, "tok": ref_tok}
