@@ -137,6 +137,17 @@ int64_t total(const std::vector<int64_t>& lengths) {
   for (int64_t l : lengths) n += l;
   return n;
 }
+// Calibration blocks are windows of plain text run as causal sequences at positions 0..L-1. A prefix LM
+// (ChatGLM-6B) defines its positions and attention only from a [gMASK] ... <sop> prompt, so its statistics would
+// describe inputs the model never sees: refused before anything is allocated.
+ModelGraph calibration_graph(const ModelSpec& s) {
+  if (s.prefix_lm())
+    throw Error(s.architecture +
+                " is a prefix LM (2D positions and bidirectional attention from its [gMASK] <sop> prompt): "
+                "calibration, AWQ and static INT8 KV scales are not supported for it; use --method rtn and "
+                "--kv-cache int8 (online scales)");
+  return build_model_graph(s);
+}
 }  // namespace
 
 LayerStream::LayerStream(const Workspace& ws, Backend& backend, const Blocks& blocks, const LayerStreamOptions& o)
@@ -147,7 +158,7 @@ LayerStream::LayerStream(const Workspace& ws, Backend& backend, std::span<const 
     : ws_(ws),
       be_(backend),
       spec_(ws.spec()),
-      graph_(build_model_graph(spec_)),
+      graph_(calibration_graph(spec_)),
       lengths_(std::move(lengths)),
       batch_tokens_(o.batch_tokens),
       options_(o),

@@ -114,6 +114,25 @@ const std::vector<ArchEntry>& architecture_table() {
        &kInternLm2Parts,
        "output.weight",
        {"rotary_emb.inv_freq"}},
+      // ChatGLM-6B (v1) before ChatGLM2/3, whose class names it shares: told apart by its config keys.
+      {"ChatGLMModel",
+       "chatglm_v1",
+       read_chatglm6b_config,
+       &kChatGlm6bParts,
+       "lm_head.weight",
+       {"rotary_emb.inv_freq"},
+       "",
+       {"hidden_size", "inner_hidden_size", "num_attention_heads", "num_attention_heads", "vocab_size"},
+       "inner_hidden_size"},
+      {"ChatGLMForConditionalGeneration",
+       "chatglm_v1",
+       read_chatglm6b_config,
+       &kChatGlm6bParts,
+       "lm_head.weight",
+       {"rotary_emb.inv_freq"},
+       "",
+       {"hidden_size", "inner_hidden_size", "num_attention_heads", "num_attention_heads", "vocab_size"},
+       "inner_hidden_size"},
       {"ChatGLMModel",
        "chatglm",
        read_chatglm_config,
@@ -157,7 +176,8 @@ const std::vector<ArchEntry>& architecture_table() {
 
 std::string supported_architectures() {
   std::string s;
-  for (const auto& a : architecture_table()) s += (s.empty() ? "" : ", ") + std::string(a.hf_architecture);
+  for (const auto& a : architecture_table())
+    if (s.find(a.hf_architecture) == std::string::npos) s += (s.empty() ? "" : ", ") + std::string(a.hf_architecture);
   return s;
 }
 
@@ -167,7 +187,7 @@ const ArchEntry& find_architecture(const json& config, const std::string& label)
     throw Error(label + ": 'architectures' is missing; supported architectures: " + supported_architectures());
   std::string name = (*it)[0].get<std::string>();
   for (const auto& a : architecture_table())
-    if (name == a.hf_architecture) return a;
+    if (name == a.hf_architecture && (!a.config_key || config.contains(a.config_key))) return a;
   throw Error(label + ": unsupported architecture '" + name + "'; supported: " + supported_architectures());
 }
 

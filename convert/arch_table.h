@@ -65,6 +65,9 @@ struct ArchEntry {
   std::vector<const char*> ignored;  // buffers some checkpoints carry that hold no weights (suffix match)
   const char* optional_prefix = "";  // a prefix some checkpoints of the family omit (GPT-2's "transformer.")
   HfDimKeys keys = {};
+  // When set, the entry applies only to configs that have this key: ChatGLM-6B (v1, "inner_hidden_size") and
+  // ChatGLM2/3 share their class names.
+  const char* config_key = nullptr;
 };
 
 const std::vector<ArchEntry>& architecture_table();
@@ -122,6 +125,8 @@ void read_internlm2_config(const HfConfigReader& r, ModelSpec& s);
 extern const std::vector<HfPart> kInternLm2Parts;
 void read_chatglm_config(const HfConfigReader& r, ModelSpec& s);
 extern const std::vector<HfPart> kChatGlmParts;
+void read_chatglm6b_config(const HfConfigReader& r, ModelSpec& s);
+extern const std::vector<HfPart> kChatGlm6bParts;
 void read_qwen_config(const HfConfigReader& r, ModelSpec& s);
 extern const std::vector<HfPart> kQwenParts;
 void read_mixtral_config(const HfConfigReader& r, ModelSpec& s);

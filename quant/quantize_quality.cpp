@@ -12,6 +12,8 @@
 #include "calib/layer_stream.h"
 #include "quant/quantize.h"
 #include "runtime/core/error.h"
+#include "runtime/engine/evaluate.h"
+#include "runtime/engine/loaded_model.h"
 #include "runtime/io/path_safety.h"
 #include "runtime/kv/kv_scales.h"
 #include "runtime/text/tokenizer/files.h"
@@ -35,6 +37,45 @@ bool same_head(const Workspace& a, const Workspace& b, const ModelGraph& g) {
   return true;
 }
 
+QualityReport quality_report(const LogitComparisonReport& cmp, int64_t ctx) {
+  QualityReport r;
+  r.cmp = cmp;
+  r.ctx = ctx;
+  r.ppl_increase = r.cmp.ppl / r.cmp.ref_ppl - 1.0;
+  return r;
+}
+
+// A prefix LM (ChatGLM-6B) runs each window after its [gMASK] <sop> prompt, with 2D positions and bidirectional
+// attention over that prompt, which the layer stream's plain causal windows do not model: its report runs both whole
+// models through the runtime's evaluation path instead (peak memory: both models).
+LogitComparisonReport whole_model_report(const std::filesystem::path& quantized, const std::filesystem::path& reference,
+                                         const std::string& text, const std::filesystem::path& text_path, int64_t ctx,
+                                         int64_t max_tokens, unsigned threads, KvDType quantized_kv) {
+  LoadedModel ref = load_model(reference, threads);
+  LoadedModel ours = load_model(quantized, threads);
+  // The [gMASK] <sop> prompt comes per window (evaluate_windows), not at the end of the text.
+  std::vector<int32_t> tokens = Tokenizer::load(locate_tokenizer_files(reference)).encode(text, false);
+  if (max_tokens > 0 && int64_t(tokens.size()) > max_tokens) tokens.resize(size_t(max_tokens));
+  if (tokens.size() < 2) throw Error(text_path.string() + ": fewer than 2 tokens to evaluate");
+  const int64_t vocab = ref.model->spec().vocab_size;
+
+  LogitComparison cmp;
+  std::vector<float> ref_logits;
+  for (size_t begin = 0; begin < tokens.size(); begin += size_t(ctx)) {
+    const size_t n = std::min(size_t(ctx), tokens.size() - begin);
+    std::span<const int32_t> window(tokens.data() + begin, n);
+    evaluate_windows(*ref.model, window, ctx, KvDType::F32, [&](int64_t, std::span<const int32_t> w, const float* l) {
+      ref_logits.assign(l, l + w.size() * size_t(vocab));
+    });
+    evaluate_windows(*ours.model, window, ctx, quantized_kv, [&](int64_t, std::span<const int32_t> w, const float* l) {
+      // Row i predicts w[i + 1]; the window's last row has no target, as in kiln eval.
+      for (size_t i = 0; i + 1 < w.size(); ++i)
+        cmp.add(l + i * size_t(vocab), ref_logits.data() + i * size_t(vocab), vocab, w[i + 1]);
+    });
+  }
+  return cmp.report();
+}
+
 }  // namespace
 
 QualityReport compare_workspaces(const std::filesystem::path& quantized, const std::filesystem::path& reference,
@@ -48,6 +89,9 @@ QualityReport compare_workspaces(const std::filesystem::path& quantized, const s
   if (ctx < 2) throw Error("--eval-ctx must be at least 2");
   // Opening maps the shards and checks their headers; no weight is read yet.
   const Workspace ref_ws(reference), q_ws(quantized);
+  if (ref_ws.spec().prefix_lm())
+    return quality_report(
+        whole_model_report(quantized, reference, ss.str(), text, ctx, max_tokens, threads, quantized_kv), ctx);
   const ModelSpec &rs = ref_ws.spec(), &qs = q_ws.spec();
   if (rs.num_layers != qs.num_layers || rs.hidden_size != qs.hidden_size || rs.vocab_size != qs.vocab_size)
     throw Error(quantized.string() + ": the quantized model's shape differs from " + reference.string());
@@ -110,11 +154,7 @@ QualityReport compare_workspaces(const std::filesystem::path& quantized, const s
     }
     begin += size_t(windows[w]);
   }
-  QualityReport r;
-  r.cmp = cmp.report();
-  r.ctx = ctx;
-  r.ppl_increase = r.cmp.ppl / r.cmp.ref_ppl - 1.0;
-  return r;
+  return quality_report(cmp.report(), ctx);
 }
 
 }  // namespace kiln

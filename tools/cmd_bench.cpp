@@ -129,7 +129,15 @@ int run_offline(const BenchCliOptions& o) {
     throw Error("--id-range " + std::to_string(o.id_range) + " exceeds the vocabulary (" +
                 std::to_string(spec.vocab_size) + ")");
   Tokenizer tok = Tokenizer::load(locate_tokenizer_files(o.path));
-  const std::vector<bench::BenchPrompt> prompts = make_prompts(o, &tok);
+  std::vector<bench::BenchPrompt> prompts = make_prompts(o, &tok);
+  // A prefix LM (ChatGLM-6B) runs only prompts that end its context with [gMASK] <sop>: synthetic ones get them as
+  // their last two tokens.
+  if (spec.prefix_lm() && o.prompts_file.empty())
+    for (bench::BenchPrompt& p : prompts) {
+      if (p.tokens.size() < 2) throw Error("--input-len must be at least 2 for a prefix LM ([gMASK] <sop>)");
+      p.tokens[p.tokens.size() - 2] = int32_t(spec.prefix_lm_gmask_id);
+      p.tokens.back() = int32_t(spec.prefix_lm_sop_id);
+    }
 
   // The scheduler as kiln serve builds it (tools/cmd_serve.cpp), so that offline and served runs compare.
   const int64_t context = o.ctx > 0 ? o.ctx : spec.max_position_embeddings;

@@ -88,7 +88,8 @@ int run(const EvalOptions& o) {
     tokens = read_token_list(o.tokens);
   } else {
     Tokenizer tok = Tokenizer::load(locate_tokenizer_files(o.path));
-    tokens = tok.encode(read_file(o.text));
+    // A prefix LM's tokenizer closes a text with its [gMASK] <sop> prompt; evaluate_windows gives each window its own.
+    tokens = tok.encode(read_file(o.text), !m.model->spec().prefix_lm());
   }
   if (o.max_tokens < 0) throw Error("--max-tokens must not be negative");
   if (o.max_tokens > 0 && int64_t(tokens.size()) > o.max_tokens) tokens.resize(size_t(o.max_tokens));

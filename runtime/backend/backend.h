@@ -57,6 +57,9 @@ struct AttentionSequence {
   int64_t row_count = 0;
   int64_t context_len = 0;               // tokens in the cache after this step, the new ones included
   std::span<const int32_t> block_table;  // cache blocks holding positions [0, context_len)
+  // Prefix LM (ChatGLM-6B): a query at position p sees keys [0, max(p + 1, bidirectional_prefix)); the prefix must
+  // already be in the cache (context_len >= bidirectional_prefix). 0: causal.
+  int64_t bidirectional_prefix = 0;
 };
 
 // A linear weight in the workspace's canonical int4 layout (docs/int4_layout.md): qweight [out, in/2] (two inputs

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "runtime/core/dtype.h"
 #include "runtime/core/error.h"
 
 namespace kiln {
@@ -34,7 +35,20 @@ std::string rope_prompt_key(const ModelSpec& spec, int64_t prompt_length) {
   return alpha == 1.0 ? "" : "\nqwen-ntk-alpha=" + std::to_string(int64_t(alpha));
 }
 
+namespace {
+std::vector<float> scaled_inv_freq(const ModelSpec& spec, int64_t seq_len, double theta, bool scaled);
+}  // namespace
+
 std::vector<float> rope_inv_freq(const ModelSpec& spec, int64_t seq_len, double theta, bool scaled) {
+  std::vector<float> f = scaled_inv_freq(spec, seq_len, theta, scaled);
+  // ChatGLM-6B's RotaryEmbedding stores inv_freq with .half(): its fp32 runs rotate by the fp16-rounded frequencies.
+  if (spec.rope_fp16_freqs)
+    for (float& x : f) x = f16_to_f32(f32_to_f16(x));
+  return f;
+}
+
+namespace {
+std::vector<float> scaled_inv_freq(const ModelSpec& spec, int64_t seq_len, double theta, bool scaled) {
   const RopeScaling& s = spec.rope_scaling;
   const int64_t dim = spec.rotary();
   const double base_theta = theta > 0 ? theta : spec.rope_theta;
@@ -74,5 +88,6 @@ std::vector<float> rope_inv_freq(const ModelSpec& spec, int64_t seq_len, double 
   }
   throw Error("rope scaling '" + s.type + "' is not supported by the runtime");
 }
+}  // namespace
 
 }  // namespace kiln

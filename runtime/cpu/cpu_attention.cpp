@@ -1,6 +1,6 @@
 // Attention over the paged KV cache for the CPU backend. Each (query row, head) pair is independent: it scores the
-// keys it may see (causal, optionally a sliding window), takes a numerically stable softmax in fp32 and sums the
-// values. Keys and values are converted from the cache dtype (int8: dequantized) row by row.
+// keys it may see (causal, optionally a sliding window or a bidirectional prefix), takes a numerically stable softmax
+// in fp32 and sums the values. Keys and values are converted from the cache dtype (int8: dequantized) row by row.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -84,7 +84,8 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
       const int64_t h = t % p.num_heads, g = h / group;
       const float* qh = q + r.row * q_stride + h * hd;
       const int64_t first = p.sliding_window > 0 ? std::max<int64_t>(0, r.position - p.sliding_window + 1) : 0;
-      const int64_t n = r.position + 1 - first;
+      // A prefix LM's prompt prefix is seen both ways (the sliding window never applies to such models).
+      const int64_t n = std::max(r.position + 1, r.seq->bidirectional_prefix) - first;
       const float score_scale = p.scale * logn_attention_factor(p.logn_length, r.position);
       scores.resize(size_t(n));
       float max_score = -std::numeric_limits<float>::infinity();

@@ -127,9 +127,10 @@ __global__ void kv_write_kernel(uint8_t* kbase, uint8_t* vbase, const float* k, 
   }
 }
 
-// Per query row: its row in q/out, its position, and the offset of its sequence's block table in `tables`.
+// Per query row: its row in q/out, its position, the offset of its sequence's block table in `tables`, and its last
+// visible key (its position, or the end of a prefix LM's bidirectional prefix).
 struct RowMeta {
-  int32_t row, position, table_offset;
+  int32_t row, position, table_offset, last_key;
 };
 
 __global__ void __launch_bounds__(kWarps * 32)
@@ -158,7 +159,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   const int64_t visible_from = window > 0 ? max(int64_t(0), pos - window + 1) : 0;
   // This block's keys: split blockIdx.z of the visible range (the whole range when there is one split).
   const int64_t first = visible_from + int64_t(blockIdx.z) * keys_per_split;
-  const int64_t last = gridDim.z == 1 ? pos : min(pos, first + keys_per_split - 1);
+  const int64_t last_key = meta.last_key;
+  const int64_t last = gridDim.z == 1 ? last_key : min(last_key, first + keys_per_split - 1);
   for (int64_t j = first + warp; j <= last; j += kWarps) {
     const int64_t block = table[j / bs], off = j % bs;
     const uint8_t* krow = kv_row(kbase, L, block, g, off);
@@ -292,8 +294,11 @@ void CudaBackend::attention(const float* q, int64_t q_stride, const KvCache& cac
   for (const AttentionSequence& s : seqs) {
     const int32_t offset = int32_t(tables.size());
     tables.insert(tables.end(), s.block_table.begin(), s.block_table.end());
-    for (int64_t i = 0; i < s.row_count; ++i)
-      rows.push_back({int32_t(s.row_begin + i), int32_t(s.context_len - s.row_count + i), offset});
+    for (int64_t i = 0; i < s.row_count; ++i) {
+      const int64_t pos = s.context_len - s.row_count + i;
+      rows.push_back(
+          {int32_t(s.row_begin + i), int32_t(pos), offset, int32_t(std::max(pos, s.bidirectional_prefix - 1))});
+    }
     const int64_t last_pos = s.context_len - 1;
     max_visible = std::max(max_visible, p.sliding_window > 0 ? std::min(last_pos + 1, p.sliding_window) : last_pos + 1);
   }

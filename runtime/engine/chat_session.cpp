@@ -15,7 +15,8 @@ int64_t ChatSession::reuse_prefix(std::span<const int32_t> prompt) {
   const size_t limit = std::min(tokens_.size(), prompt.empty() ? size_t(0) : prompt.size() - 1);
   size_t common = 0;
   const std::string key = rope_prompt_key(spec_, int64_t(prompt.size()));
-  if (key == rope_key_)
+  // A prefix LM's K/V depend on its whole context (attended both ways): a new prompt recomputes everything.
+  if (key == rope_key_ && !spec_.prefix_lm())
     while (common < limit && tokens_[common] == prompt[common]) ++common;
   rope_key_ = key;
   // The cache owns every block of this sequence (nothing is shared), so cutting inside a block is safe: later writes

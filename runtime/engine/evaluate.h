@@ -1,6 +1,7 @@
 #pragma once
 // Evaluation passes: the token stream is cut into non-overlapping windows of `context` tokens (the last one may be
-// shorter) and each window runs as one fresh sequence with logits for every token. Metrics live in quant/metrics.h;
+// shorter) and each window runs as one fresh sequence with logits for every token (a prefix LM's window without
+// <sop> after a [gMASK] <sop> prompt). Metrics live in quant/metrics.h;
 // this only produces logits.
 #include <cstdint>
 #include <functional>

@@ -14,7 +14,8 @@ Scheduler::Scheduler(Model& model, KvCache& cache, SchedulerOptions options)
   context_ = opt_.context > 0 ? opt_.context : model_.spec().max_position_embeddings;
   opt_.max_batch_tokens = std::max<int64_t>(1, opt_.max_batch_tokens);
   opt_.max_running = std::max<int64_t>(1, opt_.max_running);
-  if (opt_.prefix_cache) prefix_ = std::make_unique<PrefixCache>(cache_);
+  // A prefix LM's prompt K/V depend on the whole context (it attends both ways): no prompt shares another's blocks.
+  if (opt_.prefix_cache && !model_.spec().prefix_lm()) prefix_ = std::make_unique<PrefixCache>(cache_);
 }
 
 Scheduler::~Scheduler() {
@@ -35,6 +36,7 @@ std::vector<std::unique_ptr<Sequence>> Scheduler::make_request(std::vector<int32
     throw Error("the prompt has " + std::to_string(len) + " tokens; the context is " + std::to_string(context_) +
                 " tokens, so no room is left for a completion");
   if (n < 1) throw Error("n must be at least 1");
+  if (model_.spec().prefix_lm()) prefix_lm_prompt(model_.spec(), prompt);  // throws naming [gMASK] / <sop>
   if (kv && (n != 1 || prefix_)) throw Error("internal: a caller-owned KV sequence needs n = 1 and no prefix cache");
   if (kv && kv->length >= len)
     throw Error("the cache already holds the whole prompt; at least one token must be computed");
@@ -183,11 +185,15 @@ bool Scheduler::step() {
   auto chunk = [&](Sequence& s) -> int64_t {
     const int64_t left = int64_t(s.tokens.size()) - s.computed;
     int64_t take = std::min(budget, left);
+    // A prefix LM's first chunk holds its whole bidirectional context and <sop>, past the budget if need be.
+    const int64_t first =
+        s.computed == 0 && model_.spec().prefix_lm() ? prefix_lm_prompt(model_.spec(), s.tokens).sop + 1 : 0;
+    take = std::max(take, std::min(left, first));
     const int64_t room = (int64_t(s.kv->blocks.size()) + cache_.allocator().free_blocks()) * bs - s.computed;
     take = std::min(take, room);
-    if (take <= 0) return 0;
+    if (take <= 0 || take < std::min(left, first)) return 0;
     cache_.reserve(*s.kv, s.computed + take);
-    budget -= take;
+    budget = std::max<int64_t>(0, budget - take);
     return take;
   };
   for (auto& r : running_) {

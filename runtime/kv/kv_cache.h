@@ -67,6 +67,11 @@ class BlockAllocator {
 struct KvSequence {
   std::vector<int32_t> blocks;
   int64_t length = 0;
+  // Prefix-LM models (ChatGLM-6B, ModelSpec::prefix_lm), set by the sequence's first forward from its prompt: the
+  // tokens before <sop> attend both ways, and the tokens from <sop> on share the [gMASK] position as their first RoPE
+  // position (Model::forward).
+  int64_t bidirectional_prefix = 0;
+  int64_t prefix_anchor = 0;
 };
 
 struct KvCacheConfig {

@@ -14,7 +14,8 @@
 namespace kiln {
 
 // One decoder block, pre-norm: x += [post_attn_norm](attn(attn_norm(x))); x += [post_ffn_norm](mlp(ffn_norm(x))),
-// where mlp is the MoE layer when `moe` is set.
+// where mlp is the MoE layer when `moe` is set (x is first replaced by alpha times the normed input under
+// residual_alpha).
 struct BlockGraph {
   NormConfig attn_norm;
   AttentionConfig attn;
@@ -23,6 +24,9 @@ struct BlockGraph {
   MlpConfig mlp;
   std::optional<MoeConfig> moe;  // set: the block's feed-forward is a mixture of experts and `mlp` is unused
   std::optional<NormConfig> post_ffn_norm;
+  // GLM-130B (ChatGLM-6B): x = alpha * attn_norm(x) + attn(...), then likewise with ffn_norm and the MLP; 0: the
+  // plain residual.
+  float residual_alpha = 0;
 };
 
 struct ModelGraph {

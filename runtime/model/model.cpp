@@ -82,11 +82,30 @@ KvCacheConfig Model::kv_config(int64_t max_tokens, KvDType dtype, int64_t block_
   return c;
 }
 
+PrefixLmPrompt prefix_lm_prompt(const ModelSpec& spec, std::span<const int32_t> prompt) {
+  // modelscope's ChatGLM-6B (get_masks / get_position_ids): the context is everything before the first <sop>, and the
+  // generated part's first position is that of the first [gMASK] (of [MASK] when there is no [gMASK]).
+  auto find = [&](int64_t id) {
+    for (size_t i = 0; i < prompt.size(); ++i)
+      if (prompt[i] == id) return int64_t(i);
+    return int64_t(-1);
+  };
+  const int64_t sop = find(spec.prefix_lm_sop_id);
+  int64_t anchor = find(spec.prefix_lm_gmask_id);
+  if (anchor < 0) anchor = find(spec.prefix_lm_mask_id);
+  if (sop < 0 || anchor < 0)
+    throw Error(spec.architecture + ": a prompt of this prefix LM must hold [gMASK] (id " +
+                std::to_string(spec.prefix_lm_gmask_id) + ") or [MASK] (id " + std::to_string(spec.prefix_lm_mask_id) +
+                ") and then <sop> (id " + std::to_string(spec.prefix_lm_sop_id) +
+                "); its positions and attention are defined from them");
+  return {sop, anchor};
+}
+
 ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache, ForwardObserver* observer) {
   const int64_t H = spec_.hidden_size, V = spec_.vocab_size;
 
   // Batch metadata: token ids, positions, cache slots and attention spans.
-  std::vector<int32_t> ids, positions, seq_of_row, logit_rows;
+  std::vector<int32_t> ids, positions, block_positions, seq_of_row, logit_rows;
   std::vector<int64_t> slots;
   std::vector<AttentionSequence> seqs;
   ForwardContext ctx(backend_, spec_, scratch_);
@@ -96,12 +115,25 @@ ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache, Forwar
     if (!b.kv) throw Error("forward: batch entry without a KV sequence");
     if (b.tokens.empty()) throw Error("forward: batch entry " + std::to_string(e) + " has no tokens");
     const int64_t start = b.kv->length, n = int64_t(b.tokens.size());
+    if (spec_.prefix_lm() && start == 0) {
+      // The whole context must be in the sequence's first forward so that it can attend both ways.
+      const PrefixLmPrompt p = prefix_lm_prompt(spec_, b.tokens);
+      b.kv->bidirectional_prefix = p.sop;
+      b.kv->prefix_anchor = p.anchor;
+    }
     cache.reserve(*b.kv, start + n);
     const int64_t row0 = int64_t(ids.size());
     result.first_row.push_back(int64_t(logit_rows.size()));
     for (int64_t i = 0; i < n; ++i) {
       ids.push_back(b.tokens[size_t(i)]);
-      positions.push_back(int32_t(start + i));
+      if (spec_.prefix_lm()) {
+        // GLM's 2D positions: (i, 0) before <sop>; from it on, ([gMASK]'s position, 1, 2, ...).
+        const int64_t p = start + i, ctx_len = b.kv->bidirectional_prefix;
+        positions.push_back(int32_t(p < ctx_len ? p : b.kv->prefix_anchor));
+        block_positions.push_back(int32_t(p < ctx_len ? 0 : p - ctx_len + 1));
+      } else {
+        positions.push_back(int32_t(start + i));
+      }
       seq_of_row.push_back(int32_t(e));
       slots.push_back(cache.slot(*b.kv, start + i));
       if (b.all_logits || i == n - 1) logit_rows.push_back(int32_t(row0 + i));
@@ -114,13 +146,14 @@ ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache, Forwar
   int64_t row = 0;
   for (const BatchEntry& b : batch) {
     const int64_t n = int64_t(b.tokens.size());
-    seqs.push_back({row, n, b.kv->length + n, std::span<const int32_t>(b.kv->blocks)});
+    seqs.push_back({row, n, b.kv->length + n, std::span<const int32_t>(b.kv->blocks), b.kv->bidirectional_prefix});
     row += n;
   }
   ctx.cache = &cache;
   ctx.rows = N;
   ctx.ids = ids;
   ctx.positions = positions;
+  ctx.block_positions = block_positions;
   ctx.seq_of_row = seq_of_row;
   ctx.slots = slots;
   ctx.seqs = seqs;

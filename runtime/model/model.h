@@ -55,6 +55,15 @@ struct ForwardResult {
   }
 };
 
+// A prefix LM's (ModelSpec::prefix_lm, ChatGLM-6B) prompt: the context before the first <sop> attends both ways, and
+// the tokens from <sop> on take the first [gMASK]'s position (of [MASK] without one) as their first RoPE position.
+// Throws kiln::Error when `prompt` lacks them (positions are only defined from them).
+struct PrefixLmPrompt {
+  int64_t sop = 0;     // index of the first <sop>: the bidirectional context is [0, sop)
+  int64_t anchor = 0;  // index of the first [gMASK] or [MASK]
+};
+PrefixLmPrompt prefix_lm_prompt(const ModelSpec& spec, std::span<const int32_t> prompt);
+
 class Model {
  public:
   // Packs every weight of the workspace into the backend. Throws kiln::Error naming the tensor when one is missing,

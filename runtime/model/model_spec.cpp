@@ -59,6 +59,10 @@ nlohmann::ordered_json spec_to_json(const ModelSpec& s) {
   if (s.post_attn_norm) j["post_attn_norm"] = true;
   if (s.post_ffn_norm) j["post_ffn_norm"] = true;
   if (s.logn_attn_length > 0) j["logn_attn_length"] = s.logn_attn_length;
+  if (s.residual_alpha > 0) j["residual_alpha"] = s.residual_alpha;
+  if (s.rope_fp16_freqs) j["rope_fp16_freqs"] = true;
+  if (s.prefix_lm())
+    j["prefix_lm"] = {{"sop", s.prefix_lm_sop_id}, {"gmask", s.prefix_lm_gmask_id}, {"mask", s.prefix_lm_mask_id}};
   if (s.num_experts > 0) {
     ordered_json moe = {{"experts", s.num_experts},
                         {"top_k", s.experts_per_token},
@@ -78,7 +82,7 @@ int spec_format_version(const ModelSpec& s) {
                            s.final_softcap > 0 || s.embedding_scale > 0 || s.post_attn_norm || s.post_ffn_norm ||
                            s.rope_style != "half" || (s.rotary_dim > 0 && s.rotary_dim != s.head_dim) ||
                            s.rope_local_theta > 0 || s.logn_attn_length > 0 || s.rope_scaling.type == "qwen_dynamic" ||
-                           s.num_experts > 0;
+                           s.num_experts > 0 || s.residual_alpha > 0 || s.rope_fp16_freqs || s.prefix_lm();
   return layer_graph ? 2 : 1;
 }
 
@@ -233,6 +237,19 @@ ModelSpec spec_from_json(const json& j, const std::string& label) {
   s.post_attn_norm = r.opt_boolean("post_attn_norm", false);
   s.post_ffn_norm = r.opt_boolean("post_ffn_norm", false);
   s.logn_attn_length = int64_t(r.opt_number(j, "logn_attn_length", 0));
+  s.residual_alpha = r.opt_number(j, "residual_alpha", 0);
+  s.rope_fp16_freqs = r.opt_boolean("rope_fp16_freqs", false);
+  if (j.contains("prefix_lm")) {
+    const json& p = j["prefix_lm"];
+    auto id = [&](const char* key) {
+      if (!p.is_object() || !p.contains(key) || !p[key].is_number_integer())
+        throw Error(label + ": model field 'prefix_lm." + key + "' must be an integer");
+      return p[key].get<int64_t>();
+    };
+    s.prefix_lm_sop_id = id("sop");
+    s.prefix_lm_gmask_id = id("gmask");
+    s.prefix_lm_mask_id = id("mask");
+  }
   if (j.contains("moe")) read_moe(j["moe"], s, label);
   s.bos_token_id = r.integer("bos_token_id");
   const json& eos = r.at("eos_token_ids");
@@ -524,6 +541,12 @@ void validate_spec(const ModelSpec& s, const std::string& label) {
       throw Error(label + ": rope.high_freq_factor must be greater than rope.low_freq_factor");
   }
   check_range(s.logn_attn_length, 0, kMaxPositions, "logn_attn_length", "seq_length", label);
+  if (s.prefix_lm()) {
+    check_range(s.prefix_lm_sop_id, 0, s.vocab_size - 1, "prefix_lm.sop", "bos_token_id", label);
+    check_range(s.prefix_lm_gmask_id, 0, s.vocab_size - 1, "prefix_lm.gmask", "gmask_token_id", label);
+    check_range(s.prefix_lm_mask_id, 0, s.vocab_size - 1, "prefix_lm.mask", "mask_token_id", label);
+    if (s.head_dim % 4) throw Error(label + ": head_dim must be a multiple of 4 for 2D RoPE (prefix_lm)");
+  }
   if (s.num_experts > 0) {
     check_range(s.num_experts, 1, kMaxExperts, "moe.experts", "num_experts", label);
     check_range(s.experts_per_token, 1, s.num_experts, "moe.top_k", "num_experts_per_tok", label);

@@ -64,6 +64,14 @@ struct ModelSpec {
   bool post_ffn_norm = false;        // likewise on the MLP output
   int64_t logn_attn_length = 0;      // Qwen's use_logn_attn: a query at position p >= this many positions has its
                                      // scores multiplied by ln(p + 1) / ln(logn_attn_length); 0: off
+  // ChatGLM-6B's GLM-130B block: each sub-layer's residual is its normed input times this (sqrt(2 * layers)); 0: the
+  // plain residual x.
+  double residual_alpha = 0;
+  bool rope_fp16_freqs = false;  // RoPE inverse frequencies rounded to fp16 (ChatGLM-6B keeps them in half precision)
+  // ChatGLM-6B's prefix LM (docs/adding_an_architecture.md): a sequence's first forward holds [gMASK] (or [MASK]) and
+  // then <sop>; the tokens before <sop> attend to each other both ways, the rest causally, and RoPE is 2D (first
+  // half of each head by position, second half by block position). -1: off.
+  int64_t prefix_lm_sop_id = -1, prefix_lm_gmask_id = -1, prefix_lm_mask_id = -1;
   // Mixture of experts (Mixtral, Qwen2-MoE, Qwen3-MoE): a router picks experts_per_token of num_experts gated MLPs
   // per token (softmax over the router logits, top-k, divided by the top-k sum when experts_renormalize). 0 experts:
   // every layer has the dense MLP.
@@ -77,6 +85,7 @@ struct ModelSpec {
   int64_t q_size() const { return num_heads * head_dim; }
   int64_t kv_size() const { return num_kv_heads * head_dim; }
   int64_t rotary() const { return rotary_dim > 0 ? rotary_dim : head_dim; }
+  bool prefix_lm() const { return prefix_lm_sop_id >= 0; }
   // The sliding window of layer `i` (0: full attention).
   int64_t window(int64_t i) const {
     if (sliding_layers.empty()) return sliding_window;

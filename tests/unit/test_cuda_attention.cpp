@@ -1,7 +1,8 @@
 // CUDA backend parity, paged KV cache: kv_write must store byte-identical rows to the CPU backend for every cache
 // dtype (fp32/fp16/bf16 conversions and the int8 codes and scales of docs/kv_cache.md are deterministic), and
 // attention over those rows must match the CPU backend's for prefill, decode, mixed batches, block boundaries,
-// non-contiguous block tables, grouped-query heads, a sliding window, soft-capped scores, and long contexts (the CUDA
+// non-contiguous block tables, grouped-query heads, a sliding window, soft-capped scores, a prefix LM's bidirectional
+// context, and long contexts (the CUDA
 // kernel splits the keys of a decode row and merges the splits; past 64 splits they grow beyond 256 keys). Attention
 // tolerance: 5e-6 absolute + 1e-5 relative (the same stored rows; only the softmax summation order and FMA contraction
 // differ: a numpy simulation of both orders over 1500 keys stays under a quarter of it).
@@ -27,7 +28,8 @@ struct Scenario {
   std::vector<int64_t> new_rows;  // query rows of each sequence (the last positions)
   int64_t window = 0;
   float softcap = 0;
-  int64_t logn = 0;  // Qwen's logn attention past this many positions
+  int64_t logn = 0;                  // Qwen's logn attention past this many positions
+  std::vector<int64_t> prefix = {};  // a prefix LM's bidirectional context per sequence (ChatGLM-6B); empty: causal
 };
 
 KvCacheConfig config(KvDType dt, int64_t hd, int32_t num_blocks = 1100) {
@@ -69,7 +71,8 @@ CacheRun fill_and_attend(Backend& b, const KvCacheConfig& c, const Scenario& s, 
   std::vector<AttentionSequence> att;
   int64_t rows = 0;
   for (size_t i = 0; i < seqs.size(); ++i) {
-    att.push_back({rows, s.new_rows[i], s.lengths[i], std::span<const int32_t>(seqs[i].blocks)});
+    att.push_back({rows, s.new_rows[i], s.lengths[i], std::span<const int32_t>(seqs[i].blocks),
+                   s.prefix.empty() ? 0 : s.prefix[i]});
     rows += s.new_rows[i];
   }
   const int64_t q_stride = heads * hd + 3;
@@ -105,6 +108,7 @@ const std::vector<Scenario>& scenarios() {
       {"logn-scaled queries", {70, 1500}, {70, 1}, 0, 0, 24},
       {"long context decode (key splits)", {1500}, {1}},
       {"decode past the key-split cap", {16500}, {1}},
+      {"prefix-LM bidirectional context", {40, 1500, 30}, {40, 1, 12}, 0, 0, 0, {25, 1200, 20}},
   };
   return s;
 }

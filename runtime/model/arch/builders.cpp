@@ -19,12 +19,13 @@ ModelGraph build_model_graph(const ModelSpec& spec) {
       {"gemma3", arch::build_gemma},
       {"glm", arch::build_glm},
       {"glm4", arch::build_glm},
-      {"phi3", arch::build_llama},       // Phi-3's block is Llama's; only its checkpoint layout differs (convert/)
-      {"internlm", arch::build_llama},   // InternLM's and InternLM2's blocks are Llama's too
-      {"internlm2", arch::build_llama},  // (convert/arch_internlm.cpp)
-      {"chatglm", arch::build_glm},      // ChatGLM2/3's original layout is GLM's graph (convert/arch_chatglm.cpp)
-      {"qwen", arch::build_llama},       // Qwen v1 likewise; its logn attention and NTK RoPE are spec data
-      {"mixtral", arch::build_llama},    // mixtures of experts: Llama blocks whose MLP routes to experts
+      {"phi3", arch::build_llama},         // Phi-3's block is Llama's; only its checkpoint layout differs (convert/)
+      {"internlm", arch::build_llama},     // InternLM's and InternLM2's blocks are Llama's too
+      {"internlm2", arch::build_llama},    // (convert/arch_internlm.cpp)
+      {"chatglm", arch::build_glm},        // ChatGLM2/3's original layout is GLM's graph (convert/arch_chatglm.cpp)
+      {"chatglm_v1", arch::build_glm_v1},  // ChatGLM-6B: GLM-130B blocks, 2D RoPE, prefix LM
+      {"qwen", arch::build_llama},         // Qwen v1 likewise; its logn attention and NTK RoPE are spec data
+      {"mixtral", arch::build_llama},      // mixtures of experts: Llama blocks whose MLP routes to experts
       {"qwen2_moe", arch::build_llama},
       {"qwen3_moe", arch::build_llama},
       {"gemma", arch::build_llama},  // Gemma 1: a Llama block with (1 + w) norms, GeGLU and scaled embeddings (data)

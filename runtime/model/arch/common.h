@@ -21,5 +21,6 @@ ModelGraph build_llama(const ModelSpec& s);
 ModelGraph build_gpt2(const ModelSpec& s);
 ModelGraph build_gemma(const ModelSpec& s);
 ModelGraph build_glm(const ModelSpec& s);
+ModelGraph build_glm_v1(const ModelSpec& s);
 
 }  // namespace kiln::arch

@@ -26,6 +26,9 @@ struct AttentionConfig {
   bool rope_interleaved = false;
   double rope_theta = 0;
   bool rope_scaled = true;  // the spec's RoPE scaling applies (not to Gemma 3's local layers)
+  // 2D RoPE (ChatGLM-6B): rotary_dim is half a head; the first half of each head rotates by the position, the second
+  // by the block position (ForwardContext::block_positions).
+  bool rope_2d = false;
   int64_t q_size() const { return num_heads * head_dim; }
   int64_t kv_size() const { return num_kv_heads * head_dim; }
 };

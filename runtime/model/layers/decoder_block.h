@@ -31,6 +31,7 @@ class DecoderBlock {
   Attention attn_;
   Mlp mlp_;
   std::optional<MoeMlp> moe_;  // replaces mlp_ in a mixture-of-experts layer
+  float residual_alpha_ = 0;
 };
 
 }  // namespace kiln

@@ -38,7 +38,9 @@ struct ForwardContext {
   KvCache* cache = nullptr;
   int64_t rows = 0;
   std::span<const int32_t> ids, positions, seq_of_row;  // per row
-  std::span<const int64_t> slots;                       // per row: its cache slot
+  // per row, prefix-LM models only (ModelSpec::prefix_lm): the second RoPE position (GLM's block position)
+  std::span<const int32_t> block_positions;
+  std::span<const int64_t> slots;  // per row: its cache slot
   std::span<const AttentionSequence> seqs;
   // per sequence: its length after this step, which dynamic RoPE depends on (Qwen's: its prompt length when known)
   std::vector<int64_t> seq_lengths;

@@ -30,6 +30,25 @@ const char* const kChatGlm2 =
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '\\n\\n答：' }}{% endif %}";
 
+// ChatGLM-6B's (v1) chat(): the query alone when there is no history; otherwise "[Round i]\n问：{query}\n答：
+// {response}\n" per earlier turn, numbered from 0, and "[Round n]\n问：{query}\n答：". Its tokenizer then closes the
+// prompt with [gMASK] <sop>. It has no system role: kiln puts a system message first, followed by a newline.
+const char* const kChatGlm =
+    "{% set ns = namespace(users=0, round=0) %}"
+    "{% for message in messages %}{% if message['role'] == 'user' %}{% set ns.users = ns.users + 1 %}{% endif %}"
+    "{% endfor %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% if not loop.first %}{{ raise_exception('ChatGLM-6B: the system message must come first') }}{% endif %}"
+    "{{ message['content'] + '\\n' }}"
+    "{% elif message['role'] == 'user' %}"
+    "{% if ns.users == 1 and loop.last %}{{ message['content'] }}"
+    "{% else %}{{ '[Round ' ~ ns.round ~ ']\\n问：' + message['content'] + '\\n答：' }}{% endif %}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + '\\n' }}{% set ns.round = ns.round + 1 %}"
+    "{% else %}{{ raise_exception('ChatGLM-6B has no role ' + message['role']) }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}[gMASK]<sop>{% endif %}";
+
 // ChatGLM3's build_chat_input: [gMASK] sop, then per message its role token, encode("\n") and encode(content), then
 // <|assistant|>. Each encode() gets SentencePiece's dummy-prefix space, which the space before the content stands for
 // (kiln's tokenizer encodes the text between special tokens as one SentencePiece call, and "\n" is byte-fallback, so
@@ -85,6 +104,7 @@ std::string string_field(const nlohmann::json& c, const char* key) {
 
 const std::vector<BuiltinChatTemplate>& builtin_chat_templates() {
   static const std::vector<BuiltinChatTemplate> all = {
+      {"chatglm", "ChatGLM-6B (v1)", kChatGlm, {"<eop>"}},
       {"chatglm2", "ChatGLM2-6B", kChatGlm2, {}},
       {"chatglm3", "ChatGLM3-6B", kChatGlm3, {"<|user|>", "<|observation|>"}},
       {"internlm", "internlm-chat-7b / internlm-chat-20b (v1)", kInternLm, {"<eoa>"}},
@@ -116,6 +136,8 @@ const BuiltinChatTemplate* builtin_chat_template_for_config(const nlohmann::json
   if (arch == "InternLMForCausalLM" || type == "internlm") return find_builtin_chat_template("internlm");
   if (arch.rfind("ChatGLM", 0) == 0 || type == "chatglm") {
     // ChatGLM2 and ChatGLM3 share architectures and model_type; their configs keep the Hub name they were saved as.
+    // ChatGLM-6B (v1) is told by its config keys (convert/arch_chatglm6b.cpp).
+    if (config.contains("inner_hidden_size")) return find_builtin_chat_template("chatglm");
     const std::string name = lower(string_field(config, "_name_or_path"));
     if (name.find("chatglm3") != std::string::npos) return find_builtin_chat_template("chatglm3");
     if (name.find("chatglm2") != std::string::npos) return find_builtin_chat_template("chatglm2");

@@ -9,15 +9,9 @@ namespace fs = std::filesystem;
 namespace kiln {
 
 const std::vector<std::string>& tokenizer_file_names() {
-  static const std::vector<std::string> names = {"tokenizer.json",
-                                                 "tokenizer.model",
-                                                 "tokenizer_config.json",
-                                                 "special_tokens_map.json",
-                                                 "added_tokens.json",
-                                                 "vocab.json",
-                                                 "merges.txt",
-                                                 "generation_config.json",
-                                                 "qwen.tiktoken"};
+  static const std::vector<std::string> names = {
+      "tokenizer.json", "tokenizer.model", "tokenizer_config.json",  "special_tokens_map.json", "added_tokens.json",
+      "vocab.json",     "merges.txt",      "generation_config.json", "qwen.tiktoken",           "ice_text.model"};
   return names;
 }
 
@@ -37,6 +31,9 @@ TokenizerFiles locate_tokenizer_files(const fs::path& path) {
     f.dir = path;
     if (fs::is_regular_file(path / "tokenizer.json", ec)) f.tokenizer_json = path / "tokenizer.json";
     if (fs::is_regular_file(path / "tokenizer.model", ec)) f.tokenizer_model = path / "tokenizer.model";
+    // ChatGLM-6B (v1) names its SentencePiece model ice_text.model.
+    if (!f.tokenizer_model && fs::is_regular_file(path / "ice_text.model", ec))
+      f.tokenizer_model = path / "ice_text.model";
     if (fs::is_regular_file(path / "qwen.tiktoken", ec)) f.tiktoken = path / "qwen.tiktoken";
   }
   if (fs::is_regular_file(f.dir / "tokenizer_config.json", ec)) f.tokenizer_config = f.dir / "tokenizer_config.json";

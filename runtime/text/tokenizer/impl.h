@@ -19,7 +19,19 @@ class SentencePieceModel;  // tokenizer_sp.cpp
 // Ids that a post-processor puts around a single sequence when add_special_tokens is true.
 struct PostProcessor {
   std::vector<int32_t> prefix, suffix;
+  // ChatGLM-6B's build_inputs_with_special_tokens (ids of [MASK], [gMASK], end_token and <sop>; set: glm_mask >= 0):
+  // [gMASK] unless a [MASK] or [gMASK] is already there, end_token unless the text then ends in one of them, <sop>.
+  int32_t glm_mask = -1, glm_gmask = -1, glm_end = -1, glm_sop = -1;
 };
+
+// ChatGLM-6B's SPTokenizer (ice_text.model, chatglm.cpp): text is rewritten before SentencePiece (\n -> <n>,
+// \t -> <|tab|>, runs of 2..80 spaces -> <|blank_n|>) and back after it, and SentencePiece ids are shifted by
+// num_image_tokens (the image tokens come first in its vocabulary).
+struct GlmV1Text {
+  int32_t id_offset = 0;
+};
+std::string glm_v1_preprocess(std::string_view text);
+std::string glm_v1_postprocess(std::string text);
 
 struct TokenizerImpl {
   std::string name;  // file name for messages
@@ -31,6 +43,7 @@ struct TokenizerImpl {
   AddedVocabulary added;
   PostProcessor post;
   std::optional<int32_t> bos, eos;
+  std::optional<GlmV1Text> glm_v1;  // set for ChatGLM-6B's ice_text.model
 
   int32_t model_token_to_id(std::string_view token) const;
   std::optional<std::string> model_id_to_token(int32_t id) const;
@@ -63,5 +76,8 @@ bool is_chatglm_tokenizer(const json& tokenizer_config);
 // GLM-4's (tokenizer_class "ChatGLM4Tokenizer"): its tokenizer.model is a tiktoken rank file, not SentencePiece.
 bool is_glm4_tokenizer(const json& tokenizer_config);
 std::vector<AddedToken> chatglm_command_tokens(size_t sp_vocab_size);
+// ChatGLM-6B's: the command tokens are pieces of ice_text.model, shifted by num_image_tokens like every piece.
+bool is_chatglm_v1_model(const std::filesystem::path& model_file);
+std::vector<AddedToken> chatglm_v1_command_tokens(const SentencePieceModel& sp, int32_t id_offset);
 
 }  // namespace kiln::text

@@ -204,6 +204,7 @@ std::string directory_model_type(const std::filesystem::path& dir) {
 struct LoadContext {
   std::string model_type;
   bool json_mentions_byte_level = false;
+  bool chatglm_v1 = false;  // a ChatGLMTokenizer over ice_text.model (ChatGLM-6B)
 };
 
 std::shared_ptr<TokenizerImpl> build(const json* tok_json, const std::string& name,
@@ -241,8 +242,19 @@ std::shared_ptr<TokenizerImpl> build(const json* tok_json, const std::string& na
     impl->sp = std::move(sp);
     // ChatGLM's code matches only its command tokens in text; <s>, </s> and <unk> stay text, as SentencePiece
     // reads them.
-    added = text::is_chatglm_tokenizer(cfg_in) ? text::chatglm_command_tokens(text::sp_size(*impl->sp))
-                                               : text::sp_control_tokens(*impl->sp);
+    if (ctx.chatglm_v1) {
+      int64_t offset = 20000;  // ChatGLMTokenizer's default num_image_tokens
+      if (auto it = cfg_in.find("num_image_tokens"); it != cfg_in.end()) {
+        if (!it->is_number_integer() || it->get<int64_t>() < 0 || it->get<int64_t>() > (int64_t(1) << 24))
+          throw Error(cfg_name + ": 'num_image_tokens' must be a non-negative integer");
+        offset = it->get<int64_t>();
+      }
+      impl->glm_v1 = text::GlmV1Text{int32_t(offset)};
+      added = text::chatglm_v1_command_tokens(*impl->sp, int32_t(offset));
+    } else {
+      added = text::is_chatglm_tokenizer(cfg_in) ? text::chatglm_command_tokens(text::sp_size(*impl->sp))
+                                                 : text::sp_control_tokens(*impl->sp);
+    }
   }
 
   const bool llama_pipeline = compat == TokenizerCompat::Transformers && tok_json &&
@@ -273,7 +285,20 @@ std::shared_ptr<TokenizerImpl> build(const json* tok_json, const std::string& na
   impl->bos = config_token_id(*impl, names, "bos_token", added);
   impl->eos = config_token_id(*impl, names, "eos_token", added);
 
-  if (!tok_json && text::is_chatglm_tokenizer(cfg_in)) {
+  if (ctx.chatglm_v1) {
+    // ChatGLM-6B closes every encoded text with [gMASK] <sop> (build_inputs_with_special_tokens) and stops on <eop>.
+    impl->bos.reset();
+    auto id = [&](const char* piece) { return impl->model_token_to_id(piece); };
+    impl->eos = id("<eop>") >= 0 ? std::optional<int32_t>(id("<eop>")) : std::nullopt;
+    if (compat == TokenizerCompat::Transformers) {
+      if (id("[MASK]") < 0 || id("[gMASK]") < 0 || id("<sop>") < 0)
+        throw Error(name + ": a ChatGLM-6B ice_text.model must have the pieces [MASK], [gMASK] and <sop>");
+      impl->post.glm_mask = id("[MASK]");
+      impl->post.glm_gmask = id("[gMASK]");
+      impl->post.glm_end = id("</s>");
+      impl->post.glm_sop = id("<sop>");
+    }
+  } else if (!tok_json && text::is_chatglm_tokenizer(cfg_in)) {
     // ChatGLM2/3 start every encoded text with [gMASK] sop and add no BOS or EOS; EOS is the model's </s>.
     impl->bos.reset();
     const int32_t eos = text::sp_piece_to_id(*impl->sp, "</s>");
@@ -331,6 +356,7 @@ Tokenizer Tokenizer::load(const TokenizerFiles& files, TokenizerCompat compat) {
     ctx.json_mentions_byte_level = text.find("\"ByteLevel\"") != std::string::npos;
     return Tokenizer(build(&j, name, nullptr, cfg, cfg_name, compat, ctx));
   }
+  ctx.chatglm_v1 = text::is_chatglm_tokenizer(cfg) && text::is_chatglm_v1_model(*files.tokenizer_model);
   auto sp = text::load_sentencepiece(files.tokenizer_model->string());
   return Tokenizer(build(nullptr, files.tokenizer_model->string(), std::move(sp), cfg, cfg_name, compat, ctx));
 }

@@ -1,5 +1,7 @@
 #include "runtime/text/tokenizer/tokenizer.h"
 
+#include <algorithm>
+
 #include "runtime/text/tokenizer/impl.h"
 #include "runtime/text/tokenizer/unicode.h"
 
@@ -8,7 +10,9 @@ namespace kiln {
 namespace text {
 
 int32_t TokenizerImpl::model_token_to_id(std::string_view token) const {
-  return bpe ? bpe->token_to_id(token) : sp_piece_to_id(*sp, token);
+  if (bpe) return bpe->token_to_id(token);
+  const int32_t id = sp_piece_to_id(*sp, token);
+  return id >= 0 && glm_v1 ? id + glm_v1->id_offset : id;
 }
 
 std::optional<std::string> TokenizerImpl::model_id_to_token(int32_t id) const {
@@ -16,21 +20,39 @@ std::optional<std::string> TokenizerImpl::model_id_to_token(int32_t id) const {
     const std::string* s = bpe->id_to_token(id);
     return s ? std::optional<std::string>(*s) : std::nullopt;
   }
+  if (glm_v1) {
+    // SPTokenizer.__getitem__: the ids below num_image_tokens are image tokens.
+    if (id >= 0 && id < glm_v1->id_offset) return "<image_" + std::to_string(id) + ">";
+    id -= glm_v1->id_offset;
+  }
   return sp_id_to_piece(*sp, id);
 }
 
-size_t TokenizerImpl::model_id_limit() const { return bpe ? bpe->id_limit() : sp_size(*sp); }
-
-size_t TokenizerImpl::model_vocab_count() const { return bpe ? bpe->vocab().size() : sp_size(*sp); }
-
-void TokenizerImpl::model_tokenize(std::string_view word, std::vector<int32_t>& out) const {
-  if (bpe)
-    bpe->tokenize(word, out);
-  else
-    sp_encode(*sp, word, out);
+size_t TokenizerImpl::model_id_limit() const {
+  return bpe ? bpe->id_limit() : sp_size(*sp) + size_t(glm_v1 ? glm_v1->id_offset : 0);
 }
 
-std::string TokenizerImpl::model_decode(const std::vector<int32_t>& ids) const { return sp_decode(*sp, ids); }
+size_t TokenizerImpl::model_vocab_count() const { return bpe ? bpe->vocab().size() : model_id_limit(); }
+
+void TokenizerImpl::model_tokenize(std::string_view word, std::vector<int32_t>& out) const {
+  if (bpe) {
+    bpe->tokenize(word, out);
+  } else if (glm_v1) {
+    const size_t first = out.size();
+    sp_encode(*sp, glm_v1_preprocess(word), out);
+    for (size_t i = first; i < out.size(); ++i) out[i] += glm_v1->id_offset;
+  } else {
+    sp_encode(*sp, word, out);
+  }
+}
+
+std::string TokenizerImpl::model_decode(const std::vector<int32_t>& ids) const {
+  if (!glm_v1) return sp_decode(*sp, ids);
+  std::vector<int32_t> text_ids;  // image tokens decode to nothing
+  for (int32_t id : ids)
+    if (id >= glm_v1->id_offset) text_ids.push_back(id - glm_v1->id_offset);
+  return glm_v1_postprocess(sp_decode(*sp, text_ids));
+}
 
 }  // namespace text
 
@@ -53,6 +75,13 @@ std::vector<int32_t> Tokenizer::encode(std::string_view input, bool add_special_
       t.model_tokenize(p.text, ids);
   }
   if (add_special_tokens) ids.insert(ids.end(), t.post.suffix.begin(), t.post.suffix.end());
+  if (add_special_tokens && t.post.glm_mask >= 0) {
+    const text::PostProcessor& p = t.post;
+    auto is_mask = [&](int32_t id) { return id == p.glm_mask || id == p.glm_gmask; };
+    if (std::none_of(ids.begin(), ids.end(), is_mask)) ids.push_back(p.glm_gmask);
+    if (!is_mask(ids.back()) && p.glm_end >= 0) ids.push_back(p.glm_end);
+    ids.push_back(p.glm_sop);
+  }
   return ids;
 }
 
@@ -67,7 +96,10 @@ std::string Tokenizer::decode(std::span<const int32_t> ids, bool skip_special_to
       run.clear();
     };
     for (int32_t id : ids) {
-      if (const auto* a = t.added.find_by_id(id)) {
+      if (const auto* a = t.added.find_by_id(id); a && t.glm_v1) {
+        // ChatGLM-6B's command tokens are SentencePiece pieces, and its decode runs SentencePiece over every id.
+        if (!(skip_special_tokens && a->special)) run.push_back(id);
+      } else if (a) {
         flush();
         if (!(skip_special_tokens && a->special)) out += a->display;
       } else if (id >= 0 && static_cast<size_t>(id) < t.model_id_limit()) {
