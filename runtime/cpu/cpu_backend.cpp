@@ -54,7 +54,7 @@ void CpuBackend::download(const Buffer& src, size_t offset, void* dst, size_t by
 }
 
 std::unique_ptr<LinearWeight> CpuBackend::pack_linear(const void* data, DType dtype, int64_t out, int64_t in) {
-  return std::make_unique<PackedLinear>(cpu::pack_linear(data, dtype, out, in));
+  return std::make_unique<PackedLinear>(cpu::pack_linear(data, dtype, out, in, best_dense_layout(isa_, dtype)));
 }
 
 std::unique_ptr<LinearWeight> CpuBackend::pack_linear_int4(const Int4WeightView& w) {

@@ -7,11 +7,12 @@
 
 #include "runtime/core/devices.h"
 #include "runtime/core/error.h"
+#include "runtime/cpu/matmul_bf16.h"
 #include "runtime/cpu/thread_pool.h"
 
 namespace kiln::cpu {
 
-PackedLinear pack_linear(const void* data, DType dtype, int64_t out, int64_t in) {
+PackedLinear pack_linear(const void* data, DType dtype, int64_t out, int64_t in, DenseLayout layout) {
   if (dtype != DType::F32 && dtype != DType::F16 && dtype != DType::BF16)
     throw Error("matmul weights must be fp32, fp16 or bf16, not " + std::string(dtype_name(dtype)));
   PackedLinear w;
@@ -19,6 +20,18 @@ PackedLinear pack_linear(const void* data, DType dtype, int64_t out, int64_t in)
   w.in = in;
   w.dtype = dtype;
   const size_t es = dtype_size(dtype);
+  if (layout == DenseLayout::Bf16Pairs && dtype == DType::BF16) {
+    w.layout = layout;
+    w.data.assign(size_t(w.panels() * w.pairs() * kPanel * 2) * es, 0);
+    const auto* src = static_cast<const uint8_t*>(data);
+    for (int64_t o = 0; o < out; ++o) {
+      const int64_t p = o / kPanel, j = o % kPanel;
+      for (int64_t k = 0; k < in; ++k)
+        std::memcpy(&w.data[size_t(((p * w.pairs() + k / 2) * kPanel + j) * 2 + k % 2) * es],
+                    src + size_t(o * in + k) * es, es);
+    }
+    return w;
+  }
   w.data.assign(size_t(w.panels() * in * kPanel) * es, 0);
   const auto* src = static_cast<const uint8_t*>(data);
   for (int64_t o = 0; o < out; ++o) {
@@ -47,6 +60,10 @@ MatmulIsa best_matmul_isa() {
   return isa;
 }
 
+DenseLayout best_dense_layout(MatmulIsa isa, DType dtype) {
+  return isa == MatmulIsa::Avx512 && dtype == DType::BF16 ? DenseLayout::Bf16Pairs : DenseLayout::Panel;
+}
+
 const char* matmul_isa_name(MatmulIsa isa) {
   switch (isa) {
     case MatmulIsa::Scalar:
@@ -60,6 +77,7 @@ const char* matmul_isa_name(MatmulIsa isa) {
 }
 
 void matmul(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const PackedLinear& w, float* y) {
+  if (w.layout == DenseLayout::Bf16Pairs) return matmul_bf16_pairs(pool, isa, default_bf16_math(), x, rows, w, y);
   // Work items are (group of panels) x (group of rows): a panel group's weights stay in cache across its row tiles.
   const int64_t panels_per_task = 4, rows_per_task = 64;
   const int64_t pg = (w.panels() + panels_per_task - 1) / panels_per_task;

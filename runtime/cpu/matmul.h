@@ -19,21 +19,30 @@ class ThreadPool;
 
 constexpr int64_t kPanel = 16;
 
+// Panel: the layout above. Bf16Pairs: bf16 only, inputs taken two at a time (matmul_bf16.h).
+enum class DenseLayout { Panel, Bf16Pairs };
+
 struct PackedLinear : LinearWeight {
   int64_t out = 0, in = 0;
-  DType dtype = DType::F32;   // F32, F16 or BF16
-  std::vector<uint8_t> data;  // [ceil(out / kPanel)][in][kPanel] elements of dtype
+  DType dtype = DType::F32;  // F32, F16 or BF16
+  DenseLayout layout = DenseLayout::Panel;
+  std::vector<uint8_t> data;  // Panel: [ceil(out / kPanel)][in][kPanel]; Bf16Pairs: [panels][pairs][kPanel][2]
   int64_t out_features() const override { return out; }
   int64_t in_features() const override { return in; }
   int64_t panels() const { return (out + kPanel - 1) / kPanel; }
+  int64_t pairs() const { return (in + 1) / 2; }
 };
 
-PackedLinear pack_linear(const void* data, DType dtype, int64_t out, int64_t in);
+// layout Bf16Pairs applies to bf16 weights only; other dtypes are packed as panels.
+PackedLinear pack_linear(const void* data, DType dtype, int64_t out, int64_t in,
+                         DenseLayout layout = DenseLayout::Panel);
 
 enum class MatmulIsa { Scalar, Avx2, Avx512 };
 // The best kernel this CPU runs (KILN_CPU_ISA=scalar|avx2|avx512 narrows the choice, for tests and benchmarks).
 MatmulIsa best_matmul_isa();
 const char* matmul_isa_name(MatmulIsa isa);
+// The layout matmul() runs fastest for dtype with isa: Bf16Pairs for bf16 under Avx512, Panel otherwise.
+DenseLayout best_dense_layout(MatmulIsa isa, DType dtype);
 
 void matmul(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const PackedLinear& w, float* y);
 

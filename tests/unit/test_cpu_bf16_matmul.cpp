@@ -1,0 +1,163 @@
+// The bf16 pair-layout matmul kernels (runtime/cpu/matmul_bf16.h) against naive references written from the
+// definition: exact math against the fp32 product in double accumulation, the `vdpbf16ps` kernel against the same
+// product with x rounded to bf16, and both SIMD kernels against their scalar twins, on odd shapes.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "runtime/core/dtype.h"
+#include "runtime/cpu/matmul.h"
+#include "runtime/cpu/matmul_bf16.h"
+#include "runtime/cpu/thread_pool.h"
+
+namespace kiln {
+namespace {
+
+struct Bf16Weights {
+  std::vector<uint16_t> bits;
+  std::vector<float> values;  // exactly what the bits hold
+};
+
+Bf16Weights random_weights(int64_t n, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.0f, 0.5f);
+  Bf16Weights w;
+  for (int64_t i = 0; i < n; ++i) {
+    w.bits.push_back(f32_to_bf16(d(g)));
+    w.values.push_back(bf16_to_f32(w.bits.back()));
+  }
+  return w;
+}
+
+std::vector<float> random_x(int64_t n, uint32_t seed) {
+  std::mt19937 g(seed);
+  std::normal_distribution<float> d(0.0f, 2.0f);
+  std::vector<float> x(static_cast<size_t>(n));
+  for (auto& v : x) v = d(g);
+  return x;
+}
+
+// y = x · Wᵀ in double; with |x|·|W| as the scale of each output's rounding error.
+void naive(const std::vector<float>& x, int64_t rows, const std::vector<float>& w, int64_t out, int64_t in,
+           std::vector<double>& y, std::vector<double>& abs_sum) {
+  y.assign(size_t(rows * out), 0);
+  abs_sum.assign(size_t(rows * out), 0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t k = 0; k < in; ++k) {
+        y[r * out + o] += double(x[r * in + k]) * w[o * in + k];
+        abs_sum[r * out + o] += std::abs(double(x[r * in + k]) * w[o * in + k]);
+      }
+}
+
+bool has_avx512() { return cpu::best_matmul_isa() == cpu::MatmulIsa::Avx512; }
+
+const int64_t kShapes[][2] = {{37, 45}, {16, 64}, {49, 3}, {5, 1}};  // out, in: odd, even, tiny
+
+TEST(CpuBf16Matmul, PairLayoutHoldsEveryWeight) {
+  const int64_t out = 19, in = 7;
+  Bf16Weights w = random_weights(out * in, 1);
+  cpu::PackedLinear p = cpu::pack_linear(w.bits.data(), DType::BF16, out, in, cpu::DenseLayout::Bf16Pairs);
+  ASSERT_EQ(p.layout, cpu::DenseLayout::Bf16Pairs);
+  ASSERT_EQ(p.data.size(), size_t(2 * 4 * 16 * 2 * 2));  // 2 panels x 4 pairs x 16 outputs x 2 inputs x 2 bytes
+  for (int64_t o = 0; o < 32; ++o)
+    for (int64_t k = 0; k < 8; ++k) {
+      uint16_t h;
+      std::memcpy(&h, &p.data[size_t((((o / 16) * 4 + k / 2) * 16 + o % 16) * 2 + k % 2) * 2], 2);
+      EXPECT_EQ(h, o < out && k < in ? w.bits[o * in + k] : 0) << o << "," << k;  // padding is zero
+    }
+  // Other dtypes keep the panel layout whatever is asked.
+  std::vector<float> f(size_t(out * in), 1.0f);
+  EXPECT_EQ(cpu::pack_linear(f.data(), DType::F32, out, in, cpu::DenseLayout::Bf16Pairs).layout,
+            cpu::DenseLayout::Panel);
+}
+
+TEST(CpuBf16Matmul, ExactKernelsMatchTheFp32Product) {
+  for (const auto& s : kShapes) {
+    const int64_t out = s[0], in = s[1];
+    Bf16Weights w = random_weights(out * in, uint32_t(out + in));
+    cpu::PackedLinear p = cpu::pack_linear(w.bits.data(), DType::BF16, out, in, cpu::DenseLayout::Bf16Pairs);
+    for (int64_t rows : {1, 3, 4, 5, 9}) {
+      auto x = random_x(rows * in, uint32_t(rows));
+      std::vector<double> ref, mag;
+      naive(x, rows, w.values, out, in, ref, mag);
+      std::vector<float> y(size_t(rows * out)), ys(size_t(rows * out));
+      cpu::matmul_bf16_pairs_scalar(x.data(), 0, rows, p, 0, p.panels(), ys.data());
+      for (size_t i = 0; i < ys.size(); ++i) ASSERT_NEAR(ys[i], ref[i], 1e-6 * (1 + mag[i])) << "scalar " << i;
+      if (!has_avx512()) continue;
+      cpu::matmul_bf16_pairs_avx512(x.data(), 0, rows, p, 0, p.panels(), y.data());
+      // Same FMAs in the same order: bitwise equal to the scalar kernel.
+      for (size_t i = 0; i < y.size(); ++i) ASSERT_EQ(y[i], ys[i]) << "avx512 " << out << "x" << in << " at " << i;
+    }
+  }
+}
+
+TEST(CpuBf16Matmul, RoundsActivationsToBf16Pairs) {
+  const int64_t rows = 2, in = 5;
+  std::vector<float> x = {1.0f, 1.00390625f, -3.1f, 1e-30f, 7.0f, 0.5f, -0.25f, 65504.0f, 2.0f, -1.0f};
+  std::vector<uint32_t> xp(size_t(rows * 3));
+  cpu::round_rows_to_bf16_pairs(x.data(), rows, in, xp.data());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < 6; ++k) {
+      const uint32_t word = xp[size_t(r * 3 + k / 2)];
+      const uint16_t h = uint16_t(k % 2 ? word >> 16 : word & 0xffff);
+      EXPECT_EQ(h, k < in ? f32_to_bf16(x[size_t(r * in + k)]) : 0) << r << "," << k;
+    }
+}
+
+TEST(CpuBf16Matmul, DotKernelsMatchTheProductOfRoundedActivations) {
+  for (const auto& s : kShapes) {
+    const int64_t out = s[0], in = s[1];
+    Bf16Weights w = random_weights(out * in, uint32_t(out * in));
+    cpu::PackedLinear p = cpu::pack_linear(w.bits.data(), DType::BF16, out, in, cpu::DenseLayout::Bf16Pairs);
+    for (int64_t rows : {1, 2, 7, 8, 9}) {
+      auto x = random_x(rows * in, uint32_t(rows + 100));
+      std::vector<float> xr(x.size());
+      for (size_t i = 0; i < x.size(); ++i) xr[i] = bf16_to_f32(f32_to_bf16(x[i]));
+      std::vector<double> ref, mag, exact, exact_mag;
+      naive(xr, rows, w.values, out, in, ref, mag);
+      naive(x, rows, w.values, out, in, exact, exact_mag);
+      std::vector<uint32_t> xp(size_t(rows * p.pairs()));
+      cpu::round_rows_to_bf16_pairs(x.data(), rows, in, xp.data());
+      std::vector<float> ys(size_t(rows * out)), y(ys.size());
+      cpu::matmul_bf16_dot_scalar(xp.data(), 0, rows, p, 0, p.panels(), ys.data());
+      for (size_t i = 0; i < ys.size(); ++i) {
+        ASSERT_NEAR(ys[i], ref[i], 1e-6 * (1 + mag[i])) << "scalar " << i;
+        // What the rounding costs against the exact product: at most 2^-8 of Σ|x w| (bf16 keeps 8 significant bits)
+        // (plus fp32 summation).
+        ASSERT_NEAR(ys[i], exact[i], std::ldexp(1.0, -8) * exact_mag[i] + 1e-6 * (1 + mag[i])) << i;
+      }
+      if (!has_avx512() || !cpu::cpu_has_avx512_bf16()) continue;
+      cpu::matmul_bf16_dot_avx512(xp.data(), 0, rows, p, 0, p.panels(), y.data());
+      // The instruction's internal order and denormal flushing may differ from the scalar emulation in the last bits.
+      for (size_t i = 0; i < y.size(); ++i) ASSERT_NEAR(y[i], ref[i], 1e-6 * (1 + mag[i])) << "avx512-bf16 " << i;
+    }
+  }
+}
+
+TEST(CpuBf16Matmul, RowsAreIndependentOfTheBatch) {
+  // Bitwise, for both maths and every ISA this CPU has (batch invariance, docs/runtime.md).
+  const int64_t out = 70, in = 77, rows = 13;
+  Bf16Weights w = random_weights(out * in, 9);
+  cpu::PackedLinear p = cpu::pack_linear(w.bits.data(), DType::BF16, out, in, cpu::DenseLayout::Bf16Pairs);
+  auto x = random_x(rows * in, 10);
+  cpu::ThreadPool pool(2);
+  std::vector<cpu::MatmulIsa> isas = {cpu::MatmulIsa::Scalar};
+  if (has_avx512()) isas.push_back(cpu::MatmulIsa::Avx512);
+  for (cpu::MatmulIsa isa : isas)
+    for (cpu::Bf16Math math : {cpu::Bf16Math::Exact, cpu::Bf16Math::Dot}) {
+      std::vector<float> all(size_t(rows * out)), one(static_cast<size_t>(out));
+      cpu::matmul_bf16_pairs(pool, isa, math, x.data(), rows, p, all.data());
+      for (int64_t r = 0; r < rows; ++r) {
+        cpu::matmul_bf16_pairs(pool, isa, math, x.data() + r * in, 1, p, one.data());
+        for (int64_t o = 0; o < out; ++o) ASSERT_EQ(one[o], all[r * out + o]) << r << "," << o;
+      }
+    }
+}
+
+}  // namespace
+}  // namespace kiln
