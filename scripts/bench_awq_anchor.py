@@ -129,6 +129,48 @@ def hf_logits(a):
     save_file({"tokens": torch.tensor(tokens, dtype=torch.int32), "logits": torch.cat(rows).contiguous()}, a.out)
 
 
+def make_7b_shaped(out, layers, tokenizer_dir):
+    """A Llama-2-7B-shaped bf16 checkpoint (hidden 4096, intermediate 11008, 32 heads, no GQA) with `layers` decoder
+    layers of random weights, one safetensors shard per layer so that only one layer is ever held in memory. The
+    vocabulary is the tokenizer's (SmolLM2's 49152 ids): it sizes only the embedding and head, not a layer's cost."""
+    import shutil
+    import torch
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    h, inter, vocab = 4096, 11008, 49152
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": h, "intermediate_size": inter,
+           "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": layers, "head_dim": 128,
+           "vocab_size": vocab, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096,
+           "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+           "torch_dtype": "bfloat16"}
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    weight_map = {}
+
+    def write(shard):  # one shard per call: at most one layer is ever in memory
+        name = f"model-{len(set(weight_map.values())) + 1:05d}.safetensors"
+        save_file(shard, out / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+
+    write({"model.embed_tokens.weight": rand(vocab, h), "lm_head.weight": rand(vocab, h),
+           "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)})
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        write({p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+               p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+               **{p + f"self_attn.{n}.weight": rand(h, h) for n in ("q_proj", "k_proj", "v_proj", "o_proj")},
+               p + "mlp.gate_proj.weight": rand(inter, h), p + "mlp.up_proj.weight": rand(inter, h),
+               p + "mlp.down_proj.weight": rand(h, inter)})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(tokenizer_dir) / f, out / f)
+
+
 # ---- the driver
 def compare(ref_path, q_path, ctx):
     import torch
@@ -179,7 +221,11 @@ def main():
     ap.add_argument("--child", choices=["llmc-quantize", "hf-logits"])
     ap.add_argument("--blocks")
     ap.add_argument("--tokens")
+    ap.add_argument("--make-7b-shaped", type=Path, help="write a Llama-2-7B-shaped bf16 checkpoint here and exit")
+    ap.add_argument("--layers", type=int, default=2, help="decoder layers of --make-7b-shaped")
     a = ap.parse_args()
+    if a.make_7b_shaped:
+        return make_7b_shaped(a.make_7b_shaped, a.layers, a.hf)
     if a.child == "llmc-quantize":
         return llmc_quantize(a)
     if a.child == "hf-logits":
