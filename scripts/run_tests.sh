@@ -62,7 +62,7 @@ echo "== unit tests under AddressSanitizer + UndefinedBehaviorSanitizer (clang) 
 wait $san_build || { tail -n 100 build-san.log; echo "sanitizer build failed (log above, also in build-san.log)"; exit 1; }
 ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 run_ctest build-san
 
-echo "== fuzzing (libFuzzer, ${FUZZ_SECONDS:-20}s per target, seed ${FUZZ_SEED:-1}) ($SECONDS s)"
+echo "== fuzzing (libFuzzer, ${FUZZ_SECONDS:-15}s per target, seed ${FUZZ_SEED:-1}) ($SECONDS s)"
 # A fixed seed makes CI's verdict a property of the code, not of the draw: the same mutations every run (FUZZ_SEED=0
 # draws a random one, for longer exploratory runs). Inputs that once failed are kept in tests/fuzz/corpus.
 # The fuzz build has -fno-sanitize-recover=undefined and UBSan halts on its first report, so any finding (ASan or
@@ -73,7 +73,7 @@ fuzz_one() {
   corpus=$(mktemp -d)
   [ -d "tests/fuzz/corpus/$t" ] && cp -r "tests/fuzz/corpus/$t/." "$corpus/"
   ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-    "build-san/tests/$t" -max_total_time="${FUZZ_SECONDS:-20}" -seed="${FUZZ_SEED:-1}" -max_len=65536 \
+    "build-san/tests/$t" -max_total_time="${FUZZ_SECONDS:-15}" -seed="${FUZZ_SEED:-1}" -max_len=65536 \
     -print_final_stats=1 "$corpus" >"build-san/$t.log" 2>&1 || rc=$?
   echo $rc >"build-san/$t.status"
   rm -rf "$corpus"
