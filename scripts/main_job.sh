@@ -22,7 +22,8 @@ $KILN inspect "$WS"
 $KILN verify "$WS"
 # Calibration statistics (K/V ranges for the static INT8 KV scales), then AWQ with group 64 (SmolLM2's hidden size
 # 576 is not a multiple of 128). The gate fails the job if perplexity on held-out text rises by more than 50%.
-$KILN calibrate "$WS" --data "$CALIB" --samples 32 --seqlen 512 -o out/smollm2-135m-instruct.stats.safetensors
+$KILN calibrate "$WS" --data "$CALIB" --samples 32 --seqlen 512 -o out/smollm2-135m-instruct.stats.safetensors \
+  --force
 $KILN quantize "$WS" -o "$QWS" --method awq --group-size 64 --data "$CALIB" --samples 32 --seqlen 512 \
   --kv-cache int8 --kv-mode static --kv-stats out/smollm2-135m-instruct.stats.safetensors \
   --eval-text "$EVAL" --eval-tokens 2048 --max-ppl-increase 0.5 --force
