@@ -23,6 +23,16 @@ const std::vector<HfPart> kChatGlmParts = {
     {names::kDown, {"transformer.encoder.layers.{i}.mlp.dense_4h_to_h.weight"}},
 };
 
+// Options of ChatGLM's remote code (all generations) that change the checkpoint or the computation.
+void refuse_chatglm_remote_code_options(const HfConfigReader& r) {
+  if (const nlohmann::json* p = r.get("pre_seq_len"))
+    r.refuse("pre_seq_len", p->dump() + " (a P-tuning prefix encoder) is not supported");
+  if (const nlohmann::json* q = r.get("quantization_bit"); q && !(q->is_number_integer() && q->get<int64_t>() == 0))
+    r.refuse("quantization_bit", q->dump() +
+                                     " (ChatGLM's own int4/int8 weights) is not supported; convert the "
+                                     "unquantized checkpoint");
+}
+
 void read_chatglm_config(const HfConfigReader& r, ModelSpec& s) {
   // What the remote code can be configured to do and kiln's GLM graph does not: refused by key.
   if (!r.flag("rmsnorm", true)) r.refuse("rmsnorm", "false (LayerNorm blocks) is not supported");
@@ -34,12 +44,7 @@ void read_chatglm_config(const HfConfigReader& r, ModelSpec& s) {
   // Without multi-query attention the remote code packs q, k, v per head ([heads, 3, head_dim]).
   if (!r.flag("multi_query_attention", false))
     r.refuse("multi_query_attention", "false (q, k, v packed per head) is not supported");
-  if (const nlohmann::json* p = r.get("pre_seq_len"))
-    r.refuse("pre_seq_len", p->dump() + " (a P-tuning prefix encoder) is not supported");
-  if (const nlohmann::json* q = r.get("quantization_bit"); q && !(q->is_number_integer() && q->get<int64_t>() == 0))
-    r.refuse("quantization_bit", q->dump() +
-                                     " (ChatGLM's own int4/int8 weights) is not supported; convert the "
-                                     "unquantized checkpoint");
+  refuse_chatglm_remote_code_options(r);
   s.vocab_size = r.required_positive("padded_vocab_size");
   s.hidden_size = r.required_positive("hidden_size");
   s.intermediate_size = r.required_positive("ffn_hidden_size");

@@ -34,12 +34,7 @@ const std::vector<HfPart> kChatGlm6bParts = {
 void read_chatglm6b_config(const HfConfigReader& r, ModelSpec& s) {
   if (!r.flag("position_encoding_2d", true))
     r.refuse("position_encoding_2d", "false (1D RoPE) is not supported; ChatGLM-6B uses 2D positions");
-  if (const nlohmann::json* p = r.get("pre_seq_len"))
-    r.refuse("pre_seq_len", p->dump() + " (a P-tuning prefix encoder) is not supported");
-  if (const nlohmann::json* q = r.get("quantization_bit"); q && !(q->is_number_integer() && q->get<int64_t>() == 0))
-    r.refuse("quantization_bit", q->dump() +
-                                     " (ChatGLM's own int4/int8 weights) is not supported; convert the "
-                                     "unquantized checkpoint");
+  refuse_chatglm_remote_code_options(r);
   s.vocab_size = r.required_positive("vocab_size");
   s.hidden_size = r.required_positive("hidden_size");
   s.intermediate_size = r.optional_positive("inner_hidden_size", 4 * s.hidden_size);

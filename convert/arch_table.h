@@ -126,6 +126,8 @@ extern const std::vector<HfPart> kInternLm2Parts;
 void read_chatglm_config(const HfConfigReader& r, ModelSpec& s);
 extern const std::vector<HfPart> kChatGlmParts;
 void read_chatglm6b_config(const HfConfigReader& r, ModelSpec& s);
+// pre_seq_len (P-tuning) and quantization_bit, refused by every ChatGLM generation (convert/arch_chatglm.cpp).
+void refuse_chatglm_remote_code_options(const HfConfigReader& r);
 extern const std::vector<HfPart> kChatGlm6bParts;
 void read_qwen_config(const HfConfigReader& r, ModelSpec& s);
 extern const std::vector<HfPart> kQwenParts;
