@@ -14,6 +14,23 @@ REAL_TOKENIZERS = sorted(p.parent.name for p in (DATA / "tokenizers").glob("*/to
 sys.path.insert(0, str(REPO / "scripts"))
 
 
+# A whole run writes tens of GB of checkpoints and workspaces, more than a CI machine's disk may hold: a passing test's
+# tmp_path goes when it ends (pytest.ini: tmp_path_retention_policy), and what a module's fixtures made goes when the
+# module ends. A session-scoped fixture's directory must outlive the module that first asks for it: its name starts
+# with SESSION_SCRATCH.
+SESSION_SCRATCH = "session-"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_scratch_is_removed(tmp_path_factory):
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    for p in set(base.iterdir()) - before:
+        if not p.name.startswith(SESSION_SCRATCH):
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def kiln_binary() -> Path:
     return Path(os.environ.get("KILN_BIN", REPO / "build" / "tools" / "kiln"))
 
@@ -58,7 +75,7 @@ def copy_tokenizer(src: Path, dst: Path):
 def real_tokenizers(tmp_path_factory):
     """One subdirectory per real tokenizer of tests/data/tokenizers (llama2/, qwen3/, ...), each holding tokenizer.json
     and tokenizer_config.json."""
-    root = tmp_path_factory.mktemp("tokenizers")
+    root = tmp_path_factory.mktemp(SESSION_SCRATCH + "tokenizers")
     for name in REAL_TOKENIZERS:
         src = DATA / "tokenizers" / name
         dst = root / name

@@ -16,7 +16,7 @@ import torch
 from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import run_kiln
+from conftest import SESSION_SCRATCH, run_kiln
 
 TOL = 1e-3
 
@@ -52,7 +52,7 @@ PARITY = {
 
 @pytest.fixture(scope="session")
 def workspaces(fixture_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("rt_ws")
+    root = tmp_path_factory.mktemp(SESSION_SCRATCH + "rt_ws")
     cache = {}
 
     def get(name):

@@ -205,7 +205,9 @@ TEST_F(Scheduler, ConcurrentRequestsWithChunkingAndPreemptionEqualAlone) {
     for (auto& p : prompts) streams.push_back(e.submit(p, greedy(20)));
     for (size_t i = 0; i < streams.size(); ++i) EXPECT_EQ(collect(*streams[i]).tokens[0], refs[i]) << i;
     EXPECT_GT(counter(m, "kiln_preemptions_total"), 0);
-    if (prefix) EXPECT_GT(counter(m, "kiln_prefix_cache_hit_tokens_total"), 0);
+    if (prefix) {
+      EXPECT_GT(counter(m, "kiln_prefix_cache_hit_tokens_total"), 0);
+    }
     expect_all_free(e);
   }
 }
