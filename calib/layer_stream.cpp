@@ -137,28 +137,29 @@ int64_t total(const std::vector<int64_t>& lengths) {
   for (int64_t l : lengths) n += l;
   return n;
 }
-// Calibration blocks are windows of plain text run as causal sequences at positions 0..L-1. A prefix LM
-// (ChatGLM-6B) defines its positions and attention only from a [gMASK] ... <sop> prompt, so its statistics would
-// describe inputs the model never sees: refused before anything is allocated.
-ModelGraph calibration_graph(const ModelSpec& s) {
-  if (s.prefix_lm())
-    throw Error(s.architecture +
-                " is a prefix LM (2D positions and bidirectional attention from its [gMASK] <sop> prompt): "
-                "calibration, AWQ and static INT8 KV scales are not supported for it; use --method rtn and "
-                "--kv-cache int8 (online scales)");
-  return build_model_graph(s);
+// Every block laid out by calibration_sequence(), one after another.
+std::vector<int32_t> calibration_tokens(const ModelSpec& spec, const Blocks& blocks) {
+  std::vector<int32_t> out;
+  for (int64_t b = 0; b < blocks.count(); ++b) {
+    const std::vector<int32_t> seq = calibration_sequence(
+        spec, std::span<const int32_t>(blocks.tokens).subspan(size_t(b * blocks.seqlen), size_t(blocks.seqlen)));
+    out.insert(out.end(), seq.begin(), seq.end());
+  }
+  return out;
 }
 }  // namespace
 
 LayerStream::LayerStream(const Workspace& ws, Backend& backend, const Blocks& blocks, const LayerStreamOptions& o)
-    : LayerStream(ws, backend, blocks.tokens, uniform(blocks.count(), blocks.seqlen), o) {}
+    // The laid-out tokens are a temporary that lives until the delegated constructor returns.
+    : LayerStream(ws, backend, calibration_tokens(ws.spec(), blocks),
+                  uniform(blocks.count(), calibration_length(ws.spec(), blocks.seqlen)), o) {}
 
 LayerStream::LayerStream(const Workspace& ws, Backend& backend, std::span<const int32_t> tokens,
                          std::vector<int64_t> lengths, const LayerStreamOptions& o)
     : ws_(ws),
       be_(backend),
       spec_(ws.spec()),
-      graph_(calibration_graph(spec_)),
+      graph_(build_model_graph(spec_)),
       lengths_(std::move(lengths)),
       batch_tokens_(o.batch_tokens),
       options_(o),
@@ -168,23 +169,26 @@ LayerStream::LayerStream(const Workspace& ws, Backend& backend, std::span<const 
   for (int64_t l : lengths_) {
     offsets_.push_back(offsets_.empty() ? 0 : offsets_.back() + lengths_[offsets_.size() - 1]);
     if (l < 1) throw Error("layer stream: empty sequence");
+    if (spec_.prefix_lm())
+      prompts_.push_back(prefix_lm_prompt(spec_, tokens.subspan(size_t(offsets_.back()), size_t(l))));
   }
   new_cache(0);
   const int64_t H = spec_.hidden_size;
   Embedding embedding;
   embedding.load(WorkspaceSource(ws_), be_, graph_.embedding);
   release_pages(-1);
-  std::vector<int32_t> positions;
+  std::vector<int32_t> positions, block_positions;
   for (const Batch& b : batches()) {
     check_interrupt();
     const int64_t N = b.rows;
     ForwardContext ctx(be_, spec_, scratch_);
     ctx.rows = N;
     positions.clear();
-    for (int64_t i = b.first; i < b.first + b.count; ++i)
-      for (int64_t p = 0; p < lengths_[size_t(i)]; ++p) positions.push_back(int32_t(p));
+    block_positions.clear();
+    for (int64_t i = b.first; i < b.first + b.count; ++i) append_positions(i, positions, block_positions);
     ctx.ids = tokens.subspan(size_t(b.row0), size_t(N));
     ctx.positions = positions;
+    ctx.block_positions = block_positions;
     Buffer& x = scratch_.get(Scratch::Residual, N * H);
     embedding.forward(ctx, x.f32());
     host_.resize(size_t(N * H));
@@ -194,6 +198,20 @@ LayerStream::LayerStream(const Workspace& ws, Backend& backend, std::span<const 
 }
 
 LayerStream::~LayerStream() = default;
+
+void LayerStream::append_positions(int64_t i, std::vector<int32_t>& positions,
+                                   std::vector<int32_t>& block_positions) const {
+  // Every sequence is a fresh one at positions 0..length-1 (a prefix LM's: Model::forward's 2D positions).
+  for (int64_t p = 0; p < lengths_[size_t(i)]; ++p) {
+    if (prompts_.empty()) {
+      positions.push_back(int32_t(p));
+      continue;
+    }
+    const PrefixLmPosition q = prefix_lm_position(prompts_[size_t(i)], p);
+    positions.push_back(q.position);
+    block_positions.push_back(q.block);
+  }
+}
 
 std::vector<LayerStream::Batch> LayerStream::batches() const {
   // Whole sequences, as many as fit in batch_tokens (at least one).
@@ -241,15 +259,15 @@ void LayerStream::run_layer(int64_t l, const TensorSource& src, ForwardObserver*
   DecoderBlock block;
   block.load(src, be_, g);
   const int64_t H = spec_.hidden_size;
-  std::vector<int32_t> positions, seq_of_row;
+  std::vector<int32_t> positions, block_positions, seq_of_row;
   std::vector<int64_t> slots;
   std::vector<AttentionSequence> spans;
   for (const Batch& b : batches()) {
     check_interrupt();
     const int64_t N = b.rows;
-    // Every sequence is a fresh one at positions 0..length-1, as in calib::run_calibration's batches.
     std::vector<KvSequence> seqs(static_cast<size_t>(b.count));
     positions.clear();
+    block_positions.clear();
     seq_of_row.clear();
     slots.clear();
     spans.clear();
@@ -257,8 +275,8 @@ void LayerStream::run_layer(int64_t l, const TensorSource& src, ForwardObserver*
     for (int64_t i = 0; i < b.count; ++i) {
       const int64_t L = lengths_[size_t(b.first + i)];
       cache_->reserve(seqs[size_t(i)], L);
+      append_positions(b.first + i, positions, block_positions);
       for (int64_t p = 0; p < L; ++p) {
-        positions.push_back(int32_t(p));
         seq_of_row.push_back(int32_t(i));
         slots.push_back(cache_->slot(seqs[size_t(i)], p));
       }
@@ -266,11 +284,14 @@ void LayerStream::run_layer(int64_t l, const TensorSource& src, ForwardObserver*
     }
     for (int64_t i = 0; i < b.count; ++i) {
       const int64_t L = lengths_[size_t(b.first + i)];
-      spans.push_back({offsets_[size_t(b.first + i)] - b.row0, L, L, std::span<const int32_t>(seqs[size_t(i)].blocks)});
+      const int64_t bidirectional = prompts_.empty() ? 0 : prompts_[size_t(b.first + i)].sop;
+      spans.push_back({offsets_[size_t(b.first + i)] - b.row0, L, L, std::span<const int32_t>(seqs[size_t(i)].blocks),
+                       bidirectional});
     }
     ctx.cache = cache_.get();
     ctx.rows = N;
     ctx.positions = positions;
+    ctx.block_positions = block_positions;
     ctx.seq_of_row = seq_of_row;
     ctx.slots = slots;
     ctx.seqs = spans;
@@ -289,6 +310,18 @@ void LayerStream::run_layer(int64_t l, const TensorSource& src, ForwardObserver*
     store_.write(b.row0, N, host_.data());
   }
 }
+
+std::vector<int32_t> calibration_sequence(const ModelSpec& spec, std::span<const int32_t> block) {
+  if (!spec.prefix_lm()) return {block.begin(), block.end()};
+  const size_t context = block.size() / 2;
+  std::vector<int32_t> seq(block.begin(), block.begin() + long(context));
+  seq.push_back(int32_t(spec.prefix_lm_gmask_id));
+  seq.push_back(int32_t(spec.prefix_lm_sop_id));
+  seq.insert(seq.end(), block.begin() + long(context), block.end());
+  return seq;
+}
+
+int64_t calibration_length(const ModelSpec& spec, int64_t seqlen) { return seqlen + (spec.prefix_lm() ? 2 : 0); }
 
 OutputHead::OutputHead(const TensorSource& src, Backend& backend, const ModelGraph& graph)
     : softcap_(graph.final_softcap) {

@@ -70,8 +70,10 @@ double process_cpu_seconds();
 class LayerStream {
  public:
   // Embeds every block's tokens (the workspace's embedding layer, freed afterwards): the stream enters layer 0.
+  // A prefix LM's block runs as calibration_sequence() lays it out (two rows longer).
   LayerStream(const Workspace& ws, Backend& backend, const Blocks& blocks, const LayerStreamOptions& options);
-  // The same for sequences of any lengths: `tokens` holds them one after another (evaluation windows).
+  // The same for sequences of any lengths: `tokens` holds them one after another (evaluation windows). A prefix LM's
+  // sequences must each hold their [gMASK] <sop> prompt (positions and attention follow Model::forward's).
   LayerStream(const Workspace& ws, Backend& backend, std::span<const int32_t> tokens, std::vector<int64_t> lengths,
               const LayerStreamOptions& options);
   ~LayerStream();
@@ -101,12 +103,15 @@ class LayerStream {
     int64_t row0 = 0, rows = 0;
   };
   std::vector<Batch> batches() const;
+  // Sequence i's positions (and a prefix LM's block positions), appended.
+  void append_positions(int64_t i, std::vector<int32_t>& positions, std::vector<int32_t>& block_positions) const;
   void new_cache(int64_t layer);
   const Workspace& ws_;
   Backend& be_;
   ModelSpec spec_;
   ModelGraph graph_;
   std::vector<int64_t> lengths_, offsets_;  // per sequence: tokens, first row
+  std::vector<PrefixLmPrompt> prompts_;     // per sequence, for a prefix LM
   int64_t batch_tokens_;
   LayerStreamOptions options_;
   ActivationStore store_;
@@ -114,6 +119,13 @@ class LayerStream {
   std::unique_ptr<KvCache> cache_;
   std::vector<float> host_;
 };
+
+// A calibration block as a prefix LM (ChatGLM-6B) runs it: the first half as the bidirectional context, [gMASK] <sop>,
+// then the second half as the continuation, so that the statistics cover both kinds of rows the model computes.
+// Other models: the block itself.
+std::vector<int32_t> calibration_sequence(const ModelSpec& spec, std::span<const int32_t> block);
+// Its length for a block of `seqlen` tokens.
+int64_t calibration_length(const ModelSpec& spec, int64_t seqlen);
 
 // The model's output head: the final norm and lm_head (or the tied embedding table) loaded from `src`, applied as
 // Model::forward applies them (with the final soft-capping).

@@ -144,7 +144,9 @@ std::vector<float> read_f32(const Workspace& ws, const std::string& name) {
   return v;
 }
 
+// An empty `s` is a group the search did not smooth (norms_foldable): nothing to scale.
 void scale_cols(float* w, int64_t rows, int64_t cols, const std::vector<float>& s) {
+  if (s.empty()) return;
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < cols; ++c) w[r * cols + c] *= s[size_t(c)];
 }
@@ -211,6 +213,10 @@ class AwqDump {
 };
 
 bool vo_smoothable(const ModelSpec& s) { return s.num_heads == s.num_kv_heads; }
+// Scales fold into a norm only when its output feeds nothing but the linears: GLM-130B blocks (ChatGLM-6B) add the
+// normed input itself to the residual (residual_alpha), so their norm -> qkv and norm -> up groups are not smoothed;
+// v -> o and the clipping still apply.
+bool norms_foldable(const ModelSpec& s) { return s.residual_alpha <= 0; }
 
 std::vector<float> read_optional(const Workspace& ws, bool present, const std::string& name) {
   return present ? read_f32(ws, name) : std::vector<float>{};
@@ -272,8 +278,10 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
     p.mse_rtn[k] = r.loss_rtn;
     p.mse_awq[k] = r.loss;
   };
-  record(0, awq_search_scales(qkv.data(), Q + 2 * KV, H, gsz, st[0], o.grid, name(names::kQkv), qkv_loss), p.s_attn,
-         p.a_attn);
+  const bool fold = norms_foldable(spec);
+  if (fold)
+    record(0, awq_search_scales(qkv.data(), Q + 2 * KV, H, gsz, st[0], o.grid, name(names::kQkv), qkv_loss), p.s_attn,
+           p.a_attn);
   if (vo_smoothable(spec))
     record(1,
            awq_search_scales(ow.data(), H, Q, gsz, st[1], o.grid, name(names::kO),
@@ -281,7 +289,7 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
            p.s_vo, p.a_vo);
   if (moe)
     awq_plan_moe_ffn(pool, ws, spec, l, st[2], moe_st, o, gsz, p);
-  else
+  else if (fold)
     record(2, awq_search_scales(gu.data(), F, H, gsz, st[2], o.grid, name(first), gu_loss), p.s_ffn, p.a_ffn);
   if (gated && !moe)
     record(3,
@@ -380,6 +388,8 @@ AwqPlanner::AwqPlanner(const Workspace& ws, const AwqOptions& o, int64_t gsz, un
   if (o.loss != "block" && o.loss != "linear") throw Error("--awq-loss must be block or linear, not '" + o.loss + "'");
   if (o.loss == "block" && o.loss_samples < 1) throw Error("--awq-loss-samples must be at least 1");
   if (!o.dump.empty() && o.loss != "block") throw Error("--awq-dump needs --awq-loss block");
+  if (!o.dump.empty() && !norms_foldable(ws.spec()))
+    throw Error("--awq-dump: " + ws.spec().architecture + " has no block-loss groups (its norms feed the residual)");
   if (!std::filesystem::is_regular_file(o.data)) throw Error(o.data.string() + ": cannot be read (--data)");
   s_ = std::make_unique<State>(ws, o, gsz, threads, progress);
   State& s = *s_;
@@ -393,11 +403,13 @@ AwqPlanner::AwqPlanner(const Workspace& ws, const AwqOptions& o, int64_t gsz, un
   lo.batch_tokens = o.batch_tokens;
   lo.max_memory = o.max_memory ? o.max_memory : calib::default_max_memory();
   lo.spill_path = spill_path;
-  const uint64_t stream_bytes = uint64_t(s.blocks.count() * s.blocks.seqlen * ws.spec().hidden_size) * sizeof(float);
+  const uint64_t stream_bytes =
+      uint64_t(s.blocks.count() * calib::calibration_length(ws.spec(), s.blocks.seqlen) * ws.spec().hidden_size) *
+      sizeof(float);
   if (stream_bytes > lo.max_memory)
     calib::require_free_space(spill_path.parent_path(), stream_bytes, "the spilled calibration activations");
   // Block losses run on `loss_samples` whole blocks spread evenly over the drawn ones (deterministic).
-  s.cached = o.loss == "block" ? std::min(o.loss_samples, s.blocks.count()) : 0;
+  s.cached = o.loss == "block" && norms_foldable(ws.spec()) ? std::min(o.loss_samples, s.blocks.count()) : 0;
   s.slot.assign(size_t(s.blocks.count()), -1);
   for (int64_t i = 0; i < s.cached; ++i) s.slot[size_t(i * s.blocks.count() / s.cached)] = i;
   s.plan.loss_blocks = s.cached;

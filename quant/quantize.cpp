@@ -126,9 +126,9 @@ void write_in_dtype(TensorSink& writer, DType dtype, const std::vector<float>& v
 
 // One layer's entry of quantization.weights.awq.alpha: the chosen α of each group (null where a group is skipped).
 ordered_json awq_layer_json(const AwqLayerPlan& l) {
-  ordered_json a = {{"attn_norm->qkv", l.a_attn}};
+  ordered_json a = {{"attn_norm->qkv", l.s_attn.empty() ? ordered_json(nullptr) : ordered_json(l.a_attn)}};
   a["v->o"] = l.s_vo.empty() ? ordered_json(nullptr) : ordered_json(l.a_vo);
-  a["ffn_norm->gate_up"] = l.a_ffn;
+  a["ffn_norm->gate_up"] = l.s_ffn.empty() ? ordered_json(nullptr) : ordered_json(l.a_ffn);
   a["up->down"] = l.s_down.empty() ? ordered_json(nullptr) : ordered_json(l.a_down);  // null: not gated
   if (!l.s_expert_down.empty()) {  // MoE: the token-weighted mean over experts; experts no token reached
     a["up->down"] = l.a_down;

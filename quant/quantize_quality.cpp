@@ -13,7 +13,6 @@
 #include "quant/quantize.h"
 #include "runtime/core/error.h"
 #include "runtime/engine/evaluate.h"
-#include "runtime/engine/loaded_model.h"
 #include "runtime/io/path_safety.h"
 #include "runtime/kv/kv_scales.h"
 #include "runtime/text/tokenizer/files.h"
@@ -45,37 +44,6 @@ QualityReport quality_report(const LogitComparisonReport& cmp, int64_t ctx) {
   return r;
 }
 
-// A prefix LM (ChatGLM-6B) runs each window after its [gMASK] <sop> prompt, with 2D positions and bidirectional
-// attention over that prompt, which the layer stream's plain causal windows do not model: its report runs both whole
-// models through the runtime's evaluation path instead (peak memory: both models).
-LogitComparisonReport whole_model_report(const std::filesystem::path& quantized, const std::filesystem::path& reference,
-                                         const std::string& text, const std::filesystem::path& text_path, int64_t ctx,
-                                         int64_t max_tokens, unsigned threads, KvDType quantized_kv) {
-  LoadedModel ref = load_model(reference, threads);
-  LoadedModel ours = load_model(quantized, threads);
-  // The [gMASK] <sop> prompt comes per window (evaluate_windows), not at the end of the text.
-  std::vector<int32_t> tokens = Tokenizer::load(locate_tokenizer_files(reference)).encode(text, false);
-  if (max_tokens > 0 && int64_t(tokens.size()) > max_tokens) tokens.resize(size_t(max_tokens));
-  if (tokens.size() < 2) throw Error(text_path.string() + ": fewer than 2 tokens to evaluate");
-  const int64_t vocab = ref.model->spec().vocab_size;
-
-  LogitComparison cmp;
-  std::vector<float> ref_logits;
-  for (size_t begin = 0; begin < tokens.size(); begin += size_t(ctx)) {
-    const size_t n = std::min(size_t(ctx), tokens.size() - begin);
-    std::span<const int32_t> window(tokens.data() + begin, n);
-    evaluate_windows(*ref.model, window, ctx, KvDType::F32, [&](int64_t, std::span<const int32_t> w, const float* l) {
-      ref_logits.assign(l, l + w.size() * size_t(vocab));
-    });
-    evaluate_windows(*ours.model, window, ctx, quantized_kv, [&](int64_t, std::span<const int32_t> w, const float* l) {
-      // Row i predicts w[i + 1]; the window's last row has no target, as in kiln eval.
-      for (size_t i = 0; i + 1 < w.size(); ++i)
-        cmp.add(l + i * size_t(vocab), ref_logits.data() + i * size_t(vocab), vocab, w[i + 1]);
-    });
-  }
-  return cmp.report();
-}
-
 }  // namespace
 
 QualityReport compare_workspaces(const std::filesystem::path& quantized, const std::filesystem::path& reference,
@@ -89,23 +57,31 @@ QualityReport compare_workspaces(const std::filesystem::path& quantized, const s
   if (ctx < 2) throw Error("--eval-ctx must be at least 2");
   // Opening maps the shards and checks their headers; no weight is read yet.
   const Workspace ref_ws(reference), q_ws(quantized);
-  if (ref_ws.spec().prefix_lm())
-    return quality_report(
-        whole_model_report(quantized, reference, ss.str(), text, ctx, max_tokens, threads, quantized_kv), ctx);
   const ModelSpec &rs = ref_ws.spec(), &qs = q_ws.spec();
   if (rs.num_layers != qs.num_layers || rs.hidden_size != qs.hidden_size || rs.vocab_size != qs.vocab_size)
     throw Error(quantized.string() + ": the quantized model's shape differs from " + reference.string());
-  std::vector<int32_t> tokens = Tokenizer::load(locate_tokenizer_files(reference)).encode(ss.str());
+  // As kiln eval encodes it: a prefix LM's [gMASK] <sop> comes per window (evaluation_prompt), not at the text's end.
+  std::vector<int32_t> tokens =
+      Tokenizer::load(locate_tokenizer_files(reference)).encode(ss.str(), /*add_special_tokens=*/!rs.prefix_lm());
   if (max_tokens > 0 && int64_t(tokens.size()) > max_tokens) tokens.resize(size_t(max_tokens));
   if (tokens.size() < 2) throw Error(text.string() + ": fewer than 2 tokens to evaluate");
   for (int32_t id : tokens)
     if (id < 0 || id >= ref_ws.spec().vocab_size)
       throw Error(text.string() + ": token id " + std::to_string(id) + " is outside the model's vocabulary");
   const int64_t vocab = ref_ws.spec().vocab_size;
-  // Non-overlapping windows of ctx tokens (the last may be shorter), each a fresh sequence: kiln eval's windows.
-  std::vector<int64_t> windows;
-  for (size_t begin = 0; begin < tokens.size(); begin += size_t(ctx))
-    windows.push_back(int64_t(std::min(size_t(ctx), tokens.size() - begin)));
+  // Non-overlapping windows of ctx tokens (the last may be shorter), each a fresh sequence after its evaluation
+  // prompt: kiln eval's windows. The streams hold prompt and window; `prompt_rows` says where each window starts.
+  std::vector<int64_t> windows, lengths, prompt_rows;
+  std::vector<int32_t> stream;
+  for (size_t begin = 0; begin < tokens.size(); begin += size_t(ctx)) {
+    const std::span<const int32_t> window(tokens.data() + begin, std::min(size_t(ctx), tokens.size() - begin));
+    const std::vector<int32_t> prompt = evaluation_prompt(rs, window);
+    stream.insert(stream.end(), prompt.begin(), prompt.end());
+    stream.insert(stream.end(), window.begin(), window.end());
+    windows.push_back(int64_t(window.size()));
+    prompt_rows.push_back(int64_t(prompt.size()));
+    lengths.push_back(int64_t(prompt.size() + window.size()));
+  }
 
   std::unique_ptr<Backend> backend = make_backend("", threads);
   calib::LayerStreamOptions ro, qo;
@@ -121,8 +97,8 @@ QualityReport compare_workspaces(const std::filesystem::path& quantized, const s
     qo.k_scale = std::move(sc->k);
     qo.v_scale = std::move(sc->v);
   }
-  calib::LayerStream ref(ref_ws, *backend, tokens, windows, ro);
-  calib::LayerStream ours(q_ws, *backend, tokens, windows, qo);
+  calib::LayerStream ref(ref_ws, *backend, stream, lengths, ro);
+  calib::LayerStream ours(q_ws, *backend, stream, lengths, qo);
   for (int64_t l = 0; l < ref.num_layers(); ++l) {
     ref.run_layer(l, WorkspaceSource(ref_ws), nullptr, true);
     ref.release_pages(l);
@@ -147,8 +123,8 @@ QualityReport compare_workspaces(const std::filesystem::path& quantized, const s
     const int64_t scored = windows[w] - 1;
     for (int64_t r0 = 0; r0 < scored; r0 += chunk) {
       const int64_t n = std::min(chunk, scored - r0);
-      ref.logits(int64_t(w), r0, n, ref_head, ref_logits);
-      ours.logits(int64_t(w), r0, n, q_head, logits);
+      ref.logits(int64_t(w), prompt_rows[w] + r0, n, ref_head, ref_logits);
+      ours.logits(int64_t(w), prompt_rows[w] + r0, n, q_head, logits);
       for (int64_t i = 0; i < n; ++i)
         cmp.add(logits.data() + i * vocab, ref_logits.data() + i * vocab, vocab, tokens[begin + size_t(r0 + i) + 1]);
     }

@@ -123,7 +123,8 @@ int run(const CalibrateOptions& o) {
   lo.batch_tokens = o.batch_tokens;
   lo.max_memory = o.max_memory.empty() ? calib::default_max_memory() : calib::parse_memory_size(o.max_memory);
   lo.spill_path = process_sibling(stats_path, "kiln-spill");
-  const uint64_t stream_bytes = uint64_t(blocks.count() * blocks.seqlen * spec.hidden_size) * sizeof(float);
+  const uint64_t stream_bytes =
+      uint64_t(blocks.count() * calib::calibration_length(spec, blocks.seqlen) * spec.hidden_size) * sizeof(float);
   calib::require_free_space(out_dir, (stream_bytes > lo.max_memory ? stream_bytes : 0) + (uint64_t(1) << 20),
                             "the statistics and the spilled activations");
 
@@ -186,7 +187,7 @@ int run(const CalibrateOptions& o) {
                              {"idle_experts", idle_experts},
                              {"peak_rss_bytes", peak_rss_bytes()},
                              {"seconds", seconds},
-                             {"spilled", blocks.count() * o.seqlen * spec.hidden_size * 4 > int64_t(lo.max_memory)},
+                             {"spilled", stream_bytes > lo.max_memory},
                              {"layers", layer_times}};
   write_text_file(tmp_report.path, out.dump(2) + "\n");
   tmp_stats.commit(stats_path);

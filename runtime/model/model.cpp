@@ -127,10 +127,9 @@ ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache, Forwar
     for (int64_t i = 0; i < n; ++i) {
       ids.push_back(b.tokens[size_t(i)]);
       if (spec_.prefix_lm()) {
-        // GLM's 2D positions: (i, 0) before <sop>; from it on, ([gMASK]'s position, 1, 2, ...).
-        const int64_t p = start + i, ctx_len = b.kv->bidirectional_prefix;
-        positions.push_back(int32_t(p < ctx_len ? p : b.kv->prefix_anchor));
-        block_positions.push_back(int32_t(p < ctx_len ? 0 : p - ctx_len + 1));
+        const PrefixLmPosition p = prefix_lm_position({b.kv->bidirectional_prefix, b.kv->prefix_anchor}, start + i);
+        positions.push_back(p.position);
+        block_positions.push_back(p.block);
       } else {
         positions.push_back(int32_t(start + i));
       }

@@ -63,6 +63,15 @@ struct PrefixLmPrompt {
   int64_t anchor = 0;  // index of the first [gMASK] or [MASK]
 };
 PrefixLmPrompt prefix_lm_prompt(const ModelSpec& spec, std::span<const int32_t> prompt);
+// GLM's 2D position of the token at index p of a sequence whose prompt is `prompt`: (p, 0) before <sop>; from it on,
+// ([gMASK]'s position, 1, 2, ...).
+struct PrefixLmPosition {
+  int32_t position = 0, block = 0;
+};
+inline PrefixLmPosition prefix_lm_position(const PrefixLmPrompt& prompt, int64_t p) {
+  if (p < prompt.sop) return {int32_t(p), 0};
+  return {int32_t(prompt.anchor), int32_t(p - prompt.sop + 1)};
+}
 
 class Model {
  public:
