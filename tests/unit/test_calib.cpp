@@ -51,7 +51,15 @@ TEST(CalibSampling, ClampsToWhatFitsAndRefusesTooLittle) {
 }
 
 fs::path write_temp(const std::string& name, const std::string& content) {
-  fs::path dir = fs::temp_directory_path() / ("kiln-calib-" + std::to_string(::getpid()));
+  struct RemovedAtExit {
+    fs::path path = fs::temp_directory_path() / ("kiln-calib-" + std::to_string(::getpid()));
+    ~RemovedAtExit() {
+      std::error_code ec;
+      fs::remove_all(path, ec);
+    }
+  };
+  static const RemovedAtExit scratch;
+  const fs::path& dir = scratch.path;
   fs::create_directories(dir);
   std::ofstream(dir / name, std::ios::binary) << content;
   return dir / name;
