@@ -1,6 +1,7 @@
 // kiln serve PATH [--host H] [--port P] [--api-key K]... [--max-queue N] [--max-batch-tokens T] ...: an
 // OpenAI-compatible HTTP server over the scheduler (runtime/engine/scheduler.h, on its thread in runtime/serve). Thin:
-// options, loading, signals.
+// options, the port, loading, signals. The port is claimed before anything loads: a second server on a port in use
+// fails at once, and clients that connect while the model loads wait until it answers.
 #include <unistd.h>
 
 #include <atomic>
@@ -41,8 +42,15 @@ struct ServeCliOptions {
 };
 
 std::atomic<bool> g_stop{false};
-// The first SIGINT/SIGTERM drains; a second one means "now": exit at once (only async-signal-safe calls here).
+std::atomic<bool> g_loading{true};  // until the server answers: nothing to drain, and loading can take minutes
+// While loading, SIGINT/SIGTERM exit at once (status 0, as a drained server does). Then the first one drains; a
+// second one means "now": exit at once (only async-signal-safe calls here).
 extern "C" void on_stop_signal(int) {
+  if (g_loading) {
+    static const char msg[] = "kiln serve: stopped while loading the model\n";
+    [[maybe_unused]] const ssize_t n = write(STDERR_FILENO, msg, sizeof msg - 1);
+    _exit(0);
+  }
   if (g_stop.exchange(true)) {
     static const char msg[] = "kiln serve: second signal: exiting without draining\n";
     [[maybe_unused]] const ssize_t n = write(STDERR_FILENO, msg, sizeof msg - 1);
@@ -64,6 +72,8 @@ int run(const ServeCliOptions& o) {
   sigaction(SIGINT, &sa, nullptr);
 
   const serve::CorsPolicy cors_check(o.allow_origins);  // a malformed --allow-origin fails before loading
+  serve::ClaimedPort port(o.host, o.port);
+  std::fprintf(stderr, "kiln serve: claimed %s:%d; loading %s\n", port.host().c_str(), port.port(), o.path.c_str());
   LoadedModel m = load_model(o.path, o.threads, o.verify);
   const ModelSpec& spec = m.model->spec();
   TokenizerFiles files = locate_tokenizer_files(o.path);
@@ -107,8 +117,6 @@ int run(const ServeCliOptions& o) {
   serve::AsyncScheduler scheduler(*m.model, cache, so, metrics);
 
   serve::HttpOptions ho;
-  ho.host = o.host;
-  ho.port = o.port;
   ho.api_keys = o.api_keys;
   ho.max_body_bytes = o.max_body_bytes;
   ho.drain_timeout = o.drain_timeout;
@@ -118,9 +126,10 @@ int run(const ServeCliOptions& o) {
   ho.model_name =
       o.model_name.empty() ? std::filesystem::path(o.path).lexically_normal().filename().string() : o.model_name;
   if (ho.model_name.empty()) ho.model_name = std::filesystem::path(o.path).parent_path().filename().string();
-  serve::HttpServer server(scheduler, metrics, tok, tpl.get(), ho);
+  serve::HttpServer server(std::move(port), scheduler, metrics, tok, tpl.get(), ho);
   std::fprintf(stderr, "kiln serve: %lld KV blocks of %lld tokens, context %lld\n", (long long)blocks, (long long)block,
                (long long)context);
+  g_loading = false;  // a signal from here on drains (run() checks g_stop first thing)
   if (!server.run(g_stop)) {
     // Connections still held workers at the drain deadline (clients trickling bytes): the deadline is hard, so the
     // process ends now rather than waiting for them.

@@ -2,6 +2,7 @@
 
 #include <httplib.h>
 #include <strings.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
@@ -107,20 +108,65 @@ BodyRead read_body(const httplib::Request& req, const httplib::ContentReader& re
 
 }  // namespace
 
+struct ClaimedPort::Impl {
+  std::unique_ptr<httplib::Server> server = std::make_unique<httplib::Server>();
+  std::string host;
+  int port = 0;
+  int sock = -1;        // the bound socket, seen by the socket-options hook (httplib does not expose it)
+  bool served = false;  // once a server answered on it, httplib's stop() closes the socket
+
+  ~Impl() {
+    if (!served && sock >= 0) close(sock);
+  }
+};
+
+ClaimedPort::ClaimedPort(const std::string& host, int port) : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  m.host = host;
+  // Called for each candidate socket before its bind; the last one is the one bound (httplib closes failed ones).
+  m.server->set_socket_options([&m](int sock) {
+    listen_socket_options(sock);
+    m.sock = sock;
+  });
+  if (port == 0) {
+    m.port = m.server->bind_to_any_port(host);
+    if (m.port <= 0) throw Error("cannot listen on " + host + " (any port): " + bind_failure(host, 0));
+  } else if (m.server->bind_to_port(host, port)) {
+    m.port = port;
+  } else {
+    throw Error("cannot listen on " + host + ":" + std::to_string(port) + ": " + bind_failure(host, port));
+  }
+  m.server->set_socket_options(listen_socket_options);  // the hook's reference to `m` must not outlive this call
+  if (m.sock >= 0) deepen_accept_queue(m.sock);
+}
+
+ClaimedPort::ClaimedPort(ClaimedPort&&) noexcept = default;
+ClaimedPort::~ClaimedPort() = default;
+const std::string& ClaimedPort::host() const { return impl_->host; }
+int ClaimedPort::port() const { return impl_->port; }
+
 struct HttpServer::Impl {
+  ClaimedPort port;
+  httplib::Server& server;
   AsyncScheduler& engine;
   Metrics& metrics;
   const Tokenizer& tok;
   const ChatTemplate* tpl;
   HttpOptions opt;
-  httplib::Server server;
   std::atomic<bool> draining{false};
   std::atomic<uint64_t> next_id{1};
   CorsPolicy cors;
   PromptBound bound;
 
-  Impl(AsyncScheduler& e, Metrics& m, const Tokenizer& t, const ChatTemplate* c, HttpOptions o)
-      : engine(e), metrics(m), tok(t), tpl(c), opt(std::move(o)), cors(opt.allow_origins) {
+  Impl(ClaimedPort p, AsyncScheduler& e, Metrics& m, const Tokenizer& t, const ChatTemplate* c, HttpOptions o)
+      : port(std::move(p)),
+        server(*port.impl_->server),
+        engine(e),
+        metrics(m),
+        tok(t),
+        tpl(c),
+        opt(std::move(o)),
+        cors(opt.allow_origins) {
     bound.context = opt.context;
     if (bound.context > 0) bound.longest_token_bytes = longest_token_bytes(tok);
   }
@@ -293,7 +339,6 @@ struct HttpServer::Impl {
   void routes() {
     server.new_task_queue = [n = opt.threads] { return new httplib::ThreadPool(size_t(n)); };
     server.set_payload_max_length(opt.max_body_bytes);
-    server.set_socket_options(listen_socket_options);
     // A client that waits for "100 Continue" before sending an oversized body is told 413 instead, and the connection
     // closes: a client may send the body anyway, which must not be read as its next request.
     server.set_expect_100_continue_handler([this](const httplib::Request& req, httplib::Response& res) {
@@ -383,9 +428,9 @@ struct HttpServer::Impl {
   }
 };
 
-HttpServer::HttpServer(AsyncScheduler& engine, Metrics& metrics, const Tokenizer& tok, const ChatTemplate* tpl,
-                       HttpOptions options)
-    : impl_(std::make_unique<Impl>(engine, metrics, tok, tpl, std::move(options))) {
+HttpServer::HttpServer(ClaimedPort port, AsyncScheduler& engine, Metrics& metrics, const Tokenizer& tok,
+                       const ChatTemplate* tpl, HttpOptions options)
+    : impl_(std::make_unique<Impl>(std::move(port), engine, metrics, tok, tpl, std::move(options))) {
   impl_->routes();
 }
 
@@ -393,19 +438,15 @@ HttpServer::~HttpServer() = default;
 
 bool HttpServer::run(const std::atomic<bool>& stop_flag) {
   Impl& m = *impl_;
-  if (m.opt.port == 0) {
-    m.opt.port = m.server.bind_to_any_port(m.opt.host);
-    if (m.opt.port <= 0) throw Error("cannot listen on " + m.opt.host + " (any port): " + bind_failure(m.opt.host, 0));
-  } else if (!m.server.bind_to_port(m.opt.host, m.opt.port)) {
-    throw Error("cannot listen on " + m.opt.host + ":" + std::to_string(m.opt.port) + ": " +
-                bind_failure(m.opt.host, m.opt.port));
-  }
   std::atomic<bool> listener_done{false};
+  m.port.impl_->served = true;
   std::thread listener([&] {
     m.server.listen_after_bind();
     listener_done = true;
   });
-  std::fprintf(stderr, "kiln serve: listening on http://%s:%d (model %s)\n", m.opt.host.c_str(), m.opt.port,
+  // "listening" only once the accept loop runs: scripts wait for this line before they send requests.
+  while (!m.server.is_running() && !listener_done) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  std::fprintf(stderr, "kiln serve: listening on http://%s:%d (model %s)\n", m.port.host().c_str(), m.port.port(),
                m.opt.model_name.c_str());
   while (!stop_flag) std::this_thread::sleep_for(std::chrono::milliseconds(50));
   // Drain: no new work, give running requests their time, then cancel what is left and let streams flush. Every

@@ -14,9 +14,26 @@
 
 namespace kiln::serve {
 
+// The server's port, claimed before the model loads: bound and listening (with a deep accept queue), so that a second
+// server on it fails at once, before loading anything. Connections that arrive meanwhile wait in the kernel's accept
+// queue, unanswered, until HttpServer::run starts answering them.
+class ClaimedPort {
+ public:
+  // Port 0: any free port. Throws kiln::Error "cannot listen on HOST:PORT: address already in use" (or why else the
+  // bind failed).
+  ClaimedPort(const std::string& host, int port);
+  ClaimedPort(ClaimedPort&&) noexcept;
+  ~ClaimedPort();  // closes the socket if no server ever answered on it
+  const std::string& host() const;
+  int port() const;  // the bound port, also for port 0
+
+ private:
+  friend class HttpServer;
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
 struct HttpOptions {
-  std::string host = "127.0.0.1";
-  int port = 8000;
   std::vector<std::string> api_keys;  // empty: no authentication
   size_t max_body_bytes = 8 << 20;
   std::string model_name;
@@ -29,11 +46,11 @@ struct HttpOptions {
 
 class HttpServer {
  public:
-  HttpServer(AsyncScheduler& engine, Metrics& metrics, const Tokenizer& tok, const ChatTemplate* chat_template,
-             HttpOptions options);
+  HttpServer(ClaimedPort port, AsyncScheduler& engine, Metrics& metrics, const Tokenizer& tok,
+             const ChatTemplate* chat_template, HttpOptions options);
   ~HttpServer();
-  // Binds (kiln::Error naming host:port and why on failure: "address already in use" when another server has it),
-  // then serves until stop_flag turns true; then drains: refuses new requests with 503, lets running ones finish for
+  // Answers on the claimed port (connections already waiting first) and says "listening" on stderr once it does;
+  // serves until stop_flag turns true; then drains: refuses new requests with 503, lets running ones finish for
   // up to drain_timeout, cancels the rest, and returns within drain_timeout + 1 s. False: connections still held
   // workers at that deadline; the caller must then end the process without destroying this object (_Exit).
   bool run(const std::atomic<bool>& stop_flag);

@@ -102,6 +102,10 @@ void listen_socket_options(int sock) {
   setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
 }
 
+void deepen_accept_queue(int sock) {
+  listen(sock, SOMAXCONN);  // on a listening socket, listen() only changes the queue's length
+}
+
 std::string bind_failure(const std::string& host, int port) {
   addrinfo hints{}, *res = nullptr;
   hints.ai_family = AF_UNSPEC;

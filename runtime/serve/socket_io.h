@@ -28,6 +28,11 @@ void finish_connection(int fd);
 // take half its traffic): SO_REUSEADDR alone, so that a restart is possible while old connections sit in TIME_WAIT.
 void listen_socket_options(int sock);
 
+// Lets the kernel queue up to SOMAXCONN connections on a listening socket, not the 5 compiled into Debian's httplib:
+// clients that connect while the model loads wait there (a full queue drops SYNs, and clients retry them only after
+// 1, 3, 7... s).
+void deepen_accept_queue(int sock);
+
 // Why binding host:port fails, for the one-line error: "address already in use", or strerror of a probe's bind.
 std::string bind_failure(const std::string& host, int port);
 
