@@ -180,7 +180,8 @@ Action setup_quantize(CLI::App& sub) {
   sub.add_flag("--json", *json_out, "Print a JSON summary on stdout");
   sub.footer(
       "Linear layers become 4-bit with an fp16 scale and a 4-bit zero point per group (docs/int4_layout.md);\n"
-      "embeddings, norms and lm_head keep the input's dtype. Output is atomic and deterministic.");
+      "embeddings, norms and lm_head keep the input's dtype (lm_head: unless --head int8). Output is atomic and "
+      "deterministic.");
   return [=]() {
     opt->progress = !*json_out;
     opt->awq.fp_inputs = *awq_inputs == "fp";

@@ -4,8 +4,7 @@
   table is left byte for byte as it was;
 - kiln's logits equal a torch emulation of the documented math on transformers' final hidden states (the head's input
   rounded to int8 per block of 32, exact int products, float scales): max |diff| <= 1e-5 (measured ~7e-7: fp32
-  summation order and
-  ~1e-6 upstream noise; a position whose activation sits on a rounding boundary may round the other way, which
+  summation order and ~1e-6 upstream noise; a position whose activation sits on a rounding boundary may round the other way, which
   int8_logits_close tolerates up to 5e-3);
 - and they stay close to transformers' fp32 logits (mean KL divergence < 1e-4 on these random-init models).
 """
