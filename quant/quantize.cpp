@@ -313,7 +313,7 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
       wide.resize(size_t(t.info->numel()));
       convert_to_f32(dtype, t.data(), wide.data(), wide.size());
       const int64_t cols = c.shape.size() > 1 ? c.shape[1] : 1;
-      if (awq)
+      if (awq && c.layer >= 0)  // AWQ changes layer tensors only; an int8 head is quantized from the source as is
         awq_transform(src.spec(), planner->layer(c.layer), c.suffix, wide.data(), c.shape[0], cols, opt.group_size);
       if (q.head.int8() && c.name == names::kLmHead) {
         write_int8_head(wide, c, sink);

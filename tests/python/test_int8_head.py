@@ -136,6 +136,17 @@ def test_quantized_linears_with_int8_head_and_quality_report(workspaces, tmp_pat
     assert 0 < q["kld_mean"] < KLD_MAX
 
 
+def test_awq_with_int8_head_quantizes_the_untouched_head(workspaces, tmp_path):
+    """AWQ changes layer tensors only: an untied model's int8 head is the same as with --method none."""
+    src, h8 = workspaces["llama-fp32-sharded"]
+    run_kiln("quantize", src, "-o", tmp_path / "awq", "--method", "awq", "--group-size", 32, "--head", "int8",
+             "--data", EVAL_TEXT, "--samples", 4, "--seqlen", 32, "--awq-no-clip")
+    a, b = tensors(tmp_path / "awq"), tensors(h8)
+    for k in ("lm_head.qweight", "lm_head.scales"):
+        assert a[k].tobytes() == b[k].tobytes(), k
+    run_kiln("verify", tmp_path / "awq")
+
+
 def one_line_error(r):
     assert r.returncode == 1, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
