@@ -197,3 +197,5 @@ def test_hostile_head_tensors_are_one_line_errors(workspaces, tmp_path, tensor, 
             (ws / "kiln.json").write_text(json.dumps(doc, indent=2) + "\n")
     err = one_line_error(run_kiln("generate", ws, "--prompt", "Hello", "-n", 2, check=False))
     assert tensor in err, err
+    r = run_kiln("verify", ws, check=False)
+    assert r.returncode != 0 and tensor in r.stdout + r.stderr, (r.stdout, r.stderr)
