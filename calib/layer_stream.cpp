@@ -326,12 +326,9 @@ int64_t calibration_length(const ModelSpec& spec, int64_t seqlen) { return seqle
 OutputHead::OutputHead(const TensorSource& src, Backend& backend, const ModelGraph& graph)
     : softcap_(graph.final_softcap) {
   norm_.load(src, backend, graph.final_norm);
-  if (graph.tied_head) {
-    table_.load(src, backend, graph.embedding);
-    head_ = backend.pack_tied_head(table_.tokens());
-  } else {
-    head_ = pack_linear(backend, src, names::kLmHead);
-  }
+  // The same head as Model::load: an int8 head (quantization.head) when the workspace has one.
+  if (graph.tied_head && !src.int8_head()) table_.load(src, backend, graph.embedding);
+  head_ = pack_output_head(backend, src, graph.tied_head && !src.int8_head() ? &table_.tokens() : nullptr);
 }
 
 void LayerStream::logits(int64_t i, int64_t row0, int64_t N, const OutputHead& head, std::vector<float>& out) {

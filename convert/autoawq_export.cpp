@@ -102,6 +102,10 @@ ExportResult export_autoawq(const ExportOptions& opt) {
     throw Error(opt.workspace.string() +
                 " is not quantized (quantization.weights.method = none); AutoAWQ checkpoints "
                 "hold int4 weights: run 'kiln quantize' first");
+  if (q.head.int8())
+    throw Error(label +
+                ": the LM head is int8 (quantization.head), which AutoAWQ checkpoints cannot hold; export "
+                "a workspace quantized without --head int8");
   if (ws.spec().num_experts > 0)
     throw Error(label + ": AutoAWQ export of a mixture-of-experts model (" + ws.spec().architecture +
                 ") is not supported; kiln runs the workspace itself");

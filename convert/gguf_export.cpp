@@ -339,6 +339,10 @@ GgufExportResult export_gguf(const GgufExportOptions& opt) {
   const std::string label = (opt.workspace / kWorkspaceFile).string();
   const gguf::Architecture& arch = export_architecture(spec, label);
   WeightQuantization q = weight_quantization_from_json(ws->info().json, label);
+  if (q.head.int8())  // it is Q8_0's block exactly, but not written yet
+    throw Error(label +
+                ": GGUF export of an int8 LM head (quantization.head) is not supported yet; export a "
+                "workspace quantized without --head int8");
   if (q.quantized() && (q.bits != 4 || !q.zero_point || q.group_size % 32))
     throw Error(label + ": int" + std::to_string(q.bits) + " group " + std::to_string(q.group_size) +
                 " has no llama.cpp type that holds it; GGUF export maps asymmetric int4 with groups of a multiple of "

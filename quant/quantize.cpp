@@ -6,6 +6,7 @@
 
 #include "calib/layer_stream.h"
 #include "quant/int4.h"
+#include "quant/int8_head.h"
 #include "quant/quantize_resume.h"
 #include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
@@ -29,8 +30,11 @@ namespace {
 constexpr const char* kResumeDir = "resume";  // inside the staging directory
 
 void check_options(const QuantizeOptions& o) {
-  if (o.method != "rtn" && o.method != "awq")
-    throw Error("--method '" + o.method + "' is not supported; use rtn or awq");
+  if (!o.head.empty() && o.head != "int8") throw Error("--head '" + o.head + "' is not supported; use int8");
+  if (o.method == "none" && o.head.empty())
+    throw Error("--method none quantizes nothing here; add --head int8 (or --kv-cache int8)");
+  if (o.method != "rtn" && o.method != "awq" && o.method != "none")
+    throw Error("--method '" + o.method + "' is not supported; use rtn, awq or none");
   if (o.method == "awq" && o.awq.data.empty())
     throw Error("--method awq needs calibration data: pass --data FILE (.txt or .jsonl)");
   if (o.method != "awq" && !o.awq.data.empty()) throw Error("--data is only used by --method awq");
@@ -59,6 +63,7 @@ ordered_json output_document(const Workspace& src, const WeightQuantization& q, 
                         ? ordered_json::parse(sj["quantization"]["kv_cache"].dump())
                         : ordered_json{{"dtype", "auto"}};
   doc["quantization"] = {{"weights", weight_quantization_to_json(q)}, {"kv_cache", kv}};
+  if (q.head.int8()) doc["quantization"]["head"] = head_quantization_to_json(q.head);
   if (!awq.is_null()) doc["quantization"]["weights"]["awq"] = awq;
   doc["weights"] = {{"files", weight_files}, {"tensor_count", plan.size()}, {"tensor_bytes", tensor_bytes}};
   doc["tokenizer"] = sj.contains("tokenizer") ? ordered_json::parse(sj["tokenizer"].dump()) : ordered_json(nullptr);
@@ -164,6 +169,7 @@ ordered_json resume_options(const Workspace& src, const QuantizeOptions& opt) {
                     {"method", opt.method},
                     {"bits", opt.bits},
                     {"group_size", opt.group_size}};
+  if (!opt.head.empty()) o["head"] = opt.head;
   if (opt.method != "awq") return o;
   const AwqOptions& a = opt.awq;
   o["data_sha256"] = sha256_file(a.data.string());
@@ -201,17 +207,26 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
   if (existing.quantized())
     throw Error(opt.input.string() + " is already quantized (quantization.weights.method = " + existing.method +
                 "); quantize the unquantized workspace instead");
+  if (existing.head.int8())
+    throw Error(opt.input.string() +
+                " already has an int8 head (quantization.head); quantize the unquantized "
+                "workspace instead");
 
   const bool awq = opt.method == "awq";
   WeightQuantization q;
-  q.method = opt.method;
-  q.bits = opt.bits;
-  q.group_size = opt.group_size;
-  q.zero_point = true;
-  q.modules = default_quantized_modules(src.spec());
+  if (opt.method != "none") {
+    q.method = opt.method;
+    q.bits = opt.bits;
+    q.group_size = opt.group_size;
+    q.zero_point = true;
+    q.modules = default_quantized_modules(src.spec());
+  }
   // --awq-fold-only: the smoothing scales folded in, weights left unquantized (an exactness check of the folding).
   const bool fold_only = awq && opt.awq.fold_only;
   if (fold_only) q = WeightQuantization{};
+  if (opt.head == "int8") q.head = {"int8", kInt8HeadGroup};
+  // The tensor the int8 head is quantized from: lm_head, or the tied embedding (which itself stays as it is).
+  const std::string head_source = src.spec().tie_word_embeddings ? names::kEmbedding : names::kLmHead;
   const DType dtype = workspace_dtype(src.info().dtype, src_label);
 
   // Plan every output tensor (and check every shape) before writing a byte.
@@ -224,6 +239,7 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
       throw Error(src_label + ": tensor '" + c.name + "' does not match the model spec; run 'kiln verify'");
     in_bytes += t.info->nbytes();
     if (q.covers(c.suffix)) check_int4_shape(c.shape[0], c.shape[1], q.group_size, c.name);
+    if (q.head.int8() && c.name == head_source) check_int8_head_shape(c.shape[0], c.shape[1], c.name);
   }
   for (const CanonicalTensor& c : canonical_tensors(src.spec(), q)) {
     plan.push_back({c.name, c.dtype ? *c.dtype : dtype, c.shape});
@@ -280,7 +296,16 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
     if (resume) result.resumed_layers = resume->layers_done();
     std::vector<float> wide;
     auto produced = [&](const CanonicalTensor& c) {
-      return q.covers(c.suffix) || (awq && c.layer >= 0 && awq_touches(c.suffix));
+      return q.covers(c.suffix) || (awq && c.layer >= 0 && awq_touches(c.suffix)) ||
+             (q.head.int8() && c.name == names::kLmHead);
+    };
+    // The int8 head's two tensors (qweight, scales) from the fp32 head.
+    auto write_int8_head = [&](const std::vector<float>& head, const CanonicalTensor& c, TensorSink& sink) {
+      Int8HeadMatrix m = quantize_int8_head(head.data(), c.shape[0], c.shape[1], c.name);
+      sink.begin_tensor();
+      sink.write(m.qweight.data(), m.qweight.size());
+      sink.begin_tensor();
+      sink.write(m.scales.data(), m.scales.size() * 2);  // fp16 bits, little-endian
     };
     // A tensor that is not copied verbatim: transformed (AWQ) and quantized (int4) or rounded back to its dtype.
     auto produce = [&](const CanonicalTensor& c, TensorSink& sink) {
@@ -288,9 +313,11 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
       wide.resize(size_t(t.info->numel()));
       convert_to_f32(dtype, t.data(), wide.data(), wide.size());
       const int64_t cols = c.shape.size() > 1 ? c.shape[1] : 1;
-      if (awq)
+      if (awq && c.layer >= 0)  // AWQ changes layer tensors only; an int8 head is quantized from the source as is
         awq_transform(src.spec(), planner->layer(c.layer), c.suffix, wide.data(), c.shape[0], cols, opt.group_size);
-      if (!q.covers(c.suffix)) {
+      if (q.head.int8() && c.name == names::kLmHead) {
+        write_int8_head(wide, c, sink);
+      } else if (!q.covers(c.suffix)) {
         write_in_dtype(sink, dtype, wide, c.name);
       } else {
         Int4Matrix m = quantize_int4(wide.data(), c.shape[0], c.shape[1], q.group_size, c.name);
@@ -340,7 +367,7 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
       const uint64_t n = t.info->nbytes();
       const MappedFile& file = t.file->file();
       const uint64_t off = t.file->data_start() + t.info->begin;
-      const size_t parts = q.covers(c.suffix) ? 3 : 1;  // qweight, scales, zeros
+      const size_t parts = q.covers(c.suffix) ? 3 : q.head.int8() && c.name == names::kLmHead ? 2 : 1;
       if (!produced(c)) {
         writer.begin_tensor();
         writer.copy_range(file, off, size_t(n), [&file, off, n] { file.dont_need(off, n); });  // bit-exact
@@ -366,6 +393,15 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
       if (q.covers(c.suffix)) result.tensors_quantized++;
       pi += parts;
       progress.advance(n);
+    }
+    if (q.head.int8() && src.spec().tie_word_embeddings) {
+      // The tied table was copied as the embedding; its int8 copy, used only as the head, comes last.
+      const CanonicalTensor& table = source_list.front();
+      const Workspace::Tensor& t = src.get(table.name);
+      wide.resize(size_t(t.info->numel()));
+      convert_to_f32(dtype, t.data(), wide.data(), wide.size());
+      write_int8_head(wide, table, direct);
+      pi += 2;
     }
     progress.finish();
     if (planner) {

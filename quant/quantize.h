@@ -17,8 +17,11 @@ namespace kiln {
 
 struct QuantizeOptions {
   std::filesystem::path input, output;
-  std::string method = "rtn";  // rtn | awq
-  AwqOptions awq;              // method awq only (quant/awq.h)
+  std::string method = "rtn";  // rtn | awq | none (none: only with head int8)
+  // --head: "int8" stores the output head as int8 with an fp16 scale per 32 inputs (quant/int8_head.h); empty keeps it
+  // in the workspace dtype.
+  std::string head;
+  AwqOptions awq;  // method awq only (quant/awq.h)
   int64_t bits = 4;
   int64_t group_size = 128;
   std::string kv_cache;  // quantization.kv_cache.dtype of the output (fp32|fp16|bf16); empty: the input's

@@ -14,8 +14,10 @@ QuantizeSummary quantize_weights_and_kv(const QuantizeOptions& opt, KvQuantizeOp
   refuse_output_overlap(opt.output, opt.input, "the input workspace");
   refuse_output_overlap(opt.output, kv.stats, "--kv-stats");
   if (!int8_kv) {
-    if (opt.method == "none")
-      throw Error("--method none copies the weights unchanged; it needs --kv-cache int8 (use kiln convert for 16-bit)");
+    if (opt.method == "none" && opt.head.empty())
+      throw Error(
+          "--method none copies the weights unchanged; it needs --kv-cache int8 or --head int8 (use kiln "
+          "convert for 16-bit)");
     s.weights = quantize_workspace(opt);
     s.quality = s.weights->quality;
     s.gate_failed = s.weights->gate_failed;
@@ -36,7 +38,7 @@ QuantizeSummary quantize_weights_and_kv(const QuantizeOptions& opt, KvQuantizeOp
   kv.threads = opt.threads;
   s.kv_mode = kv.mode;
   std::filesystem::path tmp;
-  if (opt.method == "none") {
+  if (opt.method == "none" && opt.head.empty()) {
     kv.input = opt.input;
   } else {
     QuantizeOptions w = opt;

@@ -23,10 +23,15 @@ namespace kiln {
 
 namespace {
 
-// Whether the output head's tensors (final norm, lm_head or the tied embedding) hold the same bytes in both.
+// Whether the output head's tensors (final norm, lm_head or the tied embedding, an int8 head's lm_head.qweight and
+// lm_head.scales) hold the same bytes in both. An int8 head in only one of them is a different head.
 bool same_head(const Workspace& a, const Workspace& b, const ModelGraph& g) {
   std::vector<std::string> names{g.final_norm.name + ".weight", g.tied_head ? names::kEmbedding : names::kLmHead};
   if (g.final_norm.bias) names.push_back(g.final_norm.name + ".bias");
+  for (const char* part : {"qweight", "scales"}) {
+    const std::string n = int4_name(names::kLmHead, part);
+    if (a.find(n) || b.find(n)) names.push_back(n);
+  }
   for (const std::string& n : names) {
     const Workspace::Tensor *x = a.find(n), *y = b.find(n);
     if (!x || !y || x->info->dtype != y->info->dtype || x->info->shape != y->info->shape ||

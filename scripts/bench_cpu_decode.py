@@ -2,7 +2,8 @@
 """CPU decode/prefill throughput of kiln on the real SmolLM2-135M-Instruct, with anchors measured in the same run.
 
 Not a test: it prints numbers and ratios. For each workspace (fp32, bf16, and int4 g32/g64/g128 made from the bf16
-one with `kiln quantize --method rtn`; a group size that does not divide every linear's input is reported and skipped):
+one with `kiln quantize --method rtn`, and int4-g64-h8 = g64 with `--head int8`, the LM head in int8 per 32 inputs as
+llama.cpp's Q8_0 head; a group size that does not divide every linear's input is reported and skipped):
   - kiln decode tokens/s at batch 1, 8, 32 (`kiln generate --batch B --ignore-eos`, one ragged forward per step)
     and prefill tokens/s (one 512-token prompt);
   - the memory-bandwidth roofline: bytes read per decode step (every weight once: the tied embedding is read whole
@@ -151,12 +152,17 @@ def kiln(args, *cmd):
 
 
 def weight_bytes(ws):
-    """Bytes of every weight tensor in the workspace (the tied LM head reads the embedding: counted once)."""
+    """Bytes of every weight tensor in the workspace (the tied LM head reads the embedding: counted once). With an int8
+    head (lm_head.qweight) the embedding is only gathered, one row per token: not counted."""
     from safetensors import safe_open
     total = 0
-    for f in sorted(Path(ws).glob("*.safetensors")):
+    files = sorted(Path(ws).glob("*.safetensors"))
+    int8_head = any("lm_head.qweight" in safe_open(str(f), "np").keys() for f in files)
+    for f in files:
         with safe_open(str(f), "np") as st:
             for name in st.keys():
+                if int8_head and name == "tok_embeddings.weight":
+                    continue
                 sl = st.get_slice(name)
                 total += int(np.prod(sl.get_shape())) * {"F32": 4, "BF16": 2, "F16": 2, "U8": 1, "I8": 1,
                                                           "I32": 4, "U32": 4}[sl.get_dtype()]
@@ -219,7 +225,7 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--decode", type=int, default=64, help="decode tokens per sequence")
     ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--dtypes", default="fp32,bf16,int4-g32,int4-g64,int4-g128")
+    ap.add_argument("--dtypes", default="fp32,bf16,int4-g32,int4-g64,int4-g64-h8,int4-g128")
     ap.add_argument("--repeat", type=int, default=2, help="best of N runs (shared machines are noisy)")
     ap.add_argument("--no-llama-cpp", action="store_true")
     args = ap.parse_args()
@@ -260,8 +266,10 @@ def main():
                 if not base.exists():
                     kiln(args, "convert", args.model, "-o", base, "--dtype", "bf16")
                 env = dict(os.environ, KILN_THREADS=str(args.threads))
+                group, _, head = dtype[len("int4-g"):].partition("-")  # "64" or "64", "h8" (--head int8)
                 q = subprocess.run([str(args.kiln), "quantize", str(base), "-o", str(ws), "--method", "rtn",
-                                    "--group-size", dtype[len("int4-g"):]], capture_output=True, text=True, env=env)
+                                    "--group-size", group] + (["--head", "int8"] if head == "h8" else []),
+                                   capture_output=True, text=True, env=env)
                 if q.returncode != 0:
                     print(f"\n[{dtype}] not measured: {q.stderr.strip().splitlines()[-1]}")
                     continue

@@ -5,7 +5,8 @@ tracks how much CPU we get: discard pairs where it moved), each binary's decode 
 --ignore-eos`, KILN_THREADS=2) and its CPU ms per decoded token (the child's user+sys time minus that of a -n 1 run
 of the same binary: load and prefill cancel; steadier than wall time under load), then medians.
 
-Usage: scripts/bench_decode_abab.py WORKSPACE N_TOKENS PAIRS KILN_A KILN_B [...]"""
+Usage: scripts/bench_decode_abab.py WORKSPACE N_TOKENS PAIRS KILN_A KILN_B [...]
+A binary given as KILN::WS runs workspace WS instead (one binary on two workspaces: KILN::WS_A KILN::WS_B)."""
 import json, os, resource, statistics, subprocess, sys, time
 ws, n, pairs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 bins = sys.argv[4:]
@@ -17,11 +18,15 @@ def probe():  # fixed pure-Python work; its wall time tracks how much CPU we get
     return (time.perf_counter() - t) * 1e3
 
 def run(b, ntok):
+    binary, _, w = b.partition("::")
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    out = subprocess.run([b, "generate", ws, "--prompt", "The history of the city", "-n", str(ntok), "--ignore-eos",
+    out = subprocess.run([binary, "generate", w or ws, "--prompt", "The history of the city", "-n", str(ntok), "--ignore-eos",
                           "--json"], capture_output=True, text=True, env=env, check=True)
     r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     return json.loads(out.stdout), (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+
+def label(b):
+    return "::".join(os.path.basename(x.rstrip("/")) for x in b.split("::"))
 
 res = {b: {"tps": [], "cpu_ms": []} for b in bins}
 for p in range(pairs):
@@ -34,7 +39,7 @@ for p in range(pairs):
         text = d["text"]
     p1 = probe()
     print(f"pair {p}: probe {p0:.0f}/{p1:.0f} ms  " + "  ".join(
-        f"{os.path.basename(b)} {res[b]['tps'][-1]:.1f} tok/s {res[b]['cpu_ms'][-1]:.2f} cpu-ms/tok" for b in bins), flush=True)
+        f"{label(b)} {res[b]['tps'][-1]:.1f} tok/s {res[b]['cpu_ms'][-1]:.2f} cpu-ms/tok" for b in bins), flush=True)
 for b in bins:
-    print(f"{os.path.basename(b)}: median {statistics.median(res[b]['tps']):.1f} tok/s, "
+    print(f"{label(b)}: median {statistics.median(res[b]['tps']):.1f} tok/s, "
           f"{statistics.median(res[b]['cpu_ms']):.2f} CPU ms/token (n={len(res[b]['tps'])})")

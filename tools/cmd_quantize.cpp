@@ -54,18 +54,23 @@ void print_summary(const QuantizeOptions& opt, const QuantizeSummary& s, double 
       }
     }
     if (s.kv_mode) out["kv_cache"] = {{"dtype", "int8"}, {"mode", *s.kv_mode}};
+    if (!opt.head.empty()) out["head"] = {{"dtype", opt.head}, {"group_size", 32}};
     out["seconds"] = secs;
     if (s.quality) out["quality"] = quality_json(*s.quality, opt.max_ppl_increase);
     print_json(out.dump(2));
   } else {
     std::string what;
-    if (s.weights)
+    if (s.weights && opt.method == "none")
+      what = "linear weights unchanged, " + std::to_string(s.weights->input_bytes / 1000000) + " MB -> " +
+             std::to_string(s.weights->output_bytes / 1000000) + " MB";
+    else if (s.weights)
       what = opt.method + " " + std::to_string(opt.bits) + "-bit, group " + std::to_string(opt.group_size) + ", " +
              std::to_string(s.weights->tensors_quantized) + " linear tensors, " +
              std::to_string(s.weights->input_bytes / 1000000) + " MB -> " +
              std::to_string(s.weights->output_bytes / 1000000) + " MB";
     else
       what = "weights unchanged";
+    if (!opt.head.empty()) what += ", LM head int8 (32-input blocks)";
     if (s.kv_mode) what += ", KV cache int8 (" + *s.kv_mode + " scales)";
     std::printf("quantized %s -> %s: %s in %.2f s\n", opt.input.c_str(), opt.output.c_str(), what.c_str(), secs);
     if (s.quality) {
@@ -91,6 +96,10 @@ Action setup_quantize(CLI::App& sub) {
                  "clipping, then rtn; needs --data) or none (weights copied; with --kv-cache int8)")
       ->check(CLI::IsMember({"rtn", "awq", "none"}))
       ->capture_default_str();
+  sub.add_option("--head", opt->head,
+                 "int8: store the LM head (for tied embeddings, a copy used only as the head) as int8 with an fp16 "
+                 "scale per 32 inputs, as llama.cpp's Q8_0 (docs/int4_layout.md); default: the input's dtype")
+      ->check(CLI::IsMember({"int8"}));
   sub.add_option("--w-bits", opt->bits, "Weight bits (4)")->check(CLI::IsMember({4}))->capture_default_str();
   sub.add_option("--group-size", opt->group_size,
                  "Input features per scale/zero group; must divide every linear's input")
@@ -171,7 +180,8 @@ Action setup_quantize(CLI::App& sub) {
   sub.add_flag("--json", *json_out, "Print a JSON summary on stdout");
   sub.footer(
       "Linear layers become 4-bit with an fp16 scale and a 4-bit zero point per group (docs/int4_layout.md);\n"
-      "embeddings, norms and lm_head keep the input's dtype. Output is atomic and deterministic.");
+      "embeddings, norms and lm_head keep the input's dtype (lm_head: unless --head int8). Output is atomic and "
+      "deterministic.");
   return [=]() {
     opt->progress = !*json_out;
     opt->awq.fp_inputs = *awq_inputs == "fp";
@@ -180,6 +190,7 @@ Action setup_quantize(CLI::App& sub) {
     opt->command = "kiln quantize " + std::filesystem::absolute(opt->input).lexically_normal().string() + " --method " +
                    opt->method + " --w-bits " + std::to_string(opt->bits) + " --group-size " +
                    std::to_string(opt->group_size);
+    if (!opt->head.empty()) opt->command += " --head " + opt->head;
     if (opt->method == "awq") {
       // An empty --data is reported by quantize_workspace; absolute("") would throw a less helpful error here.
       if (!opt->awq.data.empty())

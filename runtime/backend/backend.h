@@ -72,6 +72,17 @@ struct Int4WeightView {
   int64_t out = 0, in = 0, group_size = 0;
 };
 
+// An int8 output head (docs/int4_layout.md, "The int8 LM head"): qweight int8 [out, in], scales fp16 [out, in/32];
+// w[o, k] = qweight[o, k] * scales[o, k / 32].
+struct Int8WeightView {
+  const int8_t* qweight = nullptr;
+  const uint8_t* scales = nullptr;  // fp16 bits, little-endian; possibly unaligned (read with memcpy)
+  int64_t out = 0, in = 0, group_size = 0;
+};
+// The int8 head dequantized to fp32 (exact: an int8 code times an fp16 scale fits fp32's significand). Throws
+// kiln::Error for an inconsistent shape.
+std::vector<float> dequantize_int8_weight(const Int8WeightView& w);
+
 struct AttentionParams {
   int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
   float scale = 1.0f;          // applied to q·k (usually 1/sqrt(head_dim))
@@ -113,6 +124,12 @@ class Backend {
   // An int4 linear weight, repacked for this backend's int4 matmul; matmul() then takes it like any other.
   virtual std::unique_ptr<LinearWeight> pack_linear_int4(const Int4WeightView&) {
     throw Error("backend '" + name() + "' does not run int4 weights");
+  }
+  // An int8 output head. By default dequantized exactly to fp32 and packed as a dense weight (what the CUDA backend
+  // uses: the head is a small share of a GPU's step); the CPU backend multiplies the int8 codes directly.
+  virtual std::unique_ptr<LinearWeight> pack_linear_int8(const Int8WeightView& w) {
+    const std::vector<float> dense = dequantize_int8_weight(w);
+    return pack_linear(dense.data(), DType::F32, w.out, w.in);
   }
   // A table that can also serve as the output head (tied embeddings): the same bytes, packed for matmul.
   virtual std::unique_ptr<LinearWeight> pack_tied_head(const EmbeddingTable& table) = 0;

@@ -9,6 +9,7 @@
 #include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
 #include "runtime/cpu/matmul_int4.h"
+#include "runtime/cpu/matmul_int8.h"
 #include "runtime/kv/kv_cache.h"
 #include "runtime/kv/kv_int8.h"
 
@@ -59,6 +60,10 @@ std::unique_ptr<LinearWeight> CpuBackend::pack_linear(const void* data, DType dt
 
 std::unique_ptr<LinearWeight> CpuBackend::pack_linear_int4(const Int4WeightView& w) {
   return std::make_unique<Int4Linear>(cpu::pack_linear_int4(w, cpu::best_int4_layout(isa_)));
+}
+
+std::unique_ptr<LinearWeight> CpuBackend::pack_linear_int8(const Int8WeightView& w) {
+  return std::make_unique<cpu::Int8Linear>(cpu::pack_linear_int8(w));
 }
 
 std::unique_ptr<EmbeddingTable> CpuBackend::load_embedding(const void* data, DType dtype, int64_t rows, int64_t dim) {
@@ -171,6 +176,7 @@ void CpuBackend::head_rms_norm(float* x, int64_t rows, int64_t row_stride, int64
 void CpuBackend::matmul(const float* x, int64_t rows, const LinearWeight& w, float* y) {
   // Int4 weights (quantized workspaces) take the fused-dequantization kernel; everything else is dense.
   if (const auto* q = dynamic_cast<const Int4Linear*>(&w)) return cpu::matmul_int4(pool_, isa_, x, rows, *q, y);
+  if (const auto* h = dynamic_cast<const cpu::Int8Linear*>(&w)) return cpu::matmul_int8(pool_, isa_, x, rows, *h, y);
   cpu::matmul(pool_, isa_, x, rows, static_cast<const PackedLinear&>(w), y);
 }
 

@@ -45,6 +45,7 @@ class CpuBackend : public Backend {
 
   std::unique_ptr<LinearWeight> pack_linear(const void* data, DType dtype, int64_t out, int64_t in) override;
   std::unique_ptr<LinearWeight> pack_linear_int4(const Int4WeightView& w) override;  // matmul_int4.h
+  std::unique_ptr<LinearWeight> pack_linear_int8(const Int8WeightView& w) override;  // matmul_int8.h
   std::unique_ptr<EmbeddingTable> load_embedding(const void* data, DType dtype, int64_t rows, int64_t dim) override;
   std::unique_ptr<LinearWeight> pack_tied_head(const EmbeddingTable& table) override;
 

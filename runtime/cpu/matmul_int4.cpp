@@ -119,8 +119,6 @@ void matmul_int4_int8_scalar(const Int8Rows& x, int64_t r0, int64_t r1, const In
   }
 }
 
-namespace {
-
 // Per (row, group): d = max|x| / 127 and q = round(x / d) in [-127, 127] (ties to even). A group holding a NaN or an
 // infinity gets d = NaN, so its outputs are NaN as the fp32 kernels' would be (not silently finite).
 void quantize_rows_int8(const float* x, int64_t rows, int64_t in, int64_t gs, Int8Rows& out) {
@@ -149,6 +147,8 @@ void quantize_rows_int8(const float* x, int64_t rows, int64_t in, int64_t gs, In
       out.qsum[size_t(r * G + g)] = float(sum);
     }
 }
+
+namespace {
 
 void matmul_int4_int8(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const Int4Linear& w, float* y) {
   // Reused across calls (decode quantizes a few KB per matmul). Named through a reference: inside the workers' lambda

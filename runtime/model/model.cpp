@@ -44,7 +44,8 @@ Model::~Model() = default;
 
 void Model::load(const Workspace& ws) {
   // Check every tensor the spec implies before packing anything: a corrupt workspace fails fast with a name.
-  // Quantized workspaces (docs/int4_layout.md) hold X.qweight/scales/zeros instead of X.weight for covered linears.
+  // Quantized workspaces (docs/int4_layout.md) hold X.qweight/scales/zeros instead of X.weight for covered linears,
+  // and lm_head.qweight/scales for an int8 head.
   const WeightQuantization quant = weight_quantization_from_json(ws.info().json, ws.info().dir.string() + "/kiln.json");
   for (const CanonicalTensor& ct : canonical_tensors(spec_, quant)) {
     if (!ct.dtype) {
@@ -53,7 +54,7 @@ void Model::load(const Workspace& ws) {
     }
     const Workspace::Tensor& t = ws.get(ct.name);
     if (t.info->shape != ct.shape || t.info->dtype != *ct.dtype)
-      throw Error(ws.info().dir.string() + ": int4 tensor " + ct.name + " has the wrong dtype or shape (needs " +
+      throw Error(ws.info().dir.string() + ": quantized tensor " + ct.name + " has the wrong dtype or shape (needs " +
                   std::string(dtype_name(*ct.dtype)) + " with " + std::to_string(ct.shape[1]) + " columns)");
   }
   const WorkspaceSource src(ws);
@@ -61,7 +62,7 @@ void Model::load(const Workspace& ws) {
   blocks_.reserve(graph_.blocks.size());
   for (const BlockGraph& g : graph_.blocks) blocks_.emplace_back().load(src, backend_, g);
   final_norm_.load(src, backend_, graph_.final_norm);
-  head_ = graph_.tied_head ? backend_.pack_tied_head(embedding_.tokens()) : pack_linear(backend_, src, names::kLmHead);
+  head_ = pack_output_head(backend_, src, graph_.tied_head ? &embedding_.tokens() : nullptr);
 }
 
 KvCacheConfig Model::kv_config(int64_t max_tokens, KvDType dtype, int64_t block_size) const {

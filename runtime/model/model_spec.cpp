@@ -382,10 +382,35 @@ nlohmann::ordered_json weight_quantization_to_json(const WeightQuantization& q) 
           {"modules", q.modules}};
 }
 
+nlohmann::ordered_json head_quantization_to_json(const HeadQuantization& h) {
+  if (!h.int8()) return {{"dtype", "none"}};
+  return {{"dtype", h.dtype}, {"group_size", h.group_size}};
+}
+
+namespace {
+HeadQuantization head_quantization_from_json(const json& qb, const std::string& label) {
+  HeadQuantization h;
+  if (!qb.contains("head")) return h;
+  const json& j = qb["head"];
+  const std::string f = label + ": quantization.head";
+  if (!j.is_object() || !j.contains("dtype") || !j["dtype"].is_string()) throw Error(f + ".dtype is missing");
+  h.dtype = j["dtype"].get<std::string>();
+  if (h.dtype == "none") return h;
+  if (h.dtype != "int8") throw Error(f + ".dtype '" + h.dtype + "' is not none or int8");
+  if (!j.contains("group_size") || !j["group_size"].is_number_integer() ||
+      j["group_size"].get<int64_t>() != kInt8HeadGroup)
+    throw Error(f + ".group_size must be " + std::to_string(kInt8HeadGroup) + " (the only int8 head layout)");
+  h.group_size = kInt8HeadGroup;
+  return h;
+}
+}  // namespace
+
 WeightQuantization weight_quantization_from_json(const nlohmann::json& j, const std::string& label) {
   WeightQuantization q;
   auto qb = j.find("quantization");
-  if (qb == j.end() || !qb->is_object() || !qb->contains("weights")) return q;
+  if (qb == j.end() || !qb->is_object()) return q;
+  q.head = head_quantization_from_json(*qb, label);
+  if (!qb->contains("weights")) return q;
   const json& w = (*qb)["weights"];
   const std::string f = label + ": quantization.weights";
   if (!w.is_object() || !w.contains("method") || !w["method"].is_string()) throw Error(f + ".method is missing");
@@ -425,7 +450,20 @@ std::string int4_name(const std::string& weight_name, const char* part) {
 
 std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& spec, const WeightQuantization& q) {
   std::vector<CanonicalTensor> out;
+  auto int8_head = [&] {
+    const int64_t V = spec.vocab_size, H = spec.hidden_size;
+    auto part = [&](const char* p, std::vector<int64_t> shape, DType dt) {
+      const std::string name = int4_name(names::kLmHead, p);
+      out.push_back({name, std::move(shape), -1, name, {V}, dt});
+    };
+    part("qweight", {V, H}, DType::I8);
+    part("scales", {V, H / kInt8HeadGroup}, DType::F16);
+  };
   for (CanonicalTensor& t : canonical_tensors(spec)) {
+    if (q.head.int8() && t.name == names::kLmHead) {
+      int8_head();
+      continue;
+    }
     if (!q.covers(t.suffix)) {
       out.push_back(std::move(t));
       continue;
@@ -443,6 +481,7 @@ std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& spec, const Weig
     part("scales", {rows, groups}, DType::F16);
     part("zeros", {rows, groups}, DType::U8);
   }
+  if (q.head.int8() && spec.tie_word_embeddings) int8_head();  // a copy of the tied table, used only as the head
   return out;
 }
 

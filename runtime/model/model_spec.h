@@ -176,11 +176,23 @@ std::vector<LinearModule> linear_modules(const ModelSpec& spec);
 // "ffn.gate_up", "ffn.down"; for MoE layers "ffn.experts.gate_up", "ffn.experts.down", "ffn.shared.gate_up",
 // "ffn.shared.down", each naming that projection of every expert) stores X.qweight / X.scales / X.zeros instead of
 // X.weight.
+// kiln.json quantization.head (docs/int4_layout.md, "The int8 LM head"): absent or dtype "none" keeps the output head
+// in the workspace dtype. "int8": the head is stored as lm_head.qweight I8 [vocab, hidden] and lm_head.scales F16
+// [vocab, hidden / 32], symmetric, one scale per 32 consecutive inputs of a row (llama.cpp's Q8_0 block); for a model
+// with tied embeddings this is a separate copy used only as the head (the embedding gather keeps its table).
+struct HeadQuantization {
+  std::string dtype = "none";  // none | int8
+  int64_t group_size = 0;      // 32 for int8
+  bool int8() const { return dtype == "int8"; }
+};
+inline constexpr int64_t kInt8HeadGroup = 32;
+
 struct WeightQuantization {
   std::string method = "none";  // none | rtn | awq
   int64_t bits = 0, group_size = 0;
   bool zero_point = false;
   std::vector<std::string> modules;
+  HeadQuantization head;  // read from quantization.head (not part of quantization.weights)
   bool quantized() const { return method != "none"; }
   bool covers(const std::string& weight_suffix) const;  // e.g. "attn.qkv.weight"
 };
@@ -188,14 +200,18 @@ struct WeightQuantization {
 std::vector<std::string> default_quantized_modules();
 // The same for a given model: a non-gated MLP's first projection is ffn.up.
 std::vector<std::string> default_quantized_modules(const ModelSpec& spec);
-nlohmann::ordered_json weight_quantization_to_json(const WeightQuantization& q);
-// Reads kiln.json's quantization.weights; an absent block means "none". Throws naming the field when malformed.
+nlohmann::ordered_json weight_quantization_to_json(const WeightQuantization& q);  // quantization.weights only
+nlohmann::ordered_json head_quantization_to_json(const HeadQuantization& h);      // quantization.head
+// Reads kiln.json's quantization.weights and quantization.head; an absent block means "none". Throws naming the field
+// when malformed.
 WeightQuantization weight_quantization_from_json(const nlohmann::json& kiln_json, const std::string& label);
 // Int4 tensor names for a quantized linear weight "X.weight": "X.qweight", "X.scales", "X.zeros".
 std::string int4_name(const std::string& weight_name, const char* part);
 
 // The tensor list of a workspace quantized as `q` (equal to canonical_tensors(spec) for method none): each covered
 // linear X.weight [out, in] becomes X.qweight U8 [out, in/2], X.scales F16 [out, in/group], X.zeros U8 [out, in/group].
+// An int8 head (q.head) is lm_head.qweight I8 [vocab, hidden] + lm_head.scales F16 [vocab, hidden/32], in place of
+// lm_head.weight, or, with tied embeddings, after every other tensor.
 std::vector<CanonicalTensor> canonical_tensors(const ModelSpec& spec, const WeightQuantization& q);
 
 }  // namespace kiln

@@ -55,7 +55,8 @@ void check_tensors(const WorkspaceInfo& info, VerifyReport& r) {
   Workspace ws(info.dir);  // parses and validates every shard header
   DType dtype = workspace_dtype(info.dtype, kWorkspaceFile);
   std::set<std::string> expected;
-  // A quantized workspace (docs/int4_layout.md) lists int4 parts, with their fixed dtypes, for its quantized linears.
+  // A quantized workspace (docs/int4_layout.md) lists int4 parts, with their fixed dtypes, for its quantized linears,
+  // and an int8 head's lm_head.qweight / lm_head.scales.
   const WeightQuantization quant = weight_quantization_from_json(info.json, (info.dir / kWorkspaceFile).string());
   for (const CanonicalTensor& c : canonical_tensors(info.spec, quant)) {
     expected.insert(c.name);
@@ -69,7 +70,7 @@ void check_tensors(const WorkspaceInfo& info, VerifyReport& r) {
                            shape_string(c.shape));
     if (c.dtype && t->info->dtype != *c.dtype)
       r.problems.push_back("tensor '" + c.name + "' is " + std::string(dtype_name(t->info->dtype)) +
-                           ", the int4 layout needs " + std::string(dtype_name(*c.dtype)));
+                           ", the quantized layout needs " + std::string(dtype_name(*c.dtype)));
     else if (!c.dtype && t->info->dtype != dtype)
       r.problems.push_back("tensor '" + c.name + "' is " + std::string(dtype_name(t->info->dtype)) +
                            ", kiln.json says " + info.dtype);

@@ -31,6 +31,31 @@ std::optional<Int4WeightView> WorkspaceSource::int4(const std::string& weight_na
   return v;
 }
 
+std::optional<Int8WeightView> WorkspaceSource::int8_head() const {
+  if (!quant_.head.int8()) return std::nullopt;
+  const ModelSpec& spec = ws_.spec();
+  const int64_t V = spec.vocab_size, H = spec.hidden_size;
+  if (H % kInt8HeadGroup)
+    throw Error(ws_.info().dir.string() + ": quantization.head is int8 but hidden_size " + std::to_string(H) +
+                " is not a multiple of " + std::to_string(kInt8HeadGroup));
+  auto tensor = [&](const char* part, DType dtype, std::vector<int64_t> shape) {
+    const std::string name = int4_name(names::kLmHead, part);
+    const Workspace::Tensor& t = ws_.get(name);
+    if (t.info->dtype != dtype || t.info->shape != shape)
+      throw Error(ws_.info().dir.string() + ": int8 head tensor " + name + " must be " +
+                  std::string(dtype_name(dtype)) + " [" + std::to_string(shape[0]) + ", " + std::to_string(shape[1]) +
+                  "]");
+    return t.data();
+  };
+  Int8WeightView v;
+  v.qweight = reinterpret_cast<const int8_t*>(tensor("qweight", DType::I8, {V, H}));
+  v.scales = tensor("scales", DType::F16, {V, H / kInt8HeadGroup});
+  v.out = V;
+  v.in = H;
+  v.group_size = kInt8HeadGroup;
+  return v;
+}
+
 void HostSource::add(const std::string& name, const std::vector<float>& data, std::vector<int64_t> shape) {
   tensors_[name] = {data.data(), DType::F32, std::move(shape)};
 }
@@ -79,6 +104,12 @@ std::unique_ptr<LinearWeight> pack_linear(Backend& backend, const TensorSource& 
   if (auto q = src.int4(weight_name)) return backend.pack_linear_int4(*q);
   const TensorView t = src.get(weight_name);
   return backend.pack_linear(t.data, t.dtype, t.shape[0], t.shape[1]);
+}
+
+std::unique_ptr<LinearWeight> pack_output_head(Backend& backend, const TensorSource& src, const EmbeddingTable* tied) {
+  if (auto h = src.int8_head()) return backend.pack_linear_int8(*h);
+  if (tied) return backend.pack_tied_head(*tied);
+  return pack_linear(backend, src, names::kLmHead);
 }
 
 }  // namespace kiln

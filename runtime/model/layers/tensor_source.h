@@ -27,6 +27,8 @@ class TensorSource {
   virtual TensorView get(const std::string& name) const = 0;
   // The int4 parts of linear weight `weight_name` ("X.weight") when the source stores it quantized.
   virtual std::optional<Int4WeightView> int4(const std::string& weight_name) const { return std::nullopt; }
+  // The int8 output head (quantization.head) when the source stores one.
+  virtual std::optional<Int8WeightView> int8_head() const { return std::nullopt; }
 };
 
 // The tensors of a workspace, int4 ones included (quantization.weights in kiln.json).
@@ -35,6 +37,8 @@ class WorkspaceSource : public TensorSource {
   explicit WorkspaceSource(const Workspace& ws);
   TensorView get(const std::string& name) const override;
   std::optional<Int4WeightView> int4(const std::string& weight_name) const override;
+  // Checks the two tensors' dtypes and shapes against the spec (a one-line error naming the tensor).
+  std::optional<Int8WeightView> int8_head() const override;
 
  private:
   const Workspace& ws_;
@@ -56,5 +60,8 @@ std::unique_ptr<Buffer> upload_f32(Backend& backend, const TensorView& t);
 // A norm weight as fp32, as (1 + w) when `plus_one` (Gemma's norms: widen, then add one, as transformers does).
 std::unique_ptr<Buffer> upload_norm_weight(Backend& backend, const TensorView& t, bool plus_one);
 std::unique_ptr<LinearWeight> pack_linear(Backend& backend, const TensorSource& src, const std::string& weight_name);
+// The output head as Model::forward and the layer-streamed quality report use it: the int8 head when the source has
+// one, else the tied embedding table (`tied`, which must then be non-null) or lm_head.weight.
+std::unique_ptr<LinearWeight> pack_output_head(Backend& backend, const TensorSource& src, const EmbeddingTable* tied);
 
 }  // namespace kiln

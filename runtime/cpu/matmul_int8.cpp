@@ -1,0 +1,82 @@
+#include "runtime/cpu/matmul_int8.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <string>
+
+#include "runtime/core/error.h"
+#include "runtime/cpu/thread_pool.h"
+
+namespace kiln::cpu {
+
+Int8Linear pack_linear_int8(const Int8WeightView& v) {
+  if (v.group_size != kInt8Block || v.in <= 0 || v.out <= 0 || v.in % kInt8Block)
+    throw Error("int8 head [" + std::to_string(v.out) + ", " + std::to_string(v.in) + "] with group size " +
+                std::to_string(v.group_size) + " is not a valid int8 layout (blocks of 32 inputs)");
+  Int8Linear w;
+  w.out = v.out;
+  w.in = v.in;
+  const int64_t P = w.panels(), B = w.blocks(), in = v.in;
+  w.q.assign(size_t(P * in * kPanel), 128);  // padding rows: code 0
+  w.scales.assign(size_t(P * B * kPanel), 0);
+  for (int64_t o = 0; o < v.out; ++o) {
+    const int64_t p = o / kPanel, j = o % kPanel;
+    uint8_t* panel = w.q.data() + p * in * kPanel;
+    const int8_t* src = v.qweight + o * in;
+    for (int64_t k = 0; k < in; ++k) panel[(k / 4) * 64 + 4 * j + k % 4] = uint8_t(int(src[k]) + 128);
+    for (int64_t b = 0; b < B; ++b)
+      std::memcpy(&w.scales[size_t((p * B + b) * kPanel + j)], v.scales + 2 * (o * B + b), 2);
+  }
+  return w;
+}
+
+// The reference of the VNNI kernel: the same exact int32 block dots and the same fp32 operations in the same order.
+void matmul_int8_scalar(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1,
+                        float* y) {
+  const int64_t B = w.blocks();
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t width = std::min(kPanel, w.out - p * kPanel);
+    const uint8_t* panel = w.q.data() + p * w.in * kPanel;
+    for (int64_t r = r0; r < r1; ++r) {
+      float acc[kPanel] = {};
+      for (int64_t b = 0; b < B; ++b) {
+        int32_t dot[kPanel] = {};
+        const int8_t* xb = x.q.data() + r * w.in + b * kInt8Block;
+        for (int64_t c = 0; c < kInt8Block / 4; ++c) {
+          const uint8_t* wc = panel + (b * kInt8Block / 4 + c) * 64;
+          for (int j = 0; j < kPanel; ++j)
+            for (int i = 0; i < 4; ++i) dot[j] += int32_t(wc[4 * j + i]) * xb[4 * c + i];
+        }
+        const int32_t bias = 128 * int32_t(x.qsum[size_t(r * B + b)]);
+        const float d = x.d[size_t(r * B + b)];
+        const uint16_t* s = w.scales.data() + (p * B + b) * kPanel;
+        for (int j = 0; j < kPanel; ++j) acc[j] = std::fma(f16_to_f32(s[j]) * d, float(dot[j] - bias), acc[j]);
+      }
+      std::memcpy(y + r * w.out + p * kPanel, acc, size_t(width) * sizeof(float));
+    }
+  }
+}
+
+void matmul_int8(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const Int8Linear& w, float* y) {
+  // Reused across calls; named through a reference so that the workers' lambda sees this thread's instance.
+  thread_local Int8Rows scratch;
+  Int8Rows& xq = scratch;
+  quantize_rows_int8(x, rows, w.in, kInt8Block, xq);
+  const Int8Kernel kernel = isa == MatmulIsa::Avx512 && cpu_has_avx512_vnni() ? matmul_int8_vnni : matmul_int8_scalar;
+  // 16 panels (256 rows, 147 KB of a 576-wide head) per task: large enough to stream, enough tasks to balance.
+  const int64_t panels_per_task = 16, rows_per_task = 64;
+  const int64_t pg = (w.panels() + panels_per_task - 1) / panels_per_task;
+  const int64_t rg = (rows + rows_per_task - 1) / rows_per_task;
+  pool.parallel_for(
+      pg * rg,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t p0 = (t % pg) * panels_per_task, r0 = (t / pg) * rows_per_task;
+          kernel(xq, r0, std::min(rows, r0 + rows_per_task), w, p0, std::min(w.panels(), p0 + panels_per_task), y);
+        }
+      },
+      1);
+}
+
+}  // namespace kiln::cpu

@@ -1,0 +1,51 @@
+#pragma once
+// The int8 output head on the CPU (docs/int4_layout.md, "The int8 LM head"): y[rows, out] = x[rows, in] · W'ᵀ with
+// W'[o, k] = q[o, k] · s[o, k / 32], q int8 in [-127, 127], s fp16, as llama.cpp's Q8_0 blocks.
+//
+// Like llama.cpp's Q8_0 x Q8_0 dot, the activations are quantized to int8 per block of 32 (d = max|x| / 127,
+// x8 = round(x / d); matmul_int4.h's quantize_rows_int8) and each block's dot product is exact in int32:
+//   y[o] = Σ_b fp32(s[o, b] · d[b]) · Σ_(k in b) q[o, k] · x8[k]          (one fma per block, blocks in order)
+// vpdpbusd multiplies unsigned by signed bytes, so the weights are stored biased, u = q + 128 in [1, 255], and the
+// bias is removed per block with the activations' block sum: Σ u·x8 − 128·Σ x8 = Σ q·x8 (exact). Biasing the weights
+// rather than the activations puts the correction on the activation side, computed once per row and block instead of
+// stored per weight row.
+//
+// Layout: panels of 16 output rows; per panel and chunk c of 4 inputs, 64 bytes whose 32-bit lane j holds row j's
+// inputs 4c .. 4c+3 (biased), then per panel and block the 16 rows' fp16 scales. Rows past `out` in the last panel
+// are code 0 with scale 0. A row's result never depends on the other rows of the batch.
+#include <cstdint>
+#include <vector>
+
+#include "runtime/backend/backend.h"
+#include "runtime/cpu/matmul.h"
+#include "runtime/cpu/matmul_int4.h"
+
+namespace kiln::cpu {
+
+inline constexpr int64_t kInt8Block = 32;
+
+struct Int8Linear : LinearWeight {
+  int64_t out = 0, in = 0;
+  std::vector<uint8_t> q;        // [panels][in / 4][64], each byte a code + 128
+  std::vector<uint16_t> scales;  // [panels][in / 32][kPanel], fp16 bits
+  int64_t out_features() const override { return out; }
+  int64_t in_features() const override { return in; }
+  int64_t panels() const { return (out + kPanel - 1) / kPanel; }
+  int64_t blocks() const { return in / kInt8Block; }
+};
+
+// Throws kiln::Error unless the view's group size is 32 and divides `in`.
+Int8Linear pack_linear_int8(const Int8WeightView& w);
+
+// Quantizes x per block of 32 and runs the VNNI kernel when the CPU has AVX512-VNNI and isa is Avx512, else the
+// scalar one (same result, bit for bit).
+void matmul_int8(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const Int8Linear& w, float* y);
+
+// Kernels over panels [p0, p1) and rows [r0, r1) of activations quantized with group size 32.
+using Int8Kernel = void (*)(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1,
+                            float* y);
+void matmul_int8_scalar(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1,
+                        float* y);
+void matmul_int8_vnni(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1, float* y);
+
+}  // namespace kiln::cpu

@@ -1,0 +1,85 @@
+// AVX512-VNNI kernel of the int8 output head (matmul_int8.h). Compiled for its ISA through a function target
+// attribute, as matmul_int4_x86.cpp does, so the rest of kiln stays baseline x86-64 (and never uses AMX).
+// Hand-written rather than a BLAS call: the head is a batch-1 GEMV streaming 28 MB of int8 codes per token, where a
+// library's int8 GEMM (which wants unsigned x signed operands and its own packing) has nothing to add.
+#include <immintrin.h>
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12, inside its own AVX-512 headers
+#endif
+
+#include <algorithm>
+#include <cstring>
+
+#include "runtime/cpu/matmul_int8.h"
+
+namespace kiln::cpu {
+
+#define KILN_INT8_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
+
+namespace {
+
+// Rows r0 .. r0+R-1 against panel p. Two int32 accumulators per row (even / odd chunks) so that consecutive vpdpbusd
+// do not wait on each other's latency; one 64-byte load feeds one vpdpbusd (64 multiply-adds) per row.
+template <int R>
+KILN_INT8_VNNI void tile_int8_vnni(const Int8Rows& x, int64_t r0, const Int8Linear& w, int64_t p, float* out) {
+  const int64_t in = w.in, B = w.blocks();
+  const uint8_t* panel = w.q.data() + p * in * kPanel;
+  const uint16_t* scales = w.scales.data() + p * B * kPanel;
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* wb = panel + b * (kInt8Block / 4) * 64;
+    __m512i a0[R], a1[R];
+    for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_si512();
+    for (int c = 0; c < kInt8Block / 4; c += 2) {
+      const __m512i w0 = _mm512_loadu_si512(wb + c * 64), w1 = _mm512_loadu_si512(wb + c * 64 + 64);
+      for (int r = 0; r < R; ++r) {
+        int32_t x2[2];  // activations 4c .. 4c+7 of this block
+        std::memcpy(x2, x.q.data() + (r0 + r) * in + b * kInt8Block + 4 * c, 8);
+        a0[r] = _mm512_dpbusd_epi32(a0[r], w0, _mm512_set1_epi32(x2[0]));
+        a1[r] = _mm512_dpbusd_epi32(a1[r], w1, _mm512_set1_epi32(x2[1]));
+      }
+    }
+    const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * kPanel)));
+    for (int r = 0; r < R; ++r) {
+      const size_t rb = size_t((r0 + r) * B + b);
+      // Same operations as matmul_int8_scalar: the bias 128 * Σ x8 removed in int32, then fma(s * d, dot, acc).
+      const __m512i dot =
+          _mm512_sub_epi32(_mm512_add_epi32(a0[r], a1[r]), _mm512_set1_epi32(128 * int32_t(x.qsum[rb])));
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(x.d[rb])), _mm512_cvtepi32_ps(dot), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kPanel, acc[r]);
+}
+
+}  // namespace
+
+void matmul_int8_vnni(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1,
+                      float* y) {
+  alignas(64) float tile[4 * kPanel];
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t width = std::min(kPanel, w.out - p * kPanel);
+    for (int64_t r = r0; r < r1; r += 4) {
+      const int64_t n = std::min<int64_t>(4, r1 - r);
+      switch (n) {
+        case 4:
+          tile_int8_vnni<4>(x, r, w, p, tile);
+          break;
+        case 3:
+          tile_int8_vnni<3>(x, r, w, p, tile);
+          break;
+        case 2:
+          tile_int8_vnni<2>(x, r, w, p, tile);
+          break;
+        default:
+          tile_int8_vnni<1>(x, r, w, p, tile);
+          break;
+      }
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(y + (r + i) * w.out + p * kPanel, tile + i * kPanel, size_t(width) * sizeof(float));
+    }
+  }
+}
+
+}  // namespace kiln::cpu

@@ -1,0 +1,130 @@
+// The int8 LM head (quant/int8_head.h, runtime/cpu/matmul_int8.h): the quantizer's edge cases, and the VNNI kernel
+// against the scalar reference (bit for bit) and both against an independent double-precision evaluation of the
+// documented math on odd shapes. Byte equality with a numpy oracle and logits against transformers are in
+// tests/python/test_int8_head.py.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "quant/int8_head.h"
+#include "runtime/core/dtype.h"
+#include "runtime/core/error.h"
+#include "runtime/cpu/matmul_int8.h"
+#include "runtime/cpu/thread_pool.h"
+
+namespace kiln {
+namespace {
+
+TEST(Int8Head, QuantizesEdgeCaseBlocks) {
+  std::vector<float> w(2 * 64, 0.0f);                             // row 0 block 0: all zero
+  for (int k = 0; k < 32; ++k) w[32 + k] = 1e-7f * float(k + 1);  // row 0 block 1: scale below fp16 resolution
+  for (int k = 0; k < 32; ++k) w[64 + k] = -0.25f;                // row 1 block 0: constant negative
+  for (int k = 0; k < 32; ++k) w[96 + k] = 0.001f * float(k - 16);
+  w[96 + 5] = 3.0f;  // row 1 block 1: an outlier sets the scale
+  const Int8HeadMatrix m = quantize_int8_head(w.data(), 2, 64, "lm_head.weight");
+  ASSERT_EQ(m.qweight.size(), 128u);
+  ASSERT_EQ(m.scales.size(), 4u);
+  EXPECT_EQ(m.scales[0], 0);
+  EXPECT_EQ(m.scales[1], 0);  // 3.2e-6 / 127 rounds to fp16 +0
+  for (int k = 0; k < 64; ++k) EXPECT_EQ(m.qweight[size_t(k)], 0);
+  EXPECT_EQ(m.scales[2], f32_to_f16(0.25f / 127.0f));
+  for (int k = 0; k < 32; ++k) EXPECT_EQ(m.qweight[size_t(64 + k)], -127);  // whichever way fp16(0.25/127) rounds
+  EXPECT_EQ(m.qweight[size_t(96 + 5)], 127);
+  const float s = f16_to_f32(m.scales[3]);
+  for (int k = 0; k < 32; ++k) {
+    if (k == 5) continue;
+    EXPECT_LE(std::fabs(float(m.qweight[size_t(96 + k)]) * s - w[size_t(96 + k)]), s / 2 + 1e-9f);
+  }
+}
+
+TEST(Int8Head, RefusesBadInput) {
+  std::vector<float> w(3 * 48, 0.5f);
+  EXPECT_THROW(quantize_int8_head(w.data(), 3, 48, "lm_head.weight"), Error);  // 48 inputs: not blocks of 32
+  std::vector<float> bad(64, 0.1f);
+  bad[40] = NAN;
+  EXPECT_THROW(quantize_int8_head(bad.data(), 1, 64, "lm_head.weight"), Error);
+  bad[40] = 1e7f;  // scale 1e7 / 127 beyond fp16
+  EXPECT_THROW(quantize_int8_head(bad.data(), 1, 64, "lm_head.weight"), Error);
+  std::vector<int8_t> q(64);
+  std::vector<uint16_t> sc(4);
+  Int8WeightView v{q.data(), reinterpret_cast<const uint8_t*>(sc.data()), 1, 64, 16};
+  EXPECT_THROW(cpu::pack_linear_int8(v), Error);  // group size 16
+  v = {q.data(), reinterpret_cast<const uint8_t*>(sc.data()), 2, 48, 32};
+  EXPECT_THROW(cpu::pack_linear_int8(v), Error);  // 48 inputs
+}
+
+// y = Σ_b (s·d) · Σ q·x8 computed in double from the unpacked tensors, with x quantized here, independently of
+// quantize_rows_int8: d = max|x| / 127 in fp32, x8 = round-half-even(x / d).
+std::vector<double> reference(const std::vector<float>& x, int64_t rows, const Int8HeadMatrix& m, int64_t out,
+                              int64_t in) {
+  std::vector<double> y(size_t(rows * out), 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t b = 0; b < in / 32; ++b) {
+      const float* xb = x.data() + r * in + b * 32;
+      float amax = 0;
+      for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[k]));
+      const float d = amax / 127.0f;
+      int x8[32];
+      for (int k = 0; k < 32; ++k) x8[k] = amax > 0 ? int(std::lrint(double(xb[k] / d))) : 0;
+      for (int64_t o = 0; o < out; ++o) {
+        long dot = 0;
+        for (int k = 0; k < 32; ++k) dot += long(m.qweight[size_t(o * in + b * 32 + k)]) * x8[k];
+        y[size_t(r * out + o)] += double(f16_to_f32(m.scales[size_t(o * (in / 32) + b)])) * double(d) * double(dot);
+      }
+    }
+  return y;
+}
+
+void check_shape(int64_t rows, int64_t out, int64_t in, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  std::vector<float> w(size_t(out * in)), x(size_t(rows * in));
+  for (float& v : w) v = 0.05f * n(rng);
+  for (float& v : x) v = n(rng) * (n(rng) > 2.0f ? 20.0f : 1.0f);  // heavy-tailed, like hidden states
+  const Int8HeadMatrix m = quantize_int8_head(w.data(), out, in, "w");
+  const Int8WeightView view{m.qweight.data(), reinterpret_cast<const uint8_t*>(m.scales.data()), out, in, 32};
+  const cpu::Int8Linear packed = cpu::pack_linear_int8(view);
+  cpu::Int8Rows xq;
+  cpu::quantize_rows_int8(x.data(), rows, in, 32, xq);
+  std::vector<float> scalar(size_t(rows * out)), vnni(size_t(rows * out)), pooled(size_t(rows * out));
+  cpu::matmul_int8_scalar(xq, 0, rows, packed, 0, packed.panels(), scalar.data());
+  const std::vector<double> ref = reference(x, rows, m, out, in);
+  for (size_t i = 0; i < ref.size(); ++i)  // fp32 sums of exact block dots: ~1e-6 relative to the row's magnitude
+    ASSERT_NEAR(scalar[i], ref[i], 1e-5 * (1.0 + std::fabs(ref[i])))
+        << "rows " << rows << " out " << out << " at " << i;
+  cpu::ThreadPool pool(2);
+  cpu::matmul_int8(pool, cpu::MatmulIsa::Scalar, x.data(), rows, packed, pooled.data());
+  EXPECT_EQ(pooled, scalar);
+  if (!cpu::cpu_has_avx512_vnni()) GTEST_SKIP() << "no AVX512-VNNI on this CPU: the VNNI kernel is not run";
+  cpu::matmul_int8_vnni(xq, 0, rows, packed, 0, packed.panels(), vnni.data());
+  EXPECT_EQ(vnni, scalar) << "rows " << rows << " out " << out << " in " << in;
+  cpu::matmul_int8(pool, cpu::MatmulIsa::Avx512, x.data(), rows, packed, pooled.data());
+  EXPECT_EQ(pooled, scalar);
+}
+
+TEST(Int8Head, KernelsMatchTheReferenceOnOddShapes) {
+  check_shape(1, 37, 64, 1);   // batch 1, a partial last panel
+  check_shape(3, 16, 32, 2);   // one block, one full panel
+  check_shape(5, 300, 96, 3);  // a 4-row tile and a 1-row tile, 19 panels (two tasks)
+  check_shape(9, 7, 160, 4);   // rows past two 4-row tiles, a panel of 7
+  check_shape(70, 33, 64, 5);  // two row tasks of the pool
+}
+
+TEST(Int8Head, NonFiniteActivationsGiveNan) {
+  std::vector<float> w(2 * 32, 0.1f), x(32, 1.0f);
+  x[3] = INFINITY;
+  const Int8HeadMatrix m = quantize_int8_head(w.data(), 2, 32, "w");
+  const cpu::Int8Linear packed =
+      cpu::pack_linear_int8({m.qweight.data(), reinterpret_cast<const uint8_t*>(m.scales.data()), 2, 32, 32});
+  cpu::ThreadPool pool(1);
+  std::vector<float> y(2);
+  cpu::matmul_int8(pool, cpu::best_matmul_isa(), x.data(), 1, packed, y.data());
+  EXPECT_TRUE(std::isnan(y[0]) && std::isnan(y[1]));
+}
+
+}  // namespace
+}  // namespace kiln
