@@ -59,7 +59,9 @@ TEST(QwenLognAttention, ScalesQueriesPastTheTrainingLength) {
         for (int64_t j = 0; j <= r; ++j) acc += s[size_t(j)] * v[size_t(j * hd + i)];
         const size_t at = size_t((r * heads + h) * hd + i);
         ASSERT_NEAR(out[at], acc / sum, 1e-4) << "row " << r << " head " << h;
-        if (r + 1 <= logn) ASSERT_EQ(out[at], plain[at]);  // untouched within the training length
+        if (r + 1 <= logn) {
+          ASSERT_EQ(out[at], plain[at]);  // untouched within the training length
+        }
       }
     }
   EXPECT_NE(out.back(), plain.back());
