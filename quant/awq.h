@@ -65,6 +65,7 @@ void awq_apply_clip(float* w, int64_t out, int64_t in, int64_t row0, int64_t gro
 
 // Quantize-dequantize through quant/int4 (the routine the workspace is written with): RTN in fp32.
 std::vector<float> awq_rtn(const float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label);
+void awq_rtn_in_place(float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label);
 
 // The result of the search for one layer: everything needed to transform its tensors while they are written.
 struct AwqLayerPlan {

@@ -42,6 +42,33 @@ PackedLinear pack_linear(const void* data, DType dtype, int64_t out, int64_t in,
   return w;
 }
 
+PackedLinear pack_linear_transposed(const float* wt, int64_t out, int64_t in) {
+  PackedLinear w;
+  w.out = out;
+  w.in = in;
+  w.data.assign(size_t(w.panels() * in * kPanel) * sizeof(float), 0);
+  auto* dst = reinterpret_cast<float*>(w.data.data());
+  for (int64_t p = 0; p < w.panels(); ++p) {
+    const int64_t width = std::min(kPanel, out - p * kPanel);
+    for (int64_t k = 0; k < in; ++k)  // W[p*kPanel + j, k] = wt[k, p*kPanel + j]: contiguous in both
+      std::memcpy(dst + (p * in + k) * kPanel, wt + k * out + p * kPanel, size_t(width) * sizeof(float));
+  }
+  return w;
+}
+
+PackedLinear pack_linear_f64(const double* src, int64_t out, int64_t in) {
+  PackedLinear w;
+  w.out = out;
+  w.in = in;
+  w.data.assign(size_t(w.panels() * in * kPanel) * sizeof(float), 0);
+  auto* dst = reinterpret_cast<float*>(w.data.data());
+  for (int64_t o = 0; o < out; ++o) {
+    const int64_t p = o / kPanel, j = o % kPanel;
+    for (int64_t k = 0; k < in; ++k) dst[(p * in + k) * kPanel + j] = float(src[o * in + k]);
+  }
+  return w;
+}
+
 MatmulIsa best_matmul_isa() {
   static const MatmulIsa isa = [] {
     CpuFeatures f = cpu_features();

@@ -36,6 +36,11 @@ struct PackedLinear : LinearWeight {
 // layout Bf16Pairs applies to bf16 weights only; other dtypes are packed as panels.
 PackedLinear pack_linear(const void* data, DType dtype, int64_t out, int64_t in,
                          DenseLayout layout = DenseLayout::Panel);
+// fp32 panels of W [out, in] from sources that are not a dense fp32 [out, in] array, without a full-size temporary
+// (the same bytes as pack_linear of that array): W given transposed, `wt` [in, out] (row k holds column k of W), or
+// W in double, each element rounded to fp32.
+PackedLinear pack_linear_transposed(const float* wt, int64_t out, int64_t in);
+PackedLinear pack_linear_f64(const double* w, int64_t out, int64_t in);
 
 enum class MatmulIsa { Scalar, Avx2, Avx512 };
 // The best kernel this CPU runs (KILN_CPU_ISA=scalar|avx2|avx512 narrows the choice, for tests and benchmarks).
