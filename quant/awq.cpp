@@ -17,7 +17,14 @@ void AwqInputStats::resize(int64_t d) {
   dim = d;
   rows = 0;
   abs_sum.assign(size_t(d), 0.0);
-  gram.assign(size_t(d * d), 0.0);
+  gram.assign(size_t(d * (d + 1) / 2), 0.0);
+}
+
+std::vector<float> AwqInputStats::gram_f32() const {
+  std::vector<float> g(static_cast<size_t>(dim * dim));
+  for (int64_t a = 0; a < dim; ++a)
+    for (int64_t b = 0; b < dim; ++b) g[size_t(a * dim + b)] = float(gram_at(a, b));
+  return g;
 }
 
 void AwqInputStats::add(cpu::ThreadPool& pool, const float* x, int64_t n) {
@@ -26,19 +33,25 @@ void AwqInputStats::add(cpu::ThreadPool& pool, const float* x, int64_t n) {
     for (int64_t c = 0; c < dim; ++c) abs_sum[size_t(c)] += std::fabs(double(x[r * dim + c]));
   // XᵀX through the CPU backend's matmul: Xᵀ [dim, n] times (Xᵀ)ᵀ. Products are summed in fp32 within one forward
   // batch and in double across batches, so long calibrations do not lose precision. Xᵀ is packed straight from x, and
-  // the product is taken kChunk rows of Xᵀ at a time and added as it comes: no [dim, n] or [dim, dim] fp32 temporary
-  // (each product is the same sequential sum over the rows whichever chunk it is in, so the Gram is the same).
+  // the product is taken kChunk rows of Xᵀ at a time, only from the panel holding the diagonal on (the upper
+  // triangle, plus a few entries below it that are skipped), and added as it comes: no [dim, n] or [dim, dim] fp32
+  // temporary. Each entry is the same sequential sum over the rows whichever chunk it is in, and (a, b) the same as
+  // (b, a) (x_a x_b = x_b x_a exactly), so the triangle is the exact Gram.
   constexpr int64_t kChunk = 256;
   const cpu::PackedLinear packed = cpu::pack_linear_transposed(x, dim, n);
-  std::vector<float> xt(static_cast<size_t>(std::min(kChunk, dim) * n)),
-      g(static_cast<size_t>(std::min(kChunk, dim) * dim));
-  for (int64_t a = 0; a < dim; a += kChunk) {
-    const int64_t m = std::min(kChunk, dim - a);
+  const int64_t chunk = std::min(kChunk, dim);
+  std::vector<float> xt(static_cast<size_t>(chunk * n)), g(static_cast<size_t>(chunk * dim));
+  for (int64_t a = 0; a < dim; a += chunk) {
+    const int64_t m = std::min(chunk, dim - a);
     for (int64_t r = 0; r < n; ++r)
       for (int64_t i = 0; i < m; ++i) xt[size_t(i * n + r)] = x[r * dim + a + i];
-    cpu::matmul(pool, cpu::best_matmul_isa(), xt.data(), m, packed, g.data());
-    double* dst = gram.data() + a * dim;
-    for (int64_t i = 0; i < m * dim; ++i) dst[i] += double(g[size_t(i)]);
+    cpu::matmul_from_panel(pool, cpu::best_matmul_isa(), xt.data(), m, packed, a / cpu::kPanel, g.data());
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t row = a + i;
+      double* dst = gram.data() + (row * dim - row * (row - 1) / 2);
+      const float* src = g.data() + i * dim + row;
+      for (int64_t c = 0; c < dim - row; ++c) dst[c] += double(src[c]);
+    }
   }
   rows += n;
 }
@@ -84,7 +97,9 @@ double awq_output_mse(cpu::ThreadPool& pool, const float* w_ref, const float* w_
 
 AwqLoss awq_linear_loss(cpu::ThreadPool& pool, const float* w, int64_t out, int64_t in, const AwqInputStats& x) {
   // The Gram rounded to fp32 and packed in one pass (no fp32 copy of the [in, in] matrix besides the packed one).
-  auto g = std::make_shared<cpu::PackedLinear>(cpu::pack_linear_f64(x.gram.data(), in, in));
+  auto g = std::make_shared<cpu::PackedLinear>(cpu::pack_linear_rows(in, in, [&x, in](int64_t o, float* row) {
+    for (int64_t k = 0; k < in; ++k) row[k] = float(x.gram_at(o, k));
+  }));
   const int64_t rows = x.rows;
   return [&pool, w, out, in, g, rows](const float* w_eff) { return mse_packed(pool, w, w_eff, out, in, *g, rows); };
 }
@@ -157,7 +172,7 @@ std::vector<float> awq_search_clip(const float* w, int64_t out, int64_t in, int6
       for (int64_t j = 0; j < gs; ++j) {
         const int64_t a = g * gs + i, b = g * gs + j;
         const double sa = s.empty() ? 1.0 : s[size_t(a)], sb = s.empty() ? 1.0 : s[size_t(b)];
-        blocks[size_t((g * gs + i) * gs + j)] = float(x.gram[size_t(a * in + b)] / (sa * sb));
+        blocks[size_t((g * gs + i) * gs + j)] = float(x.gram_at(a, b) / (sa * sb));
       }
   std::vector<float> clip(static_cast<size_t>((out - row0) * groups));
   std::vector<float> cur(static_cast<size_t>(gs)), d(static_cast<size_t>(gs));

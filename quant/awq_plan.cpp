@@ -54,10 +54,7 @@ class GramObserver : public ForwardObserver {
   GramObserver(cpu::ThreadPool& pool, const ModelSpec& s, int64_t layer, const std::vector<int64_t>& slot,
                int64_t cached, int64_t seqlen)
       : pool_(pool), layer_(layer), slot_(slot), seqlen_(seqlen) {
-    stats_[Qkv].resize(s.hidden_size);
-    stats_[O].resize(s.q_size());
-    stats_[GateUp].resize(s.hidden_size);
-    stats_[Down].resize(s.intermediate_size);
+    dims_ = {s.hidden_size, s.q_size(), s.hidden_size, s.intermediate_size};
     for (auto& v : inputs_) v.resize(size_t(cached * seqlen * s.hidden_size));
     if (s.is_moe_layer(layer)) {
       moe_.down.resize(size_t(s.num_experts));
@@ -73,6 +70,7 @@ class GramObserver : public ForwardObserver {
     const int which = suffix == "ffn.router" ? GateUp : linear_index(suffix);  // the router reads the ffn_norm output
     if (which < 0) return;
     AwqInputStats& st = stats_[which];
+    if (st.dim == 0) st.resize(dims_[size_t(which)]);  // on first use: not while the layer's weights are loaded
     if (cols != st.dim) throw Error("AWQ calibration: unexpected input width of linear layer " + name);
     st.add(pool_, x, rows);
     const int64_t row0 = seen_[which];
@@ -96,7 +94,7 @@ class GramObserver : public ForwardObserver {
   int64_t layer_;
   const std::vector<int64_t>& slot_;
   int64_t seqlen_;
-  std::array<int64_t, 4> seen_{};
+  std::array<int64_t, 4> seen_{}, dims_{};
   std::array<AwqInputStats, 4> stats_;
   std::array<std::vector<float>, 2> inputs_;
   AwqMoeStats moe_;

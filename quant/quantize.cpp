@@ -278,18 +278,19 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
       }
     }
     if (resume) result.resumed_layers = resume->layers_done();
-    std::vector<float> wide;
     auto produced = [&](const CanonicalTensor& c) {
       return q.covers(c.suffix) || (awq && c.layer >= 0 && awq_touches(c.suffix));
     };
     // A tensor that is not copied verbatim: transformed (AWQ) and quantized (int4) or rounded back to its dtype.
+    // The widened copy is the tensor's own (freed when it is written), and the layer is searched before it is made:
+    // neither the largest tensor's copy nor this one is held through the next layer's search.
     auto produce = [&](const CanonicalTensor& c, TensorSink& sink) {
       const Workspace::Tensor& t = src.get(c.name);
-      wide.resize(size_t(t.info->numel()));
+      const AwqLayerPlan* layer_plan = awq ? &planner->layer(c.layer) : nullptr;
+      std::vector<float> wide(static_cast<size_t>(t.info->numel()));
       convert_to_f32(dtype, t.data(), wide.data(), wide.size());
       const int64_t cols = c.shape.size() > 1 ? c.shape[1] : 1;
-      if (awq)
-        awq_transform(src.spec(), planner->layer(c.layer), c.suffix, wide.data(), c.shape[0], cols, opt.group_size);
+      if (awq) awq_transform(src.spec(), *layer_plan, c.suffix, wide.data(), c.shape[0], cols, opt.group_size);
       if (!q.covers(c.suffix)) {
         write_in_dtype(sink, dtype, wide, c.name);
       } else {
