@@ -195,6 +195,7 @@ LayerStream::LayerStream(const Workspace& ws, Backend& backend, std::span<const 
     be_.download(x, 0, host_.data(), host_.size() * sizeof(float));
     store_.write(b.row0, N, host_.data());
   }
+  scratch_.release();
 }
 
 LayerStream::~LayerStream() = default;
@@ -258,6 +259,7 @@ void LayerStream::run_layer(int64_t l, const TensorSource& src, ForwardObserver*
   g.attn.cache_layer = 0;
   DecoderBlock block;
   block.load(src, be_, g);
+  release_pages(l);  // the backend holds its own copy now
   const int64_t H = spec_.hidden_size;
   std::vector<int32_t> positions, block_positions, seq_of_row;
   std::vector<int64_t> slots;
@@ -309,6 +311,8 @@ void LayerStream::run_layer(int64_t l, const TensorSource& src, ForwardObserver*
     be_.download(x, 0, host_.data(), host_.size() * sizeof(float));
     store_.write(b.row0, N, host_.data());
   }
+  // The batches' activations (up to batch_tokens rows of the MLP's widest) are not kept for the search that follows.
+  scratch_.release();
 }
 
 std::vector<int32_t> calibration_sequence(const ModelSpec& spec, std::span<const int32_t> block) {

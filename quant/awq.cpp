@@ -17,49 +17,73 @@ void AwqInputStats::resize(int64_t d) {
   dim = d;
   rows = 0;
   abs_sum.assign(size_t(d), 0.0);
-  gram.assign(size_t(d * d), 0.0);
+  gram.assign(size_t(d * (d + 1) / 2), 0.0);
+}
+
+std::vector<float> AwqInputStats::gram_f32() const {
+  std::vector<float> g(static_cast<size_t>(dim * dim));
+  for (int64_t a = 0; a < dim; ++a)
+    for (int64_t b = 0; b < dim; ++b) g[size_t(a * dim + b)] = float(gram_at(a, b));
+  return g;
 }
 
 void AwqInputStats::add(cpu::ThreadPool& pool, const float* x, int64_t n) {
   if (n <= 0) return;
-  // XᵀX through the CPU backend's matmul: Xᵀ [dim, n] times (Xᵀ)ᵀ. Products are summed in fp32 within one forward
-  // batch and in double across batches, so long calibrations do not lose precision.
-  std::vector<float> xt(static_cast<size_t>(dim * n));
   for (int64_t r = 0; r < n; ++r)
-    for (int64_t c = 0; c < dim; ++c) {
-      const float v = x[r * dim + c];
-      xt[size_t(c * n + r)] = v;
-      abs_sum[size_t(c)] += std::fabs(double(v));
+    for (int64_t c = 0; c < dim; ++c) abs_sum[size_t(c)] += std::fabs(double(x[r * dim + c]));
+  // XᵀX through the CPU backend's matmul: Xᵀ [dim, n] times (Xᵀ)ᵀ. Products are summed in fp32 within one forward
+  // batch and in double across batches, so long calibrations do not lose precision. Xᵀ is packed straight from x, and
+  // the product is taken kChunk rows of Xᵀ at a time, only from the panel holding the diagonal on (the upper
+  // triangle, plus a few entries below it that are skipped), and added as it comes: no [dim, n] or [dim, dim] fp32
+  // temporary. Each entry is the same sequential sum over the rows whichever chunk it is in, and (a, b) the same as
+  // (b, a) (x_a x_b = x_b x_a exactly), so the triangle is the exact Gram.
+  constexpr int64_t kChunk = 256;
+  const cpu::PackedLinear packed = cpu::pack_linear_transposed(x, dim, n);
+  const int64_t chunk = std::min(kChunk, dim);
+  std::vector<float> xt(static_cast<size_t>(chunk * n)), g(static_cast<size_t>(chunk * dim));
+  for (int64_t a = 0; a < dim; a += chunk) {
+    const int64_t m = std::min(chunk, dim - a);
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t i = 0; i < m; ++i) xt[size_t(i * n + r)] = x[r * dim + a + i];
+    cpu::matmul_from_panel(pool, cpu::best_matmul_isa(), xt.data(), m, packed, a / cpu::kPanel, g.data());
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t row = a + i;
+      double* dst = gram.data() + (row * dim - row * (row - 1) / 2);
+      const float* src = g.data() + i * dim + row;
+      for (int64_t c = 0; c < dim - row; ++c) dst[c] += double(src[c]);
     }
-  cpu::PackedLinear packed = cpu::pack_linear(xt.data(), DType::F32, dim, n);
-  std::vector<float> g(static_cast<size_t>(dim * dim));
-  cpu::matmul(pool, cpu::best_matmul_isa(), xt.data(), dim, packed, g.data());
-  for (size_t i = 0; i < g.size(); ++i) gram[i] += double(g[i]);
+  }
   rows += n;
 }
 
 std::vector<float> awq_rtn(const float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label) {
-  Int4Matrix m = quantize_int4(w, out, in, group_size, label);
-  std::vector<float> deq(static_cast<size_t>(out * in));
-  dequantize_int4(m.qweight.data(), m.scales.data(), m.zeros.data(), out, in, group_size, deq.data());
+  std::vector<float> deq(w, w + out * in);
+  awq_rtn_in_place(deq.data(), out, in, group_size, label);
   return deq;
+}
+
+void awq_rtn_in_place(float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label) {
+  Int4Matrix m = quantize_int4(w, out, in, group_size, label);
+  dequantize_int4(m.qweight.data(), m.scales.data(), m.zeros.data(), out, in, group_size, w);
 }
 
 namespace {
 
-std::vector<float> gram_f32(const AwqInputStats& x) {
-  std::vector<float> g(x.gram.size());
-  for (size_t i = 0; i < g.size(); ++i) g[i] = float(x.gram[i]);
-  return g;
-}
-
 double mse_packed(cpu::ThreadPool& pool, const float* w_ref, const float* w_quant, int64_t out, int64_t in,
                   const cpu::PackedLinear& g, int64_t rows) {
-  std::vector<float> d(static_cast<size_t>(out * in)), dg(static_cast<size_t>(out * in));
-  for (size_t i = 0; i < d.size(); ++i) d[i] = w_ref[i] - w_quant[i];
-  cpu::matmul(pool, cpu::best_matmul_isa(), d.data(), out, g, dg.data());  // D·Gᵀ = D·G (G is symmetric)
+  // trace(D G Dᵀ) for D = W_ref - W_quant, kChunk rows of D at a time (the same sum, in the same order, as over all
+  // of D at once; rows of a matmul are independent).
+  constexpr int64_t kChunk = 256;
+  const int64_t chunk = std::min(kChunk, out);
+  std::vector<float> d(static_cast<size_t>(chunk * in)), dg(static_cast<size_t>(chunk * in));
   double total = 0;
-  for (size_t i = 0; i < d.size(); ++i) total += double(d[i]) * double(dg[i]);
+  for (int64_t r0 = 0; r0 < out; r0 += chunk) {
+    const int64_t m = std::min(chunk, out - r0);
+    const size_t n = size_t(m * in), off = size_t(r0 * in);
+    for (size_t i = 0; i < n; ++i) d[i] = w_ref[off + i] - w_quant[off + i];
+    cpu::matmul(pool, cpu::best_matmul_isa(), d.data(), m, g, dg.data());  // D·Gᵀ = D·G (G is symmetric)
+    for (size_t i = 0; i < n; ++i) total += double(d[i]) * double(dg[i]);
+  }
   return total / double(std::max<int64_t>(rows, 1)) / double(out);
 }
 
@@ -72,7 +96,10 @@ double awq_output_mse(cpu::ThreadPool& pool, const float* w_ref, const float* w_
 }
 
 AwqLoss awq_linear_loss(cpu::ThreadPool& pool, const float* w, int64_t out, int64_t in, const AwqInputStats& x) {
-  auto g = std::make_shared<cpu::PackedLinear>(cpu::pack_linear(gram_f32(x).data(), DType::F32, in, in));
+  // The Gram rounded to fp32 and packed in one pass (no fp32 copy of the [in, in] matrix besides the packed one).
+  auto g = std::make_shared<cpu::PackedLinear>(cpu::pack_linear_rows(in, in, [&x, in](int64_t o, float* row) {
+    for (int64_t k = 0; k < in; ++k) row[k] = float(x.gram_at(o, k));
+  }));
   const int64_t rows = x.rows;
   return [&pool, w, out, in, g, rows](const float* w_eff) { return mse_packed(pool, w, w_eff, out, in, *g, rows); };
 }
@@ -118,10 +145,10 @@ AwqScaleSearch awq_search_scales(const float* w, int64_t out, int64_t in, int64_
     // RTN(W diag(s)) fed x / s is the same map as W' = RTN(W diag(s)) diag(1/s) fed x: compare W' with W.
     for (int64_t r = 0; r < out; ++r)
       for (int64_t c = 0; c < in; ++c) ws[size_t(r * in + c)] = w[r * in + c] * s[size_t(c)];
-    std::vector<float> q = awq_rtn(ws.data(), out, in, group_size, label);
+    awq_rtn_in_place(ws.data(), out, in, group_size, label);  // one [out, in] buffer for the candidate
     for (int64_t r = 0; r < out; ++r)
-      for (int64_t c = 0; c < in; ++c) q[size_t(r * in + c)] /= s[size_t(c)];
-    const double l = loss(q.data());
+      for (int64_t c = 0; c < in; ++c) ws[size_t(r * in + c)] /= s[size_t(c)];
+    const double l = loss(ws.data());
     if (l < best.loss) {
       best.loss = l;
       best.alpha = alpha;
@@ -145,7 +172,7 @@ std::vector<float> awq_search_clip(const float* w, int64_t out, int64_t in, int6
       for (int64_t j = 0; j < gs; ++j) {
         const int64_t a = g * gs + i, b = g * gs + j;
         const double sa = s.empty() ? 1.0 : s[size_t(a)], sb = s.empty() ? 1.0 : s[size_t(b)];
-        blocks[size_t((g * gs + i) * gs + j)] = float(x.gram[size_t(a * in + b)] / (sa * sb));
+        blocks[size_t((g * gs + i) * gs + j)] = float(x.gram_at(a, b) / (sa * sb));
       }
   std::vector<float> clip(static_cast<size_t>((out - row0) * groups));
   std::vector<float> cur(static_cast<size_t>(gs)), d(static_cast<size_t>(gs));

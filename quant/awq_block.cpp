@@ -54,7 +54,11 @@ AwqBlockLoss::AwqBlockLoss(Backend& backend, const ModelSpec& spec, const BlockG
     run(first, count);
     std::copy(out_.begin(), out_.end(), reference_.begin() + first * in.seqlen * H);
   }
+  // Only the reference is computed with the group's own unquantized weight (every candidate replaces it): freed now.
+  target().set_weight(nullptr);
 }
+
+Linear& AwqBlockLoss::target() { return kind_ == Kind::Attention ? attention_.qkv() : mlp_.in_proj(); }
 
 AwqBlockLoss::~AwqBlockLoss() = default;
 
@@ -97,9 +101,8 @@ void AwqBlockLoss::run(int64_t first, int64_t count) {
 
 double AwqBlockLoss::operator()(const float* weight) {
   const int64_t H = spec_.hidden_size;
-  std::unique_ptr<LinearWeight> w = be_.pack_linear(weight, DType::F32, weight_rows_, H);
-  Linear& target = kind_ == Kind::Attention ? attention_.qkv() : mlp_.in_proj();
-  target.set_weight(std::move(w));
+  target().set_weight(nullptr);  // the last candidate's packed weight goes before this one is packed
+  target().set_weight(be_.pack_linear(weight, DType::F32, weight_rows_, H));
   double total = 0;
   for (int64_t first = 0; first < in_.sequences; first += per_batch_) {
     const int64_t count = std::min(per_batch_, in_.sequences - first);

@@ -50,6 +50,7 @@ class AwqBlockLoss {
  private:
   // The block's output for sequences [first, first + count) into out_ (host, [count * seqlen, hidden]).
   void run(int64_t first, int64_t count);
+  Linear& target();  // the linear whose weight the candidates replace
   Backend& be_;
   const ModelSpec& spec_;
   Kind kind_;

@@ -54,10 +54,7 @@ class GramObserver : public ForwardObserver {
   GramObserver(cpu::ThreadPool& pool, const ModelSpec& s, int64_t layer, const std::vector<int64_t>& slot,
                int64_t cached, int64_t seqlen)
       : pool_(pool), layer_(layer), slot_(slot), seqlen_(seqlen) {
-    stats_[Qkv].resize(s.hidden_size);
-    stats_[O].resize(s.q_size());
-    stats_[GateUp].resize(s.hidden_size);
-    stats_[Down].resize(s.intermediate_size);
+    dims_ = {s.hidden_size, s.q_size(), s.hidden_size, s.intermediate_size};
     for (auto& v : inputs_) v.resize(size_t(cached * seqlen * s.hidden_size));
     if (s.is_moe_layer(layer)) {
       moe_.down.resize(size_t(s.num_experts));
@@ -73,6 +70,7 @@ class GramObserver : public ForwardObserver {
     const int which = suffix == "ffn.router" ? GateUp : linear_index(suffix);  // the router reads the ffn_norm output
     if (which < 0) return;
     AwqInputStats& st = stats_[which];
+    if (st.dim == 0) st.resize(dims_[size_t(which)]);  // on first use: not while the layer's weights are loaded
     if (cols != st.dim) throw Error("AWQ calibration: unexpected input width of linear layer " + name);
     st.add(pool_, x, rows);
     const int64_t row0 = seen_[which];
@@ -96,7 +94,7 @@ class GramObserver : public ForwardObserver {
   int64_t layer_;
   const std::vector<int64_t>& slot_;
   int64_t seqlen_;
-  std::array<int64_t, 4> seen_{};
+  std::array<int64_t, 4> seen_{}, dims_{};
   std::array<AwqInputStats, 4> stats_;
   std::array<std::vector<float>, 2> inputs_;
   AwqMoeStats moe_;
@@ -137,10 +135,13 @@ calib::Blocks sample(const Workspace& ws, const AwqOptions& o) {
   return calib::sample_blocks(stream, o.samples, o.seqlen, o.seed, o.data.string());
 }
 
+// A tensor widened to fp32. Its mmapped pages are dropped once read: the copy is what the search uses, and the pages
+// would otherwise stay resident beside it until the layer is done.
 std::vector<float> read_f32(const Workspace& ws, const std::string& name) {
   const Workspace::Tensor& t = ws.get(name);
   std::vector<float> v(static_cast<size_t>(t.info->numel()));
   convert_to_f32(t.info->dtype, t.data(), v.data(), v.size());
+  if (t.file) t.file->file().dont_need(t.file->data_start() + t.info->begin, t.info->nbytes());
   return v;
 }
 
@@ -230,6 +231,11 @@ struct BlockContext {
   int64_t sequences = 0, seqlen = 0, batch_tokens = 0;
 };
 
+// The search of one layer, in two halves that never hold each other's weights: the attention's groups (attn_norm ->
+// qkv, v -> o) and their clipping, then the feed-forward's (ffn_norm -> gate_up, up -> down, or the MoE experts) and
+// theirs. Each half reads its own fp32 weights and builds its own block loss, and frees them (and the Grams it was
+// the last to need) before the next begins, so that at most half a layer is widened at a time. The order changes no
+// result: every search sees the same weights and statistics as in any other order.
 AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelSpec& spec, int64_t l,
                         std::array<AwqInputStats, 4>& st, const AwqMoeStats& moe_st, const AwqOptions& o, int64_t gsz,
                         const BlockContext& bc) {
@@ -239,38 +245,9 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
   const bool gated = bc.graph->mlp.gated;  // the scale groups follow the layer graph
   const char* first = gated ? names::kGateUp : names::kUp;
   const int64_t F = spec.mlp_in_rows();
-  auto name = [&](const char* suffix) { return names::layer(l, suffix); };
-  AwqBlockWeights w;
-  w.qkv = read_f32(ws, name(names::kQkv));
-  w.o = read_f32(ws, name(names::kO));
   const bool moe = bc.graph->moe.has_value();  // the feed-forward is quant/awq_moe.cpp's
-  if (!moe) {
-    w.gate_up = read_f32(ws, name(first));
-    w.down = read_f32(ws, name(names::kDown));
-  }
-  std::vector<float>&qkv = w.qkv, &ow = w.o, &gu = w.gate_up, &down = w.down;
-  AwqLoss qkv_loss, gu_loss;
-  std::unique_ptr<AwqBlockLoss> attn_block, mlp_block;
-  if (bc.inputs) {
-    w.qkv_bias = read_optional(ws, spec.qkv_bias, name(names::kQkvBias));
-    w.o_bias = read_optional(ws, spec.o_bias, name(names::kOBias));
-    w.q_norm = read_optional(ws, spec.qk_norm, name(names::kQNorm));
-    w.k_norm = read_optional(ws, spec.qk_norm, name(names::kKNorm));
-    w.gate_up_bias = read_optional(ws, spec.mlp_bias, name(gated ? names::kGateUpBias : names::kUpBias));
-    w.down_bias = read_optional(ws, spec.mlp_bias, name(names::kDownBias));
-    attn_block =
-        std::make_unique<AwqBlockLoss>(*bc.backend, spec, *bc.graph, AwqBlockLoss::Kind::Attention, w,
-                                       AwqBlockInput{(*bc.inputs)[0].data(), bc.sequences, bc.seqlen}, bc.batch_tokens);
-    if (!moe)
-      mlp_block = std::make_unique<AwqBlockLoss>(*bc.backend, spec, *bc.graph, AwqBlockLoss::Kind::Mlp, w,
-                                                 AwqBlockInput{(*bc.inputs)[1].data(), bc.sequences, bc.seqlen},
-                                                 bc.batch_tokens);
-    qkv_loss = [&](const float* x) { return (*attn_block)(x); };
-    gu_loss = [&](const float* x) { return (*mlp_block)(x); };
-  } else {
-    qkv_loss = awq_linear_loss(pool, qkv.data(), Q + 2 * KV, H, st[0]);
-    if (!moe) gu_loss = awq_linear_loss(pool, gu.data(), F, H, st[2]);
-  }
+  const bool clip = o.clip && !o.fold_only;
+  auto name = [&](const char* suffix) { return names::layer(l, suffix); };
   AwqLayerPlan p;
   auto record = [&](int k, const AwqScaleSearch& r, std::vector<float>& s, double& a) {
     s = r.scales;
@@ -278,39 +255,85 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
     p.mse_rtn[k] = r.loss_rtn;
     p.mse_awq[k] = r.loss;
   };
-  const bool fold = norms_foldable(spec);
-  if (fold)
-    record(0, awq_search_scales(qkv.data(), Q + 2 * KV, H, gsz, st[0], o.grid, name(names::kQkv), qkv_loss), p.s_attn,
-           p.a_attn);
-  if (vo_smoothable(spec))
-    record(1,
-           awq_search_scales(ow.data(), H, Q, gsz, st[1], o.grid, name(names::kO),
-                             awq_linear_loss(pool, ow.data(), H, Q, st[1])),
-           p.s_vo, p.a_vo);
-  if (moe)
+  auto block_input = [&](int which) {
+    return AwqBlockInput{(*bc.inputs)[size_t(which)].data(), bc.sequences, bc.seqlen};
+  };
+  auto free_gram = [](AwqInputStats& x) { std::vector<double>().swap(x.gram); };
+  const bool fold = norms_foldable(spec);  // else no norm group: v -> o and the clipping only
+
+  {  // attention
+    AwqBlockWeights w;
+    w.qkv = read_f32(ws, name(names::kQkv));
+    w.o = read_f32(ws, name(names::kO));
+    std::vector<float>&qkv = w.qkv, &ow = w.o;
+    if (fold) {
+      AwqLoss qkv_loss;
+      std::unique_ptr<AwqBlockLoss> block;
+      if (bc.inputs) {
+        w.qkv_bias = read_optional(ws, spec.qkv_bias, name(names::kQkvBias));
+        w.o_bias = read_optional(ws, spec.o_bias, name(names::kOBias));
+        w.q_norm = read_optional(ws, spec.qk_norm, name(names::kQNorm));
+        w.k_norm = read_optional(ws, spec.qk_norm, name(names::kKNorm));
+        block = std::make_unique<AwqBlockLoss>(*bc.backend, spec, *bc.graph, AwqBlockLoss::Kind::Attention, w,
+                                               block_input(0), bc.batch_tokens);
+        qkv_loss = [&](const float* x) { return (*block)(x); };
+      } else {
+        qkv_loss = awq_linear_loss(pool, qkv.data(), Q + 2 * KV, H, st[0]);
+      }
+      record(0, awq_search_scales(qkv.data(), Q + 2 * KV, H, gsz, st[0], o.grid, name(names::kQkv), qkv_loss), p.s_attn,
+             p.a_attn);
+    }
+    if (vo_smoothable(spec))
+      record(1,
+             awq_search_scales(ow.data(), H, Q, gsz, st[1], o.grid, name(names::kO),
+                               awq_linear_loss(pool, ow.data(), H, Q, st[1])),
+             p.s_vo, p.a_vo);
+    if (clip) {
+      // Clipping runs on the scaled weights, exactly as they will be quantized (awq_transform without clip).
+      awq_transform(spec, p, names::kQkv, qkv.data(), Q + 2 * KV, H, gsz);
+      awq_transform(spec, p, names::kO, ow.data(), H, Q, gsz);
+      // q and k rows are not clipped (AutoAWQ): their errors are amplified through the softmax, which a per-row
+      // output MSE does not see.
+      p.clip_qkv = awq_search_clip(qkv.data(), Q + 2 * KV, H, Q + KV, gsz, st[0], p.s_attn, o.clip_grid, o.max_shrink,
+                                   name(names::kQkv));
+      p.clip_o = awq_search_clip(ow.data(), H, Q, 0, gsz, st[1], p.s_vo, o.clip_grid, o.max_shrink, name(names::kO));
+    }
+  }
+  free_gram(st[0]);
+  free_gram(st[1]);
+
+  if (moe) {  // no clipping in the experts (quant/awq_moe.h)
     awq_plan_moe_ffn(pool, ws, spec, l, st[2], moe_st, o, gsz, p);
-  else if (fold)
+    return p;
+  }
+  AwqBlockWeights w;
+  w.gate_up = read_f32(ws, name(first));
+  w.down = read_f32(ws, name(names::kDown));
+  std::vector<float>&gu = w.gate_up, &down = w.down;
+  if (fold) {
+    AwqLoss gu_loss;
+    std::unique_ptr<AwqBlockLoss> block;
+    if (bc.inputs) {
+      w.gate_up_bias = read_optional(ws, spec.mlp_bias, name(gated ? names::kGateUpBias : names::kUpBias));
+      w.down_bias = read_optional(ws, spec.mlp_bias, name(names::kDownBias));
+      block = std::make_unique<AwqBlockLoss>(*bc.backend, spec, *bc.graph, AwqBlockLoss::Kind::Mlp, w, block_input(1),
+                                             bc.batch_tokens);
+      gu_loss = [&](const float* x) { return (*block)(x); };
+    } else {
+      gu_loss = awq_linear_loss(pool, gu.data(), F, H, st[2]);
+    }
     record(2, awq_search_scales(gu.data(), F, H, gsz, st[2], o.grid, name(first), gu_loss), p.s_ffn, p.a_ffn);
-  if (gated && !moe)
+  }
+  if (gated)
     record(3,
            awq_search_scales(down.data(), H, I, gsz, st[3], o.grid, name(names::kDown),
                              awq_linear_loss(pool, down.data(), H, I, st[3])),
            p.s_down, p.a_down);
-  if (!o.clip || o.fold_only) return p;
-  // Clipping runs on the scaled weights, exactly as they will be quantized (awq_transform without clip).
-  awq_transform(spec, p, names::kQkv, qkv.data(), Q + 2 * KV, H, gsz);
-  awq_transform(spec, p, names::kO, ow.data(), H, Q, gsz);
-  if (!moe) {
-    awq_transform(spec, p, first, gu.data(), F, H, gsz);
-    awq_transform(spec, p, names::kDown, down.data(), H, I, gsz);
-  }
-  // q and k rows are not clipped (AutoAWQ): their errors are amplified through the softmax, which a per-row output
-  // MSE does not see.
-  p.clip_qkv = awq_search_clip(qkv.data(), Q + 2 * KV, H, Q + KV, gsz, st[0], p.s_attn, o.clip_grid, o.max_shrink,
-                               name(names::kQkv));
-  p.clip_o = awq_search_clip(ow.data(), H, Q, 0, gsz, st[1], p.s_vo, o.clip_grid, o.max_shrink, name(names::kO));
-  if (moe) return p;  // no clipping in the experts (quant/awq_moe.h)
+  if (!clip) return p;
+  awq_transform(spec, p, first, gu.data(), F, H, gsz);
   p.clip_gate_up = awq_search_clip(gu.data(), F, H, 0, gsz, st[2], p.s_ffn, o.clip_grid, o.max_shrink, name(first));
+  std::vector<float>().swap(gu);
+  awq_transform(spec, p, names::kDown, down.data(), H, I, gsz);
   p.clip_down =
       awq_search_clip(down.data(), H, I, 0, gsz, st[3], p.s_down, o.clip_grid, o.max_shrink, name(names::kDown));
   return p;

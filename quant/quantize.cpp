@@ -294,7 +294,6 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
       }
     }
     if (resume) result.resumed_layers = resume->layers_done();
-    std::vector<float> wide;
     auto produced = [&](const CanonicalTensor& c) {
       return q.covers(c.suffix) || (awq && c.layer >= 0 && awq_touches(c.suffix)) ||
              (q.head.int8() && c.name == names::kLmHead);
@@ -308,13 +307,16 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
       sink.write(m.scales.data(), m.scales.size() * 2);  // fp16 bits, little-endian
     };
     // A tensor that is not copied verbatim: transformed (AWQ) and quantized (int4) or rounded back to its dtype.
+    // The widened copy is the tensor's own (freed when it is written), and the layer is searched before it is made:
+    // neither the largest tensor's copy nor this one is held through the next layer's search.
     auto produce = [&](const CanonicalTensor& c, TensorSink& sink) {
       const Workspace::Tensor& t = src.get(c.name);
-      wide.resize(size_t(t.info->numel()));
+      const AwqLayerPlan* layer_plan = awq && c.layer >= 0 ? &planner->layer(c.layer) : nullptr;
+      std::vector<float> wide(static_cast<size_t>(t.info->numel()));
       convert_to_f32(dtype, t.data(), wide.data(), wide.size());
       const int64_t cols = c.shape.size() > 1 ? c.shape[1] : 1;
-      if (awq && c.layer >= 0)  // AWQ changes layer tensors only; an int8 head is quantized from the source as is
-        awq_transform(src.spec(), planner->layer(c.layer), c.suffix, wide.data(), c.shape[0], cols, opt.group_size);
+      if (layer_plan)  // AWQ changes layer tensors only; an int8 head is quantized from the source as is
+        awq_transform(src.spec(), *layer_plan, c.suffix, wide.data(), c.shape[0], cols, opt.group_size);
       if (q.head.int8() && c.name == names::kLmHead) {
         write_int8_head(wide, c, sink);
       } else if (!q.covers(c.suffix)) {
@@ -398,7 +400,7 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
       // The tied table was copied as the embedding; its int8 copy, used only as the head, comes last.
       const CanonicalTensor& table = source_list.front();
       const Workspace::Tensor& t = src.get(table.name);
-      wide.resize(size_t(t.info->numel()));
+      std::vector<float> wide(static_cast<size_t>(t.info->numel()));
       convert_to_f32(dtype, t.data(), wide.data(), wide.size());
       write_int8_head(wide, table, direct);
       pi += 2;

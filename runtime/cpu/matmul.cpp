@@ -42,6 +42,35 @@ PackedLinear pack_linear(const void* data, DType dtype, int64_t out, int64_t in,
   return w;
 }
 
+PackedLinear pack_linear_transposed(const float* wt, int64_t out, int64_t in) {
+  PackedLinear w;
+  w.out = out;
+  w.in = in;
+  w.data.assign(size_t(w.panels() * in * kPanel) * sizeof(float), 0);
+  auto* dst = reinterpret_cast<float*>(w.data.data());
+  for (int64_t p = 0; p < w.panels(); ++p) {
+    const int64_t width = std::min(kPanel, out - p * kPanel);
+    for (int64_t k = 0; k < in; ++k)  // W[p*kPanel + j, k] = wt[k, p*kPanel + j]: contiguous in both
+      std::memcpy(dst + (p * in + k) * kPanel, wt + k * out + p * kPanel, size_t(width) * sizeof(float));
+  }
+  return w;
+}
+
+PackedLinear pack_linear_rows(int64_t out, int64_t in, const std::function<void(int64_t, float*)>& row) {
+  PackedLinear w;
+  w.out = out;
+  w.in = in;
+  w.data.assign(size_t(w.panels() * in * kPanel) * sizeof(float), 0);
+  auto* dst = reinterpret_cast<float*>(w.data.data());
+  std::vector<float> r(static_cast<size_t>(in));
+  for (int64_t o = 0; o < out; ++o) {
+    row(o, r.data());
+    const int64_t p = o / kPanel, j = o % kPanel;
+    for (int64_t k = 0; k < in; ++k) dst[(p * in + k) * kPanel + j] = r[size_t(k)];
+  }
+  return w;
+}
+
 MatmulIsa best_matmul_isa() {
   static const MatmulIsa isa = [] {
     CpuFeatures f = cpu_features();
@@ -78,16 +107,22 @@ const char* matmul_isa_name(MatmulIsa isa) {
 
 void matmul(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const PackedLinear& w, float* y) {
   if (w.layout == DenseLayout::Bf16Pairs) return matmul_bf16_pairs(pool, isa, default_bf16_math(), x, rows, w, y);
+  matmul_from_panel(pool, isa, x, rows, w, 0, y);
+}
+
+void matmul_from_panel(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const PackedLinear& w,
+                       int64_t first, float* y) {
+  if (w.layout != DenseLayout::Panel) throw Error("matmul_from_panel needs the Panel layout");
   // Work items are (group of panels) x (group of rows): a panel group's weights stay in cache across its row tiles.
   const int64_t panels_per_task = 4, rows_per_task = 64;
-  const int64_t pg = (w.panels() + panels_per_task - 1) / panels_per_task;
+  const int64_t pg = (w.panels() - first + panels_per_task - 1) / panels_per_task;
   const int64_t rg = (rows + rows_per_task - 1) / rows_per_task;
   auto kernel = isa == MatmulIsa::Avx512 ? matmul_avx512 : isa == MatmulIsa::Avx2 ? matmul_avx2 : matmul_scalar;
   pool.parallel_for(
       pg * rg,
       [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
-          const int64_t p0 = (t % pg) * panels_per_task, r0 = (t / pg) * rows_per_task;
+          const int64_t p0 = first + (t % pg) * panels_per_task, r0 = (t / pg) * rows_per_task;
           kernel(x, r0, std::min(rows, r0 + rows_per_task), w, p0, std::min(w.panels(), p0 + panels_per_task), y);
         }
       },

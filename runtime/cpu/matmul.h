@@ -8,6 +8,7 @@
 // per row tile, which is what makes both decode (1 row, memory bound) and prefill (many rows) fast.
 // The storage dtype is kept (fp32, fp16 or bf16), so packing costs no memory beyond the workspace's own size.
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "runtime/backend/backend.h"
@@ -36,6 +37,11 @@ struct PackedLinear : LinearWeight {
 // layout Bf16Pairs applies to bf16 weights only; other dtypes are packed as panels.
 PackedLinear pack_linear(const void* data, DType dtype, int64_t out, int64_t in,
                          DenseLayout layout = DenseLayout::Panel);
+// fp32 panels of W [out, in] from sources that are not a dense fp32 [out, in] array, without a full-size temporary
+// (the same bytes as pack_linear of that array).
+// W given transposed, `wt` [in, out] (row k holds column k of W), or row by row: `row(o, dst)` writes W[o, 0..in).
+PackedLinear pack_linear_transposed(const float* wt, int64_t out, int64_t in);
+PackedLinear pack_linear_rows(int64_t out, int64_t in, const std::function<void(int64_t, float*)>& row);
 
 enum class MatmulIsa { Scalar, Avx2, Avx512 };
 // The best kernel this CPU runs (KILN_CPU_ISA=scalar|avx2|avx512 narrows the choice, for tests and benchmarks).
@@ -45,6 +51,10 @@ const char* matmul_isa_name(MatmulIsa isa);
 DenseLayout best_dense_layout(MatmulIsa isa, DType dtype);
 
 void matmul(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const PackedLinear& w, float* y);
+// matmul() for the output columns of panels [p0, w.panels()) only (Panel layout): y keeps its w.out columns, the
+// others are not written. Each output is the same sum as in matmul().
+void matmul_from_panel(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const PackedLinear& w, int64_t p0,
+                       float* y);
 
 // Kernels over panels [p0, p1) and rows [r0, r1); y has w.out columns.
 void matmul_scalar(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1, float* y);

@@ -51,7 +51,7 @@ TEST(Awq, GramMseEqualsDirectMse) {
   Data d = make(100, 64, 24, pool, 1.f);
   EXPECT_EQ(d.stats.rows, 100);
   std::vector<float> q = awq_rtn(d.w.data(), d.out, d.in, 32, "w");
-  std::vector<float> gram(d.stats.gram.begin(), d.stats.gram.end());
+  std::vector<float> gram = d.stats.gram_f32();
   const double via_gram = awq_output_mse(pool, d.w.data(), q.data(), d.out, d.in, gram, d.stats.rows);
   EXPECT_NEAR(via_gram, direct_mse(d, q), 1e-4 * direct_mse(d, q));
 }

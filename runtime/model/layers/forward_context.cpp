@@ -15,6 +15,13 @@ Buffer& Scratch::get(Slot slot, int64_t floats) {
   return *bufs_[slot];
 }
 
+void Scratch::release() {
+  for (int i = 0; i < kSlots; ++i) {
+    bufs_[i].reset();
+    sizes_[i] = 0;
+  }
+}
+
 std::span<const float> ForwardContext::inv_freq(double theta, bool scaled) {
   for (const Freqs& f : freqs_)
     if (f.theta == theta && f.scaled == scaled) return f.f;

@@ -23,6 +23,8 @@ class Scratch {
   explicit Scratch(Backend& backend) : backend_(backend) {}
   // At least `floats` floats; growing drops the old contents, so each slot is asked one size per forward.
   Buffer& get(Slot slot, int64_t floats);
+  // Frees every slot (the next get() allocates again): for a caller done with its largest batches for a while.
+  void release();
 
  private:
   Backend& backend_;
