@@ -188,8 +188,9 @@ Action setup_quantize(CLI::App& sub) {
     if (!max_memory->empty()) opt->awq.max_memory = calib::parse_memory_size(*max_memory);
     opt->max_shard_bytes <<= 20;
     opt->command = "kiln quantize " + std::filesystem::absolute(opt->input).lexically_normal().string() + " --method " +
-                   opt->method + " --w-bits " + std::to_string(opt->bits) + " --group-size " +
-                   std::to_string(opt->group_size);
+                   opt->method;
+    if (opt->method != "none")  // the weight format's options, where there is a weight format
+      opt->command += " --w-bits " + std::to_string(opt->bits) + " --group-size " + std::to_string(opt->group_size);
     if (!opt->head.empty()) opt->command += " --head " + opt->head;
     if (opt->method == "awq") {
       // An empty --data is reported by quantize_workspace; absolute("") would throw a less helpful error here.
