@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "runtime/cpu/matmul_int8.h"
+#include "runtime/cpu/panel_tasks.h"
 
 namespace kiln::cpu {
 
@@ -57,29 +58,8 @@ KILN_INT8_VNNI void tile_int8_vnni(const Int8Rows& x, int64_t r0, const Int8Line
 
 void matmul_int8_vnni(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1,
                       float* y) {
-  alignas(64) float tile[4 * kPanel];
-  for (int64_t p = p0; p < p1; ++p) {
-    const int64_t width = std::min(kPanel, w.out - p * kPanel);
-    for (int64_t r = r0; r < r1; r += 4) {
-      const int64_t n = std::min<int64_t>(4, r1 - r);
-      switch (n) {
-        case 4:
-          tile_int8_vnni<4>(x, r, w, p, tile);
-          break;
-        case 3:
-          tile_int8_vnni<3>(x, r, w, p, tile);
-          break;
-        case 2:
-          tile_int8_vnni<2>(x, r, w, p, tile);
-          break;
-        default:
-          tile_int8_vnni<1>(x, r, w, p, tile);
-          break;
-      }
-      for (int64_t i = 0; i < n; ++i)
-        std::memcpy(y + (r + i) * w.out + p * kPanel, tile + i * kPanel, size_t(width) * sizeof(float));
-    }
-  }
+  run_row_tiles(r0, r1, p0, p1, w.out, y,
+                [&]<int R>(int64_t r, int64_t p, float* tile) { tile_int8_vnni<R>(x, r, w, p, tile); });
 }
 
 }  // namespace kiln::cpu

@@ -1,0 +1,60 @@
+#pragma once
+// The loops around the quantized matmul kernels (matmul_int4*, matmul_int8*): how rows x output panels are split into
+// thread-pool tasks, and how a kernel's tiles of one to four rows are run and copied out.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "runtime/cpu/matmul.h"
+#include "runtime/cpu/thread_pool.h"
+
+namespace kiln::cpu {
+
+// Rows [0, rows) x panels [0, panels) cut into tasks of rows_per_task x panels_per_task; kernel(r0, r1, p0, p1) runs
+// each on the pool.
+template <class Kernel>
+void parallel_panel_tasks(ThreadPool& pool, int64_t rows, int64_t panels, int64_t rows_per_task,
+                          int64_t panels_per_task, const Kernel& kernel) {
+  const int64_t pg = (panels + panels_per_task - 1) / panels_per_task;
+  const int64_t rg = (rows + rows_per_task - 1) / rows_per_task;
+  pool.parallel_for(
+      pg * rg,
+      [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t p0 = (t % pg) * panels_per_task, r0 = (t / pg) * rows_per_task;
+          kernel(r0, std::min(rows, r0 + rows_per_task), p0, std::min(panels, p0 + panels_per_task));
+        }
+      },
+      1);
+}
+
+// Rows [r0, r1) x panels [p0, p1) of y [rows, out] in tiles of up to four rows: tile.template operator()<R>(r, p, buf)
+// writes rows r .. r+R-1 of panel p as R x kPanel floats into buf; the panel's valid columns are copied into y.
+template <class Tile>
+void run_row_tiles(int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t out, float* y, const Tile& tile) {
+  alignas(64) float buf[4 * kPanel];
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t width = std::min(kPanel, out - p * kPanel);
+    for (int64_t r = r0; r < r1; r += 4) {
+      const int64_t n = std::min<int64_t>(4, r1 - r);
+      switch (n) {
+        case 4:
+          tile.template operator()<4>(r, p, buf);
+          break;
+        case 3:
+          tile.template operator()<3>(r, p, buf);
+          break;
+        case 2:
+          tile.template operator()<2>(r, p, buf);
+          break;
+        default:
+          tile.template operator()<1>(r, p, buf);
+          break;
+      }
+      for (int64_t i = 0; i < n; ++i)
+        std::memcpy(y + (r + i) * out + p * kPanel, buf + i * kPanel, size_t(width) * sizeof(float));
+    }
+  }
+}
+
+}  // namespace kiln::cpu
