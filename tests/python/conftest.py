@@ -1,5 +1,6 @@
 """Shared pytest fixtures: the kiln binary, the real test tokenizers, and the transformers-written fixture models."""
 import gzip
+import json
 import os
 import shutil
 import subprocess
@@ -62,6 +63,19 @@ def convert_refused(src, tmp_path) -> str:
     assert len(lines) == 1, r.stderr
     assert not any(p.name.startswith(out.name) or p.name.startswith("." + out.name) for p in tmp_path.iterdir())
     return lines[0]
+
+
+def save_sharded_bin(sd, dst: Path):
+    """`sd` as two torch.save shards with pytorch_model.bin.index.json, as save_pretrained(safe_serialization=False)
+    writes them (THUDM's ChatGLM checkpoints ship this way)."""
+    import torch
+    names = sorted(sd)
+    weight_map = {}
+    for n, keys in enumerate([names[: len(names) // 2], names[len(names) // 2:]]):
+        fname = f"pytorch_model-{n + 1:05d}-of-00002.bin"
+        torch.save({k: sd[k] for k in keys}, dst / fname)
+        weight_map.update({k: fname for k in keys})
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def copy_tokenizer(src: Path, dst: Path):

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import GlmConfig, GlmForCausalLM
 
-from conftest import REPO, convert_refused, run_kiln
+from conftest import REPO, convert_refused, run_kiln, save_sharded_bin
 from reference_code import load_modelscope_file
 from test_tokenizer import kiln_lines
 
@@ -115,14 +115,7 @@ def chatglm(tmp_path_factory):
         (d / "config.json").write_text(json.dumps(chatglm_config(), indent=2))
         write_tokenizer(d, sp_model)
     save_file(sd, str(st / "model.safetensors"), metadata={"format": "pt"})
-    names = sorted(sd)
-    shards = [names[: len(names) // 2], names[len(names) // 2:]]
-    weight_map = {}
-    for n, keys in enumerate(shards):
-        fname = f"pytorch_model-{n + 1:05d}-of-00002.bin"
-        torch.save({k: sd[k] for k in keys}, binary / fname)
-        weight_map.update({k: fname for k in keys})
-    (binary / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_sharded_bin(sd, binary)
     ws = root / "ws"
     run_kiln("convert", st, "-o", ws)
     return {"glm": glm, "st": st, "bin": binary, "ws": ws, "sp": sp_model, "model": model}

@@ -33,7 +33,7 @@ import torch
 from safetensors.numpy import load_file as load_np
 from safetensors.torch import save_file
 
-from conftest import REPO, convert_refused, run_kiln
+from conftest import REPO, convert_refused, run_kiln, save_sharded_bin
 from reference_code import load_modelscope_file
 from test_tokenizer import CORPUS, kiln_decode_lines, kiln_lines
 
@@ -193,15 +193,7 @@ def glm6b(tmp_path_factory):
         (d / "config.json").write_text(json.dumps(chatglm6b_config(), indent=2))
         write_tokenizer(d, sp_model)
     save_file(sd, str(st / "model.safetensors"), metadata={"format": "pt"})
-    # THUDM/chatglm-6b ships sharded torch.save files with an index, as save_pretrained(safe_serialization=False)
-    # writes them.
-    names = sorted(sd)
-    weight_map = {}
-    for n, keys in enumerate([names[: len(names) // 2], names[len(names) // 2:]]):
-        fname = f"pytorch_model-{n + 1:05d}-of-00002.bin"
-        torch.save({k: sd[k] for k in keys}, binary / fname)
-        weight_map.update({k: fname for k in keys})
-    (binary / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_sharded_bin(sd, binary)  # as THUDM/chatglm-6b ships it
     ws = root / "ws"
     run_kiln("convert", st, "-o", ws)
     return {"model": model, "st": st, "bin": binary, "ws": ws, "tok": ref_tok}
