@@ -1,12 +1,30 @@
 #include "runtime/cpu/thread_pool.h"
 
 #include <algorithm>
+#include <chrono>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace kiln::cpu {
 
 namespace {
 thread_local bool in_worker = false;
+
+// How long an idle worker spins before it sleeps. Long enough to span the serial gaps between the parallel regions
+// of one decode step (norms, RoPE, sampling: a few µs to tens of µs), short enough that an idle pool costs nothing
+// measurable and that a pool sharing its cores with other processes soon gives them back.
+constexpr auto kSpin = std::chrono::microseconds(200);
+
+inline void cpu_relax() {
+#if defined(__x86_64__)
+  _mm_pause();
+#else
+  std::this_thread::yield();
+#endif
 }
+}  // namespace
 
 ThreadPool::ThreadPool(unsigned threads) {
   for (unsigned i = 1; i < std::max(1u, threads); ++i) workers_.emplace_back([this] { worker_loop(); });
@@ -15,7 +33,7 @@ ThreadPool::ThreadPool(unsigned threads) {
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    stop_ = true;
+    stop_.store(true);
   }
   wake_.notify_all();
   for (auto& t : workers_) t.join();
@@ -29,23 +47,33 @@ void ThreadPool::run_chunks() {
   }
 }
 
+bool ThreadPool::wait_for_job(uint64_t seen) {
+  const auto until = std::chrono::steady_clock::now() + kSpin;
+  for (int i = 0; generation_.load() == seen && !stop_.load(); ++i) {
+    cpu_relax();
+    if (i % 64 == 63 && std::chrono::steady_clock::now() > until) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      // sleepers_ is raised before generation_ is checked again, and the caller bumps generation_ before it reads
+      // sleepers_ (both sequentially consistent): either this check sees the new job or the caller sees a sleeper
+      // and notifies under the mutex, which cannot slip in between this check and the wait.
+      sleepers_.fetch_add(1);
+      wake_.wait(lock, [&] { return stop_.load() || generation_.load() != seen; });
+      sleepers_.fetch_sub(1);
+    }
+  }
+  return !stop_.load();
+}
+
 void ThreadPool::worker_loop() {
   in_worker = true;
   uint64_t seen = 0;
-  for (;;) {
-    {
-      std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return stop_ || generation_ != seen; });
-      if (stop_) return;
-      seen = generation_;
-      if (!open_) continue;  // woke after the caller had finished the job alone: nothing to do
-      ++active_;
-    }
-    run_chunks();
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (--active_ == 0) done_.notify_all();
-    }
+  while (wait_for_job(seen)) {
+    seen = generation_.load();
+    // Announce first, then look: if open_ still reads true, this increment precedes the caller's closing store, so
+    // the caller's wait for active_ == 0 covers this worker (and fn_ outlives its use here).
+    active_.fetch_add(1);
+    if (open_.load()) run_chunks();
+    active_.fetch_sub(1);
   }
 }
 
@@ -56,26 +84,28 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
     for (int64_t b = 0; b < n; b += grain) fn(b, std::min(n, b + grain));
     return;
   }
-  {
+  fn_ = &fn;
+  n_ = n;
+  grain_ = grain;
+  next_.store(0);
+  open_.store(true);
+  generation_.fetch_add(1);
+  if (sleepers_.load() > 0) {
     std::lock_guard<std::mutex> lock(mutex_);
-    fn_ = &fn;
-    n_ = n;
-    grain_ = grain;
-    next_.store(0);
-    active_ = 0;
-    open_ = true;
-    ++generation_;
+    wake_.notify_all();
   }
-  wake_.notify_all();
   in_worker = true;  // the caller's own chunks must not fan out again
   run_chunks();
   in_worker = false;
-  // Wait only for the workers that joined: one still waking up (a futex wake-up costs tens of µs, a whole time
-  // slice when the other cores are busy) would find no chunk left anyway, and batch-1 decode issues hundreds of
-  // ~50 µs parallel_for calls per token.
-  std::unique_lock<std::mutex> lock(mutex_);
-  open_ = false;
-  done_.wait(lock, [&] { return active_ == 0; });
+  open_.store(false);
+  // Only workers that joined are waited for; they are running, so a short spin suffices, yielding in case one was
+  // descheduled on a busy machine.
+  for (int i = 0; active_.load() != 0; ++i) {
+    if (i < 1024)
+      cpu_relax();
+    else
+      std::this_thread::yield();
+  }
   fn_ = nullptr;
 }
 

@@ -100,14 +100,15 @@ TEST_P(PagedAttention, MatchesContiguousNaiveAttention) {
   const auto [dt, window, softcap] = GetParam();
   cpu::CpuBackend backend(2);
   const int64_t heads = 4, kvh = 2, hd = 8, kv_size = kvh * hd;
-  KvCache cache(backend, small_config(16, dt));
+  KvCache cache(backend, small_config(48, dt));
   // Scramble the free list so that sequences get non-contiguous, out-of-order blocks.
   {
     std::vector<int32_t> taken;
     for (int i = 0; i < 7; ++i) taken.push_back(cache.allocator().allocate());
     for (int i : {5, 1, 6, 0, 3, 2, 4}) cache.allocator().release(taken[size_t(i)]);
   }
-  // Two sequences: A has 10 cached tokens and gets 3 new (prefill chunk), B has 0 cached and gets 1.
+  // Two sequences: A has 147 cached tokens and gets 3 new (prefill chunk), B has 0 cached and gets 1. A's rows see
+  // more than two of the CPU backend's 64-key chunks, so their partial results are folded.
   std::mt19937 g(7);
   std::normal_distribution<float> nd;
   struct Seq {
@@ -115,7 +116,7 @@ TEST_P(PagedAttention, MatchesContiguousNaiveAttention) {
     int64_t total;
     std::vector<float> k, v;  // contiguous, rounded to the cache dtype
   };
-  std::vector<Seq> seqs{{{}, 13, {}, {}}, {{}, 1, {}, {}}};
+  std::vector<Seq> seqs{{{}, 150, {}, {}}, {{}, 1, {}, {}}};
   for (Seq& s : seqs) {
     cache.reserve(s.kv, s.total);
     std::vector<float> k(size_t(s.total * kv_size)), v(k.size());
@@ -134,22 +135,29 @@ TEST_P(PagedAttention, MatchesContiguousNaiveAttention) {
   const int64_t rows = 4, q_stride = heads * hd + 5;
   std::vector<float> q(size_t(rows * q_stride));
   for (auto& x : q) x = nd(g);
-  std::vector<AttentionSequence> as{{0, 3, 13, seqs[0].kv.blocks}, {3, 1, 1, seqs[1].kv.blocks}};
+  std::vector<AttentionSequence> as{{0, 3, 150, seqs[0].kv.blocks}, {3, 1, 1, seqs[1].kv.blocks}};
   AttentionParams p{heads, kvh, hd, float(1 / std::sqrt(8.0)), window, softcap};
   std::vector<float> out(size_t(rows * heads * hd));
   backend.attention(q.data(), q_stride, cache, 1, as, p, out.data());
   std::vector<float> ref(size_t(heads * hd));
   for (int64_t r = 0; r < rows; ++r) {
     const Seq& s = r < 3 ? seqs[0] : seqs[1];
-    const int64_t pos = r < 3 ? 10 + r : 0;
+    const int64_t pos = r < 3 ? 147 + r : 0;
     naive_attention(&q[size_t(r * q_stride)], s.k, s.v, pos, heads, kvh, hd, window, ref.data(), softcap);
     for (int64_t i = 0; i < heads * hd; ++i) ASSERT_NEAR(out[size_t(r * heads * hd + i)], ref[size_t(i)], 2e-5);
   }
+  // Batch invariance: A's last row alone (decode: few heads, so each key chunk is its own task) is bit-identical to
+  // the same row inside the batch (one task per row and kv head).
+  std::vector<AttentionSequence> one{{0, 1, 150, seqs[0].kv.blocks}};
+  std::vector<float> single(size_t(heads * hd));
+  backend.attention(&q[size_t(2 * q_stride)], q_stride, cache, 1, one, p, single.data());
+  for (int64_t i = 0; i < heads * hd; ++i) ASSERT_EQ(single[size_t(i)], out[size_t(2 * heads * hd + i)]);
 }
 
 INSTANTIATE_TEST_SUITE_P(DtypesAndWindows, PagedAttention,
                          ::testing::Combine(::testing::Values(KvDType::F32, KvDType::F16, KvDType::BF16),
-                                            ::testing::Values(int64_t(0), int64_t(4)),
+                                            // 70: the window starts inside a chunk and spans two
+                                            ::testing::Values(int64_t(0), int64_t(4), int64_t(70)),
                                             // 0.5 caps the ~N(0, 1) scores hard: a cap ignored would show
                                             ::testing::Values(0.0f, 0.5f)));
 
