@@ -8,6 +8,7 @@
 #include "runtime/core/devices.h"
 #include "runtime/core/error.h"
 #include "runtime/cpu/matmul_bf16.h"
+#include "runtime/cpu/panel_tasks.h"
 #include "runtime/cpu/thread_pool.h"
 
 namespace kiln::cpu {
@@ -113,20 +114,9 @@ void matmul(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const
 void matmul_from_panel(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const PackedLinear& w,
                        int64_t first, float* y) {
   if (w.layout != DenseLayout::Panel) throw Error("matmul_from_panel needs the Panel layout");
-  // Work items are (group of panels) x (group of rows): a panel group's weights stay in cache across its row tiles.
-  const int64_t panels_per_task = 4, rows_per_task = 64;
-  const int64_t pg = (w.panels() - first + panels_per_task - 1) / panels_per_task;
-  const int64_t rg = (rows + rows_per_task - 1) / rows_per_task;
   auto kernel = isa == MatmulIsa::Avx512 ? matmul_avx512 : isa == MatmulIsa::Avx2 ? matmul_avx2 : matmul_scalar;
-  pool.parallel_for(
-      pg * rg,
-      [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t p0 = first + (t % pg) * panels_per_task, r0 = (t / pg) * rows_per_task;
-          kernel(x, r0, std::min(rows, r0 + rows_per_task), w, p0, std::min(w.panels(), p0 + panels_per_task), y);
-        }
-      },
-      1);
+  parallel_panel_tasks(pool, rows, first, w.panels(),
+                       [&](int64_t r0, int64_t r1, int64_t p0, int64_t p1) { kernel(x, r0, r1, w, p0, p1, y); });
 }
 
 namespace {

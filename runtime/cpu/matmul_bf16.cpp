@@ -8,6 +8,7 @@
 
 #include "runtime/core/devices.h"
 #include "runtime/core/dtype.h"
+#include "runtime/cpu/panel_tasks.h"
 #include "runtime/cpu/thread_pool.h"
 
 namespace kiln::cpu {
@@ -37,10 +38,6 @@ void round_rows_to_bf16_pairs(const float* x, int64_t rows, int64_t in, uint32_t
 
 void matmul_bf16_pairs(ThreadPool& pool, MatmulIsa isa, Bf16Math math, const float* x, int64_t rows,
                        const PackedLinear& w, float* y) {
-  // Same work split as the Panel kernels (matmul.cpp): a group of panels stays in cache across its row tiles.
-  const int64_t panels_per_task = 4, rows_per_task = 64;
-  const int64_t pg = (w.panels() + panels_per_task - 1) / panels_per_task;
-  const int64_t rg = (rows + rows_per_task - 1) / rows_per_task;
   const bool simd = isa == MatmulIsa::Avx512;
   std::vector<uint32_t> xp;
   if (math == Bf16Math::Dot) {
@@ -50,20 +47,13 @@ void matmul_bf16_pairs(ThreadPool& pool, MatmulIsa isa, Bf16Math math, const flo
       round_rows_to_bf16_pairs(x + b * w.in, e - b, w.in, xp.data() + b * w.pairs());
     });
   }
-  pool.parallel_for(
-      pg * rg,
-      [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t p0 = (t % pg) * panels_per_task, r0 = (t / pg) * rows_per_task;
-          const int64_t r1 = std::min(rows, r0 + rows_per_task), p1 = std::min(w.panels(), p0 + panels_per_task);
-          if (math == Bf16Math::Dot)
-            (simd && cpu_has_avx512_bf16() ? matmul_bf16_dot_avx512 : matmul_bf16_dot_scalar)(xp.data(), r0, r1, w, p0,
-                                                                                              p1, y);
-          else
-            (simd ? matmul_bf16_pairs_avx512 : matmul_bf16_pairs_scalar)(x, r0, r1, w, p0, p1, y);
-        }
-      },
-      1);
+  parallel_panel_tasks(pool, rows, 0, w.panels(), [&](int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+    if (math == Bf16Math::Dot)
+      (simd && cpu_has_avx512_bf16() ? matmul_bf16_dot_avx512 : matmul_bf16_dot_scalar)(xp.data(), r0, r1, w, p0, p1,
+                                                                                        y);
+    else
+      (simd ? matmul_bf16_pairs_avx512 : matmul_bf16_pairs_scalar)(x, r0, r1, w, p0, p1, y);
+  });
 }
 
 namespace {

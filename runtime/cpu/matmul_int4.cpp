@@ -159,7 +159,7 @@ void matmul_int4_int8(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t r
   quantize_rows_int8(x, rows, w.in, w.group_size, xq);
   const Int4Int8Kernel kernel =
       isa == MatmulIsa::Avx512 && cpu_has_avx512_vnni() ? matmul_int4_int8_vnni : matmul_int4_int8_scalar;
-  parallel_panel_tasks(pool, rows, w.panels(), /*rows_per_task=*/64, /*panels_per_task=*/1,
+  parallel_panel_tasks(pool, rows, 0, w.panels(),
                        [&](int64_t r0, int64_t r1, int64_t p0, int64_t p1) { kernel(xq, r0, r1, w, p0, p1, y); });
 }
 
@@ -176,22 +176,12 @@ void matmul_int4(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, 
       for (int64_t k = g * gs; k < (g + 1) * gs; ++k) s += x[r * w.in + k];
       xsum[size_t(r * G + g)] = s;
     }
-  const int64_t panels_per_task = 4, rows_per_task = 64;
-  const int64_t pg = (w.panels() + panels_per_task - 1) / panels_per_task;
-  const int64_t rg = (rows + rows_per_task - 1) / rows_per_task;
   Int4Kernel kernel = isa == MatmulIsa::Avx512 ? matmul_int4_avx512
                       : isa == MatmulIsa::Avx2 ? matmul_int4_avx2
                                                : matmul_int4_scalar;
-  pool.parallel_for(
-      pg * rg,
-      [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t p0 = (t % pg) * panels_per_task, r0 = (t / pg) * rows_per_task;
-          kernel(x, xsum.data(), r0, std::min(rows, r0 + rows_per_task), w, p0,
-                 std::min(w.panels(), p0 + panels_per_task), y);
-        }
-      },
-      1);
+  parallel_panel_tasks(pool, rows, 0, w.panels(), [&](int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+    kernel(x, xsum.data(), r0, r1, w, p0, p1, y);
+  });
 }
 
 }  // namespace kiln::cpu

@@ -65,8 +65,7 @@ void matmul_int8(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, 
   Int8Rows& xq = scratch;
   quantize_rows_int8(x, rows, w.in, kInt8Block, xq);
   const Int8Kernel kernel = isa == MatmulIsa::Avx512 && cpu_has_avx512_vnni() ? matmul_int8_vnni : matmul_int8_scalar;
-  // 16 panels (256 rows, 147 KB of a 576-wide head) per task: large enough to stream, enough tasks to balance.
-  parallel_panel_tasks(pool, rows, w.panels(), /*rows_per_task=*/64, /*panels_per_task=*/16,
+  parallel_panel_tasks(pool, rows, 0, w.panels(),
                        [&](int64_t r0, int64_t r1, int64_t p0, int64_t p1) { kernel(xq, r0, r1, w, p0, p1, y); });
 }
 
