@@ -1,19 +1,30 @@
 // Attention over the paged KV cache for the CPU backend.
 //
-// A query row's keys are cut into chunks of kKeyChunk positions. For each chunk and each head, a partial result is
+// Keys are cut into chunks of kKeyChunk positions, aligned to absolute positions. For each chunk a query row sees
+// (clipped to the keys it may see: causal, sliding window, bidirectional prefix) and each head, a partial result is
 // computed on its own: the chunk's maximum score m, the sum s of exp(score - m) and the value sum acc weighted by
-// those exponentials (fp32 throughout; int8 and 16-bit cache rows are widened to fp32 first). The partials are then
-// folded in key order (fold_partial). That definition makes the result independent of how the work is split: a small
-// batch (decode) runs every chunk as its own task, so that a few heads at batch 1 still spread over all threads, and
-// a large batch (prefill) runs one task per (row, kv head) that folds its chunks as it goes; both give the same bits,
-// and a row's result never depends on the rest of the batch.
-//
-// A task covers one kv head's whole query group, so a quantized or bf16 cache row is widened once for the group.
+// those exponentials, all in fp32 (int8 and 16-bit cache rows are widened to fp32 first). A row's partials are then
+// folded in key order (fold_partial). That definition makes a row's result independent of how the work is split and
+// of the rest of the batch:
+//   - a small batch (decode) runs every (row, kv head, chunk) as its own task, so that a few heads at batch 1 still
+//     spread over all threads, and folds the partials afterwards;
+//   - a large batch (prefill) runs one task per (tile of up to kRowTile consecutive rows of one sequence, kv head),
+//     which widens each chunk's keys and values once for the whole tile and folds as it goes.
+// A task also covers one kv head's whole query group, so a cache row is widened once for the group.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+// GCC 12 warns about the deliberately undefined upper lanes inside its own AVX-512 headers.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #include "runtime/cpu/cpu_backend.h"
 #include "runtime/kv/kv_cache.h"
@@ -23,29 +34,14 @@ namespace kiln::cpu {
 
 namespace {
 
-constexpr int64_t kKeyChunk = 64;
-// Floats of scratch one task needs: a chunk of widened rows, and the exponentials of a group's scores.
-inline size_t chunk_scratch(int64_t group, int64_t hd) { return size_t(kKeyChunk * (hd + group)); }
+constexpr int64_t kKeyChunk = 64, kRowTile = 16;
 
 #define KILN_ALWAYS_INLINE inline __attribute__((always_inline))
 
-// Sixteen independent partial sums in a fixed order: the loop vectorizes (a single accumulator is a serial chain of
-// dependent adds), and the order does not depend on the batch.
-KILN_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
-  float lane[16] = {};
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16)
-    for (int j = 0; j < 16; ++j) lane[j] += a[i + j] * b[i + j];
-  float tail = 0;
-  for (; i < n; ++i) tail += a[i] * b[i];
-  for (int w = 8; w > 0; w /= 2)
-    for (int j = 0; j < w; ++j) lane[j] += lane[j + w];
-  return lane[0] + tail;
-}
-
 struct RowRef {
-  int64_t row;       // query row in the batch
-  int64_t position;  // its position in its sequence
+  int64_t row;          // query row in the batch
+  int64_t position;     // its position in its sequence
+  int64_t first, last;  // the keys it sees: positions [first, last)
   const AttentionSequence* seq;
 };
 
@@ -61,110 +57,176 @@ struct LayerView {
   int64_t q_stride;
 };
 
-// The keys row r sees: positions [first, first + n).
-KILN_ALWAYS_INLINE void key_range(const RowRef& r, const AttentionParams& p, int64_t& first, int64_t& n) {
-  first = p.sliding_window > 0 ? std::max<int64_t>(0, r.position - p.sliding_window + 1) : 0;
-  // A prefix LM's prompt prefix is seen both ways (the sliding window never applies to such models).
-  n = std::max(r.position + 1, r.seq->bidirectional_prefix) - first;
-}
+// Floats of scratch one task needs: a chunk of keys and one of values, widened to fp32, and one row's scores.
+size_t chunk_scratch(int64_t hd) { return size_t(2 * kKeyChunk * hd + kKeyChunk); }
+// Floats of one (row, kv head) partial or running result: m[group], s[group], acc[group][hd].
+int64_t partial_floats(int64_t group, int64_t hd) { return group * (hd + 2); }
 
-// Cache rows of positions [pos0, pos0 + n) of kv head g as fp32 rows of hd: in place for an fp32 cache, else widened
-// into buf.
-KILN_ALWAYS_INLINE void widen_rows(const LayerView& v, const uint8_t* base, const float* scales, const RowRef& r,
-                                   int64_t g, int64_t pos0, int64_t n, float* buf, const float** rows) {
+// Row `pos` of kv head g of the sequence as hd fp32 values in dst; returns dst, or the cache row itself for an fp32
+// cache when `in_place`.
+KILN_ALWAYS_INLINE const float* widen_row(const LayerView& v, const uint8_t* base, const float* scales,
+                                          const AttentionSequence& seq, int64_t g, int64_t pos, float* dst,
+                                          bool in_place) {
   const auto& c = *v.c;
   const int64_t bs = c.block_size, hd = v.hd;
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t pos = pos0 + j;
-    const uint8_t* src =
-        base +
-        size_t((int64_t(r.seq->block_table[size_t(pos / bs)]) * c.num_kv_heads + g) * bs + pos % bs) * v.row_bytes;
-    float* dst = buf + j * hd;
-    rows[j] = dst;
-    switch (c.dtype) {
-      case KvDType::F32:
-        rows[j] = reinterpret_cast<const float*>(src);
-        break;
-      case KvDType::BF16: {
-        const auto* h = reinterpret_cast<const uint16_t*>(src);
-        for (int64_t d = 0; d < hd; ++d) dst[d] = bf16_to_f32(h[d]);
-        break;
-      }
-      case KvDType::F16: {
-        const auto* h = reinterpret_cast<const uint16_t*>(src);
-        for (int64_t d = 0; d < hd; ++d) dst[d] = f16_to_f32(h[d]);
-        break;
-      }
-      case KvDType::I8Online:
-        kv_dequantize_online(src, hd, dst);
-        break;
-      case KvDType::I8Static:
-        kv_dequantize_static(reinterpret_cast<const int8_t*>(src), hd, scales[size_t(v.layer * c.num_kv_heads + g)],
-                             dst);
-        break;
+  const uint8_t* src =
+      base + size_t((int64_t(seq.block_table[size_t(pos / bs)]) * c.num_kv_heads + g) * bs + pos % bs) * v.row_bytes;
+  switch (c.dtype) {
+    case KvDType::F32:
+      if (in_place) return reinterpret_cast<const float*>(src);
+      std::memcpy(dst, src, size_t(hd) * 4);
+      break;
+    case KvDType::BF16: {
+      const auto* h = reinterpret_cast<const uint16_t*>(src);
+      for (int64_t d = 0; d < hd; ++d) dst[d] = bf16_to_f32(h[d]);
+      break;
     }
+    case KvDType::F16: {
+      const auto* h = reinterpret_cast<const uint16_t*>(src);
+      for (int64_t d = 0; d < hd; ++d) dst[d] = f16_to_f32(h[d]);
+      break;
+    }
+    case KvDType::I8Online:
+      kv_dequantize_online(src, hd, dst);
+      break;
+    case KvDType::I8Static:
+      kv_dequantize_static(reinterpret_cast<const int8_t*>(src), hd, scales[size_t(v.layer * c.num_kv_heads + g)], dst);
+      break;
   }
+  return dst;
 }
 
-// The partial of heads g*group .. g*group+group-1 of row r over its keys [pos0, pos0 + n), n <= kKeyChunk:
-// m[i], s[i], acc[i * hd ..] for head i of the group. `buf` holds chunk_scratch(group, hd) floats.
-KILN_ALWAYS_INLINE void chunk_partial_impl(const LayerView& v, const RowRef& r, int64_t g, int64_t pos0, int64_t n,
-                                           float* buf, float* m, float* s, float* acc) {
+// Sixteen independent partial sums over d in a fixed order, then a fixed tree: the portable scores kernel.
+KILN_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
+  float lane[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) lane[j] += a[i + j] * b[i + j];
+  float tail = 0;
+  for (; i < n; ++i) tail += a[i] * b[i];
+  for (int w = 8; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) lane[j] += lane[j + w];
+  return lane[0] + tail;
+}
+
+#if defined(__x86_64__)
+#define KILN_ATTN_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
+
+// out[j] = q . k[j] for j < n <= 16, hd % 16 == 0. Each key's 16-lane partial sums over d (one FMA chain per lane)
+// are reduced for 16 keys at once by an unpack/shuffle tree, instead of a horizontal sum per key; the tree adds only
+// lanes of the same key, in a fixed order, so a key's score does not depend on the other keys.
+KILN_ATTN_AVX512 void scores16_avx512(const float* q, const float* const* k, int64_t n, int64_t hd, float* out) {
+  __m512 acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < hd; d += 16) {
+    const __m512 qv = _mm512_loadu_ps(q + d);
+    for (int j = 0; j < 16; ++j)
+      if (j < n) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k[j] + d), acc[j]);
+  }
+  __m512 r[8], u[4], s[2];
+  for (int i = 0; i < 8; ++i)  // 128-bit block b of r[i]: keys 2i, 2i+1 interleaved, lanes (4b, 4b+2), (4b+1, 4b+3)
+    r[i] =
+        _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]), _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // block b of u[i]: keys 4i .. 4i+3, each summed over its lanes 4b .. 4b+3
+    const __m512d a = _mm512_castps_pd(r[2 * i]), b = _mm512_castps_pd(r[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
+  }
+  for (int i = 0; i < 2; ++i)  // blocks (0+1, 2+3) of u[2i], then of u[2i+1]
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512 all = _mm512_add_ps(_mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  _mm512_mask_storeu_ps(out, __mmask16((1u << n) - 1), all);
+}
+#endif
+
+// The partials of `count` rows of one sequence (rows[0..count)) for kv head g over chunk c, each clipped to the keys
+// its row sees; row t's goes to part + t * partial_floats(group, hd) (rows that see no key of the chunk are skipped).
+// The chunk's keys and values are widened once for the tile; each row's arithmetic is the same whatever the other
+// rows are.
+template <bool kAvx512>
+KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
+                                            float* scratch, float* part) {
   const AttentionParams& p = *v.p;
-  const int64_t group = v.group, hd = v.hd;
-  const float* rows[kKeyChunk];
-  float scores[kKeyChunk];  // one head's scores at a time
-  const float score_scale = p.scale * logn_attention_factor(p.logn_length, r.position);
-  widen_rows(v, v.kbase, v.k_scales, r, g, pos0, n, buf, rows);
-  std::fill(acc, acc + group * hd, 0.0f);
-  float* weights = buf + kKeyChunk * hd;  // [head in group][key]
-  for (int64_t i = 0; i < group; ++i) {
-    const float* qh = v.q + r.row * v.q_stride + (g * group + i) * hd;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t j = 0; j < n; ++j) {
-      float sc = dot(qh, rows[j], hd) * score_scale;
-      if (p.softcap > 0) sc = p.softcap * std::tanh(sc / p.softcap);
-      scores[j] = sc;
-      mx = std::max(mx, sc);
-    }
-    float sum = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      const float e = std::exp(scores[j] - mx);
-      weights[i * n + j] = e;
-      sum += e;
-    }
-    m[i] = mx;
-    s[i] = sum;
+  const int64_t group = v.group, hd = v.hd, stride = partial_floats(group, hd);
+  const int64_t c0 = c * kKeyChunk;
+  int64_t lo = c0 + kKeyChunk, hi = c0;  // the keys any row sees in the chunk
+  for (int64_t t = 0; t < count; ++t) {
+    lo = std::min(lo, std::max(c0, rows[t].first));
+    hi = std::max(hi, std::min(c0 + kKeyChunk, rows[t].last));
   }
-  widen_rows(v, v.vbase, v.v_scales, r, g, pos0, n, buf, rows);
-  for (int64_t j = 0; j < n; ++j)
+  if (lo >= hi) return;
+  float *kb = scratch, *vb = kb + kKeyChunk * hd, *scores = vb + kKeyChunk * hd;
+  const AttentionSequence& seq = *rows[0].seq;
+  const float *krows[kKeyChunk], *vrows[kKeyChunk];
+  for (int64_t pos = lo; pos < hi; ++pos) {
+    const int64_t j = pos - c0;
+    krows[j] = widen_row(v, v.kbase, v.k_scales, seq, g, pos, kb + j * hd, true);
+    vrows[j] = widen_row(v, v.vbase, v.v_scales, seq, g, pos, vb + j * hd, true);
+  }
+  for (int64_t t = 0; t < count; ++t) {
+    const RowRef& r = rows[t];
+    const int64_t j0 = std::max(c0, r.first) - c0, j1 = std::min(c0 + kKeyChunk, r.last) - c0;
+    if (j0 >= j1) continue;
+    const float score_scale = p.scale * logn_attention_factor(p.logn_length, r.position);
+    float *m = part + t * stride, *s = m + group, *acc = s + group;
     for (int64_t i = 0; i < group; ++i) {
-      const float w = weights[i * n + j];
+      const float* qh = v.q + r.row * v.q_stride + (g * group + i) * hd;
+#if defined(__x86_64__)
+      if constexpr (kAvx512) {
+        for (int64_t j = j0; j < j1; j += 16)
+          scores16_avx512(qh, krows + j, std::min<int64_t>(16, j1 - j), hd, scores + j);
+      } else
+#endif
+      {
+        for (int64_t j = j0; j < j1; ++j) scores[j] = dot(qh, krows[j], hd);
+      }
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t j = j0; j < j1; ++j) {
+        float sc = scores[j] * score_scale;
+        if (p.softcap > 0) sc = p.softcap * std::tanh(sc / p.softcap);
+        scores[j] = sc;
+        mx = std::max(mx, sc);
+      }
+      float sum = 0;
+      for (int64_t j = j0; j < j1; ++j) sum += (scores[j] = std::exp(scores[j] - mx));
+      m[i] = mx;
+      s[i] = sum;
       float* a = acc + i * hd;
-      const float* vr = rows[j];
-      for (int64_t d = 0; d < hd; ++d) a[d] += w * vr[d];
+      std::fill(a, a + hd, 0.0f);
+      for (int64_t j = j0; j < j1; ++j) {
+        const float w = scores[j];
+        const float* vr = vrows[j];
+        for (int64_t d = 0; d < hd; ++d) a[d] += w * vr[d];
+      }
     }
+  }
 }
 
-void chunk_partial_default(const LayerView& v, const RowRef& r, int64_t g, int64_t pos0, int64_t n, float* buf,
-                           float* m, float* s, float* acc) {
-  chunk_partial_impl(v, r, g, pos0, n, buf, m, s, acc);
+void chunk_partials_default(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c, float* scratch,
+                            float* part) {
+  chunk_partials_impl<false>(v, rows, count, g, c, scratch, part);
 }
 
-// The same code compiled for AVX-512 (the rest of kiln stays baseline x86-64; see matmul_x86.cpp).
-__attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void chunk_partial_avx512(const LayerView& v, const RowRef& r,
-                                                                                    int64_t g, int64_t pos0, int64_t n,
-                                                                                    float* buf, float* m, float* s,
-                                                                                    float* acc) {
-  chunk_partial_impl(v, r, g, pos0, n, buf, m, s, acc);
+#if defined(__x86_64__)
+// The AVX-512 build of the same code (the rest of kiln stays baseline x86-64; see matmul_x86.cpp); its scores come
+// from scores16_avx512, so every layer with a head size that is a multiple of 16 uses it for all of its rows.
+KILN_ATTN_AVX512 void chunk_partials_avx512(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
+                                            float* scratch, float* part) {
+  chunk_partials_impl<true>(v, rows, count, g, c, scratch, part);
 }
+#endif
 
-// (M, S, O) <- the fold of (M, S, O) with a later chunk's (m, s, acc), for one head.
-void fold_partial(float& M, float& S, float* O, float m, float s, const float* acc, int64_t hd) {
-  const float top = std::max(M, m), a = std::exp(M - top), b = std::exp(m - top);
-  S = S * a + s * b;
-  for (int64_t d = 0; d < hd; ++d) O[d] = O[d] * a + acc[d] * b;
-  M = top;
+// The running result `total` of `group` heads <- its fold with a later chunk's partial `part`.
+void fold_partial(float* total, const float* part, int64_t group, int64_t hd) {
+  float *M = total, *S = M + group, *O = S + group;
+  const float *m = part, *s = m + group, *acc = s + group;
+  for (int64_t i = 0; i < group; ++i) {
+    const float top = std::max(M[i], m[i]), a = std::exp(M[i] - top), b = std::exp(m[i] - top);
+    S[i] = S[i] * a + s[i] * b;
+    for (int64_t d = 0; d < hd; ++d) O[i * hd + d] = O[i * hd + d] * a + acc[i * hd + d] * b;
+    M[i] = top;
+  }
 }
 
 }  // namespace
@@ -173,9 +235,18 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
                            std::span<const AttentionSequence> seqs, const AttentionParams& p, float* out) {
   const auto& c = cache.config();
   const int64_t group = p.num_heads / p.num_kv_heads, hd = p.head_dim, kvh = p.num_kv_heads;
+  const int64_t stride = partial_floats(group, hd);
   std::vector<RowRef> rows;
+  std::vector<int64_t> tiles;  // tile i is rows [tiles[i], tiles[i + 1]), consecutive rows of one sequence
   for (const auto& s : seqs)
-    for (int64_t i = 0; i < s.row_count; ++i) rows.push_back({s.row_begin + i, s.context_len - s.row_count + i, &s});
+    for (int64_t i = 0; i < s.row_count; ++i) {
+      if (i % kRowTile == 0) tiles.push_back(int64_t(rows.size()));
+      const int64_t pos = s.context_len - s.row_count + i;
+      const int64_t first = p.sliding_window > 0 ? std::max<int64_t>(0, pos - p.sliding_window + 1) : 0;
+      // A prefix LM's prompt prefix is seen both ways (the sliding window never applies to such models).
+      rows.push_back({s.row_begin + i, pos, first, std::max(pos + 1, s.bidirectional_prefix), &s});
+    }
+  tiles.push_back(int64_t(rows.size()));
   const LayerView view{&c,
                        static_cast<const uint8_t*>(cache.keys(layer)),
                        static_cast<const uint8_t*>(cache.values(layer)),
@@ -188,12 +259,12 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
                        &p,
                        q,
                        q_stride};
-  const auto partial = isa_ == MatmulIsa::Avx512 ? chunk_partial_avx512 : chunk_partial_default;
-  const int64_t heads = int64_t(rows.size()) * kvh;  // (row, kv head) pairs
-  // One head's partial: m, s, acc[hd].
-  const int64_t stride = hd + 2;
-
-  auto finish = [&](const RowRef& r, int64_t g, const float* M, const float* S, const float* O) {
+  auto partials_of = chunk_partials_default;
+#if defined(__x86_64__)
+  if (isa_ == MatmulIsa::Avx512 && hd % 16 == 0) partials_of = chunk_partials_avx512;
+#endif
+  auto finish = [&](const RowRef& r, int64_t g, const float* total) {
+    const float *S = total + group, *O = S + group;
     for (int64_t i = 0; i < group; ++i) {
       float* o = out + r.row * p.num_heads * hd + (g * group + i) * hd;
       const float inv = 1.0f / S[i];
@@ -201,61 +272,70 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
     }
   };
 
+  const int64_t heads = int64_t(rows.size()) * kvh;  // (row, kv head) pairs
   if (heads >= 4 * int64_t(pool_.size())) {
-    // Enough (row, kv head) pairs to keep every thread busy: each folds its own chunks in order.
-    pool_.parallel_for(heads, [&](int64_t b, int64_t e) {
-      std::vector<float> buf(chunk_scratch(group, hd)), part(size_t(group * stride)), total(size_t(group * stride));
-      float *M = total.data(), *S = M + group, *O = S + group;
-      float *m = part.data(), *s = m + group, *acc = s + group;
-      for (int64_t t = b; t < e; ++t) {
-        const RowRef& r = rows[size_t(t / kvh)];
-        const int64_t g = t % kvh;
-        int64_t first, n;
-        key_range(r, p, first, n);
-        partial(view, r, g, first, std::min(n, kKeyChunk), buf.data(), M, S, O);
-        for (int64_t k = kKeyChunk; k < n; k += kKeyChunk) {
-          partial(view, r, g, first + k, std::min(n - k, kKeyChunk), buf.data(), m, s, acc);
-          for (int64_t i = 0; i < group; ++i) fold_partial(M[i], S[i], O + i * hd, m[i], s[i], acc + i * hd, hd);
-        }
-        finish(r, g, M, S, O);
-      }
-    });
+    // Enough work to keep every thread busy: a task is a tile of rows and a kv head, folding its chunks in order.
+    const int64_t ntiles = int64_t(tiles.size()) - 1;
+    pool_.parallel_for(
+        ntiles * kvh,
+        [&](int64_t b, int64_t e) {
+          std::vector<float> scratch(chunk_scratch(hd)), part(size_t(kRowTile * stride)),
+              total(size_t(kRowTile * stride));
+          for (int64_t t = b; t < e; ++t) {
+            const int64_t g = t % kvh, r0 = tiles[size_t(t / kvh)], count = tiles[size_t(t / kvh) + 1] - r0;
+            const RowRef* tile = rows.data() + r0;
+            int64_t first = tile[0].first, last = tile[0].last;
+            for (int64_t i = 1; i < count; ++i) {
+              first = std::min(first, tile[i].first);
+              last = std::max(last, tile[i].last);
+            }
+            for (int64_t ch = first / kKeyChunk; ch * kKeyChunk < last; ++ch) {
+              partials_of(view, tile, count, g, ch, scratch.data(), part.data());
+              for (int64_t i = 0; i < count; ++i) {
+                const int64_t c0 = ch * kKeyChunk;
+                if (std::max(c0, tile[i].first) >= std::min(c0 + kKeyChunk, tile[i].last)) continue;
+                float* run = total.data() + i * stride;
+                if (c0 <= tile[i].first)  // the row's first chunk
+                  std::copy(part.data() + i * stride, part.data() + (i + 1) * stride, run);
+                else
+                  fold_partial(run, part.data() + i * stride, group, hd);
+              }
+            }
+            for (int64_t i = 0; i < count; ++i) finish(tile[i], g, total.data() + i * stride);
+          }
+        },
+        1);
     return;
   }
 
-  // Few heads (decode at a small batch): every chunk is a task; the partials are folded afterwards, in key order.
+  // Few heads (decode at a small batch): every (row, kv head, chunk) is a task; the partials are folded afterwards,
+  // in key order.
   std::vector<int64_t> first_task(size_t(heads) + 1, 0);  // head h owns tasks [first_task[h], first_task[h + 1])
   for (int64_t h = 0; h < heads; ++h) {
-    int64_t first, n;
-    key_range(rows[size_t(h / kvh)], p, first, n);
-    first_task[size_t(h) + 1] = first_task[size_t(h)] + (n + kKeyChunk - 1) / kKeyChunk;
+    const RowRef& r = rows[size_t(h / kvh)];
+    first_task[size_t(h) + 1] = first_task[size_t(h)] + (r.last - 1) / kKeyChunk - r.first / kKeyChunk + 1;
   }
   std::vector<int64_t> owner(size_t(first_task.back()));
   for (int64_t h = 0; h < heads; ++h)
     for (int64_t t = first_task[size_t(h)]; t < first_task[size_t(h) + 1]; ++t) owner[size_t(t)] = h;
-  std::vector<float> partials(size_t(first_task.back() * group * stride));
+  std::vector<float> partials(size_t(first_task.back() * stride));
   pool_.parallel_for(
       first_task.back(),
       [&](int64_t b, int64_t e) {
-        std::vector<float> buf(chunk_scratch(group, hd));
+        std::vector<float> scratch(chunk_scratch(hd));
         for (int64_t t = b; t < e; ++t) {
-          const int64_t h = owner[size_t(t)], k = (t - first_task[size_t(h)]) * kKeyChunk;
+          const int64_t h = owner[size_t(t)];
           const RowRef& r = rows[size_t(h / kvh)];
-          int64_t first, n;
-          key_range(r, p, first, n);
-          float* m = partials.data() + t * group * stride;
-          partial(view, r, h % kvh, first + k, std::min(n - k, kKeyChunk), buf.data(), m, m + group, m + 2 * group);
+          const int64_t ch = r.first / kKeyChunk + (t - first_task[size_t(h)]);
+          partials_of(view, &r, 1, h % kvh, ch, scratch.data(), partials.data() + t * stride);
         }
       },
       1);
   for (int64_t h = 0; h < heads; ++h) {
-    float* M = partials.data() + first_task[size_t(h)] * group * stride;
-    for (int64_t t = first_task[size_t(h)] + 1; t < first_task[size_t(h) + 1]; ++t) {
-      const float* m = partials.data() + t * group * stride;
-      for (int64_t i = 0; i < group; ++i)
-        fold_partial(M[i], M[group + i], M + 2 * group + i * hd, m[i], m[group + i], m + 2 * group + i * hd, hd);
-    }
-    finish(rows[size_t(h / kvh)], h % kvh, M, M + group, M + 2 * group);
+    float* total = partials.data() + first_task[size_t(h)] * stride;
+    for (int64_t t = first_task[size_t(h)] + 1; t < first_task[size_t(h) + 1]; ++t)
+      fold_partial(total, partials.data() + t * stride, group, hd);
+    finish(rows[size_t(h / kvh)], h % kvh, total);
   }
 }
 

@@ -93,12 +93,12 @@ void naive_attention(const float* q, const std::vector<float>& k, const std::vec
   }
 }
 
-// (cache dtype, sliding window, score soft-cap)
-class PagedAttention : public ::testing::TestWithParam<std::tuple<KvDType, int64_t, float>> {};
+// (cache dtype, sliding window, score soft-cap, kernel ISA: the portable scores or this CPU's best)
+class PagedAttention : public ::testing::TestWithParam<std::tuple<KvDType, int64_t, float, cpu::MatmulIsa>> {};
 
 TEST_P(PagedAttention, MatchesContiguousNaiveAttention) {
-  const auto [dt, window, softcap] = GetParam();
-  cpu::CpuBackend backend(2);
+  const auto [dt, window, softcap, isa] = GetParam();
+  cpu::CpuBackend backend(2, isa);
   const int64_t heads = 4, kvh = 2, hd = 8, kv_size = kvh * hd;
   KvCache cache(backend, small_config(48, dt));
   // Scramble the free list so that sequences get non-contiguous, out-of-order blocks.
@@ -159,7 +159,8 @@ INSTANTIATE_TEST_SUITE_P(DtypesAndWindows, PagedAttention,
                                             // 70: the window starts inside a chunk and spans two
                                             ::testing::Values(int64_t(0), int64_t(4), int64_t(70)),
                                             // 0.5 caps the ~N(0, 1) scores hard: a cap ignored would show
-                                            ::testing::Values(0.0f, 0.5f)));
+                                            ::testing::Values(0.0f, 0.5f),
+                                            ::testing::Values(cpu::MatmulIsa::Scalar, cpu::best_matmul_isa())));
 
 }  // namespace
 }  // namespace kiln
