@@ -93,14 +93,17 @@ void naive_attention(const float* q, const std::vector<float>& k, const std::vec
   }
 }
 
-// (cache dtype, sliding window, score soft-cap, kernel ISA: the portable scores or this CPU's best)
-class PagedAttention : public ::testing::TestWithParam<std::tuple<KvDType, int64_t, float, cpu::MatmulIsa>> {};
+// (cache dtype, sliding window, score soft-cap, kernel ISA: the portable scores or this CPU's best, head size: the
+// AVX-512 scores need a multiple of 16)
+class PagedAttention : public ::testing::TestWithParam<std::tuple<KvDType, int64_t, float, cpu::MatmulIsa, int64_t>> {};
 
 TEST_P(PagedAttention, MatchesContiguousNaiveAttention) {
-  const auto [dt, window, softcap, isa] = GetParam();
+  const auto [dt, window, softcap, isa, hd] = GetParam();
   cpu::CpuBackend backend(2, isa);
-  const int64_t heads = 4, kvh = 2, hd = 8, kv_size = kvh * hd;
-  KvCache cache(backend, small_config(48, dt));
+  const int64_t heads = 4, kvh = 2, kv_size = kvh * hd;
+  KvCacheConfig config = small_config(48, dt);
+  config.head_dim = hd;
+  KvCache cache(backend, config);
   // Scramble the free list so that sequences get non-contiguous, out-of-order blocks.
   {
     std::vector<int32_t> taken;
@@ -136,7 +139,7 @@ TEST_P(PagedAttention, MatchesContiguousNaiveAttention) {
   std::vector<float> q(size_t(rows * q_stride));
   for (auto& x : q) x = nd(g);
   std::vector<AttentionSequence> as{{0, 3, 150, seqs[0].kv.blocks}, {3, 1, 1, seqs[1].kv.blocks}};
-  AttentionParams p{heads, kvh, hd, float(1 / std::sqrt(8.0)), window, softcap};
+  AttentionParams p{heads, kvh, hd, float(1 / std::sqrt(double(hd))), window, softcap};
   std::vector<float> out(size_t(rows * heads * hd));
   backend.attention(q.data(), q_stride, cache, 1, as, p, out.data());
   std::vector<float> ref(size_t(heads * hd));
@@ -160,7 +163,8 @@ INSTANTIATE_TEST_SUITE_P(DtypesAndWindows, PagedAttention,
                                             ::testing::Values(int64_t(0), int64_t(4), int64_t(70)),
                                             // 0.5 caps the ~N(0, 1) scores hard: a cap ignored would show
                                             ::testing::Values(0.0f, 0.5f),
-                                            ::testing::Values(cpu::MatmulIsa::Scalar, cpu::best_matmul_isa())));
+                                            ::testing::Values(cpu::MatmulIsa::Scalar, cpu::best_matmul_isa()),
+                                            ::testing::Values(int64_t(8), int64_t(32))));
 
 }  // namespace
 }  // namespace kiln
