@@ -122,12 +122,11 @@ void matmul_int4_int8_scalar(const Int8Rows& x, int64_t r0, int64_t r1, const In
 
 // Per (row, group): d = max|x| / 127 and q = round(x / d) in [-127, 127] (ties to even). A group holding a NaN or an
 // infinity gets d = NaN, so its outputs are NaN as the fp32 kernels' would be (not silently finite).
-void quantize_rows_int8(const float* x, int64_t rows, int64_t in, int64_t gs, Int8Rows& out) {
+namespace {
+inline __attribute__((always_inline)) void quantize_rows_int8_impl(const float* x, int64_t r0, int64_t r1, int64_t in,
+                                                                   int64_t gs, Int8Rows& out) {
   const int64_t G = in / gs;
-  out.q.resize(size_t(rows * in));
-  out.d.resize(size_t(rows * G));
-  out.qsum.resize(size_t(rows * G));
-  for (int64_t r = 0; r < rows; ++r)
+  for (int64_t r = r0; r < r1; ++r)
     for (int64_t g = 0; g < G; ++g) {
       const float* xg = x + r * in + g * gs;
       int8_t* qg = out.q.data() + r * in + g * gs;
@@ -149,6 +148,34 @@ void quantize_rows_int8(const float* x, int64_t rows, int64_t in, int64_t gs, In
     }
 }
 
+void quantize_rows_int8_default(const float* x, int64_t r0, int64_t r1, int64_t in, int64_t gs, Int8Rows& out) {
+  quantize_rows_int8_impl(x, r0, r1, in, gs, out);
+}
+
+#if defined(__x86_64__)
+// The same code compiled for AVX-512, where nearbyint is one instruction rather than a libm call and the division
+// vectorizes: the same IEEE operations, so the same codes (x86 keeps the rest of kiln baseline, see matmul_x86.cpp).
+__attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void quantize_rows_int8_avx512(const float* x, int64_t r0,
+                                                                                         int64_t r1, int64_t in,
+                                                                                         int64_t gs, Int8Rows& out) {
+  quantize_rows_int8_impl(x, r0, r1, in, gs, out);
+}
+#endif
+}  // namespace
+
+void quantize_rows_int8(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, int64_t in, int64_t gs,
+                        Int8Rows& out) {
+  const int64_t G = in / gs;
+  out.q.resize(size_t(rows * in));
+  out.d.resize(size_t(rows * G));
+  out.qsum.resize(size_t(rows * G));
+  auto kernel = quantize_rows_int8_default;
+#if defined(__x86_64__)
+  if (isa == MatmulIsa::Avx512) kernel = quantize_rows_int8_avx512;
+#endif
+  pool.parallel_for(rows, [&](int64_t b, int64_t e) { kernel(x, b, e, in, gs, out); });
+}
+
 namespace {
 
 void matmul_int4_int8(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const Int4Linear& w, float* y) {
@@ -156,7 +183,7 @@ void matmul_int4_int8(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t r
   // the name of a thread_local would mean each worker's own, empty, instance.
   thread_local Int8Rows scratch;
   Int8Rows& xq = scratch;
-  quantize_rows_int8(x, rows, w.in, w.group_size, xq);
+  quantize_rows_int8(pool, isa, x, rows, w.in, w.group_size, xq);
   const Int4Int8Kernel kernel =
       isa == MatmulIsa::Avx512 && cpu_has_avx512_vnni() ? matmul_int4_int8_vnni : matmul_int4_int8_scalar;
   parallel_panel_tasks(pool, rows, 0, w.panels(),

@@ -88,15 +88,20 @@ void check_shape(int64_t rows, int64_t out, int64_t in, unsigned seed) {
   const Int8HeadMatrix m = quantize_int8_head(w.data(), out, in, "w");
   const Int8WeightView view{m.qweight.data(), reinterpret_cast<const uint8_t*>(m.scales.data()), out, in, 32};
   const cpu::Int8Linear packed = cpu::pack_linear_int8(view);
-  cpu::Int8Rows xq;
-  cpu::quantize_rows_int8(x.data(), rows, in, 32, xq);
+  cpu::ThreadPool pool(2);
+  cpu::Int8Rows xq, xq_best;
+  cpu::quantize_rows_int8(pool, cpu::MatmulIsa::Scalar, x.data(), rows, in, 32, xq);
+  // The vectorized quantizer (this CPU's best ISA) gives the same codes and scales.
+  cpu::quantize_rows_int8(pool, cpu::best_matmul_isa(), x.data(), rows, in, 32, xq_best);
+  ASSERT_EQ(xq.q, xq_best.q);
+  ASSERT_EQ(xq.d, xq_best.d);
+  ASSERT_EQ(xq.qsum, xq_best.qsum);
   std::vector<float> scalar(size_t(rows * out)), vnni(size_t(rows * out)), pooled(size_t(rows * out));
   cpu::matmul_int8_scalar(xq, 0, rows, packed, 0, packed.panels(), scalar.data());
   const std::vector<double> ref = reference(x, rows, m, out, in);
   for (size_t i = 0; i < ref.size(); ++i)  // fp32 sums of exact block dots: ~1e-6 relative to the row's magnitude
     ASSERT_NEAR(scalar[i], ref[i], 1e-5 * (1.0 + std::fabs(ref[i])))
         << "rows " << rows << " out " << out << " at " << i;
-  cpu::ThreadPool pool(2);
   cpu::matmul_int8(pool, cpu::MatmulIsa::Scalar, x.data(), rows, packed, pooled.data());
   EXPECT_EQ(pooled, scalar);
   if (!cpu::cpu_has_avx512_vnni()) GTEST_SKIP() << "no AVX512-VNNI on this CPU: the VNNI kernel is not run";
