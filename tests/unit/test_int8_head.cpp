@@ -131,5 +131,36 @@ TEST(Int8Head, NonFiniteActivationsGiveNan) {
   EXPECT_TRUE(std::isnan(y[0]) && std::isnan(y[1]));
 }
 
+// The vectorized activation quantizer against the portable loop on the groups that take other branches: NaN and
+// infinity (d = NaN, codes 0), all zeros (d = 0), exact halves (ties to even) and a group size that is not a multiple
+// of 16 (masked tail).
+TEST(Int8Head, ActivationQuantizersAgreeOnEdgeGroups) {
+  const int64_t gs = 24, in = 5 * gs;
+  std::vector<float> x(static_cast<size_t>(in));
+  for (int64_t k = 0; k < in; ++k) x[size_t(k)] = float(k % 7) - 3.0f;
+  x[2] = NAN;
+  x[gs + 5] = -INFINITY;
+  std::fill(x.begin() + 2 * gs, x.begin() + 3 * gs, 0.0f);
+  // d = 0.25 exactly, so x / d is 0.5, 1.5, 127, then 2.5 throughout: ties
+  std::fill(x.begin() + 3 * gs, x.begin() + 4 * gs, 2.5f * 0.25f);
+  x[size_t(3 * gs)] = 0.5f * 0.25f;
+  x[size_t(3 * gs + 1)] = 1.5f * 0.25f;
+  x[size_t(3 * gs + 2)] = 127.0f * 0.25f;
+  cpu::ThreadPool pool(1);
+  cpu::Int8Rows a, b;
+  cpu::quantize_rows_int8(pool, cpu::MatmulIsa::Scalar, x.data(), 1, in, gs, a);
+  cpu::quantize_rows_int8(pool, cpu::best_matmul_isa(), x.data(), 1, in, gs, b);
+  EXPECT_EQ(a.q, b.q);
+  EXPECT_EQ(a.qsum, b.qsum);
+  for (int64_t g = 0; g < 5; ++g)
+    if (g < 2)
+      EXPECT_TRUE(std::isnan(a.d[size_t(g)]) && std::isnan(b.d[size_t(g)])) << g;
+    else
+      EXPECT_EQ(a.d[size_t(g)], b.d[size_t(g)]) << g;
+  EXPECT_EQ(a.d[2], 0.0f);
+  EXPECT_EQ(a.q[size_t(3 * gs)], 0);      // 0.5 rounds to even
+  EXPECT_EQ(a.q[size_t(3 * gs + 1)], 2);  // 1.5 rounds to 2
+}
+
 }  // namespace
 }  // namespace kiln
