@@ -7,7 +7,10 @@ llama.cpp's Q8_0 head; a group size that does not divide every linear's input is
   - kiln decode tokens/s at batch 1, 8, 32 (`kiln generate --batch B --ignore-eos`, one ragged forward per step)
     and prefill tokens/s (one 512-token prompt);
   - the memory-bandwidth roofline: bytes read per decode step (every weight once: the tied embedding is read whole
-    as the LM head; plus the KV cache of every sequence at its mean length) / measured copy bandwidth;
+    as the LM head; plus the KV cache of every sequence at its mean length) / measured copy bandwidth (bytes read
+    plus bytes written per second by a threaded copy), and the same bytes / measured read bandwidth (a small C probe
+    streaming a 1 GiB buffer with vector loads on every thread): a decode step only reads, so the read roofline is
+    the one it can reach;
   - the FMA roofline: the fp32 FMA peak of the widest ISA this CPU has (AVX-512, else AVX2), measured by a small C
     probe on every thread (independent FMA chains) / the multiply-adds of one decoded token (2 flops each; linears,
     LM head and attention at the mean context);
@@ -106,6 +109,78 @@ int main(int argc, char** argv) {
   return sink[0] == 12345.f;
 }
 """
+
+
+READ_PROBE = r"""
+#include <immintrin.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+static size_t n_bytes = (size_t)1 << 30;
+static char* buf;
+static int threads;
+static unsigned sink[256];
+static pthread_barrier_t start;
+static void* run(void* arg) {
+  long i = (long)arg;
+  size_t part = n_bytes / threads / 64 * 64;
+  const char* p = buf + i * part;
+  pthread_barrier_wait(&start);
+#ifdef __AVX512F__
+  __m512i a[8];
+  for (int k = 0; k < 8; ++k) a[k] = _mm512_setzero_si512();
+  for (size_t o = 0; o + 512 <= part; o += 512)
+    for (int k = 0; k < 8; ++k) a[k] = _mm512_xor_si512(a[k], _mm512_load_si512((const void*)(p + o + 64 * k)));
+  for (int k = 1; k < 8; ++k) a[0] = _mm512_xor_si512(a[0], a[k]);
+  sink[i] = (unsigned)_mm512_reduce_add_epi32(a[0]);
+#else
+  __m256i a[8];
+  for (int k = 0; k < 8; ++k) a[k] = _mm256_setzero_si256();
+  for (size_t o = 0; o + 256 <= part; o += 256)
+    for (int k = 0; k < 8; ++k) a[k] = _mm256_xor_si256(a[k], _mm256_load_si256((const __m256i*)(p + o + 32 * k)));
+  for (int k = 1; k < 8; ++k) a[0] = _mm256_xor_si256(a[0], a[k]);
+  sink[i] = (unsigned)_mm256_extract_epi32(a[0], 0);
+#endif
+  return 0;
+}
+int main(int argc, char** argv) {
+  threads = atoi(argv[1]);
+  buf = aligned_alloc(64, n_bytes);
+  memset(buf, 1, n_bytes);
+  double best = 1e30;
+  for (int rep = 0; rep < 5; ++rep) {
+    pthread_t th[256];
+    struct timespec t0, t1;
+    pthread_barrier_init(&start, 0, threads + 1);
+    for (long i = 0; i < threads; ++i) pthread_create(&th[i], 0, run, (void*)i);
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    pthread_barrier_wait(&start);
+    for (int i = 0; i < threads; ++i) pthread_join(th[i], 0);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    pthread_barrier_destroy(&start);
+    double s = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
+    best = s < best ? s : best;
+  }
+  printf("%f\n", n_bytes / best);
+  return sink[0] == 12345u;
+}
+"""
+
+
+def read_bandwidth(threads, tmp):
+    """Bytes read per second streaming a 1 GiB buffer with vector loads on `threads` threads (best of 5): what a
+    decode step that reads every weight once can reach at most. None without cc."""
+    flags = open("/proc/cpuinfo").read().split("flags", 1)[-1].split("\n", 1)[0].split() if os.path.exists(
+        "/proc/cpuinfo") else []
+    isa = ["-mavx512f"] if "avx512f" in flags else ["-mavx2"]
+    src, exe = Path(tmp) / "read_probe.c", Path(tmp) / "read_probe"
+    src.write_text(READ_PROBE)
+    if subprocess.run(["cc", "-O3", "-funroll-loops", *isa, "-pthread", str(src), "-o", str(exe)],
+                      capture_output=True).returncode:
+        return None
+    return float(subprocess.run([str(exe), str(threads)], capture_output=True, text=True).stdout.split()[0])
 
 
 def fma_peak(threads, tmp):
@@ -257,6 +332,9 @@ def main():
         peak, isa = fma_peak(args.threads, tmp)
         if peak:
             print(f"FMA peak ({isa}, fp32, {args.threads} threads, per CPU-second of each): {peak / 1e9:.0f} GFLOP/s")
+        rbw = read_bandwidth(args.threads, tmp)
+        if rbw:
+            print(f"read bandwidth ({args.threads} threads, vector loads of a 1 GiB buffer): {rbw / 1e9:.1f} GB/s")
         (tmp / "prefill.json").write_text(json.dumps(prefill_prompt))
         (tmp / "decode.json").write_text(json.dumps(decode_prompt))
         for dtype in args.dtypes.split(","):
@@ -304,6 +382,9 @@ def main():
                 roof = b * bw / step_bytes
                 line = (f"[{dtype}] batch {b:2d}: kiln {tps:7.1f} tokens/s; memory roofline {roof:7.1f} "
                         f"({tps / roof:.0%} of it)")
+                read_roof = b * rbw / step_bytes if rbw else None
+                if read_roof:
+                    line += f"; read roofline {read_roof:7.1f} ({tps / read_roof:.0%})"
                 fma_roof = peak / (2 * macs_per_token(ws, mean_len)) if peak else None
                 if fma_roof:
                     line += f"; FMA roofline {fma_roof:7.0f} ({tps / fma_roof:.0%})"
@@ -311,13 +392,15 @@ def main():
                     if b == 1:
                         line += f"; llama.cpp {kind} {ref[0]:.1f} tokens/s (kiln {ratio(tps, ref[0])})"
                 print(line, flush=True)
-                rows.append({"dtype": dtype, "batch": b, "kiln": tps, "roofline": roof, "fma_roofline": fma_roof,
+                rows.append({"dtype": dtype, "batch": b, "kiln": tps, "roofline": roof, "read_roofline": read_roof,
+                             "fma_roofline": fma_roof,
                              "kiln_prefill": prefill,
                              "llama_cpp": {k: r[0] for k, r in refs.items()} if b == 1 else None,
                              "llama_cpp_prefill": {k: r[1] for k, r in refs.items()}})
     load1 = os.getloadavg()
     print(f"\nload average at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
-    print(json.dumps({"copy_bandwidth_gbs": bw / 1e9, "fma_peak_gflops": peak / 1e9 if peak else None,
+    print(json.dumps({"copy_bandwidth_gbs": bw / 1e9, "read_bandwidth_gbs": rbw / 1e9 if rbw else None,
+                      "fma_peak_gflops": peak / 1e9 if peak else None,
                       "load_start": load0, "load_end": load1, "rows": rows}))
 
 
