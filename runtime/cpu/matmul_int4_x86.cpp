@@ -86,6 +86,15 @@ KILN_INT4_AVX512 void tile_int4_avx512(const float* x, const float* xsum, const 
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kPanel, acc[r]);
 }
 
+// Four int8 activations in every 32-bit lane, loaded straight into the broadcast (a load-port operation): copying 16
+// bytes into an int32_t[4] first made GCC split them in general registers and broadcast from there, one port-5
+// operation per vpdpbusd.
+KILN_INT4_VNNI inline __m512i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
 // ---- AVX512-VNNI over the Vnni layout, int8 activations (matmul_int4.h); tiles of up to 4 rows.
 // Hand-written rather than a BLAS call: no library multiplies packed 4-bit codes by int8 activations with the
 // zero-point correction fused. One 64-byte load feeds two vpdpbusd (128 multiply-adds). Each row keeps 4 int32
@@ -107,12 +116,10 @@ KILN_INT4_VNNI void tile_int4_vnni(const Int8Rows& x, int64_t r0, const Int4Line
       const __m512i w1lo = _mm512_and_si512(w1, mask), w1hi = _mm512_and_si512(_mm512_srli_epi16(w1, 4), mask);
       for (int r = 0; r < R; ++r) {
         const int8_t* xb = x.q.data() + (r0 + r) * in + b * 8;  // 16 int8 activations: blocks b and b + 1
-        int32_t x4[4];
-        std::memcpy(x4, xb, 16);
-        a[r][0] = _mm512_dpbusd_epi32(a[r][0], w0lo, _mm512_set1_epi32(x4[0]));
-        a[r][1] = _mm512_dpbusd_epi32(a[r][1], w0hi, _mm512_set1_epi32(x4[1]));
-        a[r][2] = _mm512_dpbusd_epi32(a[r][2], w1lo, _mm512_set1_epi32(x4[2]));
-        a[r][3] = _mm512_dpbusd_epi32(a[r][3], w1hi, _mm512_set1_epi32(x4[3]));
+        a[r][0] = _mm512_dpbusd_epi32(a[r][0], w0lo, broadcast4(xb));
+        a[r][1] = _mm512_dpbusd_epi32(a[r][1], w0hi, broadcast4(xb + 4));
+        a[r][2] = _mm512_dpbusd_epi32(a[r][2], w1lo, broadcast4(xb + 8));
+        a[r][3] = _mm512_dpbusd_epi32(a[r][3], w1hi, broadcast4(xb + 12));
       }
     }
     const __m512 s = _mm512_loadu_ps(w.scale.data() + (p * G + g) * kPanel);
