@@ -13,12 +13,12 @@
 
 #include "runtime/cpu/matmul_int4.h"
 #include "runtime/cpu/panel_tasks.h"
+#include "runtime/cpu/vnni_x86.h"
 
 namespace kiln::cpu {
 
 #define KILN_INT4_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define KILN_INT4_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
-#define KILN_INT4_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
 
 namespace {
 
@@ -86,22 +86,13 @@ KILN_INT4_AVX512 void tile_int4_avx512(const float* x, const float* xsum, const 
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kPanel, acc[r]);
 }
 
-// Four int8 activations in every 32-bit lane, loaded straight into the broadcast (a load-port operation): copying 16
-// bytes into an int32_t[4] first made GCC split them in general registers and broadcast from there, one port-5
-// operation per vpdpbusd.
-KILN_INT4_VNNI inline __m512i broadcast4(const int8_t* p) {
-  int32_t v;
-  std::memcpy(&v, p, 4);
-  return _mm512_set1_epi32(v);
-}
-
 // ---- AVX512-VNNI over the Vnni layout, int8 activations (matmul_int4.h); tiles of up to 4 rows.
 // Hand-written rather than a BLAS call: no library multiplies packed 4-bit codes by int8 activations with the
 // zero-point correction fused. One 64-byte load feeds two vpdpbusd (128 multiply-adds). Each row keeps 4 int32
 // accumulators (low/high nibbles x even/odd blocks): vpdpbusd has a ~5-cycle latency, and one chain per row made the
 // batch-1 loop wait on it instead of on memory.
 template <int R>
-KILN_INT4_VNNI void tile_int4_vnni(const Int8Rows& x, int64_t r0, const Int4Linear& w, int64_t p, float* out) {
+KILN_VNNI void tile_int4_vnni(const Int8Rows& x, int64_t r0, const Int4Linear& w, int64_t p, float* out) {
   const int64_t in = w.in, G = w.groups(), blocks = w.group_size / 8;  // blocks is even: group size % 16 == 0
   const uint8_t* panel = w.q.data() + p * in * 8;
   const __m512i mask = _mm512_set1_epi8(0x0F);

@@ -13,17 +13,16 @@
 
 #include "runtime/cpu/matmul_int8.h"
 #include "runtime/cpu/panel_tasks.h"
+#include "runtime/cpu/vnni_x86.h"
 
 namespace kiln::cpu {
-
-#define KILN_INT8_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma,f16c")))
 
 namespace {
 
 // Rows r0 .. r0+R-1 against panel p. Two int32 accumulators per row (even / odd chunks) so that consecutive vpdpbusd
 // do not wait on each other's latency; one 64-byte load feeds one vpdpbusd (64 multiply-adds) per row.
 template <int R>
-KILN_INT8_VNNI void tile_int8_vnni(const Int8Rows& x, int64_t r0, const Int8Linear& w, int64_t p, float* out) {
+KILN_VNNI void tile_int8_vnni(const Int8Rows& x, int64_t r0, const Int8Linear& w, int64_t p, float* out) {
   const int64_t in = w.in, B = w.blocks();
   const uint8_t* panel = w.q.data() + p * in * kPanel;
   const uint16_t* scales = w.scales.data() + p * B * kPanel;
@@ -36,10 +35,9 @@ KILN_INT8_VNNI void tile_int8_vnni(const Int8Rows& x, int64_t r0, const Int8Line
     for (int c = 0; c < kInt8Block / 4; c += 2) {
       const __m512i w0 = _mm512_loadu_si512(wb + c * 64), w1 = _mm512_loadu_si512(wb + c * 64 + 64);
       for (int r = 0; r < R; ++r) {
-        int32_t x2[2];  // activations 4c .. 4c+7 of this block
-        std::memcpy(x2, x.q.data() + (r0 + r) * in + b * kInt8Block + 4 * c, 8);
-        a0[r] = _mm512_dpbusd_epi32(a0[r], w0, _mm512_set1_epi32(x2[0]));
-        a1[r] = _mm512_dpbusd_epi32(a1[r], w1, _mm512_set1_epi32(x2[1]));
+        const int8_t* xc = x.q.data() + (r0 + r) * in + b * kInt8Block + 4 * c;  // activations 4c .. 4c+7
+        a0[r] = _mm512_dpbusd_epi32(a0[r], w0, broadcast4(xc));
+        a1[r] = _mm512_dpbusd_epi32(a1[r], w1, broadcast4(xc + 4));
       }
     }
     const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * kPanel)));
