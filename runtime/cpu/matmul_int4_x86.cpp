@@ -95,6 +95,7 @@ template <int R>
 KILN_VNNI void tile_int4_vnni(const Int8Rows& x, int64_t r0, const Int4Linear& w, int64_t p, float* out) {
   const int64_t in = w.in, G = w.groups(), blocks = w.group_size / 8;  // blocks is even: group size % 16 == 0
   const uint8_t* panel = w.q.data() + p * in * 8;
+  const uint8_t* next = panel + in * 8;  // prefetched into L2 meanwhile, as in tile_exact (matmul_bf16_x86.cpp)
   const __m512i mask = _mm512_set1_epi8(0x0F);
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -102,6 +103,8 @@ KILN_VNNI void tile_int4_vnni(const Int8Rows& x, int64_t r0, const Int4Linear& w
     __m512i a[R][4];
     for (int r = 0; r < R; ++r) a[r][0] = a[r][1] = a[r][2] = a[r][3] = _mm512_setzero_si512();
     for (int64_t b = g * blocks; b < (g + 1) * blocks; b += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + b * 64), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(next + b * 64 + 64), _MM_HINT_T1);
       const __m512i w0 = _mm512_loadu_si512(panel + b * 64), w1 = _mm512_loadu_si512(panel + b * 64 + 64);
       const __m512i w0lo = _mm512_and_si512(w0, mask), w0hi = _mm512_and_si512(_mm512_srli_epi16(w0, 4), mask);
       const __m512i w1lo = _mm512_and_si512(w1, mask), w1hi = _mm512_and_si512(_mm512_srli_epi16(w1, 4), mask);

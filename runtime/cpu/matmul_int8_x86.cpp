@@ -33,6 +33,8 @@ KILN_VNNI void tile_int8_vnni(const Int8Rows& x, int64_t r0, const Int8Linear& w
     __m512i a0[R], a1[R];
     for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_si512();
     for (int c = 0; c < kInt8Block / 4; c += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(wb + in * kPanel + c * 64), _MM_HINT_T1);  // the next panel
+      _mm_prefetch(reinterpret_cast<const char*>(wb + in * kPanel + c * 64 + 64), _MM_HINT_T1);
       const __m512i w0 = _mm512_loadu_si512(wb + c * 64), w1 = _mm512_loadu_si512(wb + c * 64 + 64);
       for (int r = 0; r < R; ++r) {
         const int8_t* xc = x.q.data() + (r0 + r) * in + b * kInt8Block + 4 * c;  // activations 4c .. 4c+7

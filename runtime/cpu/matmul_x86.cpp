@@ -105,7 +105,10 @@ KILN_AVX512 void tile_avx512(const float* x, int64_t in, const uint8_t* panel, f
   constexpr size_t es = T == DType::F32 ? 4 : 2;
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+  // The next panel is fetched into L2 meanwhile, as in tile_exact (matmul_bf16_x86.cpp): fp32 decode waits on memory.
+  const char* next = reinterpret_cast<const char*>(panel + size_t(in * kPanel) * es);
   for (int64_t k = 0; k < in; ++k) {
+    _mm_prefetch(next + size_t(k * kPanel) * es, _MM_HINT_T1);
     __m512 wv = load_panel_avx512<T>(panel + size_t(k * kPanel) * es);
     for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * in + k]), wv, acc[r]);
   }
