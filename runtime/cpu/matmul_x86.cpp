@@ -100,61 +100,78 @@ KILN_AVX512 inline __m512 load_panel_avx512(const uint8_t* p) {
   }
 }
 
-template <DType T, int R>
-KILN_AVX512 void tile_avx512(const float* x, int64_t in, const uint8_t* panel, float* out) {
+// R rows against P consecutive panels (pstride bytes apart); out[P][R][16]. One FMA chain per (row, panel), whatever
+// R and P: two panels per tile let each broadcast activation feed two FMAs and keep two chains per row in flight.
+template <DType T, int R, int P>
+KILN_AVX512 void tile_avx512(const float* x, int64_t in, const uint8_t* panel, size_t pstride, float* out) {
   constexpr size_t es = T == DType::F32 ? 4 : 2;
-  __m512 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-  // The next panel is fetched into L2 meanwhile, as in tile_exact (matmul_bf16_x86.cpp): fp32 decode waits on memory.
-  const char* next = reinterpret_cast<const char*>(panel + size_t(in * kPanel) * es);
+  __m512 acc[P][R];
+  for (int q = 0; q < P; ++q)
+    for (int r = 0; r < R; ++r) acc[q][r] = _mm512_setzero_ps();
+  // The next panels are fetched into L2 meanwhile, as in tile_exact (matmul_bf16_x86.cpp): fp32 decode waits on memory.
+  const char* next = reinterpret_cast<const char*>(panel + P * pstride);
   for (int64_t k = 0; k < in; ++k) {
-    _mm_prefetch(next + size_t(k * kPanel) * es, _MM_HINT_T1);
-    __m512 wv = load_panel_avx512<T>(panel + size_t(k * kPanel) * es);
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * in + k]), wv, acc[r]);
+    __m512 wv[P];
+    for (int q = 0; q < P; ++q) {
+      _mm_prefetch(next + q * pstride + size_t(k * kPanel) * es, _MM_HINT_T1);
+      wv[q] = load_panel_avx512<T>(panel + q * pstride + size_t(k * kPanel) * es);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 xb = _mm512_set1_ps(x[r * in + k]);
+      for (int q = 0; q < P; ++q) acc[q][r] = _mm512_fmadd_ps(xb, wv[q], acc[q][r]);
+    }
   }
-  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kPanel, acc[r]);
+  for (int q = 0; q < P; ++q)
+    for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + (q * R + r) * kPanel, acc[q][r]);
 }
 
+template <DType T, int P>
+KILN_AVX512 void tile_avx512_rows(int64_t n, const float* x, int64_t in, const uint8_t* panel, size_t pstride,
+                                  float* out) {
+  switch (n) {
+    case 8:
+      return tile_avx512<T, 8, P>(x, in, panel, pstride, out);
+    case 7:
+      return tile_avx512<T, 7, P>(x, in, panel, pstride, out);
+    case 6:
+      return tile_avx512<T, 6, P>(x, in, panel, pstride, out);
+    case 5:
+      return tile_avx512<T, 5, P>(x, in, panel, pstride, out);
+    case 4:
+      return tile_avx512<T, 4, P>(x, in, panel, pstride, out);
+    case 3:
+      return tile_avx512<T, 3, P>(x, in, panel, pstride, out);
+    case 2:
+      return tile_avx512<T, 2, P>(x, in, panel, pstride, out);
+    default:
+      return tile_avx512<T, 1, P>(x, in, panel, pstride, out);
+  }
+}
+
+// Pairs of panels in tiles of up to 8 rows (16 accumulators), a last odd panel alone.
 template <DType T>
 KILN_AVX512 void run_avx512(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1,
                             float* y) {
   constexpr size_t es = T == DType::F32 ? 4 : 2;
-  alignas(64) float tile[8 * kPanel];
-  for (int64_t p = p0; p < p1; ++p) {
-    const uint8_t* panel = w.data.data() + size_t(p * w.in * kPanel) * es;
-    const int64_t width = std::min(kPanel, w.out - p * kPanel);
+  alignas(64) float tile[2 * 8 * kPanel];
+  const size_t pstride = size_t(w.in * kPanel) * es;
+  for (int64_t p = p0; p < p1;) {
+    const int64_t np = std::min<int64_t>(2, p1 - p);
+    const uint8_t* panel = w.data.data() + size_t(p) * pstride;
     for (int64_t r = r0; r < r1; r += 8) {
       const int64_t n = std::min<int64_t>(8, r1 - r);
-      const float* xr = x + r * w.in;
-      switch (n) {
-        case 8:
-          tile_avx512<T, 8>(xr, w.in, panel, tile);
-          break;
-        case 7:
-          tile_avx512<T, 7>(xr, w.in, panel, tile);
-          break;
-        case 6:
-          tile_avx512<T, 6>(xr, w.in, panel, tile);
-          break;
-        case 5:
-          tile_avx512<T, 5>(xr, w.in, panel, tile);
-          break;
-        case 4:
-          tile_avx512<T, 4>(xr, w.in, panel, tile);
-          break;
-        case 3:
-          tile_avx512<T, 3>(xr, w.in, panel, tile);
-          break;
-        case 2:
-          tile_avx512<T, 2>(xr, w.in, panel, tile);
-          break;
-        default:
-          tile_avx512<T, 1>(xr, w.in, panel, tile);
-          break;
+      if (np == 2)
+        tile_avx512_rows<T, 2>(n, x + r * w.in, w.in, panel, pstride, tile);
+      else
+        tile_avx512_rows<T, 1>(n, x + r * w.in, w.in, panel, pstride, tile);
+      for (int64_t q = 0; q < np; ++q) {
+        const int64_t width = std::min(kPanel, w.out - (p + q) * kPanel);
+        for (int64_t i = 0; i < n; ++i)
+          std::memcpy(y + (r + i) * w.out + (p + q) * kPanel, tile + (q * n + i) * kPanel,
+                      size_t(width) * sizeof(float));
       }
-      for (int64_t i = 0; i < n; ++i)
-        std::memcpy(y + (r + i) * w.out + p * kPanel, tile + i * kPanel, size_t(width) * sizeof(float));
     }
+    p += np;
   }
 }
 
