@@ -63,8 +63,18 @@ std::vector<float> awq_rtn(const float* w, int64_t out, int64_t in, int64_t grou
 }
 
 void awq_rtn_in_place(float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label) {
-  Int4Matrix m = quantize_int4(w, out, in, group_size, label);
-  dequantize_int4(m.qweight.data(), m.scales.data(), m.zeros.data(), out, in, group_size, w);
+  check_int4_shape(out, in, group_size, label);
+  awq_rtn_rows(w, 0, out, in, group_size, label);
+}
+
+void awq_rtn_rows(float* w, int64_t r0, int64_t r1, int64_t in, int64_t group_size, const std::string& label) {
+  std::vector<float> q(static_cast<size_t>(group_size));
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t g = 0; g < in / group_size; ++g) {
+      float* wg = w + r * in + g * group_size;
+      int4_round_trip_group(wg, group_size, q.data(), label, r, g);
+      std::copy(q.begin(), q.end(), wg);
+    }
 }
 
 namespace {
@@ -104,8 +114,8 @@ AwqLoss awq_linear_loss(cpu::ThreadPool& pool, const float* w, int64_t out, int6
   return [&pool, w, out, in, g, rows](const float* w_eff) { return mse_packed(pool, w, w_eff, out, in, *g, rows); };
 }
 
-AwqScaleSearch awq_search_scales(const float* w, int64_t out, int64_t in, int64_t group_size, const AwqInputStats& x,
-                                 int64_t grid, const std::string& label, const AwqLoss& loss) {
+AwqScaleSearch awq_search_scales(cpu::ThreadPool& pool, const float* w, int64_t out, int64_t in, int64_t group_size,
+                                 const AwqInputStats& x, int64_t grid, const std::string& label, const AwqLoss& loss) {
   check_int4_shape(out, in, group_size, label);
   if (x.dim != in)
     throw Error(label + ": calibration statistics have " + std::to_string(x.dim) + " channels, not " +
@@ -143,11 +153,14 @@ AwqScaleSearch awq_search_scales(const float* w, int64_t out, int64_t in, int64_
     const double norm = std::sqrt(mx * mn);
     for (int64_t c = 0; c < in; ++c) s[size_t(c)] = float(sd[size_t(c)] / norm);
     // RTN(W diag(s)) fed x / s is the same map as W' = RTN(W diag(s)) diag(1/s) fed x: compare W' with W.
-    for (int64_t r = 0; r < out; ++r)
-      for (int64_t c = 0; c < in; ++c) ws[size_t(r * in + c)] = w[r * in + c] * s[size_t(c)];
-    awq_rtn_in_place(ws.data(), out, in, group_size, label);  // one [out, in] buffer for the candidate
-    for (int64_t r = 0; r < out; ++r)
-      for (int64_t c = 0; c < in; ++c) ws[size_t(r * in + c)] /= s[size_t(c)];
+    // One [out, in] buffer for the candidate; rows are independent, so they are split over the pool.
+    pool.parallel_for(out, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = 0; c < in; ++c) ws[size_t(r * in + c)] = w[r * in + c] * s[size_t(c)];
+      awq_rtn_rows(ws.data(), r0, r1, in, group_size, label);
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t c = 0; c < in; ++c) ws[size_t(r * in + c)] /= s[size_t(c)];
+    });
     const double l = loss(ws.data());
     if (l < best.loss) {
       best.loss = l;
@@ -159,9 +172,29 @@ AwqScaleSearch awq_search_scales(const float* w, int64_t out, int64_t in, int64_
   return best;
 }
 
-std::vector<float> awq_search_clip(const float* w, int64_t out, int64_t in, int64_t row0, int64_t group_size,
-                                   const AwqInputStats& x, const std::vector<float>& s, int64_t grid, double max_shrink,
-                                   const std::string& label) {
+namespace {
+// d^T G d for a symmetric gs x gs block, in double: eight independent lanes over the columns in a fixed order (the
+// loop vectorizes; the clipping search evaluates this millions of times).
+double quadratic_form(const float* G, const float* d, int64_t gs) {
+  double err = 0;
+  for (int64_t a = 0; a < gs; ++a) {
+    const float* row = G + a * gs;
+    double lane[8] = {};
+    int64_t b = 0;
+    for (; b + 8 <= gs; b += 8)
+      for (int j = 0; j < 8; ++j) lane[j] += double(row[b + j]) * double(d[b + j]);
+    double tail = 0;
+    for (; b < gs; ++b) tail += double(row[b]) * double(d[b]);
+    err += double(d[a]) *
+           ((((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))) + tail);
+  }
+  return err;
+}
+}  // namespace
+
+std::vector<float> awq_search_clip(cpu::ThreadPool& pool, const float* w, int64_t out, int64_t in, int64_t row0,
+                                   int64_t group_size, const AwqInputStats& x, const std::vector<float>& s,
+                                   int64_t grid, double max_shrink, const std::string& label) {
   check_int4_shape(out, in, group_size, label);
   const int64_t groups = in / group_size, gs = group_size;
   const int64_t steps = std::max<int64_t>(1, int64_t(max_shrink * double(grid)));
@@ -175,33 +208,30 @@ std::vector<float> awq_search_clip(const float* w, int64_t out, int64_t in, int6
         blocks[size_t((g * gs + i) * gs + j)] = float(x.gram_at(a, b) / (sa * sb));
       }
   std::vector<float> clip(static_cast<size_t>((out - row0) * groups));
-  std::vector<float> cur(static_cast<size_t>(gs)), d(static_cast<size_t>(gs));
-  for (int64_t r = row0; r < out; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* wg = w + r * in + g * gs;
-      float amax = 0;
-      for (int64_t c = 0; c < gs; ++c) amax = std::max(amax, std::fabs(wg[c]));
-      float best_m = amax;
-      double best_err = std::numeric_limits<double>::infinity();
-      for (int64_t i = 0; i < steps && amax > 0; ++i) {
-        const float m = float(double(amax) * (1.0 - double(i) / double(grid)));
-        for (int64_t c = 0; c < gs; ++c) cur[size_t(c)] = std::clamp(wg[c], -m, m);
-        std::vector<float> q = awq_rtn(cur.data(), 1, gs, gs, label);
-        for (int64_t c = 0; c < gs; ++c) d[size_t(c)] = wg[c] - q[size_t(c)];  // against the unclipped weights
-        const float* G = blocks.data() + g * gs * gs;
-        double err = 0;
-        for (int64_t a = 0; a < gs; ++a) {
-          double row = 0;
-          for (int64_t b = 0; b < gs; ++b) row += double(G[a * gs + b]) * double(d[size_t(b)]);
-          err += double(d[size_t(a)]) * row;
+  // Rows are independent: each is searched on its own, whatever the split over the pool.
+  pool.parallel_for(out - row0, [&](int64_t begin, int64_t end) {
+    std::vector<float> cur(static_cast<size_t>(gs)), q(cur.size()), d(cur.size());
+    for (int64_t r = row0 + begin; r < row0 + end; ++r)
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* wg = w + r * in + g * gs;
+        float amax = 0;
+        for (int64_t c = 0; c < gs; ++c) amax = std::max(amax, std::fabs(wg[c]));
+        float best_m = amax;
+        double best_err = std::numeric_limits<double>::infinity();
+        for (int64_t i = 0; i < steps && amax > 0; ++i) {
+          const float m = float(double(amax) * (1.0 - double(i) / double(grid)));
+          for (int64_t c = 0; c < gs; ++c) cur[size_t(c)] = std::clamp(wg[c], -m, m);
+          int4_round_trip_group(cur.data(), gs, q.data(), label, r, g);
+          for (int64_t c = 0; c < gs; ++c) d[size_t(c)] = wg[c] - q[size_t(c)];  // against the unclipped weights
+          const double err = quadratic_form(blocks.data() + g * gs * gs, d.data(), gs);
+          if (err < best_err) {
+            best_err = err;
+            best_m = m;
+          }
         }
-        if (err < best_err) {
-          best_err = err;
-          best_m = m;
-        }
+        clip[size_t((r - row0) * groups + g)] = best_m;
       }
-      clip[size_t((r - row0) * groups + g)] = best_m;
-    }
+  });
   return clip;
 }
 

@@ -59,21 +59,24 @@ AwqLoss awq_linear_loss(cpu::ThreadPool& pool, const float* w, int64_t out, int6
 
 // Grid search over alpha = i / grid, i in [0, grid): s = x_mean^alpha / (w_mean^(1-alpha) + 1e-4), clamped to
 // >= 1e-4, divided by sqrt(max * min); the loss of each candidate is `loss` (above). Ties keep the smaller alpha.
-AwqScaleSearch awq_search_scales(const float* w, int64_t out, int64_t in, int64_t group_size, const AwqInputStats& x,
-                                 int64_t grid, const std::string& label, const AwqLoss& loss);
+AwqScaleSearch awq_search_scales(cpu::ThreadPool& pool, const float* w, int64_t out, int64_t in, int64_t group_size,
+                                 const AwqInputStats& x, int64_t grid, const std::string& label, const AwqLoss& loss);
 
 // Clipping: for rows [row0, out) of W [out, in] (already scaled by s) and each group of `group_size` inputs, the
 // threshold m = max|w| * (1 - i / grid), i < max_shrink * grid, whose RTN(clamp(w, -m, m)) minimizes the group's
-// output MSE on inputs x / s. Returns thresholds [out - row0, in / group_size].
-std::vector<float> awq_search_clip(const float* w, int64_t out, int64_t in, int64_t row0, int64_t group_size,
-                                   const AwqInputStats& x, const std::vector<float>& s, int64_t grid, double max_shrink,
-                                   const std::string& label);
+// output MSE on inputs x / s. Returns thresholds [out - row0, in / group_size]. Rows are searched in parallel on
+// `pool` (the result does not depend on the split).
+std::vector<float> awq_search_clip(cpu::ThreadPool& pool, const float* w, int64_t out, int64_t in, int64_t row0,
+                                   int64_t group_size, const AwqInputStats& x, const std::vector<float>& s,
+                                   int64_t grid, double max_shrink, const std::string& label);
 void awq_apply_clip(float* w, int64_t out, int64_t in, int64_t row0, int64_t group_size,
                     const std::vector<float>& clip);
 
 // Quantize-dequantize through quant/int4 (the routine the workspace is written with): RTN in fp32.
 std::vector<float> awq_rtn(const float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label);
 void awq_rtn_in_place(float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label);
+// Rows [r0, r1) of w [., in] in place (the shape already checked).
+void awq_rtn_rows(float* w, int64_t r0, int64_t r1, int64_t in, int64_t group_size, const std::string& label);
 
 // The result of the search for one layer: everything needed to transform its tensors while they are written.
 struct AwqLayerPlan {

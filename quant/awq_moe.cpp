@@ -35,7 +35,8 @@ AwqScaleSearch search_down(cpu::ThreadPool& pool, const Workspace& ws, const std
                            const AwqInputStats& st, const AwqOptions& o, int64_t gsz) {
   std::vector<float> down;
   append_f32(ws, name + ".weight", down);
-  return awq_search_scales(down.data(), H, I, gsz, st, o.grid, name, awq_linear_loss(pool, down.data(), H, I, st));
+  return awq_search_scales(pool, down.data(), H, I, gsz, st, o.grid, name,
+                           awq_linear_loss(pool, down.data(), H, I, st));
 }
 
 }  // namespace
@@ -51,7 +52,7 @@ void awq_plan_moe_ffn(cpu::ThreadPool& pool, const Workspace& ws, const ModelSpe
   for (int64_t e = 0; e < E; ++e) append_f32(ws, name(names::expert(e, "gate_up")), stacked);
   if (SI > 0) append_f32(ws, name(names::kSharedGateUp), stacked);
   const int64_t rows = E * 2 * EI + 2 * SI;
-  const AwqScaleSearch in = awq_search_scales(stacked.data(), rows, H, gsz, ffn_in, o.grid, name("ffn.experts"),
+  const AwqScaleSearch in = awq_search_scales(pool, stacked.data(), rows, H, gsz, ffn_in, o.grid, name("ffn.experts"),
                                               awq_linear_loss(pool, stacked.data(), rows, H, ffn_in));
   p.s_ffn = in.scales;
   p.a_ffn = in.alpha;

@@ -280,12 +280,12 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
       } else {
         qkv_loss = awq_linear_loss(pool, qkv.data(), Q + 2 * KV, H, st[0]);
       }
-      record(0, awq_search_scales(qkv.data(), Q + 2 * KV, H, gsz, st[0], o.grid, name(names::kQkv), qkv_loss), p.s_attn,
-             p.a_attn);
+      record(0, awq_search_scales(pool, qkv.data(), Q + 2 * KV, H, gsz, st[0], o.grid, name(names::kQkv), qkv_loss),
+             p.s_attn, p.a_attn);
     }
     if (vo_smoothable(spec))
       record(1,
-             awq_search_scales(ow.data(), H, Q, gsz, st[1], o.grid, name(names::kO),
+             awq_search_scales(pool, ow.data(), H, Q, gsz, st[1], o.grid, name(names::kO),
                                awq_linear_loss(pool, ow.data(), H, Q, st[1])),
              p.s_vo, p.a_vo);
     if (clip) {
@@ -294,9 +294,10 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
       awq_transform(spec, p, names::kO, ow.data(), H, Q, gsz);
       // q and k rows are not clipped (AutoAWQ): their errors are amplified through the softmax, which a per-row
       // output MSE does not see.
-      p.clip_qkv = awq_search_clip(qkv.data(), Q + 2 * KV, H, Q + KV, gsz, st[0], p.s_attn, o.clip_grid, o.max_shrink,
-                                   name(names::kQkv));
-      p.clip_o = awq_search_clip(ow.data(), H, Q, 0, gsz, st[1], p.s_vo, o.clip_grid, o.max_shrink, name(names::kO));
+      p.clip_qkv = awq_search_clip(pool, qkv.data(), Q + 2 * KV, H, Q + KV, gsz, st[0], p.s_attn, o.clip_grid,
+                                   o.max_shrink, name(names::kQkv));
+      p.clip_o =
+          awq_search_clip(pool, ow.data(), H, Q, 0, gsz, st[1], p.s_vo, o.clip_grid, o.max_shrink, name(names::kO));
     }
   }
   free_gram(st[0]);
@@ -322,20 +323,21 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
     } else {
       gu_loss = awq_linear_loss(pool, gu.data(), F, H, st[2]);
     }
-    record(2, awq_search_scales(gu.data(), F, H, gsz, st[2], o.grid, name(first), gu_loss), p.s_ffn, p.a_ffn);
+    record(2, awq_search_scales(pool, gu.data(), F, H, gsz, st[2], o.grid, name(first), gu_loss), p.s_ffn, p.a_ffn);
   }
   if (gated)
     record(3,
-           awq_search_scales(down.data(), H, I, gsz, st[3], o.grid, name(names::kDown),
+           awq_search_scales(pool, down.data(), H, I, gsz, st[3], o.grid, name(names::kDown),
                              awq_linear_loss(pool, down.data(), H, I, st[3])),
            p.s_down, p.a_down);
   if (!clip) return p;
   awq_transform(spec, p, first, gu.data(), F, H, gsz);
-  p.clip_gate_up = awq_search_clip(gu.data(), F, H, 0, gsz, st[2], p.s_ffn, o.clip_grid, o.max_shrink, name(first));
+  p.clip_gate_up =
+      awq_search_clip(pool, gu.data(), F, H, 0, gsz, st[2], p.s_ffn, o.clip_grid, o.max_shrink, name(first));
   std::vector<float>().swap(gu);
   awq_transform(spec, p, names::kDown, down.data(), H, I, gsz);
   p.clip_down =
-      awq_search_clip(down.data(), H, I, 0, gsz, st[3], p.s_down, o.clip_grid, o.max_shrink, name(names::kDown));
+      awq_search_clip(pool, down.data(), H, I, 0, gsz, st[3], p.s_down, o.clip_grid, o.max_shrink, name(names::kDown));
   return p;
 }
 

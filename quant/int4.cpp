@@ -22,6 +22,27 @@ namespace {
 inline float round_even(float v) { return std::nearbyint(v); }
 }  // namespace
 
+Int4GroupGrid int4_group_grid(const float* x, int64_t n, const std::string& label, int64_t row, int64_t group) {
+  float lo = 0.0f, hi = 0.0f;
+  for (int64_t k = 0; k < n; ++k) {
+    if (!std::isfinite(x[k]))
+      throw Error("tensor '" + label + "' holds a non-finite value at row " + std::to_string(row) + ", column " +
+                  std::to_string(group * n + k));
+    lo = std::min(lo, x[k]);
+    hi = std::max(hi, x[k]);
+  }
+  const float scale_f32 = (hi - lo) / float(kInt4MaxQ);
+  if (f16_overflows(scale_f32))
+    throw Error("tensor '" + label + "' row " + std::to_string(row) + " group " + std::to_string(group) +
+                " spans a range whose int4 scale exceeds fp16");
+  Int4GroupGrid grid;
+  grid.scale_bits = f32_to_f16(scale_f32);
+  grid.scale = f16_to_f32(grid.scale_bits);
+  if (grid.scale != 0.0f) grid.zero = std::clamp<int64_t>(int64_t(-round_even(lo / grid.scale)), 0, kInt4MaxQ);
+  if (grid.scale == 0.0f) grid.scale_bits = 0;  // -0 and +0 alike store +0
+  return grid;
+}
+
 Int4Matrix quantize_int4(const float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label) {
   check_int4_shape(out, in, group_size, label);
   Int4Matrix m;
@@ -37,33 +58,22 @@ Int4Matrix quantize_int4(const float* w, int64_t out, int64_t in, int64_t group_
     uint8_t* qrow = m.qweight.data() + o * in / 2;
     for (int64_t g = 0; g < G; ++g) {
       const float* x = row + g * group_size;
-      float lo = 0.0f, hi = 0.0f;
+      const Int4GroupGrid grid = int4_group_grid(x, group_size, label, o, g);
+      m.scales[size_t(o * G + g)] = grid.scale_bits;
+      m.zeros[size_t(o * G + g)] = uint8_t(grid.zero);
       for (int64_t k = 0; k < group_size; ++k) {
-        if (!std::isfinite(x[k]))
-          throw Error("tensor '" + label + "' holds a non-finite value at row " + std::to_string(o) + ", column " +
-                      std::to_string(g * group_size + k));
-        lo = std::min(lo, x[k]);
-        hi = std::max(hi, x[k]);
-      }
-      const float scale_f32 = (hi - lo) / float(kInt4MaxQ);
-      if (f16_overflows(scale_f32))
-        throw Error("tensor '" + label + "' row " + std::to_string(o) + " group " + std::to_string(g) +
-                    " spans a range whose int4 scale exceeds fp16");
-      const uint16_t scale_bits = f32_to_f16(scale_f32);
-      const float scale = f16_to_f32(scale_bits);
-      int64_t zero = 0;
-      if (scale != 0.0f) zero = std::clamp<int64_t>(int64_t(-round_even(lo / scale)), 0, kInt4MaxQ);
-      m.scales[size_t(o * G + g)] = scale != 0.0f ? scale_bits : 0;  // -0 and +0 alike store +0
-      m.zeros[size_t(o * G + g)] = uint8_t(zero);
-      for (int64_t k = 0; k < group_size; ++k) {
-        int64_t q = 0;
-        if (scale != 0.0f) q = std::clamp<int64_t>(int64_t(round_even(x[k] / scale)) + zero, 0, kInt4MaxQ);
         const int64_t col = g * group_size + k;
-        qrow[col / 2] |= uint8_t(q << ((col & 1) * 4));
+        qrow[col / 2] |= uint8_t(grid.code(x[k]) << ((col & 1) * 4));
       }
     }
   }
   return m;
+}
+
+void int4_round_trip_group(const float* x, int64_t n, float* out, const std::string& label, int64_t row,
+                           int64_t group) {
+  const Int4GroupGrid grid = int4_group_grid(x, n, label, row, group);
+  for (int64_t k = 0; k < n; ++k) out[k] = float(grid.code(x[k]) - grid.zero) * grid.scale;
 }
 
 void dequantize_int4(const uint8_t* qweight, const uint16_t* scales, const uint8_t* zeros, int64_t out, int64_t in,

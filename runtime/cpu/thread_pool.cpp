@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <utility>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -43,7 +44,16 @@ void ThreadPool::run_chunks() {
   for (;;) {
     int64_t begin = next_.fetch_add(grain_);
     if (begin >= n_) return;
-    (*fn_)(begin, std::min(n_, begin + grain_));
+    try {
+      (*fn_)(begin, std::min(n_, begin + grain_));
+    } catch (...) {
+      // The first error is rethrown by parallel_for in the calling thread (a throw out of a worker would terminate
+      // the process); the chunks not yet handed out are skipped.
+      std::lock_guard<std::mutex> lock(error_mutex_);
+      if (!error_) error_ = std::current_exception();
+      next_.store(n_);
+      return;
+    }
   }
 }
 
@@ -107,6 +117,7 @@ void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64
       std::this_thread::yield();
   }
   fn_ = nullptr;
+  if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
 }
 
 }  // namespace kiln::cpu

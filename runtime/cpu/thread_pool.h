@@ -11,6 +11,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -27,7 +28,8 @@ class ThreadPool {
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   unsigned size() const { return unsigned(workers_.size()) + 1; }
-  // Calls fn(begin, end) on disjoint chunks covering [0, n), each at most `grain` long (0: n / (4 * size())).
+  // Calls fn(begin, end) on disjoint chunks covering [0, n), each at most `grain` long (0: n / (4 * size())). If fn
+  // throws, the remaining chunks are skipped and the first exception is rethrown here once the workers are done.
   void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t grain = 0);
 
  private:
@@ -49,6 +51,8 @@ class ThreadPool {
   std::atomic<int64_t> next_{0};
   std::atomic<bool> open_{false};  // workers may still join the current job (until the caller has run out of chunks)
   std::atomic<int> active_{0};     // workers inside the current job (or deciding whether to join it)
+  std::mutex error_mutex_;
+  std::exception_ptr error_;  // the current job's first exception
 };
 
 }  // namespace kiln::cpu

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "quant/awq.h"
+#include "quant/int4.h"
 #include "runtime/cpu/thread_pool.h"
 
 namespace kiln {
@@ -59,7 +60,7 @@ TEST(Awq, GramMseEqualsDirectMse) {
 TEST(Awq, ScalesBeatRtnOnOutlierChannels) {
   cpu::ThreadPool pool(2);
   Data d = make(200, 64, 32, pool, 30.f);
-  AwqScaleSearch s = awq_search_scales(d.w.data(), d.out, d.in, 32, d.stats, 20, "w",
+  AwqScaleSearch s = awq_search_scales(pool, d.w.data(), d.out, d.in, 32, d.stats, 20, "w",
                                        awq_linear_loss(pool, d.w.data(), d.out, d.in, d.stats));
   ASSERT_EQ(s.scales.size(), size_t(d.in));
   EXPECT_LT(s.loss, 0.7 * s.loss_rtn);
@@ -77,8 +78,10 @@ TEST(Awq, ClipNeverWorseThanNoClip) {
   // One group per row, so the per-group error the search minimizes is the whole output error.
   Data d = make(80, 32, 8, pool, 1.f);
   d.w[3] = 2.f;  // a weight outlier
-  std::vector<float> clip = awq_search_clip(d.w.data(), d.out, d.in, 0, 32, d.stats, {}, 20, 0.5, "w");
+  std::vector<float> clip = awq_search_clip(pool, d.w.data(), d.out, d.in, 0, 32, d.stats, {}, 20, 0.5, "w");
   ASSERT_EQ(clip.size(), size_t(d.out));
+  cpu::ThreadPool pool2(2);  // rows searched in parallel: the same thresholds
+  EXPECT_EQ(awq_search_clip(pool2, d.w.data(), d.out, d.in, 0, 32, d.stats, {}, 20, 0.5, "w"), clip);
   std::vector<float> clipped = d.w;
   awq_apply_clip(clipped.data(), d.out, d.in, 0, 32, clip);
   const std::vector<float> q_clip = awq_rtn(clipped.data(), d.out, d.in, 32, "w");
@@ -90,6 +93,26 @@ TEST(Awq, ClipNeverWorseThanNoClip) {
     EXPECT_LE(clip[size_t(r)], amax);
     EXPECT_GE(clip[size_t(r)], 0.55f * amax * (1 - 1e-6f));
   }
+}
+
+// The allocation-free round trip of one group (AWQ's RTN and clipping search) is quantize_int4 + dequantize_int4, bit
+// for bit, and so is awq_rtn built on it.
+TEST(Awq, GroupRoundTripMatchesTheMatrixQuantizer) {
+  std::mt19937 rng(3);
+  std::normal_distribution<float> n;
+  std::vector<float> w(size_t(7 * 64));
+  for (float& v : w) v = n(rng) * (n(rng) > 1.5f ? 10.0f : 0.1f);
+  std::fill(w.begin() + 64, w.begin() + 96, 0.0f);                             // an all-zero group
+  for (int64_t k = 128; k < 160; ++k) w[size_t(k)] = std::fabs(w[size_t(k)]);  // an all-positive group
+  const Int4Matrix m = quantize_int4(w.data(), 7, 64, 32, "w");
+  std::vector<float> ref(w.size());
+  dequantize_int4(m.qweight.data(), m.scales.data(), m.zeros.data(), 7, 64, 32, ref.data());
+  std::vector<float> got(w.size());
+  for (int64_t r = 0; r < 7; ++r)
+    for (int64_t g = 0; g < 2; ++g)
+      int4_round_trip_group(&w[size_t(r * 64 + g * 32)], 32, &got[size_t(r * 64 + g * 32)], "w", r, g);
+  EXPECT_EQ(got, ref);
+  EXPECT_EQ(awq_rtn(w.data(), 7, 64, 32, "w"), ref);
 }
 
 }  // namespace

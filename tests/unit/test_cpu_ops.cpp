@@ -2,12 +2,14 @@
 // references are the yardstick for other backends too.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
 
 #include "runtime/backend/backend.h"
 #include "runtime/core/devices.h"
+#include "runtime/core/error.h"
 #include "runtime/cpu/cpu_backend.h"
 #include "runtime/cpu/matmul.h"
 
@@ -102,6 +104,24 @@ TEST(CpuOps, MatmulRowsAreIndependentOfTheBatch) {
     backend.matmul(x.data() + r * in, 1, packed, one.data());
     for (int64_t o = 0; o < out; ++o) ASSERT_EQ(one[o], all[r * out + o]) << r << "," << o;
   }
+}
+
+// A chunk that throws does not take the process down: the first exception reaches the caller, and the pool keeps
+// working afterwards.
+TEST(CpuOps, ThreadPoolRethrowsAChunksException) {
+  cpu::ThreadPool pool(2);
+  EXPECT_THROW(pool.parallel_for(
+                   1000,
+                   [](int64_t b, int64_t e) {
+                     if (b <= 700 && 700 < e) throw Error("chunk 700");
+                   },
+                   1),
+               Error);
+  std::vector<int> hits(1000, 0);
+  pool.parallel_for(1000, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) ++hits[size_t(i)];
+  });
+  EXPECT_EQ(std::count(hits.begin(), hits.end(), 1), 1000);
 }
 
 TEST(CpuOps, EmbeddingGathersAndConverts) {
