@@ -28,6 +28,9 @@ inline void cpu_relax() {
 }  // namespace
 
 ThreadPool::ThreadPool(unsigned threads) {
+  // More threads than cores: a spinning worker would hold a core that the thread it waits for needs.
+  const unsigned cores = std::thread::hardware_concurrency();
+  spin_ = cores == 0 || threads <= cores;
   for (unsigned i = 1; i < std::max(1u, threads); ++i) workers_.emplace_back([this] { worker_loop(); });
 }
 
@@ -58,7 +61,7 @@ void ThreadPool::run_chunks() {
 }
 
 bool ThreadPool::wait_for_job(uint64_t seen) {
-  const auto until = std::chrono::steady_clock::now() + kSpin;
+  const auto until = std::chrono::steady_clock::now() + (spin_ ? kSpin : std::chrono::microseconds(0));
   for (int i = 0; generation_.load() == seen && !stop_.load(); ++i) {
     cpu_relax();
     if (i % 64 == 63 && std::chrono::steady_clock::now() > until) {

@@ -41,6 +41,7 @@ class ThreadPool {
   std::vector<std::thread> workers_;
   std::atomic<uint64_t> generation_{0};  // bumped once per parallel_for that uses the workers
   std::atomic<bool> stop_{false};
+  bool spin_ = true;  // false when the pool has more threads than the machine has cores
   // Sleeping workers: the caller takes the mutex and notifies only while this is non-zero.
   std::mutex mutex_;
   std::condition_variable wake_;
