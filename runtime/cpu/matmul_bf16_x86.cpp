@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "runtime/cpu/matmul_bf16.h"
+#include "runtime/cpu/panel_tasks.h"
 
 namespace kiln::cpu {
 
@@ -50,12 +51,10 @@ inline void run_tiles(int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0,
   alignas(64) float out[MaxR * kPanel];
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* panel = w.data.data() + size_t(p * w.pairs()) * kPairPanelBytes;
-    const int64_t width = std::min(kPanel, w.out - p * kPanel);
     for (int64_t r = r0; r < r1; r += MaxR) {
       const int64_t n = std::min<int64_t>(MaxR, r1 - r);
       tile(n, r, panel, out);
-      for (int64_t i = 0; i < n; ++i)
-        std::memcpy(y + (r + i) * w.out + p * kPanel, out + i * kPanel, size_t(width) * sizeof(float));
+      store_panel_tile(out, n, 1, r, p, w.out, y);
     }
   }
 }
@@ -172,12 +171,7 @@ void matmul_bf16_pairs_avx512(const float* x, int64_t r0, int64_t r1, const Pack
         dispatch_rows<ExactTile2>(n, x + r * w.in, w.in, panel, pstride, out);
       else
         dispatch_rows<ExactTile>(n, x + r * w.in, w.in, panel, pstride, out);
-      for (int64_t q = 0; q < np; ++q) {
-        const int64_t width = std::min(kPanel, w.out - (p + q) * kPanel);
-        for (int64_t i = 0; i < n; ++i)
-          std::memcpy(y + (r + i) * w.out + (p + q) * kPanel, out + (q * n + i) * kPanel,
-                      size_t(width) * sizeof(float));
-      }
+      store_panel_tile(out, n, np, r, p, w.out, y);
     }
     p += np;
   }

@@ -142,7 +142,6 @@ void matmul_int4_avx2(const float* x, const float* xsum, int64_t r0, int64_t r1,
   alignas(32) float tile[4 * kPanel];
   const int64_t G = w.groups();
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t width = std::min(kPanel, w.out - p * kPanel);
     for (int64_t r = r0; r < r1; r += 4) {
       const int64_t n = std::min<int64_t>(4, r1 - r);
       const float* xr = x + r * w.in;
@@ -161,8 +160,7 @@ void matmul_int4_avx2(const float* x, const float* xsum, int64_t r0, int64_t r1,
           tile_int4_avx2<1>(xr, sr, w, p, tile);
           break;
       }
-      for (int64_t i = 0; i < n; ++i)
-        std::memcpy(y + (r + i) * w.out + p * kPanel, tile + i * kPanel, size_t(width) * sizeof(float));
+      store_panel_tile(tile, n, 1, r, p, w.out, y);
     }
   }
 }
@@ -172,7 +170,6 @@ void matmul_int4_avx512(const float* x, const float* xsum, int64_t r0, int64_t r
   alignas(64) float tile[8 * kPanel];
   const int64_t G = w.groups();
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t width = std::min(kPanel, w.out - p * kPanel);
     for (int64_t r = r0; r < r1; r += 8) {
       const int64_t n = std::min<int64_t>(8, r1 - r);
       const float* xr = x + r * w.in;
@@ -203,8 +200,7 @@ void matmul_int4_avx512(const float* x, const float* xsum, int64_t r0, int64_t r
           tile_int4_avx512<1>(xr, sr, w, p, tile);
           break;
       }
-      for (int64_t i = 0; i < n; ++i)
-        std::memcpy(y + (r + i) * w.out + p * kPanel, tile + i * kPanel, size_t(width) * sizeof(float));
+      store_panel_tile(tile, n, 1, r, p, w.out, y);
     }
   }
 }

@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "runtime/cpu/matmul.h"
+#include "runtime/cpu/panel_tasks.h"
 
 namespace kiln::cpu {
 
@@ -63,7 +64,6 @@ KILN_AVX2 void run_avx2(const float* x, int64_t r0, int64_t r1, const PackedLine
   alignas(32) float tile[4 * kPanel];
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* panel = w.data.data() + size_t(p * w.in * kPanel) * es;
-    const int64_t width = std::min(kPanel, w.out - p * kPanel);
     for (int64_t r = r0; r < r1; r += 4) {
       const int64_t n = std::min<int64_t>(4, r1 - r);
       const float* xr = x + r * w.in;
@@ -81,8 +81,7 @@ KILN_AVX2 void run_avx2(const float* x, int64_t r0, int64_t r1, const PackedLine
           tile_avx2<T, 1>(xr, w.in, panel, tile);
           break;
       }
-      for (int64_t i = 0; i < n; ++i)
-        std::memcpy(y + (r + i) * w.out + p * kPanel, tile + i * kPanel, size_t(width) * sizeof(float));
+      store_panel_tile(tile, n, 1, r, p, w.out, y);
     }
   }
 }
@@ -164,12 +163,7 @@ KILN_AVX512 void run_avx512(const float* x, int64_t r0, int64_t r1, const Packed
         tile_avx512_rows<T, 2>(n, x + r * w.in, w.in, panel, pstride, tile);
       else
         tile_avx512_rows<T, 1>(n, x + r * w.in, w.in, panel, pstride, tile);
-      for (int64_t q = 0; q < np; ++q) {
-        const int64_t width = std::min(kPanel, w.out - (p + q) * kPanel);
-        for (int64_t i = 0; i < n; ++i)
-          std::memcpy(y + (r + i) * w.out + (p + q) * kPanel, tile + (q * n + i) * kPanel,
-                      size_t(width) * sizeof(float));
-      }
+      store_panel_tile(tile, n, np, r, p, w.out, y);
     }
     p += np;
   }

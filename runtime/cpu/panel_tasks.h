@@ -33,13 +33,22 @@ void parallel_panel_tasks(ThreadPool& pool, int64_t rows, int64_t first, int64_t
       1);
 }
 
+// Rows r .. r+n-1 of panels p .. p+np-1 of y [rows, out] from a tile laid out [panel][row][kPanel]; a partial last
+// panel copies its valid columns only.
+inline void store_panel_tile(const float* tile, int64_t n, int64_t np, int64_t r, int64_t p, int64_t out, float* y) {
+  for (int64_t q = 0; q < np; ++q) {
+    const int64_t width = std::min(kPanel, out - (p + q) * kPanel);
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(y + (r + i) * out + (p + q) * kPanel, tile + (q * n + i) * kPanel, size_t(width) * sizeof(float));
+  }
+}
+
 // Rows [r0, r1) x panels [p0, p1) of y [rows, out] in tiles of up to four rows: tile.template operator()<R>(r, p, buf)
 // writes rows r .. r+R-1 of panel p as R x kPanel floats into buf; the panel's valid columns are copied into y.
 template <class Tile>
 void run_row_tiles(int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t out, float* y, const Tile& tile) {
   alignas(64) float buf[4 * kPanel];
   for (int64_t p = p0; p < p1; ++p) {
-    const int64_t width = std::min(kPanel, out - p * kPanel);
     for (int64_t r = r0; r < r1; r += 4) {
       const int64_t n = std::min<int64_t>(4, r1 - r);
       switch (n) {
@@ -56,8 +65,7 @@ void run_row_tiles(int64_t r0, int64_t r1, int64_t p0, int64_t p1, int64_t out, 
           tile.template operator()<1>(r, p, buf);
           break;
       }
-      for (int64_t i = 0; i < n; ++i)
-        std::memcpy(y + (r + i) * out + p * kPanel, buf + i * kPanel, size_t(width) * sizeof(float));
+      store_panel_tile(buf, n, 1, r, p, out, y);
     }
   }
 }
