@@ -24,7 +24,7 @@ namespace {
 using gguf::TensorType;
 
 const TensorType& type_of(uint32_t id) { return *gguf::find_tensor_type(id); }
-constexpr uint32_t kF32 = 0, kF16 = 1, kQ4_1 = 3, kBF16 = 30;
+constexpr uint32_t kF32 = 0, kF16 = 1, kQ4_1 = 3, kQ8_0 = 8, kBF16 = 30;
 
 uint32_t dtype_type_id(DType d) { return d == DType::F32 ? kF32 : d == DType::F16 ? kF16 : kBF16; }
 // llama.cpp's general.file_type ("mostly ..."): F32 0, F16 1, Q4_1 3, BF16 32.
@@ -170,8 +170,29 @@ struct Exporter {
     });
   }
 
+  // The int8 LM head as Q8_0: llama.cpp's block is the same 32 inputs with one fp16 scale and 32 int8 codes
+  // (quant/int8_head.h), so the file holds the workspace's bytes exactly.
+  void int8_head(const OutTensor& t) {
+    const Workspace::Tensor& qw = ws.get(int4_name(names::kLmHead, "qweight"));
+    const Workspace::Tensor& sc = ws.get(int4_name(names::kLmHead, "scales"));
+    const int64_t rows = qw.info->shape[0], cols = qw.info->shape[1], blocks = cols / 32;
+    const uint8_t *codes = qw.data(), *scales = sc.data();
+    std::vector<uint64_t> dims(t.shape.rbegin(), t.shape.rend());
+    out.add_tensor(t.name, type_of(kQ8_0), dims, [=](std::vector<uint8_t>& b) {
+      uint8_t block[34];
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t k = 0; k < blocks; ++k) {
+          std::memcpy(block, scales + size_t(r * blocks + k) * 2, 2);
+          std::memcpy(block + 2, codes + r * cols + k * 32, 32);
+          b.insert(b.end(), block, block + 34);
+        }
+    });
+  }
+
   void add(const OutTensor& t) {
-    if (is_int4(t.slices[0].canonical))
+    if (q.head.int8() && t.slices[0].canonical == names::kLmHead)
+      int8_head(t);
+    else if (is_int4(t.slices[0].canonical))
       int4(t);
     else
       plain(t);
@@ -339,10 +360,11 @@ GgufExportResult export_gguf(const GgufExportOptions& opt) {
   const std::string label = (opt.workspace / kWorkspaceFile).string();
   const gguf::Architecture& arch = export_architecture(spec, label);
   WeightQuantization q = weight_quantization_from_json(ws->info().json, label);
-  if (q.head.int8())  // it is Q8_0's block exactly, but not written yet
-    throw Error(label +
-                ": GGUF export of an int8 LM head (quantization.head) is not supported yet; export a "
-                "workspace quantized without --head int8");
+  // An int8 head is its own output tensor, even for a model with tied embeddings; llama.cpp's Gemma and Gemma 2
+  // graphs always project with the embedding.
+  if (q.head.int8() && (spec.family == "gemma" || spec.family == "gemma2"))
+    throw Error(label + ": an int8 LM head is a separate output tensor, which llama.cpp's '" + spec.family +
+                "' models cannot express (they project with the embedding); quantize without --head int8");
   if (q.quantized() && (q.bits != 4 || !q.zero_point || q.group_size % 32))
     throw Error(label + ": int" + std::to_string(q.bits) + " group " + std::to_string(q.group_size) +
                 " has no llama.cpp type that holds it; GGUF export maps asymmetric int4 with groups of a multiple of "
@@ -362,8 +384,12 @@ GgufExportResult export_gguf(const GgufExportOptions& opt) {
   Exporter e{*ws, q, out};
   for (const OutTensor& t : out_tensors(spec, arch)) {
     e.add(t);
-    // llama.cpp's GPT-2 converter writes the tied head as a copy of the embedding; kiln's import reads it back as tied.
-    if (t.name == arch.names.embedding && spec.tie_word_embeddings && spec.family == "gpt2")
+    if (t.name != arch.names.embedding || !spec.tie_word_embeddings) continue;
+    if (q.head.int8())  // a tied model's int8 head, after the embedding (the order of a GGUF's tensors is free)
+      e.add({arch.names.lm_head, t.shape, 0, {{names::kLmHead, 0, t.shape[0], 0}}});
+    else if (spec.family == "gpt2")
+      // llama.cpp's GPT-2 converter writes the tied head as a copy of the embedding; kiln's import reads it back as
+      // tied.
       e.add({arch.names.lm_head, t.shape, 0, t.slices});
   }
   out.finish();

@@ -42,14 +42,16 @@ def kiln_logits(ws, tmp_path, ids):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A tiny Llama workspace in fp32 and its int4 (RTN, group 32) quantization, each exported to GGUF."""
+    """A tiny Llama workspace (tied embeddings) in fp32, its int4 (RTN, group 32) quantization and the same with an
+    int8 head, each exported to GGUF."""
     root = tmp_path_factory.mktemp("gguf_export")
     src = root / "src.gguf"
     fx.write_model(src, "llama", T.F32, seed=7)
-    ws, qws = root / "ws", root / "qws"
+    ws, qws, hws = root / "ws", root / "qws", root / "hws"
     run_kiln("convert", src, "-o", ws, "--dtype", "fp32")
     run_kiln("quantize", ws, "-o", qws, "--method", "rtn", "--group-size", "32")
-    for w in (ws, qws):
+    run_kiln("quantize", ws, "-o", hws, "--method", "rtn", "--group-size", "32", "--head", "int8")
+    for w in (ws, qws, hws):
         run_kiln("export", w, "--format", "gguf", "-o", root / f"{w.name}.gguf")
     return root
 
@@ -89,6 +91,24 @@ def test_round_trip_through_kiln_convert(tiny, tmp_path):
     assert float(err.max()) <= float((np.abs(z * s) * 2.0**-11).max()) + 1e-12
 
 
+def test_int8_head_is_written_as_q8_0_exactly(tiny, tmp_path):
+    """The int8 head is llama.cpp's Q8_0 block (one fp16 scale and 32 codes per 32 inputs): the file's output.weight
+    dequantizes (the gguf package's own dequantizer) to exactly codes * scales, and kiln convert reads it back as an
+    untied head with those values."""
+    r = gguf.GGUFReader(str(tiny / "hws.gguf"))
+    by_name = {t.name: t for t in r.tensors}
+    out = by_name["output.weight"]
+    assert out.tensor_type == T.Q8_0 and by_name["blk.0.attn_q.weight"].tensor_type == T.Q4_1
+    h = tensors(tiny / "hws")
+    codes, scales = h["lm_head.qweight"].astype(np.float32), h["lm_head.scales"].astype(np.float32)
+    want = codes * np.repeat(scales, 32, axis=1)
+    got = gguf.quants.dequantize(out.data, out.tensor_type).reshape(want.shape)
+    np.testing.assert_array_equal(got, want)
+    back = tmp_path / "hback"
+    run_kiln("convert", tiny / "hws.gguf", "-o", back, "--dtype", "fp32")
+    np.testing.assert_array_equal(tensors(back)["lm_head.weight"], want)
+
+
 def llama_cpp():
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama.cpp oracle: PyPI llama-cpp-python is not installed (build it from source with "
@@ -109,8 +129,10 @@ def llama_logits(path, ids):
 # quantizes to 8 bits (Q8_1); on this model that alone moves the logits (max |logit| ~2.8) by 0.061, measured against
 # llama.cpp on an F32 file holding the same dequantized weights (which matches kiln to 3e-6); the fp16 rounding of m
 # adds 0.004. The bound leaves room for both; the weights themselves are checked exactly by the round-trip test.
+# The int8 head (hws, Q8_0 in the file) adds no difference of its own: kiln quantizes the head's input per 32 to int8
+# with llama.cpp's Q8_0 rule.
 @pytest.mark.llama_cpp
-@pytest.mark.parametrize("name,tol", [("ws", 1e-3), ("qws", 0.1)])
+@pytest.mark.parametrize("name,tol", [("ws", 1e-3), ("qws", 0.1), ("hws", 0.1)])
 def test_llama_cpp_logits_match_kiln(tiny, tmp_path, name, tol):
     want = kiln_logits(tiny / name, tmp_path, IDS)
     got = llama_logits(tiny / f"{name}.gguf", IDS)
