@@ -109,6 +109,20 @@ def test_int8_head_is_written_as_q8_0_exactly(tiny, tmp_path):
     np.testing.assert_array_equal(tensors(back)["lm_head.weight"], want)
 
 
+def test_int8_head_of_gemma_is_refused(tmp_path):
+    """llama.cpp's Gemma graph projects with the embedding whatever the file holds: a separate int8 head would be
+    silently ignored there, so export refuses it in one line and writes nothing."""
+    import test_gguf_families as fam
+    arch, model, writer, _ = fam.make_model("gemma")
+    src, ws, hws, out = tmp_path / "src.gguf", tmp_path / "ws", tmp_path / "hws", tmp_path / "out.gguf"
+    writer(src, model, arch)
+    run_kiln("convert", src, "-o", ws, "--dtype", "fp32")
+    run_kiln("quantize", ws, "-o", hws, "--method", "rtn", "--group-size", "32", "--head", "int8")
+    r = run_kiln("export", hws, "--format", "gguf", "-o", out, check=False)
+    assert r.returncode == 1 and "int8 LM head" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def llama_cpp():
     if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama.cpp oracle: PyPI llama-cpp-python is not installed (build it from source with "
