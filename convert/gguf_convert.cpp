@@ -151,7 +151,12 @@ ConvertResult convert_gguf(const ConvertOptions& opt) {
 
   const std::vector<CanonicalTensor> canonical = canonical_tensors(spec);  // in the order of `mappings`
   WeightQuantization q;
-  if (opt.keep_quantized) q = gguf::kept_int4_quantization(model, spec, canonical, mappings);
+  const gguf::SourceTensor* head8 = nullptr;  // a Q8_0 head kept as kiln's int8 head
+  if (opt.keep_quantized) {
+    q = gguf::kept_int4_quantization(model, spec, canonical, mappings);
+    head8 = gguf::kept_int8_head(model, spec, arch);
+    if (head8) q.head = {"int8", kInt8HeadGroup};
+  }
 
   std::atomic<bool> cancel_hashing{false};
   auto source_hashes = std::async(std::launch::async, hash_files, std::cref(model), &cancel_hashing);
@@ -169,11 +174,15 @@ ConvertResult convert_gguf(const ConvertOptions& opt) {
       for (size_t i = 0; i < mappings.size(); ++i) {
         if (q.covers(canonical[i].suffix)) {
           gguf::emit_kept_int4(model, mappings[i], writer, sink);
+        } else if (head8 && canonical[i].name == names::kLmHead) {
+          gguf::emit_kept_int8_head(*head8, writer, sink);
         } else {
           writer.begin_tensor();
           emit_gguf_tensor(model, mappings[i], target, sink);
         }
       }
+      // A tied model's int8 head comes after every other tensor (canonical_tensors).
+      if (head8 && spec.tie_word_embeddings) gguf::emit_kept_int8_head(*head8, writer, sink);
       progress.finish();
     }
     writer.add_file("tokenizer.json", tokenizer.tokenizer_json);
@@ -185,6 +194,7 @@ ConvertResult convert_gguf(const ConvertOptions& opt) {
     if (q.quantized()) weights["imported_from"] = {{"format", "gguf"}};  // blocks repacked, not requantized
     ordered_json doc =
         converted_document(opt, spec, target, weights, writer, plan.size(), total, tok, source_hashes.get());
+    if (q.head.int8()) doc["quantization"]["head"] = head_quantization_to_json(q.head);
     doc["provenance"]["imported_from"] = import_record(model);  // what the dequantized weights were stored as
     return commit_converted(writer, std::move(doc), total, staging);
   } catch (...) {

@@ -11,7 +11,7 @@ namespace kiln::gguf {
 
 namespace {
 
-constexpr uint32_t kQ4_0 = 2, kQ4_1 = 3;
+constexpr uint32_t kQ4_0 = 2, kQ4_1 = 3, kQ8_0 = 8;
 constexpr int64_t kBlock = 32;
 
 // One block's int4 form: scale (fp16 bits), zero point, and the 32 codes in input order.
@@ -121,6 +121,30 @@ void emit_kept_int4(const Model& model, const Mapping& m, WorkspaceWriter& write
   sink.write(scales.data(), scales.size() * 2);
   writer.begin_tensor();
   sink.write(zeros.data(), zeros.size());
+}
+
+const SourceTensor* kept_int8_head(const Model& model, const ModelSpec& spec, const Architecture& arch) {
+  const SourceTensor* t = model.tensor(spec.tie_word_embeddings ? arch.names.embedding : arch.names.lm_head);
+  return t && t->info->type->id == kQ8_0 ? t : nullptr;
+}
+
+void emit_kept_int8_head(const SourceTensor& head, WorkspaceWriter& writer, TensorSink& sink) {
+  check_interrupt();
+  const TensorType& type = *head.info->type;  // Q8_0: 2 bytes of fp16 scale, then 32 int8 codes
+  const int64_t rows = head.info->dims.size() > 1 ? int64_t(head.info->dims[1]) : 1;
+  const int64_t blocks = int64_t(head.info->dims[0]) / kBlock;
+  std::vector<uint8_t> codes(size_t(rows * blocks * kBlock));
+  std::vector<uint8_t> scales(size_t(rows * blocks * 2));
+  const uint8_t* src = head.data();
+  for (int64_t b = 0; b < rows * blocks; ++b) {
+    std::memcpy(scales.data() + b * 2, src + b * type.type_size, 2);
+    std::memcpy(codes.data() + b * kBlock, src + b * type.type_size + 2, kBlock);
+  }
+  head.file->mapped().dont_need(head.file->header().data_start + head.info->offset, head.info->nbytes);
+  writer.begin_tensor();
+  sink.write(codes.data(), codes.size());
+  writer.begin_tensor();
+  sink.write(scales.data(), scales.size());
 }
 
 }  // namespace kiln::gguf

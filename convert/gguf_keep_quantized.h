@@ -20,4 +20,12 @@ WeightQuantization kept_int4_quantization(const Model& model, const ModelSpec& s
 // Writes X.qweight, X.scales and X.zeros of one kept linear (three tensors, in that order).
 void emit_kept_int4(const Model& model, const Mapping& mapping, WorkspaceWriter& writer, TensorSink& sink);
 
+// The Q8_0 tensor kept as an int8 LM head (docs/int4_layout.md: llama.cpp's Q8_0 block is kiln's int8 head block,
+// one fp16 scale and 32 codes): the output head, or for a model with tied embeddings the embedding (the head is then
+// its own copy, and the embedding is dequantized as usual). nullptr when that tensor is not Q8_0.
+const SourceTensor* kept_int8_head(const Model& model, const ModelSpec& spec, const Architecture& arch);
+
+// Writes lm_head.qweight and lm_head.scales (two tensors, in that order) from the Q8_0 tensor `head`.
+void emit_kept_int8_head(const SourceTensor& head, WorkspaceWriter& writer, TensorSink& sink);
+
 }  // namespace kiln::gguf

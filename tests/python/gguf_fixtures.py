@@ -67,8 +67,10 @@ def encode(values, qtype, rng):
     return gguf.quants.quantize(values.astype(np.float32), qtype), qtype
 
 
-def write_model(path, arch="llama", qtype=None, embed_qtype=None, seed=0, tied=True, iq_tensor=None, head_dim=None):
-    """Writes a tiny model; linear weights in `qtype`, the embedding in `embed_qtype`, norms and biases F32.
+def write_model(path, arch="llama", qtype=None, embed_qtype=None, seed=0, tied=True, iq_tensor=None, head_dim=None,
+                head_qtype=None):
+    """Writes a tiny model; linear weights in `qtype`, the embedding in `embed_qtype`, an untied head in
+    `head_qtype` (default `qtype`), norms and biases F32.
     `iq_tensor` is stored as IQ2_XXS (zero bytes), a type kiln refuses. `head_dim` may differ from hidden / heads
     (as in real Qwen3 models). Returns {gguf name: (stored array, qtype)}."""
     HEAD_DIM = head_dim or HIDDEN // HEADS
@@ -118,7 +120,7 @@ def write_model(path, arch="llama", qtype=None, embed_qtype=None, seed=0, tied=T
     add("token_embd.weight", normal(len(tokens), HIDDEN), embed_qtype)
     add("output_norm.weight", 1 + normal(HIDDEN), T.F32)
     if not tied:
-        add("output.weight", normal(len(tokens), HIDDEN), qtype)
+        add("output.weight", normal(len(tokens), HIDDEN), qtype if head_qtype is None else head_qtype)
     for i in range(LAYERS):
         q, k = normal(HEADS * HEAD_DIM, HIDDEN), normal(KV_HEADS * HEAD_DIM, HIDDEN)
         if arch == "llama":

@@ -1,4 +1,5 @@
-"""kiln convert FILE.gguf --keep-quantized: Q4_0 (and Q4_1 whose m is -z*d) linear weights kept as kiln int4.
+"""kiln convert FILE.gguf --keep-quantized: Q4_0 (and Q4_1 whose m is -z*d) linear weights kept as kiln int4, and a
+Q8_0 head (or tied embedding) kept as kiln's int8 head.
 
 - The kept int4 tensors, dequantized by docs/int4_layout.md's formula w = (q - zero) * scale in fp32, equal the `gguf`
   package's own dequantization of the file's blocks bit for bit (q/k rows un-permuted for Llama).
@@ -105,6 +106,41 @@ def test_kept_int4_is_the_files_blocks(arch, qtype, tmp_path, monkeypatch):
     diff = float(np.abs(logits(kept, tmp_path) - logits(plain, tmp_path)).max())
     print(f"{arch} {qtype.name}: max |logit diff| kept int4 vs dequantized fp32 {diff:.2e}")
     assert diff <= 1e-4
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_q8_0_head_is_kept_as_the_int8_head(tied, tmp_path):
+    """llama.cpp's Q4 files carry their head (or tied embedding) in Q8_0, which is kiln's int8 head block: kept, its
+    codes and fp16 scales are the file's bytes; kiln's own quantizer (`quantize --head int8` of the dequantized
+    conversion) picks the same bytes; the embedding of a tied model is dequantized as usual."""
+    path = tmp_path / "m.gguf"
+    stored = fx.write_model(path, "llama", T.Q4_0, embed_qtype=T.Q8_0, seed=4, tied=tied, head_qtype=T.Q8_0)
+    head_name = "token_embd.weight" if tied else "output.weight"
+    kept, plain, requant = tmp_path / "kept", tmp_path / "plain", tmp_path / "requant"
+    run_kiln("convert", path, "-o", kept, "--keep-quantized", "--dtype", "fp32")
+    run_kiln("convert", path, "-o", plain, "--dtype", "fp32")
+    doc = json.loads((kept / "kiln.json").read_text())
+    assert doc["quantization"]["head"]["dtype"] == "int8"
+    t, p = tensors(kept), tensors(plain)
+    data, qtype = stored[head_name]
+    blocks = data.reshape(-1, 34)
+    rows = t["lm_head.qweight"].shape[0]
+    np.testing.assert_array_equal(t["lm_head.scales"].view(np.uint16).reshape(-1),
+                                  blocks[:, :2].copy().view(np.uint16).reshape(-1))
+    np.testing.assert_array_equal(t["lm_head.qweight"].reshape(-1), blocks[:, 2:].copy().view(np.int8).reshape(-1))
+    assert rows == fx.dequantized(data, qtype).shape[0]
+    np.testing.assert_array_equal(t["tok_embeddings.weight"], p["tok_embeddings.weight"])
+    assert "lm_head.weight" not in t
+    run_kiln("quantize", plain, "-o", requant, "--method", "rtn", "--group-size", "32", "--head", "int8")
+    r = tensors(requant)
+    np.testing.assert_array_equal(r["lm_head.qweight"], t["lm_head.qweight"])
+    np.testing.assert_array_equal(r["lm_head.scales"], t["lm_head.scales"])
+    # The workspace runs: its logits are the dequantized conversion's up to the int8 rounding of the head's input
+    # (per 32 inputs, d = max|x| / 127: a relative error of at most 1/254 per block, ~1e-2 on these logits).
+    a, b = logits(kept, tmp_path), logits(plain, tmp_path)
+    diff = float(np.abs(a - b).max())
+    print(f"kept Q8_0 head ({'tied' if tied else 'untied'}): max |logit diff| vs dequantized fp32 {diff:.2e}")
+    assert diff <= 0.05 and np.array_equal(a.argmax(-1), b.argmax(-1))
 
 
 def test_types_without_an_exact_int4_form_are_refused(tmp_path):
