@@ -79,13 +79,17 @@ std::vector<double> reference(const std::vector<float>& x, int64_t rows, const I
   return y;
 }
 
-void check_shape(int64_t rows, int64_t out, int64_t in, unsigned seed) {
+// min_codes: some codes set to -128, which kiln's quantizer never writes but a Q8_0 block from another tool may
+// hold (convert --keep-quantized keeps a GGUF's Q8_0 head as it is).
+void check_shape(int64_t rows, int64_t out, int64_t in, unsigned seed, bool min_codes = false) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> n(0.0f, 1.0f);
   std::vector<float> w(size_t(out * in)), x(size_t(rows * in));
   for (float& v : w) v = 0.05f * n(rng);
   for (float& v : x) v = n(rng) * (n(rng) > 2.0f ? 20.0f : 1.0f);  // heavy-tailed, like hidden states
-  const Int8HeadMatrix m = quantize_int8_head(w.data(), out, in, "w");
+  Int8HeadMatrix m = quantize_int8_head(w.data(), out, in, "w");
+  if (min_codes)
+    for (size_t i = 0; i < m.qweight.size(); i += 7) m.qweight[i] = -128;
   const Int8WeightView view{m.qweight.data(), reinterpret_cast<const uint8_t*>(m.scales.data()), out, in, 32};
   const cpu::Int8Linear packed = cpu::pack_linear_int8(view);
   cpu::ThreadPool pool(2);
@@ -117,6 +121,7 @@ TEST(Int8Head, KernelsMatchTheReferenceOnOddShapes) {
   check_shape(5, 300, 96, 3);  // a 4-row tile and a 1-row tile, 19 panels (two tasks)
   check_shape(9, 7, 160, 4);   // rows past two 4-row tiles, a panel of 7
   check_shape(70, 33, 64, 5);  // two row tasks of the pool
+  check_shape(5, 40, 64, 6, /*min_codes=*/true);
 }
 
 TEST(Int8Head, NonFiniteActivationsGiveNan) {
