@@ -62,20 +62,17 @@ size_t chunk_scratch(int64_t hd) { return size_t(2 * kKeyChunk * hd + kKeyChunk)
 // Floats of one (row, kv head) partial or running result: m[group], s[group], acc[group][hd].
 int64_t partial_floats(int64_t group, int64_t hd) { return group * (hd + 2); }
 
-// Row `pos` of kv head g of the sequence as hd fp32 values in dst; returns dst, or the cache row itself for an fp32
-// cache when `in_place`.
+// Row `pos` of kv head g of the sequence as hd fp32 values: the cache row itself for an fp32 cache, else widened into
+// dst (and dst returned).
 KILN_ALWAYS_INLINE const float* widen_row(const LayerView& v, const uint8_t* base, const float* scales,
-                                          const AttentionSequence& seq, int64_t g, int64_t pos, float* dst,
-                                          bool in_place) {
+                                          const AttentionSequence& seq, int64_t g, int64_t pos, float* dst) {
   const auto& c = *v.c;
   const int64_t bs = c.block_size, hd = v.hd;
   const uint8_t* src =
       base + size_t((int64_t(seq.block_table[size_t(pos / bs)]) * c.num_kv_heads + g) * bs + pos % bs) * v.row_bytes;
   switch (c.dtype) {
     case KvDType::F32:
-      if (in_place) return reinterpret_cast<const float*>(src);
-      std::memcpy(dst, src, size_t(hd) * 4);
-      break;
+      return reinterpret_cast<const float*>(src);
     case KvDType::BF16: {
       const auto* h = reinterpret_cast<const uint16_t*>(src);
       for (int64_t d = 0; d < hd; ++d) dst[d] = bf16_to_f32(h[d]);
@@ -161,8 +158,8 @@ KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* ro
   const float *krows[kKeyChunk], *vrows[kKeyChunk];
   for (int64_t pos = lo; pos < hi; ++pos) {
     const int64_t j = pos - c0;
-    krows[j] = widen_row(v, v.kbase, v.k_scales, seq, g, pos, kb + j * hd, true);
-    vrows[j] = widen_row(v, v.vbase, v.v_scales, seq, g, pos, vb + j * hd, true);
+    krows[j] = widen_row(v, v.kbase, v.k_scales, seq, g, pos, kb + j * hd);
+    vrows[j] = widen_row(v, v.vbase, v.v_scales, seq, g, pos, vb + j * hd);
   }
   for (int64_t t = 0; t < count; ++t) {
     const RowRef& r = rows[t];
