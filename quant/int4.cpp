@@ -16,12 +16,6 @@ void check_int4_shape(int64_t out, int64_t in, int64_t group_size, const std::st
                 " input features, not a multiple of --group-size " + std::to_string(group_size));
 }
 
-namespace {
-// Round half to even, as numpy.round and torch.round do (std::nearbyint uses the default rounding mode, which is
-// to-nearest-even; kiln never changes it).
-inline float round_even(float v) { return std::nearbyint(v); }
-}  // namespace
-
 Int4GroupGrid int4_group_grid(const float* x, int64_t n, const std::string& label, int64_t row, int64_t group) {
   float lo = 0.0f, hi = 0.0f;
   for (int64_t k = 0; k < n; ++k) {
@@ -38,7 +32,7 @@ Int4GroupGrid int4_group_grid(const float* x, int64_t n, const std::string& labe
   Int4GroupGrid grid;
   grid.scale_bits = f32_to_f16(scale_f32);
   grid.scale = f16_to_f32(grid.scale_bits);
-  if (grid.scale != 0.0f) grid.zero = std::clamp<int64_t>(int64_t(-round_even(lo / grid.scale)), 0, kInt4MaxQ);
+  if (grid.scale != 0.0f) grid.zero = std::clamp<int64_t>(int64_t(-std::nearbyint(lo / grid.scale)), 0, kInt4MaxQ);
   if (grid.scale == 0.0f) grid.scale_bits = 0;  // -0 and +0 alike store +0
   return grid;
 }

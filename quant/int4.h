@@ -36,6 +36,7 @@ void check_int4_shape(int64_t out, int64_t in, int64_t group_size, const std::st
 
 // One group's grid (the rule above). `label`, `row` and `group` name the group in errors (a non-finite value, a scale
 // beyond fp16).
+// std::nearbyint under the default rounding mode (kiln never changes it) is the round half to even above.
 struct Int4GroupGrid {
   uint16_t scale_bits = 0;  // fp16; +0 when the scale rounds to zero
   float scale = 0.0f;       // the fp16 scale as fp32
