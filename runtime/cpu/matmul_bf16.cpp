@@ -21,7 +21,8 @@ bool cpu_has_avx512_bf16() {
 Bf16Math default_bf16_math() {
   static const Bf16Math math = [] {
     const char* env = std::getenv("KILN_CPU_BF16_DOT");
-    return env && std::string(env) == "1" && cpu_has_avx512_bf16() ? Bf16Math::Dot : Bf16Math::Exact;
+    if (env && std::string(env) == "1" && cpu_has_avx512_bf16()) return Bf16Math::Dot;
+    return amx_bf16_usable() ? Bf16Math::Amx : Bf16Math::Exact;
   }();
   return math;
 }
@@ -39,6 +40,21 @@ void round_rows_to_bf16_pairs(const float* x, int64_t rows, int64_t in, uint32_t
 void matmul_bf16_pairs(ThreadPool& pool, MatmulIsa isa, Bf16Math math, const float* x, int64_t rows,
                        const PackedLinear& w, float* y) {
   const bool simd = isa == MatmulIsa::Avx512;
+  if (math == Bf16Math::Amx && simd && amx_bf16_usable()) {
+    // Kept per calling thread and only grown: a fresh vector per call cost a page fault per 4 KB and a memset (a
+    // 512-token prefill's parts are 4.7 MB), as much as the tile products of small matmuls.
+    thread_local std::vector<uint16_t> parts;
+    const int64_t kpad = amx_padded_inputs(w.in);
+    if (parts.size() < size_t(3 * rows * kpad)) parts.resize(size_t(3 * rows * kpad));
+    uint16_t* xs = parts.data();
+    pool.parallel_for(
+        rows, [&](int64_t b, int64_t e) { split_rows_to_bf16x3(x + b * w.in, e - b, w.in, kpad, xs + 3 * b * kpad); });
+    parallel_panel_tasks(pool, rows, 0, w.panels(), [&](int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
+      matmul_bf16_amx(xs, kpad, r0, r1, w, p0, p1, y);
+    });
+    return;
+  }
+  if (math == Bf16Math::Amx) math = Bf16Math::Exact;  // the scalar ISA, or no AMX here
   std::vector<uint32_t> xp;
   if (math == Bf16Math::Dot) {
     xp.resize(size_t(rows * w.pairs()));

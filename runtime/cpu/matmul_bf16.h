@@ -16,15 +16,22 @@
 //   rounded to bf16 (round to nearest even) once per call, then one instruction does 32 multiply-adds into fp32
 //   (products of two bf16 are exact in fp32; denormals are flushed). The only approximation is that rounding: per
 //   element |x - bf16(x)| <= 2^-8 |x|, the same rounding the CUDA backend applies to every Linear input (docs/cuda.md).
+// - Amx (the default where the CPU has AMX-BF16 and Linux grants it): each row of x is split into three bf16 parts
+//   that sum exactly to x, and `tdpbf16ps` multiplies a tile of them (5 rows x 3 parts x 32 inputs) by 16 pairs of
+//   one panel (the pair layout is exactly its weight-tile layout). Products are exact in fp32 as in Exact; only the
+//   summation differs (each part summed on its own, in chunks of 32 inputs, then hi + (mid + lo)), so it agrees with
+//   Exact to fp32 rounding, and a row's result still does not depend on the batch (matmul_bf16_amx.cpp).
 #include <cstdint>
 
 #include "runtime/cpu/matmul.h"
 
 namespace kiln::cpu {
 
-enum class Bf16Math { Exact, Dot };
+enum class Bf16Math { Exact, Dot, Amx };
 bool cpu_has_avx512_bf16();
-// Exact unless KILN_CPU_BF16_DOT=1 and the CPU has AVX512_BF16 (read once).
+// AMX-BF16 is listed, the kernel granted the tile state (arch_prctl) and KILN_CPU_AMX is not 0 (checked once).
+bool amx_bf16_usable();
+// Dot when KILN_CPU_BF16_DOT=1 and the CPU has AVX512_BF16; otherwise Amx where usable, else Exact (read once).
 Bf16Math default_bf16_math();
 
 // y = x · Wᵀ for w in the Bf16Pairs layout (called by matmul()).
@@ -43,5 +50,13 @@ void matmul_bf16_dot_avx512(const uint32_t* xp, int64_t r0, int64_t r1, const Pa
                             float* y);
 // Rounds rows of x (in features) to bf16 pairs: xp[rows][(in + 1) / 2].
 void round_rows_to_bf16_pairs(const float* x, int64_t rows, int64_t in, uint32_t* xp);
+
+// Amx: each row of x [rows][in] as three bf16 parts hi, mid, lo with hi + mid + lo = x: parts[rows][3][kpad], kpad =
+// in rounded up to 32, zero-padded (AVX512_BF16 CPUs only).
+constexpr int64_t amx_padded_inputs(int64_t in) { return (in + 31) / 32 * 32; }
+void split_rows_to_bf16x3(const float* x, int64_t rows, int64_t in, int64_t kpad, uint16_t* parts);
+// The AMX kernel over rows [r0, r1) of those parts (only where amx_bf16_usable()).
+void matmul_bf16_amx(const uint16_t* parts, int64_t kpad, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0,
+                     int64_t p1, float* y);
 
 }  // namespace kiln::cpu

@@ -62,3 +62,38 @@ def test_bf16_dot_logits_match_transformers_with_rounded_inputs(name, fixture_mo
     assert int8_logits_close(got, rounded, MATCH, far_tol=1e-2)
     lead = per_pos.size if (per_pos <= MATCH).all() else int(np.flatnonzero(per_pos > MATCH)[0])
     assert lead > 0 and unrounded[:lead].min() > 10 * MATCH
+
+
+def amx_in_use(env):
+    return json.loads(run_kiln("devices", "--json", env=env).stdout)["cpu"]["amx_bf16"]
+
+
+@pytest.mark.parametrize("name", list(FIXTURES))
+def test_amx_bf16_logits_match_unrounded_transformers(name, fixture_models, tmp_path):
+    """Where the CPU has AMX-BF16 and Linux grants it, it is the default bf16 kernel (matmul_bf16_amx.cpp): x is split
+    into three bf16 parts that sum exactly to it, so no activation is rounded. The logits must then match the
+    unrounded fp32 oracle as the exact kernel's do (1e-4; rounding Linear inputs to bf16 moves them by ~6e-3, above),
+    while differing from the exact kernel's in the last bits (another summation order: the test ran the AMX kernel).
+    KILN_CPU_AMX=0 turns it off."""
+    rng = np.random.default_rng(len(name) + 1)
+    ids = [int(x) for x in rng.integers(3, 31000, size=FIXTURES[name])]
+    (tmp_path / "t.json").write_text(json.dumps(ids))
+    ws = tmp_path / "ws"
+    run_kiln("convert", fixture_models / name, "-o", ws)
+    logits = {}
+    for amx in ("1", "0"):
+        env = dict(os.environ, KILN_CPU_AMX=amx, KILN_DEVICE="cpu")
+        for k in ("KILN_CPU_ISA", "KILN_CPU_BF16_DOT"):
+            env.pop(k, None)
+        if amx == "0":
+            assert not amx_in_use(env)
+        run_kiln("eval", ws, "--tokens", tmp_path / "t.json", "--ctx", len(ids), "--save-logits", tmp_path / amx,
+                 "--kv-cache", "fp32", env=env)
+        logits[amx] = load_file(str(tmp_path / amx))["logits"]
+    exact = cached_logits(hf_fp32(fixture_models / name), ids)
+    diff = {k: float(np.abs(v - exact).max()) for k, v in logits.items()}
+    print(f"{name}: max |logit - unrounded oracle|: amx {diff['1']:.3g}, exact kernel {diff['0']:.3g}")
+    assert diff["0"] <= MATCH
+    assert diff["1"] <= MATCH
+    if amx_in_use(dict(os.environ, KILN_CPU_AMX="1")):
+        assert not np.array_equal(logits["1"], logits["0"])

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -139,9 +140,62 @@ TEST(CpuBf16Matmul, DotKernelsMatchTheProductOfRoundedActivations) {
   }
 }
 
+TEST(CpuBf16Matmul, SplitsActivationsIntoThreeBf16PartsThatSumToThem) {
+  if (!cpu::cpu_has_avx512_bf16()) GTEST_SKIP() << "no AVX512_BF16 on this CPU";
+  const float inf = std::numeric_limits<float>::infinity();
+  std::vector<float> x = {1.0f,  1.00390625f, -3.1f,  1e-30f,          7.0f, 0.5f, -0.25f,        65504.0f, 2.0f,
+                          -1.0f, 3.3333333f,  -1e20f, 1.0f + 0x1p-23f, inf,  -inf, std::nanf(""), 0.0f,     -0.0f};
+  for (float v : random_x(300, 5)) x.push_back(v);
+  const int64_t rows = 3, in = int64_t(x.size()) / rows, kpad = cpu::amx_padded_inputs(in);
+  ASSERT_EQ(in * rows, int64_t(x.size()));
+  std::vector<uint16_t> parts(size_t(3 * rows * kpad), 0xffff);
+  cpu::split_rows_to_bf16x3(x.data(), rows, in, kpad, parts.data());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < kpad; ++k) {
+      const size_t i = size_t(3 * r * kpad + k);
+      const float h = bf16_to_f32(parts[i]), m = bf16_to_f32(parts[i + kpad]), l = bf16_to_f32(parts[i + 2 * kpad]);
+      if (k >= in) {  // padding
+        EXPECT_TRUE(h == 0 && m == 0 && l == 0) << r << "," << k;
+        continue;
+      }
+      const float v = x[size_t(r * in + k)];
+      if (!std::isfinite(v)) {
+        EXPECT_EQ(parts[i], f32_to_bf16(v)) << v;
+        EXPECT_TRUE(m == 0 && l == 0) << v;
+        continue;
+      }
+      EXPECT_EQ(parts[i], f32_to_bf16(v)) << v;  // hi is x rounded to nearest even
+      EXPECT_EQ(double(h) + double(m) + double(l), double(v)) << v;
+    }
+}
+
+TEST(CpuBf16Matmul, AmxKernelMatchesTheFp32Product) {
+  if (!has_avx512() || !cpu::amx_bf16_usable()) GTEST_SKIP() << "no usable AMX-BF16 on this CPU";
+  // in: multiples of 32 and not (the padded last chunk); out: 1 to 4 panels per tile and more; rows: one and several
+  // tiles of 5.
+  const int64_t shapes[][2] = {{37, 45}, {48, 64}, {49, 3}, {5, 1}, {100, 96}, {33, 77}, {64, 32}};
+  for (const auto& s : shapes) {
+    const int64_t out = s[0], in = s[1], kpad = cpu::amx_padded_inputs(in);
+    Bf16Weights w = random_weights(out * in, uint32_t(out + 3 * in));
+    cpu::PackedLinear p = cpu::pack_linear(w.bits.data(), DType::BF16, out, in, cpu::DenseLayout::Bf16Pairs);
+    for (int64_t rows : {1, 4, 5, 6, 16, 40}) {
+      auto x = random_x(rows * in, uint32_t(rows + 7));
+      std::vector<double> ref, mag;
+      naive(x, rows, w.values, out, in, ref, mag);
+      std::vector<uint16_t> parts(size_t(3 * rows * kpad));
+      cpu::split_rows_to_bf16x3(x.data(), rows, in, kpad, parts.data());
+      std::vector<float> y(size_t(rows * out), std::nanf(""));
+      cpu::matmul_bf16_amx(parts.data(), kpad, 0, rows, p, 0, p.panels(), y.data());
+      // Every product is exact, as in the Exact kernel; each part's products are summed on their own, then added.
+      for (size_t i = 0; i < y.size(); ++i)
+        ASSERT_NEAR(y[i], ref[i], 2e-6 * (1 + mag[i])) << out << "x" << in << " rows " << rows << " at " << i;
+    }
+  }
+}
+
 TEST(CpuBf16Matmul, RowsAreIndependentOfTheBatch) {
   // Bitwise, for both maths and every ISA this CPU has (batch invariance, docs/runtime.md).
-  const int64_t out = 70, in = 77, rows = 13;
+  const int64_t out = 70, in = 77, rows = 37;  // AMX: two wide tiles of 16 rows, then narrow ones
   Bf16Weights w = random_weights(out * in, 9);
   cpu::PackedLinear p = cpu::pack_linear(w.bits.data(), DType::BF16, out, in, cpu::DenseLayout::Bf16Pairs);
   auto x = random_x(rows * in, 10);
@@ -149,7 +203,7 @@ TEST(CpuBf16Matmul, RowsAreIndependentOfTheBatch) {
   std::vector<cpu::MatmulIsa> isas = {cpu::MatmulIsa::Scalar};
   if (has_avx512()) isas.push_back(cpu::MatmulIsa::Avx512);
   for (cpu::MatmulIsa isa : isas)
-    for (cpu::Bf16Math math : {cpu::Bf16Math::Exact, cpu::Bf16Math::Dot}) {
+    for (cpu::Bf16Math math : {cpu::Bf16Math::Exact, cpu::Bf16Math::Dot, cpu::Bf16Math::Amx}) {
       std::vector<float> all(size_t(rows * out)), one(static_cast<size_t>(out));
       cpu::matmul_bf16_pairs(pool, isa, math, x.data(), rows, p, all.data());
       for (int64_t r = 0; r < rows; ++r) {

@@ -1,0 +1,237 @@
+// The AMX kernel over the bf16 pair layout (matmul_bf16.h, Bf16Math::Amx). The tile instructions are written as
+// inline assembly (so the rest of kiln stays baseline x86-64 and they run only where amx_bf16_usable()); the split
+// into bf16 parts is compiled for AVX512_BF16 through a function target attribute, like the AVX-512 kernels.
+//
+// Why AMX: the exact AVX-512 kernel does one 16-lane FMA per weight pair and row, so batched decode and prefill were
+// bound by FMA throughput (20-34% of the FMA roofline at batch 8/32, docs/BENCHMARKS.md). One `tdpbf16ps` does
+// 16 rows x 16 outputs x 32 inputs. Its operands are bf16 on both sides, so x is split into three bf16 planes
+// (split_rows_to_bf16x3) and each tile of weights is multiplied by all three: the activation is used in full, at
+// three tile products per weight tile, which still leaves the kernel bound by memory rather than by arithmetic.
+#include <immintrin.h>
+#include <sys/syscall.h>
+
+// GCC 12 warns about the deliberately undefined upper lanes inside its own AVX-512 headers.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <utility>
+
+#include "runtime/core/dtype.h"
+#include "runtime/cpu/matmul_bf16.h"
+#include "runtime/cpu/panel_tasks.h"
+
+namespace kiln::cpu {
+
+#define KILN_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16,avx2,fma")))
+
+namespace {
+
+// Linux keeps AMX's 8 KB of tile state off by default: a process must ask for it once (arch_prctl), or its first tile
+// instruction dies with SIGILL. The grant covers every thread of the process.
+bool request_amx_permission() {
+#if defined(__x86_64__) && defined(SYS_arch_prctl)
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+bool cpu_lists_amx_bf16() {
+#if defined(__x86_64__)
+  unsigned eax, ebx, ecx, edx;
+  __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(0), "c"(0));
+  if (eax < 7) return false;
+  __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
+  const bool amx_bf16 = (edx >> 22) & 1, amx_tile = (edx >> 24) & 1;
+  return amx_bf16 && amx_tile && cpu_has_avx512_bf16();
+#else
+  return false;
+#endif
+}
+
+constexpr int64_t kChunk = 32;                      // inputs per tile product
+constexpr int64_t kGroupRows = 5;                   // activation rows per tile: their 3 parts fill 15 of its 16 rows
+constexpr int64_t kSpanPanels = 6;                  // panels whose weights stay in L2 while every row block passes
+constexpr size_t kTileBytes = kChunk / 2 * 64;      // one panel's weights for a chunk: 16 pairs x 64 bytes
+constexpr size_t kPairPanelBytes = kPanel * 2 * 2;  // one pair of inputs for 16 outputs: 64 bytes
+
+// Tile instructions name their registers as immediates; these take them as template arguments (the intrinsics'
+// macros paste the argument's spelling into the instruction, which a template parameter cannot be).
+template <int T>
+inline void tile_load(const void* base, int64_t stride) {
+  asm volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(base), "r"(stride), "i"(T) : "memory");
+}
+template <int T>
+inline void tile_store(void* base, int64_t stride) {
+  asm volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(base), "r"(stride), "i"(T) : "memory");
+}
+template <int T>
+inline void tile_zero() {
+  asm volatile("tilezero %%tmm%c0" ::"i"(T));
+}
+template <int C, int A, int B>  // C += A · B
+inline void tile_dot() {
+  asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  bool operator==(const TileConfig&) const = default;
+};
+
+// A row block: RB groups of rows (m[i] <= 5 rows each) against NP panels at a time. Tiles 0..RB-1 hold each group's
+// activations (3 m[i] rows: hi, mid and lo of each row, 32 inputs), RB..RB+NP-1 one chunk of each panel's weights
+// (16 pairs), and RB+NP + i*NP + q the products of group i and panel q (3 m[i] rows x 16 outputs): 2 + 2 + 4 or
+// 1 + 3 + 3 of the 8 tiles (RB = 3, NP = 1 measured slower than RB = 2: 575 against 634 tokens/s at batch 32). Each
+// weight tile loaded feeds RB products, each activation tile NP. Whatever RB, NP and m are, an output row's three parts
+// are each summed over the chunks in order, by the same tile products, and added last as hi + (mid + lo): a row's
+// result does not depend on the batch or on the blocking.
+template <int RB, int NP>
+struct RowBlock {
+  static TileConfig config(const int64_t* m) {
+    TileConfig c;
+    for (int t = 0; t < RB + NP + RB * NP; ++t) {
+      c.colsb[t] = 64;
+      c.rows[t] = uint8_t(t < RB ? 3 * m[t] : t < RB + NP ? kChunk / 2 : 3 * m[(t - RB - NP) / NP]);
+    }
+    return c;
+  }
+
+  // Rows of the groups at x[i] (parts, row stride 3 * kpad) x panels [p, p + NP). `tail` holds the last chunk's
+  // weights zero-padded when the input count is not a multiple of 32 (the panel's own bytes would run on into the
+  // next panel there).
+  static void run(const uint16_t* const* x, const int64_t* m, const int64_t* row, int64_t kpad, const PackedLinear& w,
+                  int64_t p, float* y) {
+    const size_t pstride = size_t(w.pairs()) * kPairPanelBytes;
+    const uint8_t* panel = w.data.data() + size_t(p) * pstride;
+    const int64_t chunks = kpad / kChunk, full_chunks = w.pairs() / (kChunk / 2);
+    alignas(64) uint8_t tail[NP][kTileBytes];
+    if (full_chunks < chunks)
+      for (int q = 0; q < NP; ++q) {
+        std::memset(tail[q], 0, kTileBytes);
+        std::memcpy(tail[q], panel + q * pstride + size_t(full_chunks) * kTileBytes,
+                    size_t(w.pairs() - full_chunks * (kChunk / 2)) * kPairPanelBytes);
+      }
+    for_each<RB * NP>([]<int T>() { tile_zero<RB + NP + T>(); });
+    for (int64_t c = 0; c < chunks; ++c) {
+      const bool padded = c >= full_chunks;
+      for_each<RB>([&]<int I>() { tile_load<I>(x[I] + c * kChunk, kpad * 2); });
+      for_each<NP>([&]<int Q>() {
+        tile_load<RB + Q>(padded ? tail[Q] : panel + Q * pstride + size_t(c) * kTileBytes, 64);
+        for_each<RB>([]<int I>() { tile_dot<RB + NP + I * NP + Q, I, RB + Q>(); });
+      });
+    }
+    alignas(64) float parts[RB * NP][3 * kGroupRows][kPanel];
+    for_each<RB * NP>([&]<int T>() { tile_store<RB + NP + T>(parts[T], 64); });
+    for (int i = 0; i < RB; ++i)
+      for (int q = 0; q < NP; ++q) {
+        const int64_t width = std::min(kPanel, w.out - (p + q) * kPanel);
+        for (int64_t k = 0; k < m[i]; ++k) {
+          const float(*rp)[kPanel] = parts[i * NP + q] + 3 * k;
+          float* yr = y + (row[i] + k) * w.out + (p + q) * kPanel;
+          for (int64_t j = 0; j < width; ++j) yr[j] = rp[0][j] + (rp[1][j] + rp[2][j]);
+        }
+      }
+  }
+
+  template <int N, class F>
+  static void for_each(F&& f) {
+    [&]<int... I>(std::integer_sequence<int, I...>) { (f.template operator()<I>(), ...); }
+    (std::make_integer_sequence<int, N>{});
+  }
+};
+
+// Rows [r, r + n) (n <= 5 RB) x panels [p0, p1) as one row block of RB groups, the rows shared out evenly.
+template <int RB, int NP>
+void run_row_block(const uint16_t* parts, int64_t kpad, int64_t r, int64_t n, const PackedLinear& w, int64_t p0,
+                   int64_t p1, float* y, TileConfig& loaded) {
+  int64_t m[RB], row[RB];
+  const uint16_t* x[RB];
+  for (int i = 0, at = 0; i < RB; ++i) {
+    m[i] = n / RB + (i < n % RB);
+    row[i] = r + at;
+    x[i] = parts + 3 * row[i] * kpad;
+    at += int(m[i]);
+  }
+  const TileConfig c = RowBlock<RB, NP>::config(m);
+  if (!(c == loaded)) {
+    loaded = c;
+    asm volatile("ldtilecfg %0" ::"m"(loaded));
+  }
+  int64_t p = p0;
+  for (; p + NP <= p1; p += NP) RowBlock<RB, NP>::run(x, m, row, kpad, w, p, y);
+  if constexpr (NP > 1)
+    if (p < p1) run_row_block<RB, 1>(parts, kpad, r, n, w, p, p1, y, loaded);
+}
+
+}  // namespace
+
+bool amx_bf16_usable() {
+  static const bool usable = [] {
+    const char* env = std::getenv("KILN_CPU_AMX");
+    if (env && std::string(env) == "0") return false;
+    return cpu_lists_amx_bf16() && request_amx_permission();
+  }();
+  return usable;
+}
+
+namespace {
+KILN_AVX512BF16 inline __m512 widen(__m256bh h) {  // bf16 is the high half of an fp32
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
+}
+}  // namespace
+
+// x = hi + mid + lo exactly: each part is the previous remainder rounded to bf16 (nearest even), and a remainder of
+// an fp32 minus its bf16 rounding is exact in fp32 with 8 fewer significant bits, so three bf16 hold all 24. Beyond
+// that: a non-finite x keeps only hi (inf - inf would make NaN of an infinite product), and parts below 2^-126 are
+// flushed by the tile unit, an error under 2^-126 per product.
+KILN_AVX512BF16 void split_rows_to_bf16x3(const float* x, int64_t rows, int64_t in, int64_t kpad, uint16_t* parts) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * in;
+    uint16_t* hi = parts + 3 * r * kpad;
+    uint16_t* mid = hi + kpad;
+    uint16_t* lo = mid + kpad;
+    for (int64_t k = 0; k < kpad; k += 16) {
+      const __mmask16 live = k + 16 <= in ? __mmask16(0xffff) : k < in ? __mmask16((1u << (in - k)) - 1) : 0;
+      const __m512 v = _mm512_maskz_loadu_ps(live, xr + k);
+      const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_EQ_OQ);
+      const __m256bh h = _mm512_cvtneps_pbh(v);
+      const __m512 r1 = _mm512_maskz_sub_ps(finite, v, widen(h));
+      const __m256bh m = _mm512_cvtneps_pbh(r1);
+      const __m256bh l = _mm512_cvtneps_pbh(_mm512_sub_ps(r1, widen(m)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + k), (__m256i)h);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(mid + k), (__m256i)m);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + k), (__m256i)l);
+    }
+  }
+}
+
+void matmul_bf16_amx(const uint16_t* parts, int64_t kpad, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0,
+                     int64_t p1, float* y) {
+  TileConfig loaded;
+  loaded.palette = 0;  // nothing loaded yet
+  for (int64_t s0 = p0; s0 < p1; s0 += kSpanPanels) {
+    const int64_t s1 = std::min(p1, s0 + kSpanPanels);
+    for (int64_t r = r0; r < r1;) {
+      const int64_t n = std::min(2 * kGroupRows, r1 - r);
+      if (n > kGroupRows)
+        run_row_block<2, 2>(parts, kpad, r, n, w, s0, s1, y, loaded);
+      else
+        run_row_block<1, 3>(parts, kpad, r, n, w, s0, s1, y, loaded);
+      r += n;
+    }
+  }
+  // Dropping the tile state keeps the thread's context switches as cheap as before.
+  asm volatile("tilerelease");
+}
+
+}  // namespace kiln::cpu
