@@ -28,6 +28,7 @@
 
 namespace kiln::cpu {
 
+#define KILN_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma")))
 #define KILN_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16,avx2,fma")))
 
 namespace {
@@ -109,8 +110,8 @@ struct RowBlock {
   // Rows of the groups at x[i] (parts, row stride 3 * kpad) x panels [p, p + NP). `tail` holds the last chunk's
   // weights zero-padded when the input count is not a multiple of 32 (the panel's own bytes would run on into the
   // next panel there).
-  static void run(const uint16_t* const* x, const int64_t* m, const int64_t* row, int64_t kpad, const PackedLinear& w,
-                  int64_t p, float* y) {
+  KILN_AVX512 static void run(const uint16_t* const* x, const int64_t* m, const int64_t* row, int64_t kpad,
+                              const PackedLinear& w, int64_t p, float* y) {
     const size_t pstride = size_t(w.pairs()) * kPairPanelBytes;
     const uint8_t* panel = w.data.data() + size_t(p) * pstride;
     const int64_t chunks = kpad / kChunk, full_chunks = w.pairs() / (kChunk / 2);
@@ -135,10 +136,12 @@ struct RowBlock {
     for (int i = 0; i < RB; ++i)
       for (int q = 0; q < NP; ++q) {
         const int64_t width = std::min(kPanel, w.out - (p + q) * kPanel);
+        const __mmask16 valid = __mmask16((1u << width) - 1);
         for (int64_t k = 0; k < m[i]; ++k) {
           const float(*rp)[kPanel] = parts[i * NP + q] + 3 * k;
-          float* yr = y + (row[i] + k) * w.out + (p + q) * kPanel;
-          for (int64_t j = 0; j < width; ++j) yr[j] = rp[0][j] + (rp[1][j] + rp[2][j]);
+          const __m512 sum =
+              _mm512_add_ps(_mm512_load_ps(rp[0]), _mm512_add_ps(_mm512_load_ps(rp[1]), _mm512_load_ps(rp[2])));
+          _mm512_mask_storeu_ps(y + (row[i] + k) * w.out + (p + q) * kPanel, valid, sum);
         }
       }
   }
