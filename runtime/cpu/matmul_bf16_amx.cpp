@@ -123,8 +123,15 @@ struct RowBlock {
                     size_t(w.pairs() - full_chunks * (kChunk / 2)) * kPairPanelBytes);
       }
     for_each<RB * NP>([]<int T>() { tile_zero<RB + NP + T>(); });
+    // The panels after these ones, fetched into L2 while these are multiplied, as in the other kernels (the
+    // hardware prefetcher alone leaves a decode step waiting on memory at the start of every panel). A prefetch past
+    // the end of the weights is harmless.
+    const char* next = reinterpret_cast<const char*>(panel + NP * pstride);
     for (int64_t c = 0; c < chunks; ++c) {
       const bool padded = c >= full_chunks;
+      for (int q = 0; q < NP; ++q)
+        for (size_t l = 0; l < kTileBytes; l += 64)
+          _mm_prefetch(next + q * pstride + size_t(c) * kTileBytes + l, _MM_HINT_T1);
       for_each<RB>([&]<int I>() { tile_load<I>(x[I] + c * kChunk, kpad * 2); });
       for_each<NP>([&]<int Q>() {
         tile_load<RB + Q>(padded ? tail[Q] : panel + Q * pstride + size_t(c) * kTileBytes, 64);
