@@ -22,7 +22,7 @@ int main(int argc, char** argv) {
   std::mt19937 g(1);
   std::normal_distribution<float> d(0.0f, 0.5f);
   const int64_t shapes[][2] = {{1728, 576}, {576, 1536}, {3072, 576}, {49152, 576}};  // qkv+o, down, gate_up, head
-  std::printf("%-12s %6s %10s %10s %10s  (GFLOP/s, best of 5; %u threads)\n", "out x in", "rows", "exact", "dot", "amx",
+  std::printf("%-12s %6s %10s %10s %10s  (GFLOP/s, best of 3; %u threads)\n", "out x in", "rows", "exact", "dot", "amx",
               threads);
   for (const auto& s : shapes) {
     const int64_t out = s[0], in = s[1];
@@ -34,9 +34,9 @@ int main(int argc, char** argv) {
       for (auto& v : x) v = d(g);
       std::printf("%5ldx%-6ld %6ld", long(out), long(in), long(rows));
       for (cpu::Bf16Math math : {cpu::Bf16Math::Exact, cpu::Bf16Math::Dot, cpu::Bf16Math::Amx}) {
-        const int reps = int(std::max<int64_t>(2, 2000000000 / (2 * rows * out * in)));
+        const int reps = int(std::max<int64_t>(2, 400000000 / (2 * rows * out * in)));
         double best = 1e30;
-        for (int t = 0; t < 5; ++t) {
+        for (int t = 0; t < 3; ++t) {
           const auto t0 = std::chrono::steady_clock::now();
           for (int i = 0; i < reps; ++i)
             cpu::matmul_bf16_pairs(pool, cpu::MatmulIsa::Avx512, math, x.data(), rows, w, y.data());
