@@ -171,9 +171,10 @@ TEST(CpuBf16Matmul, SplitsActivationsIntoThreeBf16PartsThatSumToThem) {
 
 TEST(CpuBf16Matmul, AmxKernelMatchesTheFp32Product) {
   if (!has_avx512() || !cpu::amx_bf16_usable()) GTEST_SKIP() << "no usable AMX-BF16 on this CPU";
-  // in: multiples of 32 and not (the padded last chunk); out: 1 to 4 panels per tile and more; rows: one and several
-  // tiles of 5.
-  const int64_t shapes[][2] = {{37, 45}, {48, 64}, {49, 3}, {5, 1}, {100, 96}, {33, 77}, {64, 32}};
+  // in: multiples of 32 and not (the padded last chunk), over 8 chunks (products kept between blocks of chunks); out:
+  // 1 to 3 panels per tile, a span of 6 and more; rows: one and several tiles of 5.
+  const int64_t shapes[][2] = {{37, 45}, {48, 64}, {49, 3},    {5, 1},   {100, 96},
+                               {33, 77}, {64, 32}, {113, 300}, {20, 544}};
   for (const auto& s : shapes) {
     const int64_t out = s[0], in = s[1], kpad = cpu::amx_padded_inputs(in);
     Bf16Weights w = random_weights(out * in, uint32_t(out + 3 * in));
@@ -195,7 +196,7 @@ TEST(CpuBf16Matmul, AmxKernelMatchesTheFp32Product) {
 
 TEST(CpuBf16Matmul, RowsAreIndependentOfTheBatch) {
   // Bitwise, for both maths and every ISA this CPU has (batch invariance, docs/runtime.md).
-  const int64_t out = 70, in = 77, rows = 37;  // AMX: two wide tiles of 16 rows, then narrow ones
+  const int64_t out = 70, in = 277, rows = 37;  // AMX: blocks of 10 rows, then 7; 9 chunks of inputs
   Bf16Weights w = random_weights(out * in, 9);
   cpu::PackedLinear p = cpu::pack_linear(w.bits.data(), DType::BF16, out, in, cpu::DenseLayout::Bf16Pairs);
   auto x = random_x(rows * in, 10);
