@@ -79,15 +79,19 @@ inline double trace_loss(const std::vector<float>& w, const std::vector<float>& 
   return total;
 }
 
-// A group's clipping error at threshold m: dᵀ B d, d = w - RTN(clamp(w, -m, m)).
-inline double clip_error(const float* w, int64_t gs, const float* B, float m) {
+// A group's clipping error at threshold m: dᵀ B d, d = w - RTN(clamp(w, -m, m)); Σ |d_a B_ab d_b| in *abs_scale.
+inline double clip_error(const float* w, int64_t gs, const float* B, float m, double* abs_scale = nullptr) {
   std::vector<float> cur(static_cast<size_t>(gs)), q(cur.size());
   for (int64_t c = 0; c < gs; ++c) cur[size_t(c)] = std::clamp(w[c], -m, m);
   round_trip(cur.data(), gs, q.data());
-  double err = 0;
+  double err = 0, abs = 0;
   for (int64_t a = 0; a < gs; ++a)
-    for (int64_t b = 0; b < gs; ++b)
-      err += (double(w[a]) - q[size_t(a)]) * double(B[a * gs + b]) * (double(w[b]) - q[size_t(b)]);
+    for (int64_t b = 0; b < gs; ++b) {
+      const double t = (double(w[a]) - q[size_t(a)]) * double(B[a * gs + b]) * (double(w[b]) - q[size_t(b)]);
+      err += t;
+      abs += std::fabs(t);
+    }
+  if (abs_scale) *abs_scale = abs;
   return err;
 }
 
