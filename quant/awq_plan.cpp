@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
-#include <thread>
 
 #include "calib/dataset.h"
 #include "calib/layer_stream.h"
