@@ -16,11 +16,9 @@
 #include <utility>
 #include <vector>
 
-namespace kiln {
+#include "runtime/backend/awq_ops.h"
 
-namespace cpu {
-class ThreadPool;
-}
+namespace kiln {
 
 // Statistics of one linear's input over the calibration rows.
 struct AwqInputStats {
@@ -30,8 +28,8 @@ struct AwqInputStats {
   // [i, dim) (half the memory of the [dim, dim] matrix: 0.5 GB for a 7B model's down projection input).
   std::vector<double> gram;
   void resize(int64_t d);
-  // Adds rows x[rows, dim] (uses `pool` for the XᵀX product).
-  void add(cpu::ThreadPool& pool, const float* x, int64_t rows);
+  // Adds rows x[rows, dim] (the XᵀX product through the backend's `ops`).
+  void add(AwqOps& ops, const float* x, int64_t rows);
   double gram_at(int64_t a, int64_t b) const {
     if (a > b) std::swap(a, b);
     return gram[size_t(a * dim - a * (a - 1) / 2 + (b - a))];
@@ -48,25 +46,30 @@ struct AwqScaleSearch {
 
 // Output MSE of quantizing W [out, in] (already scaled, fed x / s) against the unquantized W_ref, both [out, in].
 // `gram` is the input Gram in the same (scaled) coordinates, `rows` the number of rows it sums.
-double awq_output_mse(cpu::ThreadPool& pool, const float* w_ref, const float* w_quant, int64_t out, int64_t in,
+double awq_output_mse(AwqOps& ops, const float* w_ref, const float* w_quant, int64_t out, int64_t in,
                       const std::vector<float>& gram, int64_t rows);
 
-// The loss of a candidate: `w_eff` [out, in] is the quantized stand-in of the group's weight in its original
-// coordinates, RTN(W diag(s)) diag(1/s), which fed x is the same map as RTN(W diag(s)) fed x / s.
-using AwqLoss = std::function<double(const float* w_eff)>;
+// The loss of a candidate, whose quantized stand-in of the group's weight in its original coordinates is
+// w_eff = RTN(W diag(s)) diag(1/s) [out, in] (fed x, the same map as RTN(W diag(s)) fed x / s). Either any function
+// of w_eff on the host (`of_weight`: the block losses), or the output MSE of the linear itself through its input's Gram
+// (`linear`, from awq_linear_loss), for which the backend makes each candidate where it computes the loss.
+struct AwqLoss {
+  std::function<double(const float* w_eff)> of_weight;
+  std::shared_ptr<AwqLinearTarget> linear;
+  int64_t rows = 0;  // the rows the Gram of `linear` sums
+};
 // The output MSE of the linear itself against W [out, in] (which must outlive the result), exact through x's Gram.
-AwqLoss awq_linear_loss(cpu::ThreadPool& pool, const float* w, int64_t out, int64_t in, const AwqInputStats& x);
+AwqLoss awq_linear_loss(AwqOps& ops, const float* w, int64_t out, int64_t in, const AwqInputStats& x);
 
 // Grid search over alpha = i / grid, i in [0, grid): s = x_mean^alpha / (w_mean^(1-alpha) + 1e-4), clamped to
 // >= 1e-4, divided by sqrt(max * min); the loss of each candidate is `loss` (above). Ties keep the smaller alpha.
-AwqScaleSearch awq_search_scales(cpu::ThreadPool& pool, const float* w, int64_t out, int64_t in, int64_t group_size,
+AwqScaleSearch awq_search_scales(AwqOps& ops, const float* w, int64_t out, int64_t in, int64_t group_size,
                                  const AwqInputStats& x, int64_t grid, const std::string& label, const AwqLoss& loss);
 
 // Clipping: for rows [row0, out) of W [out, in] (already scaled by s) and each group of `group_size` inputs, the
 // threshold m = max|w| * (1 - i / grid), i < max_shrink * grid, whose RTN(clamp(w, -m, m)) minimizes the group's
-// output MSE on inputs x / s. Returns thresholds [out - row0, in / group_size]. Rows are searched in parallel on
-// `pool` (the result does not depend on the split).
-std::vector<float> awq_search_clip(cpu::ThreadPool& pool, const float* w, int64_t out, int64_t in, int64_t row0,
+// output MSE on inputs x / s. Returns thresholds [out - row0, in / group_size], searched by the backend's `ops`.
+std::vector<float> awq_search_clip(AwqOps& ops, const float* w, int64_t out, int64_t in, int64_t row0,
                                    int64_t group_size, const AwqInputStats& x, const std::vector<float>& s,
                                    int64_t grid, double max_shrink, const std::string& label);
 void awq_apply_clip(float* w, int64_t out, int64_t in, int64_t row0, int64_t group_size,

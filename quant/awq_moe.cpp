@@ -31,19 +31,17 @@ void divide_rows(float* w, int64_t row0, int64_t cols, const std::vector<float>&
 }
 
 // The scale of one down projection, searched on its own input statistics.
-AwqScaleSearch search_down(cpu::ThreadPool& pool, const Workspace& ws, const std::string& name, int64_t H, int64_t I,
+AwqScaleSearch search_down(AwqOps& ops, const Workspace& ws, const std::string& name, int64_t H, int64_t I,
                            const AwqInputStats& st, const AwqOptions& o, int64_t gsz) {
   std::vector<float> down;
   append_f32(ws, name + ".weight", down);
-  return awq_search_scales(pool, down.data(), H, I, gsz, st, o.grid, name,
-                           awq_linear_loss(pool, down.data(), H, I, st));
+  return awq_search_scales(ops, down.data(), H, I, gsz, st, o.grid, name, awq_linear_loss(ops, down.data(), H, I, st));
 }
 
 }  // namespace
 
-void awq_plan_moe_ffn(cpu::ThreadPool& pool, const Workspace& ws, const ModelSpec& spec, int64_t l,
-                      const AwqInputStats& ffn_in, const AwqMoeStats& st, const AwqOptions& o, int64_t gsz,
-                      AwqLayerPlan& p) {
+void awq_plan_moe_ffn(AwqOps& ops, const Workspace& ws, const ModelSpec& spec, int64_t l, const AwqInputStats& ffn_in,
+                      const AwqMoeStats& st, const AwqOptions& o, int64_t gsz, AwqLayerPlan& p) {
   const int64_t H = spec.hidden_size, E = spec.num_experts, EI = spec.expert_intermediate_size;
   const int64_t SI = spec.shared_expert_intermediate_size;
   auto name = [&](const std::string& suffix) { return names::layer(l, suffix.c_str()); };
@@ -52,8 +50,8 @@ void awq_plan_moe_ffn(cpu::ThreadPool& pool, const Workspace& ws, const ModelSpe
   for (int64_t e = 0; e < E; ++e) append_f32(ws, name(names::expert(e, "gate_up")), stacked);
   if (SI > 0) append_f32(ws, name(names::kSharedGateUp), stacked);
   const int64_t rows = E * 2 * EI + 2 * SI;
-  const AwqScaleSearch in = awq_search_scales(pool, stacked.data(), rows, H, gsz, ffn_in, o.grid, name("ffn.experts"),
-                                              awq_linear_loss(pool, stacked.data(), rows, H, ffn_in));
+  const AwqScaleSearch in = awq_search_scales(ops, stacked.data(), rows, H, gsz, ffn_in, o.grid, name("ffn.experts"),
+                                              awq_linear_loss(ops, stacked.data(), rows, H, ffn_in));
   p.s_ffn = in.scales;
   p.a_ffn = in.alpha;
   p.mse_rtn[2] = in.loss_rtn;
@@ -74,7 +72,7 @@ void awq_plan_moe_ffn(cpu::ThreadPool& pool, const Workspace& ws, const ModelSpe
       continue;
     }
     const std::string down = name(names::expert(e, "down"));
-    const AwqScaleSearch r = search_down(pool, ws, down.substr(0, down.size() - 7), H, EI, x, o, gsz);
+    const AwqScaleSearch r = search_down(ops, ws, down.substr(0, down.size() - 7), H, EI, x, o, gsz);
     p.s_expert_down[size_t(e)] = r.scales;
     rtn += r.loss_rtn * double(x.rows);
     awq += r.loss * double(x.rows);
@@ -82,7 +80,7 @@ void awq_plan_moe_ffn(cpu::ThreadPool& pool, const Workspace& ws, const ModelSpe
     tokens += x.rows;
   }
   if (SI > 0) {
-    const AwqScaleSearch r = search_down(pool, ws, name("ffn.shared.down"), H, SI, st.shared_down, o, gsz);
+    const AwqScaleSearch r = search_down(ops, ws, name("ffn.shared.down"), H, SI, st.shared_down, o, gsz);
     p.s_shared_down = r.scales;
   }
   p.a_down = tokens ? alpha / double(tokens) : 0;

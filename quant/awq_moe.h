@@ -24,9 +24,8 @@ struct AwqMoeStats {
 
 // Fills p.s_ffn / a_ffn, p.s_expert_down, p.s_shared_down, p.idle_experts and the gate_up / down losses of layer `l`.
 // `ffn_in` is the statistics of the ffn_norm output over every token (the router's input).
-void awq_plan_moe_ffn(cpu::ThreadPool& pool, const Workspace& ws, const ModelSpec& spec, int64_t l,
-                      const AwqInputStats& ffn_in, const AwqMoeStats& st, const AwqOptions& o, int64_t group_size,
-                      AwqLayerPlan& p);
+void awq_plan_moe_ffn(AwqOps& ops, const Workspace& ws, const ModelSpec& spec, int64_t l, const AwqInputStats& ffn_in,
+                      const AwqMoeStats& st, const AwqOptions& o, int64_t group_size, AwqLayerPlan& p);
 
 // awq_transform for the tensors of an MoE layer's feed-forward (router, experts, shared expert and its gate).
 // Returns false for any other suffix.

@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <array>
 #include <chrono>
-#include <thread>
 
 #include "calib/dataset.h"
 #include "calib/layer_stream.h"
@@ -20,7 +19,6 @@
 #include "quant/awq_moe.h"
 #include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
-#include "runtime/cpu/thread_pool.h"
 #include "runtime/io/interrupt.h"
 #include "runtime/io/progress.h"
 #include "runtime/io/safetensors.h"
@@ -51,9 +49,9 @@ int linear_index(const std::string& suffix) {
 // belongs to.
 class GramObserver : public ForwardObserver {
  public:
-  GramObserver(cpu::ThreadPool& pool, const ModelSpec& s, int64_t layer, const std::vector<int64_t>& slot,
-               int64_t cached, int64_t seqlen)
-      : pool_(pool), layer_(layer), slot_(slot), seqlen_(seqlen) {
+  GramObserver(AwqOps& ops, const ModelSpec& s, int64_t layer, const std::vector<int64_t>& slot, int64_t cached,
+               int64_t seqlen)
+      : ops_(ops), layer_(layer), slot_(slot), seqlen_(seqlen) {
     dims_ = {s.hidden_size, s.q_size(), s.hidden_size, s.intermediate_size};
     for (auto& v : inputs_) v.resize(size_t(cached * seqlen * s.hidden_size));
     if (s.is_moe_layer(layer)) {
@@ -72,7 +70,7 @@ class GramObserver : public ForwardObserver {
     AwqInputStats& st = stats_[which];
     if (st.dim == 0) st.resize(dims_[size_t(which)]);  // on first use: not while the layer's weights are loaded
     if (cols != st.dim) throw Error("AWQ calibration: unexpected input width of linear layer " + name);
-    st.add(pool_, x, rows);
+    st.add(ops_, x, rows);
     const int64_t row0 = seen_[which];
     seen_[which] += rows;
     if (which != Qkv && which != GateUp) return;
@@ -90,7 +88,7 @@ class GramObserver : public ForwardObserver {
   std::array<std::vector<float>, 2>& inputs() { return inputs_; }
 
  private:
-  cpu::ThreadPool& pool_;
+  AwqOps& ops_;
   int64_t layer_;
   const std::vector<int64_t>& slot_;
   int64_t seqlen_;
@@ -103,11 +101,11 @@ class GramObserver : public ForwardObserver {
   // the router's and need nothing of their own.
   bool moe_input(const std::string& suffix, const float* x, int64_t rows) {
     if (suffix == "ffn.shared.down") {
-      moe_.shared_down.add(pool_, x, rows);
+      moe_.shared_down.add(ops_, x, rows);
       return true;
     }
     if (names::expert_pattern(suffix + ".weight") == "ffn.experts.{e}.down.weight") {
-      moe_.down[size_t(std::stoll(suffix.substr(12)))].add(pool_, x, rows);
+      moe_.down[size_t(std::stoll(suffix.substr(12)))].add(ops_, x, rows);
       return true;
     }
     return suffix.rfind("ffn.experts.", 0) == 0 || suffix.rfind("ffn.shared", 0) == 0;
@@ -236,7 +234,7 @@ struct BlockContext {
 // theirs. Each half reads its own fp32 weights and builds its own block loss, and frees them (and the Grams it was
 // the last to need) before the next begins, so that at most half a layer is widened at a time. The order changes no
 // result: every search sees the same weights and statistics as in any other order.
-AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelSpec& spec, int64_t l,
+AwqLayerPlan plan_layer(AwqOps& ops, const Workspace& ws, const ModelSpec& spec, int64_t l,
                         std::array<AwqInputStats, 4>& st, const AwqMoeStats& moe_st, const AwqOptions& o, int64_t gsz,
                         const BlockContext& bc) {
   const int64_t H = spec.hidden_size, I = spec.intermediate_size, Q = spec.q_size(), KV = spec.kv_size();
@@ -276,17 +274,17 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
         w.k_norm = read_optional(ws, spec.qk_norm, name(names::kKNorm));
         block = std::make_unique<AwqBlockLoss>(*bc.backend, spec, *bc.graph, AwqBlockLoss::Kind::Attention, w,
                                                block_input(0), bc.batch_tokens);
-        qkv_loss = [&](const float* x) { return (*block)(x); };
+        qkv_loss.of_weight = [&](const float* x) { return (*block)(x); };
       } else {
-        qkv_loss = awq_linear_loss(pool, qkv.data(), Q + 2 * KV, H, st[0]);
+        qkv_loss = awq_linear_loss(ops, qkv.data(), Q + 2 * KV, H, st[0]);
       }
-      record(0, awq_search_scales(pool, qkv.data(), Q + 2 * KV, H, gsz, st[0], o.grid, name(names::kQkv), qkv_loss),
+      record(0, awq_search_scales(ops, qkv.data(), Q + 2 * KV, H, gsz, st[0], o.grid, name(names::kQkv), qkv_loss),
              p.s_attn, p.a_attn);
     }
     if (vo_smoothable(spec))
       record(1,
-             awq_search_scales(pool, ow.data(), H, Q, gsz, st[1], o.grid, name(names::kO),
-                               awq_linear_loss(pool, ow.data(), H, Q, st[1])),
+             awq_search_scales(ops, ow.data(), H, Q, gsz, st[1], o.grid, name(names::kO),
+                               awq_linear_loss(ops, ow.data(), H, Q, st[1])),
              p.s_vo, p.a_vo);
     if (clip) {
       // Clipping runs on the scaled weights, exactly as they will be quantized (awq_transform without clip).
@@ -294,17 +292,17 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
       awq_transform(spec, p, names::kO, ow.data(), H, Q, gsz);
       // q and k rows are not clipped (AutoAWQ): their errors are amplified through the softmax, which a per-row
       // output MSE does not see.
-      p.clip_qkv = awq_search_clip(pool, qkv.data(), Q + 2 * KV, H, Q + KV, gsz, st[0], p.s_attn, o.clip_grid,
+      p.clip_qkv = awq_search_clip(ops, qkv.data(), Q + 2 * KV, H, Q + KV, gsz, st[0], p.s_attn, o.clip_grid,
                                    o.max_shrink, name(names::kQkv));
       p.clip_o =
-          awq_search_clip(pool, ow.data(), H, Q, 0, gsz, st[1], p.s_vo, o.clip_grid, o.max_shrink, name(names::kO));
+          awq_search_clip(ops, ow.data(), H, Q, 0, gsz, st[1], p.s_vo, o.clip_grid, o.max_shrink, name(names::kO));
     }
   }
   free_gram(st[0]);
   free_gram(st[1]);
 
   if (moe) {  // no clipping in the experts (quant/awq_moe.h)
-    awq_plan_moe_ffn(pool, ws, spec, l, st[2], moe_st, o, gsz, p);
+    awq_plan_moe_ffn(ops, ws, spec, l, st[2], moe_st, o, gsz, p);
     return p;
   }
   AwqBlockWeights w;
@@ -319,25 +317,25 @@ AwqLayerPlan plan_layer(cpu::ThreadPool& pool, const Workspace& ws, const ModelS
       w.down_bias = read_optional(ws, spec.mlp_bias, name(names::kDownBias));
       block = std::make_unique<AwqBlockLoss>(*bc.backend, spec, *bc.graph, AwqBlockLoss::Kind::Mlp, w, block_input(1),
                                              bc.batch_tokens);
-      gu_loss = [&](const float* x) { return (*block)(x); };
+      gu_loss.of_weight = [&](const float* x) { return (*block)(x); };
     } else {
-      gu_loss = awq_linear_loss(pool, gu.data(), F, H, st[2]);
+      gu_loss = awq_linear_loss(ops, gu.data(), F, H, st[2]);
     }
-    record(2, awq_search_scales(pool, gu.data(), F, H, gsz, st[2], o.grid, name(first), gu_loss), p.s_ffn, p.a_ffn);
+    record(2, awq_search_scales(ops, gu.data(), F, H, gsz, st[2], o.grid, name(first), gu_loss), p.s_ffn, p.a_ffn);
   }
   if (gated)
     record(3,
-           awq_search_scales(pool, down.data(), H, I, gsz, st[3], o.grid, name(names::kDown),
-                             awq_linear_loss(pool, down.data(), H, I, st[3])),
+           awq_search_scales(ops, down.data(), H, I, gsz, st[3], o.grid, name(names::kDown),
+                             awq_linear_loss(ops, down.data(), H, I, st[3])),
            p.s_down, p.a_down);
   if (!clip) return p;
   awq_transform(spec, p, first, gu.data(), F, H, gsz);
   p.clip_gate_up =
-      awq_search_clip(pool, gu.data(), F, H, 0, gsz, st[2], p.s_ffn, o.clip_grid, o.max_shrink, name(first));
+      awq_search_clip(ops, gu.data(), F, H, 0, gsz, st[2], p.s_ffn, o.clip_grid, o.max_shrink, name(first));
   std::vector<float>().swap(gu);
   awq_transform(spec, p, names::kDown, down.data(), H, I, gsz);
   p.clip_down =
-      awq_search_clip(pool, down.data(), H, I, 0, gsz, st[3], p.s_down, o.clip_grid, o.max_shrink, name(names::kDown));
+      awq_search_clip(ops, down.data(), H, I, 0, gsz, st[3], p.s_down, o.clip_grid, o.max_shrink, name(names::kDown));
   return p;
 }
 
@@ -391,19 +389,15 @@ struct AwqPlanner::State {
   int64_t gsz;
   calib::Blocks blocks;
   std::unique_ptr<Backend> backend;
-  cpu::ThreadPool pool;
+  std::unique_ptr<AwqOps> ops;  // the search's kernels, on the backend (its threads, or its device)
   std::unique_ptr<calib::LayerStream> stream;
   std::vector<int64_t> slot;  // calibration block -> cached slot of the block losses (-1: not cached)
   int64_t cached = 0;
   std::unique_ptr<AwqDump> dump;
   Progress bar;
   AwqPlan plan;
-  State(const Workspace& w, const AwqOptions& opt, int64_t g, unsigned threads, bool progress)
-      : ws(w),
-        o(opt),
-        gsz(g),
-        pool(threads ? threads : std::max(1u, std::thread::hardware_concurrency())),
-        bar("awq search", uint64_t(w.spec().num_layers), progress, "layers") {}
+  State(const Workspace& w, const AwqOptions& opt, int64_t g, bool progress)
+      : ws(w), o(opt), gsz(g), bar("awq search", uint64_t(w.spec().num_layers), progress, "layers") {}
 };
 
 AwqPlanner::AwqPlanner(const Workspace& ws, const AwqOptions& o, int64_t gsz, unsigned threads, bool progress,
@@ -416,7 +410,7 @@ AwqPlanner::AwqPlanner(const Workspace& ws, const AwqOptions& o, int64_t gsz, un
   if (!o.dump.empty() && !norms_foldable(ws.spec()))
     throw Error("--awq-dump: " + ws.spec().architecture + " has no block-loss groups (its norms feed the residual)");
   if (!std::filesystem::is_regular_file(o.data)) throw Error(o.data.string() + ": cannot be read (--data)");
-  s_ = std::make_unique<State>(ws, o, gsz, threads, progress);
+  s_ = std::make_unique<State>(ws, o, gsz, progress);
   State& s = *s_;
   size_t size = 0;
   s.plan.data_sha256 = sha256_file(o.data.string(), &size);
@@ -440,6 +434,7 @@ AwqPlanner::AwqPlanner(const Workspace& ws, const AwqOptions& o, int64_t gsz, un
   s.plan.loss_blocks = s.cached;
   s.plan.fp_inputs = o.fp_inputs;
   s.backend = make_backend("", threads);
+  s.ops = s.backend->make_awq_ops();
   s.stream = std::make_unique<calib::LayerStream>(ws, *s.backend, s.blocks, lo);
   s.plan.spilled = s.stream->spilled();
   if (!o.dump.empty()) s.dump = std::make_unique<AwqDump>(o.dump, ws.spec(), s.blocks, s.slot, s.cached);
@@ -458,7 +453,7 @@ const AwqLayerPlan& AwqPlanner::layer(int64_t l) {
     const double c0 = calib::process_cpu_seconds();
     const bool last = i + 1 == spec.num_layers;
     // The unquantized layer: its inputs' statistics (and, with fp inputs, the next layer's input).
-    GramObserver obs(s.pool, spec, i, s.slot, s.cached, s.blocks.seqlen);
+    GramObserver obs(*s.ops, spec, i, s.slot, s.cached, s.blocks.seqlen);
     s.stream->run_layer(i, WorkspaceSource(s.ws), &obs, s.o.fp_inputs && !last);
     BlockContext bc{s.backend.get(),
                     &s.stream->graph().blocks[size_t(i)],
@@ -466,7 +461,7 @@ const AwqLayerPlan& AwqPlanner::layer(int64_t l) {
                     s.cached,
                     s.blocks.seqlen,
                     s.o.batch_tokens};
-    s.plan.layers.push_back(plan_layer(s.pool, s.ws, spec, i, obs.stats(), obs.moe(), s.o, s.gsz, bc));
+    s.plan.layers.push_back(plan_layer(*s.ops, s.ws, spec, i, obs.stats(), obs.moe(), s.o, s.gsz, bc));
     if (s.dump) s.dump->layer(obs.inputs(), s.plan.layers.back());
     if (!s.o.fp_inputs && !last) {
       // The next layer sees this layer as it will be written: scaled, clipped and quantized.

@@ -16,27 +16,6 @@ void check_int4_shape(int64_t out, int64_t in, int64_t group_size, const std::st
                 " input features, not a multiple of --group-size " + std::to_string(group_size));
 }
 
-Int4GroupGrid int4_group_grid(const float* x, int64_t n, const std::string& label, int64_t row, int64_t group) {
-  float lo = 0.0f, hi = 0.0f;
-  for (int64_t k = 0; k < n; ++k) {
-    if (!std::isfinite(x[k]))
-      throw Error("tensor '" + label + "' holds a non-finite value at row " + std::to_string(row) + ", column " +
-                  std::to_string(group * n + k));
-    lo = std::min(lo, x[k]);
-    hi = std::max(hi, x[k]);
-  }
-  const float scale_f32 = (hi - lo) / float(kInt4MaxQ);
-  if (f16_overflows(scale_f32))
-    throw Error("tensor '" + label + "' row " + std::to_string(row) + " group " + std::to_string(group) +
-                " spans a range whose int4 scale exceeds fp16");
-  Int4GroupGrid grid;
-  grid.scale_bits = f32_to_f16(scale_f32);
-  grid.scale = f16_to_f32(grid.scale_bits);
-  if (grid.scale != 0.0f) grid.zero = std::clamp<int64_t>(int64_t(-std::nearbyint(lo / grid.scale)), 0, kInt4MaxQ);
-  if (grid.scale == 0.0f) grid.scale_bits = 0;  // -0 and +0 alike store +0
-  return grid;
-}
-
 Int4Matrix quantize_int4(const float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label) {
   check_int4_shape(out, in, group_size, label);
   Int4Matrix m;
@@ -62,12 +41,6 @@ Int4Matrix quantize_int4(const float* w, int64_t out, int64_t in, int64_t group_
     }
   }
   return m;
-}
-
-void int4_round_trip_group(const float* x, int64_t n, float* out, const std::string& label, int64_t row,
-                           int64_t group) {
-  const Int4GroupGrid grid = int4_group_grid(x, n, label, row, group);
-  for (int64_t k = 0; k < n; ++k) out[k] = float(grid.code(x[k]) - grid.zero) * grid.scale;
 }
 
 void dequantize_int4(const uint8_t* qweight, const uint16_t* scales, const uint8_t* zeros, int64_t out, int64_t in,

@@ -19,9 +19,9 @@
 #include <string>
 #include <vector>
 
-namespace kiln {
+#include "runtime/core/int4_grid.h"
 
-constexpr int64_t kInt4MaxQ = 15;
+namespace kiln {
 
 struct Int4Matrix {
   int64_t out = 0, in = 0, group_size = 0;
@@ -33,23 +33,6 @@ struct Int4Matrix {
 
 // Throws kiln::Error naming `label` when group_size does not divide in, or is not a positive even number.
 void check_int4_shape(int64_t out, int64_t in, int64_t group_size, const std::string& label);
-
-// One group's grid (the rule above). `label`, `row` and `group` name the group in errors (a non-finite value, a scale
-// beyond fp16).
-// std::nearbyint under the default rounding mode (kiln never changes it) is the round half to even above.
-struct Int4GroupGrid {
-  uint16_t scale_bits = 0;  // fp16; +0 when the scale rounds to zero
-  float scale = 0.0f;       // the fp16 scale as fp32
-  int64_t zero = 0;
-  int64_t code(float w) const {
-    return scale != 0.0f ? std::clamp<int64_t>(int64_t(std::nearbyint(w / scale)) + zero, 0, kInt4MaxQ) : 0;
-  }
-};
-Int4GroupGrid int4_group_grid(const float* x, int64_t n, const std::string& label, int64_t row, int64_t group);
-
-// out[k] = x[k] quantized to its group's grid and dequantized: quantize_int4 then dequantize_int4 of one group of n
-// values, without packing or allocating (the AWQ clipping search runs it millions of times).
-void int4_round_trip_group(const float* x, int64_t n, float* out, const std::string& label, int64_t row, int64_t group);
 
 // Quantizes a row-major fp32 [out, in] matrix. `label` names the tensor in errors.
 Int4Matrix quantize_int4(const float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label);

@@ -38,7 +38,7 @@ grep -q "^\[  PASSED  \]" "$OUT_DIR/cuda_tests.txt" && ! grep -q "^\[  FAILED  \
 log "compute-sanitizer: memcheck over the op tests, racecheck over attention"
 SAN=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
 if [ -x "$SAN" ]; then
-  "$SAN" --tool memcheck --error-exitcode 1 build/tests/kiln_unit_tests --gtest_filter='CudaOps*:CudaMatmul*:CudaAttention*' \
+  "$SAN" --tool memcheck --error-exitcode 1 build/tests/kiln_unit_tests --gtest_filter='CudaOps*:CudaMatmul*:CudaAttention*:CudaAwqOps*' \
     >"$OUT_DIR/memcheck.txt" 2>&1 || { tail -n 30 "$OUT_DIR/memcheck.txt"; echo "gpu_check: memcheck failed" >&2; exit 1; }
   "$SAN" --tool racecheck --error-exitcode 1 build/tests/kiln_unit_tests --gtest_filter='CudaAttention.OddHeadDim*' \
     >"$OUT_DIR/racecheck.txt" 2>&1 || { tail -n 30 "$OUT_DIR/racecheck.txt"; echo "gpu_check: racecheck failed" >&2; exit 1; }

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "runtime/backend/awq_ops.h"
 #include "runtime/backend/backend_ops.h"
 #include "runtime/core/dtype.h"
 #include "runtime/core/error.h"
@@ -136,6 +137,12 @@ class Backend {
 
   // ---- ops: see backend_ops.h for what each computes.
   KILN_BACKEND_OPS(KILN_OP_PURE)
+
+  // The AWQ search's kernels (awq_ops.h), running where this backend runs; they use the backend's threads or stream,
+  // so they must not be called while the backend is inside another op.
+  virtual std::unique_ptr<AwqOps> make_awq_ops() {
+    throw Error("backend '" + name() + "' does not run the AWQ search");
+  }
 };
 
 // The CPU backend (runtime/cpu). threads = 0: one per hardware thread (or KILN_THREADS when set).

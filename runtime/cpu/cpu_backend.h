@@ -50,6 +50,7 @@ class CpuBackend : public Backend {
   std::unique_ptr<LinearWeight> pack_tied_head(const EmbeddingTable& table) override;
 
   KILN_BACKEND_OPS(KILN_OP_OVERRIDE)
+  std::unique_ptr<AwqOps> make_awq_ops() override;  // cpu_awq_ops.cpp
 
  private:
   ThreadPool pool_;

@@ -106,6 +106,7 @@ class CudaBackend : public Backend {
   std::unique_ptr<LinearWeight> pack_tied_head(const EmbeddingTable& table) override;
 
   KILN_BACKEND_OPS(KILN_OP_OVERRIDE)
+  std::unique_ptr<AwqOps> make_awq_ops() override;  // cuda_awq.cu
 
  private:
   void* stage_bytes(int slot, const void* src, size_t bytes);

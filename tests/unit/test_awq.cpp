@@ -9,10 +9,17 @@
 
 #include "quant/awq.h"
 #include "quant/int4.h"
-#include "runtime/cpu/thread_pool.h"
+#include "runtime/backend/backend.h"
 
 namespace kiln {
 namespace {
+
+// The CPU backend's AWQ kernels on `threads` threads.
+struct CpuOps {
+  explicit CpuOps(unsigned threads) : backend(make_cpu_backend(threads)), ops(backend->make_awq_ops()) {}
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<AwqOps> ops;
+};
 
 struct Data {
   int64_t n, in, out;
@@ -20,7 +27,7 @@ struct Data {
   AwqInputStats stats;
 };
 
-Data make(int64_t n, int64_t in, int64_t out, cpu::ThreadPool& pool, float outlier) {
+Data make(int64_t n, int64_t in, int64_t out, AwqOps& ops, float outlier) {
   Data d{n, in, out, {}, {}, {}};
   std::mt19937 rng(7);
   std::normal_distribution<float> g(0.f, 1.f);
@@ -30,8 +37,8 @@ Data make(int64_t n, int64_t in, int64_t out, cpu::ThreadPool& pool, float outli
     for (int64_t c = 0; c < in; ++c) d.x[size_t(r * in + c)] = g(rng) * (c % 13 == 5 ? outlier : 1.f);
   for (float& v : d.w) v = g(rng) * 0.05f;
   d.stats.resize(in);
-  d.stats.add(pool, d.x.data(), n / 2);  // two batches, as two forward calls would give
-  d.stats.add(pool, d.x.data() + (n / 2) * in, n - n / 2);
+  d.stats.add(ops, d.x.data(), n / 2);  // two batches, as two forward calls would give
+  d.stats.add(ops, d.x.data() + (n / 2) * in, n - n / 2);
   return d;
 }
 
@@ -48,20 +55,22 @@ double direct_mse(const Data& d, const std::vector<float>& wq) {
 }
 
 TEST(Awq, GramMseEqualsDirectMse) {
-  cpu::ThreadPool pool(2);
-  Data d = make(100, 64, 24, pool, 1.f);
+  CpuOps cpu(2);
+  AwqOps& ops = *cpu.ops;
+  Data d = make(100, 64, 24, ops, 1.f);
   EXPECT_EQ(d.stats.rows, 100);
   std::vector<float> q = awq_rtn(d.w.data(), d.out, d.in, 32, "w");
   std::vector<float> gram = d.stats.gram_f32();
-  const double via_gram = awq_output_mse(pool, d.w.data(), q.data(), d.out, d.in, gram, d.stats.rows);
+  const double via_gram = awq_output_mse(ops, d.w.data(), q.data(), d.out, d.in, gram, d.stats.rows);
   EXPECT_NEAR(via_gram, direct_mse(d, q), 1e-4 * direct_mse(d, q));
 }
 
 TEST(Awq, ScalesBeatRtnOnOutlierChannels) {
-  cpu::ThreadPool pool(2);
-  Data d = make(200, 64, 32, pool, 30.f);
-  AwqScaleSearch s = awq_search_scales(pool, d.w.data(), d.out, d.in, 32, d.stats, 20, "w",
-                                       awq_linear_loss(pool, d.w.data(), d.out, d.in, d.stats));
+  CpuOps cpu(2);
+  AwqOps& ops = *cpu.ops;
+  Data d = make(200, 64, 32, ops, 30.f);
+  AwqScaleSearch s = awq_search_scales(ops, d.w.data(), d.out, d.in, 32, d.stats, 20, "w",
+                                       awq_linear_loss(ops, d.w.data(), d.out, d.in, d.stats));
   ASSERT_EQ(s.scales.size(), size_t(d.in));
   EXPECT_LT(s.loss, 0.7 * s.loss_rtn);
   EXPECT_GT(s.alpha, 0.0);
@@ -74,14 +83,15 @@ TEST(Awq, ScalesBeatRtnOnOutlierChannels) {
 }
 
 TEST(Awq, ClipNeverWorseThanNoClip) {
-  cpu::ThreadPool pool(1);
+  CpuOps cpu(1);
+  AwqOps& ops = *cpu.ops;
   // One group per row, so the per-group error the search minimizes is the whole output error.
-  Data d = make(80, 32, 8, pool, 1.f);
+  Data d = make(80, 32, 8, ops, 1.f);
   d.w[3] = 2.f;  // a weight outlier
-  std::vector<float> clip = awq_search_clip(pool, d.w.data(), d.out, d.in, 0, 32, d.stats, {}, 20, 0.5, "w");
+  std::vector<float> clip = awq_search_clip(ops, d.w.data(), d.out, d.in, 0, 32, d.stats, {}, 20, 0.5, "w");
   ASSERT_EQ(clip.size(), size_t(d.out));
-  cpu::ThreadPool pool2(2);  // rows searched in parallel: the same thresholds
-  EXPECT_EQ(awq_search_clip(pool2, d.w.data(), d.out, d.in, 0, 32, d.stats, {}, 20, 0.5, "w"), clip);
+  CpuOps cpu2(2);  // rows searched in parallel: the same thresholds
+  EXPECT_EQ(awq_search_clip(*cpu2.ops, d.w.data(), d.out, d.in, 0, 32, d.stats, {}, 20, 0.5, "w"), clip);
   std::vector<float> clipped = d.w;
   awq_apply_clip(clipped.data(), d.out, d.in, 0, 32, clip);
   const std::vector<float> q_clip = awq_rtn(clipped.data(), d.out, d.in, 32, "w");
