@@ -49,7 +49,11 @@ std::shared_ptr<RequestStream> AsyncScheduler::submit(std::vector<int32_t> promp
   {
     std::lock_guard<std::mutex> l(mu_);
     if (!accepting_) throw NotAccepting();
-    if (stats_.waiting >= max_queue_) throw QueueFull();
+    // A request that a free running slot takes at the next step does not wait for one, so it does not count against
+    // the queue: with one running slot and a queue of 2, a burst admits 3 however its arrival interleaves with the
+    // scheduler's hand-over (counting the not-yet-started first request as waiting had refused the third one).
+    const int64_t free_slots = std::max<int64_t>(0, scheduler_.options().max_running - stats_.running);
+    if (stats_.waiting >= max_queue_ + free_slots) throw QueueFull();
     const uint64_t id = next_id_++;
     stream = std::make_shared<RequestStream>(id);
     // A token that ends the output (EOS, a stop id) is not shown, nor its logprob.
