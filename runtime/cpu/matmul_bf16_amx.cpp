@@ -4,9 +4,9 @@
 //
 // Why AMX: the exact AVX-512 kernel does one 16-lane FMA per weight pair and row, so batched decode and prefill were
 // bound by FMA throughput (20-34% of the FMA roofline at batch 8/32, docs/BENCHMARKS.md). One `tdpbf16ps` does
-// 16 rows x 16 outputs x 32 inputs. Its operands are bf16 on both sides, so x is split into three bf16 planes
-// (split_rows_to_bf16x3) and each tile of weights is multiplied by all three: the activation is used in full, at
-// three tile products per weight tile, which still leaves the kernel bound by memory rather than by arithmetic.
+// 16 rows x 16 outputs x 32 inputs. Its operands are bf16 on both sides, so each row of x is split into three bf16
+// parts that sum exactly to it (split_rows_to_bf16x3), stacked as rows of the activation tile: the activation is used
+// in full, at three tile rows per input row, and batch 8 is still bound by reading the weights (docs/BENCHMARKS.md).
 #include <immintrin.h>
 #include <sys/syscall.h>
 
