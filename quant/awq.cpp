@@ -41,17 +41,7 @@ std::vector<float> awq_rtn(const float* w, int64_t out, int64_t in, int64_t grou
 
 void awq_rtn_in_place(float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label) {
   check_int4_shape(out, in, group_size, label);
-  awq_rtn_rows(w, 0, out, in, group_size, label);
-}
-
-void awq_rtn_rows(float* w, int64_t r0, int64_t r1, int64_t in, int64_t group_size, const std::string& label) {
-  std::vector<float> q(static_cast<size_t>(group_size));
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t g = 0; g < in / group_size; ++g) {
-      float* wg = w + r * in + g * group_size;
-      int4_round_trip_group(wg, group_size, q.data(), label, r, g);
-      std::copy(q.begin(), q.end(), wg);
-    }
+  int4_round_trip_rows(w, 0, out, in, group_size, label);
 }
 
 namespace {

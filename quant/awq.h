@@ -78,8 +78,6 @@ void awq_apply_clip(float* w, int64_t out, int64_t in, int64_t row0, int64_t gro
 // Quantize-dequantize through quant/int4 (the routine the workspace is written with): RTN in fp32.
 std::vector<float> awq_rtn(const float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label);
 void awq_rtn_in_place(float* w, int64_t out, int64_t in, int64_t group_size, const std::string& label);
-// Rows [r0, r1) of w [., in] in place (the shape already checked).
-void awq_rtn_rows(float* w, int64_t r0, int64_t r1, int64_t in, int64_t group_size, const std::string& label);
 
 // The result of the search for one layer: everything needed to transform its tensors while they are written.
 struct AwqLayerPlan {

@@ -1,5 +1,7 @@
 #include "runtime/core/int4_grid.h"
 
+#include <vector>
+
 #include "runtime/core/dtype.h"
 #include "runtime/core/error.h"
 
@@ -30,6 +32,16 @@ void int4_round_trip_group(const float* x, int64_t n, float* out, const std::str
                            int64_t group) {
   const Int4GroupGrid grid = int4_group_grid(x, n, label, row, group);
   for (int64_t k = 0; k < n; ++k) out[k] = float(grid.code(x[k]) - grid.zero) * grid.scale;
+}
+
+void int4_round_trip_rows(float* w, int64_t r0, int64_t r1, int64_t in, int64_t group_size, const std::string& label) {
+  std::vector<float> q(static_cast<size_t>(group_size));
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t g = 0; g < in / group_size; ++g) {
+      float* wg = w + r * in + g * group_size;
+      int4_round_trip_group(wg, group_size, q.data(), label, r, g);
+      std::copy(q.begin(), q.end(), wg);
+    }
 }
 
 }  // namespace kiln

@@ -25,5 +25,7 @@ Int4GroupGrid int4_group_grid(const float* x, int64_t n, const std::string& labe
 // out[k] = x[k] quantized to its group's grid and dequantized: quantize_int4 then dequantize_int4 of one group of n
 // values, without packing or allocating (the AWQ clipping search runs it millions of times).
 void int4_round_trip_group(const float* x, int64_t n, float* out, const std::string& label, int64_t row, int64_t group);
+// Rows [r0, r1) of w [., in] replaced in place by their round trip, group by group (group_size divides in).
+void int4_round_trip_rows(float* w, int64_t r0, int64_t r1, int64_t in, int64_t group_size, const std::string& label);
 
 }  // namespace kiln

@@ -18,13 +18,7 @@ void scaled_rtn_rows(const float* w, const float* s, int64_t r0, int64_t r1, int
                      const std::string& label, float* w_eff) {
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t c = 0; c < in; ++c) w_eff[r * in + c] = w[r * in + c] * s[c];
-  std::vector<float> q(static_cast<size_t>(gs));
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t g = 0; g < in / gs; ++g) {
-      float* wg = w_eff + r * in + g * gs;
-      int4_round_trip_group(wg, gs, q.data(), label, r, g);
-      std::copy(q.begin(), q.end(), wg);
-    }
+  int4_round_trip_rows(w_eff, r0, r1, in, gs, label);
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t c = 0; c < in; ++c) w_eff[r * in + c] /= s[c];
 }
