@@ -106,6 +106,34 @@ TEST(CpuOps, MatmulRowsAreIndependentOfTheBatch) {
   }
 }
 
+TEST(CpuOps, MatmulBlockedManyRowsEqualsOneRowAtATime) {
+  // Many rows over many inputs take the blocked path (inputs in blocks, panels in groups, sums carried between
+  // blocks); one row takes the plain one. Every output must be bitwise equal either way, and match the oracle.
+  // Shapes: 565 outputs = 35 full panels + 5 (an odd count, a partial panel, past one 32-panel group); 600 inputs =
+  // two full input blocks + a partial one; 77 rows = a 64-row task + 13, with partial 8-row tiles.
+  const CpuFeatures f = cpu_features();
+  if (!(f.avx512f && f.avx512bw)) GTEST_SKIP() << "no AVX-512";
+  const int64_t out = 565, in = 600, rows = 77;
+  for (DType dt : {DType::F32, DType::F16, DType::BF16}) {
+    StoredWeights w = store(randn(size_t(out * in), 5), dt);
+    cpu::PackedLinear packed = cpu::pack_linear(w.bytes.data(), dt, out, in);
+    auto x = randn(size_t(rows * in), 6);
+    auto ref = naive_matmul(x, rows, w.values, out, in);
+    std::vector<float> all(size_t(rows * out)), pooled(size_t(rows * out)), one(static_cast<size_t>(out));
+    cpu::matmul_avx512(x.data(), 0, rows, packed, 0, packed.panels(), all.data());
+    expect_close(all, ref, 2e-3f, "blocked");
+    cpu::CpuBackend backend(2);
+    backend.matmul(x.data(), rows, packed, pooled.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      cpu::matmul_avx512(x.data() + r * in, 0, 1, packed, 0, packed.panels(), one.data());
+      for (int64_t o = 0; o < out; ++o) {
+        ASSERT_EQ(one[o], all[r * out + o]) << dtype_name(dt) << " " << r << "," << o;
+        ASSERT_EQ(one[o], pooled[r * out + o]) << dtype_name(dt) << " pool " << r << "," << o;
+      }
+    }
+  }
+}
+
 // A chunk that throws does not take the process down: the first exception reaches the caller, and the pool keeps
 // working afterwards.
 TEST(CpuOps, ThreadPoolRethrowsAChunksException) {

@@ -1,0 +1,72 @@
+// Times the CPU backend's dense matmul kernels on real linear shapes: the fp32 panel kernel and the bf16 kernels
+// (Exact, Dot, Amx), for the rows of batched decode and prefill. Not a test: it prints GFLOP/s per kernel so that
+// kernel changes can be compared in isolation from the rest of a decode step (scripts/bench_cpu_decode.py measures
+// whole steps).
+// Usage: kiln_bench_cpu_matmul [threads] [smollm2|7b]
+//   smollm2: SmolLM2-135M's linears at 1..512 rows; 7b: Llama-2-7B's at 512 and 4096 rows (AWQ's calibration forwards).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#include "runtime/core/dtype.h"
+#include "runtime/cpu/matmul.h"
+#include "runtime/cpu/matmul_bf16.h"
+#include "runtime/cpu/thread_pool.h"
+
+using namespace kiln;
+
+namespace {
+
+template <class Run>
+double gflops(int64_t rows, int64_t out, int64_t in, const Run& run) {
+  const int reps = int(std::max<int64_t>(1, 400000000 / (2 * rows * out * in)));
+  double best = 1e30;
+  for (int t = 0; t < 3; ++t) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < reps; ++i) run();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps);
+  }
+  return 2.0 * double(rows * out * in) / best / 1e9;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const unsigned threads = argc > 1 ? unsigned(std::atoi(argv[1])) : 2;
+  const bool big = argc > 2 && std::strcmp(argv[2], "7b") == 0;
+  cpu::ThreadPool pool(threads);
+  std::mt19937 g(1);
+  std::normal_distribution<float> d(0.0f, 0.5f);
+  const std::vector<std::pair<int64_t, int64_t>> shapes =
+      big ? std::vector<std::pair<int64_t, int64_t>>{{12288, 4096}, {4096, 11008}, {22016, 4096}}
+          : std::vector<std::pair<int64_t, int64_t>>{{1728, 576}, {576, 1536}, {3072, 576}, {49152, 576}};
+  const std::vector<int64_t> row_counts =
+      big ? std::vector<int64_t>{512, 4096} : std::vector<int64_t>{1, 8, 32, 128, 512};
+  std::printf("%-12s %6s %10s %10s %10s %10s  (GFLOP/s, best of 3; %u threads)\n", "out x in", "rows", "fp32",
+              "bf16 exact", "bf16 dot", "bf16 amx", threads);
+  for (const auto& [out, in] : shapes) {
+    std::vector<float> wf(size_t(out * in));
+    for (auto& v : wf) v = d(g);
+    std::vector<uint16_t> wb(wf.size());
+    for (size_t i = 0; i < wf.size(); ++i) wb[i] = f32_to_bf16(wf[i]);
+    const cpu::PackedLinear w32 = cpu::pack_linear(wf.data(), DType::F32, out, in, cpu::DenseLayout::Panel);
+    const cpu::PackedLinear w16 = cpu::pack_linear(wb.data(), DType::BF16, out, in, cpu::DenseLayout::Bf16Pairs);
+    for (int64_t rows : row_counts) {
+      std::vector<float> x(size_t(rows * in)), y(size_t(rows * out));
+      for (auto& v : x) v = d(g);
+      std::printf("%5ldx%-6ld %6ld", long(out), long(in), long(rows));
+      std::printf(" %10.1f", gflops(rows, out, in,
+                                    [&] { cpu::matmul(pool, cpu::MatmulIsa::Avx512, x.data(), rows, w32, y.data()); }));
+      for (cpu::Bf16Math math : {cpu::Bf16Math::Exact, cpu::Bf16Math::Dot, cpu::Bf16Math::Amx})
+        std::printf(" %10.1f", gflops(rows, out, in, [&] {
+                      cpu::matmul_bf16_pairs(pool, cpu::MatmulIsa::Avx512, math, x.data(), rows, w16, y.data());
+                    }));
+      std::printf("\n");
+      std::fflush(stdout);
+    }
+  }
+}
