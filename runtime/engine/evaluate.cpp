@@ -26,7 +26,7 @@ void evaluate_windows(Model& model, std::span<const int32_t> tokens, int64_t con
     input.insert(input.end(), window.begin(), window.end());
     KvSequence seq;
     std::vector<BatchEntry> batch{{&seq, input, true}};
-    ForwardResult r = model.forward(batch, cache);
+    const ForwardResult& r = model.forward(batch, cache);
     cache.release(seq);
     // Only the window's own rows are handed on.
     on_window(begin, window, r.row(int64_t(input.size() - window.size())));

@@ -102,7 +102,7 @@ PrefixLmPrompt prefix_lm_prompt(const ModelSpec& spec, std::span<const int32_t> 
   return {sop, anchor};
 }
 
-ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache, ForwardObserver* observer) {
+const ForwardResult& Model::forward(std::span<BatchEntry> batch, KvCache& cache, ForwardObserver* observer) {
   const int64_t H = spec_.hidden_size, V = spec_.vocab_size;
 
   // Batch metadata: token ids, positions, cache slots and attention spans.
@@ -110,7 +110,8 @@ ForwardResult Model::forward(std::span<BatchEntry> batch, KvCache& cache, Forwar
   std::vector<int64_t> slots;
   std::vector<AttentionSequence> seqs;
   ForwardContext ctx(backend_, spec_, scratch_);
-  ForwardResult result;
+  ForwardResult& result = result_;
+  result.first_row.clear();
   for (size_t e = 0; e < batch.size(); ++e) {
     BatchEntry& b = batch[e];
     if (!b.kv) throw Error("forward: batch entry without a KV sequence");
