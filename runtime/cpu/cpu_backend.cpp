@@ -8,6 +8,7 @@
 #include "runtime/core/devices.h"
 #include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
+#include "runtime/cpu/activation.h"
 #include "runtime/cpu/matmul_int4.h"
 #include "runtime/cpu/matmul_int8.h"
 #include "runtime/kv/kv_cache.h"
@@ -265,6 +266,10 @@ void CpuBackend::silu_mul(const float* gate_up, float* out, int64_t rows, int64_
   pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const float* g = gate_up + r * 2 * inter;
+      if (isa_ == MatmulIsa::Avx512) {
+        silu_mul_avx512(g, g + inter, out + r * inter, inter);
+        continue;
+      }
       for (int64_t i = 0; i < inter; ++i) out[r * inter + i] = g[i] / (1.0f + std::exp(-g[i])) * g[inter + i];
     }
   });

@@ -211,6 +211,29 @@ TEST(CpuOps, BiasSiluMulAdd) {
   for (size_t i = 0; i < a.size(); ++i) EXPECT_FLOAT_EQ(a[i], act[i] + c[i]);
 }
 
+TEST(CpuOps, SiluMulOverTheWholeFloatRange) {
+  // The AVX-512 path computes e^-g itself: against double over the range where it matters and past both ends of
+  // float's exp (inf and 0), with a length that leaves a masked tail. Where e^-g overflows float (g < -88.7) both this
+  // and the scalar expf give -0 against double's ~1e-37: the absolute slack.
+  cpu::CpuBackend backend(1);
+  const int64_t inter = 1000 + 7;
+  std::vector<float> gu(size_t(2 * inter));
+  for (int64_t i = 0; i < inter; ++i) {
+    gu[size_t(i)] = -120.0f + 240.0f * float(i) / float(inter - 1);
+    gu[size_t(inter + i)] = 0.5f + float(i % 7);
+  }
+  gu[3] = 0.0f, gu[4] = -0.0f, gu[5] = 1e-30f, gu[6] = -87.5f, gu[7] = 89.0f;
+  std::vector<float> act(static_cast<size_t>(inter));
+  backend.silu_mul(gu.data(), act.data(), 1, inter);
+  for (int64_t i = 0; i < inter; ++i) {
+    const double g = gu[size_t(i)], u = gu[size_t(inter + i)], want = g / (1 + std::exp(-g)) * u;
+    ASSERT_NEAR(act[size_t(i)], want, 3e-7 * std::abs(want) + 1e-35) << "g = " << g;
+  }
+  gu[0] = std::nanf("");
+  backend.silu_mul(gu.data(), act.data(), 1, inter);
+  EXPECT_TRUE(std::isnan(act[0]));
+}
+
 TEST(CpuOps, RopeRotatesHalvesPerSequenceFrequencies) {
   cpu::CpuBackend backend(2);
   const int64_t rows = 4, heads = 3, hd = 8, stride = 30;  // stride > heads*hd: the rest must stay untouched
