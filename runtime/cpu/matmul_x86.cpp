@@ -100,14 +100,13 @@ KILN_AVX512 inline __m512 load_panel_avx512(const uint8_t* p) {
   }
 }
 
-// R rows against P consecutive panels (pstride bytes apart) over inputs [k0, k1); acc [P][R][16] receives the sums.
-// One FMA chain per (row, panel), whatever R and P: two panels per tile let each broadcast activation feed two FMAs
-// and keep two chains per row in flight.
-// Unblocked: x is R rows of `in` inputs, the sums start at zero (k0 == 0, k1 == in), and the next panels are fetched
-// into L2 meanwhile, as in tile_exact (matmul_bf16_x86.cpp): fp32 decode waits on memory.
-// Blocked: x is the block's inputs packed [k1 - k0][8 rows]; the sums of inputs [0, k0) are read from acc and
-// carried on (zero when k0 == 0), so splitting the inputs into blocks repeats exactly the same FMAs in the same order.
-template <DType T, int R, int P, bool Blocked, bool Prefetch>
+// R rows of x (`in` inputs each) against P consecutive panels (pstride bytes apart) over inputs [k0, k1); acc
+// [P][R][16] receives the sums. One FMA chain per (row, panel), whatever R and P: two panels per tile let each
+// broadcast activation feed two FMAs and keep two chains per row in flight. When k0 > 0 the sums of inputs [0, k0) are
+// read from acc and carried on, so splitting the inputs into blocks repeats exactly the same FMAs in the same order.
+// With Prefetch the next panels are fetched into L2 meanwhile, as in tile_exact (matmul_bf16_x86.cpp): fp32 decode
+// waits on memory.
+template <DType T, int R, int P, bool Prefetch>
 KILN_AVX512 void tile_avx512(const float* x, int64_t in, int64_t k0, int64_t k1, const uint8_t* panel, size_t pstride,
                              float* acc_io) {
   constexpr size_t es = T == DType::F32 ? 4 : 2;
@@ -123,7 +122,7 @@ KILN_AVX512 void tile_avx512(const float* x, int64_t in, int64_t k0, int64_t k1,
       wv[q] = load_panel_avx512<T>(panel + q * pstride + size_t(k * kPanel) * es);
     }
     for (int r = 0; r < R; ++r) {
-      const __m512 xb = _mm512_set1_ps(Blocked ? x[(k - k0) * 8 + r] : x[r * in + k]);
+      const __m512 xb = _mm512_set1_ps(x[r * in + k]);
       for (int q = 0; q < P; ++q) acc[q][r] = _mm512_fmadd_ps(xb, wv[q], acc[q][r]);
     }
   }
@@ -131,40 +130,41 @@ KILN_AVX512 void tile_avx512(const float* x, int64_t in, int64_t k0, int64_t k1,
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc_io + (q * R + r) * kPanel, acc[q][r]);
 }
 
-template <DType T, int P, bool Blocked, bool Prefetch>
+template <DType T, int P, bool Prefetch>
 KILN_AVX512 void tile_avx512_rows(int64_t n, const float* x, int64_t in, int64_t k0, int64_t k1, const uint8_t* panel,
                                   size_t pstride, float* acc) {
   switch (n) {
     case 8:
-      return tile_avx512<T, 8, P, Blocked, Prefetch>(x, in, k0, k1, panel, pstride, acc);
+      return tile_avx512<T, 8, P, Prefetch>(x, in, k0, k1, panel, pstride, acc);
     case 7:
-      return tile_avx512<T, 7, P, Blocked, Prefetch>(x, in, k0, k1, panel, pstride, acc);
+      return tile_avx512<T, 7, P, Prefetch>(x, in, k0, k1, panel, pstride, acc);
     case 6:
-      return tile_avx512<T, 6, P, Blocked, Prefetch>(x, in, k0, k1, panel, pstride, acc);
+      return tile_avx512<T, 6, P, Prefetch>(x, in, k0, k1, panel, pstride, acc);
     case 5:
-      return tile_avx512<T, 5, P, Blocked, Prefetch>(x, in, k0, k1, panel, pstride, acc);
+      return tile_avx512<T, 5, P, Prefetch>(x, in, k0, k1, panel, pstride, acc);
     case 4:
-      return tile_avx512<T, 4, P, Blocked, Prefetch>(x, in, k0, k1, panel, pstride, acc);
+      return tile_avx512<T, 4, P, Prefetch>(x, in, k0, k1, panel, pstride, acc);
     case 3:
-      return tile_avx512<T, 3, P, Blocked, Prefetch>(x, in, k0, k1, panel, pstride, acc);
+      return tile_avx512<T, 3, P, Prefetch>(x, in, k0, k1, panel, pstride, acc);
     case 2:
-      return tile_avx512<T, 2, P, Blocked, Prefetch>(x, in, k0, k1, panel, pstride, acc);
+      return tile_avx512<T, 2, P, Prefetch>(x, in, k0, k1, panel, pstride, acc);
     default:
-      return tile_avx512<T, 1, P, Blocked, Prefetch>(x, in, k0, k1, panel, pstride, acc);
+      return tile_avx512<T, 1, P, Prefetch>(x, in, k0, k1, panel, pstride, acc);
   }
 }
 
-template <DType T, bool Blocked, bool Prefetch>
+template <DType T, bool Prefetch>
 KILN_AVX512 void tile_avx512_panels(int64_t np, int64_t n, const float* x, int64_t in, int64_t k0, int64_t k1,
                                     const uint8_t* panel, size_t pstride, float* acc) {
   if (np == 2)
-    tile_avx512_rows<T, 2, Blocked, Prefetch>(n, x, in, k0, k1, panel, pstride, acc);
+    tile_avx512_rows<T, 2, Prefetch>(n, x, in, k0, k1, panel, pstride, acc);
   else
-    tile_avx512_rows<T, 1, Blocked, Prefetch>(n, x, in, k0, k1, panel, pstride, acc);
+    tile_avx512_rows<T, 1, Prefetch>(n, x, in, k0, k1, panel, pstride, acc);
 }
 
 // Blocking of the many-row case (prefill, AWQ's calibration forwards): inputs in blocks of kInputBlock, panels in
-// groups of kGroupPanels. Without it each 8-row tile ran over all inputs at once, so with 4096 or 11008 inputs its
+// groups of kGroupPanels, and within them each pair of panels against every 8-row tile, the first tile prefetching
+// the next pair's block. Without it each 8-row tile ran over all inputs at once, so with 4096 or 11008 inputs its
 // rows and panels spilled out of L2 between tiles (Llama-2-7B's down projection ran at 115 GFLOP/s against ~300 at
 // 576 inputs). The sums of a group live in a per-thread buffer between input blocks.
 constexpr int64_t kInputBlock = 256;
@@ -182,8 +182,8 @@ KILN_AVX512 void run_avx512(const float* x, int64_t r0, int64_t r1, const Packed
       const int64_t np = std::min<int64_t>(2, p1 - p);
       for (int64_t r = r0; r < r1; r += 8) {
         const int64_t n = std::min<int64_t>(8, r1 - r);
-        tile_avx512_panels<T, false, true>(np, n, x + r * w.in, w.in, 0, w.in, w.data.data() + size_t(p) * pstride,
-                                           pstride, tile);
+        tile_avx512_panels<T, true>(np, n, x + r * w.in, w.in, 0, w.in, w.data.data() + size_t(p) * pstride, pstride,
+                                    tile);
         store_panel_tile(tile, n, np, r, p, w.out, y);
       }
       p += np;
@@ -191,29 +191,23 @@ KILN_AVX512 void run_avx512(const float* x, int64_t r0, int64_t r1, const Packed
     return;
   }
   const int64_t tiles = (r1 - r0 + 7) / 8;
-  thread_local std::vector<float> sums, packed;
+  thread_local std::vector<float> sums;
   sums.resize(size_t(kGroupPanels * tiles * 8 * kPanel));
-  packed.resize(size_t(tiles * kInputBlock * 8));
   for (int64_t g0 = p0; g0 < p1; g0 += kGroupPanels) {
     const int64_t g1 = std::min(p1, g0 + kGroupPanels);
     for (int64_t k0 = 0; k0 < w.in; k0 += kInputBlock) {
       const int64_t k1 = std::min(w.in, k0 + kInputBlock);
-      // The block's rows are packed [tile][input][8 rows]: read in place, the 8 rows of a tile lie `in` floats apart,
-      // which for 4096 inputs put them and both panels in the same L1 sets (the second panel's load was the hot spot).
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t k = k0; k < k1; ++k)
-          packed[size_t(((r - r0) / 8 * kInputBlock + (k - k0)) * 8 + (r - r0) % 8)] = x[r * w.in + k];
       for (int64_t p = g0; p < g1;) {
         const int64_t np = std::min<int64_t>(2, g1 - p);
         for (int64_t t = 0; t < tiles; ++t) {
           const int64_t r = r0 + 8 * t, n = std::min<int64_t>(8, r1 - r);
           float* acc = sums.data() + ((p - g0) * tiles + t * np) * 8 * kPanel;
-          const float* xt = packed.data() + t * kInputBlock * 8;
+          const float* xt = x + r * w.in;
           const uint8_t* panel = w.data.data() + size_t(p) * pstride;
           if (t == 0)
-            tile_avx512_panels<T, true, true>(np, n, xt, w.in, k0, k1, panel, pstride, acc);
+            tile_avx512_panels<T, true>(np, n, xt, w.in, k0, k1, panel, pstride, acc);
           else
-            tile_avx512_panels<T, true, false>(np, n, xt, w.in, k0, k1, panel, pstride, acc);
+            tile_avx512_panels<T, false>(np, n, xt, w.in, k0, k1, panel, pstride, acc);
           if (k1 == w.in) store_panel_tile(acc, n, np, r, p, w.out, y);
         }
         p += np;
