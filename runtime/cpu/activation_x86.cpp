@@ -14,7 +14,8 @@ namespace {
 
 // e^x for a vector: x = n ln2 + r with |r| <= ln2/2 (ln2 split in two so that n ln2 is exact enough), e^r by its
 // Taylor series to r^7 (truncation below 1e-8 relative), then scaled by 2^n with vscalefps, which also gives inf
-// and 0 past the float range. Within 2 ulp of expf; NaN stays NaN.
+// and 0 past the float range. The SiLU built on it stays within 3e-7 relative of a double computation
+// (CpuOps.SiluMulOverTheWholeFloatRange); NaN stays NaN.
 KILN_AVX512 inline __m512 exp_avx512(__m512 x) {
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
