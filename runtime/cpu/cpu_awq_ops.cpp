@@ -1,5 +1,7 @@
 // The AWQ search's kernels on the CPU (runtime/backend/awq_ops.h): the reference implementation, on the backend's
 // thread pool and packed fp32 matmul. Every result is independent of the number of threads.
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -23,22 +25,79 @@ void scaled_rtn_rows(const float* w, const float* s, int64_t r0, int64_t r1, int
     for (int64_t c = 0; c < in; ++c) w_eff[r * in + c] /= s[c];
 }
 
-// d^T G d for a symmetric gs x gs block, in double: eight independent lanes over the columns in a fixed order (the
-// loop vectorizes; the clipping search evaluates this millions of times).
-double quadratic_form(const float* G, const float* d, int64_t gs) {
-  double err = 0;
+// errs[i] = d_iᵀ G d_i for a symmetric gs x gs block G and n vectors d [n][gs] (the clipping search's thresholds of
+// one group), in double. Each is summed in one fixed order: for each row a of G, eight lanes over the columns
+// (lane j takes the columns b = j mod 8, in order), combined pairwise, then the tail, times d_a, added over a in
+// order. All n share each row of G while it is in registers: evaluated one at a time, the 64 KB block was re-read
+// from L2 for every threshold.
+double lanes_sum(const double* lane) {
+  return ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
+}
+
+void quadratic_forms_scalar(const float* G, const double* d, int64_t n, int64_t gs, double* errs) {
+  std::fill(errs, errs + n, 0.0);
+  const int64_t body = gs / 8 * 8;
   for (int64_t a = 0; a < gs; ++a) {
     const float* row = G + a * gs;
-    double lane[8] = {};
-    int64_t b = 0;
-    for (; b + 8 <= gs; b += 8)
-      for (int j = 0; j < 8; ++j) lane[j] += double(row[b + j]) * double(d[b + j]);
-    double tail = 0;
-    for (; b < gs; ++b) tail += double(row[b]) * double(d[b]);
-    err += double(d[a]) *
-           ((((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]))) + tail);
+    for (int64_t i = 0; i < n; ++i) {
+      const double* di = d + i * gs;
+      double lane[8] = {};
+      for (int64_t b = 0; b < body; b += 8)
+        for (int j = 0; j < 8; ++j) lane[j] += double(row[b + j]) * di[b + j];
+      double tail = 0;
+      for (int64_t b = body; b < gs; ++b) tail += double(row[b]) * di[b];
+      errs[i] += di[a] * (lanes_sum(lane) + tail);
+    }
   }
-  return err;
+}
+
+// The same sums with AVX2: lanes 0-3 and 4-7 are two registers of doubles. The products of two floats are exact in
+// double, so an FMA adds exactly what the scalar multiply-then-add does. N vectors at a time: 2N accumulators and the
+// row's two registers fit the 16 ymm registers for N <= 5.
+template <int N>
+__attribute__((target("avx2,fma"))) void quadratic_forms_avx2_n(const float* G, const double* d, int64_t gs,
+                                                                 double* errs) {
+  const int64_t body = gs / 8 * 8;
+  for (int64_t a = 0; a < gs; ++a) {
+    const float* row = G + a * gs;
+    __m256d acc[N][2];
+    for (int i = 0; i < N; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_pd();
+    for (int64_t b = 0; b < body; b += 8) {
+      const __m256d g0 = _mm256_cvtps_pd(_mm_loadu_ps(row + b)), g1 = _mm256_cvtps_pd(_mm_loadu_ps(row + b + 4));
+      for (int i = 0; i < N; ++i) {
+        acc[i][0] = _mm256_fmadd_pd(g0, _mm256_loadu_pd(d + i * gs + b), acc[i][0]);
+        acc[i][1] = _mm256_fmadd_pd(g1, _mm256_loadu_pd(d + i * gs + b + 4), acc[i][1]);
+      }
+    }
+    for (int i = 0; i < N; ++i) {
+      alignas(32) double lane[8];
+      _mm256_store_pd(lane, acc[i][0]);
+      _mm256_store_pd(lane + 4, acc[i][1]);
+      const double* di = d + i * gs;
+      double tail = 0;
+      for (int64_t b = body; b < gs; ++b) tail += double(row[b]) * di[b];
+      errs[i] += di[a] * (lanes_sum(lane) + tail);
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) void quadratic_forms_avx2(const float* G, const double* d, int64_t n, int64_t gs,
+                                                               double* errs) {
+  std::fill(errs, errs + n, 0.0);
+  int64_t i = 0;
+  for (; i + 5 <= n; i += 5) quadratic_forms_avx2_n<5>(G, d + i * gs, gs, errs + i);
+  switch (n - i) {
+    case 4:
+      return quadratic_forms_avx2_n<4>(G, d + i * gs, gs, errs + i);
+    case 3:
+      return quadratic_forms_avx2_n<3>(G, d + i * gs, gs, errs + i);
+    case 2:
+      return quadratic_forms_avx2_n<2>(G, d + i * gs, gs, errs + i);
+    case 1:
+      return quadratic_forms_avx2_n<1>(G, d + i * gs, gs, errs + i);
+    default:
+      return;
+  }
 }
 
 struct CpuLinearTarget : AwqLinearTarget {
@@ -127,27 +186,33 @@ class CpuAwqOps : public AwqOps {
                    int64_t grid, int64_t steps, const std::string& label, float* clip) override {
     const int64_t groups = in / gs;
     // Rows are independent: each is searched on its own, whatever the split over the pool.
+    const auto forms = isa_ == MatmulIsa::Scalar ? quadratic_forms_scalar : quadratic_forms_avx2;
     pool_.parallel_for(rows, [&](int64_t begin, int64_t end) {
-      std::vector<float> cur(static_cast<size_t>(gs)), q(cur.size()), d(cur.size());
+      std::vector<float> cur(static_cast<size_t>(gs)), q(cur.size());
+      std::vector<double> d(static_cast<size_t>(steps * gs)), errs(static_cast<size_t>(steps));
+      std::vector<float> thresholds(static_cast<size_t>(steps));
       for (int64_t r = begin; r < end; ++r)
         for (int64_t g = 0; g < groups; ++g) {
           const float* wg = w + r * in + g * gs;
           float amax = 0;
           for (int64_t c = 0; c < gs; ++c) amax = std::max(amax, std::fabs(wg[c]));
-          float best_m = amax;
-          double best_err = std::numeric_limits<double>::infinity();
-          for (int64_t i = 0; i < steps && amax > 0; ++i) {
+          clip[r * groups + g] = amax;
+          if (amax == 0) continue;
+          for (int64_t i = 0; i < steps; ++i) {
             const float m = float(double(amax) * (1.0 - double(i) / double(grid)));
+            thresholds[size_t(i)] = m;
             for (int64_t c = 0; c < gs; ++c) cur[size_t(c)] = std::clamp(wg[c], -m, m);
             int4_round_trip_group(cur.data(), gs, q.data(), label, row0 + r, g);
-            for (int64_t c = 0; c < gs; ++c) d[size_t(c)] = wg[c] - q[size_t(c)];  // against the unclipped weights
-            const double err = quadratic_form(blocks + g * gs * gs, d.data(), gs);
-            if (err < best_err) {
-              best_err = err;
-              best_m = m;
-            }
+            // Against the unclipped weights; the difference of two floats, widened to double as the products need.
+            for (int64_t c = 0; c < gs; ++c) d[size_t(i * gs + c)] = double(wg[c] - q[size_t(c)]);
           }
-          clip[r * groups + g] = best_m;
+          forms(blocks + g * gs * gs, d.data(), steps, gs, errs.data());
+          double best_err = std::numeric_limits<double>::infinity();
+          for (int64_t i = 0; i < steps; ++i)
+            if (errs[size_t(i)] < best_err) {
+              best_err = errs[size_t(i)];
+              clip[r * groups + g] = thresholds[size_t(i)];
+            }
         }
     });
   }

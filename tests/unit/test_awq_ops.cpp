@@ -3,11 +3,14 @@
 // clipping search (the same thresholds), and the error for a non-finite weight.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <memory>
 #include <string>
 
 #include "runtime/backend/backend.h"
 #include "runtime/core/error.h"
+#include "runtime/cpu/cpu_backend.h"
 #include "tests/unit/awq_ops_oracle.h"
 
 namespace kiln {
@@ -84,6 +87,28 @@ TEST(AwqOps, ClipSearchMatchesBruteForce) {
       }
     EXPECT_EQ(clip[size_t(1 * groups)], 0.0f);  // row 1's all-zero group
   }
+}
+
+// The vector kernel of the clipping search sums each dᵀBd in the scalar kernel's order, so both pick the same
+// thresholds bit for bit: groups of 36 (a tail past the 8-wide lanes) and 7 thresholds (one batch of 5 and a rest).
+TEST(AwqOps, ClipSearchIsaKernelsAgreeExactly) {
+  if (cpu::best_matmul_isa() == cpu::MatmulIsa::Scalar) GTEST_SKIP() << "no AVX2";
+  const Case t = make_case(80, 144, 29, 36, 4);
+  const std::vector<float> blocks = diagonal_blocks(gram_f32(t), t.in, t.gs);
+  const int64_t groups = t.in / t.gs, grid = 10, steps = 7;
+  std::vector<float> scalar(size_t(t.out * groups)), vec(scalar.size());
+  cpu::CpuBackend a(2, cpu::MatmulIsa::Scalar), b(2);
+  a.make_awq_ops()->clip_search(t.w.data(), t.out, t.in, 0, t.gs, blocks.data(), grid, steps, "w", scalar.data());
+  b.make_awq_ops()->clip_search(t.w.data(), t.out, t.in, 0, t.gs, blocks.data(), grid, steps, "w", vec.data());
+  int differ_from_amax = 0;
+  for (size_t i = 0; i < scalar.size(); ++i) {
+    ASSERT_EQ(vec[i], scalar[i]) << "row " << i / size_t(groups) << " group " << i % size_t(groups);
+    const float* wg = &t.w[(i / size_t(groups)) * size_t(t.in) + (i % size_t(groups)) * size_t(t.gs)];
+    float amax = 0;
+    for (int64_t c = 0; c < t.gs; ++c) amax = std::max(amax, std::fabs(wg[c]));
+    differ_from_amax += vec[i] != amax;
+  }
+  EXPECT_GT(differ_from_amax, 0);  // some groups clip: the comparison covers the search, not just its default
 }
 
 TEST(AwqOps, NonFiniteWeightIsAnErrorNamingTheTensor) {

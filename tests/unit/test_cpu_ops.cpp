@@ -108,27 +108,44 @@ TEST(CpuOps, MatmulRowsAreIndependentOfTheBatch) {
 
 TEST(CpuOps, MatmulBlockedManyRowsEqualsOneRowAtATime) {
   // Many rows over many inputs take the blocked path (inputs in blocks, panels in groups, sums carried between
-  // blocks); one row takes the plain one. Every output must be bitwise equal either way, and match the oracle.
-  // Shapes: 565 outputs = 35 full panels + 5 (an odd count, a partial panel, past one 32-panel group); 600 inputs =
-  // two full input blocks + a partial one; 77 rows = a 64-row task + 13, with partial 8-row tiles.
+  // blocks); one row takes the plain one. Every output must be bitwise equal either way, for each x86 kernel this CPU
+  // runs (AVX2: 6-row tiles of one panel; AVX-512: 8-row tiles of two), equal across those kernels (one FMA chain per
+  // output, inputs in order), and match the oracle. Shapes: 565 outputs = 35 full panels + 5 (an odd count, a partial
+  // panel, past one 32-panel group); 600 inputs = two full input blocks + a partial one; 77 rows = a 64-row task + 13,
+  // with partial row tiles.
   const CpuFeatures f = cpu_features();
-  if (!(f.avx512f && f.avx512bw)) GTEST_SKIP() << "no AVX-512";
+  struct Kernel {
+    const char* name;
+    cpu::MatmulIsa isa;
+    decltype(&cpu::matmul_avx2) run;
+  };
+  std::vector<Kernel> kernels;
+  if (f.avx2 && f.fma && f.f16c) kernels.push_back({"avx2", cpu::MatmulIsa::Avx2, &cpu::matmul_avx2});
+  if (f.avx512f && f.avx512bw) kernels.push_back({"avx512", cpu::MatmulIsa::Avx512, &cpu::matmul_avx512});
+  if (kernels.empty()) GTEST_SKIP() << "no AVX2";
   const int64_t out = 565, in = 600, rows = 77;
   for (DType dt : {DType::F32, DType::F16, DType::BF16}) {
     StoredWeights w = store(randn(size_t(out * in), 5), dt);
     cpu::PackedLinear packed = cpu::pack_linear(w.bytes.data(), dt, out, in);
     auto x = randn(size_t(rows * in), 6);
     auto ref = naive_matmul(x, rows, w.values, out, in);
-    std::vector<float> all(size_t(rows * out)), pooled(size_t(rows * out)), one(static_cast<size_t>(out));
-    cpu::matmul_avx512(x.data(), 0, rows, packed, 0, packed.panels(), all.data());
-    expect_close(all, ref, 2e-3f, "blocked");
-    cpu::CpuBackend backend(2);
-    backend.matmul(x.data(), rows, packed, pooled.data());
-    for (int64_t r = 0; r < rows; ++r) {
-      cpu::matmul_avx512(x.data() + r * in, 0, 1, packed, 0, packed.panels(), one.data());
-      for (int64_t o = 0; o < out; ++o) {
-        ASSERT_EQ(one[o], all[r * out + o]) << dtype_name(dt) << " " << r << "," << o;
-        ASSERT_EQ(one[o], pooled[r * out + o]) << dtype_name(dt) << " pool " << r << "," << o;
+    std::vector<float> first;
+    for (const auto& [isa, isa_id, kernel] : kernels) {
+      const std::string label = std::string(isa) + " " + std::string(dtype_name(dt));
+      std::vector<float> pooled(size_t(rows * out));
+      cpu::CpuBackend backend(2, isa_id);
+      backend.matmul(x.data(), rows, packed, pooled.data());
+      std::vector<float> all(size_t(rows * out)), one(static_cast<size_t>(out));
+      kernel(x.data(), 0, rows, packed, 0, packed.panels(), all.data());
+      expect_close(all, ref, 2e-3f, "blocked " + label);
+      for (int64_t r = 0; r < rows; ++r) {
+        kernel(x.data() + r * in, 0, 1, packed, 0, packed.panels(), one.data());
+        for (int64_t o = 0; o < out; ++o) ASSERT_EQ(one[o], all[r * out + o]) << label << " " << r << "," << o;
+      }
+      if (first.empty()) first = all;
+      for (size_t i = 0; i < all.size(); ++i) {
+        ASSERT_EQ(all[i], first[i]) << label << " against " << kernels[0].name << " at " << i;
+        ASSERT_EQ(all[i], pooled[i]) << label << " against the pooled split at " << i;
       }
     }
   }
