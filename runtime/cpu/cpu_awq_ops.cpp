@@ -56,7 +56,7 @@ void quadratic_forms_scalar(const float* G, const double* d, int64_t n, int64_t 
 // row's two registers fit the 16 ymm registers for N <= 5.
 template <int N>
 __attribute__((target("avx2,fma"))) void quadratic_forms_avx2_n(const float* G, const double* d, int64_t gs,
-                                                                 double* errs) {
+                                                                double* errs) {
   const int64_t body = gs / 8 * 8;
   for (int64_t a = 0; a < gs; ++a) {
     const float* row = G + a * gs;
@@ -82,7 +82,7 @@ __attribute__((target("avx2,fma"))) void quadratic_forms_avx2_n(const float* G, 
 }
 
 __attribute__((target("avx2,fma"))) void quadratic_forms_avx2(const float* G, const double* d, int64_t n, int64_t gs,
-                                                               double* errs) {
+                                                              double* errs) {
   std::fill(errs, errs + n, 0.0);
   int64_t i = 0;
   for (; i + 5 <= n; i += 5) quadratic_forms_avx2_n<5>(G, d + i * gs, gs, errs + i);

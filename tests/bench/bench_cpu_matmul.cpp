@@ -65,8 +65,7 @@ int main(int argc, char** argv) {
       std::vector<float> x(size_t(rows * in)), y(size_t(rows * out));
       for (auto& v : x) v = d(g);
       std::printf("%5ldx%-6ld %6ld", long(out), long(in), long(rows));
-      std::printf(" %10.1f", gflops(rows, out, in,
-                                    [&] { cpu::matmul(pool, isa, x.data(), rows, w32, y.data()); }));
+      std::printf(" %10.1f", gflops(rows, out, in, [&] { cpu::matmul(pool, isa, x.data(), rows, w32, y.data()); }));
       std::printf(" %10.1f", gflops(rows, out, in, [&] { cpu::matmul(pool, isa, x.data(), rows, w16p, y.data()); }));
       const cpu::Bf16Math maths[3] = {cpu::Bf16Math::Exact, cpu::Bf16Math::Dot, cpu::Bf16Math::Amx};
       for (int m = 0; m < 3; ++m) {
