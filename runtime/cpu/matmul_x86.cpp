@@ -38,66 +38,54 @@ KILN_AVX2 inline void load_panel_avx2(const uint8_t* p, __m256& lo, __m256& hi) 
   }
 }
 
-// R rows of x against one panel over inputs [k0, k1), with the same carry and prefetch as tile_avx512 below; acc
-// [R][16]. Six rows make 12 accumulators, two weight registers and a broadcast: 15 of the 16 ymm registers, so each
-// weight load feeds 12 FMAs (the four-row tile it replaces fed 8, and 1.3x fewer per cycle on Zen 3).
-template <DType T, int R, bool Prefetch>
-KILN_AVX2 void tile_avx2(const float* x, int64_t in, int64_t k0, int64_t k1, const uint8_t* panel, size_t pstride,
-                         float* acc_io) {
+template <DType T, int R>
+KILN_AVX2 void tile_avx2(const float* x, int64_t in, const uint8_t* panel, float* out /* [R][16] */) {
   constexpr size_t es = T == DType::F32 ? 4 : 2;
-  __m256 lo[R], hi[R];
-  for (int r = 0; r < R; ++r) {
-    lo[r] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(acc_io + r * kPanel);
-    hi[r] = k0 == 0 ? _mm256_setzero_ps() : _mm256_loadu_ps(acc_io + r * kPanel + 8);
-  }
-  const char* next = reinterpret_cast<const char*>(panel + pstride);
-  for (int64_t k = k0; k < k1; ++k) {
-    if constexpr (Prefetch) _mm_prefetch(next + size_t(k * kPanel) * es, _MM_HINT_T1);
-    __m256 wl, wh;
-    load_panel_avx2<T>(panel + size_t(k * kPanel) * es, wl, wh);
+  __m256 acc_lo[R], acc_hi[R];
+  for (int r = 0; r < R; ++r) acc_lo[r] = acc_hi[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < in; ++k) {
+    __m256 lo, hi;
+    load_panel_avx2<T>(panel + size_t(k * kPanel) * es, lo, hi);
     for (int r = 0; r < R; ++r) {
-      const __m256 xb = _mm256_broadcast_ss(x + r * in + k);
-      lo[r] = _mm256_fmadd_ps(xb, wl, lo[r]);
-      hi[r] = _mm256_fmadd_ps(xb, wh, hi[r]);
+      __m256 xb = _mm256_broadcast_ss(x + r * in + k);
+      acc_lo[r] = _mm256_fmadd_ps(xb, lo, acc_lo[r]);
+      acc_hi[r] = _mm256_fmadd_ps(xb, hi, acc_hi[r]);
     }
   }
   for (int r = 0; r < R; ++r) {
-    _mm256_storeu_ps(acc_io + r * kPanel, lo[r]);
-    _mm256_storeu_ps(acc_io + r * kPanel + 8, hi[r]);
+    _mm256_storeu_ps(out + r * kPanel, acc_lo[r]);
+    _mm256_storeu_ps(out + r * kPanel + 8, acc_hi[r]);
   }
 }
 
-template <DType T, bool Prefetch>
-KILN_AVX2 void tile_avx2_rows(int64_t n, const float* x, int64_t in, int64_t k0, int64_t k1, const uint8_t* panel,
-                              size_t pstride, float* acc) {
-  switch (n) {
-    case 6:
-      return tile_avx2<T, 6, Prefetch>(x, in, k0, k1, panel, pstride, acc);
-    case 5:
-      return tile_avx2<T, 5, Prefetch>(x, in, k0, k1, panel, pstride, acc);
-    case 4:
-      return tile_avx2<T, 4, Prefetch>(x, in, k0, k1, panel, pstride, acc);
-    case 3:
-      return tile_avx2<T, 3, Prefetch>(x, in, k0, k1, panel, pstride, acc);
-    case 2:
-      return tile_avx2<T, 2, Prefetch>(x, in, k0, k1, panel, pstride, acc);
-    default:
-      return tile_avx2<T, 1, Prefetch>(x, in, k0, k1, panel, pstride, acc);
-  }
-}
-
-// The AVX2 tile as run_panel_tiles (below) calls it: one panel per tile.
 template <DType T>
-struct TileAvx2 {
-  static constexpr int64_t kRows = 6, kPanels = 1;
-  void operator()(int64_t, int64_t n, const float* x, int64_t in, int64_t k0, int64_t k1, const uint8_t* panel,
-                  size_t pstride, bool prefetch, float* acc) const {
-    if (prefetch)
-      tile_avx2_rows<T, true>(n, x, in, k0, k1, panel, pstride, acc);
-    else
-      tile_avx2_rows<T, false>(n, x, in, k0, k1, panel, pstride, acc);
+KILN_AVX2 void run_avx2(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1,
+                        float* y) {
+  constexpr size_t es = T == DType::F32 ? 4 : 2;
+  alignas(32) float tile[4 * kPanel];
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* panel = w.data.data() + size_t(p * w.in * kPanel) * es;
+    for (int64_t r = r0; r < r1; r += 4) {
+      const int64_t n = std::min<int64_t>(4, r1 - r);
+      const float* xr = x + r * w.in;
+      switch (n) {
+        case 4:
+          tile_avx2<T, 4>(xr, w.in, panel, tile);
+          break;
+        case 3:
+          tile_avx2<T, 3>(xr, w.in, panel, tile);
+          break;
+        case 2:
+          tile_avx2<T, 2>(xr, w.in, panel, tile);
+          break;
+        default:
+          tile_avx2<T, 1>(xr, w.in, panel, tile);
+          break;
+      }
+      store_panel_tile(tile, n, 1, r, p, w.out, y);
+    }
   }
-};
+}
 
 // ---- AVX-512: a panel is one 16-float register; tiles of 8 rows -> 8 accumulators.
 template <DType T>
@@ -165,66 +153,61 @@ KILN_AVX512 void tile_avx512_rows(int64_t n, const float* x, int64_t in, int64_t
   }
 }
 
-// The AVX-512 tile as run_panel_tiles calls it: two panels per tile, a last odd panel alone.
-template <DType T>
-struct TileAvx512 {
-  static constexpr int64_t kRows = 8, kPanels = 2;
-  void operator()(int64_t np, int64_t n, const float* x, int64_t in, int64_t k0, int64_t k1, const uint8_t* panel,
-                  size_t pstride, bool prefetch, float* acc) const {
-    if (np == 2 && prefetch)
-      tile_avx512_rows<T, 2, true>(n, x, in, k0, k1, panel, pstride, acc);
-    else if (np == 2)
-      tile_avx512_rows<T, 2, false>(n, x, in, k0, k1, panel, pstride, acc);
-    else if (prefetch)
-      tile_avx512_rows<T, 1, true>(n, x, in, k0, k1, panel, pstride, acc);
-    else
-      tile_avx512_rows<T, 1, false>(n, x, in, k0, k1, panel, pstride, acc);
-  }
-};
+template <DType T, bool Prefetch>
+KILN_AVX512 void tile_avx512_panels(int64_t np, int64_t n, const float* x, int64_t in, int64_t k0, int64_t k1,
+                                    const uint8_t* panel, size_t pstride, float* acc) {
+  if (np == 2)
+    tile_avx512_rows<T, 2, Prefetch>(n, x, in, k0, k1, panel, pstride, acc);
+  else
+    tile_avx512_rows<T, 1, Prefetch>(n, x, in, k0, k1, panel, pstride, acc);
+}
 
-// The loops around a tile kernel, shared by both ISAs. Few rows or few inputs: each tile of up to Tile::kRows rows
-// and Tile::kPanels panels runs over all inputs, prefetching the next panels. Many rows over many inputs (prefill,
-// AWQ's calibration forwards): inputs in blocks of kInputBlock, panels in groups of kGroupPanels, and within them each
-// tile's panels against every row tile while their block is in L1, the first row tile prefetching the next panels'
-// block. Without the blocking each row tile ran over all inputs at once, so with 4096 or 11008 inputs its rows and
-// panels spilled out of L2 between tiles (Llama-2-7B's down projection ran at 115 GFLOP/s against ~300 at 576 inputs
-// with AVX-512). The sums of a group live in a per-thread buffer between input blocks; every output gets the same
-// FMAs in the same order either way.
+// Blocking of the many-row case (prefill, AWQ's calibration forwards): inputs in blocks of kInputBlock, panels in
+// groups of kGroupPanels, and within them each pair of panels against every 8-row tile, the first tile prefetching
+// the next pair's block. Without it each 8-row tile ran over all inputs at once, so with 4096 or 11008 inputs its
+// rows and panels spilled out of L2 between tiles (Llama-2-7B's down projection ran at 115 GFLOP/s against ~300 at
+// 576 inputs). The sums of a group live in a per-thread buffer between input blocks.
 constexpr int64_t kInputBlock = 256;
-constexpr int64_t kGroupPanels = 32;  // a multiple of every Tile::kPanels
+constexpr int64_t kGroupPanels = 32;  // even: panels go in pairs
 
-template <class Tile>
-void run_panel_tiles(const Tile& tile, size_t es, const float* x, int64_t r0, int64_t r1, const PackedLinear& w,
-                     int64_t p0, int64_t p1, float* y) {
-  constexpr int64_t R = Tile::kRows, P = Tile::kPanels;
+// Pairs of panels in tiles of up to 8 rows (16 accumulators), a last odd panel alone.
+template <DType T>
+KILN_AVX512 void run_avx512(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1,
+                            float* y) {
+  constexpr size_t es = T == DType::F32 ? 4 : 2;
   const size_t pstride = size_t(w.in * kPanel) * es;
-  const uint8_t* panels = w.data.data();
-  if (r1 - r0 <= R || w.in <= kInputBlock) {
-    alignas(64) float buf[P * R * kPanel];
+  if (r1 - r0 <= 8 || w.in <= kInputBlock) {
+    alignas(64) float tile[2 * 8 * kPanel];
     for (int64_t p = p0; p < p1;) {
-      const int64_t np = std::min(P, p1 - p);
-      for (int64_t r = r0; r < r1; r += R) {
-        const int64_t n = std::min(R, r1 - r);
-        tile(np, n, x + r * w.in, w.in, 0, w.in, panels + size_t(p) * pstride, pstride, true, buf);
-        store_panel_tile(buf, n, np, r, p, w.out, y);
+      const int64_t np = std::min<int64_t>(2, p1 - p);
+      for (int64_t r = r0; r < r1; r += 8) {
+        const int64_t n = std::min<int64_t>(8, r1 - r);
+        tile_avx512_panels<T, true>(np, n, x + r * w.in, w.in, 0, w.in, w.data.data() + size_t(p) * pstride, pstride,
+                                    tile);
+        store_panel_tile(tile, n, np, r, p, w.out, y);
       }
       p += np;
     }
     return;
   }
-  const int64_t tiles = (r1 - r0 + R - 1) / R;
+  const int64_t tiles = (r1 - r0 + 7) / 8;
   thread_local std::vector<float> sums;
-  sums.resize(size_t(kGroupPanels * tiles * R * kPanel));
+  sums.resize(size_t(kGroupPanels * tiles * 8 * kPanel));
   for (int64_t g0 = p0; g0 < p1; g0 += kGroupPanels) {
     const int64_t g1 = std::min(p1, g0 + kGroupPanels);
     for (int64_t k0 = 0; k0 < w.in; k0 += kInputBlock) {
       const int64_t k1 = std::min(w.in, k0 + kInputBlock);
       for (int64_t p = g0; p < g1;) {
-        const int64_t np = std::min(P, g1 - p);
+        const int64_t np = std::min<int64_t>(2, g1 - p);
         for (int64_t t = 0; t < tiles; ++t) {
-          const int64_t r = r0 + R * t, n = std::min(R, r1 - r);
-          float* acc = sums.data() + ((p - g0) * tiles + t * np) * R * kPanel;
-          tile(np, n, x + r * w.in, w.in, k0, k1, panels + size_t(p) * pstride, pstride, t == 0, acc);
+          const int64_t r = r0 + 8 * t, n = std::min<int64_t>(8, r1 - r);
+          float* acc = sums.data() + ((p - g0) * tiles + t * np) * 8 * kPanel;
+          const float* xt = x + r * w.in;
+          const uint8_t* panel = w.data.data() + size_t(p) * pstride;
+          if (t == 0)
+            tile_avx512_panels<T, true>(np, n, xt, w.in, k0, k1, panel, pstride, acc);
+          else
+            tile_avx512_panels<T, false>(np, n, xt, w.in, k0, k1, panel, pstride, acc);
           if (k1 == w.in) store_panel_tile(acc, n, np, r, p, w.out, y);
         }
         p += np;
@@ -233,26 +216,28 @@ void run_panel_tiles(const Tile& tile, size_t es, const float* x, int64_t r0, in
   }
 }
 
-template <template <DType> class Tile>
-void run_dtype(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1, float* y) {
-  switch (w.dtype) {
-    case DType::F32:
-      return run_panel_tiles(Tile<DType::F32>{}, 4, x, r0, r1, w, p0, p1, y);
-    case DType::F16:
-      return run_panel_tiles(Tile<DType::F16>{}, 2, x, r0, r1, w, p0, p1, y);
-    default:
-      return run_panel_tiles(Tile<DType::BF16>{}, 2, x, r0, r1, w, p0, p1, y);
-  }
-}
-
 }  // namespace
 
 void matmul_avx2(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1, float* y) {
-  run_dtype<TileAvx2>(x, r0, r1, w, p0, p1, y);
+  switch (w.dtype) {
+    case DType::F32:
+      return run_avx2<DType::F32>(x, r0, r1, w, p0, p1, y);
+    case DType::F16:
+      return run_avx2<DType::F16>(x, r0, r1, w, p0, p1, y);
+    default:
+      return run_avx2<DType::BF16>(x, r0, r1, w, p0, p1, y);
+  }
 }
 
 void matmul_avx512(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1, float* y) {
-  run_dtype<TileAvx512>(x, r0, r1, w, p0, p1, y);
+  switch (w.dtype) {
+    case DType::F32:
+      return run_avx512<DType::F32>(x, r0, r1, w, p0, p1, y);
+    case DType::F16:
+      return run_avx512<DType::F16>(x, r0, r1, w, p0, p1, y);
+    default:
+      return run_avx512<DType::BF16>(x, r0, r1, w, p0, p1, y);
+  }
 }
 
 }  // namespace kiln::cpu
