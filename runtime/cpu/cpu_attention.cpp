@@ -212,6 +212,14 @@ KILN_ATTN_AVX512 void chunk_partials_avx512(const LayerView& v, const RowRef* ro
                                             float* scratch, float* part) {
   chunk_partials_impl<true>(v, rows, count, g, c, scratch, part);
 }
+
+// The AVX2 build of the portable code: GCC vectorizes its 16-lane dot products and value sums 8 wide (and contracts
+// them into FMAs, so its results differ from the baseline build's by rounding; a row's still never depend on the
+// batch, since every row of a layer goes through the same function).
+__attribute__((target("avx2,fma,f16c"))) void chunk_partials_avx2(const LayerView& v, const RowRef* rows, int64_t count,
+                                                                  int64_t g, int64_t c, float* scratch, float* part) {
+  chunk_partials_impl<false>(v, rows, count, g, c, scratch, part);
+}
 #endif
 
 // The running result `total` of `group` heads <- its fold with a later chunk's partial `part`.
@@ -259,6 +267,7 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
   auto partials_of = chunk_partials_default;
 #if defined(__x86_64__)
   if (isa_ == MatmulIsa::Avx512 && hd % 16 == 0) partials_of = chunk_partials_avx512;
+  if (isa_ == MatmulIsa::Avx2) partials_of = chunk_partials_avx2;
 #endif
   auto finish = [&](const RowRef& r, int64_t g, const float* total) {
     const float *S = total + group, *O = S + group;

@@ -266,8 +266,8 @@ void CpuBackend::silu_mul(const float* gate_up, float* out, int64_t rows, int64_
   pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const float* g = gate_up + r * 2 * inter;
-      if (isa_ == MatmulIsa::Avx512) {
-        silu_mul_avx512(g, g + inter, out + r * inter, inter);
+      if (isa_ != MatmulIsa::Scalar) {
+        (isa_ == MatmulIsa::Avx512 ? silu_mul_avx512 : silu_mul_avx2)(g, g + inter, out + r * inter, inter);
         continue;
       }
       for (int64_t i = 0; i < inter; ++i) out[r * inter + i] = g[i] / (1.0f + std::exp(-g[i])) * g[inter + i];

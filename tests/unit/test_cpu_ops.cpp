@@ -229,26 +229,31 @@ TEST(CpuOps, BiasSiluMulAdd) {
 }
 
 TEST(CpuOps, SiluMulOverTheWholeFloatRange) {
-  // The AVX-512 path computes e^-g itself: against double over the range where it matters and past both ends of
-  // float's exp (inf and 0), with a length that leaves a masked tail. Where e^-g overflows float (g < -88.7) both this
-  // and the scalar expf give -0 against double's ~1e-37: the absolute slack.
-  cpu::CpuBackend backend(1);
+  // The AVX2 and AVX-512 paths compute e^-g themselves: against double over the range where it matters and past both
+  // ends of float's exp (inf and 0), with a length that leaves a masked tail, on every ISA this CPU runs. Where e^-g
+  // overflows float (g < -88.72) the vector paths and the scalar expf give -0 against double's ~1e-37: the absolute
+  // slack there. Just inside (g = -88.5, e^-g = 2.7e38) the result is a normal float and must be exact to 3e-7.
   const int64_t inter = 1000 + 7;
-  std::vector<float> gu(size_t(2 * inter));
-  for (int64_t i = 0; i < inter; ++i) {
-    gu[size_t(i)] = -120.0f + 240.0f * float(i) / float(inter - 1);
-    gu[size_t(inter + i)] = 0.5f + float(i % 7);
+  for (cpu::MatmulIsa isa : {cpu::MatmulIsa::Scalar, cpu::MatmulIsa::Avx2, cpu::MatmulIsa::Avx512}) {
+    if (int(isa) > int(cpu::best_matmul_isa())) continue;
+    cpu::CpuBackend backend(1, isa);
+    std::vector<float> gu(size_t(2 * inter));
+    for (int64_t i = 0; i < inter; ++i) {
+      gu[size_t(i)] = -120.0f + 240.0f * float(i) / float(inter - 1);
+      gu[size_t(inter + i)] = 0.5f + float(i % 7);
+    }
+    gu[3] = 0.0f, gu[4] = -0.0f, gu[5] = 1e-30f, gu[6] = -87.5f, gu[7] = 89.0f, gu[8] = -88.5f, gu[9] = 103.5f;
+    std::vector<float> act(static_cast<size_t>(inter));
+    backend.silu_mul(gu.data(), act.data(), 1, inter);
+    for (int64_t i = 0; i < inter; ++i) {
+      const double g = gu[size_t(i)], u = gu[size_t(inter + i)], want = g / (1 + std::exp(-g)) * u;
+      ASSERT_NEAR(act[size_t(i)], want, 3e-7 * std::abs(want) + (g < -88.72 ? 1e-35 : 0.0))
+          << cpu::matmul_isa_name(isa) << " g = " << g;
+    }
+    gu[0] = std::nanf("");
+    backend.silu_mul(gu.data(), act.data(), 1, inter);
+    EXPECT_TRUE(std::isnan(act[0])) << cpu::matmul_isa_name(isa);
   }
-  gu[3] = 0.0f, gu[4] = -0.0f, gu[5] = 1e-30f, gu[6] = -87.5f, gu[7] = 89.0f;
-  std::vector<float> act(static_cast<size_t>(inter));
-  backend.silu_mul(gu.data(), act.data(), 1, inter);
-  for (int64_t i = 0; i < inter; ++i) {
-    const double g = gu[size_t(i)], u = gu[size_t(inter + i)], want = g / (1 + std::exp(-g)) * u;
-    ASSERT_NEAR(act[size_t(i)], want, 3e-7 * std::abs(want) + 1e-35) << "g = " << g;
-  }
-  gu[0] = std::nanf("");
-  backend.silu_mul(gu.data(), act.data(), 1, inter);
-  EXPECT_TRUE(std::isnan(act[0]));
 }
 
 TEST(CpuOps, RopeRotatesHalvesPerSequenceFrequencies) {
