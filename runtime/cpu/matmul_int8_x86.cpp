@@ -1,4 +1,4 @@
-// AVX512-VNNI kernel of the int8 output head (matmul_int8.h). Compiled for its ISA through a function target
+// AVX512-VNNI and AVX2 kernels of the int8 output head (matmul_int8.h). Compiled for its ISA through a function target
 // attribute, as matmul_int4_x86.cpp does, so the rest of kiln stays baseline x86-64 (and never uses AMX).
 // Hand-written rather than a BLAS call: the head is a batch-1 GEMV streaming 28 MB of int8 codes per token, where a
 // library's int8 GEMM (which wants unsigned x signed operands and its own packing) has nothing to add.
@@ -54,7 +54,68 @@ KILN_VNNI void tile_int8_vnni(const Int8Rows& x, int64_t r0, const Int8Linear& w
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kPanel, acc[r]);
 }
 
+// AVX2 has no vpdpbusd, and vpmaddubsw on the biased codes (u up to 255 times |x8| up to 127, two per 16-bit lane)
+// would saturate. So each chunk's codes are unbiased back to q = u - 128 (an xor of the sign bit), and the product is
+// taken as |q| * (x8 with q's sign), as llama.cpp's AVX2 Q8_0 dot does: a pair is at most 2 * 128 * 127 < 2^15, exact.
+// vpmaddwd by ones then sums each row's four products into its 32-bit lane. The block dot is the same exact integer
+// Σ q·x8 as the VNNI and scalar kernels compute (they remove the bias 128·Σx8 afterwards), and the fp32 operations
+// that follow are theirs, so all three agree bit for bit. One panel is two registers of 8 rows; tiles of up to 2
+// rows keep the 4 block accumulators, 4 fp32 accumulators and the operands within the 16 ymm registers.
+template <int R>
+__attribute__((target("avx2,fma,f16c"))) void tile_int8_avx2(const Int8Rows& x, int64_t r0, const Int8Linear& w,
+                                                             int64_t p, float* out) {
+  const int64_t in = w.in, B = w.blocks();
+  const uint8_t* panel = w.q.data() + p * in * kPanel;
+  const uint16_t* scales = w.scales.data() + p * B * kPanel;
+  const __m256i sign_bit = _mm256_set1_epi8(char(0x80)), ones = _mm256_set1_epi16(1);
+  __m256 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < B; ++b) {
+    const uint8_t* wb = panel + b * (kInt8Block / 4) * 64;
+    __m256i dot[R][2];
+    for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+    for (int c = 0; c < kInt8Block / 4; ++c) {
+      _mm_prefetch(reinterpret_cast<const char*>(wb + in * kPanel + c * 64), _MM_HINT_T1);  // the next panel
+      for (int h = 0; h < 2; ++h) {
+        const __m256i q =
+            _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + 32 * h)), sign_bit);
+        const __m256i mag = _mm256_abs_epi8(q);
+        for (int r = 0; r < R; ++r) {
+          int32_t four;
+          std::memcpy(&four, x.q.data() + (r0 + r) * in + b * kInt8Block + 4 * c, 4);
+          const __m256i xs = _mm256_sign_epi8(_mm256_set1_epi32(four), q);
+          dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_madd_epi16(_mm256_maddubs_epi16(mag, xs), ones));
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 s = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + b * kPanel + 8 * h)));
+      for (int r = 0; r < R; ++r) {
+        const size_t rb = size_t((r0 + r) * B + b);
+        acc[r][h] =
+            _mm256_fmadd_ps(_mm256_mul_ps(s, _mm256_set1_ps(x.d[rb])), _mm256_cvtepi32_ps(dot[r][h]), acc[r][h]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(out + r * kPanel + 8 * h, acc[r][h]);
+}
+
 }  // namespace
+
+void matmul_int8_avx2(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1,
+                      float* y) {
+  alignas(32) float tile[2 * kPanel];
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t r = r0; r < r1; r += 2) {
+      const int64_t n = std::min<int64_t>(2, r1 - r);
+      if (n == 2)
+        tile_int8_avx2<2>(x, r, w, p, tile);
+      else
+        tile_int8_avx2<1>(x, r, w, p, tile);
+      store_panel_tile(tile, n, 1, r, p, w.out, y);
+    }
+}
 
 void matmul_int8_vnni(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1,
                       float* y) {

@@ -108,6 +108,12 @@ void check_shape(int64_t rows, int64_t out, int64_t in, unsigned seed, bool min_
         << "rows " << rows << " out " << out << " at " << i;
   cpu::matmul_int8(pool, cpu::MatmulIsa::Scalar, x.data(), rows, packed, pooled.data());
   EXPECT_EQ(pooled, scalar);
+  if (cpu::best_matmul_isa() == cpu::MatmulIsa::Scalar) GTEST_SKIP() << "no AVX2 on this CPU";
+  std::vector<float> avx2(size_t(rows * out));
+  cpu::matmul_int8_avx2(xq, 0, rows, packed, 0, packed.panels(), avx2.data());
+  EXPECT_EQ(avx2, scalar) << "avx2: rows " << rows << " out " << out << " in " << in;
+  cpu::matmul_int8(pool, cpu::MatmulIsa::Avx2, x.data(), rows, packed, pooled.data());
+  EXPECT_EQ(pooled, scalar);
   if (!cpu::cpu_has_avx512_vnni()) GTEST_SKIP() << "no AVX512-VNNI on this CPU: the VNNI kernel is not run";
   cpu::matmul_int8_vnni(xq, 0, rows, packed, 0, packed.panels(), vnni.data());
   EXPECT_EQ(vnni, scalar) << "rows " << rows << " out " << out << " in " << in;
