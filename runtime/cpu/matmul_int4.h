@@ -13,11 +13,12 @@
 // where Σ_k x_k per (row, group) is computed once per call. Every kernel uses this order, and a row's result never
 // depends on the other rows of the batch (batch invariance, see docs/runtime.md).
 //
-// VNNI layout (Int4Layout::Vnni, chosen at load on CPUs with AVX512-VNNI when the group size is a multiple of 16).
-// The fp32 kernels above spend ~8 instructions widening 16 codes for 16 multiply-adds, so decode is compute-bound
-// far below memory speed. Instead, each row's activations are quantized to int8 per weight group
-// (x ≈ d · x8, d = max|x| / 127, x8 = round(x / d), as llama.cpp's Q8 activations) and one `vpdpbusd` multiplies 64
-// codes by 64 int8 activations into 16 int32 sums. Panel p, block b of 8 inputs, is 64 bytes: byte 4j + i holds
+// VNNI layout (Int4Layout::Vnni, chosen at load with any vector ISA when the group size is a multiple of 16; named
+// after the instruction it was made for). The fp32 kernels above spend ~8 instructions widening 16 codes for 16
+// multiply-adds, so decode is compute-bound far below memory speed. Instead, each row's activations are quantized to
+// int8 per weight group (x ≈ d · x8, d = max|x| / 127, x8 = round(x / d), as llama.cpp's Q8 activations) and one
+// `vpdpbusd` multiplies 64 codes by 64 int8 activations into 16 int32 sums (AVX2: two vpmaddubsw and a vpmaddwd per
+// 32-byte half). Panel p, block b of 8 inputs, is 64 bytes: byte 4j + i holds
 // output j's input 8b + i in its low nibble and input 8b + 4 + i in its high nibble, so AND / shift+AND give two
 // u8 operands whose 32-bit lane j is output j's 4 consecutive inputs. Per group the exact int32 dot becomes
 //   y += d · (s · Σ x8 q  -  z·s · Σ x8)
@@ -45,7 +46,10 @@ struct Int4Linear : LinearWeight {
   int64_t groups() const { return in / group_size; }
 };
 
-// The layout matmul_int4 runs fastest with isa on this CPU: Vnni with Avx512 and AVX512-VNNI, Panel otherwise.
+// The layout matmul_int4 runs fastest with isa: Vnni with AVX2 or AVX-512 (AVX512-VNNI's kernel where the CPU has it,
+// else the AVX2 one), Panel for the scalar kernels. On Zen 3 the AVX2 int8 kernel made int4 decode 1.6x and prefill
+// 1.8x faster than the Panel layout's fp32 kernel (docs/BENCHMARKS.md); AVX-512 CPUs without VNNI were not measured,
+// but the AVX2 int8 kernel needs ~5x fewer instructions per product than the AVX-512 fp32 one.
 Int4Layout best_int4_layout(MatmulIsa isa);
 // Throws kiln::Error when the shape is inconsistent (group size not dividing in, odd group size). Vnni is only used
 // when the group size is a multiple of 16; otherwise the result is in the Panel layout (see w.layout).
@@ -78,6 +82,8 @@ using Int4Int8Kernel = void (*)(const Int8Rows& x, int64_t r0, int64_t r1, const
 bool cpu_has_avx512_vnni();
 void matmul_int4_int8_scalar(const Int8Rows& x, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0, int64_t p1,
                              float* y);
+void matmul_int4_int8_avx2(const Int8Rows& x, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0, int64_t p1,
+                           float* y);
 void matmul_int4_int8_vnni(const Int8Rows& x, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0, int64_t p1,
                            float* y);
 

@@ -129,7 +129,60 @@ KILN_VNNI void tile_int4_vnni(const Int8Rows& x, int64_t r0, const Int4Linear& w
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kPanel, acc[r]);
 }
 
+// ---- AVX2 over the Vnni layout, int8 activations: the same exact int32 dot without vpdpbusd. A 64-byte block is two
+// halves of 32 bytes (outputs 0..7 and 8..15) whose 32-bit lane j holds output j's 4 codes per nibble. vpmaddubsw
+// multiplies the unsigned codes (0..15) by the signed activations: a 16-bit pair is at most 2 * 15 * 127, and the
+// low-nibble plus high-nibble pairs at most 7620, so nothing saturates; vpmaddwd by ones then sums each lane's pairs
+// into int32. The fp32 operations after each group are matmul_int4_int8_scalar's, so the result is bit-identical to
+// it and to the VNNI kernel. Tiles of up to 4 rows: 8 int32 accumulators, 2 weight registers per half, the
+// broadcasts and temporaries fit the 16 ymm registers; the fp32 accumulators live in the L1-resident tile.
+template <int R>
+KILN_INT4_AVX2 void tile_int4_int8_avx2(const Int8Rows& x, int64_t r0, const Int4Linear& w, int64_t p, float* out) {
+  const int64_t in = w.in, G = w.groups(), blocks = w.group_size / 8;
+  const uint8_t* panel = w.q.data() + p * in * 8;
+  const uint8_t* next = panel + in * 8;  // prefetched into L2 meanwhile, as the VNNI kernel does
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  for (int i = 0; i < R * kPanel; ++i) out[i] = 0.0f;
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i dot[R][2];
+    for (int r = 0; r < R; ++r) dot[r][0] = dot[r][1] = _mm256_setzero_si256();
+    for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
+      _mm_prefetch(reinterpret_cast<const char*>(next + b * 64), _MM_HINT_T1);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + b * 64 + 32 * h));
+        const __m256i lo = _mm256_and_si256(wv, mask), hi = _mm256_and_si256(_mm256_srli_epi16(wv, 4), mask);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xb = x.q.data() + (r0 + r) * in + b * 8;
+          int32_t x_lo, x_hi;
+          std::memcpy(&x_lo, xb, 4);
+          std::memcpy(&x_hi, xb + 4, 4);
+          const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(x_lo)),
+                                                 _mm256_maddubs_epi16(hi, _mm256_set1_epi32(x_hi)));
+          dot[r][h] = _mm256_add_epi32(dot[r][h], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256 s = _mm256_loadu_ps(w.scale.data() + (p * G + g) * kPanel + 8 * h);
+      const __m256 zs = _mm256_loadu_ps(w.zscale.data() + (p * G + g) * kPanel + 8 * h);
+      for (int r = 0; r < R; ++r) {
+        const size_t rg = size_t((r0 + r) * G + g);
+        const __m256 u =
+            _mm256_fnmadd_ps(zs, _mm256_set1_ps(x.qsum[rg]), _mm256_mul_ps(s, _mm256_cvtepi32_ps(dot[r][h])));
+        float* acc = out + r * kPanel + 8 * h;
+        _mm256_storeu_ps(acc, _mm256_fmadd_ps(_mm256_set1_ps(x.d[rg]), u, _mm256_loadu_ps(acc)));
+      }
+    }
+  }
+}
+
 }  // namespace
+
+void matmul_int4_int8_avx2(const Int8Rows& x, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0, int64_t p1,
+                           float* y) {
+  run_row_tiles(r0, r1, p0, p1, w.out, y,
+                [&]<int R>(int64_t r, int64_t p, float* tile) { tile_int4_int8_avx2<R>(x, r, w, p, tile); });
+}
 
 void matmul_int4_int8_vnni(const Int8Rows& x, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0, int64_t p1,
                            float* y) {

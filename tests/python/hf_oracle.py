@@ -87,8 +87,9 @@ def greedy(model, prompt, n, margin=1e-3, store=None):
 
 def kiln_int8_activations(gs, isa=None):
     """Whether kiln's CPU int4 matmul rounds activations to int8 on this machine (KILN_CPU_ISA=isa): it takes the
-    VNNI layout (docs/int4_layout.md) with AVX-512 (F, BW, with AVX2, FMA, F16C) and AVX512-VNNI when gs % 16 == 0."""
-    if isa is not None or gs % 16:
+    int8-activation (VNNI) layout (docs/int4_layout.md) with any vector ISA (AVX2, FMA, F16C at least) when
+    gs % 16 == 0; only the scalar kernels keep fp32 activations."""
+    if isa == "scalar" or gs % 16:
         return False
     flags = set()
     with open("/proc/cpuinfo") as f:
@@ -96,7 +97,7 @@ def kiln_int8_activations(gs, isa=None):
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    return {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni"} <= flags
+    return {"avx2", "fma", "f16c"} <= flags
 
 
 def round_linear_inputs_int8(model, gs):

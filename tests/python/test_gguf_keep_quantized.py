@@ -4,7 +4,7 @@ Q8_0 head (or tied embedding) kept as kiln's int8 head.
 - The kept int4 tensors, dequantized by docs/int4_layout.md's formula w = (q - zero) * scale in fp32, equal the `gguf`
   package's own dequantization of the file's blocks bit for bit (q/k rows un-permuted for Llama).
 - The workspace's logits equal those of the same file converted without the flag (dequantized to fp32), up to the
-  summation order of the int4 and fp32 kernels (fp32 activations: KILN_CPU_ISA=avx2).
+  summation order of the int4 and fp32 kernels (fp32 activations: KILN_CPU_ISA=scalar).
 - Types without an exact int4 form (Q4_1 with an arbitrary m, K-quants, ...) and HF sources are refused in one line.
 """
 import json
@@ -50,7 +50,7 @@ def logits(ws, tmp_path):
     from safetensors.numpy import load_file
     ids, out = tmp_path / "ids.json", tmp_path / f"{ws.name}.logits.safetensors"
     ids.write_text(json.dumps(IDS))
-    env = dict(os.environ, KILN_CPU_ISA="avx2")  # fp32 activations in the int4 kernel (no int8 VNNI path)
+    env = dict(os.environ, KILN_CPU_ISA="scalar")  # fp32 activations in the int4 kernel (no int8 path)
     run_kiln("eval", ws, "--tokens", ids, "--ctx", len(IDS), "--kv-cache", "fp32", "--save-logits", out, env=env)
     return load_file(str(out))["logits"]
 

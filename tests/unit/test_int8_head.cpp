@@ -57,6 +57,18 @@ TEST(Int8Head, RefusesBadInput) {
   EXPECT_THROW(cpu::pack_linear_int8(v), Error);  // 48 inputs
 }
 
+// The vector ISAs this CPU runs (AVX-512 implies AVX2): each has its own activation quantizer.
+std::vector<cpu::MatmulIsa> vector_isas() {
+  switch (cpu::best_matmul_isa()) {
+    case cpu::MatmulIsa::Avx512:
+      return {cpu::MatmulIsa::Avx2, cpu::MatmulIsa::Avx512};
+    case cpu::MatmulIsa::Avx2:
+      return {cpu::MatmulIsa::Avx2};
+    default:
+      return {};
+  }
+}
+
 // y = Σ_b (s·d) · Σ q·x8 computed in double from the unpacked tensors, with x quantized here, independently of
 // quantize_rows_int8: d = max|x| / 127 in fp32, x8 = round-half-even(x / d).
 std::vector<double> reference(const std::vector<float>& x, int64_t rows, const Int8HeadMatrix& m, int64_t out,
@@ -93,13 +105,14 @@ void check_shape(int64_t rows, int64_t out, int64_t in, unsigned seed, bool min_
   const Int8WeightView view{m.qweight.data(), reinterpret_cast<const uint8_t*>(m.scales.data()), out, in, 32};
   const cpu::Int8Linear packed = cpu::pack_linear_int8(view);
   cpu::ThreadPool pool(2);
-  cpu::Int8Rows xq, xq_best;
+  cpu::Int8Rows xq, xq_vec;
   cpu::quantize_rows_int8(pool, cpu::MatmulIsa::Scalar, x.data(), rows, in, 32, xq);
-  // The vectorized quantizer (this CPU's best ISA) gives the same codes and scales.
-  cpu::quantize_rows_int8(pool, cpu::best_matmul_isa(), x.data(), rows, in, 32, xq_best);
-  ASSERT_EQ(xq.q, xq_best.q);
-  ASSERT_EQ(xq.d, xq_best.d);
-  ASSERT_EQ(xq.qsum, xq_best.qsum);
+  for (cpu::MatmulIsa isa : vector_isas()) {  // the vectorized quantizers give the same codes and scales
+    cpu::quantize_rows_int8(pool, isa, x.data(), rows, in, 32, xq_vec);
+    ASSERT_EQ(xq.q, xq_vec.q) << cpu::matmul_isa_name(isa);
+    ASSERT_EQ(xq.d, xq_vec.d) << cpu::matmul_isa_name(isa);
+    ASSERT_EQ(xq.qsum, xq_vec.qsum) << cpu::matmul_isa_name(isa);
+  }
   std::vector<float> scalar(size_t(rows * out)), vnni(size_t(rows * out)), pooled(size_t(rows * out));
   cpu::matmul_int8_scalar(xq, 0, rows, packed, 0, packed.panels(), scalar.data());
   const std::vector<double> ref = reference(x, rows, m, out, in);
@@ -142,35 +155,42 @@ TEST(Int8Head, NonFiniteActivationsGiveNan) {
   EXPECT_TRUE(std::isnan(y[0]) && std::isnan(y[1]));
 }
 
-// The vectorized activation quantizer against the portable loop on the groups that take other branches: NaN and
-// infinity (d = NaN, codes 0), all zeros (d = 0), exact halves (ties to even) and a group size that is not a multiple
-// of 16 (masked tail).
+// The vectorized activation quantizers against the portable loop on the groups that take other branches: NaN and
+// infinity (d = NaN, codes 0), all zeros (d = 0), exact halves (ties to even), and group sizes that are not a multiple
+// of 16 (AVX-512's masked tail) or of 8 (AVX2's scalar tail).
 TEST(Int8Head, ActivationQuantizersAgreeOnEdgeGroups) {
-  const int64_t gs = 24, in = 5 * gs;
-  std::vector<float> x(static_cast<size_t>(in));
-  for (int64_t k = 0; k < in; ++k) x[size_t(k)] = float(k % 7) - 3.0f;
-  x[2] = NAN;
-  x[gs + 5] = -INFINITY;
-  std::fill(x.begin() + 2 * gs, x.begin() + 3 * gs, 0.0f);
-  // d = 0.25 exactly, so x / d is 0.5, 1.5, 127, then 2.5 throughout: ties
-  std::fill(x.begin() + 3 * gs, x.begin() + 4 * gs, 2.5f * 0.25f);
-  x[size_t(3 * gs)] = 0.5f * 0.25f;
-  x[size_t(3 * gs + 1)] = 1.5f * 0.25f;
-  x[size_t(3 * gs + 2)] = 127.0f * 0.25f;
-  cpu::ThreadPool pool(1);
-  cpu::Int8Rows a, b;
-  cpu::quantize_rows_int8(pool, cpu::MatmulIsa::Scalar, x.data(), 1, in, gs, a);
-  cpu::quantize_rows_int8(pool, cpu::best_matmul_isa(), x.data(), 1, in, gs, b);
-  EXPECT_EQ(a.q, b.q);
-  EXPECT_EQ(a.qsum, b.qsum);
-  for (int64_t g = 0; g < 5; ++g)
-    if (g < 2)
-      EXPECT_TRUE(std::isnan(a.d[size_t(g)]) && std::isnan(b.d[size_t(g)])) << g;
-    else
-      EXPECT_EQ(a.d[size_t(g)], b.d[size_t(g)]) << g;
-  EXPECT_EQ(a.d[2], 0.0f);
-  EXPECT_EQ(a.q[size_t(3 * gs)], 0);      // 0.5 rounds to even
-  EXPECT_EQ(a.q[size_t(3 * gs + 1)], 2);  // 1.5 rounds to 2
+  for (const int64_t gs : {24, 20}) {
+    const int64_t in = 5 * gs;
+    std::vector<float> x(static_cast<size_t>(in));
+    for (int64_t k = 0; k < in; ++k) x[size_t(k)] = float(k % 7) - 3.0f;
+    x[2] = NAN;
+    x[size_t(2 * gs - 1)] = -INFINITY;  // in the AVX2 tail when gs = 20
+    std::fill(x.begin() + 2 * gs, x.begin() + 3 * gs, 0.0f);
+    // d = 0.25 exactly, so x / d is 0.5, 1.5, 127, then 2.5 throughout: ties
+    std::fill(x.begin() + 3 * gs, x.begin() + 4 * gs, 2.5f * 0.25f);
+    x[size_t(3 * gs)] = 0.5f * 0.25f;
+    x[size_t(3 * gs + 1)] = 1.5f * 0.25f;
+    x[size_t(3 * gs + 2)] = 127.0f * 0.25f;
+    x[size_t(5 * gs - 1)] = -40.0f;  // group 4's maximum in the AVX2 tail when gs = 20
+    cpu::ThreadPool pool(1);
+    cpu::Int8Rows a, b;
+    cpu::quantize_rows_int8(pool, cpu::MatmulIsa::Scalar, x.data(), 1, in, gs, a);
+    EXPECT_EQ(a.d[2], 0.0f);
+    EXPECT_EQ(a.q[size_t(3 * gs)], 0);      // 0.5 rounds to even
+    EXPECT_EQ(a.q[size_t(3 * gs + 1)], 2);  // 1.5 rounds to 2
+    EXPECT_EQ(a.q[size_t(5 * gs - 1)], -127);
+    for (cpu::MatmulIsa isa : vector_isas()) {
+      const std::string what = std::string(cpu::matmul_isa_name(isa)) + " gs " + std::to_string(gs);
+      cpu::quantize_rows_int8(pool, isa, x.data(), 1, in, gs, b);
+      EXPECT_EQ(a.q, b.q) << what;
+      EXPECT_EQ(a.qsum, b.qsum) << what;
+      for (int64_t g = 0; g < 5; ++g)
+        if (g < 2)
+          EXPECT_TRUE(std::isnan(a.d[size_t(g)]) && std::isnan(b.d[size_t(g)])) << what << " group " << g;
+        else
+          EXPECT_EQ(a.d[size_t(g)], b.d[size_t(g)]) << what << " group " << g;
+    }
+  }
 }
 
 }  // namespace
