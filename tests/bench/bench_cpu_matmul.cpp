@@ -1,5 +1,6 @@
-// Times the CPU backend's dense matmul kernels on real linear shapes: the fp32 panel kernel and the bf16 kernels
-// (Exact, Dot, Amx), for the rows of batched decode and prefill. Not a test: it prints GFLOP/s per kernel so that
+// Times the CPU backend's matmul kernels on real linear shapes: the fp32 panel kernel, the bf16 kernels (Exact, Dot,
+// Amx) and int4 g64 in both layouts (Vnni: int8 activations; Panel: fp32 activations), for the rows of batched decode
+// and prefill. Not a test: it prints GFLOP/s per kernel so that
 // kernel changes can be compared in isolation from the rest of a decode step (scripts/bench_cpu_decode.py measures
 // whole steps).
 // Usage: kiln_bench_cpu_matmul [threads] [smollm2|7b]
@@ -15,6 +16,7 @@
 #include "runtime/core/dtype.h"
 #include "runtime/cpu/matmul.h"
 #include "runtime/cpu/matmul_bf16.h"
+#include "runtime/cpu/matmul_int4.h"
 #include "runtime/cpu/thread_pool.h"
 
 using namespace kiln;
@@ -51,8 +53,9 @@ int main(int argc, char** argv) {
   const cpu::MatmulIsa isa = cpu::best_matmul_isa();
   const bool pairs = isa == cpu::MatmulIsa::Avx512;
   const bool can[3] = {pairs, pairs && cpu::cpu_has_avx512_bf16(), pairs && cpu::amx_bf16_usable()};
-  std::printf("%-12s %6s %10s %10s %10s %10s %10s  (GFLOP/s, best of 3; %u threads, %s)\n", "out x in", "rows", "fp32",
-              "bf16 panel", "bf16 exact", "bf16 dot", "bf16 amx", threads, cpu::matmul_isa_name(isa));
+  std::printf("%-12s %6s %10s %10s %10s %10s %10s %10s %10s  (GFLOP/s, best of 3; %u threads, %s)\n", "out x in",
+              "rows", "fp32", "bf16 panel", "bf16 exact", "bf16 dot", "bf16 amx", "int4 int8x", "int4 fp32x", threads,
+              cpu::matmul_isa_name(isa));
   for (const auto& [out, in] : shapes) {
     std::vector<float> wf(size_t(out * in));
     for (auto& v : wf) v = d(g);
@@ -61,6 +64,16 @@ int main(int argc, char** argv) {
     const cpu::PackedLinear w32 = cpu::pack_linear(wf.data(), DType::F32, out, in, cpu::DenseLayout::Panel);
     const cpu::PackedLinear w16p = cpu::pack_linear(wb.data(), DType::BF16, out, in, cpu::DenseLayout::Panel);
     const cpu::PackedLinear w16 = cpu::pack_linear(wb.data(), DType::BF16, out, in, cpu::DenseLayout::Bf16Pairs);
+    // Random int4 codes, zeros and fp16 scales: the kernels' speed does not depend on the values.
+    const int64_t gs = 64;
+    std::vector<uint8_t> qw(size_t(out * in / 2)), zeros(size_t(out * in / gs));
+    std::vector<uint16_t> scales(zeros.size());
+    for (auto& v : qw) v = uint8_t(g());
+    for (auto& v : zeros) v = uint8_t(g() % 16);
+    for (auto& v : scales) v = f32_to_f16(0.01f * d(g));
+    const Int4WeightView w4{qw.data(), reinterpret_cast<const uint8_t*>(scales.data()), zeros.data(), out, in, gs};
+    const cpu::Int4Linear w4v = cpu::pack_linear_int4(w4, cpu::Int4Layout::Vnni);
+    const cpu::Int4Linear w4p = cpu::pack_linear_int4(w4, cpu::Int4Layout::Panel);
     for (int64_t rows : row_counts) {
       std::vector<float> x(size_t(rows * in)), y(size_t(rows * out));
       for (auto& v : x) v = d(g);
@@ -77,6 +90,9 @@ int main(int argc, char** argv) {
                       cpu::matmul_bf16_pairs(pool, isa, maths[m], x.data(), rows, w16, y.data());
                     }));
       }
+      for (const cpu::Int4Linear* w4l : {&w4v, &w4p})
+        std::printf(" %10.1f",
+                    gflops(rows, out, in, [&] { cpu::matmul_int4(pool, isa, x.data(), rows, *w4l, y.data()); }));
       std::printf("\n");
       std::fflush(stdout);
     }
