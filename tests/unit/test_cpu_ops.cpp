@@ -108,8 +108,9 @@ TEST(CpuOps, MatmulRowsAreIndependentOfTheBatch) {
 
 TEST(CpuOps, MatmulBlockedManyRowsEqualsOneRowAtATime) {
   // With AVX-512, many rows over many inputs take the blocked path (inputs in blocks, panels in groups, sums carried
-  // between blocks); one row takes the plain one. Every output must be bitwise equal either way, for each x86 kernel
-  // this CPU runs (AVX2: 4-row tiles of one panel over all inputs; AVX-512: 8-row tiles of two), equal across those
+  // between blocks); with AVX2, many rows of a bf16/fp16 panel run on its fp32 copy; one row takes the plain path.
+  // Every output must be bitwise equal either way, for each x86 kernel this CPU runs (AVX2: 4-row tiles of one panel
+  // over all inputs; AVX-512: 8-row tiles of two), equal across those
   // kernels (one FMA chain per output, inputs in order), and match the oracle. Shapes: 565 outputs = 35 full panels + 5
   // (an odd count, a partial panel, past one 32-panel group); 600 inputs = two full input blocks + a partial one; 77
   // rows = a 64-row task + 13, with partial row tiles.
