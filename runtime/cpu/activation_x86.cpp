@@ -12,13 +12,11 @@
 #include <algorithm>
 
 #include "runtime/cpu/activation.h"
+#include "runtime/cpu/x86_target.h"
 
 namespace kiln::cpu {
 
 namespace {
-
-#define KILN_AVX512 __attribute__((target("avx512f")))
-#define KILN_AVX2 __attribute__((target("avx2,fma")))
 
 // What both widths of e^x share: 1/ln2, ln2 split in a high part (exact times any n in range) and the rest, and the
 // Taylor coefficients of e^r from r^7 down to r^0, applied by Horner's rule.
@@ -29,7 +27,7 @@ constexpr float kExpTaylor[8] = {1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24,
 // Taylor series to r^7 (truncation below 1e-8 relative), then scaled by 2^n with vscalefps, which also gives inf
 // and 0 past the float range. The SiLU built on it stays within 3e-7 relative of a double computation
 // (CpuOps.SiluMulOverTheWholeFloatRange); NaN stays NaN.
-KILN_AVX512 inline __m512 exp_avx512(__m512 x) {
+KILN_TARGET_AVX512 inline __m512 exp_avx512(__m512 x) {
   const __m512 n =
       _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
@@ -43,7 +41,7 @@ KILN_AVX512 inline __m512 exp_avx512(__m512 x) {
 // 2^(n - n/2) so that every n in [-150, 128] (clamped there; beyond, the result is 0 or inf either way) gives a
 // normal float, and e^x near the float range's ends (denormal results, or 2^128 * p < FLT_MAX) comes out as with
 // vscalefps. A NaN x makes r, so p and the result, NaN.
-KILN_AVX2 inline __m256 exp_avx2(__m256 x) {
+KILN_TARGET_AVX2 inline __m256 exp_avx2(__m256 x) {
   __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
   r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
@@ -59,7 +57,7 @@ KILN_AVX2 inline __m256 exp_avx2(__m256 x) {
 
 }  // namespace
 
-KILN_AVX2 void silu_mul_avx2(const float* gate, const float* up, float* out, int64_t n) {
+KILN_TARGET_AVX2 void silu_mul_avx2(const float* gate, const float* up, float* out, int64_t n) {
   const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   for (int64_t i = 0; i < n; i += 8) {
     const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(std::min<int64_t>(8, n - i))), lane);
@@ -70,7 +68,7 @@ KILN_AVX2 void silu_mul_avx2(const float* gate, const float* up, float* out, int
   }
 }
 
-KILN_AVX512 void silu_mul_avx512(const float* gate, const float* up, float* out, int64_t n) {
+KILN_TARGET_AVX512 void silu_mul_avx512(const float* gate, const float* up, float* out, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - i)) - 1);
     const __m512 g = _mm512_maskz_loadu_ps(m, gate + i), u = _mm512_maskz_loadu_ps(m, up + i);

@@ -27,6 +27,7 @@
 #endif
 
 #include "runtime/cpu/cpu_backend.h"
+#include "runtime/cpu/x86_target.h"
 #include "runtime/kv/kv_cache.h"
 #include "runtime/kv/kv_int8.h"
 
@@ -107,12 +108,11 @@ KILN_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
 }
 
 #if defined(__x86_64__)
-#define KILN_ATTN_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
 
 // out[j] = q . k[j] for j < n <= 16, hd % 16 == 0. Each key's 16-lane partial sums over d (one FMA chain per lane)
 // are reduced for 16 keys at once by an unpack/shuffle tree, instead of a horizontal sum per key; the tree adds only
 // lanes of the same key, in a fixed order, so a key's score does not depend on the other keys.
-KILN_ATTN_AVX512 void scores16_avx512(const float* q, const float* const* k, int64_t n, int64_t hd, float* out) {
+KILN_TARGET_AVX512 void scores16_avx512(const float* q, const float* const* k, int64_t n, int64_t hd, float* out) {
   __m512 acc[16];
   for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t d = 0; d < hd; d += 16) {
@@ -208,16 +208,16 @@ void chunk_partials_default(const LayerView& v, const RowRef* rows, int64_t coun
 #if defined(__x86_64__)
 // The AVX-512 build of the same code (the rest of kiln stays baseline x86-64; see matmul_x86.cpp); its scores come
 // from scores16_avx512, so every layer with a head size that is a multiple of 16 uses it for all of its rows.
-KILN_ATTN_AVX512 void chunk_partials_avx512(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
-                                            float* scratch, float* part) {
+KILN_TARGET_AVX512 void chunk_partials_avx512(const LayerView& v, const RowRef* rows, int64_t count, int64_t g,
+                                              int64_t c, float* scratch, float* part) {
   chunk_partials_impl<true>(v, rows, count, g, c, scratch, part);
 }
 
 // The AVX2 build of the portable code: GCC vectorizes its 16-lane dot products and value sums 8 wide (and contracts
 // them into FMAs, so its results differ from the baseline build's by rounding; a row's still never depend on the
 // batch, since every row of a layer goes through the same function).
-__attribute__((target("avx2,fma,f16c"))) void chunk_partials_avx2(const LayerView& v, const RowRef* rows, int64_t count,
-                                                                  int64_t g, int64_t c, float* scratch, float* part) {
+KILN_TARGET_AVX2 void chunk_partials_avx2(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
+                                          float* scratch, float* part) {
   chunk_partials_impl<false>(v, rows, count, g, c, scratch, part);
 }
 #endif

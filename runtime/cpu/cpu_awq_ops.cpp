@@ -10,6 +10,7 @@
 #include "runtime/core/error.h"
 #include "runtime/core/int4_grid.h"
 #include "runtime/cpu/cpu_backend.h"
+#include "runtime/cpu/x86_target.h"
 
 namespace kiln::cpu {
 
@@ -55,8 +56,7 @@ void quadratic_forms_scalar(const float* G, const double* d, int64_t n, int64_t 
 // double, so an FMA adds exactly what the scalar multiply-then-add does. N vectors at a time: 2N accumulators and the
 // row's two registers fit the 16 ymm registers for N <= 5.
 template <int N>
-__attribute__((target("avx2,fma"))) void quadratic_forms_avx2_n(const float* G, const double* d, int64_t gs,
-                                                                double* errs) {
+KILN_TARGET_AVX2 void quadratic_forms_avx2_n(const float* G, const double* d, int64_t gs, double* errs) {
   const int64_t body = gs / 8 * 8;
   for (int64_t a = 0; a < gs; ++a) {
     const float* row = G + a * gs;
@@ -81,8 +81,7 @@ __attribute__((target("avx2,fma"))) void quadratic_forms_avx2_n(const float* G, 
   }
 }
 
-__attribute__((target("avx2,fma"))) void quadratic_forms_avx2(const float* G, const double* d, int64_t n, int64_t gs,
-                                                              double* errs) {
+KILN_TARGET_AVX2 void quadratic_forms_avx2(const float* G, const double* d, int64_t n, int64_t gs, double* errs) {
   std::fill(errs, errs + n, 0.0);
   int64_t i = 0;
   for (; i + 5 <= n; i += 5) quadratic_forms_avx2_n<5>(G, d + i * gs, gs, errs + i);

@@ -25,11 +25,9 @@
 #include "runtime/core/dtype.h"
 #include "runtime/cpu/matmul_bf16.h"
 #include "runtime/cpu/panel_tasks.h"
+#include "runtime/cpu/x86_target.h"
 
 namespace kiln::cpu {
-
-#define KILN_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma")))
-#define KILN_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16,avx2,fma")))
 
 namespace {
 
@@ -110,8 +108,8 @@ struct RowBlock {
   // Rows of the groups at x[i] (parts, row stride 3 * kpad) x panels [p, p + NP). `tail` holds the last chunk's
   // weights zero-padded when the input count is not a multiple of 32 (the panel's own bytes would run on into the
   // next panel there).
-  KILN_AVX512 static void run(const uint16_t* const* x, const int64_t* m, const int64_t* row, int64_t kpad,
-                              const PackedLinear& w, int64_t p, float* y) {
+  KILN_TARGET_AVX512 static void run(const uint16_t* const* x, const int64_t* m, const int64_t* row, int64_t kpad,
+                                     const PackedLinear& w, int64_t p, float* y) {
     const size_t pstride = size_t(w.pairs()) * kPairPanelBytes;
     const uint8_t* panel = w.data.data() + size_t(p) * pstride;
     const int64_t chunks = kpad / kChunk, full_chunks = w.pairs() / (kChunk / 2);
@@ -195,7 +193,7 @@ bool amx_bf16_usable() {
 }
 
 namespace {
-KILN_AVX512BF16 inline __m512 widen(__m256bh h) {  // bf16 is the high half of an fp32
+KILN_TARGET_AVX512_BF16 inline __m512 widen(__m256bh h) {  // bf16 is the high half of an fp32
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)h), 16));
 }
 }  // namespace
@@ -204,7 +202,8 @@ KILN_AVX512BF16 inline __m512 widen(__m256bh h) {  // bf16 is the high half of a
 // an fp32 minus its bf16 rounding is exact in fp32 with 8 fewer significant bits, so three bf16 hold all 24. Beyond
 // that: a non-finite x keeps only hi (inf - inf would make NaN of an infinite product), and parts below 2^-126 are
 // flushed by the tile unit, an error under 2^-126 per product.
-KILN_AVX512BF16 void split_rows_to_bf16x3(const float* x, int64_t rows, int64_t in, int64_t kpad, uint16_t* parts) {
+KILN_TARGET_AVX512_BF16 void split_rows_to_bf16x3(const float* x, int64_t rows, int64_t in, int64_t kpad,
+                                                  uint16_t* parts) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * in;
     uint16_t* hi = parts + 3 * r * kpad;

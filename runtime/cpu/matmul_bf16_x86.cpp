@@ -12,11 +12,9 @@
 
 #include "runtime/cpu/matmul_bf16.h"
 #include "runtime/cpu/panel_tasks.h"
+#include "runtime/cpu/x86_target.h"
 
 namespace kiln::cpu {
-
-#define KILN_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma")))
-#define KILN_AVX512BF16 __attribute__((target("avx512f,avx512bw,avx512bf16,avx2,fma")))
 
 namespace {
 
@@ -28,8 +26,8 @@ constexpr size_t kPairPanelBytes = kPanel * 2 * 2;  // one pair of inputs for 16
 // Each (row, panel)'s operations are the same for every R and P; two panels at a time let each broadcast activation
 // feed two FMAs, which halves the loads per FMA of batched rows (prefill, batched decode).
 template <int R, int P>
-KILN_AVX512 inline void exact_step(const float* x, int64_t in, const uint8_t* panel, size_t pstride, int64_t t,
-                                   __m512 (&e)[P][R], __m512 (&o)[P][R]) {
+KILN_TARGET_AVX512 inline void exact_step(const float* x, int64_t in, const uint8_t* panel, size_t pstride, int64_t t,
+                                          __m512 (&e)[P][R], __m512 (&o)[P][R]) {
   __m512 we[P], wo[P];
   for (int p = 0; p < P; ++p) {
     const __m512i wv = _mm512_loadu_si512(panel + p * pstride + size_t(t) * kPairPanelBytes);
@@ -60,7 +58,7 @@ inline void run_tiles(int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0,
 }
 
 template <int R, int P>
-KILN_AVX512 void tile_exact(const float* x, int64_t in, const uint8_t* panel, size_t pstride, float* out) {
+KILN_TARGET_AVX512 void tile_exact(const float* x, int64_t in, const uint8_t* panel, size_t pstride, float* out) {
   __m512 ea[P][R], oa[P][R], eb[P][R], ob[P][R];
   for (int p = 0; p < P; ++p)
     for (int r = 0; r < R; ++r) ea[p][r] = oa[p][r] = eb[p][r] = ob[p][r] = _mm512_setzero_ps();
@@ -92,7 +90,7 @@ KILN_AVX512 void tile_exact(const float* x, int64_t in, const uint8_t* panel, si
 
 // R rows of bf16 pairs (row stride pairs) against one panel. Two chains per row (even and odd pairs), summed last.
 template <int R>
-KILN_AVX512BF16 void tile_dot(const uint32_t* xp, int64_t pairs, const uint8_t* panel, float* out) {
+KILN_TARGET_AVX512_BF16 void tile_dot(const uint32_t* xp, int64_t pairs, const uint8_t* panel, float* out) {
   __m512 a[R], b[R];
   for (int r = 0; r < R; ++r) a[r] = b[r] = _mm512_setzero_ps();
   int64_t t = 0;

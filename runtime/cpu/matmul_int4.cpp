@@ -17,6 +17,7 @@
 #include "runtime/core/error.h"
 #include "runtime/cpu/panel_tasks.h"
 #include "runtime/cpu/thread_pool.h"
+#include "runtime/cpu/x86_target.h"
 
 namespace kiln::cpu {
 
@@ -162,9 +163,8 @@ void quantize_rows_int8_default(const float* x, int64_t r0, int64_t r1, int64_t 
 #if defined(__x86_64__)
 // The same arithmetic with AVX-512 intrinsics: max |x| is exact in any order, and the division, the round to nearest
 // even and the clamp are the same IEEE operations, so the codes and scales are identical to the portable loop's.
-__attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void quantize_rows_int8_avx512(const float* x, int64_t r0,
-                                                                                         int64_t r1, int64_t in,
-                                                                                         int64_t gs, Int8Rows& out) {
+KILN_TARGET_AVX512 void quantize_rows_int8_avx512(const float* x, int64_t r0, int64_t r1, int64_t in, int64_t gs,
+                                                  Int8Rows& out) {
   const int64_t G = in / gs;
   const __m512 inf = _mm512_set1_ps(INFINITY), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
   for (int64_t r = r0; r < r1; ++r)
@@ -201,8 +201,8 @@ __attribute__((target("avx512f,avx512bw,avx2,fma,f16c"))) void quantize_rows_int
 }
 
 // The same with AVX2: 8 floats at a time, a tail of gs % 8 in the portable loop's operations.
-__attribute__((target("avx2,fma,f16c"))) void quantize_rows_int8_avx2(const float* x, int64_t r0, int64_t r1,
-                                                                      int64_t in, int64_t gs, Int8Rows& out) {
+KILN_TARGET_AVX2 void quantize_rows_int8_avx2(const float* x, int64_t r0, int64_t r1, int64_t in, int64_t gs,
+                                              Int8Rows& out) {
   const int64_t G = in / gs, full = gs / 8 * 8;
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF)), inf = _mm256_set1_ps(INFINITY);
   const __m256 lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);

@@ -14,18 +14,16 @@
 #include "runtime/cpu/matmul_int4.h"
 #include "runtime/cpu/panel_tasks.h"
 #include "runtime/cpu/vnni_x86.h"
+#include "runtime/cpu/x86_target.h"
 
 namespace kiln::cpu {
-
-#define KILN_INT4_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define KILN_INT4_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
 
 namespace {
 
 // ---- AVX2: a panel is two 8-float registers; tiles of up to 4 rows (2R group accumulators + 2 weights in 16 ymm).
 template <int R>
-KILN_INT4_AVX2 void tile_int4_avx2(const float* x, const float* xsum, const Int4Linear& w, int64_t p,
-                                   float* out /* [R][16] */) {
+KILN_TARGET_AVX2 void tile_int4_avx2(const float* x, const float* xsum, const Int4Linear& w, int64_t p,
+                                     float* out /* [R][16] */) {
   const int64_t in = w.in, G = w.groups(), gs = w.group_size;
   const uint8_t* panel = w.q.data() + p * in * 8;
   const __m128i mask = _mm_set1_epi8(0x0F);
@@ -63,7 +61,8 @@ KILN_INT4_AVX2 void tile_int4_avx2(const float* x, const float* xsum, const Int4
 
 // ---- AVX-512: a panel is one 16-float register; tiles of up to 8 rows.
 template <int R>
-KILN_INT4_AVX512 void tile_int4_avx512(const float* x, const float* xsum, const Int4Linear& w, int64_t p, float* out) {
+KILN_TARGET_AVX512 void tile_int4_avx512(const float* x, const float* xsum, const Int4Linear& w, int64_t p,
+                                         float* out) {
   const int64_t in = w.in, G = w.groups(), gs = w.group_size;
   const uint8_t* panel = w.q.data() + p * in * 8;
   const __m128i mask = _mm_set1_epi8(0x0F);
@@ -92,7 +91,7 @@ KILN_INT4_AVX512 void tile_int4_avx512(const float* x, const float* xsum, const 
 // accumulators (low/high nibbles x even/odd blocks): vpdpbusd has a ~5-cycle latency, and one chain per row made the
 // batch-1 loop wait on it instead of on memory.
 template <int R>
-KILN_VNNI void tile_int4_vnni(const Int8Rows& x, int64_t r0, const Int4Linear& w, int64_t p, float* out) {
+KILN_TARGET_AVX512_VNNI void tile_int4_vnni(const Int8Rows& x, int64_t r0, const Int4Linear& w, int64_t p, float* out) {
   const int64_t in = w.in, G = w.groups(), blocks = w.group_size / 8;  // blocks is even: group size % 16 == 0
   const uint8_t* panel = w.q.data() + p * in * 8;
   const uint8_t* next = panel + in * 8;  // prefetched into L2 meanwhile, as in tile_exact (matmul_bf16_x86.cpp)
@@ -137,7 +136,7 @@ KILN_VNNI void tile_int4_vnni(const Int8Rows& x, int64_t r0, const Int4Linear& w
 // it and to the VNNI kernel. Tiles of up to 4 rows: 8 int32 accumulators, 2 weight registers per half, the
 // broadcasts and temporaries fit the 16 ymm registers; the fp32 accumulators live in the L1-resident tile.
 template <int R>
-KILN_INT4_AVX2 void tile_int4_int8_avx2(const Int8Rows& x, int64_t r0, const Int4Linear& w, int64_t p, float* out) {
+KILN_TARGET_AVX2 void tile_int4_int8_avx2(const Int8Rows& x, int64_t r0, const Int4Linear& w, int64_t p, float* out) {
   const int64_t in = w.in, G = w.groups(), blocks = w.group_size / 8;
   const uint8_t* panel = w.q.data() + p * in * 8;
   const uint8_t* next = panel + in * 8;  // prefetched into L2 meanwhile, as the VNNI kernel does

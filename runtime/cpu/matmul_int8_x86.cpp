@@ -14,6 +14,7 @@
 #include "runtime/cpu/matmul_int8.h"
 #include "runtime/cpu/panel_tasks.h"
 #include "runtime/cpu/vnni_x86.h"
+#include "runtime/cpu/x86_target.h"
 
 namespace kiln::cpu {
 
@@ -22,7 +23,7 @@ namespace {
 // Rows r0 .. r0+R-1 against panel p. Two int32 accumulators per row (even / odd chunks) so that consecutive vpdpbusd
 // do not wait on each other's latency; one 64-byte load feeds one vpdpbusd (64 multiply-adds) per row.
 template <int R>
-KILN_VNNI void tile_int8_vnni(const Int8Rows& x, int64_t r0, const Int8Linear& w, int64_t p, float* out) {
+KILN_TARGET_AVX512_VNNI void tile_int8_vnni(const Int8Rows& x, int64_t r0, const Int8Linear& w, int64_t p, float* out) {
   const int64_t in = w.in, B = w.blocks();
   const uint8_t* panel = w.q.data() + p * in * kPanel;
   const uint16_t* scales = w.scales.data() + p * B * kPanel;
@@ -62,8 +63,7 @@ KILN_VNNI void tile_int8_vnni(const Int8Rows& x, int64_t r0, const Int8Linear& w
 // that follow are theirs, so all three agree bit for bit. One panel is two registers of 8 rows; tiles of up to 2
 // rows keep the 4 block accumulators, 4 fp32 accumulators and the operands within the 16 ymm registers.
 template <int R>
-__attribute__((target("avx2,fma,f16c"))) void tile_int8_avx2(const Int8Rows& x, int64_t r0, const Int8Linear& w,
-                                                             int64_t p, float* out) {
+KILN_TARGET_AVX2 void tile_int8_avx2(const Int8Rows& x, int64_t r0, const Int8Linear& w, int64_t p, float* out) {
   const int64_t in = w.in, B = w.blocks();
   const uint8_t* panel = w.q.data() + p * in * kPanel;
   const uint16_t* scales = w.scales.data() + p * B * kPanel;

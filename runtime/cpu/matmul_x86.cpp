@@ -13,17 +13,15 @@
 
 #include "runtime/cpu/matmul.h"
 #include "runtime/cpu/panel_tasks.h"
+#include "runtime/cpu/x86_target.h"
 
 namespace kiln::cpu {
-
-#define KILN_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define KILN_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c")))
 
 namespace {
 
 // ---- AVX2: a panel (16 outputs) is two 8-float registers; tiles of 4 rows -> 8 accumulators.
 template <DType T>
-KILN_AVX2 inline void load_panel_avx2(const uint8_t* p, __m256& lo, __m256& hi) {
+KILN_TARGET_AVX2 inline void load_panel_avx2(const uint8_t* p, __m256& lo, __m256& hi) {
   if constexpr (T == DType::F32) {
     lo = _mm256_loadu_ps(reinterpret_cast<const float*>(p));
     hi = _mm256_loadu_ps(reinterpret_cast<const float*>(p) + 8);
@@ -39,7 +37,7 @@ KILN_AVX2 inline void load_panel_avx2(const uint8_t* p, __m256& lo, __m256& hi) 
 }
 
 template <DType T, int R>
-KILN_AVX2 void tile_avx2(const float* x, int64_t in, const uint8_t* panel, float* out /* [R][16] */) {
+KILN_TARGET_AVX2 void tile_avx2(const float* x, int64_t in, const uint8_t* panel, float* out /* [R][16] */) {
   constexpr size_t es = T == DType::F32 ? 4 : 2;
   __m256 acc_lo[R], acc_hi[R];
   for (int r = 0; r < R; ++r) acc_lo[r] = acc_hi[r] = _mm256_setzero_ps();
@@ -60,8 +58,8 @@ KILN_AVX2 void tile_avx2(const float* x, int64_t in, const uint8_t* panel, float
 
 // Rows [r0, r1) of panel p (its weights at `panel`, of type T) in tiles of up to 4 rows.
 template <DType T>
-KILN_AVX2 void panel_rows_avx2(const float* x, int64_t r0, int64_t r1, const uint8_t* panel, const PackedLinear& w,
-                               int64_t p, float* y) {
+KILN_TARGET_AVX2 void panel_rows_avx2(const float* x, int64_t r0, int64_t r1, const uint8_t* panel,
+                                      const PackedLinear& w, int64_t p, float* y) {
   alignas(32) float tile[4 * kPanel];
   for (int64_t r = r0; r < r1; r += 4) {
     const int64_t n = std::min<int64_t>(4, r1 - r);
@@ -90,8 +88,8 @@ KILN_AVX2 void panel_rows_avx2(const float* x, int64_t r0, int64_t r1, const uin
 // the batch). Widening in every tile costs ~5 shuffle instructions per 8 FMAs: bf16 ran at ~55% of the fp32 kernel's
 // speed on Zen 3.
 template <DType T>
-KILN_AVX2 void run_avx2(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1,
-                        float* y) {
+KILN_TARGET_AVX2 void run_avx2(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1,
+                               float* y) {
   constexpr size_t es = T == DType::F32 ? 4 : 2;
   const bool widen = T != DType::F32 && r1 - r0 > 4;
   thread_local std::vector<float> wide;
@@ -114,7 +112,7 @@ KILN_AVX2 void run_avx2(const float* x, int64_t r0, int64_t r1, const PackedLine
 
 // ---- AVX-512: a panel is one 16-float register; tiles of 8 rows -> 8 accumulators.
 template <DType T>
-KILN_AVX512 inline __m512 load_panel_avx512(const uint8_t* p) {
+KILN_TARGET_AVX512 inline __m512 load_panel_avx512(const uint8_t* p) {
   if constexpr (T == DType::F32) {
     return _mm512_loadu_ps(reinterpret_cast<const float*>(p));
   } else if constexpr (T == DType::F16) {
@@ -132,8 +130,8 @@ KILN_AVX512 inline __m512 load_panel_avx512(const uint8_t* p) {
 // With Prefetch the next panels are fetched into L2 meanwhile, as in tile_exact (matmul_bf16_x86.cpp): fp32 decode
 // waits on memory.
 template <DType T, int R, int P, bool Prefetch>
-KILN_AVX512 void tile_avx512(const float* x, int64_t in, int64_t k0, int64_t k1, const uint8_t* panel, size_t pstride,
-                             float* acc_io) {
+KILN_TARGET_AVX512 void tile_avx512(const float* x, int64_t in, int64_t k0, int64_t k1, const uint8_t* panel,
+                                    size_t pstride, float* acc_io) {
   constexpr size_t es = T == DType::F32 ? 4 : 2;
   __m512 acc[P][R];
   for (int q = 0; q < P; ++q)
@@ -156,8 +154,8 @@ KILN_AVX512 void tile_avx512(const float* x, int64_t in, int64_t k0, int64_t k1,
 }
 
 template <DType T, int P, bool Prefetch>
-KILN_AVX512 void tile_avx512_rows(int64_t n, const float* x, int64_t in, int64_t k0, int64_t k1, const uint8_t* panel,
-                                  size_t pstride, float* acc) {
+KILN_TARGET_AVX512 void tile_avx512_rows(int64_t n, const float* x, int64_t in, int64_t k0, int64_t k1,
+                                         const uint8_t* panel, size_t pstride, float* acc) {
   switch (n) {
     case 8:
       return tile_avx512<T, 8, P, Prefetch>(x, in, k0, k1, panel, pstride, acc);
@@ -179,8 +177,8 @@ KILN_AVX512 void tile_avx512_rows(int64_t n, const float* x, int64_t in, int64_t
 }
 
 template <DType T, bool Prefetch>
-KILN_AVX512 void tile_avx512_panels(int64_t np, int64_t n, const float* x, int64_t in, int64_t k0, int64_t k1,
-                                    const uint8_t* panel, size_t pstride, float* acc) {
+KILN_TARGET_AVX512 void tile_avx512_panels(int64_t np, int64_t n, const float* x, int64_t in, int64_t k0, int64_t k1,
+                                           const uint8_t* panel, size_t pstride, float* acc) {
   if (np == 2)
     tile_avx512_rows<T, 2, Prefetch>(n, x, in, k0, k1, panel, pstride, acc);
   else
@@ -197,8 +195,8 @@ constexpr int64_t kGroupPanels = 32;  // even: panels go in pairs
 
 // Pairs of panels in tiles of up to 8 rows (16 accumulators), a last odd panel alone.
 template <DType T>
-KILN_AVX512 void run_avx512(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1,
-                            float* y) {
+KILN_TARGET_AVX512 void run_avx512(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0,
+                                   int64_t p1, float* y) {
   constexpr size_t es = T == DType::F32 ? 4 : 2;
   const size_t pstride = size_t(w.in * kPanel) * es;
   if (r1 - r0 <= 8 || w.in <= kInputBlock) {
