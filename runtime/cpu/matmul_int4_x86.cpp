@@ -133,8 +133,9 @@ KILN_TARGET_AVX512_VNNI void tile_int4_vnni(const Int8Rows& x, int64_t r0, const
 // multiplies the unsigned codes (0..15) by the signed activations: a 16-bit pair is at most 2 * 15 * 127, and the
 // low-nibble plus high-nibble pairs at most 7620, so nothing saturates; vpmaddwd by ones then sums each lane's pairs
 // into int32. The fp32 operations after each group are matmul_int4_int8_scalar's, so the result is bit-identical to
-// it and to the VNNI kernel. Tiles of up to 4 rows: 8 int32 accumulators, 2 weight registers per half, the
-// broadcasts and temporaries fit the 16 ymm registers; the fp32 accumulators live in the L1-resident tile.
+// it and to the VNNI kernel. Tiles of up to 4 rows with 8 int32 accumulators; the fp32 accumulators live in the
+// L1-resident tile. GCC keeps a few of the int32 ones on the stack: variants that avoided it (flat arrays, one pass per
+// half) and one that summed four blocks in 16 bits before vpmaddwd measured no faster (docs/BENCHMARKS.md).
 template <int R>
 KILN_TARGET_AVX2 void tile_int4_int8_avx2(const Int8Rows& x, int64_t r0, const Int4Linear& w, int64_t p, float* out) {
   const int64_t in = w.in, G = w.groups(), blocks = w.group_size / 8;
