@@ -57,16 +57,13 @@ TEST(Int8Head, RefusesBadInput) {
   EXPECT_THROW(cpu::pack_linear_int8(v), Error);  // 48 inputs
 }
 
-// The vector ISAs this CPU runs (AVX-512 implies AVX2): each has its own activation quantizer.
+// The vector ISAs this CPU runs, each with its own activation quantizer (MatmulIsa is ordered: a CPU that runs one
+// runs those before it, as SiluMulOverTheWholeFloatRange also assumes).
 std::vector<cpu::MatmulIsa> vector_isas() {
-  switch (cpu::best_matmul_isa()) {
-    case cpu::MatmulIsa::Avx512:
-      return {cpu::MatmulIsa::Avx2, cpu::MatmulIsa::Avx512};
-    case cpu::MatmulIsa::Avx2:
-      return {cpu::MatmulIsa::Avx2};
-    default:
-      return {};
-  }
+  std::vector<cpu::MatmulIsa> isas;
+  for (cpu::MatmulIsa isa : {cpu::MatmulIsa::Avx2, cpu::MatmulIsa::Avx512})
+    if (int(isa) <= int(cpu::best_matmul_isa())) isas.push_back(isa);
+  return isas;
 }
 
 // y = Σ_b (s·d) · Σ q·x8 computed in double from the unpacked tensors, with x quantized here, independently of
