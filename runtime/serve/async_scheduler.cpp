@@ -71,7 +71,7 @@ std::shared_ptr<RequestStream> AsyncScheduler::submit(std::vector<int32_t> promp
       stream->push(std::move(ev));
     };
     auto on_finish = [this, stream](Sequence& s, const std::string& reason, const std::string& error,
-                                    std::string tail) { finished(s, reason, error, std::move(tail), *stream); };
+                                    std::string tail) { finished(s, reason, error, std::move(tail), stream); };
     auto wire = [&](Sequence& s) {
       s.id = id;
       s.on_token = on_token;
@@ -125,7 +125,7 @@ std::optional<QueueInfo> AsyncScheduler::queue_info(uint64_t id) {
 }
 
 void AsyncScheduler::finished(Sequence& s, const std::string& reason, const std::string& error, std::string tail,
-                              RequestStream& stream) {
+                              std::shared_ptr<RequestStream> stream) {
   finish_times_.push_back(Clock::now());
   if (finish_times_.size() > 16) finish_times_.pop_front();
   Event e;
@@ -142,7 +142,12 @@ void AsyncScheduler::finished(Sequence& s, const std::string& reason, const std:
   metrics_.request_done(reason, secs(s.first_token - s.arrival),
                         gen > 1 ? secs(s.last_token - s.first_token) / double(gen - 1) : 0, secs(now - s.arrival),
                         s.has_first, gen > 1);
-  stream.push(std::move(e));
+  ended_.emplace_back(std::move(stream), std::move(e));
+}
+
+void AsyncScheduler::deliver_ended() {
+  for (auto& [stream, e] : ended_) stream->push(std::move(e));
+  ended_.clear();
 }
 
 void AsyncScheduler::publish() {
@@ -203,6 +208,7 @@ void AsyncScheduler::loop() {
       scheduler_.fail_running(ex.what());
     }
     publish();
+    deliver_ended();
     if (!worked) {
       std::unique_lock<std::mutex> l(mu_);
       cv_.wait_for(l, std::chrono::milliseconds(50), [&] { return stop_ || !inbox_.empty() || !cancels_.empty(); });
@@ -211,6 +217,7 @@ void AsyncScheduler::loop() {
   take_inbox();
   scheduler_.cancel_all();
   publish();
+  deliver_ended();
 }
 
 }  // namespace kiln::serve

@@ -14,6 +14,7 @@
 #include <thread>
 #include <unordered_map>
 #include <unordered_set>
+#include <utility>
 #include <vector>
 
 #include "runtime/engine/scheduler.h"
@@ -102,8 +103,9 @@ class AsyncScheduler {
   void loop();
   void take_inbox();
   void finished(Sequence& s, const std::string& reason, const std::string& error, std::string tail,
-                RequestStream& stream);
+                std::shared_ptr<RequestStream> stream);
   void publish();
+  void deliver_ended();
 
   Scheduler scheduler_;  // scheduler thread only, after construction
   Metrics& metrics_;
@@ -122,6 +124,9 @@ class AsyncScheduler {
   std::atomic<bool> accepting_{true}, stop_{false};
 
   std::deque<std::chrono::steady_clock::time_point> finish_times_;  // scheduler thread: the last completions
+  // Scheduler thread: finished events held back until publish() has counted their blocks free, so a client that has
+  // its last event and then asks /metrics (or stats()) sees its request gone.
+  std::vector<std::pair<std::shared_ptr<RequestStream>, Event>> ended_;
   std::thread thread_;
 };
 

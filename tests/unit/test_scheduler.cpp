@@ -255,6 +255,27 @@ TEST_F(Scheduler, CancellationFreesBlocksAndEndsAllChoices) {
   expect_all_free(e);
 }
 
+// A client that has its last event and then reads the stats (what /metrics renders) must see its request gone:
+// no running request, no block in use. Before, the finished event went out inside the step and the stats were
+// published after it, so a quick reader saw the blocks still used (a flaky CI failure in the serve tests).
+TEST_F(Scheduler, StatsAfterTheLastEventCountTheRequestGone) {
+  auto c = cache(64);
+  Metrics m;
+  SchedulerOptions o;
+  o.prefix_cache = false;
+  AsyncScheduler e(*model_, *c, o, m);
+  for (int32_t i = 0; i < 40; ++i) {
+    auto stream = e.submit(prompt(20, i), greedy(3));  // more than one step, so stats were published mid-way
+    // Polling, not waiting: the reader takes the last event the moment it is pushed, as a busy client would.
+    bool done = false;
+    while (!done)
+      for (const Event& ev : stream->next(0)) done = done || ev.finished;
+    const QueueStats q = e.stats();
+    ASSERT_EQ(q.running, 0) << "request " << i;
+    ASSERT_EQ(q.kv_used, 0) << "request " << i;
+  }
+}
+
 TEST_F(Scheduler, LogprobsAreLogSoftmaxOfTheRawLogits) {
   auto c = cache(64);
   Metrics m;
