@@ -27,6 +27,9 @@
 #endif
 
 #include "runtime/cpu/cpu_backend.h"
+#if defined(__x86_64__)
+#include "runtime/cpu/exp_x86.h"
+#endif
 #include "runtime/cpu/x86_target.h"
 #include "runtime/kv/kv_cache.h"
 #include "runtime/kv/kv_int8.h"
@@ -35,7 +38,7 @@ namespace kiln::cpu {
 
 namespace {
 
-constexpr int64_t kKeyChunk = 64, kRowTile = 16;
+constexpr int64_t kKeyChunk = 64, kRowTile = 16, kPrefetchRows = 8;
 
 #define KILN_ALWAYS_INLINE inline __attribute__((always_inline))
 
@@ -63,14 +66,21 @@ size_t chunk_scratch(int64_t hd) { return size_t(2 * kKeyChunk * hd + kKeyChunk)
 // Floats of one (row, kv head) partial or running result: m[group], s[group], acc[group][hd].
 int64_t partial_floats(int64_t group, int64_t hd) { return group * (hd + 2); }
 
+// Where row `pos` of kv head g of the sequence is in the cache (base: the layer's keys or values).
+KILN_ALWAYS_INLINE const uint8_t* cache_row(const LayerView& v, const uint8_t* base, const AttentionSequence& seq,
+                                            int64_t g, int64_t pos) {
+  const int64_t bs = v.c->block_size;
+  return base +
+         size_t((int64_t(seq.block_table[size_t(pos / bs)]) * v.c->num_kv_heads + g) * bs + pos % bs) * v.row_bytes;
+}
+
 // Row `pos` of kv head g of the sequence as hd fp32 values: the cache row itself for an fp32 cache, else widened into
 // dst (and dst returned).
 KILN_ALWAYS_INLINE const float* widen_row(const LayerView& v, const uint8_t* base, const float* scales,
                                           const AttentionSequence& seq, int64_t g, int64_t pos, float* dst) {
   const auto& c = *v.c;
-  const int64_t bs = c.block_size, hd = v.hd;
-  const uint8_t* src =
-      base + size_t((int64_t(seq.block_table[size_t(pos / bs)]) * c.num_kv_heads + g) * bs + pos % bs) * v.row_bytes;
+  const int64_t hd = v.hd;
+  const uint8_t* src = cache_row(v, base, seq, g, pos);
   switch (c.dtype) {
     case KvDType::F32:
       return reinterpret_cast<const float*>(src);
@@ -135,13 +145,100 @@ KILN_TARGET_AVX512 void scores16_avx512(const float* q, const float* const* k, i
                                    _mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(3, 1, 3, 1)));
   _mm512_mask_storeu_ps(out, __mmask16((1u << n) - 1), all);
 }
+
+// out[j] = q . k[j] for j < n <= 8, hd % 8 == 0: each key's 8-lane partial sums (one FMA chain per lane) reduced for
+// 8 keys at once by two rounds of vhaddps and one of 128-bit halves, which add only lanes of the same key in a fixed
+// order (so a key's score does not depend on the other keys).
+KILN_TARGET_AVX2 KILN_ALWAYS_INLINE void scores8_avx2(const float* q, const float* const* k, int64_t n, int64_t hd,
+                                                      float* out) {
+  __m256 acc[8];
+  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < hd; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int j = 0; j < 8; ++j)
+      if (j < n) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + d), acc[j]);
+  }
+  // Per 128-bit half: keys (0,1,2,3) then (4,5,6,7), each summed over that half's four lanes.
+  const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+  const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+  const __m256 all = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+  _mm256_maskstore_ps(out, _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
+                      all);
+}
+
+// Lanes i < n of a mask, for 8 floats.
+KILN_TARGET_AVX2 KILN_ALWAYS_INLINE __m256 first_lanes(int64_t n) {
+  return _mm256_castsi256_ps(
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
+// The sum, and the max, of 8 lanes in a fixed order.
+KILN_TARGET_AVX2 KILN_ALWAYS_INLINE float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+KILN_TARGET_AVX2 KILN_ALWAYS_INLINE float hmax8(__m256 v) {
+  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
+}
+
+// One head's partial over keys [j0, j1) of a chunk, hd % 8 == 0, without a softcap: the scores 8 keys at a time,
+// e^(score - max) 8 at a time (exp_x86.h, not libm's expf per key), and the value sums in registers, 64 dimensions at
+// a time over every key (the portable loop kept them in memory, one store-to-load round trip per key). Its order is
+// fixed by (j0, j1) and hd alone, so a row's result does not depend on the batch. The portable code took ~60 cycles
+// per (head, key) at head size 64, a sixth of a batch-8 decode step of SmolLM2 at ~100 positions.
+KILN_TARGET_AVX2 void head_partial_avx2(const float* qh, const float* const* krows, const float* const* vrows,
+                                        int64_t j0, int64_t j1, int64_t hd, float scale, float* scores, float* m,
+                                        float* s, float* acc) {
+  for (int64_t j = j0; j < j1; j += 8) scores8_avx2(qh, krows + j, std::min<int64_t>(8, j1 - j), hd, scores + j);
+  const __m256 vscale = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 mx = ninf;
+  for (int64_t j = j0; j < j1; j += 8) {
+    const __m256 live = first_lanes(j1 - j);
+    const __m256 sc = _mm256_mul_ps(_mm256_maskload_ps(scores + j, _mm256_castps_si256(live)), vscale);
+    _mm256_maskstore_ps(scores + j, _mm256_castps_si256(live), sc);
+    mx = _mm256_max_ps(_mm256_blendv_ps(ninf, sc, live), mx);
+  }
+  const float top = hmax8(mx);
+  const __m256 vtop = _mm256_set1_ps(top);
+  __m256 sum = _mm256_setzero_ps();
+  for (int64_t j = j0; j < j1; j += 8) {
+    const __m256 live = first_lanes(j1 - j);
+    const __m256 sc = _mm256_maskload_ps(scores + j, _mm256_castps_si256(live));
+    const __m256 e = _mm256_and_ps(exp_avx2(_mm256_sub_ps(sc, vtop)), live);
+    _mm256_maskstore_ps(scores + j, _mm256_castps_si256(live), e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  *m = top;
+  *s = hsum8(sum);
+  int64_t d0 = 0;
+  for (; d0 + 64 <= hd; d0 += 64) {
+    __m256 a[8];
+    for (int b = 0; b < 8; ++b) a[b] = _mm256_setzero_ps();
+    for (int64_t j = j0; j < j1; ++j) {
+      const __m256 w = _mm256_broadcast_ss(scores + j);
+      for (int b = 0; b < 8; ++b) a[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vrows[j] + d0 + 8 * b), a[b]);
+    }
+    for (int b = 0; b < 8; ++b) _mm256_storeu_ps(acc + d0 + 8 * b, a[b]);
+  }
+  for (; d0 < hd; d0 += 8) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t j = j0; j < j1; ++j)
+      a = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + j), _mm256_loadu_ps(vrows[j] + d0), a);
+    _mm256_storeu_ps(acc + d0, a);
+  }
+}
 #endif
 
 // The partials of `count` rows of one sequence (rows[0..count)) for kv head g over chunk c, each clipped to the keys
 // its row sees; row t's goes to part + t * partial_floats(group, hd) (rows that see no key of the chunk are skipped).
 // The chunk's keys and values are widened once for the tile; each row's arithmetic is the same whatever the other
 // rows are.
-template <bool kAvx512>
+enum class Kernel { Portable, Avx512, Avx2 };
+
+template <Kernel K>
 KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
                                             float* scratch, float* part) {
   const AttentionParams& p = *v.p;
@@ -158,6 +255,13 @@ KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* ro
   const float *krows[kKeyChunk], *vrows[kKeyChunk];
   for (int64_t pos = lo; pos < hi; ++pos) {
     const int64_t j = pos - c0;
+    // The rows a few positions on, requested now: a batch's caches outgrow the CPU's caches, and a kv head's rows run
+    // in short stretches (one block's worth) that the hardware prefetcher follows late. Widening waited on memory.
+    if (pos + kPrefetchRows < hi)
+      for (size_t b = 0; b < v.row_bytes; b += 64) {
+        __builtin_prefetch(cache_row(v, v.kbase, seq, g, pos + kPrefetchRows) + b);
+        __builtin_prefetch(cache_row(v, v.vbase, seq, g, pos + kPrefetchRows) + b);
+      }
     krows[j] = widen_row(v, v.kbase, v.k_scales, seq, g, pos, kb + j * hd);
     vrows[j] = widen_row(v, v.vbase, v.v_scales, seq, g, pos, vb + j * hd);
   }
@@ -170,7 +274,13 @@ KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* ro
     for (int64_t i = 0; i < group; ++i) {
       const float* qh = v.q + r.row * v.q_stride + (g * group + i) * hd;
 #if defined(__x86_64__)
-      if constexpr (kAvx512) {
+      if constexpr (K == Kernel::Avx2) {
+        if (p.softcap <= 0) {
+          head_partial_avx2(qh, krows, vrows, j0, j1, hd, score_scale, scores, m + i, s + i, acc + i * hd);
+          continue;
+        }
+      }
+      if constexpr (K == Kernel::Avx512) {
         for (int64_t j = j0; j < j1; j += 16)
           scores16_avx512(qh, krows + j, std::min<int64_t>(16, j1 - j), hd, scores + j);
       } else
@@ -202,7 +312,7 @@ KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* ro
 
 void chunk_partials_default(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c, float* scratch,
                             float* part) {
-  chunk_partials_impl<false>(v, rows, count, g, c, scratch, part);
+  chunk_partials_impl<Kernel::Portable>(v, rows, count, g, c, scratch, part);
 }
 
 #if defined(__x86_64__)
@@ -210,15 +320,15 @@ void chunk_partials_default(const LayerView& v, const RowRef* rows, int64_t coun
 // from scores16_avx512, so every layer with a head size that is a multiple of 16 uses it for all of its rows.
 KILN_TARGET_AVX512 void chunk_partials_avx512(const LayerView& v, const RowRef* rows, int64_t count, int64_t g,
                                               int64_t c, float* scratch, float* part) {
-  chunk_partials_impl<true>(v, rows, count, g, c, scratch, part);
+  chunk_partials_impl<Kernel::Avx512>(v, rows, count, g, c, scratch, part);
 }
 
-// The AVX2 build of the portable code: GCC vectorizes its 16-lane dot products and value sums 8 wide (and contracts
-// them into FMAs, so its results differ from the baseline build's by rounding; a row's still never depend on the
-// batch, since every row of a layer goes through the same function).
+// The AVX2 build, for head sizes that are a multiple of 8: head_partial_avx2, or with a softcap the portable code,
+// which GCC vectorizes 8 wide and contracts into FMAs (so its results differ from the baseline build's by rounding; a
+// row's still never depend on the batch, since every row of a layer goes through the same function).
 KILN_TARGET_AVX2 void chunk_partials_avx2(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
                                           float* scratch, float* part) {
-  chunk_partials_impl<false>(v, rows, count, g, c, scratch, part);
+  chunk_partials_impl<Kernel::Avx2>(v, rows, count, g, c, scratch, part);
 }
 #endif
 
@@ -267,7 +377,7 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
   auto partials_of = chunk_partials_default;
 #if defined(__x86_64__)
   if (isa_ == MatmulIsa::Avx512 && hd % 16 == 0) partials_of = chunk_partials_avx512;
-  if (isa_ == MatmulIsa::Avx2) partials_of = chunk_partials_avx2;
+  if (isa_ == MatmulIsa::Avx2 && hd % 8 == 0) partials_of = chunk_partials_avx2;
 #endif
   auto finish = [&](const RowRef& r, int64_t g, const float* total) {
     const float *S = total + group, *O = S + group;
