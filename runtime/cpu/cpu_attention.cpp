@@ -21,11 +21,6 @@
 #include <immintrin.h>
 #endif
 
-// GCC 12 warns about the deliberately undefined upper lanes inside its own AVX-512 headers.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
-
 #include "runtime/cpu/cpu_backend.h"
 #if defined(__x86_64__)
 #include "runtime/cpu/exp_x86.h"
@@ -119,33 +114,6 @@ KILN_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
 
 #if defined(__x86_64__)
 
-// out[j] = q . k[j] for j < n <= 16, hd % 16 == 0. Each key's 16-lane partial sums over d (one FMA chain per lane)
-// are reduced for 16 keys at once by an unpack/shuffle tree, instead of a horizontal sum per key; the tree adds only
-// lanes of the same key, in a fixed order, so a key's score does not depend on the other keys.
-KILN_TARGET_AVX512 void scores16_avx512(const float* q, const float* const* k, int64_t n, int64_t hd, float* out) {
-  __m512 acc[16];
-  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < hd; d += 16) {
-    const __m512 qv = _mm512_loadu_ps(q + d);
-    for (int j = 0; j < 16; ++j)
-      if (j < n) acc[j] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(k[j] + d), acc[j]);
-  }
-  __m512 r[8], u[4], s[2];
-  for (int i = 0; i < 8; ++i)  // 128-bit block b of r[i]: keys 2i, 2i+1 interleaved, lanes (4b, 4b+2), (4b+1, 4b+3)
-    r[i] =
-        _mm512_add_ps(_mm512_unpacklo_ps(acc[2 * i], acc[2 * i + 1]), _mm512_unpackhi_ps(acc[2 * i], acc[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {  // block b of u[i]: keys 4i .. 4i+3, each summed over its lanes 4b .. 4b+3
-    const __m512d a = _mm512_castps_pd(r[2 * i]), b = _mm512_castps_pd(r[2 * i + 1]);
-    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-  }
-  for (int i = 0; i < 2; ++i)  // blocks (0+1, 2+3) of u[2i], then of u[2i+1]
-    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
-                         _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
-  const __m512 all = _mm512_add_ps(_mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(2, 0, 2, 0)),
-                                   _mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(3, 1, 3, 1)));
-  _mm512_mask_storeu_ps(out, __mmask16((1u << n) - 1), all);
-}
-
 // out[j] = q . k[j] for j < n <= 8, hd % 8 == 0: each key's 8-lane partial sums (one FMA chain per lane) reduced for
 // 8 keys at once by two rounds of vhaddps and one of 128-bit halves, which add only lanes of the same key in a fixed
 // order (so a key's score does not depend on the other keys).
@@ -236,9 +204,7 @@ KILN_TARGET_AVX2 void head_partial_avx2(const float* qh, const float* const* kro
 // its row sees; row t's goes to part + t * partial_floats(group, hd) (rows that see no key of the chunk are skipped).
 // The chunk's keys and values are widened once for the tile; each row's arithmetic is the same whatever the other
 // rows are.
-enum class Kernel { Portable, Avx512, Avx2 };
-
-template <Kernel K>
+template <bool kAvx2>
 KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
                                             float* scratch, float* part) {
   const AttentionParams& p = *v.p;
@@ -274,20 +240,14 @@ KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* ro
     for (int64_t i = 0; i < group; ++i) {
       const float* qh = v.q + r.row * v.q_stride + (g * group + i) * hd;
 #if defined(__x86_64__)
-      if constexpr (K == Kernel::Avx2) {
+      if constexpr (kAvx2) {
         if (p.softcap <= 0) {
           head_partial_avx2(qh, krows, vrows, j0, j1, hd, score_scale, scores, m + i, s + i, acc + i * hd);
           continue;
         }
       }
-      if constexpr (K == Kernel::Avx512) {
-        for (int64_t j = j0; j < j1; j += 16)
-          scores16_avx512(qh, krows + j, std::min<int64_t>(16, j1 - j), hd, scores + j);
-      } else
 #endif
-      {
-        for (int64_t j = j0; j < j1; ++j) scores[j] = dot(qh, krows[j], hd);
-      }
+      for (int64_t j = j0; j < j1; ++j) scores[j] = dot(qh, krows[j], hd);
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t j = j0; j < j1; ++j) {
         float sc = scores[j] * score_scale;
@@ -312,23 +272,18 @@ KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* ro
 
 void chunk_partials_default(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c, float* scratch,
                             float* part) {
-  chunk_partials_impl<Kernel::Portable>(v, rows, count, g, c, scratch, part);
+  chunk_partials_impl<false>(v, rows, count, g, c, scratch, part);
 }
 
 #if defined(__x86_64__)
-// The AVX-512 build of the same code (the rest of kiln stays baseline x86-64; see matmul_x86.cpp); its scores come
-// from scores16_avx512, so every layer with a head size that is a multiple of 16 uses it for all of its rows.
-KILN_TARGET_AVX512 void chunk_partials_avx512(const LayerView& v, const RowRef* rows, int64_t count, int64_t g,
-                                              int64_t c, float* scratch, float* part) {
-  chunk_partials_impl<Kernel::Avx512>(v, rows, count, g, c, scratch, part);
-}
-
-// The AVX2 build, for head sizes that are a multiple of 8: head_partial_avx2, or with a softcap the portable code,
-// which GCC vectorizes 8 wide and contracts into FMAs (so its results differ from the baseline build's by rounding; a
-// row's still never depend on the batch, since every row of a layer goes through the same function).
+// The AVX2 build, on every vector ISA, for head sizes that are a multiple of 8: head_partial_avx2, or with a softcap
+// the portable code, which GCC vectorizes 8 wide and contracts into FMAs (so its results differ from the baseline
+// build's by rounding; a row's still never depend on the batch, since every row of a layer goes through the same
+// function). AVX-512 CPUs take it too: their former kernel scored 16 keys at a time but kept libm's expf per key and
+// the value sums in memory, the larger costs by the AVX2 profile (not measured on an AVX-512 CPU).
 KILN_TARGET_AVX2 void chunk_partials_avx2(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
                                           float* scratch, float* part) {
-  chunk_partials_impl<Kernel::Avx2>(v, rows, count, g, c, scratch, part);
+  chunk_partials_impl<true>(v, rows, count, g, c, scratch, part);
 }
 #endif
 
@@ -376,8 +331,7 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
                        q_stride};
   auto partials_of = chunk_partials_default;
 #if defined(__x86_64__)
-  if (isa_ == MatmulIsa::Avx512 && hd % 16 == 0) partials_of = chunk_partials_avx512;
-  if (isa_ == MatmulIsa::Avx2 && hd % 8 == 0) partials_of = chunk_partials_avx2;
+  if (isa_ != MatmulIsa::Scalar && hd % 8 == 0) partials_of = chunk_partials_avx2;
 #endif
   auto finish = [&](const RowRef& r, int64_t g, const float* total) {
     const float *S = total + group, *O = S + group;
