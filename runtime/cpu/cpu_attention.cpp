@@ -241,7 +241,7 @@ KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* ro
       const float* qh = v.q + r.row * v.q_stride + (g * group + i) * hd;
 #if defined(__x86_64__)
       if constexpr (kAvx2) {
-        if (p.softcap <= 0) {
+        if (p.softcap <= 0 && hd % 8 == 0) {
           head_partial_avx2(qh, krows, vrows, j0, j1, hd, score_scale, scores, m + i, s + i, acc + i * hd);
           continue;
         }
@@ -276,11 +276,11 @@ void chunk_partials_default(const LayerView& v, const RowRef* rows, int64_t coun
 }
 
 #if defined(__x86_64__)
-// The AVX2 build, on every vector ISA, for head sizes that are a multiple of 8: head_partial_avx2, or with a softcap
-// the portable code, which GCC vectorizes 8 wide and contracts into FMAs (so its results differ from the baseline
-// build's by rounding; a row's still never depend on the batch, since every row of a layer goes through the same
-// function). AVX-512 CPUs take it too: their former kernel scored 16 keys at a time but kept libm's expf per key and
-// the value sums in memory, the larger costs by the AVX2 profile (not measured on an AVX-512 CPU).
+// The AVX2 build, on every vector ISA: head_partial_avx2 for head sizes that are a multiple of 8, else (or with a
+// softcap) the portable code, which GCC vectorizes 8 wide and contracts into FMAs (so its results differ from the
+// baseline build's by rounding; a row's still never depend on the batch, since every row of a layer goes through the
+// same function). AVX-512 CPUs take it too: their former kernel scored 16 keys at a time but kept libm's expf per key
+// and the value sums in memory, the larger costs by the AVX2 profile (not measured on an AVX-512 CPU).
 KILN_TARGET_AVX2 void chunk_partials_avx2(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
                                           float* scratch, float* part) {
   chunk_partials_impl<true>(v, rows, count, g, c, scratch, part);
@@ -331,7 +331,7 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
                        q_stride};
   auto partials_of = chunk_partials_default;
 #if defined(__x86_64__)
-  if (isa_ != MatmulIsa::Scalar && hd % 8 == 0) partials_of = chunk_partials_avx2;
+  if (isa_ != MatmulIsa::Scalar) partials_of = chunk_partials_avx2;
 #endif
   auto finish = [&](const RowRef& r, int64_t g, const float* total) {
     const float *S = total + group, *O = S + group;

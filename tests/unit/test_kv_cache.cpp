@@ -165,7 +165,7 @@ INSTANTIATE_TEST_SUITE_P(DtypesAndWindows, PagedAttention,
                                             ::testing::Values(0.0f, 0.5f),
                                             ::testing::Values(cpu::MatmulIsa::Scalar, cpu::best_matmul_isa()),
                                             // head sizes: AVX2 attention takes multiples of 8 (72: a 64-wide
-                                            // block of value sums and a tail), 12 falls back to the portable code
+                                            // block of value sums and a tail), 12 takes the portable code
                                             ::testing::Values(int64_t(8), int64_t(12), int64_t(32), int64_t(72))));
 
 }  // namespace
