@@ -114,6 +114,12 @@ KILN_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
 
 #if defined(__x86_64__)
 
+// Lanes i < n of a mask, for 8 floats.
+KILN_TARGET_AVX2 KILN_ALWAYS_INLINE __m256 first_lanes(int64_t n) {
+  return _mm256_castsi256_ps(
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+}
+
 // out[j] = q . k[j] for j < n <= 8, hd % 8 == 0: each key's 8-lane partial sums (one FMA chain per lane) reduced for
 // 8 keys at once by two rounds of vhaddps and one of 128-bit halves, which add only lanes of the same key in a fixed
 // order (so a key's score does not depend on the other keys).
@@ -130,14 +136,7 @@ KILN_TARGET_AVX2 KILN_ALWAYS_INLINE void scores8_avx2(const float* q, const floa
   const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
   const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
   const __m256 all = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
-  _mm256_maskstore_ps(out, _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)),
-                      all);
-}
-
-// Lanes i < n of a mask, for 8 floats.
-KILN_TARGET_AVX2 KILN_ALWAYS_INLINE __m256 first_lanes(int64_t n) {
-  return _mm256_castsi256_ps(
-      _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
+  _mm256_maskstore_ps(out, _mm256_castps_si256(first_lanes(n)), all);
 }
 
 // The sum, and the max, of 8 lanes in a fixed order.
