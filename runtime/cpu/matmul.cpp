@@ -91,7 +91,7 @@ MatmulIsa best_matmul_isa() {
 }
 
 DenseLayout best_dense_layout(MatmulIsa isa, DType dtype) {
-  return isa == MatmulIsa::Avx512 && dtype == DType::BF16 ? DenseLayout::Bf16Pairs : DenseLayout::Panel;
+  return isa != MatmulIsa::Scalar && dtype == DType::BF16 ? DenseLayout::Bf16Pairs : DenseLayout::Panel;
 }
 
 const char* matmul_isa_name(MatmulIsa isa) {

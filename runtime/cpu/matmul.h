@@ -47,7 +47,7 @@ enum class MatmulIsa { Scalar, Avx2, Avx512 };
 // The best kernel this CPU runs (KILN_CPU_ISA=scalar|avx2|avx512 narrows the choice, for tests and benchmarks).
 MatmulIsa best_matmul_isa();
 const char* matmul_isa_name(MatmulIsa isa);
-// The layout matmul() runs fastest for dtype with isa: Bf16Pairs for bf16 under Avx512, Panel otherwise.
+// The layout matmul() runs fastest for dtype with isa: Bf16Pairs for bf16 under Avx2 and Avx512, Panel otherwise.
 DenseLayout best_dense_layout(MatmulIsa isa, DType dtype);
 
 void matmul(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const PackedLinear& w, float* y);
@@ -56,7 +56,8 @@ void matmul(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const
 void matmul_from_panel(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const PackedLinear& w, int64_t p0,
                        float* y);
 
-// Kernels over panels [p0, p1) and rows [r0, r1); y has w.out columns.
+// Kernels over panels [p0, p1) and rows [r0, r1); y has w.out columns. matmul_avx2 also takes bf16 in the Bf16Pairs
+// layout (the same sums as on the Panel layout).
 void matmul_scalar(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1, float* y);
 void matmul_avx2(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1, float* y);
 void matmul_avx512(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1, float* y);

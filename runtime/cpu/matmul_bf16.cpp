@@ -67,6 +67,8 @@ void matmul_bf16_pairs(ThreadPool& pool, MatmulIsa isa, Bf16Math math, const flo
     if (math == Bf16Math::Dot)
       (simd && cpu_has_avx512_bf16() ? matmul_bf16_dot_avx512 : matmul_bf16_dot_scalar)(xp.data(), r0, r1, w, p0, p1,
                                                                                         y);
+    else if (isa == MatmulIsa::Avx2)
+      matmul_avx2(x, r0, r1, w, p0, p1, y);
     else
       (simd ? matmul_bf16_pairs_avx512 : matmul_bf16_pairs_scalar)(x, r0, r1, w, p0, p1, y);
   });

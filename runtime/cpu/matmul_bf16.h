@@ -1,5 +1,6 @@
 #pragma once
-// bf16 matmul on the pair layout, for CPUs with AVX-512 (bf16 weights: the tied LM head and bf16 workspaces' linears).
+// bf16 matmul on the pair layout, for CPUs with AVX2 or AVX-512 (bf16 weights: the tied LM head and bf16 workspaces'
+// linears).
 //
 // Layout (DenseLayout::Bf16Pairs). Output features are grouped into panels of kPanel = 16 as in matmul.h, but the
 // input dimension is taken two at a time: for panel p and pair t, 64 bytes hold, for j = 0..15, the two bf16 weights
@@ -11,7 +12,9 @@
 //   of an fp32), and x stays fp32: each product is the fp32 FMA of the exact weight and the fp32 activation, as in
 //   the Panel kernels and in transformers' fp32 matmul. Even and odd inputs accumulate in two chains (two FMAs in
 //   flight per row: the Panel kernel's single chain bounded the batch-1 head at one FMA per 4 cycles), summed at the
-//   end; the order is fixed, so a row's result does not depend on the batch (docs/runtime.md).
+//   end; the order is fixed, so a row's result does not depend on the batch (docs/runtime.md). AVX2 has half the
+//   registers for those chains: its kernel (matmul_avx2, matmul_x86.cpp) keeps the panel kernel's order instead, one
+//   chain per output over the inputs in order, bit-identical to the fp32 panel kernel on the widened weights.
 // - Dot (`KILN_CPU_BF16_DOT=1`, CPUs with AVX512_BF16): `vdpbf16ps` takes bf16 on both sides, so each row of x is
 //   rounded to bf16 (round to nearest even) once per call, then one instruction does 32 multiply-adds into fp32
 //   (products of two bf16 are exact in fp32; denormals are flushed). The only approximation is that rounding: per

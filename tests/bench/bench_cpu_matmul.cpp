@@ -48,11 +48,12 @@ int main(int argc, char** argv) {
           : std::vector<std::pair<int64_t, int64_t>>{{1728, 576}, {576, 1536}, {3072, 576}, {49152, 576}};
   const std::vector<int64_t> row_counts =
       big ? std::vector<int64_t>{512, 4096} : std::vector<int64_t>{1, 8, 32, 128, 512};
-  // The best ISA this CPU runs (KILN_CPU_ISA narrows it); the bf16 pair kernels need AVX-512, Dot AVX512_BF16 and
-  // Amx the AMX grant: a column this CPU cannot run prints "-".
+  // The best ISA this CPU runs (KILN_CPU_ISA narrows it); the bf16 exact pair kernel needs AVX2, Dot AVX512_BF16 and
+  // Amx AVX-512 with the AMX grant: a column this CPU cannot run prints "-".
   const cpu::MatmulIsa isa = cpu::best_matmul_isa();
-  const bool pairs = isa == cpu::MatmulIsa::Avx512;
-  const bool can[3] = {pairs, pairs && cpu::cpu_has_avx512_bf16(), pairs && cpu::amx_bf16_usable()};
+  const bool avx512 = isa == cpu::MatmulIsa::Avx512;
+  const bool can[3] = {isa != cpu::MatmulIsa::Scalar, avx512 && cpu::cpu_has_avx512_bf16(),
+                       avx512 && cpu::amx_bf16_usable()};
   std::printf("%-12s %6s %10s %10s %10s %10s %10s %10s %10s  (GFLOP/s, best of 3; %u threads, %s)\n", "out x in",
               "rows", "fp32", "bf16 panel", "bf16 exact", "bf16 dot", "bf16 amx", "int4 int8x", "int4 fp32x", threads,
               cpu::matmul_isa_name(isa));

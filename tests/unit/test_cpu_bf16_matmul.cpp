@@ -3,6 +3,7 @@
 // product with x rounded to bf16, and both SIMD kernels against their scalar twins, on odd shapes.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -56,6 +57,7 @@ void naive(const std::vector<float>& x, int64_t rows, const std::vector<float>& 
 }
 
 bool has_avx512() { return cpu::best_matmul_isa() == cpu::MatmulIsa::Avx512; }
+bool has_avx2() { return cpu::best_matmul_isa() != cpu::MatmulIsa::Scalar; }
 
 const int64_t kShapes[][2] = {{37, 45}, {16, 64}, {49, 3}, {5, 1}};  // out, in: odd, even, tiny
 
@@ -93,6 +95,31 @@ TEST(CpuBf16Matmul, ExactKernelsMatchTheFp32Product) {
       cpu::matmul_bf16_pairs_avx512(x.data(), 0, rows, p, 0, p.panels(), y.data());
       // Same FMAs in the same order: bitwise equal to the scalar kernel.
       for (size_t i = 0; i < y.size(); ++i) ASSERT_EQ(y[i], ys[i]) << "avx512 " << out << "x" << in << " at " << i;
+    }
+  }
+}
+
+TEST(CpuBf16Matmul, Avx2PairKernelEqualsThePanelKernel) {
+  if (!has_avx2()) GTEST_SKIP() << "no AVX2 on this CPU";
+  // AVX2 keeps the panel kernel's order on the pair layout: bitwise equal, in registers (up to 8 rows) and widened
+  // (more rows), odd and even input counts.
+  cpu::ThreadPool pool(2);
+  for (const auto& s : {std::array<int64_t, 2>{37, 45}, {16, 64}, {49, 3}, {5, 1}, {40, 130}}) {
+    const int64_t out = s[0], in = s[1];
+    Bf16Weights w = random_weights(out * in, uint32_t(3 * out + in));
+    const cpu::PackedLinear pairs = cpu::pack_linear(w.bits.data(), DType::BF16, out, in, cpu::DenseLayout::Bf16Pairs);
+    const cpu::PackedLinear panel = cpu::pack_linear(w.bits.data(), DType::BF16, out, in, cpu::DenseLayout::Panel);
+    for (int64_t rows : {1, 2, 3, 4, 5, 7, 8, 9, 12, 37}) {
+      auto x = random_x(rows * in, uint32_t(rows + 11));
+      std::vector<double> ref, mag;
+      naive(x, rows, w.values, out, in, ref, mag);
+      std::vector<float> y(size_t(rows * out), std::nanf("")), yp(y.size(), std::nanf(""));
+      cpu::matmul(pool, cpu::MatmulIsa::Avx2, x.data(), rows, pairs, y.data());
+      cpu::matmul(pool, cpu::MatmulIsa::Avx2, x.data(), rows, panel, yp.data());
+      for (size_t i = 0; i < y.size(); ++i) {
+        ASSERT_NEAR(y[i], ref[i], 1e-6 * (1 + mag[i])) << out << "x" << in << " rows " << rows << " at " << i;
+        ASSERT_EQ(y[i], yp[i]) << out << "x" << in << " rows " << rows << " at " << i;
+      }
     }
   }
 }
@@ -202,6 +229,7 @@ TEST(CpuBf16Matmul, RowsAreIndependentOfTheBatch) {
   auto x = random_x(rows * in, 10);
   cpu::ThreadPool pool(2);
   std::vector<cpu::MatmulIsa> isas = {cpu::MatmulIsa::Scalar};
+  if (has_avx2()) isas.push_back(cpu::MatmulIsa::Avx2);
   if (has_avx512()) isas.push_back(cpu::MatmulIsa::Avx512);
   for (cpu::MatmulIsa isa : isas)
     for (cpu::Bf16Math math : {cpu::Bf16Math::Exact, cpu::Bf16Math::Dot, cpu::Bf16Math::Amx}) {
