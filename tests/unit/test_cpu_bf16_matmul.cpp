@@ -101,8 +101,8 @@ TEST(CpuBf16Matmul, ExactKernelsMatchTheFp32Product) {
 
 TEST(CpuBf16Matmul, Avx2PairKernelEqualsThePanelKernel) {
   if (!has_avx2()) GTEST_SKIP() << "no AVX2 on this CPU";
-  // AVX2 keeps the panel kernel's order on the pair layout: bitwise equal, in registers (up to 8 rows) and widened
-  // (more rows), odd and even input counts.
+  // AVX2 keeps the panel kernel's order on the pair layout: bitwise equal for every tile height (1-4 rows, tasks of
+  // up to 64 rows), odd and even input counts.
   cpu::ThreadPool pool(2);
   for (const auto& s : {std::array<int64_t, 2>{37, 45}, {16, 64}, {49, 3}, {5, 1}, {40, 130}}) {
     const int64_t out = s[0], in = s[1];
