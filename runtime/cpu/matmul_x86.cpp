@@ -60,40 +60,41 @@ KILN_TARGET_AVX2 void tile_avx2(const float* x, int64_t in, const uint8_t* panel
   }
 }
 
-// Rows [r0, r1) of panel p (its weights at `panel`, of type T) in tiles of up to 4 rows. The tiles share the prefetch
-// of `next` (see tile_avx2), each an equal part of it spread over its inputs, so that memory stays busy through all
-// of them: with the whole prefetch in the first tile, the later ones (reading the panel from L2) left it idle, and
-// fp32 batch-8 decode ran at ~240 tokens/s against ~290 (batch 32: ~420 against ~510) on Zen 3.
-template <DType T>
-KILN_TARGET_AVX2 void panel_rows_avx2(const float* x, int64_t r0, int64_t r1, const uint8_t* panel,
-                                      const PackedLinear& w, int64_t p, float* y, const char* next, size_t next_step) {
-  alignas(32) float tile[4 * kPanel];
-  const int64_t tiles = (r1 - r0 + 3) / 4;
-  const size_t pf_step = next_step / size_t(tiles);
+// Rows [r0, r1) of panel p in tiles of up to 4 rows: tile.template operator()<R>(xr, out, pf, pf_step) multiplies the
+// R rows at xr by the panel into out [R][16], prefetching from pf at pf_step bytes per input. The tiles share the
+// prefetch of `next` (next_step bytes per input), each an equal part of it spread over its inputs, so that memory
+// stays busy through all of them: with the whole prefetch in the first tile, the later ones (reading the panel from
+// L2) left it idle, and fp32 batch-8 decode ran at ~240 tokens/s against ~290 (batch 32: ~420 against ~510) on Zen 3.
+template <class Tile>
+KILN_TARGET_AVX2 void panel_rows_avx2(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p,
+                                      float* y, const char* next, size_t next_step, const Tile& tile) {
+  alignas(32) float out[4 * kPanel];
+  const size_t pf_step = next_step / size_t((r1 - r0 + 3) / 4);
   for (int64_t r = r0; r < r1; r += 4) {
     const int64_t n = std::min<int64_t>(4, r1 - r);
     const float* xr = x + r * w.in;
     const char* pf = next ? next + size_t((r - r0) / 4) * pf_step * size_t(w.in) : nullptr;
     switch (n) {
       case 4:
-        tile_avx2<T, 4>(xr, w.in, panel, tile, pf, pf_step);
+        tile.template operator()<4>(xr, out, pf, pf_step);
         break;
       case 3:
-        tile_avx2<T, 3>(xr, w.in, panel, tile, pf, pf_step);
+        tile.template operator()<3>(xr, out, pf, pf_step);
         break;
       case 2:
-        tile_avx2<T, 2>(xr, w.in, panel, tile, pf, pf_step);
+        tile.template operator()<2>(xr, out, pf, pf_step);
         break;
       default:
-        tile_avx2<T, 1>(xr, w.in, panel, tile, pf, pf_step);
+        tile.template operator()<1>(xr, out, pf, pf_step);
         break;
     }
-    store_panel_tile(tile, n, 1, r, p, w.out, y);
+    store_panel_tile(out, n, 1, r, p, w.out, y);
   }
 }
 
-// bf16/fp16 panels against more than one 4-row tile (prefill, batched decode) are widened to fp32 once per panel into
-// a per-thread buffer, and every tile runs the fp32 kernel on it. Widening is exact and the FMAs are the same in the
+// fp16 panels (and bf16 ones, though bf16 takes the pair layout below unless packed as panels) against more than one
+// 4-row tile (prefill, batched decode) are widened to fp32 once per panel into a per-thread buffer, and every tile
+// runs the fp32 kernel on it. Widening is exact and the FMAs are the same in the
 // same order, so the result is bit-identical to widening inside each tile (a row's result still does not depend on
 // the batch). Widening in every tile costs ~5 shuffle instructions per 8 FMAs: bf16 ran at ~55% of the fp32 kernel's
 // speed on Zen 3.
@@ -113,7 +114,10 @@ KILN_TARGET_AVX2 void run_avx2(const float* x, int64_t r0, int64_t r1, const Pac
     const bool prefetch = T != DType::F32 || r1 - r0 > 4;
     const char* next = prefetch && p + 1 < p1 ? reinterpret_cast<const char*>(panel + pstride) : nullptr;
     if (!widen) {
-      panel_rows_avx2<T>(x, r0, r1, panel, w, p, y, next, step);
+      panel_rows_avx2(x, r0, r1, w, p, y, next, step,
+                      [&]<int R>(const float* xr, float* out, const char* pf, size_t pf_step) {
+                        tile_avx2<T, R>(xr, w.in, panel, out, pf, pf_step);
+                      });
       continue;
     }
     for (int64_t k = 0; k < w.in; ++k) {
@@ -122,7 +126,10 @@ KILN_TARGET_AVX2 void run_avx2(const float* x, int64_t r0, int64_t r1, const Pac
       _mm256_storeu_ps(wide.data() + k * kPanel, lo);
       _mm256_storeu_ps(wide.data() + k * kPanel + 8, hi);
     }
-    panel_rows_avx2<DType::F32>(x, r0, r1, reinterpret_cast<const uint8_t*>(wide.data()), w, p, y, next, step);
+    panel_rows_avx2(
+        x, r0, r1, w, p, y, next, step, [&]<int R>(const float* xr, float* out, const char* pf, size_t pf_step) {
+          tile_avx2<DType::F32, R>(xr, w.in, reinterpret_cast<const uint8_t*>(wide.data()), out, pf, pf_step);
+        });
   }
 }
 
@@ -168,32 +175,13 @@ KILN_TARGET_AVX2 void tile_pairs_avx2(const float* x, int64_t in, const uint8_t*
 KILN_TARGET_AVX2 void run_pairs_avx2(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0,
                                      int64_t p1, float* y) {
   const size_t pstride = size_t(w.pairs()) * kPanel * 2 * 2;
-  alignas(32) float tile[4 * kPanel];
-  const int64_t tiles = (r1 - r0 + 3) / 4;
-  const size_t pf_step = kPanel * 2 / size_t(tiles);  // the tiles share the prefetch, as in panel_rows_avx2
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* panel = w.data.data() + size_t(p) * pstride;
     const char* next = p + 1 < p1 ? reinterpret_cast<const char*>(panel + pstride) : nullptr;
-    for (int64_t r = r0; r < r1; r += 4) {
-      const int64_t n = std::min<int64_t>(4, r1 - r);
-      const float* xr = x + r * w.in;
-      const char* pf = next ? next + size_t((r - r0) / 4) * pf_step * size_t(w.in) : nullptr;
-      switch (n) {
-        case 4:
-          tile_pairs_avx2<4>(xr, w.in, panel, tile, pf, pf_step);
-          break;
-        case 3:
-          tile_pairs_avx2<3>(xr, w.in, panel, tile, pf, pf_step);
-          break;
-        case 2:
-          tile_pairs_avx2<2>(xr, w.in, panel, tile, pf, pf_step);
-          break;
-        default:
-          tile_pairs_avx2<1>(xr, w.in, panel, tile, pf, pf_step);
-          break;
-      }
-      store_panel_tile(tile, n, 1, r, p, w.out, y);
-    }
+    panel_rows_avx2(x, r0, r1, w, p, y, next, kPanel * 2,
+                    [&]<int R>(const float* xr, float* out, const char* pf, size_t pf_step) {
+                      tile_pairs_avx2<R>(xr, w.in, panel, out, pf, pf_step);
+                    });
   }
 }
 
