@@ -39,6 +39,11 @@ void round_rows_to_bf16_pairs(const float* x, int64_t rows, int64_t in, uint32_t
 
 void matmul_bf16_pairs(ThreadPool& pool, MatmulIsa isa, Bf16Math math, const float* x, int64_t rows,
                        const PackedLinear& w, float* y) {
+  if (isa == MatmulIsa::Avx2) {  // one kernel: Dot and Amx need AVX-512 (KILN_CPU_ISA=avx2 narrows them away too)
+    parallel_panel_tasks(pool, rows, 0, w.panels(),
+                         [&](int64_t r0, int64_t r1, int64_t p0, int64_t p1) { matmul_avx2(x, r0, r1, w, p0, p1, y); });
+    return;
+  }
   const bool simd = isa == MatmulIsa::Avx512;
   if (math == Bf16Math::Amx && simd && amx_bf16_usable()) {
     // Kept per calling thread and only grown: a fresh vector per call cost a page fault per 4 KB and a memset (a
@@ -67,8 +72,6 @@ void matmul_bf16_pairs(ThreadPool& pool, MatmulIsa isa, Bf16Math math, const flo
     if (math == Bf16Math::Dot)
       (simd && cpu_has_avx512_bf16() ? matmul_bf16_dot_avx512 : matmul_bf16_dot_scalar)(xp.data(), r0, r1, w, p0, p1,
                                                                                         y);
-    else if (isa == MatmulIsa::Avx2)
-      matmul_avx2(x, r0, r1, w, p0, p1, y);
     else
       (simd ? matmul_bf16_pairs_avx512 : matmul_bf16_pairs_scalar)(x, r0, r1, w, p0, p1, y);
   });

@@ -94,10 +94,9 @@ KILN_TARGET_AVX2 void panel_rows_avx2(const float* x, int64_t r0, int64_t r1, co
 
 // fp16 panels (and bf16 ones, though bf16 takes the pair layout below unless packed as panels) against more than one
 // 4-row tile (prefill, batched decode) are widened to fp32 once per panel into a per-thread buffer, and every tile
-// runs the fp32 kernel on it. Widening is exact and the FMAs are the same in the
-// same order, so the result is bit-identical to widening inside each tile (a row's result still does not depend on
-// the batch). Widening in every tile costs ~5 shuffle instructions per 8 FMAs: bf16 ran at ~55% of the fp32 kernel's
-// speed on Zen 3.
+// runs the fp32 kernel on it. Widening is exact and the FMAs are the same in the same order, so the result is
+// bit-identical to widening inside each tile (a row's result still does not depend on the batch). Widening in every
+// tile costs ~5 shuffle instructions per 8 FMAs: bf16 ran at ~55% of the fp32 kernel's speed on Zen 3.
 template <DType T>
 KILN_TARGET_AVX2 void run_avx2(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1,
                                float* y) {
@@ -108,9 +107,9 @@ KILN_TARGET_AVX2 void run_avx2(const float* x, int64_t r0, int64_t r1, const Pac
   if (widen) wide.resize(size_t(w.in * kPanel));
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* panel = w.data.data() + size_t(p) * pstride;
-    // fp32 only with more than one tile: fp32 batch-1 decode already reads at the measured bandwidth, and prefetching
-    // it measured no gain (bf16 decode rose from ~83 to ~104 tokens/s on Zen 3, from 81% to 86-89% of the read
-    // bandwidth).
+    // 16-bit panels always prefetch (bf16 batch-1 decode rose from ~83 to ~104 tokens/s on Zen 3, from 81% to 86-89%
+    // of the read bandwidth); fp32 only with more than one tile, as its batch-1 decode already reads at the measured
+    // bandwidth and prefetching measured no gain there.
     const bool prefetch = T != DType::F32 || r1 - r0 > 4;
     const char* next = prefetch && p + 1 < p1 ? reinterpret_cast<const char*>(panel + pstride) : nullptr;
     if (!widen) {
