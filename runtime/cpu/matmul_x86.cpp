@@ -69,11 +69,13 @@ template <class Tile>
 KILN_TARGET_AVX2 void panel_rows_avx2(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p,
                                       float* y, const char* next, size_t next_step, const Tile& tile) {
   alignas(32) float out[4 * kPanel];
-  const size_t pf_step = next_step / size_t((r1 - r0 + 3) / 4);
+  // At most 8 tiles share it, so that each prefetches at least 4 bytes per input (prefill has up to 16 tiles per task).
+  const int64_t sharers = std::min<int64_t>((r1 - r0 + 3) / 4, 8);
+  const size_t pf_step = next_step / size_t(sharers);
   for (int64_t r = r0; r < r1; r += 4) {
-    const int64_t n = std::min<int64_t>(4, r1 - r);
+    const int64_t n = std::min<int64_t>(4, r1 - r), t = (r - r0) / 4;
     const float* xr = x + r * w.in;
-    const char* pf = next ? next + size_t((r - r0) / 4) * pf_step * size_t(w.in) : nullptr;
+    const char* pf = next && t < sharers ? next + size_t(t) * pf_step * size_t(w.in) : nullptr;
     switch (n) {
       case 4:
         tile.template operator()<4>(xr, out, pf, pf_step);
