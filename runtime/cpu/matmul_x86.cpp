@@ -38,60 +38,48 @@ KILN_TARGET_AVX2 inline void load_panel_avx2(const uint8_t* p, __m256& lo, __m25
 
 // `next`, when set, is fetched into L2 at `next_step` bytes per input meanwhile: the bytes the next panel (or the next
 // widening pass) will read. Batch-1 decode is bound by memory, and the hardware prefetcher alone left it waiting.
+// The row loops of the tiles are unrolled by pragma: GCC 12 at -O3 otherwise unrolled them too late to keep the
+// accumulator arrays in registers once a tile is called rather than inlined, and stored every accumulator on each
+// input (fp32 at 8 rows fell from ~175 to ~60 GFLOP/s).
 template <DType T, int R>
 KILN_TARGET_AVX2 void tile_avx2(const float* x, int64_t in, const uint8_t* panel, float* out /* [R][16] */,
                                 const char* next, size_t next_step) {
   constexpr size_t es = T == DType::F32 ? 4 : 2;
   __m256 acc_lo[R], acc_hi[R];
+#pragma GCC unroll 4
   for (int r = 0; r < R; ++r) acc_lo[r] = acc_hi[r] = _mm256_setzero_ps();
   for (int64_t k = 0; k < in; ++k) {
     if (next) _mm_prefetch(next + size_t(k) * next_step, _MM_HINT_T1);
     __m256 lo, hi;
     load_panel_avx2<T>(panel + size_t(k * kPanel) * es, lo, hi);
+#pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       __m256 xb = _mm256_broadcast_ss(x + r * in + k);
       acc_lo[r] = _mm256_fmadd_ps(xb, lo, acc_lo[r]);
       acc_hi[r] = _mm256_fmadd_ps(xb, hi, acc_hi[r]);
     }
   }
+#pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     _mm256_storeu_ps(out + r * kPanel, acc_lo[r]);
     _mm256_storeu_ps(out + r * kPanel + 8, acc_hi[r]);
   }
 }
 
-// Rows [r0, r1) of panel p in tiles of up to 4 rows: tile.template operator()<R>(xr, out, pf, pf_step) multiplies the
-// R rows at xr by the panel into out [R][16], prefetching from pf at pf_step bytes per input. The tiles share the
-// prefetch of `next` (next_step bytes per input), each an equal part of it spread over its inputs, so that memory
-// stays busy through all of them: with the whole prefetch in the first tile, the later ones (reading the panel from
-// L2) left it idle, and fp32 batch-8 decode ran at ~240 tokens/s against ~290 (batch 32: ~420 against ~510) on Zen 3.
-template <class Tile>
-KILN_TARGET_AVX2 void panel_rows_avx2(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p,
-                                      float* y, const char* next, size_t next_step, const Tile& tile) {
-  alignas(32) float out[4 * kPanel];
-  // At most 8 tiles share it, so that each prefetches at least 4 bytes per input (prefill has up to 16 tiles per task).
-  const int64_t sharers = std::min<int64_t>((r1 - r0 + 3) / 4, 8);
-  const size_t pf_step = next_step / size_t(sharers);
-  for (int64_t r = r0; r < r1; r += 4) {
-    const int64_t n = std::min<int64_t>(4, r1 - r), t = (r - r0) / 4;
-    const float* xr = x + r * w.in;
-    const char* pf = next && t < sharers ? next + size_t(t) * pf_step * size_t(w.in) : nullptr;
-    switch (n) {
-      case 4:
-        tile.template operator()<4>(xr, out, pf, pf_step);
-        break;
-      case 3:
-        tile.template operator()<3>(xr, out, pf, pf_step);
-        break;
-      case 2:
-        tile.template operator()<2>(xr, out, pf, pf_step);
-        break;
-      default:
-        tile.template operator()<1>(xr, out, pf, pf_step);
-        break;
-    }
-    store_panel_tile(out, n, 1, r, p, w.out, y);
-  }
+// The part of the next panel's prefetch (`next`, next_step bytes per input) that the row tile starting at row r of
+// rows [r0, r1) takes. The tiles of a panel share it, each an equal part spread over its inputs, so that memory stays
+// busy through all of them: with the whole prefetch in the first tile, the later ones (reading the panel from L2) left
+// it idle, and fp32 batch-8 decode ran at ~240 tokens/s against ~290 (batch 32: ~420 against ~510) on Zen 3. At most
+// 8 tiles share it, so that each prefetches at least 4 bytes per input (prefill has up to 16 tiles per task).
+struct PrefetchShare {
+  const char* from;  // nullptr: the tile prefetches nothing
+  size_t step;       // bytes per input
+};
+inline PrefetchShare prefetch_share(const char* next, size_t next_step, int64_t r0, int64_t r1, int64_t r, int64_t in) {
+  const int64_t sharers = std::min<int64_t>((r1 - r0 + 3) / 4, 8), t = (r - r0) / 4;
+  const size_t step = next_step / size_t(sharers);
+  if (!next || t >= sharers) return {nullptr, step};
+  return {next + size_t(t) * step * size_t(in), step};
 }
 
 // fp16 panels (and bf16 ones, though bf16 takes the pair layout below unless packed as panels) against more than one
@@ -115,10 +103,10 @@ KILN_TARGET_AVX2 void run_avx2(const float* x, int64_t r0, int64_t r1, const Pac
     const bool prefetch = T != DType::F32 || r1 - r0 > 4;
     const char* next = prefetch && p + 1 < p1 ? reinterpret_cast<const char*>(panel + pstride) : nullptr;
     if (!widen) {
-      panel_rows_avx2(x, r0, r1, w, p, y, next, step,
-                      [&]<int R>(const float* xr, float* out, const char* pf, size_t pf_step) {
-                        tile_avx2<T, R>(xr, w.in, panel, out, pf, pf_step);
-                      });
+      run_row_tiles(r0, r1, p, p + 1, w.out, y, [&]<int R>(int64_t r, int64_t, float* out) {
+        const PrefetchShare pf = prefetch_share(next, step, r0, r1, r, w.in);
+        tile_avx2<T, R>(x + r * w.in, w.in, panel, out, pf.from, pf.step);
+      });
       continue;
     }
     for (int64_t k = 0; k < w.in; ++k) {
@@ -127,10 +115,11 @@ KILN_TARGET_AVX2 void run_avx2(const float* x, int64_t r0, int64_t r1, const Pac
       _mm256_storeu_ps(wide.data() + k * kPanel, lo);
       _mm256_storeu_ps(wide.data() + k * kPanel + 8, hi);
     }
-    panel_rows_avx2(
-        x, r0, r1, w, p, y, next, step, [&]<int R>(const float* xr, float* out, const char* pf, size_t pf_step) {
-          tile_avx2<DType::F32, R>(xr, w.in, reinterpret_cast<const uint8_t*>(wide.data()), out, pf, pf_step);
-        });
+    run_row_tiles(r0, r1, p, p + 1, w.out, y, [&]<int R>(int64_t r, int64_t, float* out) {
+      const PrefetchShare pf = prefetch_share(next, step, r0, r1, r, w.in);
+      tile_avx2<DType::F32, R>(x + r * w.in, w.in, reinterpret_cast<const uint8_t*>(wide.data()), out, pf.from,
+                               pf.step);
+    });
   }
 }
 
@@ -142,6 +131,7 @@ template <int R>
 KILN_TARGET_AVX2 void tile_pairs_avx2(const float* x, int64_t in, const uint8_t* panel, float* out /* [R][16] */,
                                       const char* next, size_t next_step) {
   __m256 acc_lo[R], acc_hi[R];
+#pragma GCC unroll 4
   for (int r = 0; r < R; ++r) acc_lo[r] = acc_hi[r] = _mm256_setzero_ps();
   const __m256i high = _mm256_set1_epi32(int(0xffff0000u));
   for (int64_t k = 0; k < in; k += 2) {
@@ -150,6 +140,7 @@ KILN_TARGET_AVX2 void tile_pairs_avx2(const float* x, int64_t in, const uint8_t*
     const __m256i v_lo = _mm256_loadu_si256(q), v_hi = _mm256_loadu_si256(q + 1);
     const __m256 even_lo = _mm256_castsi256_ps(_mm256_slli_epi32(v_lo, 16));
     const __m256 even_hi = _mm256_castsi256_ps(_mm256_slli_epi32(v_hi, 16));
+#pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const __m256 xb = _mm256_broadcast_ss(x + r * in + k);
       acc_lo[r] = _mm256_fmadd_ps(xb, even_lo, acc_lo[r]);
@@ -158,12 +149,14 @@ KILN_TARGET_AVX2 void tile_pairs_avx2(const float* x, int64_t in, const uint8_t*
     if (k + 1 == in) break;  // an odd last input: its partner is the zero padding
     const __m256 odd_lo = _mm256_castsi256_ps(_mm256_and_si256(v_lo, high));
     const __m256 odd_hi = _mm256_castsi256_ps(_mm256_and_si256(v_hi, high));
+#pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const __m256 xb = _mm256_broadcast_ss(x + r * in + k + 1);
       acc_lo[r] = _mm256_fmadd_ps(xb, odd_lo, acc_lo[r]);
       acc_hi[r] = _mm256_fmadd_ps(xb, odd_hi, acc_hi[r]);
     }
   }
+#pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     _mm256_storeu_ps(out + r * kPanel, acc_lo[r]);
     _mm256_storeu_ps(out + r * kPanel + 8, acc_hi[r]);
@@ -179,10 +172,10 @@ KILN_TARGET_AVX2 void run_pairs_avx2(const float* x, int64_t r0, int64_t r1, con
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* panel = w.data.data() + size_t(p) * pstride;
     const char* next = p + 1 < p1 ? reinterpret_cast<const char*>(panel + pstride) : nullptr;
-    panel_rows_avx2(x, r0, r1, w, p, y, next, kPanel * 2,
-                    [&]<int R>(const float* xr, float* out, const char* pf, size_t pf_step) {
-                      tile_pairs_avx2<R>(xr, w.in, panel, out, pf, pf_step);
-                    });
+    run_row_tiles(r0, r1, p, p + 1, w.out, y, [&]<int R>(int64_t r, int64_t, float* out) {
+      const PrefetchShare pf = prefetch_share(next, kPanel * 2, r0, r1, r, w.in);
+      tile_pairs_avx2<R>(x + r * w.in, w.in, panel, out, pf.from, pf.step);
+    });
   }
 }
 
