@@ -3,29 +3,23 @@
 // Keys are cut into chunks of kKeyChunk positions, aligned to absolute positions. For each chunk a query row sees
 // (clipped to the keys it may see: causal, sliding window, bidirectional prefix) and each head, a partial result is
 // computed on its own: the chunk's maximum score m, the sum s of exp(score - m) and the value sum acc weighted by
-// those exponentials, all in fp32 (int8 and 16-bit cache rows are widened to fp32 first). A row's partials are then
-// folded in key order (fold_partial). That definition makes a row's result independent of how the work is split and
-// of the rest of the batch:
-//   - a small batch (decode) runs every (row, kv head, chunk) as its own task, so that a few heads at batch 1 still
-//     spread over all threads, and folds the partials afterwards;
+// those exponentials, all in fp32 (int8 and 16-bit cache rows are converted to fp32 exactly as widen_row does). A
+// row's partials are then folded in key order (fold_partial). That definition makes a row's result independent of
+// how the work is split and of the rest of the batch:
+//   - a small batch (decode) splits each (row, kv head)'s chunks into runs, a task each, so that a few heads at batch 1
+//     still spread over all threads; the AVX2 kernel (attention_avx2.h) reads the rows straight from the cache and
+//     prefetches the next chunk's while it computes; the partials are folded afterwards;
 //   - a large batch (prefill) runs one task per (tile of up to kRowTile consecutive rows of one sequence, kv head),
 //     which widens each chunk's keys and values once for the whole tile and folds as it goes.
-// A task also covers one kv head's whole query group, so a cache row is widened once for the group.
+// A task covers one kv head's whole query group, so a cache row is read (or widened) once for the group.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <vector>
 
-#if defined(__x86_64__)
-#include <immintrin.h>
-#endif
-
+#include "runtime/cpu/attention_avx2.h"
 #include "runtime/cpu/cpu_backend.h"
-#if defined(__x86_64__)
-#include "runtime/cpu/exp_x86.h"
-#endif
-#include "runtime/cpu/x86_target.h"
 #include "runtime/kv/kv_cache.h"
 #include "runtime/kv/kv_int8.h"
 
@@ -33,9 +27,8 @@ namespace kiln::cpu {
 
 namespace {
 
-constexpr int64_t kKeyChunk = 64, kRowTile = 16, kPrefetchRows = 8;
-
-#define KILN_ALWAYS_INLINE inline __attribute__((always_inline))
+using namespace attention;
+constexpr int64_t kRowTile = 16;
 
 struct RowRef {
   int64_t row;          // query row in the batch
@@ -58,24 +51,48 @@ struct LayerView {
 
 // Floats of scratch one task needs: a chunk of keys and one of values, widened to fp32, and one row's scores.
 size_t chunk_scratch(int64_t hd) { return size_t(2 * kKeyChunk * hd + kKeyChunk); }
+// This thread's scratch of at least `floats`, kept between calls: a vector per task (allocated and zeroed, 33 KB at
+// head size 64) cost a tenth of decode attention.
+float* task_scratch(size_t floats) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < floats) buffer.resize(floats);
+  return buffer.data();
+}
 // Floats of one (row, kv head) partial or running result: m[group], s[group], acc[group][hd].
 int64_t partial_floats(int64_t group, int64_t hd) { return group * (hd + 2); }
 
-// Where row `pos` of kv head g of the sequence is in the cache (base: the layer's keys or values).
-KILN_ALWAYS_INLINE const uint8_t* cache_row(const LayerView& v, const uint8_t* base, const AttentionSequence& seq,
-                                            int64_t g, int64_t pos) {
+// Where the first row of block `block` of the sequence is for kv head g (base: the layer's keys or values); the block's
+// block_size rows follow it. Addressing by block keeps the division out of the per-row loops.
+KILN_ALWAYS_INLINE const uint8_t* block_rows(const LayerView& v, const uint8_t* base, const AttentionSequence& seq,
+                                             int64_t g, int64_t block) {
   const int64_t bs = v.c->block_size;
-  return base +
-         size_t((int64_t(seq.block_table[size_t(pos / bs)]) * v.c->num_kv_heads + g) * bs + pos % bs) * v.row_bytes;
+  return base + size_t((int64_t(seq.block_table[size_t(block)]) * v.c->num_kv_heads + g) * bs) * v.row_bytes;
 }
 
-// Row `pos` of kv head g of the sequence as hd fp32 values: the cache row itself for an fp32 cache, else widened into
-// dst (and dst returned).
-KILN_ALWAYS_INLINE const float* widen_row(const LayerView& v, const uint8_t* base, const float* scales,
-                                          const AttentionSequence& seq, int64_t g, int64_t pos, float* dst) {
+// Requests the K and V rows of positions [p0, p1) of kv head g. The rows of one kv head run in stretches of one block
+// (16 positions), which the hardware prefetcher picks up late, so attention asks for them ahead of use.
+KILN_ALWAYS_INLINE void prefetch_rows(const LayerView& v, const AttentionSequence& seq, int64_t g, int64_t p0,
+                                      int64_t p1) {
+  const int64_t bs = v.c->block_size;
+  for (int64_t pos = p0; pos < p1;) {
+    const int64_t block = pos / bs, end = std::min(p1, (block + 1) * bs);
+    const size_t first = size_t(pos - block * bs) * v.row_bytes, bytes = size_t(end - pos) * v.row_bytes;
+    const uint8_t *k = block_rows(v, v.kbase, seq, g, block) + first,
+                  *val = block_rows(v, v.vbase, seq, g, block) + first;
+    for (size_t b = 0; b < bytes; b += 64) {
+      __builtin_prefetch(k + b);
+      __builtin_prefetch(val + b);
+    }
+    pos = end;
+  }
+}
+
+// A cache row (src) of kv head g as hd fp32 values: the row itself for an fp32 cache, else widened into dst (and dst
+// returned).
+KILN_ALWAYS_INLINE const float* widen_row(const LayerView& v, const uint8_t* src, const float* scales, int64_t g,
+                                          float* dst) {
   const auto& c = *v.c;
   const int64_t hd = v.hd;
-  const uint8_t* src = cache_row(v, base, seq, g, pos);
   switch (c.dtype) {
     case KvDType::F32:
       return reinterpret_cast<const float*>(src);
@@ -112,100 +129,16 @@ KILN_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
   return lane[0] + tail;
 }
 
-#if defined(__x86_64__)
-
-// Lanes i < n of a mask, for 8 floats.
-KILN_TARGET_AVX2 KILN_ALWAYS_INLINE __m256 first_lanes(int64_t n) {
-  return _mm256_castsi256_ps(
-      _mm256_cmpgt_epi32(_mm256_set1_epi32(int32_t(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)));
-}
-
-// out[j] = q . k[j] for j < n <= 8, hd % 8 == 0: each key's 8-lane partial sums (one FMA chain per lane) reduced for
-// 8 keys at once by two rounds of vhaddps and one of 128-bit halves, which add only lanes of the same key in a fixed
-// order (so a key's score does not depend on the other keys).
-KILN_TARGET_AVX2 KILN_ALWAYS_INLINE void scores8_avx2(const float* q, const float* const* k, int64_t n, int64_t hd,
-                                                      float* out) {
-  __m256 acc[8];
-  for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-  for (int64_t d = 0; d < hd; d += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + d);
-    for (int j = 0; j < 8; ++j)
-      if (j < n) acc[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[j] + d), acc[j]);
-  }
-  // Per 128-bit half: keys (0,1,2,3) then (4,5,6,7), each summed over that half's four lanes.
-  const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-  const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-  const __m256 all = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
-  _mm256_maskstore_ps(out, _mm256_castps_si256(first_lanes(n)), all);
-}
-
-// The sum, and the max, of 8 lanes in a fixed order.
-KILN_TARGET_AVX2 KILN_ALWAYS_INLINE float hsum8(__m256 v) {
-  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
-}
-KILN_TARGET_AVX2 KILN_ALWAYS_INLINE float hmax8(__m256 v) {
-  __m128 x = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  x = _mm_max_ps(x, _mm_movehl_ps(x, x));
-  return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
-}
-
-// One head's partial over keys [j0, j1) of a chunk, hd % 8 == 0, without a softcap: the scores 8 keys at a time,
-// e^(score - max) 8 at a time (exp_x86.h, not libm's expf per key), and the value sums in registers, 64 dimensions at
-// a time over every key (the portable loop kept them in memory, one store-to-load round trip per key). Its order is
-// fixed by (j0, j1) and hd alone, so a row's result does not depend on the batch. The portable code took ~60 cycles
-// per (head, key) at head size 64, a sixth of a batch-8 decode step of SmolLM2 at ~100 positions.
-KILN_TARGET_AVX2 void head_partial_avx2(const float* qh, const float* const* krows, const float* const* vrows,
-                                        int64_t j0, int64_t j1, int64_t hd, float scale, float* scores, float* m,
-                                        float* s, float* acc) {
-  for (int64_t j = j0; j < j1; j += 8) scores8_avx2(qh, krows + j, std::min<int64_t>(8, j1 - j), hd, scores + j);
-  const __m256 vscale = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  __m256 mx = ninf;
-  for (int64_t j = j0; j < j1; j += 8) {
-    const __m256 live = first_lanes(j1 - j);
-    const __m256 sc = _mm256_mul_ps(_mm256_maskload_ps(scores + j, _mm256_castps_si256(live)), vscale);
-    _mm256_maskstore_ps(scores + j, _mm256_castps_si256(live), sc);
-    mx = _mm256_max_ps(_mm256_blendv_ps(ninf, sc, live), mx);
-  }
-  const float top = hmax8(mx);
-  const __m256 vtop = _mm256_set1_ps(top);
-  __m256 sum = _mm256_setzero_ps();
-  for (int64_t j = j0; j < j1; j += 8) {
-    const __m256 live = first_lanes(j1 - j);
-    const __m256 sc = _mm256_maskload_ps(scores + j, _mm256_castps_si256(live));
-    const __m256 e = _mm256_and_ps(exp_avx2(_mm256_sub_ps(sc, vtop)), live);
-    _mm256_maskstore_ps(scores + j, _mm256_castps_si256(live), e);
-    sum = _mm256_add_ps(sum, e);
-  }
-  *m = top;
-  *s = hsum8(sum);
-  int64_t d0 = 0;
-  for (; d0 + 64 <= hd; d0 += 64) {
-    __m256 a[8];
-    for (int b = 0; b < 8; ++b) a[b] = _mm256_setzero_ps();
-    for (int64_t j = j0; j < j1; ++j) {
-      const __m256 w = _mm256_broadcast_ss(scores + j);
-      for (int b = 0; b < 8; ++b) a[b] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vrows[j] + d0 + 8 * b), a[b]);
-    }
-    for (int b = 0; b < 8; ++b) _mm256_storeu_ps(acc + d0 + 8 * b, a[b]);
-  }
-  for (; d0 < hd; d0 += 8) {
-    __m256 a = _mm256_setzero_ps();
-    for (int64_t j = j0; j < j1; ++j)
-      a = _mm256_fmadd_ps(_mm256_broadcast_ss(scores + j), _mm256_loadu_ps(vrows[j] + d0), a);
-    _mm256_storeu_ps(acc + d0, a);
-  }
-}
-#endif
-
 // The partials of `count` rows of one sequence (rows[0..count)) for kv head g over chunk c, each clipped to the keys
 // its row sees; row t's goes to part + t * partial_floats(group, hd) (rows that see no key of the chunk are skipped).
 // The chunk's keys and values are widened once for the tile; each row's arithmetic is the same whatever the other
-// rows are.
+// rows are. A task runs consecutive chunks: while this one is widened, the next one's rows (up to position
+// `task_end`) are requested, so they arrive while this one is computed; memory otherwise idled during the arithmetic
+// and the widening waited on it (decode attention read the cache at ~6 GB/s). The task's first chunk (`first`) has
+// no such head start: its rows are requested one block ahead.
 template <bool kAvx2>
 KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
-                                            float* scratch, float* part) {
+                                            int64_t task_end, bool first, float* scratch, float* part) {
   const AttentionParams& p = *v.p;
   const int64_t group = v.group, hd = v.hd, stride = partial_floats(group, hd);
   const int64_t c0 = c * kKeyChunk;
@@ -217,35 +150,90 @@ KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* ro
   if (lo >= hi) return;
   float *kb = scratch, *vb = kb + kKeyChunk * hd, *scores = vb + kKeyChunk * hd;
   const AttentionSequence& seq = *rows[0].seq;
+  // The vector kernel (hd % 8 == 0, no softcap) reads one row's keys and values straight from the cache (`direct`),
+  // except online int8 rows (their own scale and minimum); a tile of rows widens them once into fp32 scratch.
+  const bool vec = kAvx2 && p.softcap <= 0 && hd % 8 == 0;
+  const bool direct = vec && count == 1 && v.c->dtype != KvDType::I8Online;
   const float *krows[kKeyChunk], *vrows[kKeyChunk];
-  for (int64_t pos = lo; pos < hi; ++pos) {
-    const int64_t j = pos - c0;
-    // The rows a few positions on, requested now: a batch's caches outgrow the CPU's caches, and a kv head's rows run
-    // in short stretches (one block's worth) that the hardware prefetcher follows late. Widening waited on memory.
-    if (pos + kPrefetchRows < hi)
-      for (size_t b = 0; b < v.row_bytes; b += 64) {
-        __builtin_prefetch(cache_row(v, v.kbase, seq, g, pos + kPrefetchRows) + b);
-        __builtin_prefetch(cache_row(v, v.vbase, seq, g, pos + kPrefetchRows) + b);
+  const uint8_t *kraw[kScoreStride], *vraw[kScoreStride];  // the vector kernel's rows, padded past hi
+  const int64_t bs = v.c->block_size, next_end = std::min(c0 + 2 * kKeyChunk, task_end);
+  for (int64_t pos = lo; pos < hi;) {
+    const int64_t block = pos / bs, end = std::min(hi, (block + 1) * bs);
+    if (!direct) prefetch_rows(v, seq, g, pos + kKeyChunk, std::min(end + kKeyChunk, next_end));
+    if (first) prefetch_rows(v, seq, g, end, std::min(hi, end + bs));
+    const uint8_t *k = block_rows(v, v.kbase, seq, g, block), *val = block_rows(v, v.vbase, seq, g, block);
+    for (; pos < end; ++pos) {
+      const int64_t j = pos - c0;
+      const size_t at = size_t(pos - block * bs) * v.row_bytes;
+      if (direct) {
+        kraw[j] = k + at;
+        vraw[j] = val + at;
+      } else {
+        krows[j] = widen_row(v, k + at, v.k_scales, g, kb + j * hd);
+        vrows[j] = widen_row(v, val + at, v.v_scales, g, vb + j * hd);
+        kraw[j] = reinterpret_cast<const uint8_t*>(krows[j]);
+        vraw[j] = reinterpret_cast<const uint8_t*>(vrows[j]);
       }
-    krows[j] = widen_row(v, v.kbase, v.k_scales, seq, g, pos, kb + j * hd);
-    vrows[j] = widen_row(v, v.vbase, v.v_scales, seq, g, pos, vb + j * hd);
+    }
   }
+  for (int64_t j = hi - c0; j < hi - c0 + 8; ++j) {
+    kraw[j] = kraw[lo - c0];
+    vraw[j] = vraw[lo - c0];
+  }
+  // Read straight from the cache, the next chunk's rows are requested during this one's scores, a few keys at a time:
+  // issued all at once, the prefetches stalled on the CPU's miss buffers with no arithmetic to overlap.
+  const uint8_t *knext[kScoreStride], *vnext[kScoreStride];
+  if (direct) {
+    std::fill(knext, knext + kScoreStride, kraw[lo - c0]);
+    std::fill(vnext, vnext + kScoreStride, vraw[lo - c0]);
+    for (int64_t pos = lo + kKeyChunk, stop = std::min(hi + kKeyChunk, next_end); pos < stop;) {
+      const int64_t block = pos / bs, end = std::min(stop, (block + 1) * bs);
+      const uint8_t *k = block_rows(v, v.kbase, seq, g, block), *val = block_rows(v, v.vbase, seq, g, block);
+      for (; pos < end; ++pos) {
+        const size_t at = size_t(pos - block * bs) * v.row_bytes;
+        knext[pos - kKeyChunk - c0] = k + at;
+        vnext[pos - kKeyChunk - c0] = val + at;
+      }
+    }
+  }
+  const NextRows next{direct ? knext : nullptr, vnext, int64_t((v.row_bytes + 63) / 64)};
+  const KvDType kind = direct ? v.c->dtype : KvDType::F32;
+  const bool fixed_scales = kind == KvDType::I8Static;
+  const float kscale = fixed_scales ? v.k_scales[size_t(v.layer * v.c->num_kv_heads + g)] : 1.0f;
+  const float vscale = fixed_scales ? v.v_scales[size_t(v.layer * v.c->num_kv_heads + g)] : 1.0f;
   for (int64_t t = 0; t < count; ++t) {
     const RowRef& r = rows[t];
     const int64_t j0 = std::max(c0, r.first) - c0, j1 = std::min(c0 + kKeyChunk, r.last) - c0;
     if (j0 >= j1) continue;
     const float score_scale = p.scale * logn_attention_factor(p.logn_length, r.position);
     float *m = part + t * stride, *s = m + group, *acc = s + group;
+#if defined(__x86_64__)
+    if constexpr (kAvx2) {
+      if (vec) {
+        const float* q = v.q + r.row * v.q_stride + g * group * hd;
+        const auto run = [&]<KvDType T>() {
+          group_partial_avx2<T>(q, kraw, vraw, next, j0, j1, group, hd, score_scale, kscale, vscale, m, s, acc);
+        };
+        switch (kind) {
+          case KvDType::BF16:
+            run.template operator()<KvDType::BF16>();
+            break;
+          case KvDType::F16:
+            run.template operator()<KvDType::F16>();
+            break;
+          case KvDType::I8Static:
+            run.template operator()<KvDType::I8Static>();
+            break;
+          default:
+            run.template operator()<KvDType::F32>();
+            break;
+        }
+        continue;
+      }
+    }
+#endif
     for (int64_t i = 0; i < group; ++i) {
       const float* qh = v.q + r.row * v.q_stride + (g * group + i) * hd;
-#if defined(__x86_64__)
-      if constexpr (kAvx2) {
-        if (p.softcap <= 0 && hd % 8 == 0) {
-          head_partial_avx2(qh, krows, vrows, j0, j1, hd, score_scale, scores, m + i, s + i, acc + i * hd);
-          continue;
-        }
-      }
-#endif
       for (int64_t j = j0; j < j1; ++j) scores[j] = dot(qh, krows[j], hd);
       float mx = -std::numeric_limits<float>::infinity();
       for (int64_t j = j0; j < j1; ++j) {
@@ -269,9 +257,9 @@ KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* ro
   }
 }
 
-void chunk_partials_default(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c, float* scratch,
-                            float* part) {
-  chunk_partials_impl<false>(v, rows, count, g, c, scratch, part);
+void chunk_partials_default(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
+                            int64_t task_end, bool first, float* scratch, float* part) {
+  chunk_partials_impl<false>(v, rows, count, g, c, task_end, first, scratch, part);
 }
 
 #if defined(__x86_64__)
@@ -281,8 +269,8 @@ void chunk_partials_default(const LayerView& v, const RowRef* rows, int64_t coun
 // same function). AVX-512 CPUs take it too: their former kernel scored 16 keys at a time but kept libm's expf per key
 // and the value sums in memory, the larger costs by the AVX2 profile (not measured on an AVX-512 CPU).
 KILN_TARGET_AVX2 void chunk_partials_avx2(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
-                                          float* scratch, float* part) {
-  chunk_partials_impl<true>(v, rows, count, g, c, scratch, part);
+                                          int64_t task_end, bool first, float* scratch, float* part) {
+  chunk_partials_impl<true>(v, rows, count, g, c, task_end, first, scratch, part);
 }
 #endif
 
@@ -348,8 +336,8 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
     pool_.parallel_for(
         ntiles * kvh,
         [&](int64_t b, int64_t e) {
-          std::vector<float> scratch(chunk_scratch(hd)), part(size_t(kRowTile * stride)),
-              total(size_t(kRowTile * stride));
+          float* scratch = task_scratch(chunk_scratch(hd));
+          std::vector<float> part(size_t(kRowTile * stride)), total(size_t(kRowTile * stride));
           for (int64_t t = b; t < e; ++t) {
             const int64_t g = t % kvh, r0 = tiles[size_t(t / kvh)], count = tiles[size_t(t / kvh) + 1] - r0;
             const RowRef* tile = rows.data() + r0;
@@ -359,7 +347,7 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
               last = std::max(last, tile[i].last);
             }
             for (int64_t ch = first / kKeyChunk; ch * kKeyChunk < last; ++ch) {
-              partials_of(view, tile, count, g, ch, scratch.data(), part.data());
+              partials_of(view, tile, count, g, ch, last, ch == first / kKeyChunk, scratch, part.data());
               for (int64_t i = 0; i < count; ++i) {
                 const int64_t c0 = ch * kKeyChunk;
                 if (std::max(c0, tile[i].first) >= std::min(c0 + kKeyChunk, tile[i].last)) continue;
@@ -377,32 +365,40 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
     return;
   }
 
-  // Few heads (decode at a small batch): every (row, kv head, chunk) is a task; the partials are folded afterwards,
-  // in key order.
-  std::vector<int64_t> first_task(size_t(heads) + 1, 0);  // head h owns tasks [first_task[h], first_task[h + 1])
+  // Few heads (decode at a small batch): each (row, kv head)'s chunks are split into runs, a task each, so that a few
+  // heads at batch 1 still spread over all threads (at least ~8 tasks per thread) while a task still prefetches its
+  // next chunk; every chunk's partial is kept and they are folded afterwards, in key order.
+  std::vector<int64_t> first_chunk(size_t(heads) + 1, 0);  // head h's chunks are [first_chunk[h], first_chunk[h + 1])
   for (int64_t h = 0; h < heads; ++h) {
     const RowRef& r = rows[size_t(h / kvh)];
-    first_task[size_t(h) + 1] = first_task[size_t(h)] + (r.last - 1) / kKeyChunk - r.first / kKeyChunk + 1;
+    first_chunk[size_t(h) + 1] = first_chunk[size_t(h)] + (r.last - 1) / kKeyChunk - r.first / kKeyChunk + 1;
   }
-  std::vector<int64_t> owner(size_t(first_task.back()));
+  const int64_t run = std::max<int64_t>(1, first_chunk.back() / (8 * int64_t(pool_.size())));
+  struct Run {
+    int64_t head, begin, end;  // chunks [begin, end) of the head, counted from its first
+  };
+  std::vector<Run> runs;
   for (int64_t h = 0; h < heads; ++h)
-    for (int64_t t = first_task[size_t(h)]; t < first_task[size_t(h) + 1]; ++t) owner[size_t(t)] = h;
-  std::vector<float> partials(size_t(first_task.back() * stride));
+    for (int64_t b = 0, n = first_chunk[size_t(h) + 1] - first_chunk[size_t(h)]; b < n; b += run)
+      runs.push_back({h, b, std::min(n, b + run)});
+  std::vector<float> partials(size_t(first_chunk.back() * stride));
   pool_.parallel_for(
-      first_task.back(),
+      int64_t(runs.size()),
       [&](int64_t b, int64_t e) {
-        std::vector<float> scratch(chunk_scratch(hd));
+        float* scratch = task_scratch(chunk_scratch(hd));
         for (int64_t t = b; t < e; ++t) {
-          const int64_t h = owner[size_t(t)];
-          const RowRef& r = rows[size_t(h / kvh)];
-          const int64_t ch = r.first / kKeyChunk + (t - first_task[size_t(h)]);
-          partials_of(view, &r, 1, h % kvh, ch, scratch.data(), partials.data() + t * stride);
+          const Run& u = runs[size_t(t)];
+          const RowRef& r = rows[size_t(u.head / kvh)];
+          const int64_t c0 = r.first / kKeyChunk, task_end = std::min(r.last, (c0 + u.end) * kKeyChunk);
+          for (int64_t i = u.begin; i < u.end; ++i)
+            partials_of(view, &r, 1, u.head % kvh, c0 + i, task_end, i == u.begin, scratch,
+                        partials.data() + (first_chunk[size_t(u.head)] + i) * stride);
         }
       },
       1);
   for (int64_t h = 0; h < heads; ++h) {
-    float* total = partials.data() + first_task[size_t(h)] * stride;
-    for (int64_t t = first_task[size_t(h)] + 1; t < first_task[size_t(h) + 1]; ++t)
+    float* total = partials.data() + first_chunk[size_t(h)] * stride;
+    for (int64_t t = first_chunk[size_t(h)] + 1; t < first_chunk[size_t(h) + 1]; ++t)
       fold_partial(total, partials.data() + t * stride, group, hd);
     finish(rows[size_t(h / kvh)], h % kvh, total);
   }

@@ -93,14 +93,15 @@ void naive_attention(const float* q, const std::vector<float>& k, const std::vec
   }
 }
 
-// (cache dtype, sliding window, score soft-cap, kernel ISA: the portable scores or this CPU's best, head size: the
-// AVX-512 scores need a multiple of 16)
-class PagedAttention : public ::testing::TestWithParam<std::tuple<KvDType, int64_t, float, cpu::MatmulIsa, int64_t>> {};
+// (cache dtype, sliding window, score soft-cap, kernel ISA: the portable scores or this CPU's best, head size, query
+// heads per kv head)
+class PagedAttention
+    : public ::testing::TestWithParam<std::tuple<KvDType, int64_t, float, cpu::MatmulIsa, int64_t, int64_t>> {};
 
 TEST_P(PagedAttention, MatchesContiguousNaiveAttention) {
-  const auto [dt, window, softcap, isa, hd] = GetParam();
+  const auto [dt, window, softcap, isa, hd, group] = GetParam();
   cpu::CpuBackend backend(2, isa);
-  const int64_t heads = 4, kvh = 2, kv_size = kvh * hd;
+  const int64_t kvh = 2, heads = kvh * group, kv_size = kvh * hd;
   KvCacheConfig config = small_config(48, dt);
   config.head_dim = hd;
   KvCache cache(backend, config);
@@ -149,8 +150,9 @@ TEST_P(PagedAttention, MatchesContiguousNaiveAttention) {
     naive_attention(&q[size_t(r * q_stride)], s.k, s.v, pos, heads, kvh, hd, window, ref.data(), softcap);
     for (int64_t i = 0; i < heads * hd; ++i) ASSERT_NEAR(out[size_t(r * heads * hd + i)], ref[size_t(i)], 2e-5);
   }
-  // Batch invariance: A's last row alone (decode: few heads, so each key chunk is its own task) is bit-identical to
-  // the same row inside the batch (one task per row and kv head).
+  // Batch invariance: A's last row alone (decode: few heads, so a head's key chunks are split into runs over the
+  // threads, and the rows are read straight from the cache) is bit-identical to the same row inside the batch (one
+  // task per tile of rows and kv head, the rows widened to fp32 first).
   std::vector<AttentionSequence> one{{0, 1, 150, seqs[0].kv.blocks}};
   std::vector<float> single(size_t(heads * hd));
   backend.attention(&q[size_t(2 * q_stride)], q_stride, cache, 1, one, p, single.data());
@@ -164,9 +166,12 @@ INSTANTIATE_TEST_SUITE_P(DtypesAndWindows, PagedAttention,
                                             // 0.5 caps the ~N(0, 1) scores hard: a cap ignored would show
                                             ::testing::Values(0.0f, 0.5f),
                                             ::testing::Values(cpu::MatmulIsa::Scalar, cpu::best_matmul_isa()),
-                                            // head sizes: AVX2 attention takes multiples of 8 (72: a 64-wide
-                                            // block of value sums and a tail), 12 takes the portable code
-                                            ::testing::Values(int64_t(8), int64_t(12), int64_t(32), int64_t(72))));
+                                            // head sizes: AVX2 attention takes multiples of 8 (72: 64- or
+                                            // 32-wide blocks of value sums and a tail), 12 takes the portable code
+                                            ::testing::Values(int64_t(8), int64_t(12), int64_t(32), int64_t(72)),
+                                            // groups: the AVX2 kernel takes heads 1, 3 and 2 + 2 at a time, and
+                                            // 7 as 3 + 2 + 2
+                                            ::testing::Values(int64_t(1), int64_t(3), int64_t(4), int64_t(7))));
 
 }  // namespace
 }  // namespace kiln
