@@ -296,6 +296,12 @@ def make_gguf(src_gguf, out, kind):
     writer.close()
 
 
+def last_logits(llm):
+    """The logits of the last token evaluated. Llama.scores is filled only with logits_all=True (llama-cpp-python
+    0.3 stopped saving them otherwise: reading it here gave zeros, and past n_batch positions an IndexError)."""
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
 def llama_cpp_decode(path, prompt, decode_prompt, n_decode, threads):
     """Batch-1 decode tokens/s after decode_prompt, feeding one token per llama_decode, and prefill tokens/s of
     prompt."""
@@ -307,11 +313,11 @@ def llama_cpp_decode(path, prompt, decode_prompt, n_decode, threads):
     prefill = len(prompt) / (time.perf_counter() - t0)
     llm.reset()
     llm.eval(decode_prompt)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = int(np.argmax(last_logits(llm)))
     t0 = time.perf_counter()
     for _ in range(n_decode):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = int(np.argmax(last_logits(llm)))
     decode = n_decode / (time.perf_counter() - t0)
     return decode, prefill
 
