@@ -51,12 +51,18 @@ Int4Linear pack_linear_int4(const Int4WeightView& v, Int4Layout layout) {
     const int64_t byte = j % 8, shift = j < 8 ? 0 : 4;
     const uint8_t* src = v.qweight + o * (in / 2);
     uint8_t* panel = w.q.data() + p * in * 8;
-    for (int64_t k = 0; k < in; ++k) {
-      const uint8_t nib = (src[k / 2] >> ((k & 1) * 4)) & 0xF;
-      if (vnni)  // block k / 8, lane j, byte k % 4; inputs 4..7 of the block in the high nibble
-        panel[(k / 8) * 64 + 4 * j + k % 4] |= uint8_t(nib << (k % 8 < 4 ? 0 : 4));
-      else
-        panel[k * 8 + byte] |= uint8_t(nib << shift);
+    if (vnni) {
+      // Block b of 8 inputs, lane j: byte i holds input 8b + i (low nibble) and 8b + 4 + i (high). The source's 4
+      // bytes of the block hold its inputs in order, nibble n of the little-endian word being input 8b + n.
+      for (int64_t b = 0; b < in / 8; ++b) {
+        uint32_t word, lane = 0;
+        std::memcpy(&word, src + 4 * b, 4);
+        for (int i = 0; i < 4; ++i)
+          lane |= ((word >> (4 * i)) & 0xFu) << (8 * i) | ((word >> (16 + 4 * i)) & 0xFu) << (8 * i + 4);
+        std::memcpy(panel + b * 64 + 4 * j, &lane, 4);
+      }
+    } else {
+      for (int64_t k = 0; k < in; ++k) panel[k * 8 + byte] |= uint8_t(((src[k / 2] >> ((k & 1) * 4)) & 0xF) << shift);
     }
     for (int64_t g = 0; g < G; ++g) {
       uint16_t bits;

@@ -25,7 +25,13 @@ Int8Linear pack_linear_int8(const Int8WeightView& v) {
     const int64_t p = o / kPanel, j = o % kPanel;
     uint8_t* panel = w.q.data() + p * in * kPanel;
     const int8_t* src = v.qweight + o * in;
-    for (int64_t k = 0; k < in; ++k) panel[(k / 4) * 64 + 4 * j + k % 4] = uint8_t(int(src[k]) + 128);
+    // 4 inputs at a time: code + 128 as a byte is the code with its sign bit flipped.
+    for (int64_t c = 0; c < in / 4; ++c) {
+      uint32_t four;
+      std::memcpy(&four, src + 4 * c, 4);
+      four ^= 0x80808080u;
+      std::memcpy(panel + c * 64 + 4 * j, &four, 4);
+    }
     for (int64_t b = 0; b < B; ++b)
       std::memcpy(&w.scales[size_t((p * B + b) * kPanel + j)], v.scales + 2 * (o * B + b), 2);
   }
