@@ -107,25 +107,22 @@ KILN_TARGET_AVX2 KILN_ALWAYS_INLINE void scores_tile(const float* q, const uint8
 }
 
 // scores[j0, j1) <- e^(scale * score - max), *m = that max and *s = the sum, 8 keys at a time (exp_x86.h, not libm's
-// expf per key).
+// expf per key). scores has room up to j1 + 7: whole vectors are loaded and stored (vmaskmovps stores are slow on
+// AMD), and lanes past j1 are masked out of the max and the sum.
 KILN_TARGET_AVX2 KILN_ALWAYS_INLINE void softmax_chunk_avx2(float* scores, int64_t j0, int64_t j1, float scale,
                                                             float* m, float* s) {
   const __m256 vscale = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   __m256 mx = ninf;
-  for (int64_t j = j0; j < j1; j += 8) {
-    const __m256 live = first_lanes(j1 - j);
-    const __m256 sc = _mm256_mul_ps(_mm256_maskload_ps(scores + j, _mm256_castps_si256(live)), vscale);
-    _mm256_maskstore_ps(scores + j, _mm256_castps_si256(live), sc);
-    mx = _mm256_max_ps(_mm256_blendv_ps(ninf, sc, live), mx);
-  }
+  for (int64_t j = j0; j < j1; j += 8)
+    mx = _mm256_max_ps(_mm256_blendv_ps(ninf, _mm256_mul_ps(_mm256_loadu_ps(scores + j), vscale), first_lanes(j1 - j)),
+                       mx);
   const float top = hmax8(mx);
   const __m256 vtop = _mm256_set1_ps(top);
   __m256 sum = _mm256_setzero_ps();
   for (int64_t j = j0; j < j1; j += 8) {
-    const __m256 live = first_lanes(j1 - j);
-    const __m256 sc = _mm256_maskload_ps(scores + j, _mm256_castps_si256(live));
-    const __m256 e = _mm256_and_ps(exp_avx2(_mm256_sub_ps(sc, vtop)), live);
-    _mm256_maskstore_ps(scores + j, _mm256_castps_si256(live), e);
+    const __m256 sc = _mm256_mul_ps(_mm256_loadu_ps(scores + j), vscale);
+    const __m256 e = _mm256_and_ps(exp_avx2(_mm256_sub_ps(sc, vtop)), first_lanes(j1 - j));
+    _mm256_storeu_ps(scores + j, e);
     sum = _mm256_add_ps(sum, e);
   }
   *m = top;
