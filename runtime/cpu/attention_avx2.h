@@ -16,7 +16,9 @@
 #include "runtime/cpu/x86_target.h"
 #include "runtime/kv/kv_cache.h"
 
+#ifndef KILN_ALWAYS_INLINE
 #define KILN_ALWAYS_INLINE inline __attribute__((always_inline))
+#endif
 
 namespace kiln::cpu::attention {
 

@@ -132,10 +132,10 @@ KILN_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
 // The partials of `count` rows of one sequence (rows[0..count)) for kv head g over chunk c, each clipped to the keys
 // its row sees; row t's goes to part + t * partial_floats(group, hd) (rows that see no key of the chunk are skipped).
 // The chunk's keys and values are widened once for the tile; each row's arithmetic is the same whatever the other
-// rows are. A task runs consecutive chunks: while this one is widened, the next one's rows (up to position
-// `task_end`) are requested, so they arrive while this one is computed; memory otherwise idled during the arithmetic
-// and the widening waited on it (decode attention read the cache at ~6 GB/s). The task's first chunk (`first`) has
-// no such head start: its rows are requested one block ahead.
+// rows are. A task runs consecutive chunks: while this one is widened (or, read straight from the cache, scored), the
+// next one's rows (up to position `task_end`) are requested, so they arrive while this one is computed; memory
+// otherwise idled during the arithmetic and the widening waited on it (decode attention read the cache at ~6 GB/s). The
+// task's first chunk (`first`) has no such head start: its rows are requested one block ahead.
 template <bool kAvx2>
 KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
                                             int64_t task_end, bool first, float* scratch, float* part) {
@@ -263,11 +263,12 @@ void chunk_partials_default(const LayerView& v, const RowRef* rows, int64_t coun
 }
 
 #if defined(__x86_64__)
-// The AVX2 build, on every vector ISA: head_partial_avx2 for head sizes that are a multiple of 8, else (or with a
-// softcap) the portable code, which GCC vectorizes 8 wide and contracts into FMAs (so its results differ from the
-// baseline build's by rounding; a row's still never depend on the batch, since every row of a layer goes through the
-// same function). AVX-512 CPUs take it too: their former kernel scored 16 keys at a time but kept libm's expf per key
-// and the value sums in memory, the larger costs by the AVX2 profile (not measured on an AVX-512 CPU).
+// The AVX2 build, on every vector ISA: group_partial_avx2 (attention_avx2.h) for head sizes that are a multiple of 8,
+// else (or with a softcap) the portable code, which GCC vectorizes 8 wide and contracts into FMAs (so its results
+// differ from the baseline build's by rounding; a row's still never depend on the batch, since every row of a layer
+// goes through the same function). AVX-512 CPUs take it too: their former kernel scored 16 keys at a time but kept
+// libm's expf per key and the value sums in memory, the larger costs by the AVX2 profile (not measured on an AVX-512
+// CPU).
 KILN_TARGET_AVX2 void chunk_partials_avx2(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
                                           int64_t task_end, bool first, float* scratch, float* part) {
   chunk_partials_impl<true>(v, rows, count, g, c, task_end, first, scratch, part);
