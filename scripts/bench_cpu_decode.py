@@ -28,6 +28,7 @@ Usage: scripts/bench_cpu_decode.py [--kiln build/tools/kiln] [--model models/smo
 """
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -312,8 +313,10 @@ def llama_cpp_run(path, prefill_prompt, decode_prompt, n_decode, batches, thread
     llama_decode per step with a token of every sequence. Greedy.
     Not the Llama class: its per-token Python work (eval's bookkeeping and logits copies) cost llama.cpp 10-15% of
     its batch-1 speed here, which flattered kiln's ratios before session 15. What remains per step is filling the
-    batch and an argmax, ~0.1 ms. llama.cpp's KV cache is one buffer for all sequences or one per sequence
-    (kv_unified); both are timed and the faster kept, so the anchor is at its best. Returns (prefill, {B: decode})."""
+    batch and an argmax, ~0.1 ms. Prefill and decode are timed with flash attention off (the Llama class's default) and on (the C
+    API's default, "auto", enables it on CPU, 30-45% slower after 2,048 tokens here), and batched with the KV cache as
+    one buffer for all sequences and one per sequence (kv_unified); the fastest is kept, so the anchor is at its
+    best. Returns (prefill, {B: decode})."""
     import llama_cpp as lc
     from llama_cpp._logger import set_verbose
     set_verbose(False)  # what Llama(verbose=False) does: llama.cpp's loading and graph logs otherwise reach stderr
@@ -321,9 +324,12 @@ def llama_cpp_run(path, prefill_prompt, decode_prompt, n_decode, batches, thread
     model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
     n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
 
-    def context(seqs, n_ctx, n_batch, unified):
+    def context(seqs, n_ctx, n_batch, unified=True, flash=lc.LLAMA_FLASH_ATTN_TYPE_DISABLED):
         cp = lc.llama_context_default_params()
-        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max, cp.kv_unified = n_ctx, n_batch, n_batch, seqs, unified
+        # n_ubatch stays at its default of 512 (llama_decode splits a longer batch): a 2,048-token ubatch made the
+        # decode after a 2,048-token prompt ~10% slower.
+        cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max, cp.kv_unified = n_ctx, n_batch, 512, seqs, unified
+        cp.flash_attn_type = flash
         cp.n_threads = cp.n_threads_batch = threads
         return lc.llama_init_from_model(model, cp)
 
@@ -339,19 +345,21 @@ def llama_cpp_run(path, prefill_prompt, decode_prompt, n_decode, batches, thread
         return [int(t) for t in np.argmax(np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(n_out, n_vocab)),
                                           axis=1)]
 
-    n = len(prefill_prompt)
-    ctx, b = context(1, n + 8, max(512, n), True), lc.llama_batch_init(n, 0, 1)
-    t0 = time.perf_counter()
-    run(ctx, b, list(prefill_prompt), [(0, i) for i in range(n)], lambda i: i == n - 1)
-    prefill = n / (time.perf_counter() - t0)
-    lc.llama_batch_free(b)
-    lc.llama_free(ctx)
+    n, prefill = len(prefill_prompt), 0.0
+    for flash in (lc.LLAMA_FLASH_ATTN_TYPE_DISABLED, lc.LLAMA_FLASH_ATTN_TYPE_ENABLED):
+        ctx, b = context(1, n + 8, max(512, n), flash=flash), lc.llama_batch_init(n, 0, 1)
+        t0 = time.perf_counter()
+        run(ctx, b, list(prefill_prompt), [(0, i) for i in range(n)], lambda i: i == n - 1)
+        prefill = max(prefill, n / (time.perf_counter() - t0))
+        lc.llama_batch_free(b)
+        lc.llama_free(ctx)
 
     decode, p = {}, len(decode_prompt)
     for batch in batches:
-        for unified in (True, False) if batch > 1 else (True,):
+        for unified, flash in itertools.product((True, False) if batch > 1 else (True,),
+                                                (lc.LLAMA_FLASH_ATTN_TYPE_DISABLED, lc.LLAMA_FLASH_ATTN_TYPE_ENABLED)):
             per_seq = -(-(p + n_decode + 8) // 256) * 256  # llama.cpp rounds n_ctx / n_seq_max to 256 and warns
-            ctx = context(batch, batch * per_seq, max(512, batch * p), unified)
+            ctx = context(batch, batch * per_seq, max(512, batch * p), unified, flash)
             b = lc.llama_batch_init(batch * p, 0, 1)
             toks = run(ctx, b, list(decode_prompt) * batch, [(s, i) for s in range(batch) for i in range(p)],
                        lambda i: i % p == p - 1)
