@@ -22,7 +22,8 @@ llama.cpp's Q8_0 head; a group size that does not divide every linear's input is
     GGUF here and writing it again gives exactly the weights kiln runs (requantized for Q4_0/Q4_1). The same batches
     as kiln, through llama.cpp's C API (llama_cpp_run).
 The load average is printed before and after; ratios are withheld while it exceeds the core count (the machine is
-then oversubscribed, and llama.cpp's spinning threads collapse first).
+then oversubscribed, and llama.cpp's spinning threads collapse first). With --alternate, kiln's and llama.cpp's
+decode runs alternate, so that both sides see the same moments of a host whose speed drifts (the ratios to quote).
 
 Usage: scripts/bench_cpu_decode.py [--kiln build/tools/kiln] [--model models/smollm2-135m-instruct] [--threads N]
 """
@@ -32,6 +33,7 @@ import itertools
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -316,7 +318,7 @@ def llama_cpp_run(path, prefill_prompt, decode_prompt, n_decode, batches, thread
     batch and an argmax, ~0.1 ms. Prefill and decode are timed with flash attention off (the Llama class's default) and on (the C
     API's default, "auto", enables it on CPU, 30-45% slower after 2,048 tokens here), and batched with the KV cache as
     one buffer for all sequences and one per sequence (kv_unified); the fastest is kept, so the anchor is at its
-    best. Returns (prefill, {B: decode})."""
+    best. Returns (prefill, {B: decode}); prefill is 0 for an empty prefill_prompt."""
     import llama_cpp as lc
     from llama_cpp._logger import set_verbose
     set_verbose(False)  # what Llama(verbose=False) does: llama.cpp's loading and graph logs otherwise reach stderr
@@ -346,7 +348,7 @@ def llama_cpp_run(path, prefill_prompt, decode_prompt, n_decode, batches, thread
                                           axis=1)]
 
     n, prefill = len(prefill_prompt), 0.0
-    for flash in (lc.LLAMA_FLASH_ATTN_TYPE_DISABLED, lc.LLAMA_FLASH_ATTN_TYPE_ENABLED):
+    for flash in (lc.LLAMA_FLASH_ATTN_TYPE_DISABLED, lc.LLAMA_FLASH_ATTN_TYPE_ENABLED) if n else ():
         ctx, b = context(1, n + 8, max(512, n), flash=flash), lc.llama_batch_init(n, 0, 1)
         t0 = time.perf_counter()
         run(ctx, b, list(prefill_prompt), [(0, i) for i in range(n)], lambda i: i == n - 1)
@@ -385,6 +387,10 @@ def main():
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--dtypes", default="fp32,bf16,int4-g32,int4-g64,int4-g64-h8,int4-g128")
     ap.add_argument("--repeat", type=int, default=2, help="best of N runs (shared machines are noisy)")
+    ap.add_argument("--alternate", action="store_true",
+                    help="measure kiln's and llama.cpp's decode alternately, --repeat rounds per batch, and print the "
+                         "ratios of the best and of the median runs (on a host whose speed drifts, runs taken minutes "
+                         "apart do not compare)")
     ap.add_argument("--no-llama-cpp", action="store_true")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -455,18 +461,32 @@ def main():
                 g = tmp / f"smollm2-{kind.lower()}.gguf"
                 if not g.exists():
                     make_gguf(gguf_src, g, kind)
-                runs = [llama_cpp_run(g, prefill_prompt, decode_prompt, args.decode, batches, args.threads)
-                        for _ in range(args.repeat)]
-                refs[kind] = ({bb: max(r[1][bb] for r in runs) for bb in batches}, max(r[0] for r in runs))
-                per_batch = ", ".join(f"batch {bb} {v:.1f}" for bb, v in refs[kind][0].items())
-                print(f"[{dtype}] llama.cpp {kind} GGUF ({g.stat().st_size / 1e6:.0f} MB): decode tokens/s "
-                      f"{per_batch}; prefill {refs[kind][1]:.0f} tokens/s (kiln prefill "
-                      f"{ratio(prefill, refs[kind][1])})")
+                runs = [llama_cpp_run(g, prefill_prompt, decode_prompt, args.decode,
+                                      [] if args.alternate else batches, args.threads) for _ in range(args.repeat)]
+                # Decode tokens/s of every run, per batch (filled below, run by run, with --alternate).
+                refs[kind] = ({bb: [r[1][bb] for r in runs] for bb in batches if not args.alternate},
+                              max(r[0] for r in runs), g)
+                per_batch = ", ".join(f"batch {bb} {max(v):.1f}" for bb, v in refs[kind][0].items())
+                print(f"[{dtype}] llama.cpp {kind} GGUF ({g.stat().st_size / 1e6:.0f} MB): "
+                      f"{'decode tokens/s ' + per_batch + '; ' if per_batch else ''}prefill {refs[kind][1]:.0f} "
+                      f"tokens/s (kiln prefill {ratio(prefill, refs[kind][1])})")
+
+            def kiln_decode(b):
+                return json.loads(kiln(args, "generate", ws, "--tokens", tmp / "decode.json", "-n", args.decode,
+                                       "--ignore-eos", "--temperature", 0, "--batch", b, "--prefill-chunk", 16 * b,
+                                       "--json"))["timing"]["decode_tokens_per_s"]
+
             for b in batches:
-                tps = max(json.loads(kiln(args, "generate", ws, "--tokens", tmp / "decode.json", "-n", args.decode,
-                                          "--ignore-eos", "--temperature", 0, "--batch", b,
-                                          "--prefill-chunk", 16 * b, "--json"))["timing"]["decode_tokens_per_s"]
-                          for _ in range(args.repeat))
+                if args.alternate:
+                    kiln_runs = []
+                    for _ in range(args.repeat):
+                        kiln_runs.append(kiln_decode(b))
+                        for kind, ref in refs.items():
+                            ref[0].setdefault(b, []).append(
+                                llama_cpp_run(ref[2], [], decode_prompt, args.decode, [b], args.threads)[1][b])
+                else:
+                    kiln_runs = [kiln_decode(b) for _ in range(args.repeat)]
+                tps = max(kiln_runs)
                 mean_len = len(decode_prompt) + args.decode / 2
                 step_bytes = wbytes + b * mean_len * kv_per_token
                 roof = b * bw / step_bytes
@@ -483,12 +503,17 @@ def main():
                 if compute_roof:
                     line += f"; {kind} roofline {compute_roof:7.0f} ({tps / compute_roof:.0%})"
                 for kind, ref in refs.items():
-                    line += f"; llama.cpp {kind} {ref[0][b]:.1f} tokens/s (kiln {ratio(tps, ref[0][b])})"
+                    best = max(ref[0][b])
+                    line += f"; llama.cpp {kind} {best:.1f} tokens/s (kiln {ratio(tps, best)}"
+                    if args.alternate:
+                        line += f"; medians {ratio(statistics.median(kiln_runs), statistics.median(ref[0][b]))}"
+                    line += ")"
                 print(line, flush=True)
                 rows.append({"dtype": dtype, "batch": b, "kiln": tps, "roofline": roof, "read_roofline": read_roof,
                              "compute_roofline": compute_roof,
                              "kiln_prefill": prefill,
-                             "llama_cpp": {k: r[0][b] for k, r in refs.items()},
+                             "kiln_runs": kiln_runs, "llama_cpp": {k: max(r[0][b]) for k, r in refs.items()},
+                             "llama_cpp_runs": {k: r[0][b] for k, r in refs.items()},
                              "llama_cpp_prefill": {k: r[1] for k, r in refs.items()}})
     load1 = os.getloadavg()
     print(f"\nload average at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
