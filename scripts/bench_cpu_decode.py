@@ -315,10 +315,10 @@ def llama_cpp_run(path, prefill_prompt, decode_prompt, n_decode, batches, thread
     llama_decode per step with a token of every sequence. Greedy.
     Not the Llama class: its per-token Python work (eval's bookkeeping and logits copies) cost llama.cpp 10-15% of
     its batch-1 speed here, which flattered kiln's ratios before session 15. What remains per step is filling the
-    batch and an argmax, ~0.1 ms. Prefill and decode are timed with flash attention off (the Llama class's default) and on (the C
-    API's default, "auto", enables it on CPU, 30-45% slower after 2,048 tokens here), and batched with the KV cache as
-    one buffer for all sequences and one per sequence (kv_unified); the fastest is kept, so the anchor is at its
-    best. Returns (prefill, {B: decode}); prefill is 0 for an empty prefill_prompt."""
+    batch and an argmax, ~0.1 ms. Prefill and decode are timed with flash attention off (the Llama class's default)
+    and on (the C API's default, "auto", enables it on CPU, 30-45% slower after 2,048 tokens here), and batched with
+    the KV cache as one buffer for all sequences and one per sequence (kv_unified); the fastest is kept, so the
+    anchor is at its best. Returns (prefill, {B: decode}); prefill is 0 for an empty prefill_prompt."""
     import llama_cpp as lc
     from llama_cpp._logger import set_verbose
     set_verbose(False)  # what Llama(verbose=False) does: llama.cpp's loading and graph logs otherwise reach stderr
