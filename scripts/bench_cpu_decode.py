@@ -112,8 +112,8 @@ static void* run(void* arg) {
   long n = iters;
   __asm__ volatile("1:\n\t" OP(0) OP(1) OP(2) OP(3) OP(4) OP(5) OP(6) OP(7) OP(8) OP(9) OP(10) OP(11)
                    "dec %[n]\n\tjnz 1b"
-                   : "+&v"(a[0]), "+&v"(a[1]), "+&v"(a[2]), "+&v"(a[3]), "+&v"(a[4]), "+&v"(a[5]), "+&v"(a[6]), "+&v"(a[7]),
-                     "+&v"(a[8]), "+&v"(a[9]), "+&v"(a[10]), "+&v"(a[11]), [n] "+r"(n)
+                   : "+&v"(a[0]), "+&v"(a[1]), "+&v"(a[2]), "+&v"(a[3]), "+&v"(a[4]), "+&v"(a[5]),
+                     "+&v"(a[6]), "+&v"(a[7]), "+&v"(a[8]), "+&v"(a[9]), "+&v"(a[10]), "+&v"(a[11]), [n] "+r"(n)
                    : [x] "v"(x), [y] "v"(y)
                    : "cc");
   for (int i = 0; i < CHAINS; ++i) sink[((long)arg * CHAINS + i) % 256] = a[i];
