@@ -316,7 +316,7 @@ def llama_cpp_run(path, prefill_prompt, decode_prompt, n_decode, batches, thread
     Not the Llama class: its per-token Python work (eval's bookkeeping and logits copies) cost llama.cpp 10-15% of
     its batch-1 speed here, which flattered kiln's ratios before session 15. What remains per step is filling the
     batch and an argmax, ~0.1 ms. Prefill and decode are timed with flash attention off (the Llama class's default)
-    and on (the C API's default, "auto", enables it on CPU, 30-45% slower after 2,048 tokens here), and batched with
+    and on (the C API's default, "auto", enables it on CPU, 28-45% slower after 2,048 tokens here), and batched with
     the KV cache as one buffer for all sequences and one per sequence (kv_unified); the fastest is kept, so the
     anchor is at its best. Returns (prefill, {B: decode}); prefill is 0 for an empty prefill_prompt."""
     import llama_cpp as lc
@@ -324,6 +324,8 @@ def llama_cpp_run(path, prefill_prompt, decode_prompt, n_decode, batches, thread
     set_verbose(False)  # what Llama(verbose=False) does: llama.cpp's loading and graph logs otherwise reach stderr
     lc.llama_backend_init()
     model = lc.llama_model_load_from_file(str(path).encode(), lc.llama_model_default_params())
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {path}")
     n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
 
     def context(seqs, n_ctx, n_batch, unified=True, flash=lc.LLAMA_FLASH_ATTN_TYPE_DISABLED):
@@ -333,7 +335,10 @@ def llama_cpp_run(path, prefill_prompt, decode_prompt, n_decode, batches, thread
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max, cp.kv_unified = n_ctx, n_batch, 512, seqs, unified
         cp.flash_attn_type = flash
         cp.n_threads = cp.n_threads_batch = threads
-        return lc.llama_init_from_model(model, cp)
+        ctx = lc.llama_init_from_model(model, cp)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not make a context of {n_ctx} positions for {seqs} sequences")
+        return ctx
 
     def run(ctx, b, tokens, places, outputs):
         """One llama_decode of tokens at places (sequence, position); the argmax of each output row."""
@@ -393,6 +398,8 @@ def main():
                          "apart do not compare)")
     ap.add_argument("--no-llama-cpp", action="store_true")
     args = ap.parse_args()
+    if args.repeat < 1:
+        sys.exit(f"--repeat {args.repeat}: must be at least 1")
     batches = [int(b) for b in args.batches.split(",")]
 
     load0 = os.getloadavg()
@@ -463,13 +470,14 @@ def main():
                     make_gguf(gguf_src, g, kind)
                 runs = [llama_cpp_run(g, prefill_prompt, decode_prompt, args.decode,
                                       [] if args.alternate else batches, args.threads) for _ in range(args.repeat)]
-                # Decode tokens/s of every run, per batch (filled below, run by run, with --alternate).
-                refs[kind] = ({bb: [r[1][bb] for r in runs] for bb in batches if not args.alternate},
-                              max(r[0] for r in runs), g)
-                per_batch = ", ".join(f"batch {bb} {max(v):.1f}" for bb, v in refs[kind][0].items())
+                # "decode": tokens/s of every run, per batch (filled below, run by run, with --alternate).
+                refs[kind] = {"decode": {bb: [r[1][bb] for r in runs] for bb in batches if not args.alternate},
+                              "prefill": max(r[0] for r in runs), "gguf": g}
+                per_batch = ", ".join(f"batch {bb} {max(v):.1f}" for bb, v in refs[kind]["decode"].items())
+                ref_prefill = refs[kind]["prefill"]
                 print(f"[{dtype}] llama.cpp {kind} GGUF ({g.stat().st_size / 1e6:.0f} MB): "
-                      f"{'decode tokens/s ' + per_batch + '; ' if per_batch else ''}prefill {refs[kind][1]:.0f} "
-                      f"tokens/s (kiln prefill {ratio(prefill, refs[kind][1])})")
+                      f"{'decode tokens/s ' + per_batch + '; ' if per_batch else ''}prefill {ref_prefill:.0f} "
+                      f"tokens/s (kiln prefill {ratio(prefill, ref_prefill)})")
 
             def kiln_decode(b):
                 return json.loads(kiln(args, "generate", ws, "--tokens", tmp / "decode.json", "-n", args.decode,
@@ -481,9 +489,9 @@ def main():
                     kiln_runs = []
                     for _ in range(args.repeat):
                         kiln_runs.append(kiln_decode(b))
-                        for kind, ref in refs.items():
-                            ref[0].setdefault(b, []).append(
-                                llama_cpp_run(ref[2], [], decode_prompt, args.decode, [b], args.threads)[1][b])
+                        for ref in refs.values():
+                            ref["decode"].setdefault(b, []).append(
+                                llama_cpp_run(ref["gguf"], [], decode_prompt, args.decode, [b], args.threads)[1][b])
                 else:
                     kiln_runs = [kiln_decode(b) for _ in range(args.repeat)]
                 tps = max(kiln_runs)
@@ -503,18 +511,19 @@ def main():
                 if compute_roof:
                     line += f"; {kind} roofline {compute_roof:7.0f} ({tps / compute_roof:.0%})"
                 for kind, ref in refs.items():
-                    best = max(ref[0][b])
+                    best = max(ref["decode"][b])
                     line += f"; llama.cpp {kind} {best:.1f} tokens/s (kiln {ratio(tps, best)}"
                     if args.alternate:
-                        line += f"; medians {ratio(statistics.median(kiln_runs), statistics.median(ref[0][b]))}"
+                        medians = ratio(statistics.median(kiln_runs), statistics.median(ref["decode"][b]))
+                        line += f"; medians {medians}"
                     line += ")"
                 print(line, flush=True)
                 rows.append({"dtype": dtype, "batch": b, "kiln": tps, "roofline": roof, "read_roofline": read_roof,
                              "compute_roofline": compute_roof,
                              "kiln_prefill": prefill,
-                             "kiln_runs": kiln_runs, "llama_cpp": {k: max(r[0][b]) for k, r in refs.items()},
-                             "llama_cpp_runs": {k: r[0][b] for k, r in refs.items()},
-                             "llama_cpp_prefill": {k: r[1] for k, r in refs.items()}})
+                             "kiln_runs": kiln_runs, "llama_cpp": {k: max(r["decode"][b]) for k, r in refs.items()},
+                             "llama_cpp_runs": {k: r["decode"][b] for k, r in refs.items()},
+                             "llama_cpp_prefill": {k: r["prefill"] for k, r in refs.items()}})
     load1 = os.getloadavg()
     print(f"\nload average at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     print(json.dumps({"copy_bandwidth_gbs": bw / 1e9, "read_bandwidth_gbs": rbw / 1e9 if rbw else None,
