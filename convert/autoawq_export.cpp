@@ -160,7 +160,7 @@ ExportResult export_autoawq(const ExportOptions& opt) {
 
   ShardedOutput out(staging.path(), plan, opt.max_shard_bytes);
   {
-    Progress progress("exporting", total, opt.progress);
+    Progress progress("exporting", total, opt.progress ? ProgressStyle::bar : ProgressStyle::none);
     for (size_t i = 0; i < canon.size(); ++i) {
       const CanonicalTensor& c = canon[i];
       const TensorMapping& m = mappings[i];

@@ -166,7 +166,8 @@ ConvertResult convert_autoawq_checkpoint(const ConvertOptions& opt, StagingDir& 
   try {
     WorkspaceWriter writer(staging.path(), plan, opt.max_shard_bytes);
     {
-      Progress progress("converting", ckpt.total_tensor_bytes(), opt.progress);
+      Progress progress("converting", ckpt.total_tensor_bytes(),
+                        opt.progress ? ProgressStyle::bar : ProgressStyle::none);
       WriterSink sink(writer, progress);
       for (size_t i = 0; i < canon.size(); ++i) {
         if (q.covers(canon[i].suffix)) {

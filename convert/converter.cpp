@@ -363,7 +363,7 @@ ConvertResult finish_conversion(const ConvertOptions& opt, StagingDir& staging, 
   }
   WorkspaceWriter writer(staging.path(), plan, opt.max_shard_bytes);
   {
-    Progress progress("converting", total, opt.progress);
+    Progress progress("converting", total, opt.progress ? ProgressStyle::bar : ProgressStyle::none);
     WriterSink sink(writer, progress);
     for (const auto& m : mappings) {
       writer.begin_tensor();

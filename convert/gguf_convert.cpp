@@ -169,7 +169,7 @@ ConvertResult convert_gguf(const ConvertOptions& opt) {
     }
     WorkspaceWriter writer(staging.path(), plan, opt.max_shard_bytes);
     {
-      Progress progress("converting", total, opt.progress);
+      Progress progress("converting", total, opt.progress ? ProgressStyle::bar : ProgressStyle::none);
       WriterSink sink(writer, progress);
       for (size_t i = 0; i < mappings.size(); ++i) {
         if (q.covers(canonical[i].suffix)) {

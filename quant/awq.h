@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "runtime/backend/awq_ops.h"
+#include "runtime/io/progress.h"
 
 namespace kiln {
 
@@ -131,10 +132,10 @@ struct CanonicalTensor;
 // The layer-by-layer search (calib/layer_stream.h): the constructor checks the data and the tokenizer and draws the
 // calibration blocks before any weight is read, then embeds them; layer(l) searches layers in order up to l, each
 // loaded, searched and freed in turn. The residual stream spills to `spill_path` (removed again) beyond
-// AwqOptions::max_memory. `progress` shows a per-layer bar on a TTY.
+// AwqOptions::max_memory. `progress`: a per-layer bar on a TTY, or JSON lines.
 class AwqPlanner {
  public:
-  AwqPlanner(const Workspace& ws, const AwqOptions& opt, int64_t group_size, unsigned threads, bool progress,
+  AwqPlanner(const Workspace& ws, const AwqOptions& opt, int64_t group_size, unsigned threads, ProgressStyle progress,
              const std::filesystem::path& spill_path);
   ~AwqPlanner();
   const AwqLayerPlan& layer(int64_t l);

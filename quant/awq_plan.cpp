@@ -396,11 +396,11 @@ struct AwqPlanner::State {
   std::unique_ptr<AwqDump> dump;
   Progress bar;
   AwqPlan plan;
-  State(const Workspace& w, const AwqOptions& opt, int64_t g, bool progress)
+  State(const Workspace& w, const AwqOptions& opt, int64_t g, ProgressStyle progress)
       : ws(w), o(opt), gsz(g), bar("awq search", uint64_t(w.spec().num_layers), progress, "layers") {}
 };
 
-AwqPlanner::AwqPlanner(const Workspace& ws, const AwqOptions& o, int64_t gsz, unsigned threads, bool progress,
+AwqPlanner::AwqPlanner(const Workspace& ws, const AwqOptions& o, int64_t gsz, unsigned threads, ProgressStyle progress,
                        const std::filesystem::path& spill_path) {
   if (o.grid < 1 || o.clip_grid < 1) throw Error("AWQ grids need at least one point");
   if (o.data.empty()) throw Error("--method awq needs calibration data: pass --data FILE (.txt or .jsonl)");
@@ -489,7 +489,7 @@ void AwqPlanner::skip_finished(int64_t layers, const std::filesystem::path& stre
   if (layers < s.ws.spec().num_layers) s.stream->load(stream);  // else every layer is finished: nothing to search
   s.plan.layers.resize(size_t(layers));
   s.plan.layer_seconds = std::move(seconds);
-  s.bar.advance(uint64_t(layers));
+  s.bar.skip(uint64_t(layers));
 }
 
 const AwqPlan& AwqPlanner::so_far() const { return s_->plan; }

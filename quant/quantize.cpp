@@ -358,7 +358,8 @@ QuantizeResult quantize_workspace(const QuantizeOptions& opt) {
       test_signal_after_layer(l);
     };
 
-    Progress progress("quantizing", in_bytes, opt.progress && !awq);  // AWQ shows its per-layer bar instead
+    // AWQ shows its per-layer progress instead.
+    Progress progress("quantizing", in_bytes, awq ? ProgressStyle::none : opt.progress);
     WriterSink direct(writer);
     size_t pi = 0;  // the plan entry of the next begin_tensor
     int64_t current = -1;

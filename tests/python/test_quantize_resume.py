@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from conftest import DATA, copy_tokenizer, run_kiln
+from conftest import DATA, copy_tokenizer, progress_lines, run_kiln
 
 CALIB = DATA / "text" / "devils_dictionary_calib.txt"
 EVAL = DATA / "text" / "devils_dictionary_eval.txt"
@@ -86,6 +86,14 @@ def cut(ws, out, args, layer, sig):
 def resume(ws, out, args, resumed):
     r = run_kiln("quantize", ws, "-o", out, *args, "--resume")
     assert json.loads(r.stdout)["resumed_layers"] == resumed, r.stderr
+    if "awq" in args:
+        # --json: one progress line per layer searched by this run; the ETA from this run's layers only.
+        lines = progress_lines(r.stderr, "awq search")
+        assert [x["done"] for x in lines] == list(range(resumed + 1, LAYERS + 1)), r.stderr
+        for x in lines:
+            assert x["resumed"] == resumed and x["total"] == LAYERS
+            eta = x["seconds"] / (x["done"] - resumed) * (LAYERS - x["done"])
+            assert x["eta_seconds"] == pytest.approx(eta, abs=0.002 * LAYERS), x
     assert (f"resuming {out} at layer {resumed} of {LAYERS}" in r.stderr) == (resumed > 0), r.stderr
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], list(out.parent.iterdir())
     assert not (out / "resume").exists()
@@ -98,7 +106,9 @@ def uninterrupted(ws, tmp_path_factory):
     root = tmp_path_factory.mktemp("uninterrupted")
     out = {}
     for name, args in (("rtn", RTN), ("awq", AWQ), ("awq-q", (*AWQ, "--awq-inputs", "quantized"))):
-        run_kiln("quantize", ws, "-o", root / name, *args)
+        r = run_kiln("quantize", ws, "-o", root / name, *args)
+        lines = progress_lines(r.stderr, "awq search")
+        assert [x["done"] for x in lines] == (list(range(1, LAYERS + 1)) if name != "rtn" else []), r.stderr
         out[name] = digests(root / name)
     return out
 
