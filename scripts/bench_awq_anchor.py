@@ -59,8 +59,9 @@ def machine_load():
 
 
 def start(cmd, log, env=None):
-    with open(log, "w") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env), time.perf_counter(), cmd, log
+    """stdout to `log` (kiln's --json summary stays parseable), stderr to `log` + ".err" (its per-layer JSON lines)."""
+    with open(log, "w") as f, open(str(log) + ".err", "w") as e:
+        return subprocess.Popen(cmd, stdout=f, stderr=e, env=env), time.perf_counter(), cmd, log
 
 
 def wait_measured(started):
@@ -70,7 +71,7 @@ def wait_measured(started):
     wall = time.perf_counter() - t0
     rc = os.waitstatus_to_exitcode(status)
     if rc != 0:
-        sys.exit(f"bench_awq_anchor: {' '.join(map(str, cmd))} failed ({rc}); see {log}")
+        sys.exit(f"bench_awq_anchor: {' '.join(map(str, cmd))} failed ({rc}); see {log} and {log}.err")
     return {"wall_s": round(wall, 1), "cpu_s": round(ru.ru_utime + ru.ru_stime, 1),
             "user_s": round(ru.ru_utime, 1), "peak_rss_gb": round(ru.ru_maxrss / 1024**2, 3)}
 

@@ -63,7 +63,8 @@ void Progress::draw(bool force) {
   double secs = std::chrono::duration<double>(now - start_).count();
   if (unit_) {
     std::string eta = "--:--";
-    if (const double left_s = eta_seconds(secs, done_, skipped_, total_); done_ >= total_) {
+    const double left_s = eta_seconds(secs, done_, skipped_, total_);
+    if (done_ >= total_) {
       eta = "done";
     } else if (left_s >= 0) {
       const long left = long(left_s);
