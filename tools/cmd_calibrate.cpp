@@ -225,7 +225,9 @@ Action setup(CLI::App& sub) {
       ->check(int_range(0, kMaxThreads));
   sub.add_flag("--verify", o->verify, kVerifyFlagHelp);
   sub.add_flag("--force", o->force, "Replace existing output");
-  sub.add_flag("--json", o->json, "Print the report as JSON");
+  sub.add_flag("--json", o->json,
+               "Print the report as JSON on stdout, and one JSON line per finished layer on stderr (instead of "
+               "the progress bar)");
   return [o] { return run(*o); };
 }
 

@@ -177,7 +177,9 @@ Action setup_quantize(CLI::App& sub) {
   sub.add_flag("--resume", opt->resume,
                "Keep each finished layer in the staging directory (kept when interrupted) and continue from an "
                "interrupted --resume run with the same input and options");
-  sub.add_flag("--json", *json_out, "Print a JSON summary on stdout");
+  sub.add_flag("--json", *json_out,
+               "Print a JSON summary on stdout; with --method awq, one JSON line per finished layer on stderr "
+               "(instead of the progress bar)");
   sub.footer(
       "Linear layers become 4-bit with an fp16 scale and a 4-bit zero point per group (docs/int4_layout.md);\n"
       "embeddings, norms and lm_head keep the input's dtype (lm_head: unless --head int8). Output is atomic and "
