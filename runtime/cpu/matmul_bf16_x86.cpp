@@ -20,27 +20,49 @@ namespace {
 
 constexpr size_t kPairPanelBytes = kPanel * 2 * 2;  // one pair of inputs for 16 outputs: 64 bytes
 
-// R rows of x (fp32, row stride in) against P consecutive panels (pstride bytes apart); out[P][R][16]. Four chains per
-// (row, panel): even/odd input of even pairs (a) and of odd pairs (b), so a row has four FMAs in flight (one chain
-// pair bounded batch 1 at one 64-byte load per FMA latency); summed (even_a + even_b) + (odd_a + odd_b) at the end.
-// Each (row, panel)'s operations are the same for every R and P; two panels at a time let each broadcast activation
-// feed two FMAs, which halves the loads per FMA of batched rows (prefill, batched decode).
-template <int R, int P>
-KILN_TARGET_AVX512 inline void exact_step(const float* x, int64_t in, const uint8_t* panel, size_t pstride, int64_t t,
-                                          __m512 (&e)[P][R], __m512 (&o)[P][R]) {
-  __m512 we[P], wo[P];
-  for (int p = 0; p < P; ++p) {
-    const __m512i wv = _mm512_loadu_si512(panel + p * pstride + size_t(t) * kPairPanelBytes);
-    we[p] = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
-    wo[p] = _mm512_castsi512_ps(_mm512_and_si512(wv, _mm512_set1_epi32(int(0xffff0000u))));
-  }
+// R rows of x (fp32, row stride in) against one panel; out[R][16]. Four chains per row: even/odd input of even pairs
+// (a) and of odd pairs (b), so a row has four FMAs in flight (one chain pair bounded batch 1 at one 64-byte load per
+// FMA latency); summed (even_a + even_b) + (odd_a + odd_b) at the end. A row's operations are the same for every R.
+template <int R>
+KILN_TARGET_AVX512 inline void exact_step(const float* x, int64_t in, const uint8_t* panel, int64_t t, __m512 (&e)[R],
+                                          __m512 (&o)[R]) {
+  const __m512i wv = _mm512_loadu_si512(panel + size_t(t) * kPairPanelBytes);
+  const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+  const __m512 wo = _mm512_castsi512_ps(_mm512_and_si512(wv, _mm512_set1_epi32(int(0xffff0000u))));
   for (int r = 0; r < R; ++r) {
-    const __m512 xe = _mm512_set1_ps(x[r * in + 2 * t]), xo = _mm512_set1_ps(x[r * in + 2 * t + 1]);
-    for (int p = 0; p < P; ++p) {
-      e[p][r] = _mm512_fmadd_ps(xe, we[p], e[p][r]);
-      o[p][r] = _mm512_fmadd_ps(xo, wo[p], o[p][r]);
-    }
+    e[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * in + 2 * t]), we, e[r]);
+    o[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * in + 2 * t + 1]), wo, o[r]);
   }
+}
+
+// `pf` (PrefetchShare, panel_tasks.h): this tile's part of the next panel, fetched into L2 meanwhile; the hardware
+// prefetcher alone left batch-1 decode waiting on memory at the start of every panel. One panel per tile: two panels
+// per tile (eight chains per row, each broadcast feeding two FMAs) measured slower on Zen 4 at batch 8 (~490 against
+// ~535 tokens/s) and no faster at batch 1, and the whole next panel prefetched by every tile of a batch repeated it.
+template <int R>
+KILN_TARGET_AVX512 void tile_exact(const float* x, int64_t in, const uint8_t* panel, PrefetchShare pf, float* out) {
+  __m512 ea[R], oa[R], eb[R], ob[R];
+  for (int r = 0; r < R; ++r) ea[r] = oa[r] = eb[r] = ob[r] = _mm512_setzero_ps();
+  const int64_t full = in / 2;
+  const size_t pf_pair = 2 * pf.step;  // prefetched bytes per pair
+  int64_t t = 0;
+  for (; t + 1 < full; t += 2) {
+    if (pf.from) {
+      _mm_prefetch(pf.from + size_t(t) * pf_pair, _MM_HINT_T1);
+      _mm_prefetch(pf.from + size_t(t + 1) * pf_pair, _MM_HINT_T1);
+    }
+    exact_step<R>(x, in, panel, t, ea, oa);
+    exact_step<R>(x, in, panel, t + 1, eb, ob);
+  }
+  if (t < full) exact_step<R>(x, in, panel, t, ea, oa);
+  if (in % 2) {  // the last input's partner weight is the zero padding
+    const __m512i wv = _mm512_loadu_si512(panel + size_t(full) * kPairPanelBytes);
+    const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
+    __m512* e = full % 2 ? eb : ea;
+    for (int r = 0; r < R; ++r) e[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * in + 2 * full]), we, e[r]);
+  }
+  for (int r = 0; r < R; ++r)
+    _mm512_storeu_ps(out + r * kPanel, _mm512_add_ps(_mm512_add_ps(ea[r], eb[r]), _mm512_add_ps(oa[r], ob[r])));
 }
 
 // Row tiles of up to MaxR over panels [p0, p1). tile(n, r, panel, out) runs the n-row tile starting at row r.
@@ -54,37 +76,6 @@ inline void run_tiles(int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0,
       tile(n, r, panel, out);
       store_panel_tile(out, n, 1, r, p, w.out, y);
     }
-  }
-}
-
-template <int R, int P>
-KILN_TARGET_AVX512 void tile_exact(const float* x, int64_t in, const uint8_t* panel, size_t pstride, float* out) {
-  __m512 ea[P][R], oa[P][R], eb[P][R], ob[P][R];
-  for (int p = 0; p < P; ++p)
-    for (int r = 0; r < R; ++r) ea[p][r] = oa[p][r] = eb[p][r] = ob[p][r] = _mm512_setzero_ps();
-  const int64_t full = in / 2;
-  int64_t t = 0;
-  // The panels after these ones, fetched into L2 while these are multiplied: the hardware prefetcher alone left
-  // batch-1 decode waiting on memory at the start of every panel (bf16 decode 80 -> 92 tokens/s). A prefetch past
-  // the end of the weights is harmless (prefetches never fault).
-  const char* next = reinterpret_cast<const char*>(panel + P * pstride);
-  for (; t + 1 < full; t += 2) {
-    _mm_prefetch(next + size_t(t) * kPairPanelBytes, _MM_HINT_T1);
-    _mm_prefetch(next + size_t(t + 1) * kPairPanelBytes, _MM_HINT_T1);
-    exact_step<R, P>(x, in, panel, pstride, t, ea, oa);
-    exact_step<R, P>(x, in, panel, pstride, t + 1, eb, ob);
-  }
-  if (t < full) exact_step<R, P>(x, in, panel, pstride, t, ea, oa);
-  for (int p = 0; p < P; ++p) {
-    if (in % 2) {  // the last input's partner weight is the zero padding
-      const __m512i wv = _mm512_loadu_si512(panel + p * pstride + size_t(full) * kPairPanelBytes);
-      const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(wv, 16));
-      __m512* e = full % 2 ? eb[p] : ea[p];
-      for (int r = 0; r < R; ++r) e[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * in + 2 * full]), we, e[r]);
-    }
-    for (int r = 0; r < R; ++r)
-      _mm512_storeu_ps(out + (p * R + r) * kPanel,
-                       _mm512_add_ps(_mm512_add_ps(ea[p][r], eb[p][r]), _mm512_add_ps(oa[p][r], ob[p][r])));
   }
 }
 
@@ -132,18 +123,6 @@ inline void dispatch_rows(int64_t n, A... args) {
 }
 
 template <int R>
-struct ExactTile {
-  static void run(const float* x, int64_t in, const uint8_t* panel, size_t pstride, float* out) {
-    tile_exact<R, 1>(x, in, panel, pstride, out);
-  }
-};
-template <int R>
-struct ExactTile2 {  // two panels: three rows fill 24 of the 32 registers with accumulators
-  static void run(const float* x, int64_t in, const uint8_t* panel, size_t pstride, float* out) {
-    if constexpr (R <= 3) tile_exact<R, 2>(x, in, panel, pstride, out);
-  }
-};
-template <int R>
 struct DotTile {
   static void run(const uint32_t* xp, int64_t pairs, const uint8_t* panel, float* out) {
     tile_dot<R>(xp, pairs, panel, out);
@@ -154,24 +133,13 @@ struct DotTile {
 
 void matmul_bf16_pairs_avx512(const float* x, int64_t r0, int64_t r1, const PackedLinear& w, int64_t p0, int64_t p1,
                               float* y) {
-  // A few rows (decode): pairs of panels in 3-row tiles, so that each row has eight FMA chains in flight. Many rows:
-  // one panel in 4-row tiles (four chains per row take 16 accumulators), which measured faster there (prefill 640
-  // against 580 tokens/s). The choice cannot change a row's result.
-  alignas(64) float out[2 * 4 * kPanel];
   const size_t pstride = size_t(w.pairs()) * kPairPanelBytes;
-  const int64_t panels_per_tile = r1 - r0 <= 8 ? 2 : 1;
-  for (int64_t p = p0; p < p1;) {
-    const int64_t np = std::min(panels_per_tile, p1 - p), max_rows = np == 2 ? 3 : 4;
+  for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* panel = w.data.data() + size_t(p) * pstride;
-    for (int64_t r = r0; r < r1; r += max_rows) {
-      const int64_t n = std::min(max_rows, r1 - r);
-      if (np == 2)
-        dispatch_rows<ExactTile2>(n, x + r * w.in, w.in, panel, pstride, out);
-      else
-        dispatch_rows<ExactTile>(n, x + r * w.in, w.in, panel, pstride, out);
-      store_panel_tile(out, n, np, r, p, w.out, y);
-    }
-    p += np;
+    const char* next = p + 1 < p1 ? reinterpret_cast<const char*>(panel + pstride) : nullptr;
+    run_row_tiles(r0, r1, p, p + 1, w.out, y, [&]<int R>(int64_t r, int64_t, float* out) {
+      tile_exact<R>(x + r * w.in, w.in, panel, prefetch_share(next, kPanel * 2, r0, r1, r, w.in), out);
+    });
   }
 }
 

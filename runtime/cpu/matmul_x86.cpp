@@ -66,22 +66,6 @@ KILN_TARGET_AVX2 void tile_avx2(const float* x, int64_t in, const uint8_t* panel
   }
 }
 
-// The part of the next panel's prefetch (`next`, next_step bytes per input) that the row tile starting at row r of
-// rows [r0, r1) takes. The tiles of a panel share it, each an equal part spread over its inputs, so that memory stays
-// busy through all of them: with the whole prefetch in the first tile, the later ones (reading the panel from L2) left
-// it idle, and fp32 batch-8 decode ran at ~240 tokens/s against ~290 (batch 32: ~420 against ~510) on Zen 3. At most
-// 8 tiles share it, so that each prefetches at least 4 bytes per input (prefill has up to 16 tiles per task).
-struct PrefetchShare {
-  const char* from;  // nullptr: the tile prefetches nothing
-  size_t step;       // bytes per input
-};
-inline PrefetchShare prefetch_share(const char* next, size_t next_step, int64_t r0, int64_t r1, int64_t r, int64_t in) {
-  const int64_t sharers = std::min<int64_t>((r1 - r0 + 3) / 4, 8), t = (r - r0) / 4;
-  const size_t step = next_step / size_t(sharers);
-  if (!next || t >= sharers) return {nullptr, step};
-  return {next + size_t(t) * step * size_t(in), step};
-}
-
 // fp16 panels (and bf16 ones, though bf16 takes the pair layout below unless packed as panels) against more than one
 // 4-row tile (prefill, batched decode) are widened to fp32 once per panel into a per-thread buffer, and every tile
 // runs the fp32 kernel on it. Widening is exact and the FMAs are the same in the same order, so the result is
