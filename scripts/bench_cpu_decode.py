@@ -198,7 +198,7 @@ int main(int argc, char** argv) {
 
 
 def read_bandwidth(threads, tmp):
-    """Bytes read per second streaming a 1 GiB buffer with vector loads on `threads` threads (best of 5 passes): what a
+    """Bytes read per second streaming a 1 GiB buffer with vector loads on `threads` threads (the best pass): what a
     decode step that reads every weight once can reach at most. None without cc."""
     isa = ["-mavx512f"] if "avx512f" in cpu_flags() else ["-mavx2"]
     src, exe = Path(tmp) / "read_probe.c", Path(tmp) / "read_probe"
