@@ -4,6 +4,7 @@
 
 #include "runtime/core/devices.h"
 #include "runtime/cpu/matmul_bf16.h"
+#include "runtime/cpu/matmul_int4.h"
 #include "tools/command.h"
 
 namespace kiln::tools {
@@ -22,7 +23,8 @@ static Action setup_devices(CLI::App& sub) {
                 {"avx512f", c.avx512f},
                 {"avx512bw", c.avx512bw},
                 {"avx512_bf16", c.avx512_bf16},
-                {"amx_bf16", cpu::amx_bf16_usable()}};  // listed, granted by Linux, and not turned off
+                {"amx_bf16", cpu::amx_bf16_usable()},  // listed, granted by Linux, and not turned off
+                {"amx_int8", cpu::amx_int8_usable()}};
     nlohmann::ordered_json devs = nlohmann::ordered_json::array();
     for (const auto& d : g.devices)
       devs.push_back({{"index", d.index},
@@ -37,8 +39,9 @@ static Action setup_devices(CLI::App& sub) {
       print_json(j.dump(2));
       return 0;
     }
-    std::printf("cpu: %u threads, avx2 %s, avx512f %s, avx512_bf16 %s, amx_bf16 %s\n", c.threads, c.avx2 ? "yes" : "no",
-                c.avx512f ? "yes" : "no", c.avx512_bf16 ? "yes" : "no", cpu::amx_bf16_usable() ? "yes" : "no");
+    std::printf("cpu: %u threads, avx2 %s, avx512f %s, avx512_bf16 %s, amx_bf16 %s, amx_int8 %s\n", c.threads,
+                c.avx2 ? "yes" : "no", c.avx512f ? "yes" : "no", c.avx512_bf16 ? "yes" : "no",
+                cpu::amx_bf16_usable() ? "yes" : "no", cpu::amx_int8_usable() ? "yes" : "no");
     for (const auto& d : g.devices)
       std::printf("cuda:%d %s (sm_%d%d), %.1f GiB total, %.1f GiB free\n", d.index, d.name.c_str(), d.sm_major,
                   d.sm_minor, double(d.total_memory) / (1 << 30), double(d.free_memory) / (1 << 30));

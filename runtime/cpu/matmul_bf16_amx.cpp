@@ -8,21 +8,18 @@
 // parts that sum exactly to it (split_rows_to_bf16x3), stacked as rows of the activation tile: the activation is used
 // in full, at three tile rows per input row, and batch 8 is still bound by reading the weights (docs/BENCHMARKS.md).
 #include <immintrin.h>
-#include <sys/syscall.h>
 
 // GCC 12 warns about the deliberately undefined upper lanes inside its own AVX-512 headers.
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #endif
-#include <unistd.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <utility>
 
 #include "runtime/core/dtype.h"
+#include "runtime/cpu/amx_x86.h"
 #include "runtime/cpu/matmul_bf16.h"
 #include "runtime/cpu/panel_tasks.h"
 #include "runtime/cpu/x86_target.h"
@@ -31,61 +28,17 @@ namespace kiln::cpu {
 
 namespace {
 
-// Linux keeps AMX's 8 KB of tile state off by default: a process must ask for it once (arch_prctl), or its first tile
-// instruction dies with SIGILL. The grant covers every thread of the process.
-bool request_amx_permission() {
-#if defined(__x86_64__) && defined(SYS_arch_prctl)
-  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-#else
-  return false;
-#endif
-}
-
-bool cpu_lists_amx_bf16() {
-#if defined(__x86_64__)
-  unsigned eax, ebx, ecx, edx;
-  __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(0), "c"(0));
-  if (eax < 7) return false;
-  __asm__("cpuid" : "=a"(eax), "=b"(ebx), "=c"(ecx), "=d"(edx) : "a"(7), "c"(0));
-  const bool amx_bf16 = (edx >> 22) & 1, amx_tile = (edx >> 24) & 1;
-  return amx_bf16 && amx_tile && cpu_has_avx512_bf16();
-#else
-  return false;
-#endif
-}
-
 constexpr int64_t kChunk = 32;                      // inputs per tile product
 constexpr int64_t kGroupRows = 5;                   // activation rows per tile: their 3 parts fill 15 of its 16 rows
 constexpr int64_t kSpanPanels = 6;                  // panels whose weights stay in L2 while every row block passes
 constexpr size_t kTileBytes = kChunk / 2 * 64;      // one panel's weights for a chunk: 16 pairs x 64 bytes
 constexpr size_t kPairPanelBytes = kPanel * 2 * 2;  // one pair of inputs for 16 outputs: 64 bytes
 
-// Tile instructions name their registers as immediates; these take them as template arguments (the intrinsics'
-// macros paste the argument's spelling into the instruction, which a template parameter cannot be).
-template <int T>
-inline void tile_load(const void* base, int64_t stride) {
-  asm volatile("tileloadd (%0,%1,1), %%tmm%c2" ::"r"(base), "r"(stride), "i"(T) : "memory");
-}
-template <int T>
-inline void tile_store(void* base, int64_t stride) {
-  asm volatile("tilestored %%tmm%c2, (%0,%1,1)" ::"r"(base), "r"(stride), "i"(T) : "memory");
-}
-template <int T>
-inline void tile_zero() {
-  asm volatile("tilezero %%tmm%c0" ::"i"(T));
-}
-template <int C, int A, int B>  // C += A · B
-inline void tile_dot() {
-  asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
-}
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-  bool operator==(const TileConfig&) const = default;
-};
+using amx::tile_dot_bf16;
+using amx::tile_load;
+using amx::tile_store;
+using amx::tile_zero;
+using amx::TileConfig;
 
 // A row block: RB groups of rows (m[i] <= 5 rows each) against NP panels at a time. Tiles 0..RB-1 hold each group's
 // activations (3 m[i] rows: hi, mid and lo of each row, 32 inputs), RB..RB+NP-1 one chunk of each panel's weights
@@ -133,7 +86,7 @@ struct RowBlock {
       for_each<RB>([&]<int I>() { tile_load<I>(x[I] + c * kChunk, kpad * 2); });
       for_each<NP>([&]<int Q>() {
         tile_load<RB + Q>(padded ? tail[Q] : panel + Q * pstride + size_t(c) * kTileBytes, 64);
-        for_each<RB>([]<int I>() { tile_dot<RB + NP + I * NP + Q, I, RB + Q>(); });
+        for_each<RB>([]<int I>() { tile_dot_bf16<RB + NP + I * NP + Q, I, RB + Q>(); });
       });
     }
     alignas(64) float parts[RB * NP][3 * kGroupRows][kPanel];
@@ -170,11 +123,7 @@ void run_row_block(const uint16_t* parts, int64_t kpad, int64_t r, int64_t n, co
     x[i] = parts + 3 * row[i] * kpad;
     at += int(m[i]);
   }
-  const TileConfig c = RowBlock<RB, NP>::config(m);
-  if (!(c == loaded)) {
-    loaded = c;
-    asm volatile("ldtilecfg %0" ::"m"(loaded));
-  }
+  amx::load_config(RowBlock<RB, NP>::config(m), loaded);
   int64_t p = p0;
   for (; p + NP <= p1; p += NP) RowBlock<RB, NP>::run(x, m, row, kpad, w, p, y);
   if constexpr (NP > 1)
@@ -184,11 +133,7 @@ void run_row_block(const uint16_t* parts, int64_t kpad, int64_t r, int64_t n, co
 }  // namespace
 
 bool amx_bf16_usable() {
-  static const bool usable = [] {
-    const char* env = std::getenv("KILN_CPU_AMX");
-    if (env && std::string(env) == "0") return false;
-    return cpu_lists_amx_bf16() && request_amx_permission();
-  }();
+  static const bool usable = [] { return cpu_has_avx512_bf16() && amx::usable(amx::Kind::Bf16); }();
   return usable;
 }
 
@@ -239,8 +184,7 @@ void matmul_bf16_amx(const uint16_t* parts, int64_t kpad, int64_t r0, int64_t r1
       r += n;
     }
   }
-  // Dropping the tile state keeps the thread's context switches as cheap as before.
-  asm volatile("tilerelease");
+  amx::release();
 }
 
 }  // namespace kiln::cpu

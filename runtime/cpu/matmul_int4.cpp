@@ -284,9 +284,11 @@ void matmul_int4_int8(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t r
   thread_local Int8Rows scratch;
   Int8Rows& xq = scratch;
   quantize_rows_int8(pool, isa, x, rows, w.in, w.group_size, xq);
-  const Int4Int8Kernel kernel = isa == MatmulIsa::Avx512 && cpu_has_avx512_vnni() ? matmul_int4_int8_vnni
-                                : isa != MatmulIsa::Scalar                        ? matmul_int4_int8_avx2
-                                                                                  : matmul_int4_int8_scalar;
+  const bool amx = isa == MatmulIsa::Avx512 && rows >= kAmxMinRows && amx_int8_usable();
+  const Int4Int8Kernel kernel = amx                                                 ? matmul_int4_int8_amx
+                                : isa == MatmulIsa::Avx512 && cpu_has_avx512_vnni() ? matmul_int4_int8_vnni
+                                : isa != MatmulIsa::Scalar                          ? matmul_int4_int8_avx2
+                                                                                    : matmul_int4_int8_scalar;
   parallel_panel_tasks(pool, rows, 0, w.panels(),
                        [&](int64_t r0, int64_t r1, int64_t p0, int64_t p1) { kernel(xq, r0, r1, w, p0, p1, y); });
 }

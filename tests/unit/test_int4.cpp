@@ -144,6 +144,19 @@ void check_kernels(int64_t rows, int64_t out, int64_t in, int64_t gs, uint32_t s
       if (int8_x) {
         ASSERT_EQ(y, scalar) << what << ": not bit-identical to the scalar kernel";
       }
+      // The kernels matmul_int4 picks by row count, each on its own, on the same int8 rows.
+      if (int8_x && isa == cpu::MatmulIsa::Avx512) {
+        cpu::Int8Rows xq;
+        cpu::quantize_rows_int8(pool, isa, x.data(), rows, in, gs, xq);
+        std::vector<std::pair<const char*, cpu::Int4Int8Kernel>> kernels;
+        if (cpu::cpu_has_avx512_vnni()) kernels.emplace_back("vnni", cpu::matmul_int4_int8_vnni);
+        if (cpu::amx_int8_usable()) kernels.emplace_back("amx", cpu::matmul_int4_int8_amx);
+        for (const auto& [name, kernel] : kernels) {
+          std::vector<float> direct(y.size(), NAN);
+          kernel(xq, 0, rows, packed, 0, packed.panels(), direct.data());
+          ASSERT_EQ(direct, scalar) << what << ": the " << name << " kernel is not bit-identical to the scalar one";
+        }
+      }
       // Batch invariance: a row's result does not depend on the other rows.
       std::vector<float> one(static_cast<size_t>(out));
       const int64_t r = rows - 1;
@@ -161,6 +174,11 @@ TEST(Int4Matmul, KernelsMatchNaiveReferenceOnOddShapes) {
   check_kernels(70, 50, 160, 32, 5);  // more rows than one task's tile, partial panels
   check_kernels(13, 17, 6, 2, 6);     // the smallest group size
   check_kernels(6, 40, 192, 96, 7);   // Vnni with 6 blocks per group: a 4-row tile and a 2-row tile
+  // AMX-sized batches: 64 inputs per tile product (g64, g128), 32 (g96), 16 (g48); full and partial 16-row tiles.
+  check_kernels(16, 35, 256, 128, 8);
+  check_kernels(33, 16, 192, 96, 9);
+  check_kernels(12, 21, 96, 48, 10);
+  check_kernels(40, 48, 128, 64, 11);
 }
 
 // The int8 activation error on a realistic activation distribution (heavy-tailed, one outlier channel per group, as

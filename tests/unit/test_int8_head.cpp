@@ -129,6 +129,10 @@ void check_shape(int64_t rows, int64_t out, int64_t in, unsigned seed, bool min_
   EXPECT_EQ(vnni, scalar) << "rows " << rows << " out " << out << " in " << in;
   cpu::matmul_int8(pool, cpu::MatmulIsa::Avx512, x.data(), rows, packed, pooled.data());
   EXPECT_EQ(pooled, scalar);
+  if (!cpu::amx_int8_usable()) GTEST_SKIP() << "no usable AMX-INT8 on this CPU: the AMX kernel is not run";
+  std::vector<float> amx(size_t(rows * out));
+  cpu::matmul_int8_amx(xq, 0, rows, packed, 0, packed.panels(), amx.data());
+  EXPECT_EQ(amx, scalar) << "amx: rows " << rows << " out " << out << " in " << in;
 }
 
 TEST(Int8Head, KernelsMatchTheReferenceOnOddShapes) {
@@ -138,6 +142,9 @@ TEST(Int8Head, KernelsMatchTheReferenceOnOddShapes) {
   check_shape(9, 7, 160, 4);   // rows past two 4-row tiles, a panel of 7
   check_shape(70, 33, 64, 5);  // two row tasks of the pool
   check_shape(5, 40, 64, 6, /*min_codes=*/true);
+  check_shape(16, 48, 96, 7);   // AMX: one full 16-row tile
+  check_shape(41, 19, 128, 8);  // AMX: two full tiles and a 9-row one, a panel of 3
+  check_shape(12, 20, 64, 9, /*min_codes=*/true);
 }
 
 TEST(Int8Head, NonFiniteActivationsGiveNan) {

@@ -1,0 +1,202 @@
+// AMX kernels for the int8 tile products: int4 weights in the Vnni layout (matmul_int4.h) and the int8 head
+// (matmul_int8.h), both against int8 activations, for batched decode and prefill on CPUs with AMX-INT8.
+//
+// Why AMX: the AVX512-VNNI kernels do one `vpdpbusd` (16 outputs x 4 inputs) per row and 4 inputs, so at batch 10 and
+// up int4 steps are bound by it. One `tdpbsud` multiplies up to 16 rows x 64 inputs of int8 activations (signed) by
+// 64 inputs x 16 outputs of unsigned bytes into 16 x 16 int32 sums. Its weight tile's row c holds, for each output j,
+// inputs 4c..4c+3 in bytes 4j..4j+3:
+// - the int8 head's layout is exactly that (its biased codes are the unsigned operand), so it is loaded as it lies;
+// - a Vnni int4 block of 8 inputs gives two such rows with one AND and one shift (low nibbles: its first 4 inputs,
+//   high nibbles: its last 4), so each panel is unpacked once per call and reused by every row tile.
+// The activation tile is the rows of Int8Rows::q as they lie.
+//
+// The int32 sums of a group are exact, as in every other kernel, and the fp32 operations after each group are the
+// scalar kernels', in the same order: the results are bit-identical to the scalar and VNNI kernels, so a row's result
+// does not depend on which kernel its batch size picked (batch invariance, docs/runtime.md).
+#include <immintrin.h>
+
+// GCC 12 warns about the deliberately undefined upper lanes inside its own AVX-512 headers.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#include <algorithm>
+#include <vector>
+
+#include "runtime/cpu/amx_x86.h"
+#include "runtime/cpu/matmul_int4.h"
+#include "runtime/cpu/matmul_int8.h"
+#include "runtime/cpu/x86_target.h"
+
+namespace kiln::cpu {
+
+namespace {
+
+constexpr int64_t kTileRows = 16;  // activation rows per tile product
+
+// Tiles 0 and 4 activations (n rows x kc bytes), 1 and 5 weights (kc / 4 rows x 64 bytes), 2 and 3 sums (n rows x 16
+// int32). Even groups use 0, 1, 2 and odd ones 4, 5, 3: tiles are not renamed, so a load into the tile the previous
+// product reads would wait for it (one pair of operand tiles ran 54 ns per 16 rows x 64 inputs x 16 outputs, two 44).
+amx::TileConfig config(int64_t n, int64_t kc) {
+  amx::TileConfig c;
+  for (int t : {0, 4}) {
+    c.rows[t] = uint8_t(n);
+    c.colsb[t] = uint16_t(kc);
+  }
+  for (int t : {1, 5}) {
+    c.rows[t] = uint8_t(kc / 4);
+    c.colsb[t] = 64;
+  }
+  for (int t : {2, 3}) {
+    c.rows[t] = uint8_t(n);
+    c.colsb[t] = 64;
+  }
+  return c;
+}
+
+// Group g's sums (inputs [g gs, (g + 1) gs) in products of kc) for the rows at xr into tile C; weight-tile row c
+// (inputs 4c..4c+3) at wt + 64 c.
+template <int C, int A, int B>
+inline void group_products(const int8_t* xr, int64_t in, const uint8_t* wt, int64_t g, int64_t gs, int64_t kc) {
+  amx::tile_zero<C>();
+  for (int64_t k = g * gs; k < (g + 1) * gs; k += kc) {
+    amx::tile_load<A>(xr + k, in);
+    amx::tile_load<B>(wt + 16 * k, 64);
+    amx::tile_dot_s8u8<C, A, B>();
+  }
+}
+
+// After each group of an int4 panel: acc[i] += d (s dot - zs qsum), matmul_int4_int8_scalar's operations.
+struct Int4Scale {
+  const Int8Rows& x;
+  const Int4Linear& w;
+  int64_t p;
+  KILN_TARGET_AVX512 void operator()(int64_t r, int64_t n, int64_t g, const int32_t (*dot)[kPanel],
+                                     float (*acc)[kPanel]) const {
+    const int64_t G = w.groups();
+    const __m512 s = _mm512_loadu_ps(w.scale.data() + (p * G + g) * kPanel);
+    const __m512 zs = _mm512_loadu_ps(w.zscale.data() + (p * G + g) * kPanel);
+    for (int64_t i = 0; i < n; ++i) {
+      const size_t rg = size_t((r + i) * G + g);
+      const __m512 u = _mm512_fnmadd_ps(zs, _mm512_set1_ps(x.qsum[rg]),
+                                        _mm512_mul_ps(s, _mm512_cvtepi32_ps(_mm512_load_si512(dot[i]))));
+      _mm512_store_ps(acc[i], _mm512_fmadd_ps(_mm512_set1_ps(x.d[rg]), u, _mm512_load_ps(acc[i])));
+    }
+  }
+};
+
+// After each block of 32 of an int8-head panel: the bias 128 Σ x8 removed in int32, then acc[i] = fma(s d, dot,
+// acc[i]), matmul_int8_scalar's operations.
+struct Int8Scale {
+  const Int8Rows& x;
+  const Int8Linear& w;
+  int64_t p;
+  KILN_TARGET_AVX512 void operator()(int64_t r, int64_t n, int64_t b, const int32_t (*dot)[kPanel],
+                                     float (*acc)[kPanel]) const {
+    const int64_t B = w.blocks();
+    const __m512 s =
+        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.scales.data() + (p * B + b) * kPanel)));
+    for (int64_t i = 0; i < n; ++i) {
+      const size_t rb = size_t((r + i) * B + b);
+      const __m512i d = _mm512_sub_epi32(_mm512_load_si512(dot[i]), _mm512_set1_epi32(128 * int32_t(x.qsum[rb])));
+      _mm512_store_ps(acc[i], _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(x.d[rb])), _mm512_cvtepi32_ps(d),
+                                              _mm512_load_ps(acc[i])));
+    }
+  }
+};
+
+// Rows [r, r + n) of one panel of `out` outputs starting at column `col`: G groups of gs inputs, weight tiles at wt,
+// each group's sums scaled into the fp32 sums by scale(r, n, g, dot, acc). `next` (the next panel's bytes, or nullptr)
+// is prefetched into L2 a group at a time, next_step bytes each, so that memory stays busy meanwhile.
+//
+// Groups alternate between two sum tiles, and group g's sums are stored only once group g + 1's products are issued
+// and read back one group later still: the tile unit runs in order, and a store right after its products, or a
+// read right after that store, waited for the products' whole latency.
+template <class Scale>
+KILN_TARGET_AVX512 void row_tile(const int8_t* xr, int64_t in, int64_t r, int64_t n, const uint8_t* wt, int64_t G,
+                                 int64_t gs, int64_t kc, const char* next, int64_t next_step, const Scale& scale,
+                                 int64_t out, int64_t col, float* y) {
+  alignas(64) float acc[kTileRows][kPanel];
+  alignas(64) int32_t dot[3][kTileRows][kPanel];
+  for (int64_t i = 0; i < n; ++i) _mm512_store_ps(acc[i], _mm512_setzero_ps());
+  for (int64_t g = 0; g < G + 2; ++g) {
+    if (g < G) {
+      if (next)
+        for (int64_t l = 0; l < next_step; l += 64) _mm_prefetch(next + g * next_step + l, _MM_HINT_T1);
+      if (g & 1)
+        group_products<3, 4, 5>(xr, in, wt, g, gs, kc);
+      else
+        group_products<2, 0, 1>(xr, in, wt, g, gs, kc);
+    }
+    if (g >= 1 && g <= G) {
+      if ((g - 1) & 1)
+        amx::tile_store<3>(dot[(g - 1) % 3], 64);
+      else
+        amx::tile_store<2>(dot[(g - 1) % 3], 64);
+    }
+    if (g >= 2) scale(r, n, g - 2, dot[(g - 2) % 3], acc);
+  }
+  const int64_t width = std::min(kPanel, out - col);
+  const __mmask16 valid = __mmask16((1u << width) - 1);
+  for (int64_t i = 0; i < n; ++i) _mm512_mask_storeu_ps(y + (r + i) * out + col, valid, _mm512_load_ps(acc[i]));
+}
+
+// Int4 panel p's codes as weight-tile rows: row c (inputs 4c..4c+3 of every output) at tiles + 64 c.
+KILN_TARGET_AVX512 void unpack_panel(const Int4Linear& w, int64_t p, uint8_t* tiles) {
+  const uint8_t* panel = w.q.data() + p * w.in * 8;
+  const __m512i mask = _mm512_set1_epi8(0x0F);
+  for (int64_t b = 0; b < w.in / 8; ++b) {
+    const __m512i v = _mm512_loadu_si512(panel + b * 64);
+    _mm512_storeu_si512(tiles + b * 128, _mm512_and_si512(v, mask));
+    _mm512_storeu_si512(tiles + b * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), mask));
+  }
+}
+
+}  // namespace
+
+bool amx_int8_usable() {
+  static const bool usable = cpu_has_avx512_vnni() && amx::usable(amx::Kind::Int8);
+  return usable;
+}
+
+void matmul_int4_int8_amx(const Int8Rows& x, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0, int64_t p1,
+                          float* y) {
+  // One panel's weight tiles (in x 16 bytes), kept per thread and only grown.
+  thread_local std::vector<uint8_t> tiles;
+  if (tiles.size() < size_t(w.in * 16)) tiles.resize(size_t(w.in * 16));
+  const int64_t gs = w.group_size, kc = gs % 64 == 0 ? 64 : gs % 32 == 0 ? 32 : 16;  // Vnni: gs % 16 == 0
+  amx::TileConfig loaded;
+  loaded.palette = 0;  // nothing loaded yet
+  for (int64_t p = p0; p < p1; ++p) {
+    unpack_panel(w, p, tiles.data());
+    const char* next = p + 1 < w.panels() ? reinterpret_cast<const char*>(w.q.data() + (p + 1) * w.in * 8) : nullptr;
+    const Int4Scale scale{x, w, p};
+    for (int64_t r = r0; r < r1; r += kTileRows) {
+      const int64_t n = std::min(kTileRows, r1 - r);
+      amx::load_config(config(n, kc), loaded);
+      row_tile(x.q.data() + r * w.in, w.in, r, n, tiles.data(), w.groups(), gs, kc, r == r0 ? next : nullptr, gs * 8,
+               scale, w.out, p * kPanel, y);
+    }
+  }
+  amx::release();
+}
+
+void matmul_int8_amx(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1, float* y) {
+  amx::TileConfig loaded;
+  loaded.palette = 0;
+  const size_t panel_bytes = size_t(w.in * kPanel);
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint8_t* panel = w.q.data() + size_t(p) * panel_bytes;
+    const char* next = p + 1 < w.panels() ? reinterpret_cast<const char*>(panel + panel_bytes) : nullptr;
+    const Int8Scale scale{x, w, p};
+    for (int64_t r = r0; r < r1; r += kTileRows) {
+      const int64_t n = std::min(kTileRows, r1 - r);
+      amx::load_config(config(n, kInt8Block), loaded);
+      row_tile(x.q.data() + r * w.in, w.in, r, n, panel, w.blocks(), kInt8Block, kInt8Block, r == r0 ? next : nullptr,
+               kInt8Block * kPanel, scale, w.out, p * kPanel, y);
+    }
+  }
+  amx::release();
+}
+
+}  // namespace kiln::cpu
