@@ -468,7 +468,8 @@ def main():
                     continue
                 kinds, kv_bytes = ["Q4_0", "Q4_1"], 2
             else:
-                kiln(args, "convert", args.model, "-o", ws, "--dtype", dtype)
+                if not ws.exists():  # ws-bf16 is already there when an int4 row came first (its quantize input)
+                    kiln(args, "convert", args.model, "-o", ws, "--dtype", dtype)
                 kinds, kv_bytes = ["F32" if dtype == "fp32" else "BF16"], 4 if dtype == "fp32" else 2
             wbytes = weight_bytes(ws)
             kv_per_token = 30 * 2 * 3 * 64 * kv_bytes  # layers * (K,V) * kv heads * head_dim
