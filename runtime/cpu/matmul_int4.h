@@ -90,8 +90,7 @@ void matmul_int4_int8_vnni(const Int8Rows& x, int64_t r0, int64_t r1, const Int4
 bool amx_int8_usable();
 // Bit-identical to the kernels above; matmul_int4 and matmul_int8 use AMX for kAmxMinRows rows or more (where
 // amx_int8_usable()): with fewer, the tile products run mostly empty and the VNNI kernels were faster (SmolLM2
-// int4 decode, tokens/s, VNNI / AMX: batch 4 974 / 770, batch 8 1100 / 1070, batch 10 1106 / 1204, batch 32 1290 /
-// 1625; docs/BENCHMARKS.md).
+// int4 decode against VNNI: batch 4 -21%, batch 8 -3%, batch 10 +8%, batch 32 +26-29%; docs/BENCHMARKS.md).
 void matmul_int4_int8_amx(const Int8Rows& x, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0, int64_t p1,
                           float* y);
 constexpr int64_t kAmxMinRows = 10;
