@@ -148,15 +148,16 @@ TEST(Int8Head, KernelsMatchTheReferenceOnOddShapes) {
 }
 
 TEST(Int8Head, NonFiniteActivationsGiveNan) {
-  std::vector<float> w(2 * 32, 0.1f), x(32, 1.0f);
-  x[3] = INFINITY;
-  const Int8HeadMatrix m = quantize_int8_head(w.data(), 2, 32, "w");
+  const Int8HeadMatrix m = quantize_int8_head(std::vector<float>(2 * 32, 0.1f).data(), 2, 32, "w");
   const cpu::Int8Linear packed =
       cpu::pack_linear_int8({m.qweight.data(), reinterpret_cast<const uint8_t*>(m.scales.data()), 2, 32, 32});
   cpu::ThreadPool pool(1);
-  std::vector<float> y(2);
-  cpu::matmul_int8(pool, cpu::best_matmul_isa(), x.data(), 1, packed, y.data());
-  EXPECT_TRUE(std::isnan(y[0]) && std::isnan(y[1]));
+  for (int64_t rows : {int64_t(1), cpu::kAmxMinRows + 6}) {  // the VNNI kernel, and the AMX one where usable
+    std::vector<float> x(size_t(rows * 32), 1.0f), y(size_t(rows * 2));
+    for (int64_t r = 0; r < rows; ++r) x[size_t(r * 32 + 3)] = r % 2 ? -INFINITY : INFINITY;
+    cpu::matmul_int8(pool, cpu::best_matmul_isa(), x.data(), rows, packed, y.data());
+    for (float v : y) EXPECT_TRUE(std::isnan(v)) << "rows " << rows;
+  }
 }
 
 // The vectorized activation quantizers against the portable loop on the groups that take other branches: NaN and
