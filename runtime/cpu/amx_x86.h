@@ -1,5 +1,5 @@
 #pragma once
-// What the AMX kernels (matmul_bf16_amx.cpp, matmul_int4_amx.cpp) share: asking Linux for the tile state, the CPUID
+// What the AMX kernels (matmul_bf16_amx.cpp, matmul_int8_amx.cpp) share: asking Linux for the tile state, the CPUID
 // check, the tile configuration and the tile instructions. The instructions are inline assembly, so the rest of kiln
 // stays baseline x86-64 and they run only where a kernel's *_usable() check passed.
 #include <sys/syscall.h>

@@ -48,7 +48,7 @@ void matmul_bf16_pairs(ThreadPool& pool, MatmulIsa isa, Bf16Math math, const flo
   if (math == Bf16Math::Amx && simd && amx_bf16_usable()) {
     // Kept per calling thread and only grown: a fresh vector per call cost a page fault per 4 KB and a memset (a
     // 512-token prefill's parts are 4.7 MB), as much as the tile products of small matmuls.
-    thread_local std::vector<uint16_t> parts;
+    thread_local AlignedVector<uint16_t> parts;
     const int64_t kpad = amx_padded_inputs(w.in);
     if (parts.size() < size_t(3 * rows * kpad)) parts.resize(size_t(3 * rows * kpad));
     uint16_t* xs = parts.data();

@@ -37,9 +37,9 @@ enum class Int4Layout { Panel, Vnni };
 struct Int4Linear : LinearWeight {
   int64_t out = 0, in = 0, group_size = 0;
   Int4Layout layout = Int4Layout::Panel;
-  std::vector<uint8_t> q;     // Panel: [panels][in][8]; Vnni: [panels][in / 8][64]
-  std::vector<float> scale;   // [panels][groups][kPanel]
-  std::vector<float> zscale;  // [panels][groups][kPanel]: zero * scale
+  AlignedVector<uint8_t> q;     // Panel: [panels][in][8]; Vnni: [panels][in / 8][64]
+  AlignedVector<float> scale;   // [panels][groups][kPanel]
+  AlignedVector<float> zscale;  // [panels][groups][kPanel]: zero * scale
   int64_t out_features() const override { return out; }
   int64_t in_features() const override { return in; }
   int64_t panels() const { return (out + kPanel - 1) / kPanel; }
@@ -69,9 +69,9 @@ void matmul_int4_avx512(const float* x, const float* xsum, int64_t r0, int64_t r
 
 // Vnni layout: activations quantized per (row, group) by matmul_int4.
 struct Int8Rows {
-  std::vector<int8_t> q;    // [rows][in]
-  std::vector<float> d;     // [rows][groups]: x ≈ d * q
-  std::vector<float> qsum;  // [rows][groups]: Σ q over the group (exact as a float: |Σ| ≤ 127 * group size)
+  AlignedVector<int8_t> q;    // [rows][in]
+  AlignedVector<float> d;     // [rows][groups]: x ≈ d * q
+  AlignedVector<float> qsum;  // [rows][groups]: Σ q over the group (exact as a float: |Σ| ≤ 127 * group size)
 };
 // Per (row, group of gs inputs): d = max|x| / 127 and q = round(x / d) in [-127, 127] (ties to even); also used by
 // the int8 head (matmul_int8.h) with gs = 32. Rows are split over the pool; every ISA gives the same codes.

@@ -162,7 +162,7 @@ bool amx_int8_usable() {
 void matmul_int4_int8_amx(const Int8Rows& x, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0, int64_t p1,
                           float* y) {
   // One panel's weight tiles (in x 16 bytes), kept per thread and only grown.
-  thread_local std::vector<uint8_t> tiles;
+  thread_local AlignedVector<uint8_t> tiles;
   if (tiles.size() < size_t(w.in * 16)) tiles.resize(size_t(w.in * 16));
   const int64_t gs = w.group_size, kc = gs % 64 == 0 ? 64 : gs % 32 == 0 ? 32 : 16;  // Vnni: gs % 16 == 0
   amx::TileConfig loaded;

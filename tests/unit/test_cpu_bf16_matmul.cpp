@@ -79,6 +79,19 @@ TEST(CpuBf16Matmul, PairLayoutHoldsEveryWeight) {
             cpu::DenseLayout::Panel);
 }
 
+TEST(CpuBf16Matmul, PackedWeightsStartOnACacheLine) {
+  // The kernels read 64-byte rows (a zmm load, an AMX tile row). Large enough to be mmap'd by malloc, which would
+  // start the data 16 bytes into a page: every row would straddle two lines (half speed for AMX tile loads).
+  const int64_t out = 512, in = 520;
+  Bf16Weights w = random_weights(out * in, 5);
+  for (cpu::DenseLayout layout : {cpu::DenseLayout::Panel, cpu::DenseLayout::Bf16Pairs}) {
+    cpu::PackedLinear p = cpu::pack_linear(w.bits.data(), DType::BF16, out, in, layout);
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(p.data.data()) % 64, 0u);
+    cpu::PackedLinear copy = p;  // copies keep it
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(copy.data.data()) % 64, 0u);
+  }
+}
+
 TEST(CpuBf16Matmul, ExactKernelsMatchTheFp32Product) {
   for (const auto& s : kShapes) {
     const int64_t out = s[0], in = s[1];

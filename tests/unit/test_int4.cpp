@@ -166,6 +166,24 @@ void check_kernels(int64_t rows, int64_t out, int64_t in, int64_t gs, uint32_t s
   }
 }
 
+TEST(Int4Matmul, PackedCodesAndInt8RowsStartOnACacheLine) {
+  // As the bf16 weights (test_cpu_bf16_matmul.cpp): big enough for malloc to mmap them 16 bytes into a page.
+  const int64_t out = 1024, in = 1024, gs = 64, rows = 200;
+  std::vector<float> w(size_t(out * in), 0.25f), x(size_t(rows * in), -1.5f);
+  Int4Matrix m = quantize_int4(w.data(), out, in, gs, "w");
+  Int4WeightView v{m.qweight.data(), reinterpret_cast<const uint8_t*>(m.scales.data()), m.zeros.data(), out, in, gs};
+  for (cpu::Int4Layout layout : {cpu::Int4Layout::Panel, cpu::Int4Layout::Vnni}) {
+    const cpu::Int4Linear packed = cpu::pack_linear_int4(v, layout);
+    for (const void* data : {static_cast<const void*>(packed.q.data()), static_cast<const void*>(packed.scale.data()),
+                             static_cast<const void*>(packed.zscale.data())})
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(data) % 64, 0u);
+  }
+  cpu::ThreadPool pool(1);
+  cpu::Int8Rows xq;
+  cpu::quantize_rows_int8(pool, cpu::MatmulIsa::Scalar, x.data(), rows, in, gs, xq);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(xq.q.data()) % 64, 0u);
+}
+
 TEST(Int4Matmul, KernelsMatchNaiveReferenceOnOddShapes) {
   check_kernels(1, 16, 64, 32, 1);
   check_kernels(1, 37, 96, 32, 2);
