@@ -21,7 +21,6 @@
 #endif
 
 #include <algorithm>
-#include <vector>
 
 #include "runtime/cpu/amx_x86.h"
 #include "runtime/cpu/matmul_int4.h"
