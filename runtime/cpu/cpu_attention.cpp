@@ -267,8 +267,9 @@ void chunk_partials_default(const LayerView& v, const RowRef* rows, int64_t coun
 // else (or with a softcap) the portable code, which GCC vectorizes 8 wide and contracts into FMAs (so its results
 // differ from the baseline build's by rounding; a row's still never depend on the batch, since every row of a layer
 // goes through the same function). AVX-512 CPUs take it too: their former kernel scored 16 keys at a time but kept
-// libm's expf per key and the value sums in memory, the larger costs by the AVX2 profile (not measured on an AVX-512
-// CPU).
+// libm's expf per key and the value sums in memory, the larger costs by the AVX2 profile. A 16-lane twin of the AVX2
+// kernel (session 20, an AVX-512 Xeon) was 15% faster on int8 rows in L2 but 8-15% slower on fp32 and widened rows
+// read from memory, so it was not kept (docs/BENCHMARKS.md).
 KILN_TARGET_AVX2 void chunk_partials_avx2(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
                                           int64_t task_end, bool first, float* scratch, float* part) {
   chunk_partials_impl<true>(v, rows, count, g, c, task_end, first, scratch, part);
@@ -337,8 +338,10 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
     pool_.parallel_for(
         ntiles * kvh,
         [&](int64_t b, int64_t e) {
-          float* scratch = task_scratch(chunk_scratch(hd));
-          std::vector<float> part(size_t(kRowTile * stride)), total(size_t(kRowTile * stride));
+          // One buffer per thread: a task's widened chunk, then its rows' partials and running results (vectors
+          // allocated and zeroed per call cost 20% of batch-32 decode attention).
+          float* scratch = task_scratch(chunk_scratch(hd) + size_t(2 * kRowTile * stride));
+          float *part = scratch + chunk_scratch(hd), *total = part + kRowTile * stride;
           for (int64_t t = b; t < e; ++t) {
             const int64_t g = t % kvh, r0 = tiles[size_t(t / kvh)], count = tiles[size_t(t / kvh) + 1] - r0;
             const RowRef* tile = rows.data() + r0;
@@ -348,21 +351,23 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
               last = std::max(last, tile[i].last);
             }
             for (int64_t ch = first / kKeyChunk; ch * kKeyChunk < last; ++ch) {
-              partials_of(view, tile, count, g, ch, last, ch == first / kKeyChunk, scratch, part.data());
+              partials_of(view, tile, count, g, ch, last, ch == first / kKeyChunk, scratch, part);
               for (int64_t i = 0; i < count; ++i) {
                 const int64_t c0 = ch * kKeyChunk;
                 if (std::max(c0, tile[i].first) >= std::min(c0 + kKeyChunk, tile[i].last)) continue;
-                float* run = total.data() + i * stride;
+                float* run = total + i * stride;
                 if (c0 <= tile[i].first)  // the row's first chunk
-                  std::copy(part.data() + i * stride, part.data() + (i + 1) * stride, run);
+                  std::copy(part + i * stride, part + (i + 1) * stride, run);
                 else
-                  fold_partial(run, part.data() + i * stride, group, hd);
+                  fold_partial(run, part + i * stride, group, hd);
               }
             }
-            for (int64_t i = 0; i < count; ++i) finish(tile[i], g, total.data() + i * stride);
+            for (int64_t i = 0; i < count; ++i) finish(tile[i], g, total + i * stride);
           }
         },
-        1);
+        // Runs of consecutive tasks (about 8 per thread) rather than one at a time: a row's kv heads are adjacent
+        // in each cache block, and batch-32 decode attention ran 5-8% faster so (kiln_bench_cpu_attention).
+        std::max<int64_t>(1, ntiles * kvh / (8 * int64_t(pool_.size()))));
     return;
   }
 

@@ -36,6 +36,7 @@ class CpuBackend : public Backend {
  public:
   explicit CpuBackend(unsigned threads, MatmulIsa isa = best_matmul_isa());
   std::string name() const override;
+  bool host_memory() const override { return true; }
   ThreadPool& pool() { return pool_; }
   MatmulIsa isa() const { return isa_; }
 

@@ -88,11 +88,12 @@ void matmul_int4_int8_vnni(const Int8Rows& x, int64_t r0, int64_t r1, const Int4
                            float* y);
 // AMX-INT8 (matmul_int8_amx.cpp): listed, granted by Linux, not turned off by KILN_CPU_AMX=0, and with AVX512-VNNI.
 bool amx_int8_usable();
-// Bit-identical to the kernels above; matmul_int4 and matmul_int8 use AMX for kAmxMinRows rows or more (where
-// amx_int8_usable()): with fewer, the tile products run mostly empty and the VNNI kernels were faster (SmolLM2
-// int4 decode against VNNI: batch 4 -21%, batch 8 -3%, batch 10 +8%, batch 32 +26-29%; docs/BENCHMARKS.md).
+// Bit-identical to the kernels above; matmul_int4 uses AMX for kAmxMinRows rows or more (where amx_int8_usable()):
+// with fewer, the tile products run mostly empty and the VNNI kernel is faster. Kernel alone, one thread, SmolLM2's
+// shapes, after session 19's AMX changes: VNNI 123-138 G multiply-adds/s at 4 to 7 rows, AMX 126-133 at 4, 144-152
+// at 5, 171-193 at 7 (before them the crossover was at 10 rows; docs/BENCHMARKS.md).
 void matmul_int4_int8_amx(const Int8Rows& x, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0, int64_t p1,
                           float* y);
-constexpr int64_t kAmxMinRows = 10;
+constexpr int64_t kAmxMinRows = 5;
 
 }  // namespace kiln::cpu

@@ -70,7 +70,7 @@ void matmul_int8(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, 
   thread_local Int8Rows scratch;
   Int8Rows& xq = scratch;
   quantize_rows_int8(pool, isa, x, rows, w.in, kInt8Block, xq);
-  const bool amx = isa == MatmulIsa::Avx512 && rows >= kAmxMinRows && amx_int8_usable();
+  const bool amx = isa == MatmulIsa::Avx512 && rows >= kAmxMinRowsInt8 && amx_int8_usable();
   const Int8Kernel kernel = amx                                                 ? matmul_int8_amx
                             : isa == MatmulIsa::Avx512 && cpu_has_avx512_vnni() ? matmul_int8_vnni
                             : isa != MatmulIsa::Scalar                          ? matmul_int8_avx2

@@ -37,9 +37,9 @@ struct Int8Linear : LinearWeight {
 // Throws kiln::Error unless the view's group size is 32 and divides `in`.
 Int8Linear pack_linear_int8(const Int8WeightView& w);
 
-// Quantizes x per block of 32 and runs the AMX kernel for kAmxMinRows rows or more where amx_int8_usable(), the VNNI
-// kernel when the CPU has AVX512-VNNI and isa is Avx512, the AVX2 one for any other isa but Scalar, else the scalar
-// one (the same result from all four, bit for bit).
+// Quantizes x per block of 32 and runs the AMX kernel for kAmxMinRowsInt8 rows or more where amx_int8_usable(), the
+// VNNI kernel when the CPU has AVX512-VNNI and isa is Avx512, the AVX2 one for any other isa but Scalar, else the
+// scalar one (the same result from all four, bit for bit).
 void matmul_int8(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, const Int8Linear& w, float* y);
 
 // Kernels over panels [p0, p1) and rows [r0, r1) of activations quantized with group size 32.
@@ -50,7 +50,10 @@ void matmul_int8_scalar(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Lin
 void matmul_int8_vnni(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1, float* y);
 void matmul_int8_avx2(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1, float* y);
 // AMX-INT8 (matmul_int8_amx.cpp, only where amx_int8_usable()): bit-identical to the kernels above; matmul_int8 uses it
-// for kAmxMinRows rows and more.
+// for kAmxMinRowsInt8 rows and more. Later than int4's kAmxMinRows: blocks of 32 give tile products half as deep, and
+// the VNNI kernel has no nibbles to unpack (SmolLM2's head alone, one thread: VNNI ahead up to 6 rows, AMX 5% ahead at
+// 8 and 18% at 10).
 void matmul_int8_amx(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1, float* y);
+inline constexpr int64_t kAmxMinRowsInt8 = 8;
 
 }  // namespace kiln::cpu

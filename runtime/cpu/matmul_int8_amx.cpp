@@ -1,7 +1,7 @@
 // AMX kernels for the int8 tile products: int4 weights in the Vnni layout (matmul_int4.h) and the int8 head
 // (matmul_int8.h), both against int8 activations, for batched decode and prefill on CPUs with AMX-INT8.
 //
-// Why AMX: the AVX512-VNNI kernels do one `vpdpbusd` (16 outputs x 4 inputs) per row and 4 inputs, so at batch 10 and
+// Why AMX: the AVX512-VNNI kernels do one `vpdpbusd` (16 outputs x 4 inputs) per row and 4 inputs, so from a few rows
 // up int4 steps are bound by it. One `tdpbsud` multiplies up to 16 rows x 64 inputs of int8 activations (signed) by
 // 64 inputs x 16 outputs of unsigned bytes into 16 x 16 int32 sums. Its weight tile's row c holds, for each output j,
 // inputs 4c..4c+3 in bytes 4j..4j+3:

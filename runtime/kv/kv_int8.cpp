@@ -6,7 +6,7 @@
 
 namespace kiln {
 
-// std::nearbyint under the default rounding mode: round half to even, the same rule numpy's np.rint uses, so the
+// Round half to even (std::nearbyint's rule in the default rounding mode), the same rule numpy's np.rint uses, so the
 // Python reference in tests/python/test_kv_int8.py reproduces the codes exactly.
 void kv_quantize_static(const float* x, int64_t n, float scale, int8_t* q) {
   if (!(scale > 0)) {
@@ -14,7 +14,14 @@ void kv_quantize_static(const float* x, int64_t n, float scale, int8_t* q) {
     return;
   }
   const float inv = 1.0f / scale;
-  for (int64_t i = 0; i < n; ++i) q[i] = int8_t(std::clamp(std::nearbyint(x[i] * inv), -127.0f, 127.0f));
+  // Rounds half to even, as nearbyint does in the default rounding mode, but without a libm call per element (which
+  // kept the loop scalar; kv_write was 2% of a batch-32 CPU decode step): for |v| <= 127, v + 1.5 * 2^23 lies in
+  // [2^23, 2^24), where floats are the integers, so the addition itself rounds. NaN is stored as 0.
+  constexpr float kRound = 12582912.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::clamp(x[i] * inv, -127.0f, 127.0f);
+    q[i] = v == v ? int8_t(int32_t((v + kRound) - kRound)) : int8_t(0);
+  }
 }
 
 void kv_dequantize_static(const int8_t* q, int64_t n, float scale, float* x) {

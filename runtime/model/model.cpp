@@ -175,12 +175,13 @@ const ForwardResult& Model::forward(std::span<BatchEntry> batch, KvCache& cache,
   }
 
   const int64_t R = int64_t(logit_rows.size());
-  Buffer& logits = scratch_.get(Scratch::Logits, R * V);
-  backend_.logits(h, H, logit_rows, *head_, logits.f32());
-  if (graph_.final_softcap > 0) backend_.softcap(logits.f32(), R * V, graph_.final_softcap);
   result.vocab = V;
   result.logits.resize(size_t(R * V));
-  backend_.download(logits, 0, result.logits.data(), result.logits.size() * sizeof(float));
+  Buffer* buf = backend_.host_memory() ? nullptr : &scratch_.get(Scratch::Logits, R * V);
+  float* logits = buf ? buf->f32() : result.logits.data();
+  backend_.logits(h, H, logit_rows, *head_, logits);
+  if (graph_.final_softcap > 0) backend_.softcap(logits, R * V, graph_.final_softcap);
+  if (buf) backend_.download(*buf, 0, result.logits.data(), result.logits.size() * sizeof(float));
 
   for (BatchEntry& b : batch) b.kv->length += int64_t(b.tokens.size());
   return result;

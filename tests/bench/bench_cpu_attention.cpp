@@ -31,7 +31,7 @@ int main(int argc, char** argv) {
       {"fp32", KvDType::F32}, {"bf16", KvDType::BF16}, {"int8", KvDType::I8Static}, {"int8-row", KvDType::I8Online}};
   for (const auto& [name, dt] : dtypes) {
     if (argc > 2 && std::strcmp(argv[2], name) != 0) continue;
-    for (int64_t batch : {1, 8})
+    for (int64_t batch : {1, 8, 32})
       for (int64_t ctx : {128, 1024, 4096}) {
         if (batch * ctx > 8 * 1024) continue;  // keeps the cache under ~0.5 GB
         KvCacheConfig c{kLayers, kKvHeads, kHd, kBlock, int32_t(batch * ((ctx + kBlock - 1) / kBlock)), dt, {}, {}};

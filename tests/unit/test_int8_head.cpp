@@ -152,7 +152,7 @@ TEST(Int8Head, NonFiniteActivationsGiveNan) {
   const cpu::Int8Linear packed =
       cpu::pack_linear_int8({m.qweight.data(), reinterpret_cast<const uint8_t*>(m.scales.data()), 2, 32, 32});
   cpu::ThreadPool pool(1);
-  for (int64_t rows : {int64_t(1), cpu::kAmxMinRows + 6}) {  // the VNNI kernel, and the AMX one where usable
+  for (int64_t rows : {int64_t(1), cpu::kAmxMinRowsInt8 + 2}) {  // the VNNI kernel, and the AMX one where usable
     std::vector<float> x(size_t(rows * 32), 1.0f), y(size_t(rows * 2));
     for (int64_t r = 0; r < rows; ++r) x[size_t(r * 32 + 3)] = r % 2 ? -INFINITY : INFINITY;
     cpu::matmul_int8(pool, cpu::best_matmul_isa(), x.data(), rows, packed, y.data());

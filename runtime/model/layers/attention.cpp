@@ -29,14 +29,13 @@ void Attention::forward(ForwardContext& ctx, const Buffer& in, float* out) const
   if (c.rotary_dim > 0) {
     const std::span<const float> f = ctx.inv_freq(c.rope_theta, c.rope_scaled);
     const RopeLayout layout{c.head_dim, c.rotary_dim, c.rope_interleaved};
-    be.rope(qkv, N, stride, c.num_heads, layout, ctx.positions, ctx.seq_of_row, f);
-    be.rope(qkv + Q, N, stride, c.num_kv_heads, layout, ctx.positions, ctx.seq_of_row, f);
+    // The k heads follow the q heads in each row, so one call rotates both (each call computes its angles).
+    const int64_t heads = c.num_heads + c.num_kv_heads;
+    be.rope(qkv, N, stride, heads, layout, ctx.positions, ctx.seq_of_row, f);
     if (c.rope_2d) {
       if (int64_t(ctx.block_positions.size()) != N)
         throw Error(c.name + ": 2D RoPE needs block positions (a prefix-LM forward, Model::forward)");
-      const int64_t half = c.head_dim / 2;
-      be.rope(qkv + half, N, stride, c.num_heads, layout, ctx.block_positions, ctx.seq_of_row, f);
-      be.rope(qkv + Q + half, N, stride, c.num_kv_heads, layout, ctx.block_positions, ctx.seq_of_row, f);
+      be.rope(qkv + c.head_dim / 2, N, stride, heads, layout, ctx.block_positions, ctx.seq_of_row, f);
     }
   }
   if (ctx.observer) ctx.observe_kv(c.layer, qkv_buf, stride, Q, c.num_kv_heads, c.head_dim);
