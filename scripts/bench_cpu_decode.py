@@ -444,9 +444,10 @@ def main():
                       f"multiply-adds/s ({2 * macs / 1e9:.0f} G ops/s)")
         if {"amx_int8", "amx_tile"} <= cpu_flags():
             # Not probed: a tdpbsud peak would need the tile grant in the probe; kiln's AMX-INT8 kernels run matmuls
-            # of 10 rows or more (batch >= 10, prefill), and those rows' int8 percentages are of the VNNI peak.
-            print("this CPU lists AMX-INT8: int4 batches of 10 rows or more run on tile products (if Linux grants "
-                  "them; `kiln devices`), whose peak is several times the VNNI one used for the int8 roofline")
+            # of 5 rows or more (the int8 head from 8), and those rows' int8 percentages are of the VNNI peak.
+            print("this CPU lists AMX-INT8: int4 matmuls of 5 rows or more (the int8 head: 8) run on tile products "
+                  "(if Linux grants them; `kiln devices`), whose peak is several times the VNNI one used for the "
+                  "int8 roofline")
         rbw = read_bandwidth(args.threads, tmp)
         if rbw:
             print(f"read bandwidth ({args.threads} threads, vector loads of a 1 GiB buffer): {rbw / 1e9:.1f} GB/s")
