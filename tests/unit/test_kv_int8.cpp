@@ -37,6 +37,29 @@ TEST(KvInt8, StaticRowRoundTripIsWithinHalfAStep) {
   EXPECT_EQ(qb[0], 0);
 }
 
+TEST(KvInt8, StaticCodesRoundHalfToEvenAsNearbyint) {
+  // The quantizer rounds without libm; the reference here is libm's nearbyint (round half to even in the default
+  // mode), then the clamp. Exact halves through the whole code range, their neighbours, values past the range,
+  // infinities, and a random sweep; NaN is stored as 0.
+  std::vector<float> x;
+  for (int k = -130; k <= 130; ++k)
+    for (float d : {0.5f, 0.49999997f, 0.50000006f, 0.0f}) x.push_back(float(k) + d);
+  std::mt19937 g(3);
+  std::uniform_real_distribution<float> u(-200.0f, 200.0f);
+  for (int i = 0; i < 4096; ++i) x.push_back(u(g));
+  for (float v : {1e30f, -1e30f, INFINITY, -INFINITY, -0.0f, 1e-30f}) x.push_back(v);
+  std::vector<int8_t> q(x.size());
+  kv_quantize_static(x.data(), int64_t(x.size()), 1.0f, q.data());
+  for (size_t i = 0; i < x.size(); ++i)
+    ASSERT_EQ(int(q[i]), int(std::clamp(std::nearbyint(x[i]), -127.0f, 127.0f))) << "x = " << x[i];
+  const float nan[3] = {NAN, 1.5f, -NAN};
+  int8_t qn[3];
+  kv_quantize_static(nan, 3, 1.0f, qn);
+  EXPECT_EQ(qn[0], 0);
+  EXPECT_EQ(qn[1], 2);
+  EXPECT_EQ(qn[2], 0);
+}
+
 TEST(KvInt8, OnlineRowRoundTripKeepsTheRange) {
   std::mt19937 g(2);
   std::uniform_real_distribution<float> ud(-3, 5);
