@@ -392,6 +392,39 @@ TEST(SamplerKernels, ExpMatchesStdExp) {
   EXPECT_EQ(sk::exp_nonpositive(kNegInf), 0.0f);
 }
 
+// The sampler runs kernels.h's row scans through CPU-specific clones (AVX2, AVX-512); this test file compiles them at
+// the baseline. Greedy picks and the full processed distribution must agree bit for bit, over row lengths that leave
+// every vector tail, ties across lanes and -inf logits.
+TEST(SamplerKernels, SamplerClonesMatchBaselineKernels) {
+  namespace sk = kiln::sampling_kernels;
+  Sampler sampler;
+  SamplingParams greedy;
+  greedy.temperature = 0.0f;
+  SamplingParams warm;
+  warm.temperature = 0.7f;
+  for (size_t n : {1u, 15u, 16u, 17u, 63u, 255u, 257u, 1000u, 4099u}) {
+    std::vector<float> row = random_logits(n, uint32_t(n));
+    if (n > 20) row[n - 1] = row[n / 3] = 1e3f;  // a tie: the first index wins
+    if (n > 40) row[7] = kNegInf;
+    SamplingState gs(greedy, {});
+    const sk::RowMax ref = sk::row_max(row.data(), n);
+    EXPECT_EQ(sampler.sample(row, gs).token, int32_t(ref.argmax)) << n;
+
+    SamplingState ws(warm, {});
+    std::vector<float> got(n);
+    sampler.processed_logprobs(row, ws, got);
+    std::vector<float> w(n);
+    for (size_t i = 0; i < n; ++i) w[i] = sk::exp_nonpositive((row[i] - ref.max) / warm.temperature);
+    double total = 0.0;
+    for (size_t b = 0; b < n; b += 256) total += sk::sum(&w[b], std::min<size_t>(256, n - b));
+    for (size_t i = 0; i < n; ++i) {
+      const float want = row[i] == kNegInf ? kNegInf
+                                           : float(double((row[i] - ref.max) / warm.temperature) - std::log(total));
+      ASSERT_EQ(got[i], want) << "n " << n << " id " << i;
+    }
+  }
+}
+
 TEST(SamplerKernels, RowMaxFindsFirstMaxAndBadValues) {
   namespace sk = kiln::sampling_kernels;
   std::vector<float> row(1001, -5.0f);
