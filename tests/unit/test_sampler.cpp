@@ -418,8 +418,8 @@ TEST(SamplerKernels, SamplerClonesMatchBaselineKernels) {
     double total = 0.0;
     for (size_t b = 0; b < n; b += 256) total += sk::sum(&w[b], std::min<size_t>(256, n - b));
     for (size_t i = 0; i < n; ++i) {
-      const float want = row[i] == kNegInf ? kNegInf
-                                           : float(double((row[i] - ref.max) / warm.temperature) - std::log(total));
+      const float want =
+          row[i] == kNegInf ? kNegInf : float(double((row[i] - ref.max) / warm.temperature) - std::log(total));
       ASSERT_EQ(got[i], want) << "n " << n << " id " << i;
     }
   }
