@@ -84,5 +84,9 @@ template <int C, int A, int B>  // C += A · B, signed bytes (A) times unsigned 
 inline void tile_dot_s8u8() {
   asm volatile("tdpbsud %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
 }
+template <int C, int A, int B>  // C += A · B, signed bytes times signed bytes into int32
+inline void tile_dot_s8s8() {
+  asm volatile("tdpbssd %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
+}
 
 }  // namespace kiln::cpu::amx

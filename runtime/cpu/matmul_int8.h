@@ -51,9 +51,9 @@ void matmul_int8_vnni(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linea
 void matmul_int8_avx2(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1, float* y);
 // AMX-INT8 (matmul_int8_amx.cpp, only where amx_int8_usable()): bit-identical to the kernels above; matmul_int8 uses it
 // for kAmxMinRowsInt8 rows and more. Later than int4's kAmxMinRows: blocks of 32 give tile products half as deep, and
-// the VNNI kernel has no nibbles to unpack (SmolLM2's head alone, one thread: VNNI ahead up to 6 rows, AMX 5% ahead at
-// 8 and 18% at 10).
+// the VNNI kernel has no nibbles to unpack (SmolLM2's head alone, one thread, since the AMX kernel multiplies signed
+// codes: VNNI ahead at 5 rows, even at 6, AMX 10% ahead at 7 and 12% at 8; before, VNNI led up to 6 rows).
 void matmul_int8_amx(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1, float* y);
-inline constexpr int64_t kAmxMinRowsInt8 = 8;
+inline constexpr int64_t kAmxMinRowsInt8 = 6;
 
 }  // namespace kiln::cpu

@@ -56,13 +56,16 @@ amx::TileConfig config(int64_t n, int64_t kc) {
 
 // Group g's sums (inputs [g gs, (g + 1) gs) in products of kc) for the rows at xr into tile C; weight-tile row c
 // (inputs 4c..4c+3) at wt + 64 c.
-template <int C, int A, int B>
+template <int C, int A, int B, bool SignedWeights>
 inline void group_products(const int8_t* xr, int64_t in, const uint8_t* wt, int64_t g, int64_t gs, int64_t kc) {
   amx::tile_zero<C>();
   for (int64_t k = g * gs; k < (g + 1) * gs; k += kc) {
     amx::tile_load<A>(xr + k, in);
     amx::tile_load<B>(wt + 16 * k, 64);
-    amx::tile_dot_s8u8<C, A, B>();
+    if constexpr (SignedWeights)
+      amx::tile_dot_s8s8<C, A, B>();
+    else
+      amx::tile_dot_s8u8<C, A, B>();
   }
 }
 
@@ -70,6 +73,7 @@ inline void group_products(const int8_t* xr, int64_t in, const uint8_t* wt, int6
 // pointers and the group count, not the structs: the tile instructions' memory clobbers make the compiler reload
 // whatever it reaches through memory, and groups() is a division.
 struct Int4Scale {
+  static constexpr bool kSignedWeights = false;
   const float *qsum, *d;  // the rows' [rows][G]
   const float *s, *zs;    // this panel's [G][kPanel]
   int64_t G;
@@ -90,21 +94,21 @@ struct Int4Scale {
   }
 };
 
-// After each block of 32 of an int8-head panel: the bias 128 Σ x8 removed in int32, then acc[i] = fma(s d, dot,
-// acc[i]), matmul_int8_scalar's operations.
+// After each block of 32 of an int8-head panel, whose tiles hold the signed codes (unbias_panel), so the int32 sums
+// are already Σ q x8: acc[i] = fma(s d, dot, acc[i]), matmul_int8_scalar's operations.
 struct Int8Scale {
-  const float *qsum, *d;  // the rows' [rows][B]
-  const uint16_t* s;      // this panel's [B][kPanel], fp16 bits
+  static constexpr bool kSignedWeights = true;
+  const float* d;     // the rows' [rows][B]
+  const uint16_t* s;  // this panel's [B][kPanel], fp16 bits
   int64_t B;
   Int8Scale(const Int8Rows& x, const Int8Linear& w, int64_t p)
-      : qsum(x.qsum.data()), d(x.d.data()), s(w.scales.data() + p * w.blocks() * kPanel), B(w.blocks()) {}
+      : d(x.d.data()), s(w.scales.data() + p * w.blocks() * kPanel), B(w.blocks()) {}
   // Row r's sums acc after block b, whose int32 sums are dot.
   [[gnu::always_inline]] KILN_TARGET_AVX512 __m512 operator()(int64_t r, int64_t b, const int32_t* dot,
                                                               __m512 acc) const {
     const int64_t rb = r * B + b;
     const __m512 sb = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + b * kPanel)));
-    const __m512i dt = _mm512_sub_epi32(_mm512_load_si512(dot), _mm512_set1_epi32(128 * int32_t(qsum[rb])));
-    return _mm512_fmadd_ps(_mm512_mul_ps(sb, _mm512_set1_ps(d[rb])), _mm512_cvtepi32_ps(dt), acc);
+    return _mm512_fmadd_ps(_mm512_mul_ps(sb, _mm512_set1_ps(d[rb])), _mm512_cvtepi32_ps(_mm512_load_si512(dot)), acc);
   }
 };
 
@@ -132,9 +136,9 @@ KILN_TARGET_AVX512 void row_tile(const int8_t* xr, int64_t in, int64_t r, int64_
         if (next)
           for (int64_t l = 0; l < next_step; l += 64) _mm_prefetch(next + (g0 + j) * next_step + l, _MM_HINT_T1);
         if (j & 1)
-          group_products<3, 4, 5>(xr, in, wt, g0 + j, gs, kc);
+          group_products<3, 4, 5, Scale::kSignedWeights>(xr, in, wt, g0 + j, gs, kc);
         else
-          group_products<2, 0, 1>(xr, in, wt, g0 + j, gs, kc);
+          group_products<2, 0, 1, Scale::kSignedWeights>(xr, in, wt, g0 + j, gs, kc);
       }
       if (j >= 1) {
         if ((j - 1) & 1)
@@ -163,6 +167,16 @@ KILN_TARGET_AVX512 void unpack_panel(const Int4Linear& w, int64_t p, uint8_t* ti
     _mm512_storeu_si512(tiles + b * 128, _mm512_and_si512(v, mask));
     _mm512_storeu_si512(tiles + b * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), mask));
   }
+}
+
+// Int8-head panel p's codes, biased by 128 as the VNNI kernel needs them, back to signed bytes for tdpbssd: one XOR
+// per byte, once per panel and call, against two instructions per row and block for removing the bias from the sums
+// (about 30% of the kernel's scaling work).
+KILN_TARGET_AVX512 void unbias_panel(const Int8Linear& w, int64_t p, uint8_t* tiles) {
+  const uint8_t* panel = w.q.data() + p * w.in * kPanel;
+  const __m512i bias = _mm512_set1_epi8(char(0x80));
+  for (int64_t c = 0; c < w.in * kPanel; c += 64)
+    _mm512_storeu_si512(tiles + c, _mm512_xor_si512(_mm512_loadu_si512(panel + c), bias));
 }
 
 }  // namespace
@@ -195,18 +209,21 @@ void matmul_int4_int8_amx(const Int8Rows& x, int64_t r0, int64_t r1, const Int4L
 }
 
 void matmul_int8_amx(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1, float* y) {
+  thread_local AlignedVector<uint8_t> tiles;  // one panel's signed codes, per thread and only grown
+  if (tiles.size() < size_t(w.in * kPanel)) tiles.resize(size_t(w.in * kPanel));
   amx::TileConfig loaded;
   loaded.palette = 0;
   const size_t panel_bytes = size_t(w.in * kPanel);
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* panel = w.q.data() + size_t(p) * panel_bytes;
     const char* next = p + 1 < w.panels() ? reinterpret_cast<const char*>(panel + panel_bytes) : nullptr;
+    unbias_panel(w, p, tiles.data());
     const Int8Scale scale(x, w, p);
     for (int64_t r = r0; r < r1; r += kTileRows) {
       const int64_t n = std::min(kTileRows, r1 - r);
       amx::load_config(config(n, kInt8Block), loaded);
-      row_tile(x.q.data() + r * w.in, w.in, r, n, panel, w.blocks(), kInt8Block, kInt8Block, r == r0 ? next : nullptr,
-               kInt8Block * kPanel, scale, w.out, p * kPanel, y);
+      row_tile(x.q.data() + r * w.in, w.in, r, n, tiles.data(), w.blocks(), kInt8Block, kInt8Block,
+               r == r0 ? next : nullptr, kInt8Block * kPanel, scale, w.out, p * kPanel, y);
     }
   }
   amx::release();
