@@ -80,10 +80,6 @@ template <int C, int A, int B>  // C += A · B, bf16 pairs into fp32
 inline void tile_dot_bf16() {
   asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
 }
-template <int C, int A, int B>  // C += A · B, signed bytes (A) times unsigned bytes (B) into int32
-inline void tile_dot_s8u8() {
-  asm volatile("tdpbsud %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));
-}
 template <int C, int A, int B>  // C += A · B, signed bytes times signed bytes into int32
 inline void tile_dot_s8s8() {
   asm volatile("tdpbssd %%tmm%c2, %%tmm%c1, %%tmm%c0" ::"i"(C), "i"(A), "i"(B));

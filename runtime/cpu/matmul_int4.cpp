@@ -44,8 +44,8 @@ Int4Linear pack_linear_int4(const Int4WeightView& v, Int4Layout layout) {
   const bool vnni = w.layout == Int4Layout::Vnni;
   const int64_t P = w.panels(), G = w.groups(), in = v.in;
   w.q.assign(size_t(P * in * 8), 0);
-  w.scale.assign(size_t(P * G * kPanel), 0.0f);
-  w.zscale.assign(size_t(P * G * kPanel), 0.0f);
+  w.scale.assign(size_t(P * G * kPanel), 0);
+  w.zero.assign(size_t(P * G * kPanel), 0);
   for (int64_t o = 0; o < v.out; ++o) {
     const int64_t p = o / kPanel, j = o % kPanel;
     const int64_t byte = j % 8, shift = j < 8 ? 0 : 4;
@@ -65,12 +65,8 @@ Int4Linear pack_linear_int4(const Int4WeightView& v, Int4Layout layout) {
       for (int64_t k = 0; k < in; ++k) panel[k * 8 + byte] |= uint8_t(((src[k / 2] >> ((k & 1) * 4)) & 0xF) << shift);
     }
     for (int64_t g = 0; g < G; ++g) {
-      uint16_t bits;
-      std::memcpy(&bits, v.scales + 2 * (o * G + g), 2);
-      const float s = f16_to_f32(bits);
-      // z * s is exact in fp32: z has 4 bits, an fp16 scale 11 significant bits.
-      w.scale[size_t((p * G + g) * kPanel + j)] = s;
-      w.zscale[size_t((p * G + g) * kPanel + j)] = float(v.zeros[o * G + g]) * s;
+      std::memcpy(&w.scale[size_t((p * G + g) * kPanel + j)], v.scales + 2 * (o * G + g), 2);
+      w.zero[size_t((p * G + g) * kPanel + j)] = v.zeros[o * G + g];
     }
   }
   return w;
@@ -94,10 +90,14 @@ void matmul_int4_scalar(const float* x, const float* xsum, int64_t r0, int64_t r
             a[j + 8] += xr[k] * float(b[j] >> 4);
           }
         }
-        const float* s = w.scale.data() + (p * G + g) * kPanel;
-        const float* zs = w.zscale.data() + (p * G + g) * kPanel;
+        const uint16_t* s = w.scale.data() + (p * G + g) * kPanel;
+        const uint8_t* z = w.zero.data() + (p * G + g) * kPanel;
         const float sx = xsum[r * G + g];
-        for (int j = 0; j < kPanel; ++j) acc[j] = acc[j] + s[j] * a[j] - zs[j] * sx;
+        for (int j = 0; j < kPanel; ++j) {
+          const float sj = f16_to_f32(s[j]);
+          // z * s is exact in fp32: z has 4 bits, an fp16 scale 11 significant bits.
+          acc[j] = acc[j] + sj * a[j] - float(z[j]) * sj * sx;
+        }
       }
       std::memcpy(y + r * w.out + p * kPanel, acc, size_t(width) * sizeof(float));
     }
@@ -121,12 +121,14 @@ void matmul_int4_int8_scalar(const Int8Rows& x, int64_t r0, int64_t r1, const In
           for (int j = 0; j < kPanel; ++j)
             for (int i = 0; i < 4; ++i) dot[j] += (wb[4 * j + i] & 0xF) * xb[i] + (wb[4 * j + i] >> 4) * xb[4 + i];
         }
-        const float* s = w.scale.data() + (p * G + g) * kPanel;
-        const float* zs = w.zscale.data() + (p * G + g) * kPanel;
-        const float d = x.d[size_t(r * G + g)], qsum = x.qsum[size_t(r * G + g)];
+        const uint16_t* s = w.scale.data() + (p * G + g) * kPanel;
+        const uint8_t* z = w.zero.data() + (p * G + g) * kPanel;
+        const float d = x.d[size_t(r * G + g)];
+        const int32_t qsum = x.qsum[size_t(r * G + g)];
         for (int j = 0; j < kPanel; ++j) {
-          const float u = std::fma(-zs[j], qsum, s[j] * float(dot[j]));
-          acc[j] = std::fma(d, u, acc[j]);
+          // Exact in int32, and in fp32 up to group size 8807 (|dz| <= 127 * 15 * group size < 2^24).
+          const int32_t dz = dot[j] - int32_t(z[j]) * qsum;
+          acc[j] = std::fma(d, f16_to_f32(s[j]) * float(dz), acc[j]);
         }
       }
       std::memcpy(y + r * w.out + p * kPanel, acc, size_t(width) * sizeof(float));
@@ -158,7 +160,7 @@ inline __attribute__((always_inline)) void quantize_rows_int8_impl(const float* 
         sum += qg[k];
       }
       out.d[size_t(r * G + g)] = d;
-      out.qsum[size_t(r * G + g)] = float(sum);
+      out.qsum[size_t(r * G + g)] = sum;
     }
 }
 
@@ -202,7 +204,7 @@ KILN_TARGET_AVX512 void quantize_rows_int8_avx512(const float* x, int64_t r0, in
         sum = _mm512_add_epi32(sum, _mm512_maskz_mov_epi32(m, q));
       }
       out.d[size_t(r * G + g)] = d;
-      out.qsum[size_t(r * G + g)] = float(_mm512_reduce_add_epi32(sum));
+      out.qsum[size_t(r * G + g)] = _mm512_reduce_add_epi32(sum);
     }
 }
 
@@ -256,7 +258,7 @@ KILN_TARGET_AVX2 void quantize_rows_int8_avx2(const float* x, int64_t r0, int64_
         total += qg[k];
       }
       out.d[size_t(r * G + g)] = d;
-      out.qsum[size_t(r * G + g)] = float(total);
+      out.qsum[size_t(r * G + g)] = total;
     }
 }
 #endif

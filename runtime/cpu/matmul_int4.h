@@ -6,12 +6,15 @@
 // Repacked layout (built at load time from the canonical layout). Output features are grouped into panels of
 // kPanel = 16, like the dense kernels. For panel p and input k, 8 bytes hold the panel's 16 nibbles: byte b carries
 // output b in its low nibble and output b + 8 in its high nibble, so one AND and one shift give outputs 0..7 and
-// 8..15 as two ready byte vectors. Per panel and group there are 16 fp32 scales and 16 fp32 zero*scale products.
+// 8..15 as two ready byte vectors. Per panel and group there are 16 fp16 scales (the checkpoint's own) and 16 zero
+// points of one byte: 3 bytes per output and group, not the 8 of fp32 scale and zero*scale, which at group size 64 was
+// a fifth of what batch-1 decode reads.
 //
 // The math is factored so the inner loop is one widen + one FMA per (k, row): over a group,
 //   Σ_k x_k (q_k - z) s = s · Σ_k x_k q_k  -  z·s · Σ_k x_k,
-// where Σ_k x_k per (row, group) is computed once per call. Every kernel uses this order, and a row's result never
-// depends on the other rows of the batch (batch invariance, see docs/runtime.md).
+// where Σ_k x_k per (row, group) is computed once per call, and z·s (exact in fp32) as the group starts. Every kernel
+// uses this order, and a row's result never depends on the other rows of the batch (batch invariance, see
+// docs/runtime.md).
 //
 // VNNI layout (Int4Layout::Vnni, chosen at load with any vector ISA when the group size is a multiple of 16; named
 // after the instruction it was made for). The fp32 kernels above spend ~8 instructions widening 16 codes for 16
@@ -20,9 +23,11 @@
 // `vpdpbusd` multiplies 64 codes by 64 int8 activations into 16 int32 sums (AVX2: two vpmaddubsw and a vpmaddwd per
 // 32-byte half). Panel p, block b of 8 inputs, is 64 bytes: byte 4j + i holds
 // output j's input 8b + i in its low nibble and input 8b + 4 + i in its high nibble, so AND / shift+AND give two
-// u8 operands whose 32-bit lane j is output j's 4 consecutive inputs. Per group the exact int32 dot becomes
-//   y += d · (s · Σ x8 q  -  z·s · Σ x8)
-// The only approximation is x's int8 rounding: |x - d·x8| ≤ d / 2 = max|x|_group / 254 per element
+// u8 operands whose 32-bit lane j is output j's 4 consecutive inputs. Per group the zero point is removed in int32,
+// exactly, and the result scaled once:
+//   y += d · (s · (Σ x8 q  -  z · Σ x8))
+// Two fp32 operations per row and group, where s · Σ x8 q - z·s · Σ x8 took three; they are most of the AMX kernel's
+// work. The only approximation is x's int8 rounding: |x - d·x8| ≤ d / 2 = max|x|_group / 254 per element
 // (docs/int4_layout.md).
 #include <cstdint>
 #include <vector>
@@ -37,9 +42,9 @@ enum class Int4Layout { Panel, Vnni };
 struct Int4Linear : LinearWeight {
   int64_t out = 0, in = 0, group_size = 0;
   Int4Layout layout = Int4Layout::Panel;
-  AlignedVector<uint8_t> q;     // Panel: [panels][in][8]; Vnni: [panels][in / 8][64]
-  AlignedVector<float> scale;   // [panels][groups][kPanel]
-  AlignedVector<float> zscale;  // [panels][groups][kPanel]: zero * scale
+  AlignedVector<uint8_t> q;       // Panel: [panels][in][8]; Vnni: [panels][in / 8][64]
+  AlignedVector<uint16_t> scale;  // [panels][groups][kPanel], fp16 bits
+  AlignedVector<uint8_t> zero;    // [panels][groups][kPanel], 0..15
   int64_t out_features() const override { return out; }
   int64_t in_features() const override { return in; }
   int64_t panels() const { return (out + kPanel - 1) / kPanel; }
@@ -69,9 +74,9 @@ void matmul_int4_avx512(const float* x, const float* xsum, int64_t r0, int64_t r
 
 // Vnni layout: activations quantized per (row, group) by matmul_int4.
 struct Int8Rows {
-  AlignedVector<int8_t> q;    // [rows][in]
-  AlignedVector<float> d;     // [rows][groups]: x ≈ d * q
-  AlignedVector<float> qsum;  // [rows][groups]: Σ q over the group (exact as a float: |Σ| ≤ 127 * group size)
+  AlignedVector<int8_t> q;      // [rows][in]
+  AlignedVector<float> d;       // [rows][groups]: x ≈ d * q
+  AlignedVector<int32_t> qsum;  // [rows][groups]: Σ q over the group
 };
 // Per (row, group of gs inputs): d = max|x| / 127 and q = round(x / d) in [-127, 127] (ties to even); also used by
 // the int8 head (matmul_int8.h) with gs = 32. Rows are split over the pool; every ISA gives the same codes.

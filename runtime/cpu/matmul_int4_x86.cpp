@@ -18,6 +18,24 @@ namespace kiln::cpu {
 
 namespace {
 
+// Panel p's scales and zero points of group g as fp32 / int32 lanes: outputs j0 .. j0 + 7, or all 16.
+KILN_TARGET_AVX2 inline __m256 load_scales8(const Int4Linear& w, int64_t p, int64_t g, int64_t j0) {
+  return _mm256_cvtph_ps(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scale.data() + (p * w.groups() + g) * kPanel + j0)));
+}
+KILN_TARGET_AVX2 inline __m256 load_zeros8(const Int4Linear& w, int64_t p, int64_t g, int64_t j0) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.zero.data() + (p * w.groups() + g) * kPanel + j0))));
+}
+KILN_TARGET_AVX512 inline __m512 load_scales16(const Int4Linear& w, int64_t p, int64_t g) {
+  return _mm512_cvtph_ps(
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.scale.data() + (p * w.groups() + g) * kPanel)));
+}
+KILN_TARGET_AVX512 inline __m512i load_zeros16(const Int4Linear& w, int64_t p, int64_t g) {
+  return _mm512_cvtepu8_epi32(
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.zero.data() + (p * w.groups() + g) * kPanel)));
+}
+
 // ---- AVX2: a panel is two 8-float registers; tiles of up to 4 rows (2R group accumulators + 2 weights in 16 ymm).
 template <int R>
 KILN_TARGET_AVX2 void tile_int4_avx2(const float* x, const float* xsum, const Int4Linear& w, int64_t p,
@@ -41,10 +59,9 @@ KILN_TARGET_AVX2 void tile_int4_avx2(const float* x, const float* xsum, const In
         a_hi[r] = _mm256_fmadd_ps(xb, whi, a_hi[r]);
       }
     }
-    const float* s = w.scale.data() + (p * G + g) * kPanel;
-    const float* zs = w.zscale.data() + (p * G + g) * kPanel;
-    const __m256 s_lo = _mm256_loadu_ps(s), s_hi = _mm256_loadu_ps(s + 8);
-    const __m256 zs_lo = _mm256_loadu_ps(zs), zs_hi = _mm256_loadu_ps(zs + 8);
+    const __m256 s_lo = load_scales8(w, p, g, 0), s_hi = load_scales8(w, p, g, 8);
+    const __m256 zs_lo = _mm256_mul_ps(load_zeros8(w, p, g, 0), s_lo);  // exact: 4 bits times an fp16 scale
+    const __m256 zs_hi = _mm256_mul_ps(load_zeros8(w, p, g, 8), s_hi);
     for (int r = 0; r < R; ++r) {
       const __m256 sx = _mm256_set1_ps(xsum[r * G + g]);
       acc_lo[r] = _mm256_fnmadd_ps(zs_lo, sx, _mm256_fmadd_ps(s_lo, a_lo[r], acc_lo[r]));
@@ -75,8 +92,8 @@ KILN_TARGET_AVX512 void tile_int4_avx512(const float* x, const float* xsum, cons
       const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(both));
       for (int r = 0; r < R; ++r) a[r] = _mm512_fmadd_ps(_mm512_set1_ps(x[r * in + k]), wv, a[r]);
     }
-    const __m512 s = _mm512_loadu_ps(w.scale.data() + (p * G + g) * kPanel);
-    const __m512 zs = _mm512_loadu_ps(w.zscale.data() + (p * G + g) * kPanel);
+    const __m512 s = load_scales16(w, p, g);
+    const __m512 zs = _mm512_mul_ps(_mm512_cvtepi32_ps(load_zeros16(w, p, g)), s);  // exact, as in the AVX2 kernel
     for (int r = 0; r < R; ++r)
       acc[r] = _mm512_fnmadd_ps(zs, _mm512_set1_ps(xsum[r * G + g]), _mm512_fmadd_ps(s, a[r], acc[r]));
   }
@@ -91,6 +108,7 @@ KILN_TARGET_AVX512 void tile_int4_avx512(const float* x, const float* xsum, cons
 template <int R>
 KILN_TARGET_AVX512_VNNI void tile_int4_vnni(const Int8Rows& x, int64_t r0, const Int4Linear& w, int64_t p, float* out) {
   const int64_t in = w.in, G = w.groups(), blocks = w.group_size / 8;  // blocks is even: group size % 16 == 0
+  const bool small_groups = w.group_size <= 256;                       // |Σ x8| <= 127 * 256 fits in int16
   const uint8_t* panel = w.q.data() + p * in * 8;
   const uint8_t* next = panel + in * 8;  // prefetched into L2 meanwhile, as in tile_exact (matmul_bf16_x86.cpp)
   const __m512i mask = _mm512_set1_epi8(0x0F);
@@ -113,14 +131,17 @@ KILN_TARGET_AVX512_VNNI void tile_int4_vnni(const Int8Rows& x, int64_t r0, const
         a[r][3] = _mm512_dpbusd_epi32(a[r][3], w1hi, broadcast4(xb + 12));
       }
     }
-    const __m512 s = _mm512_loadu_ps(w.scale.data() + (p * G + g) * kPanel);
-    const __m512 zs = _mm512_loadu_ps(w.zscale.data() + (p * G + g) * kPanel);
+    const __m512 s = load_scales16(w, p, g);
+    const __m512i z = load_zeros16(w, p, g);
     for (int r = 0; r < R; ++r) {
       const __m512i dot = _mm512_add_epi32(_mm512_add_epi32(a[r][0], a[r][1]), _mm512_add_epi32(a[r][2], a[r][3]));
       const size_t rg = size_t((r0 + r) * G + g);
-      // Same operations as matmul_int4_int8_scalar: u = fma(-zs, qsum, s * dot); acc = fma(d, u, acc).
-      const __m512 u = _mm512_fnmadd_ps(zs, _mm512_set1_ps(x.qsum[rg]), _mm512_mul_ps(s, _mm512_cvtepi32_ps(dot)));
-      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x.d[rg]), u, acc[r]);
+      // Same operations as matmul_int4_int8_scalar: dz = dot - z qsum (exact); acc = fma(d, s * dz, acc). z is 0..15
+      // in 32-bit lanes, so a 16-bit multiply-add gives z qsum (vpmaddwd: half of vpmulld's cost) when qsum fits in
+      // 16 bits, as it always does for groups of up to 256.
+      const __m512i q = _mm512_set1_epi32(x.qsum[rg]);
+      const __m512i dz = _mm512_sub_epi32(dot, small_groups ? _mm512_madd_epi16(z, q) : _mm512_mullo_epi32(z, q));
+      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(x.d[rg]), _mm512_mul_ps(s, _mm512_cvtepi32_ps(dz)), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kPanel, acc[r]);
@@ -137,6 +158,7 @@ KILN_TARGET_AVX512_VNNI void tile_int4_vnni(const Int8Rows& x, int64_t r0, const
 template <int R>
 KILN_TARGET_AVX2 void tile_int4_int8_avx2(const Int8Rows& x, int64_t r0, const Int4Linear& w, int64_t p, float* out) {
   const int64_t in = w.in, G = w.groups(), blocks = w.group_size / 8;
+  const bool small_groups = w.group_size <= 256;
   const uint8_t* panel = w.q.data() + p * in * 8;
   const uint8_t* next = panel + in * 8;  // prefetched into L2 meanwhile, as the VNNI kernel does
   const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
@@ -161,14 +183,17 @@ KILN_TARGET_AVX2 void tile_int4_int8_avx2(const Int8Rows& x, int64_t r0, const I
       }
     }
     for (int h = 0; h < 2; ++h) {
-      const __m256 s = _mm256_loadu_ps(w.scale.data() + (p * G + g) * kPanel + 8 * h);
-      const __m256 zs = _mm256_loadu_ps(w.zscale.data() + (p * G + g) * kPanel + 8 * h);
+      const __m256 s = load_scales8(w, p, g, 8 * h);
+      const __m256i z = _mm256_cvtepu8_epi32(
+          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.zero.data() + (p * G + g) * kPanel + 8 * h)));
       for (int r = 0; r < R; ++r) {
         const size_t rg = size_t((r0 + r) * G + g);
-        const __m256 u =
-            _mm256_fnmadd_ps(zs, _mm256_set1_ps(x.qsum[rg]), _mm256_mul_ps(s, _mm256_cvtepi32_ps(dot[r][h])));
+        const __m256i q = _mm256_set1_epi32(x.qsum[rg]);  // z qsum as in the VNNI kernel
+        const __m256i dz =
+            _mm256_sub_epi32(dot[r][h], small_groups ? _mm256_madd_epi16(z, q) : _mm256_mullo_epi32(z, q));
         float* acc = out + r * kPanel + 8 * h;
-        _mm256_storeu_ps(acc, _mm256_fmadd_ps(_mm256_set1_ps(x.d[rg]), u, _mm256_loadu_ps(acc)));
+        _mm256_storeu_ps(acc, _mm256_fmadd_ps(_mm256_set1_ps(x.d[rg]), _mm256_mul_ps(s, _mm256_cvtepi32_ps(dz)),
+                                              _mm256_loadu_ps(acc)));
       }
     }
   }

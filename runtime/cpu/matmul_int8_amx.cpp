@@ -2,13 +2,15 @@
 // (matmul_int8.h), both against int8 activations, for batched decode and prefill on CPUs with AMX-INT8.
 //
 // Why AMX: the AVX512-VNNI kernels do one `vpdpbusd` (16 outputs x 4 inputs) per row and 4 inputs, so from a few rows
-// up int4 steps are bound by it. One `tdpbsud` multiplies up to 16 rows x 64 inputs of int8 activations (signed) by
-// 64 inputs x 16 outputs of unsigned bytes into 16 x 16 int32 sums. Its weight tile's row c holds, for each output j,
-// inputs 4c..4c+3 in bytes 4j..4j+3:
-// - the int8 head's layout is exactly that (its biased codes are the unsigned operand), so it is loaded as it lies;
+// up int4 steps are bound by it. One `tdpbssd` multiplies up to 16 rows x 64 inputs of int8 activations by 64 inputs
+// x 16 outputs of int8 weights into 16 x 16 int32 sums. Its weight tile's row c holds, for each output j, inputs
+// 4c..4c+3 in bytes 4j..4j+3, which is how both layouts already lie; each panel is turned into signed bytes once per
+// call and reused by every row tile:
 // - a Vnni int4 block of 8 inputs gives two such rows with one AND and one shift (low nibbles: its first 4 inputs,
-//   high nibbles: its last 4), so each panel is unpacked once per call and reused by every row tile.
-// The activation tile is the rows of Int8Rows::q as they lie.
+//   high nibbles: its last 4), less the group's zero points;
+// - the int8 head's biased codes lose their bias with one XOR.
+// Signed weights make the int32 sums the ones the scalar kernels scale, Σ x8 (q - z) and Σ x8 q, with no correction
+// per row and group. The activation tile is the rows of Int8Rows::q as they lie.
 //
 // The int32 sums of a group are exact, as in every other kernel, and the fp32 operations after each group are the
 // scalar kernels', in the same order: the results are bit-identical to the scalar and VNNI kernels, so a row's result
@@ -56,48 +58,35 @@ amx::TileConfig config(int64_t n, int64_t kc) {
 
 // Group g's sums (inputs [g gs, (g + 1) gs) in products of kc) for the rows at xr into tile C; weight-tile row c
 // (inputs 4c..4c+3) at wt + 64 c.
-template <int C, int A, int B, bool SignedWeights>
+template <int C, int A, int B>
 inline void group_products(const int8_t* xr, int64_t in, const uint8_t* wt, int64_t g, int64_t gs, int64_t kc) {
   amx::tile_zero<C>();
   for (int64_t k = g * gs; k < (g + 1) * gs; k += kc) {
     amx::tile_load<A>(xr + k, in);
     amx::tile_load<B>(wt + 16 * k, 64);
-    if constexpr (SignedWeights)
-      amx::tile_dot_s8s8<C, A, B>();
-    else
-      amx::tile_dot_s8u8<C, A, B>();
+    amx::tile_dot_s8s8<C, A, B>();
   }
 }
 
-// After each group of an int4 panel: acc[i] += d (s dot - zs qsum), matmul_int4_int8_scalar's operations. Raw
-// pointers and the group count, not the structs: the tile instructions' memory clobbers make the compiler reload
-// whatever it reaches through memory, and groups() is a division.
+// After each group of an int4 panel, whose tiles hold the codes less their zero points (unpack_panel), so the int32
+// sums are already Σ x8 (q - z) = Σ x8 q - z Σ x8: acc[i] = fma(d, s dot, acc[i]), matmul_int4_int8_scalar's
+// operations. Raw pointers and the group count, not the structs: the tile instructions' memory clobbers make the
+// compiler reload whatever it reaches through memory, and groups() is a division.
 struct Int4Scale {
-  static constexpr bool kSignedWeights = false;
-  const float *qsum, *d;  // the rows' [rows][G]
-  const float *s, *zs;    // this panel's [G][kPanel]
+  const float* d;  // the rows' [rows][G]
+  const float* s;  // this panel's [G][kPanel], widened from fp16 once per panel (panel_scales)
   int64_t G;
-  Int4Scale(const Int8Rows& x, const Int4Linear& w, int64_t p)
-      : qsum(x.qsum.data()),
-        d(x.d.data()),
-        s(w.scale.data() + p * w.groups() * kPanel),
-        zs(w.zscale.data() + p * w.groups() * kPanel),
-        G(w.groups()) {}
   // Row r's sums acc after group g, whose int32 sums are dot.
   [[gnu::always_inline]] KILN_TARGET_AVX512 __m512 operator()(int64_t r, int64_t g, const int32_t* dot,
                                                               __m512 acc) const {
-    const int64_t rg = r * G + g;
-    const __m512 u =
-        _mm512_fnmadd_ps(_mm512_loadu_ps(zs + g * kPanel), _mm512_set1_ps(qsum[rg]),
-                         _mm512_mul_ps(_mm512_loadu_ps(s + g * kPanel), _mm512_cvtepi32_ps(_mm512_load_si512(dot))));
-    return _mm512_fmadd_ps(_mm512_set1_ps(d[rg]), u, acc);
+    const __m512 u = _mm512_mul_ps(_mm512_load_ps(s + g * kPanel), _mm512_cvtepi32_ps(_mm512_load_si512(dot)));
+    return _mm512_fmadd_ps(_mm512_set1_ps(d[r * G + g]), u, acc);
   }
 };
 
 // After each block of 32 of an int8-head panel, whose tiles hold the signed codes (unbias_panel), so the int32 sums
 // are already Σ q x8: acc[i] = fma(s d, dot, acc[i]), matmul_int8_scalar's operations.
 struct Int8Scale {
-  static constexpr bool kSignedWeights = true;
   const float* d;     // the rows' [rows][B]
   const uint16_t* s;  // this panel's [B][kPanel], fp16 bits
   int64_t B;
@@ -136,9 +125,9 @@ KILN_TARGET_AVX512 void row_tile(const int8_t* xr, int64_t in, int64_t r, int64_
         if (next)
           for (int64_t l = 0; l < next_step; l += 64) _mm_prefetch(next + (g0 + j) * next_step + l, _MM_HINT_T1);
         if (j & 1)
-          group_products<3, 4, 5, Scale::kSignedWeights>(xr, in, wt, g0 + j, gs, kc);
+          group_products<3, 4, 5>(xr, in, wt, g0 + j, gs, kc);
         else
-          group_products<2, 0, 1, Scale::kSignedWeights>(xr, in, wt, g0 + j, gs, kc);
+          group_products<2, 0, 1>(xr, in, wt, g0 + j, gs, kc);
       }
       if (j >= 1) {
         if ((j - 1) & 1)
@@ -158,14 +147,25 @@ KILN_TARGET_AVX512 void row_tile(const int8_t* xr, int64_t in, int64_t r, int64_
   for (int64_t i = 0; i < n; ++i) _mm512_mask_storeu_ps(y + (r + i) * out + col, valid, _mm512_load_ps(acc[i]));
 }
 
-// Int4 panel p's codes as weight-tile rows: row c (inputs 4c..4c+3 of every output) at tiles + 64 c.
-KILN_TARGET_AVX512 void unpack_panel(const Int4Linear& w, int64_t p, uint8_t* tiles) {
+// Int4 panel p's codes less their group's zero points, as weight-tile rows of signed bytes (-15..15): row c (inputs
+// 4c..4c+3 of every output) at tiles + 64 c; and its scales as fp32 [G][kPanel] at scales. Once per panel and call,
+// shared by every row tile.
+KILN_TARGET_AVX512 void unpack_panel(const Int4Linear& w, int64_t p, uint8_t* tiles, float* scales) {
+  const int64_t G = w.groups(), blocks = w.group_size / 8;
   const uint8_t* panel = w.q.data() + p * w.in * 8;
-  const __m512i mask = _mm512_set1_epi8(0x0F);
-  for (int64_t b = 0; b < w.in / 8; ++b) {
-    const __m512i v = _mm512_loadu_si512(panel + b * 64);
-    _mm512_storeu_si512(tiles + b * 128, _mm512_and_si512(v, mask));
-    _mm512_storeu_si512(tiles + b * 128 + 64, _mm512_and_si512(_mm512_srli_epi16(v, 4), mask));
+  const __m512i mask = _mm512_set1_epi8(0x0F), spread = _mm512_set1_epi32(0x01010101);
+  for (int64_t g = 0; g < G; ++g) {
+    const size_t at = size_t((p * G + g) * kPanel);
+    _mm512_store_ps(scales + g * kPanel,
+                    _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.scale.data() + at))));
+    // Output j's zero point in each byte of 32-bit lane j, where its codes lie.
+    const __m512i z = _mm512_mullo_epi32(
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.zero.data() + at))), spread);
+    for (int64_t b = g * blocks; b < (g + 1) * blocks; ++b) {
+      const __m512i v = _mm512_loadu_si512(panel + b * 64);
+      _mm512_storeu_si512(tiles + b * 128, _mm512_sub_epi8(_mm512_and_si512(v, mask), z));
+      _mm512_storeu_si512(tiles + b * 128 + 64, _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), mask), z));
+    }
   }
 }
 
@@ -188,16 +188,18 @@ bool amx_int8_usable() {
 
 void matmul_int4_int8_amx(const Int8Rows& x, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0, int64_t p1,
                           float* y) {
-  // One panel's weight tiles (in x 16 bytes), kept per thread and only grown.
+  // One panel's weight tiles (in x 16 bytes) and fp32 scales, kept per thread and only grown.
   thread_local AlignedVector<uint8_t> tiles;
+  thread_local AlignedVector<float> scales;
   if (tiles.size() < size_t(w.in * 16)) tiles.resize(size_t(w.in * 16));
+  if (scales.size() < size_t(w.groups() * kPanel)) scales.resize(size_t(w.groups() * kPanel));
   const int64_t gs = w.group_size, kc = gs % 64 == 0 ? 64 : gs % 32 == 0 ? 32 : 16;  // Vnni: gs % 16 == 0
   amx::TileConfig loaded;
   loaded.palette = 0;  // nothing loaded yet
   for (int64_t p = p0; p < p1; ++p) {
-    unpack_panel(w, p, tiles.data());
+    unpack_panel(w, p, tiles.data(), scales.data());
     const char* next = p + 1 < w.panels() ? reinterpret_cast<const char*>(w.q.data() + (p + 1) * w.in * 8) : nullptr;
-    const Int4Scale scale(x, w, p);
+    const Int4Scale scale{x.d.data(), scales.data(), w.groups()};
     for (int64_t r = r0; r < r1; r += kTileRows) {
       const int64_t n = std::min(kTileRows, r1 - r);
       amx::load_config(config(n, kc), loaded);

@@ -75,12 +75,14 @@ TEST(Int4, BadShapesAreErrors) {
   EXPECT_THROW(quantize_int4(w.data(), 1, 96, 32, "w"), Error);
 }
 
-void check_kernels(int64_t rows, int64_t out, int64_t in, int64_t gs, uint32_t seed) {
+// mean: the activations' mean; a mean of a few sigmas makes the groups' code sums Σ x8 large (past int16 for groups
+// of 512, where the kernels remove the zero points with a 32-bit multiply instead of a 16-bit one).
+void check_kernels(int64_t rows, int64_t out, int64_t in, int64_t gs, uint32_t seed, float mean = 0.0f) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   std::vector<float> w(size_t(out * in)), x(size_t(rows * in));
   for (auto& v : w) v = nd(rng) * 0.1f;
-  for (auto& v : x) v = nd(rng);
+  for (auto& v : x) v = mean + nd(rng);
   Int4Matrix m = quantize_int4(w.data(), out, in, gs, "w");
   std::vector<float> dq(w.size());
   dequantize_int4(m.qweight.data(), m.scales.data(), m.zeros.data(), out, in, gs, dq.data());
@@ -175,7 +177,7 @@ TEST(Int4Matmul, PackedCodesAndInt8RowsStartOnACacheLine) {
   for (cpu::Int4Layout layout : {cpu::Int4Layout::Panel, cpu::Int4Layout::Vnni}) {
     const cpu::Int4Linear packed = cpu::pack_linear_int4(v, layout);
     for (const void* data : {static_cast<const void*>(packed.q.data()), static_cast<const void*>(packed.scale.data()),
-                             static_cast<const void*>(packed.zscale.data())})
+                             static_cast<const void*>(packed.zero.data())})
       EXPECT_EQ(reinterpret_cast<uintptr_t>(data) % 64, 0u);
   }
   cpu::ThreadPool pool(1);
@@ -197,6 +199,9 @@ TEST(Int4Matmul, KernelsMatchNaiveReferenceOnOddShapes) {
   check_kernels(33, 16, 192, 96, 9);
   check_kernels(12, 21, 96, 48, 10);
   check_kernels(40, 48, 128, 64, 11);
+  // Large groups with large code sums: 16-bit and 32-bit zero-point products (the VNNI and AVX2 kernels switch at 256).
+  check_kernels(5, 20, 512, 256, 12, 4.0f);
+  check_kernels(6, 20, 1024, 512, 13, 4.0f);
 }
 
 // The int8 activation error on a realistic activation distribution (heavy-tailed, one outlier channel per group, as
