@@ -19,7 +19,7 @@
 // VNNI layout (Int4Layout::Vnni, chosen at load with any vector ISA when the group size is a multiple of 16; named
 // after the instruction it was made for). The fp32 kernels above spend ~8 instructions widening 16 codes for 16
 // multiply-adds, so decode is compute-bound far below memory speed. Instead, each row's activations are quantized to
-// int8 per weight group (x ≈ d · x8, d = max|x| / 127, x8 = round(x / d), as llama.cpp's Q8 activations) and one
+// int8 per weight group (x ≈ d · x8, d = max|x| / 127, x8 = round(x · (1 / d)), as llama.cpp's Q8 activations) and one
 // `vpdpbusd` multiplies 64 codes by 64 int8 activations into 16 int32 sums (AVX2: two vpmaddubsw and a vpmaddwd per
 // 32-byte half). Panel p, block b of 8 inputs, is 64 bytes: byte 4j + i holds
 // output j's input 8b + i in its low nibble and input 8b + 4 + i in its high nibble, so AND / shift+AND give two
@@ -78,7 +78,7 @@ struct Int8Rows {
   AlignedVector<float> d;       // [rows][groups]: x ≈ d * q
   AlignedVector<int32_t> qsum;  // [rows][groups]: Σ q over the group
 };
-// Per (row, group of gs inputs): d = max|x| / 127 and q = round(x / d) in [-127, 127] (ties to even); also used by
+// Per (row, group of gs inputs): d = max|x| / 127 and q = round(x · (1 / d)) in [-127, 127] (ties to even); also used by
 // the int8 head (matmul_int8.h) with gs = 32. Rows are split over the pool; every ISA gives the same codes.
 void quantize_rows_int8(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, int64_t in, int64_t gs,
                         Int8Rows& out);

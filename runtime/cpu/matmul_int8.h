@@ -3,7 +3,7 @@
 // W'[o, k] = q[o, k] · s[o, k / 32], q int8 in [-127, 127], s fp16, as llama.cpp's Q8_0 blocks.
 //
 // Like llama.cpp's Q8_0 x Q8_0 dot, the activations are quantized to int8 per block of 32 (d = max|x| / 127,
-// x8 = round(x / d); matmul_int4.h's quantize_rows_int8) and each block's dot product is exact in int32:
+// x8 = round(x · (1 / d)); matmul_int4.h's quantize_rows_int8) and each block's dot product is exact in int32:
 //   y[o] = Σ_b fp32(s[o, b] · d[b]) · Σ_(k in b) q[o, k] · x8[k]          (one fma per block, blocks in order)
 // vpdpbusd multiplies unsigned by signed bytes, so the weights are stored biased, u = q + 128 in [1, 255], and the
 // bias is removed per block with the activations' block sum: Σ u·x8 − 128·Σ x8 = Σ q·x8 (exact). Biasing the weights

@@ -102,13 +102,14 @@ def kiln_int8_activations(gs, isa=None):
 
 def round_linear_inputs_int8(model, gs):
     """The oracle of kiln's int8 activations: every decoder-layer linear's input is rounded per (row, group of gs
-    inputs) as documented: d = max|x| / 127, q = round(x / d) (half to even), x -> d * q. The LM head is not an int4
+    inputs) as documented: d = max|x| / 127, q = round(x * (1 / d)) (half to even, the reciprocal rounded to fp32),
+    x -> d * q. The LM head is not an int4
     linear and keeps fp32 inputs. Returns the model (hooks added in place)."""
     def hook(_module, args):
         x = args[0]
         g = x.reshape(*x.shape[:-1], x.shape[-1] // gs, gs)
         d = g.abs().amax(-1, keepdim=True) / 127.0
-        q = torch.where(d > 0, torch.round(g / torch.where(d > 0, d, 1.0)), 0.0)
+        q = torch.where(d > 0, torch.round(g * (1.0 / torch.where(d > 0, d, 1.0))), 0.0)
         return ((q * d).reshape(x.shape),)
     for layer in model.model.layers:
         for m in layer.modules():

@@ -78,12 +78,12 @@ def test_stored_head_equals_numpy_q8_0(name, workspaces):
 
 
 def emulated_head(hidden, q, s):
-    """The documented int8 head on final hidden states [n, H]: x8 = round(x / d) per 32-block, d = max|x| / 127 (fp32),
-    y = sum_b s[o, b] * d[b] * sum(q * x8) (exact integer dots, float64 sums)."""
+    """The documented int8 head on final hidden states [n, H]: x8 = round(x * (1 / d)) per 32-block, d = max|x| / 127
+    (fp32), y = sum_b s[o, b] * d[b] * sum(q * x8) (exact integer dots, float64 sums)."""
     n, H = hidden.shape
     x = hidden.reshape(n, H // 32, 32).float()
     d = x.abs().amax(-1) / 127.0
-    x8 = torch.where(d[..., None] > 0, torch.round(x / torch.where(d > 0, d, 1.0)[..., None]), 0.0)
+    x8 = torch.where(d[..., None] > 0, torch.round(x * (1.0 / torch.where(d > 0, d, 1.0))[..., None]), 0.0)
     dots = torch.einsum("nbk,vbk->nvb", x8.double(), torch.from_numpy(q).double().reshape(q.shape[0], H // 32, 32))
     return (dots * d.double()[:, None, :] * torch.from_numpy(s.astype(np.float32)).double()[None]).sum(-1).numpy()
 

@@ -101,7 +101,8 @@ void check_kernels(int64_t rows, int64_t out, int64_t in, int64_t gs, uint32_t s
     const cpu::Int4Linear packed = cpu::pack_linear_int4(v, layout);
     const bool int8_x = packed.layout == cpu::Int4Layout::Vnni;
     ASSERT_EQ(int8_x, layout == cpu::Int4Layout::Vnni && gs % 16 == 0);
-    // Vnni: what the result should be with x quantized to int8 per (row, group): d = max|x| / 127, q = round(x / d).
+    // Vnni: what the result should be with x quantized to int8 per (row, group): d = max|x| / 127,
+    // q = round(x · (1 / d)).
     // The gap to the fp32 reference is then bounded by Σ_k |x_k - d q_k| |w_k| ≤ Σ_g d_g / 2 · Σ_{k in g} |w_k|.
     std::vector<double> ref8(ref.size()), bound8(ref.size());
     if (int8_x)
@@ -114,7 +115,7 @@ void check_kernels(int64_t rows, int64_t out, int64_t in, int64_t gs, uint32_t s
             for (int64_t k = 0; k < gs; ++k) amax = std::max(amax, std::fabs(xg[k]));
             const double d = amax / 127.0f;
             for (int64_t k = 0; k < gs; ++k) {
-              const double q = amax > 0 ? std::nearbyint(double(xg[k]) / d) : 0.0;
+              const double q = amax > 0 ? std::nearbyint(xg[k] * (1.0f / float(d))) : 0.0;
               acc += d * q * dq[size_t(o * in + g * gs + k)];
               bound += d / 2 * std::fabs(dq[size_t(o * in + g * gs + k)]);
             }

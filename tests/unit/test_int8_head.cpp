@@ -67,7 +67,7 @@ std::vector<cpu::MatmulIsa> vector_isas() {
 }
 
 // y = Σ_b (s·d) · Σ q·x8 computed in double from the unpacked tensors, with x quantized here, independently of
-// quantize_rows_int8: d = max|x| / 127 in fp32, x8 = round-half-even(x / d).
+// quantize_rows_int8: d = max|x| / 127 in fp32, x8 = round-half-even(x · (1 / d)).
 std::vector<double> reference(const std::vector<float>& x, int64_t rows, const Int8HeadMatrix& m, int64_t out,
                               int64_t in) {
   std::vector<double> y(size_t(rows * out), 0.0);
@@ -78,7 +78,8 @@ std::vector<double> reference(const std::vector<float>& x, int64_t rows, const I
       for (int k = 0; k < 32; ++k) amax = std::max(amax, std::fabs(xb[k]));
       const float d = amax / 127.0f;
       int x8[32];
-      for (int k = 0; k < 32; ++k) x8[k] = amax > 0 ? int(std::lrint(double(xb[k] / d))) : 0;
+      const float inv = 1.0f / d;
+      for (int k = 0; k < 32; ++k) x8[k] = amax > 0 ? int(std::lrint(xb[k] * inv)) : 0;
       for (int64_t o = 0; o < out; ++o) {
         long dot = 0;
         for (int k = 0; k < 32; ++k) dot += long(m.qweight[size_t(o * in + b * 32 + k)]) * x8[k];
