@@ -78,8 +78,8 @@ struct Int8Rows {
   AlignedVector<float> d;       // [rows][groups]: x ≈ d * q
   AlignedVector<int32_t> qsum;  // [rows][groups]: Σ q over the group
 };
-// Per (row, group of gs inputs): d = max|x| / 127 and q = round(x · (1 / d)) in [-127, 127] (ties to even); also used by
-// the int8 head (matmul_int8.h) with gs = 32. Rows are split over the pool; every ISA gives the same codes.
+// Per (row, group of gs inputs): d = max|x| / 127 and q = round(x · (1 / d)) in [-127, 127] (ties to even); also used
+// by the int8 head (matmul_int8.h) with gs = 32. Rows are split over the pool; every ISA gives the same codes.
 void quantize_rows_int8(ThreadPool& pool, MatmulIsa isa, const float* x, int64_t rows, int64_t in, int64_t gs,
                         Int8Rows& out);
 using Int4Int8Kernel = void (*)(const Int8Rows& x, int64_t r0, int64_t r1, const Int4Linear& w, int64_t p0, int64_t p1,
