@@ -443,9 +443,9 @@ def main():
                 print(f"peak of {name} ({args.threads} threads, per CPU-second of each): {macs / 1e9:.0f} G "
                       f"multiply-adds/s ({2 * macs / 1e9:.0f} G ops/s)")
         if {"amx_int8", "amx_tile"} <= cpu_flags():
-            # Not probed: a tdpbsud peak would need the tile grant in the probe; kiln's AMX-INT8 kernels run matmuls
-            # of 5 rows or more (the int8 head from 8), and those rows' int8 percentages are of the VNNI peak.
-            print("this CPU lists AMX-INT8: int4 matmuls of 5 rows or more (the int8 head: 8) run on tile products "
+            # Not probed: a tdpbssd peak would need the tile grant in the probe; kiln's AMX-INT8 kernels run matmuls
+            # of 5 rows or more (the int8 head from 6), and those rows' int8 percentages are of the VNNI peak.
+            print("this CPU lists AMX-INT8: int4 matmuls of 5 rows or more (the int8 head: 6) run on tile products "
                   "(if Linux grants them; `kiln devices`), whose peak is several times the VNNI one used for the "
                   "int8 roofline")
         rbw = read_bandwidth(args.threads, tmp)
