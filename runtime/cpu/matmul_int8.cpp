@@ -55,7 +55,7 @@ void matmul_int8_scalar(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Lin
           for (int j = 0; j < kPanel; ++j)
             for (int i = 0; i < 4; ++i) dot[j] += int32_t(wc[4 * j + i]) * xb[4 * c + i];
         }
-        const int32_t bias = 128 * int32_t(x.qsum[size_t(r * B + b)]);
+        const int32_t bias = 128 * x.qsum[size_t(r * B + b)];
         const float d = x.d[size_t(r * B + b)];
         const uint16_t* s = w.scales.data() + (p * B + b) * kPanel;
         for (int j = 0; j < kPanel; ++j) acc[j] = std::fma(f16_to_f32(s[j]) * d, float(dot[j] - bias), acc[j]);
