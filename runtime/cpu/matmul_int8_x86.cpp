@@ -47,8 +47,7 @@ KILN_TARGET_AVX512_VNNI void tile_int8_vnni(const Int8Rows& x, int64_t r0, const
     for (int r = 0; r < R; ++r) {
       const size_t rb = size_t((r0 + r) * B + b);
       // Same operations as matmul_int8_scalar: the bias 128 * Σ x8 removed in int32, then fma(s * d, dot, acc).
-      const __m512i dot =
-          _mm512_sub_epi32(_mm512_add_epi32(a0[r], a1[r]), _mm512_set1_epi32(128 * x.qsum[rb]));
+      const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(a0[r], a1[r]), _mm512_set1_epi32(128 * x.qsum[rb]));
       acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(x.d[rb])), _mm512_cvtepi32_ps(dot), acc[r]);
     }
   }
