@@ -187,6 +187,26 @@ TEST(Int4Matmul, PackedCodesAndInt8RowsStartOnACacheLine) {
   EXPECT_EQ(reinterpret_cast<uintptr_t>(xq.q.data()) % 64, 0u);
 }
 
+TEST(Int4Matmul, ZeroPointPastFourBitsIsRefused) {
+  // A hand-made workspace could hold one; the kernels would each read it differently, so packing refuses it.
+  std::vector<float> w(size_t(2 * 64), 0.25f);
+  Int4Matrix m = quantize_int4(w.data(), 2, 64, 32, "w");
+  m.zeros[3] = 16;
+  const Int4WeightView v{
+      m.qweight.data(), reinterpret_cast<const uint8_t*>(m.scales.data()), m.zeros.data(), 2, 64, 32};
+  for (cpu::Int4Layout layout : {cpu::Int4Layout::Panel, cpu::Int4Layout::Vnni}) {
+    try {
+      cpu::pack_linear_int4(v, layout);
+      ADD_FAILURE() << "a zero point of 16 was packed";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("zero point 16 of row 1, group 1 is outside [0, 15]"), std::string::npos)
+          << e.what();
+    }
+  }
+  m.zeros[3] = 15;
+  EXPECT_NO_THROW(cpu::pack_linear_int4(v, cpu::Int4Layout::Vnni));
+}
+
 TEST(Int4Matmul, KernelsMatchNaiveReferenceOnOddShapes) {
   check_kernels(1, 16, 64, 32, 1);
   check_kernels(1, 37, 96, 32, 2);
