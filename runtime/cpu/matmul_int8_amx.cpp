@@ -87,17 +87,14 @@ struct Int4Scale {
 // After each block of 32 of an int8-head panel, whose tiles hold the signed codes (unbias_panel), so the int32 sums
 // are already Σ q x8: acc[i] = fma(s d, dot, acc[i]), matmul_int8_scalar's operations.
 struct Int8Scale {
-  const float* d;     // the rows' [rows][B]
-  const uint16_t* s;  // this panel's [B][kPanel], fp16 bits
+  const float* d;  // the rows' [rows][B]
+  const float* s;  // this panel's [B][kPanel], widened from fp16 once per panel (unbias_panel)
   int64_t B;
-  Int8Scale(const Int8Rows& x, const Int8Linear& w, int64_t p)
-      : d(x.d.data()), s(w.scales.data() + p * w.blocks() * kPanel), B(w.blocks()) {}
   // Row r's sums acc after block b, whose int32 sums are dot.
   [[gnu::always_inline]] KILN_TARGET_AVX512 __m512 operator()(int64_t r, int64_t b, const int32_t* dot,
                                                               __m512 acc) const {
-    const int64_t rb = r * B + b;
-    const __m512 sb = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + b * kPanel)));
-    return _mm512_fmadd_ps(_mm512_mul_ps(sb, _mm512_set1_ps(d[rb])), _mm512_cvtepi32_ps(_mm512_load_si512(dot)), acc);
+    const __m512 sd = _mm512_mul_ps(_mm512_load_ps(s + b * kPanel), _mm512_set1_ps(d[r * B + b]));
+    return _mm512_fmadd_ps(sd, _mm512_cvtepi32_ps(_mm512_load_si512(dot)), acc);
   }
 };
 
@@ -147,6 +144,43 @@ KILN_TARGET_AVX512 void row_tile(const int8_t* xr, int64_t in, int64_t r, int64_
   for (int64_t i = 0; i < n; ++i) _mm512_mask_storeu_ps(y + (r + i) * out + col, valid, _mm512_load_ps(acc[i]));
 }
 
+// A full tile of 16 rows, as row_tile computes it: the 16 rows' fp32 sums stay in registers through all the groups,
+// and each group's sums are stored and scaled right after the next group's products are issued, so the scaling
+// overlaps the tile unit's work. (row_tile's sums go through memory once per chunk: the tile instructions' memory
+// clobbers keep an array there, but not values that live in registers.) Same operations in the same order: 1536 x
+// 576 at 32 rows in L2, one thread, 43 -> 40 ns per tile product and group.
+template <class Scale>
+KILN_TARGET_AVX512 void full_row_tile(const int8_t* xr, int64_t in, int64_t r, const uint8_t* wt, int64_t G,
+                                      int64_t gs, int64_t kc, const char* next, int64_t next_step,
+                                      const Scale& scale, int64_t out, int64_t col, float* y) {
+  alignas(64) int32_t dot[2][kTileRows][kPanel];
+  __m512 acc[kTileRows];
+#pragma GCC unroll 16
+  for (int i = 0; i < kTileRows; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g <= G; ++g) {
+    if (g < G) {
+      if (next)
+        for (int64_t l = 0; l < next_step; l += 64) _mm_prefetch(next + g * next_step + l, _MM_HINT_T1);
+      if (g & 1)
+        group_products<3, 4, 5>(xr, in, wt, g, gs, kc);
+      else
+        group_products<2, 0, 1>(xr, in, wt, g, gs, kc);
+    }
+    if (g == 0) continue;
+    const int64_t h = g - 1;  // the group whose sums are ready to scale
+    if (h & 1)
+      amx::tile_store<3>(dot[1], 64);
+    else
+      amx::tile_store<2>(dot[0], 64);
+#pragma GCC unroll 16
+    for (int i = 0; i < kTileRows; ++i) acc[i] = scale(r + i, h, dot[h & 1][i], acc[i]);
+  }
+  const int64_t width = std::min(kPanel, out - col);
+  const __mmask16 valid = __mmask16((1u << width) - 1);
+#pragma GCC unroll 16
+  for (int i = 0; i < kTileRows; ++i) _mm512_mask_storeu_ps(y + (r + i) * out + col, valid, acc[i]);
+}
+
 // Int4 panel p's codes less their group's zero points, as weight-tile rows of signed bytes (-15..15): row c (inputs
 // 4c..4c+3 of every output) at tiles + 64 c; and its scales as fp32 [G][kPanel] at scales. Once per panel and call,
 // shared by every row tile.
@@ -172,11 +206,16 @@ KILN_TARGET_AVX512 void unpack_panel(const Int4Linear& w, int64_t p, uint8_t* ti
 // Int8-head panel p's codes, biased by 128 as the VNNI kernel needs them, back to signed bytes for tdpbssd: one XOR
 // per byte, once per panel and call, against two instructions per row and block for removing the bias from the sums
 // (about 30% of the kernel's scaling work).
-KILN_TARGET_AVX512 void unbias_panel(const Int8Linear& w, int64_t p, uint8_t* tiles) {
+KILN_TARGET_AVX512 void unbias_panel(const Int8Linear& w, int64_t p, uint8_t* tiles, float* scales) {
   const uint8_t* panel = w.q.data() + p * w.in * kPanel;
   const __m512i bias = _mm512_set1_epi8(char(0x80));
   for (int64_t c = 0; c < w.in * kPanel; c += 64)
     _mm512_storeu_si512(tiles + c, _mm512_xor_si512(_mm512_loadu_si512(panel + c), bias));
+  // And its scales as fp32 [B][kPanel]: widened per row and block, they were a third of the scaling's instructions.
+  const uint16_t* s = w.scales.data() + p * w.blocks() * kPanel;
+  for (int64_t b = 0; b < w.blocks(); ++b)
+    _mm512_store_ps(scales + b * kPanel,
+                    _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + b * kPanel))));
 }
 
 }  // namespace
@@ -203,29 +242,42 @@ void matmul_int4_int8_amx(const Int8Rows& x, int64_t r0, int64_t r1, const Int4L
     for (int64_t r = r0; r < r1; r += kTileRows) {
       const int64_t n = std::min(kTileRows, r1 - r);
       amx::load_config(config(n, kc), loaded);
-      row_tile(x.q.data() + r * w.in, w.in, r, n, tiles.data(), w.groups(), gs, kc, r == r0 ? next : nullptr, gs * 8,
-               scale, w.out, p * kPanel, y);
+      const int8_t* xr = x.q.data() + r * w.in;
+      const char* pf = r == r0 ? next : nullptr;
+      if (n == kTileRows)
+        full_row_tile(xr, w.in, r, tiles.data(), w.groups(), gs, kc, pf, gs * 8, scale, w.out, p * kPanel, y);
+      else
+        row_tile(xr, w.in, r, n, tiles.data(), w.groups(), gs, kc, pf, gs * 8, scale, w.out, p * kPanel, y);
     }
   }
   amx::release();
 }
 
 void matmul_int8_amx(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1, float* y) {
-  thread_local AlignedVector<uint8_t> tiles;  // one panel's signed codes, per thread and only grown
+  // One panel's signed codes and fp32 scales, per thread and only grown.
+  thread_local AlignedVector<uint8_t> tiles;
+  thread_local AlignedVector<float> scales;
   if (tiles.size() < size_t(w.in * kPanel)) tiles.resize(size_t(w.in * kPanel));
+  if (scales.size() < size_t(w.blocks() * kPanel)) scales.resize(size_t(w.blocks() * kPanel));
   amx::TileConfig loaded;
   loaded.palette = 0;
   const size_t panel_bytes = size_t(w.in * kPanel);
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* panel = w.q.data() + size_t(p) * panel_bytes;
     const char* next = p + 1 < w.panels() ? reinterpret_cast<const char*>(panel + panel_bytes) : nullptr;
-    unbias_panel(w, p, tiles.data());
-    const Int8Scale scale(x, w, p);
+    unbias_panel(w, p, tiles.data(), scales.data());
+    const Int8Scale scale{x.d.data(), scales.data(), w.blocks()};
     for (int64_t r = r0; r < r1; r += kTileRows) {
       const int64_t n = std::min(kTileRows, r1 - r);
       amx::load_config(config(n, kInt8Block), loaded);
-      row_tile(x.q.data() + r * w.in, w.in, r, n, tiles.data(), w.blocks(), kInt8Block, kInt8Block,
-               r == r0 ? next : nullptr, kInt8Block * kPanel, scale, w.out, p * kPanel, y);
+      const int8_t* xr = x.q.data() + r * w.in;
+      const char* pf = r == r0 ? next : nullptr;
+      if (n == kTileRows)
+        full_row_tile(xr, w.in, r, tiles.data(), w.blocks(), kInt8Block, kInt8Block, pf, kInt8Block * kPanel, scale,
+                      w.out, p * kPanel, y);
+      else
+        row_tile(xr, w.in, r, n, tiles.data(), w.blocks(), kInt8Block, kInt8Block, pf, kInt8Block * kPanel, scale,
+                 w.out, p * kPanel, y);
     }
   }
   amx::release();
