@@ -250,8 +250,7 @@ void CpuBackend::kv_write(KvCache& cache, int64_t layer, const float* k, const f
         kv_quantize_online(src, c.head_dim, dst);
         break;
       case KvDType::I8Static:
-        kv_quantize_static(src, c.head_dim, scales[size_t(layer * c.num_kv_heads + h)],
-                           reinterpret_cast<int8_t*>(dst));
+        kv_quantize_static(src, c.head_dim, scales[size_t(layer * c.num_kv_heads + h)], reinterpret_cast<int8_t*>(dst));
         break;
     }
   };

@@ -150,9 +150,9 @@ KILN_TARGET_AVX512 void row_tile(const int8_t* xr, int64_t in, int64_t r, int64_
 // clobbers keep an array there, but not values that live in registers.) Same operations in the same order: 1536 x
 // 576 at 32 rows in L2, one thread, 43 -> 40 ns per tile product and group.
 template <class Scale>
-KILN_TARGET_AVX512 void full_row_tile(const int8_t* xr, int64_t in, int64_t r, const uint8_t* wt, int64_t G,
-                                      int64_t gs, int64_t kc, const char* next, int64_t next_step,
-                                      const Scale& scale, int64_t out, int64_t col, float* y) {
+KILN_TARGET_AVX512 void full_row_tile(const int8_t* xr, int64_t in, int64_t r, const uint8_t* wt, int64_t G, int64_t gs,
+                                      int64_t kc, const char* next, int64_t next_step, const Scale& scale, int64_t out,
+                                      int64_t col, float* y) {
   alignas(64) int32_t dot[2][kTileRows][kPanel];
   __m512 acc[kTileRows];
 #pragma GCC unroll 16

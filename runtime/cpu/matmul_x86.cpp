@@ -254,8 +254,8 @@ inline PrefetchPart prefetch_part(const char* next, size_t es, int64_t k0, int64
 }
 
 // Blocking of the many-row case (prefill, AWQ's calibration forwards): inputs in blocks of kInputBlock, panels in
-// groups of kGroupPanels, and within them each pair of panels against every 8-row tile, the tiles sharing the prefetch of
-// the next pair's block. Without it each 8-row tile ran over all inputs at once, so with 4096 or 11008 inputs its
+// groups of kGroupPanels, and within them each pair of panels against every 8-row tile, the tiles sharing the prefetch
+// of the next pair's block. Without it each 8-row tile ran over all inputs at once, so with 4096 or 11008 inputs its
 // rows and panels spilled out of L2 between tiles (Llama-2-7B's down projection ran at 115 GFLOP/s against ~300 at
 // 576 inputs). The sums of a group live in a per-thread buffer between input blocks.
 constexpr int64_t kInputBlock = 256;
