@@ -147,8 +147,9 @@ KILN_TARGET_AVX512 void row_tile(const int8_t* xr, int64_t in, int64_t r, int64_
 // A full tile of 16 rows, as row_tile computes it: the 16 rows' fp32 sums stay in registers through all the groups,
 // and each group's sums are stored and scaled right after the next group's products are issued, so the scaling
 // overlaps the tile unit's work. (row_tile's sums go through memory once per chunk: the tile instructions' memory
-// clobbers keep an array there, but not values that live in registers.) Same operations in the same order: 1536 x
-// 576 at 32 rows in L2, one thread, 43 -> 40 ns per tile product and group.
+// clobbers keep an array there, but not values that live in registers.) Same operations in the same order. One
+// thread, int4 1536 x 576 streamed from memory: 32 rows 56-57 -> 53 ns per tile product and group, 512 rows 51-55 ->
+// 41-44.
 template <class Scale>
 KILN_TARGET_AVX512 void full_row_tile(const int8_t* xr, int64_t in, int64_t r, const uint8_t* wt, int64_t G, int64_t gs,
                                       int64_t kc, const char* next, int64_t next_step, const Scale& scale, int64_t out,

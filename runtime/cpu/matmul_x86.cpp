@@ -180,10 +180,10 @@ KILN_TARGET_AVX512 inline __m512 load_panel_avx512(const uint8_t* p) {
 // [P][R][16] receives the sums. One FMA chain per (row, panel), whatever R and P: two panels per tile let each
 // broadcast activation feed two FMAs and keep two chains per row in flight. When k0 > 0 the sums of inputs [0, k0) are
 // read from acc and carried on, so splitting the inputs into blocks repeats exactly the same FMAs in the same order.
-// With Prefetch, at input k the P panels' lines at pf + (k - k0) * pf_step (pstride apart) are fetched into L2, as in
+// At input k the P panels' lines at pf + (k - k0) * pf_step (pstride apart) are fetched into L2, as in
 // tile_exact (matmul_bf16_x86.cpp): fp32 decode waits on memory. The row tiles of a panel share the next panels'
 // prefetch (prefetch_part), so that memory stays busy through all of them.
-template <DType T, int R, int P, bool Prefetch>
+template <DType T, int R, int P>
 KILN_TARGET_AVX512 void tile_avx512(const float* x, int64_t in, int64_t k0, int64_t k1, const uint8_t* panel,
                                     size_t pstride, float* acc_io, const char* pf, size_t pf_step) {
   constexpr size_t es = T == DType::F32 ? 4 : 2;
@@ -192,8 +192,7 @@ KILN_TARGET_AVX512 void tile_avx512(const float* x, int64_t in, int64_t k0, int6
     for (int r = 0; r < R; ++r)
       acc[q][r] = k0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_io + (q * R + r) * kPanel);
   for (int64_t k = k0; k < k1; ++k) {
-    if constexpr (Prefetch)
-      for (int q = 0; q < P; ++q) _mm_prefetch(pf + size_t(k - k0) * pf_step + q * pstride, _MM_HINT_T1);
+    for (int q = 0; q < P; ++q) _mm_prefetch(pf + size_t(k - k0) * pf_step + q * pstride, _MM_HINT_T1);
     __m512 wv[P];
     for (int q = 0; q < P; ++q) wv[q] = load_panel_avx512<T>(panel + q * pstride + size_t(k * kPanel) * es);
     for (int r = 0; r < R; ++r) {
@@ -205,38 +204,38 @@ KILN_TARGET_AVX512 void tile_avx512(const float* x, int64_t in, int64_t k0, int6
     for (int r = 0; r < R; ++r) _mm512_storeu_ps(acc_io + (q * R + r) * kPanel, acc[q][r]);
 }
 
-template <DType T, int P, bool Prefetch>
+template <DType T, int P>
 KILN_TARGET_AVX512 void tile_avx512_rows(int64_t n, const float* x, int64_t in, int64_t k0, int64_t k1,
                                          const uint8_t* panel, size_t pstride, float* acc, const char* pf,
                                          size_t pf_step) {
   switch (n) {
     case 8:
-      return tile_avx512<T, 8, P, Prefetch>(x, in, k0, k1, panel, pstride, acc, pf, pf_step);
+      return tile_avx512<T, 8, P>(x, in, k0, k1, panel, pstride, acc, pf, pf_step);
     case 7:
-      return tile_avx512<T, 7, P, Prefetch>(x, in, k0, k1, panel, pstride, acc, pf, pf_step);
+      return tile_avx512<T, 7, P>(x, in, k0, k1, panel, pstride, acc, pf, pf_step);
     case 6:
-      return tile_avx512<T, 6, P, Prefetch>(x, in, k0, k1, panel, pstride, acc, pf, pf_step);
+      return tile_avx512<T, 6, P>(x, in, k0, k1, panel, pstride, acc, pf, pf_step);
     case 5:
-      return tile_avx512<T, 5, P, Prefetch>(x, in, k0, k1, panel, pstride, acc, pf, pf_step);
+      return tile_avx512<T, 5, P>(x, in, k0, k1, panel, pstride, acc, pf, pf_step);
     case 4:
-      return tile_avx512<T, 4, P, Prefetch>(x, in, k0, k1, panel, pstride, acc, pf, pf_step);
+      return tile_avx512<T, 4, P>(x, in, k0, k1, panel, pstride, acc, pf, pf_step);
     case 3:
-      return tile_avx512<T, 3, P, Prefetch>(x, in, k0, k1, panel, pstride, acc, pf, pf_step);
+      return tile_avx512<T, 3, P>(x, in, k0, k1, panel, pstride, acc, pf, pf_step);
     case 2:
-      return tile_avx512<T, 2, P, Prefetch>(x, in, k0, k1, panel, pstride, acc, pf, pf_step);
+      return tile_avx512<T, 2, P>(x, in, k0, k1, panel, pstride, acc, pf, pf_step);
     default:
-      return tile_avx512<T, 1, P, Prefetch>(x, in, k0, k1, panel, pstride, acc, pf, pf_step);
+      return tile_avx512<T, 1, P>(x, in, k0, k1, panel, pstride, acc, pf, pf_step);
   }
 }
 
-template <DType T, bool Prefetch>
+template <DType T>
 KILN_TARGET_AVX512 void tile_avx512_panels(int64_t np, int64_t n, const float* x, int64_t in, int64_t k0, int64_t k1,
                                            const uint8_t* panel, size_t pstride, float* acc, const char* pf,
                                            size_t pf_step) {
   if (np == 2)
-    tile_avx512_rows<T, 2, Prefetch>(n, x, in, k0, k1, panel, pstride, acc, pf, pf_step);
+    tile_avx512_rows<T, 2>(n, x, in, k0, k1, panel, pstride, acc, pf, pf_step);
   else
-    tile_avx512_rows<T, 1, Prefetch>(n, x, in, k0, k1, panel, pstride, acc, pf, pf_step);
+    tile_avx512_rows<T, 1>(n, x, in, k0, k1, panel, pstride, acc, pf, pf_step);
 }
 
 // Row tile t of `tiles` against inputs [k0, k1) of a pair of panels prefetches part t of the next pair's lines for
@@ -277,7 +276,7 @@ KILN_TARGET_AVX512 void run_avx512(const float* x, int64_t r0, int64_t r1, const
       for (int64_t r = r0; r < r1; r += 8) {
         const int64_t n = std::min<int64_t>(8, r1 - r), t = (r - r0) / 8;
         const PrefetchPart pf = prefetch_part(next, es, 0, w.in, t, tiles);
-        tile_avx512_panels<T, true>(np, n, x + r * w.in, w.in, 0, w.in, panel, pstride, tile, pf.from, pf.step);
+        tile_avx512_panels<T>(np, n, x + r * w.in, w.in, 0, w.in, panel, pstride, tile, pf.from, pf.step);
         store_panel_tile(tile, n, np, r, p, w.out, y);
       }
       p += np;
@@ -300,7 +299,7 @@ KILN_TARGET_AVX512 void run_avx512(const float* x, int64_t r0, int64_t r1, const
           const uint8_t* panel = w.data.data() + size_t(p) * pstride;
           const PrefetchPart pf =
               prefetch_part(reinterpret_cast<const char*>(panel + np * pstride), es, k0, k1, t, tiles);
-          tile_avx512_panels<T, true>(np, n, xt, w.in, k0, k1, panel, pstride, acc, pf.from, pf.step);
+          tile_avx512_panels<T>(np, n, xt, w.in, k0, k1, panel, pstride, acc, pf.from, pf.step);
           if (k1 == w.in) store_panel_tile(acc, n, np, r, p, w.out, y);
         }
         p += np;
