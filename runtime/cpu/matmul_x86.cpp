@@ -181,8 +181,10 @@ KILN_TARGET_AVX512 inline __m512 load_panel_avx512(const uint8_t* p) {
 // broadcast activation feed two FMAs and keep two chains per row in flight. When k0 > 0 the sums of inputs [0, k0) are
 // read from acc and carried on, so splitting the inputs into blocks repeats exactly the same FMAs in the same order.
 // At input k the P panels' lines at pf + (k - k0) * pf_step (pstride apart) are fetched into L2, as in
-// tile_exact (matmul_bf16_x86.cpp): fp32 decode waits on memory. The row tiles of a panel share the next panels'
-// prefetch (prefetch_part), so that memory stays busy through all of them.
+// tile_exact (matmul_bf16_x86.cpp): fp32 decode waits on memory. The 8-row tiles of a panel pair share the next pair's
+// prefetch (prefetch_share; past its 8 sharers a tile re-fetches its own panel, which is in cache). With the whole
+// prefetch in the first tile, it stalled on the CPU's miss buffers while the later tiles left memory idle: one thread,
+// fp32 1536 x 576 at 32 rows streamed its weights at 5.4-6.1 GB/s, 44-48 G multiply-adds/s (61-65 shared).
 template <DType T, int R, int P>
 KILN_TARGET_AVX512 void tile_avx512(const float* x, int64_t in, int64_t k0, int64_t k1, const uint8_t* panel,
                                     size_t pstride, float* acc_io, const char* pf, size_t pf_step) {
@@ -238,20 +240,6 @@ KILN_TARGET_AVX512 void tile_avx512_panels(int64_t np, int64_t n, const float* x
     tile_avx512_rows<T, 1>(n, x, in, k0, k1, panel, pstride, acc, pf, pf_step);
 }
 
-// Row tile t of `tiles` against inputs [k0, k1) of a pair of panels prefetches part t of the next pair's lines for
-// those inputs (`next`: the next pair's first byte), spread over its own inputs: each tile advances 1 / tiles of a line
-// per input. With the whole prefetch in the first tile, it stalled on the CPU's miss buffers while the later tiles
-// left memory idle: one thread, fp32 1536 x 576 at 32 rows streamed its weights at 5.4-6.1 GB/s, 44-48 G
-// multiply-adds/s (61-63 now).
-struct PrefetchPart {
-  const char* from;
-  size_t step;  // bytes per input
-};
-inline PrefetchPart prefetch_part(const char* next, size_t es, int64_t k0, int64_t k1, int64_t t, int64_t tiles) {
-  const size_t step = kPanel * es / size_t(tiles);
-  return {next + size_t(k0 * kPanel) * es + size_t(t) * step * size_t(k1 - k0), step};
-}
-
 // Blocking of the many-row case (prefill, AWQ's calibration forwards): inputs in blocks of kInputBlock, panels in
 // groups of kGroupPanels, and within them each pair of panels against every 8-row tile, the tiles sharing the prefetch
 // of the next pair's block. Without it each 8-row tile ran over all inputs at once, so with 4096 or 11008 inputs its
@@ -268,15 +256,15 @@ KILN_TARGET_AVX512 void run_avx512(const float* x, int64_t r0, int64_t r1, const
   const size_t pstride = size_t(w.in * kPanel) * es;
   if (r1 - r0 <= 8 || w.in <= kInputBlock) {
     alignas(64) float tile[2 * 8 * kPanel];
-    const int64_t tiles = (r1 - r0 + 7) / 8;
     for (int64_t p = p0; p < p1;) {
       const int64_t np = std::min<int64_t>(2, p1 - p);
       const uint8_t* panel = w.data.data() + size_t(p) * pstride;
       const char* next = reinterpret_cast<const char*>(panel + np * pstride);
       for (int64_t r = r0; r < r1; r += 8) {
-        const int64_t n = std::min<int64_t>(8, r1 - r), t = (r - r0) / 8;
-        const PrefetchPart pf = prefetch_part(next, es, 0, w.in, t, tiles);
-        tile_avx512_panels<T>(np, n, x + r * w.in, w.in, 0, w.in, panel, pstride, tile, pf.from, pf.step);
+        const int64_t n = std::min<int64_t>(8, r1 - r);
+        const PrefetchShare pf = prefetch_share(next, kPanel * es, r0, r1, r, w.in, 8);
+        tile_avx512_panels<T>(np, n, x + r * w.in, w.in, 0, w.in, panel, pstride, tile,
+                              pf.from ? pf.from : reinterpret_cast<const char*>(panel), pf.step);
         store_panel_tile(tile, n, np, r, p, w.out, y);
       }
       p += np;
@@ -297,9 +285,10 @@ KILN_TARGET_AVX512 void run_avx512(const float* x, int64_t r0, int64_t r1, const
           float* acc = sums.data() + ((p - g0) * tiles + t * np) * 8 * kPanel;
           const float* xt = x + r * w.in;
           const uint8_t* panel = w.data.data() + size_t(p) * pstride;
-          const PrefetchPart pf =
-              prefetch_part(reinterpret_cast<const char*>(panel + np * pstride), es, k0, k1, t, tiles);
-          tile_avx512_panels<T>(np, n, xt, w.in, k0, k1, panel, pstride, acc, pf.from, pf.step);
+          const char* next = reinterpret_cast<const char*>(panel + np * pstride) + size_t(k0 * kPanel) * es;
+          const PrefetchShare pf = prefetch_share(next, kPanel * es, r0, r1, r, k1 - k0, 8);
+          tile_avx512_panels<T>(np, n, xt, w.in, k0, k1, panel, pstride, acc,
+                                pf.from ? pf.from : reinterpret_cast<const char*>(panel), pf.step);
           if (k1 == w.in) store_panel_tile(acc, n, np, r, p, w.out, y);
         }
         p += np;

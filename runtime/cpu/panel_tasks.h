@@ -43,8 +43,10 @@ struct PrefetchShare {
   const char* from;  // nullptr: the tile prefetches nothing
   size_t step;       // bytes per input
 };
-inline PrefetchShare prefetch_share(const char* next, size_t next_step, int64_t r0, int64_t r1, int64_t r, int64_t in) {
-  const int64_t sharers = std::min<int64_t>((r1 - r0 + 3) / 4, 8), t = (r - r0) / 4;
+// Tiles are tile_rows high (4 for the AVX2 kernels, 8 for the AVX-512 ones).
+inline PrefetchShare prefetch_share(const char* next, size_t next_step, int64_t r0, int64_t r1, int64_t r, int64_t in,
+                                    int64_t tile_rows = 4) {
+  const int64_t sharers = std::min<int64_t>((r1 - r0 + tile_rows - 1) / tile_rows, 8), t = (r - r0) / tile_rows;
   const size_t step = next_step / size_t(sharers);
   if (!next || t >= sharers) return {nullptr, step};
   return {next + size_t(t) * step * size_t(in), step};
