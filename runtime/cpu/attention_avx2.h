@@ -25,10 +25,12 @@ namespace kiln::cpu::attention {
 constexpr int64_t kKeyChunk = 64;                // keys per chunk, aligned to absolute positions
 constexpr int64_t kScoreStride = kKeyChunk + 8;  // a chunk's scores per head, with room for a whole last tile
 
-// Rows to prefetch while a chunk is computed: k[j], v[j] along with key j of this chunk (null k: none).
+// Rows to prefetch while a chunk is computed: k[i], v[i] for i < count (null k: none), spread evenly over the chunk's
+// keys, so that the requests overlap its arithmetic instead of stalling on the CPU's miss buffers all at once.
 struct NextRows {
   const uint8_t* const* k = nullptr;
   const uint8_t* const* v = nullptr;
+  int64_t count = 0;
   int64_t lines = 0;
 };
 
@@ -176,16 +178,18 @@ KILN_TARGET_AVX2 KILN_ALWAYS_INLINE void values_tile(const float* e, const uint8
 
 // The partials of HT heads of a query group (q: the first one's row) over keys [j0, j1) of a chunk. krows/vrows hold
 // valid rows up to j1 + 7 (the scores tiles read whole tiles; the extra scores are never used). With next.k, the
-// rows next.k[j] and next.v[j] (`lines` cache lines each) are prefetched along with key j's scores.
+// rows next.k[i] and next.v[i] (`lines` cache lines each) are prefetched along with the scores, count / (j1 - j0) of
+// them per key.
 template <KvDType T, int HT>
 KILN_TARGET_AVX2 void heads_partial_avx2(const float* q, const uint8_t* const* krows, const uint8_t* const* vrows,
                                          const NextRows& next, int64_t j0, int64_t j1, int64_t hd, float score_scale,
                                          __m256 kscale, __m256 vscale, float* m, float* s, float* acc) {
   constexpr int KT = HT == 1 ? 8 : 4;
   alignas(32) float e[HT * kScoreStride];
+  const int64_t n = j1 - j0;
   for (int64_t j = j0; j < j1; j += KT) {
     if (next.k)
-      for (int64_t i = j; i < std::min(j + KT, j1); ++i)
+      for (int64_t i = (j - j0) * next.count / n, end = (std::min(j + KT, j1) - j0) * next.count / n; i < end; ++i)
         for (int64_t l = 0; l < next.lines; ++l) {
           _mm_prefetch(reinterpret_cast<const char*>(next.k[i] + 64 * l), _MM_HINT_T0);
           _mm_prefetch(reinterpret_cast<const char*>(next.v[i] + 64 * l), _MM_HINT_T0);

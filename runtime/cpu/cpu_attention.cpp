@@ -116,6 +116,14 @@ KILN_ALWAYS_INLINE const float* widen_row(const LayerView& v, const uint8_t* src
   return dst;
 }
 
+// Whether a task of `count` rows takes the vector kernel (head size a multiple of 8, no softcap) straight from the
+// cache: one row, and not online int8 (its rows carry their own scale and minimum). A tile of rows widens the keys and
+// values once into fp32 scratch instead.
+bool vector_kernel(const LayerView& v, bool avx2) { return avx2 && v.p->softcap <= 0 && v.hd % 8 == 0; }
+bool reads_direct(const LayerView& v, bool avx2, int64_t count) {
+  return vector_kernel(v, avx2) && count == 1 && v.c->dtype != KvDType::I8Online;
+}
+
 // Sixteen independent partial sums over d in a fixed order, then a fixed tree: the portable scores kernel.
 KILN_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
   float lane[16] = {};
@@ -135,10 +143,15 @@ KILN_ALWAYS_INLINE float dot(const float* a, const float* b, int64_t n) {
 // rows are. A task runs consecutive chunks: while this one is widened (or, read straight from the cache, scored), the
 // next one's rows (up to position `task_end`) are requested, so they arrive while this one is computed; memory
 // otherwise idled during the arithmetic and the widening waited on it (decode attention read the cache at ~6 GB/s). The
-// task's first chunk (`first`) has no such head start: its rows are requested one block ahead.
+// task's first chunk has no such head start unless the task before it on this thread requested it (`after`, below);
+// without (`first`), its rows are requested one block ahead. `after` (or null) is the one-row task that this thread
+// runs next, on kv head after_g: a one-row task read straight from the cache requests that task's first chunk during
+// its own last one. Decode's tasks are mostly one chunk, whose rows otherwise waited on memory with no arithmetic to
+// overlap.
 template <bool kAvx2>
 KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
-                                            int64_t task_end, bool first, float* scratch, float* part) {
+                                            int64_t task_end, bool first, const RowRef* after, int64_t after_g,
+                                            float* scratch, float* part) {
   const AttentionParams& p = *v.p;
   const int64_t group = v.group, hd = v.hd, stride = partial_floats(group, hd);
   const int64_t c0 = c * kKeyChunk;
@@ -150,10 +163,7 @@ KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* ro
   if (lo >= hi) return;
   float *kb = scratch, *vb = kb + kKeyChunk * hd, *scores = vb + kKeyChunk * hd;
   const AttentionSequence& seq = *rows[0].seq;
-  // The vector kernel (hd % 8 == 0, no softcap) reads one row's keys and values straight from the cache (`direct`),
-  // except online int8 rows (their own scale and minimum); a tile of rows widens them once into fp32 scratch.
-  const bool vec = kAvx2 && p.softcap <= 0 && hd % 8 == 0;
-  const bool direct = vec && count == 1 && v.c->dtype != KvDType::I8Online;
+  const bool vec = vector_kernel(v, kAvx2), direct = reads_direct(v, kAvx2, count);
   const float *krows[kKeyChunk], *vrows[kKeyChunk];
   const uint8_t *kraw[kScoreStride], *vraw[kScoreStride];  // the vector kernel's rows, padded past hi
   const int64_t bs = v.c->block_size, next_end = std::min(c0 + 2 * kKeyChunk, task_end);
@@ -180,23 +190,27 @@ KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* ro
     kraw[j] = kraw[lo - c0];
     vraw[j] = vraw[lo - c0];
   }
-  // Read straight from the cache, the next chunk's rows are requested during this one's scores, a few keys at a time:
-  // issued all at once, the prefetches stalled on the CPU's miss buffers with no arithmetic to overlap.
-  const uint8_t *knext[kScoreStride], *vnext[kScoreStride];
-  if (direct) {
-    std::fill(knext, knext + kScoreStride, kraw[lo - c0]);
-    std::fill(vnext, vnext + kScoreStride, vraw[lo - c0]);
-    for (int64_t pos = lo + kKeyChunk, stop = std::min(hi + kKeyChunk, next_end); pos < stop;) {
-      const int64_t block = pos / bs, end = std::min(stop, (block + 1) * bs);
-      const uint8_t *k = block_rows(v, v.kbase, seq, g, block), *val = block_rows(v, v.vbase, seq, g, block);
-      for (; pos < end; ++pos) {
+  // Read straight from the cache, the rows that come next (this task's next chunk, else `after`'s first) are
+  // requested during this chunk's scores, a few keys at a time: issued all at once, the prefetches stalled on the
+  // CPU's miss buffers with no arithmetic to overlap.
+  const uint8_t *knext[kKeyChunk], *vnext[kKeyChunk];
+  int64_t nnext = 0;
+  const auto collect = [&](const AttentionSequence& s, int64_t kvh, int64_t p0, int64_t p1) {
+    for (int64_t pos = p0; pos < p1;) {
+      const int64_t block = pos / bs, end = std::min(p1, (block + 1) * bs);
+      const uint8_t *k = block_rows(v, v.kbase, s, kvh, block), *val = block_rows(v, v.vbase, s, kvh, block);
+      for (; pos < end; ++pos, ++nnext) {
         const size_t at = size_t(pos - block * bs) * v.row_bytes;
-        knext[pos - kKeyChunk - c0] = k + at;
-        vnext[pos - kKeyChunk - c0] = val + at;
+        knext[nnext] = k + at;
+        vnext[nnext] = val + at;
       }
     }
-  }
-  const NextRows next{direct ? knext : nullptr, vnext, int64_t((v.row_bytes + 63) / 64)};
+  };
+  if (direct && c0 + kKeyChunk < task_end)
+    collect(seq, g, lo + kKeyChunk, std::min(hi + kKeyChunk, next_end));
+  else if (direct && after)
+    collect(*after->seq, after_g, after->first, std::min(after->last, (after->first / kKeyChunk + 1) * kKeyChunk));
+  const NextRows next{nnext ? knext : nullptr, vnext, nnext, int64_t((v.row_bytes + 63) / 64)};
   const KvDType kind = direct ? v.c->dtype : KvDType::F32;
   const bool fixed_scales = kind == KvDType::I8Static;
   const float kscale = fixed_scales ? v.k_scales[size_t(v.layer * v.c->num_kv_heads + g)] : 1.0f;
@@ -258,8 +272,9 @@ KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* ro
 }
 
 void chunk_partials_default(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
-                            int64_t task_end, bool first, float* scratch, float* part) {
-  chunk_partials_impl<false>(v, rows, count, g, c, task_end, first, scratch, part);
+                            int64_t task_end, bool first, const RowRef* after, int64_t after_g, float* scratch,
+                            float* part) {
+  chunk_partials_impl<false>(v, rows, count, g, c, task_end, first, after, after_g, scratch, part);
 }
 
 #if defined(__x86_64__)
@@ -271,8 +286,9 @@ void chunk_partials_default(const LayerView& v, const RowRef* rows, int64_t coun
 // kernel (session 20, an AVX-512 Xeon) was 15% faster on int8 rows in L2 but 8-15% slower on fp32 and widened rows
 // read from memory, so it was not kept (docs/BENCHMARKS.md).
 KILN_TARGET_AVX2 void chunk_partials_avx2(const LayerView& v, const RowRef* rows, int64_t count, int64_t g, int64_t c,
-                                          int64_t task_end, bool first, float* scratch, float* part) {
-  chunk_partials_impl<true>(v, rows, count, g, c, task_end, first, scratch, part);
+                                          int64_t task_end, bool first, const RowRef* after, int64_t after_g,
+                                          float* scratch, float* part) {
+  chunk_partials_impl<true>(v, rows, count, g, c, task_end, first, after, after_g, scratch, part);
 }
 #endif
 
@@ -319,8 +335,10 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
                        q,
                        q_stride};
   auto partials_of = chunk_partials_default;
+  bool avx2 = false;
 #if defined(__x86_64__)
-  if (isa_ != MatmulIsa::Scalar) partials_of = chunk_partials_avx2;
+  avx2 = isa_ != MatmulIsa::Scalar;
+  if (avx2) partials_of = chunk_partials_avx2;
 #endif
   auto finish = [&](const RowRef& r, int64_t g, const float* total) {
     const float *S = total + group, *O = S + group;
@@ -350,8 +368,16 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
               first = std::min(first, tile[i].first);
               last = std::max(last, tile[i].last);
             }
+            // One-row tasks in a row (decode) request each other's first chunk (chunk_partials_impl).
+            const auto one_row = [&](int64_t task) {
+              return tiles[size_t(task / kvh) + 1] - tiles[size_t(task / kvh)] == 1;
+            };
+            const bool requested = t > b && one_row(t - 1) && reads_direct(view, avx2, count);
+            const RowRef* after =
+                t + 1 < e && count == 1 && one_row(t + 1) ? &rows[size_t(tiles[size_t((t + 1) / kvh)])] : nullptr;
             for (int64_t ch = first / kKeyChunk; ch * kKeyChunk < last; ++ch) {
-              partials_of(view, tile, count, g, ch, last, ch == first / kKeyChunk, scratch, part);
+              partials_of(view, tile, count, g, ch, last, ch == first / kKeyChunk && !requested, after, (t + 1) % kvh,
+                          scratch, part);
               for (int64_t i = 0; i < count; ++i) {
                 const int64_t c0 = ch * kKeyChunk;
                 if (std::max(c0, tile[i].first) >= std::min(c0 + kKeyChunk, tile[i].last)) continue;
@@ -397,7 +423,7 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
           const RowRef& r = rows[size_t(u.head / kvh)];
           const int64_t c0 = r.first / kKeyChunk, task_end = std::min(r.last, (c0 + u.end) * kKeyChunk);
           for (int64_t i = u.begin; i < u.end; ++i)
-            partials_of(view, &r, 1, u.head % kvh, c0 + i, task_end, i == u.begin, scratch,
+            partials_of(view, &r, 1, u.head % kvh, c0 + i, task_end, i == u.begin, nullptr, 0, scratch,
                         partials.data() + (first_chunk[size_t(u.head)] + i) * stride);
         }
       },
