@@ -1,5 +1,6 @@
 #include "runtime/cpu/cpu_backend.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -202,23 +203,37 @@ void CpuBackend::rope(float* x, int64_t rows, int64_t row_stride, int64_t num_he
   const int64_t half = layout.rotary_dim / 2, hd = layout.head_dim;
   // Element i of a pair is at a(i), its partner at c(i): (i, i + half) rotate-half, (2i, 2i + 1) interleaved.
   const int64_t a_step = layout.interleaved ? 2 : 1, c_off = layout.interleaved ? 1 : half;
+  RopeAngles& t = rope_angles_;
+  const bool known = t.half == half && std::ranges::equal(t.positions, positions.first(size_t(rows))) &&
+                     std::ranges::equal(t.seq_of_row, seq_of_row.first(size_t(rows))) &&
+                     std::ranges::equal(t.inv_freq, inv_freq);
+  if (!known) {
+    t.half = half;
+    t.positions.assign(positions.begin(), positions.begin() + rows);
+    t.seq_of_row.assign(seq_of_row.begin(), seq_of_row.begin() + rows);
+    t.inv_freq.assign(inv_freq.begin(), inv_freq.end());
+    t.cos.resize(size_t(rows * half));
+    t.sin.resize(size_t(rows * half));
+  }
   pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
-    std::vector<float> cos_(static_cast<size_t>(half)), sin_(static_cast<size_t>(half));
     for (int64_t r = b; r < e; ++r) {
-      const float* f = inv_freq.data() + size_t(seq_of_row[r]) * size_t(half);
-      for (int64_t i = 0; i < half; ++i) {
-        // The angle is an fp32 product, as in transformers (position.float() * inv_freq).
-        const float angle = float(positions[r]) * f[i];
-        cos_[i] = float(std::cos(double(angle)));
-        sin_[i] = float(std::sin(double(angle)));
+      float *cos_r = t.cos.data() + r * half, *sin_r = t.sin.data() + r * half;
+      if (!known) {
+        const float* f = inv_freq.data() + size_t(seq_of_row[r]) * size_t(half);
+        for (int64_t i = 0; i < half; ++i) {
+          // The angle is an fp32 product, as in transformers (position.float() * inv_freq).
+          const float angle = float(positions[r]) * f[i];
+          cos_r[i] = float(std::cos(double(angle)));
+          sin_r[i] = float(std::sin(double(angle)));
+        }
       }
       for (int64_t h = 0; h < num_heads; ++h) {
         float* p = x + r * row_stride + h * hd;
         for (int64_t i = 0; i < half; ++i) {
           float* pa = p + i * a_step;
           const float a = pa[0], c = pa[c_off];
-          pa[0] = a * cos_[i] - c * sin_[i];
-          pa[c_off] = c * cos_[i] + a * sin_[i];
+          pa[0] = a * cos_r[i] - c * sin_r[i];
+          pa[c_off] = c * cos_r[i] + a * sin_r[i];
         }
       }
     }

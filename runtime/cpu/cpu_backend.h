@@ -3,6 +3,7 @@
 // Ops are plain loops split over a thread pool; only the matmul (matmul_x86.cpp) uses intrinsics, chosen at run time
 // (AVX-512, else AVX2+FMA+F16C, else scalar).
 #include <memory>
+#include <vector>
 
 #include "runtime/backend/backend.h"
 #include "runtime/cpu/matmul.h"
@@ -56,6 +57,14 @@ class CpuBackend : public Backend {
  private:
   ThreadPool pool_;
   MatmulIsa isa_;
+  // The cos and sin of the last rope call's angles, [rows][half] (rope): every layer's q and k in a step rotate by
+  // the same angles, and computing them (a double sin and cos per row and pair, per call) was 2.5% of a batch-32
+  // decode step.
+  struct RopeAngles {
+    std::vector<int32_t> positions, seq_of_row;
+    std::vector<float> inv_freq, cos, sin;
+    int64_t half = 0;
+  } rope_angles_;
 };
 
 }  // namespace kiln::cpu
