@@ -86,32 +86,49 @@ std::unique_ptr<LinearWeight> CpuBackend::pack_tied_head(const EmbeddingTable& t
 }
 
 namespace {
-// Σ f(x[i]) in double over 8 interleaved partial sums, added in a fixed order at the end. One running double sum is
-// a chain of dependent adds (~4 cycles per element: a quarter of a batch-32 step's norms went to it); 8 independent
-// ones vectorize even at the baseline ISA. Any order of double sums rounds to the same float in practice, and this
-// order is fixed, so every batch size and thread count still gets the same bits (batch invariance).
+// The norms' rows are compiled for AVX-512 and AVX2 besides the baseline (function multiversioning: the loader picks
+// one per CPU); at SSE2 they were 2-2.5% of a batch-32 decode step. The clones compute the baseline's values: every
+// float operation goes lane by lane in the same order, and this file is compiled without FMA contraction
+// (runtime/CMakeLists.txt).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define KILN_NORM_ROW [[gnu::target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")]]
+#else
+#define KILN_NORM_ROW
+#endif
+
+// Σ f(x[i]) in double over 16 interleaved partial sums, added in a fixed order at the end. One running double sum is
+// a chain of dependent adds (~4 cycles per element); 16 independent ones are two chains of 8 doubles at AVX-512. Any
+// order of double sums rounds to the same float in practice, and this order is fixed, so every batch size, thread
+// count and ISA gets the same bits (batch invariance).
 template <class F>
-inline double sum8(const float* x, int64_t dim, F f) {
-  double s[8] = {};
+inline double sum16(const float* x, int64_t dim, F f) {
+  double s[16] = {};
   int64_t i = 0;
-  for (; i + 8 <= dim; i += 8)
-    for (int j = 0; j < 8; ++j) s[j] += f(x[i + j]);
-  for (; i < dim; ++i) s[i % 8] += f(x[i]);
-  return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; i + 16 <= dim; i += 16)
+    for (int j = 0; j < 16; ++j) s[j] += f(x[i + j]);
+  for (; i < dim; ++i) s[i % 16] += f(x[i]);
+  for (int w = 8; w > 0; w /= 2)
+    for (int j = 0; j < w; ++j) s[j] += s[j + w];
+  return s[0];
+}
+
+// x += r, the residual add before a norm (row by row, so the norm reads the row while it is in cache).
+KILN_NORM_ROW void add_row(float* x, const float* r, int64_t dim) {
+  for (int64_t i = 0; i < dim; ++i) x[i] += r[i];
 }
 
 // One RMSNorm row, as transformers computes it in fp32: x * rsqrt(mean(x^2) + eps) * w.
-inline void rms_norm_row(const float* x, const float* w, float* y, int64_t dim, float eps) {
-  const double ss = sum8(x, dim, [](float v) { return double(v) * v; });
+KILN_NORM_ROW void rms_norm_row(const float* x, const float* w, float* y, int64_t dim, float eps) {
+  const double ss = sum16(x, dim, [](float v) { return double(v) * v; });
   const float inv = 1.0f / std::sqrt(float(ss / double(dim)) + eps);
   for (int64_t i = 0; i < dim; ++i) y[i] = w[i] * (x[i] * inv);
 }
 
 // One LayerNorm row, as torch computes it in fp32: biased variance, (x - mean) * rsqrt(var + eps) * w + b. The sums
 // are taken in double so that the result does not depend on the order (or the row's length) in any visible way.
-inline void layer_norm_row(const float* x, const float* w, const float* b, float* y, int64_t dim, float eps) {
-  const float mean = float(sum8(x, dim, [](float v) { return double(v); }) / double(dim));
-  const double ss = sum8(x, dim, [mean](float v) { return double(v - mean) * double(v - mean); });
+KILN_NORM_ROW void layer_norm_row(const float* x, const float* w, const float* b, float* y, int64_t dim, float eps) {
+  const float mean = float(sum16(x, dim, [](float v) { return double(v); }) / double(dim));
+  const double ss = sum16(x, dim, [mean](float v) { return double(v - mean) * double(v - mean); });
   const float inv = 1.0f / std::sqrt(float(ss / double(dim)) + eps);
   for (int64_t i = 0; i < dim; ++i) y[i] = (x[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
 }
@@ -144,13 +161,10 @@ void CpuBackend::rms_norm(const float* x, const float* w, float* y, int64_t rows
 
 void CpuBackend::add_rms_norm(float* x, const float* r, const float* w, float* y, int64_t rows, int64_t dim,
                               float eps) {
-  // Row by row, the add and the norm touch the row while it is in cache.
   pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
-      float* xr = x + row * dim;
-      const float* rr = r + row * dim;
-      for (int64_t i = 0; i < dim; ++i) xr[i] += rr[i];
-      rms_norm_row(xr, w, y + row * dim, dim, eps);
+      add_row(x + row * dim, r + row * dim, dim);
+      rms_norm_row(x + row * dim, w, y + row * dim, dim, eps);
     }
   });
 }
@@ -166,10 +180,8 @@ void CpuBackend::add_layer_norm(float* x, const float* r, const float* w, const 
                                 int64_t dim, float eps) {
   pool_.parallel_for(rows, [&](int64_t b, int64_t e) {
     for (int64_t row = b; row < e; ++row) {
-      float* xr = x + row * dim;
-      const float* rr = r + row * dim;
-      for (int64_t i = 0; i < dim; ++i) xr[i] += rr[i];
-      layer_norm_row(xr, w, bias, y + row * dim, dim, eps);
+      add_row(x + row * dim, r + row * dim, dim);
+      layer_norm_row(x + row * dim, w, bias, y + row * dim, dim, eps);
     }
   });
 }
