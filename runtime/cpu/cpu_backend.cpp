@@ -86,14 +86,14 @@ std::unique_ptr<LinearWeight> CpuBackend::pack_tied_head(const EmbeddingTable& t
 }
 
 namespace {
-// The norms' rows are compiled for AVX-512 and AVX2 besides the baseline (function multiversioning: the loader picks
-// one per CPU); at SSE2 they were 2-2.5% of a batch-32 decode step. The clones compute the baseline's values: every
-// float operation goes lane by lane in the same order, and this file is compiled without FMA contraction
+// The norms' and RoPE's rows are compiled for AVX-512 and AVX2 besides the baseline (function multiversioning: the
+// loader picks one per CPU); at SSE2 the norms were 2-2.5% of a batch-32 decode step. The clones compute the baseline's
+// values: every float operation goes lane by lane in the same order, and this file is compiled without FMA contraction
 // (runtime/CMakeLists.txt).
 #if defined(__x86_64__) && defined(__GNUC__)
-#define KILN_NORM_ROW [[gnu::target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")]]
+#define KILN_ROW_CLONES [[gnu::target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")]]
 #else
-#define KILN_NORM_ROW
+#define KILN_ROW_CLONES
 #endif
 
 // Σ f(x[i]) in double over 16 interleaved partial sums, added in a fixed order at the end. One running double sum is
@@ -113,12 +113,12 @@ inline double sum16(const float* x, int64_t dim, F f) {
 }
 
 // x += r, the residual add before a norm (row by row, so the norm reads the row while it is in cache).
-KILN_NORM_ROW void add_row(float* x, const float* r, int64_t dim) {
+KILN_ROW_CLONES void add_row(float* x, const float* r, int64_t dim) {
   for (int64_t i = 0; i < dim; ++i) x[i] += r[i];
 }
 
 // One RMSNorm row, as transformers computes it in fp32: x * rsqrt(mean(x^2) + eps) * w.
-KILN_NORM_ROW void rms_norm_row(const float* x, const float* w, float* y, int64_t dim, float eps) {
+KILN_ROW_CLONES void rms_norm_row(const float* x, const float* w, float* y, int64_t dim, float eps) {
   const double ss = sum16(x, dim, [](float v) { return double(v) * v; });
   const float inv = 1.0f / std::sqrt(float(ss / double(dim)) + eps);
   for (int64_t i = 0; i < dim; ++i) y[i] = w[i] * (x[i] * inv);
@@ -126,11 +126,22 @@ KILN_NORM_ROW void rms_norm_row(const float* x, const float* w, float* y, int64_
 
 // One LayerNorm row, as torch computes it in fp32: biased variance, (x - mean) * rsqrt(var + eps) * w + b. The sums
 // are taken in double so that the result does not depend on the order (or the row's length) in any visible way.
-KILN_NORM_ROW void layer_norm_row(const float* x, const float* w, const float* b, float* y, int64_t dim, float eps) {
+KILN_ROW_CLONES void layer_norm_row(const float* x, const float* w, const float* b, float* y, int64_t dim, float eps) {
   const float mean = float(sum16(x, dim, [](float v) { return double(v); }) / double(dim));
   const double ss = sum16(x, dim, [mean](float v) { return double(v - mean) * double(v - mean); });
   const float inv = 1.0f / std::sqrt(float(ss / double(dim)) + eps);
   for (int64_t i = 0; i < dim; ++i) y[i] = (x[i] - mean) * inv * w[i] + (b ? b[i] : 0.0f);
+}
+
+// One head's RoPE: element a(i) = p[i * a_step] and its partner p[i * a_step + c_off] rotate by angle i.
+KILN_ROW_CLONES void rotate_head(float* p, const float* cos, const float* sin, int64_t half, int64_t a_step,
+                                 int64_t c_off) {
+  for (int64_t i = 0; i < half; ++i) {
+    float* pa = p + i * a_step;
+    const float a = pa[0], c = pa[c_off];
+    pa[0] = a * cos[i] - c * sin[i];
+    pa[c_off] = c * cos[i] + a * sin[i];
+  }
 }
 
 // GELU as torch computes it in fp32: exact x * Phi(x) = 0.5 * x * (1 + erf(x / sqrt 2)), or the tanh approximation
@@ -239,15 +250,8 @@ void CpuBackend::rope(float* x, int64_t rows, int64_t row_stride, int64_t num_he
           sin_r[i] = float(std::sin(double(angle)));
         }
       }
-      for (int64_t h = 0; h < num_heads; ++h) {
-        float* p = x + r * row_stride + h * hd;
-        for (int64_t i = 0; i < half; ++i) {
-          float* pa = p + i * a_step;
-          const float a = pa[0], c = pa[c_off];
-          pa[0] = a * cos_r[i] - c * sin_r[i];
-          pa[c_off] = c * cos_r[i] + a * sin_r[i];
-        }
-      }
+      for (int64_t h = 0; h < num_heads; ++h)
+        rotate_head(x + r * row_stride + h * hd, cos_r, sin_r, half, a_step, c_off);
     }
   });
 }
