@@ -23,9 +23,9 @@ KILN_TARGET_AVX2 inline __m256 load_scales8(const Int4Linear& w, int64_t p, int6
   return _mm256_cvtph_ps(
       _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.scale.data() + (p * w.groups() + g) * kPanel + j0)));
 }
-KILN_TARGET_AVX2 inline __m256 load_zeros8(const Int4Linear& w, int64_t p, int64_t g, int64_t j0) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
-      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.zero.data() + (p * w.groups() + g) * kPanel + j0))));
+KILN_TARGET_AVX2 inline __m256i load_zeros8(const Int4Linear& w, int64_t p, int64_t g, int64_t j0) {
+  return _mm256_cvtepu8_epi32(
+      _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.zero.data() + (p * w.groups() + g) * kPanel + j0)));
 }
 KILN_TARGET_AVX512 inline __m512 load_scales16(const Int4Linear& w, int64_t p, int64_t g) {
   return _mm512_cvtph_ps(
@@ -60,8 +60,9 @@ KILN_TARGET_AVX2 void tile_int4_avx2(const float* x, const float* xsum, const In
       }
     }
     const __m256 s_lo = load_scales8(w, p, g, 0), s_hi = load_scales8(w, p, g, 8);
-    const __m256 zs_lo = _mm256_mul_ps(load_zeros8(w, p, g, 0), s_lo);  // exact: 4 bits times an fp16 scale
-    const __m256 zs_hi = _mm256_mul_ps(load_zeros8(w, p, g, 8), s_hi);
+    // Exact: 4 bits times an fp16 scale.
+    const __m256 zs_lo = _mm256_mul_ps(_mm256_cvtepi32_ps(load_zeros8(w, p, g, 0)), s_lo);
+    const __m256 zs_hi = _mm256_mul_ps(_mm256_cvtepi32_ps(load_zeros8(w, p, g, 8)), s_hi);
     for (int r = 0; r < R; ++r) {
       const __m256 sx = _mm256_set1_ps(xsum[r * G + g]);
       acc_lo[r] = _mm256_fnmadd_ps(zs_lo, sx, _mm256_fmadd_ps(s_lo, a_lo[r], acc_lo[r]));
@@ -184,8 +185,7 @@ KILN_TARGET_AVX2 void tile_int4_int8_avx2(const Int8Rows& x, int64_t r0, const I
     }
     for (int h = 0; h < 2; ++h) {
       const __m256 s = load_scales8(w, p, g, 8 * h);
-      const __m256i z = _mm256_cvtepu8_epi32(
-          _mm_loadl_epi64(reinterpret_cast<const __m128i*>(w.zero.data() + (p * G + g) * kPanel + 8 * h)));
+      const __m256i z = load_zeros8(w, p, g, 8 * h);
       for (int r = 0; r < R; ++r) {
         const size_t rg = size_t((r0 + r) * G + g);
         const __m256i q = _mm256_set1_epi32(x.qsum[rg]);  // z qsum as in the VNNI kernel
