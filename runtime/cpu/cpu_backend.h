@@ -38,6 +38,14 @@ class CpuBackend : public Backend {
   explicit CpuBackend(unsigned threads, MatmulIsa isa = best_matmul_isa());
   std::string name() const override;
   bool host_memory() const override { return true; }
+  void host_parallel_for(int64_t n, const std::function<void(int64_t)>& fn) override {
+    pool_.parallel_for(
+        n,
+        [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) fn(i);
+        },
+        1);
+  }
   ThreadPool& pool() { return pool_; }
   MatmulIsa isa() const { return isa_; }
 

@@ -230,9 +230,31 @@ bool Scheduler::step() {
   }
   const ForwardResult& r = model_.forward(batch, cache_);
   const int64_t vocab = model_.spec().vocab_size;
-  static thread_local Sampler sampler;
+  // The rows that predict a token (the others are still prefilling) are sampled first, all at once on the backend's
+  // threads: each sequence samples with its own state, so the order does not matter. A sampling error (non-finite
+  // logits: a model or weights problem that this sequence's tokens trigger) fails that sequence alone, below.
+  struct Sampled {
+    size_t entry;
+    DecodeStep step;
+    bool failed = false;
+    std::string error;
+  };
+  std::vector<Sampled> sampled;
+  for (size_t e = 0; e < plan.size(); ++e)
+    if (plan[e].first->computed + plan[e].second >= int64_t(plan[e].first->tokens.size()))
+      sampled.push_back({e, {}, false, {}});
+  model_.backend().host_parallel_for(int64_t(sampled.size()), [&](int64_t i) {
+    static thread_local Sampler sampler;  // its buffers are reused step after step, one per thread
+    Sampled& x = sampled[size_t(i)];
+    try {
+      x.step = plan[x.entry].first->dec->step(sampler, std::span<const float>(r.last(x.entry, batch), size_t(vocab)));
+    } catch (const Error& ex) {
+      x.failed = true;
+      x.error = ex.what();
+    }
+  });
   std::unordered_set<const Sequence*> ended;
-  for (size_t e = 0; e < plan.size(); ++e) {
+  for (size_t e = 0, next = 0; e < plan.size(); ++e) {
     Sequence& s = *plan[e].first;
     s.computed += plan[e].second;
     file_blocks(s);
@@ -242,16 +264,13 @@ bool Scheduler::step() {
       for (auto it = s.held.rbegin(); it != s.held.rend(); ++it) waiting_.push_front(std::move(*it));
       s.held.clear();
     }
-    DecodeStep d;
-    try {
-      d = s.dec->step(sampler, std::span<const float>(r.last(e, batch), size_t(vocab)));
-    } catch (const Error& ex) {
-      // Non-finite logits (a model or weights problem that this sequence's tokens trigger): it fails alone, its
-      // neighbours' rows are their own.
-      finish(s, "error", ex.what());
+    Sampled& x = sampled[next++];
+    if (x.failed) {
+      finish(s, "error", x.error);
       ended.insert(&s);
       continue;
     }
+    DecodeStep& d = x.step;
     ++counters_.generated_tokens;
     const auto now = Sequence::Clock::now();
     if (!s.has_first) s.first_token = now, s.has_first = true;

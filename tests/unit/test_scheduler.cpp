@@ -236,6 +236,44 @@ TEST_F(Scheduler, ChoicesShareThePromptAndSampleTheirOwnStreams) {
   expect_all_free(e);
 }
 
+TEST_F(Scheduler, SequencesSampledTogetherEqualAlone) {
+  // A step samples its sequences at once, spread over the backend's threads (Backend::host_parallel_for), each with
+  // its own state and a per-thread sampler: every filter, penalty and logprob must come out as the request alone
+  // gives it, whichever thread sampled which row.
+  auto c = cache(96);
+  Metrics m;
+  AsyncScheduler e(*model_, *c, SchedulerOptions{}, m);
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<SamplingParams> params;
+  for (int32_t i = 0; i < 8; ++i) {
+    SamplingParams s;
+    s.temperature = 0.7f + 0.1f * float(i % 3);
+    s.seed = 77 + uint64_t(i);
+    s.max_new_tokens = 12;
+    s.top_k = i % 2 ? 40 : 0;
+    s.top_p = i % 3 ? 0.9f : 1.0f;
+    s.min_p = i % 4 == 3 ? 0.05f : 0.0f;
+    s.repetition_penalty = i % 2 ? 1.0f : 1.2f;
+    s.logprobs = true;
+    s.top_logprobs = i % 3;
+    params.push_back(s);
+    prompts.push_back(prompt(18 + i, 60 + i));
+  }
+  std::vector<std::shared_ptr<RequestStream>> streams;
+  for (size_t i = 0; i < prompts.size(); ++i) streams.push_back(e.submit(prompts[i], params[i]));
+  for (size_t i = 0; i < streams.size(); ++i) {
+    const Outcome together = collect(*streams[i]);
+    auto c1 = cache(64);
+    Metrics m1;
+    AsyncScheduler one(*model_, *c1, SchedulerOptions{}, m1);
+    const Outcome alone = collect(*one.submit(prompts[i], params[i]));
+    EXPECT_EQ(together.tokens.at(0), alone.tokens.at(0)) << i;
+    EXPECT_EQ(together.logprobs.at(0), alone.logprobs.at(0)) << i;
+    EXPECT_EQ(together.reason.at(0), "length") << i;
+  }
+  expect_all_free(e);
+}
+
 TEST_F(Scheduler, CancellationFreesBlocksAndEndsAllChoices) {
   auto c = cache(64);
   Metrics m;
