@@ -10,6 +10,7 @@
 #include "runtime/core/dtype_convert.h"
 #include "runtime/core/error.h"
 #include "runtime/cpu/activation.h"
+#include "runtime/cpu/huge_pages.h"
 #include "runtime/cpu/matmul_int4.h"
 #include "runtime/cpu/matmul_int8.h"
 #include "runtime/kv/kv_cache.h"
@@ -29,15 +30,31 @@ std::unique_ptr<Backend> make_cpu_backend(unsigned threads) {
 
 namespace cpu {
 
-void HostBuffer::Free::operator()(void* p) const { std::free(p); }
+void HostBuffer::Free::operator()(void* p) const {
+  if (huge_bytes)
+    cpu::unmap_huge(p, huge_bytes);
+  else
+    std::free(p);
+}
 
 HostBuffer::HostBuffer(size_t bytes) : bytes_(bytes) {
-  // 64-byte alignment: full cache lines and aligned AVX-512 loads.
+  // 64-byte alignment: full cache lines and aligned AVX-512 loads. From 2 MB (the KV cache), huge pages
+  // (huge_pages.h): attention reads each sequence's blocks wherever they lie.
   size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
-  void* p = std::aligned_alloc(64, rounded);
-  if (!p) throw Error("out of memory allocating " + std::to_string(bytes) + " bytes");
-  std::memset(p, 0, rounded);
-  data_.reset(p);
+  void* p = nullptr;
+  if (rounded >= cpu::kHugePage) {
+    try {
+      p = cpu::map_huge(rounded);
+    } catch (const std::bad_alloc&) {
+      throw Error("out of memory allocating " + std::to_string(bytes) + " bytes");
+    }
+    data_ = std::unique_ptr<void, Free>(p, Free{rounded});
+  } else {
+    p = std::aligned_alloc(64, rounded);
+    if (!p) throw Error("out of memory allocating " + std::to_string(bytes) + " bytes");
+    data_.reset(p);
+  }
+  std::memset(p, 0, rounded);  // zero already; touched now so that its pages are not first faulted in mid-step
 }
 
 CpuBackend::CpuBackend(unsigned threads, MatmulIsa isa) : pool_(threads), isa_(isa) {}

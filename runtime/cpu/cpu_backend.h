@@ -19,6 +19,9 @@ class HostBuffer : public Buffer {
 
  private:
   struct Free {
+    Free() : huge_bytes(0) {}
+    explicit Free(size_t huge) : huge_bytes(huge) {}
+    size_t huge_bytes;  // a map_huge mapping of these bytes, or 0: aligned_alloc
     void operator()(void* p) const;
   };
   std::unique_ptr<void, Free> data_;

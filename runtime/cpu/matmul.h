@@ -14,6 +14,7 @@
 #include "runtime/backend/backend.h"
 #include "runtime/core/dtype.h"
 #include "runtime/cpu/aligned_vector.h"
+#include "runtime/cpu/huge_pages.h"
 
 namespace kiln::cpu {
 
@@ -28,7 +29,7 @@ struct PackedLinear : LinearWeight {
   int64_t out = 0, in = 0;
   DType dtype = DType::F32;  // F32, F16 or BF16
   DenseLayout layout = DenseLayout::Panel;
-  AlignedVector<uint8_t> data;  // Panel: [ceil(out / kPanel)][in][kPanel]; Bf16Pairs: [panels][pairs][kPanel][2]
+  WeightVector<uint8_t> data;  // Panel: [ceil(out / kPanel)][in][kPanel]; Bf16Pairs: [panels][pairs][kPanel][2]
   int64_t out_features() const override { return out; }
   int64_t in_features() const override { return in; }
   int64_t panels() const { return (out + kPanel - 1) / kPanel; }

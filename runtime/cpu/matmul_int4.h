@@ -42,9 +42,9 @@ enum class Int4Layout { Panel, Vnni };
 struct Int4Linear : LinearWeight {
   int64_t out = 0, in = 0, group_size = 0;
   Int4Layout layout = Int4Layout::Panel;
-  AlignedVector<uint8_t> q;       // Panel: [panels][in][8]; Vnni: [panels][in / 8][64]
-  AlignedVector<uint16_t> scale;  // [panels][groups][kPanel], fp16 bits
-  AlignedVector<uint8_t> zero;    // [panels][groups][kPanel], 0..15
+  WeightVector<uint8_t> q;       // Panel: [panels][in][8]; Vnni: [panels][in / 8][64]
+  WeightVector<uint16_t> scale;  // [panels][groups][kPanel], fp16 bits
+  WeightVector<uint8_t> zero;    // [panels][groups][kPanel], 0..15
   int64_t out_features() const override { return out; }
   int64_t in_features() const override { return in; }
   int64_t panels() const { return (out + kPanel - 1) / kPanel; }

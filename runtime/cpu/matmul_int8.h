@@ -26,8 +26,8 @@ inline constexpr int64_t kInt8Block = 32;
 
 struct Int8Linear : LinearWeight {
   int64_t out = 0, in = 0;
-  AlignedVector<uint8_t> q;        // [panels][in / 4][64], each byte a code + 128
-  AlignedVector<uint16_t> scales;  // [panels][in / 32][kPanel], fp16 bits
+  WeightVector<uint8_t> q;        // [panels][in / 4][64], each byte a code + 128
+  WeightVector<uint16_t> scales;  // [panels][in / 32][kPanel], fp16 bits
   int64_t out_features() const override { return out; }
   int64_t in_features() const override { return in; }
   int64_t panels() const { return (out + kPanel - 1) / kPanel; }
