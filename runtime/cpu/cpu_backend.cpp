@@ -42,7 +42,7 @@ HostBuffer::HostBuffer(size_t bytes) : bytes_(bytes) {
   // (huge_pages.h): attention reads each sequence's blocks wherever they lie.
   size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
   void* p = nullptr;
-  if (rounded >= cpu::kHugePage) {
+  if (rounded >= cpu::kHugePage && cpu::huge_pages_in_use()) {
     try {
       p = cpu::map_huge(rounded);
     } catch (const std::bad_alloc&) {

@@ -9,8 +9,8 @@
 #include <sys/mman.h>
 #endif
 
-// Under AddressSanitizer the weights stay in malloc'd blocks, which it guards: a kernel reading past the end of a
-// matrix is reported there instead of landing in the next block of a chunk.
+// Under AddressSanitizer the weights (and HostBuffer's buffers) stay in malloc'd blocks, which it guards: a kernel
+// reading past the end of a matrix is reported there instead of landing in the next block of a chunk.
 #if defined(__SANITIZE_ADDRESS__)
 #define KILN_WEIGHTS_MALLOC 1
 #elif defined(__has_feature)
@@ -82,7 +82,7 @@ Arena& arena() {
 
 }  // namespace
 
-bool weights_in_huge_pages() {
+bool huge_pages_in_use() {
 #if defined(KILN_WEIGHTS_MALLOC)
   return false;
 #else

@@ -28,8 +28,9 @@ void* weight_alloc(size_t bytes);
 void weight_free(void* p, size_t bytes);
 // Bytes the weight chunks map now (for tests).
 size_t weight_bytes_mapped();
-// False in AddressSanitizer builds, whose weights are malloc'd blocks that it guards (huge_pages.cpp).
-bool weights_in_huge_pages();
+// False in AddressSanitizer builds: there the weights and the backend's buffers stay malloc'd blocks, which it
+// guards (huge_pages.cpp).
+bool huge_pages_in_use();
 
 template <class T>
 struct WeightAllocator {
