@@ -98,7 +98,7 @@ void* weight_alloc(size_t bytes) {
   void* block = ::operator new (bytes, std::align_val_t{64});
   a.chunks.push_back(Chunk{static_cast<uint8_t*>(block), bytes, bytes, 1});
   return block;
-#endif
+#else
   if (bytes > kChunk / 4) {
     // A mapping of its own, put first so that the open chunk stays last.
     const size_t size = round_up(bytes, kHugePage);
@@ -112,6 +112,7 @@ void* weight_alloc(size_t bytes) {
   c.used += bytes;
   ++c.live;
   return p;
+#endif
 }
 
 void weight_free(void* p, size_t) {

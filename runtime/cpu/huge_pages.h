@@ -1,9 +1,10 @@
 #pragma once
 // Memory in 2 MB transparent huge pages for what the CPU backend streams: the packed weights (decode reads every one
 // of them once per step) and the KV cache. In 4 KB pages each 4 KB of such a stream costs a TLB miss, and the hardware
-// prefetchers stop at every page boundary: int4 decode of SmolLM2-135M ran 10-16% faster at batch 1 and 8 with its
+// prefetchers stop at every page boundary: int4 decode of SmolLM2-135M ran 10-30% faster at batch 1 and 8 with its
 // weights in huge pages, and decode attention over 1024 positions 12% faster with its cache in them
-// (docs/BENCHMARKS.md, session 24).
+// (docs/BENCHMARKS.md, session 24). The price: blocks freed from a chunk that still holds live ones stay mapped, so a
+// job that repacks weights as it goes (AWQ's search) peaks higher (SmolLM2's AWQ: 346 -> 368 MB).
 //
 // Linux only: the mappings ask for huge pages with madvise(MADV_HUGEPAGE), which the usual default
 // (transparent_hugepage=madvise) grants. Elsewhere, or where the kernel has huge pages off, they are plain pages.
