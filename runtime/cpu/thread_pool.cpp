@@ -27,6 +27,19 @@ inline void cpu_relax() {
 }
 }  // namespace
 
+int64_t ThreadPool::default_grain(int64_t n, bool spinning, int64_t threads) {
+  // A small job (a decode step's norms, RoPE, KV writes, SiLU and activation quantization over a batch's rows: a few
+  // µs each, ~15 per layer) gets one contiguous share per thread. Cut finer, its chunks were claimed one at a time
+  // through the shared counter, whose cache line bounced between the cores for work of ~100 ns a row, and a row's
+  // consecutive ops landed on either core: SmolLM2 int4 decode, 2 threads, batch 8 +10% and batch 32 +2% (bf16 +4% and
+  // +1%; batch 1 and prefill unchanged; docs/BENCHMARKS.md, session 25). Larger jobs, and any job on a pool with more
+  // threads than cores (whose threads may be descheduled), keep four chunks per thread, so that a late thread's chunks
+  // go to the others.
+  constexpr int64_t kSmallPerThread = 16;
+  const int64_t shares = spinning && n <= kSmallPerThread * threads ? threads : 4 * threads;
+  return std::max<int64_t>(1, (n + shares - 1) / shares);
+}
+
 ThreadPool::ThreadPool(unsigned threads) {
   // More threads than cores: a spinning worker would hold a core that the thread it waits for needs.
   const unsigned cores = std::thread::hardware_concurrency();
@@ -92,7 +105,7 @@ void ThreadPool::worker_loop() {
 
 void ThreadPool::parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t grain) {
   if (n <= 0) return;
-  if (grain <= 0) grain = std::max<int64_t>(1, n / (4 * int64_t(size())));
+  if (grain <= 0) grain = default_grain(n, spin_, int64_t(size()));
   if (workers_.empty() || in_worker || n <= grain) {
     for (int64_t b = 0; b < n; b += grain) fn(b, std::min(n, b + grain));
     return;

@@ -28,9 +28,12 @@ class ThreadPool {
   ThreadPool& operator=(const ThreadPool&) = delete;
 
   unsigned size() const { return unsigned(workers_.size()) + 1; }
-  // Calls fn(begin, end) on disjoint chunks covering [0, n), each at most `grain` long (0: n / (4 * size())). If fn
+  // Calls fn(begin, end) on disjoint chunks covering [0, n), each at most `grain` long (0: default_grain). If fn
   // throws, the remaining chunks are skipped and the first exception is rethrown here once the workers are done.
   void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t grain = 0);
+  // The chunk length parallel_for uses for grain 0: one share per thread for a small job (n <= 16 per thread) on a
+  // pool whose workers spin, else a quarter of a share.
+  static int64_t default_grain(int64_t n, bool spinning, int64_t threads);
 
  private:
   void worker_loop();

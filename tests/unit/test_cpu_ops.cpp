@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "runtime/backend/backend.h"
@@ -168,6 +170,31 @@ TEST(CpuOps, ThreadPoolRethrowsAChunksException) {
     for (int64_t i = b; i < e; ++i) ++hits[size_t(i)];
   });
   EXPECT_EQ(std::count(hits.begin(), hits.end(), 1), 1000);
+}
+
+// A decode step's row-wise jobs (a batch's rows) go one contiguous share per thread; large jobs, and pools with more
+// threads than cores, are cut in four chunks per thread so that a late thread's chunks go to the others.
+TEST(CpuOps, ThreadPoolGivesASmallJobOneShareAThread) {
+  EXPECT_EQ(cpu::ThreadPool::default_grain(8, true, 2), 4);
+  EXPECT_EQ(cpu::ThreadPool::default_grain(3, true, 2), 2);
+  EXPECT_EQ(cpu::ThreadPool::default_grain(32, true, 2), 16);
+  EXPECT_EQ(cpu::ThreadPool::default_grain(33, true, 2), 5);
+  EXPECT_EQ(cpu::ThreadPool::default_grain(512, true, 2), 64);
+  EXPECT_EQ(cpu::ThreadPool::default_grain(8, false, 2), 1);
+  EXPECT_EQ(cpu::ThreadPool::default_grain(1, true, 16), 1);
+  cpu::ThreadPool pool(2);
+  std::mutex mutex;
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  pool.parallel_for(8, [&](int64_t b, int64_t e) {
+    std::lock_guard<std::mutex> lock(mutex);
+    chunks.emplace_back(b, e);
+  });
+  std::sort(chunks.begin(), chunks.end());
+  const unsigned cores = std::thread::hardware_concurrency();
+  const int64_t grain = cpu::ThreadPool::default_grain(8, cores == 0 || cores >= 2, 2);
+  ASSERT_EQ(int64_t(chunks.size()), 8 / grain);
+  for (size_t i = 0; i < chunks.size(); ++i)
+    EXPECT_EQ(chunks[i], std::make_pair(int64_t(i) * grain, int64_t(i + 1) * grain));
 }
 
 TEST(CpuOps, EmbeddingGathersAndConverts) {
