@@ -27,11 +27,33 @@ void convert_to_f32(DType from, const void* src, float* dst, size_t n) {
   for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(h[i]);
 }
 
-void convert_f32_to_bf16(const float* src, uint16_t* dst, size_t n) {
+namespace {
+
+void f32_to_bf16_scalar(const float* src, uint16_t* dst, size_t n) {
   for (size_t i = 0; i < n; ++i) dst[i] = f32_to_bf16(src[i]);
 }
 
-namespace {
+#if defined(__x86_64__)
+// f32_to_bf16's integer rounding (and its quiet NaNs) 8 lanes at a time: the same bits. The scalar loop's NaN branch
+// kept GCC from vectorizing it, and the bf16 KV cache's writes went through it at ~1.7 ns a value (3% of a batch-32
+// int4 decode step).
+__attribute__((target("avx2"))) void f32_to_bf16_avx2(const float* src, uint16_t* dst, size_t n) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+  const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff), quiet = _mm256_set1_epi32(0x40);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+    const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(b, abs_mask), inf);
+    const __m256i rounded = _mm256_srli_epi32(
+        _mm256_add_epi32(_mm256_add_epi32(b, half), _mm256_and_si256(_mm256_srli_epi32(b, 16), one)), 16);
+    const __m256i kept = _mm256_or_si256(_mm256_srli_epi32(b, 16), quiet);
+    const __m256i r = _mm256_blendv_epi8(rounded, kept, nan);  // every lane is at most 0xffff: packus keeps it
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm256_castsi256_si128(packed));
+  }
+  f32_to_bf16_scalar(src + i, dst + i, n - i);
+}
+#endif
 
 size_t f32_to_f16_scalar(const float* src, uint16_t* dst, size_t n) {
   for (size_t i = 0; i < n; ++i) {
@@ -61,6 +83,14 @@ __attribute__((target("avx2,f16c"))) size_t f32_to_f16_f16c(const float* src, ui
 #endif
 
 }  // namespace
+
+void convert_f32_to_bf16(const float* src, uint16_t* dst, size_t n) {
+#if defined(__x86_64__)
+  static const bool avx2 = cpu_features().avx2;
+  if (avx2) return f32_to_bf16_avx2(src, dst, n);
+#endif
+  f32_to_bf16_scalar(src, dst, n);
+}
 
 size_t convert_f32_to_f16(const float* src, uint16_t* dst, size_t n) {
 #if defined(__x86_64__)

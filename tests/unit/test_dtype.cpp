@@ -87,6 +87,21 @@ TEST(DTypeConvert, BulkF16MatchesScalar) {
   EXPECT_EQ(convert_f32_to_f16(src.data(), dst.data(), src.size()), 12345u);
 }
 
+// The vector rounding (8 lanes, then a scalar tail) against f32_to_bf16 one value at a time: every bit pattern
+// class, NaNs (signalling, quiet, negative), infinities, subnormals and ties among them.
+TEST(DTypeConvert, Bf16RoundingMatchesScalarBits) {
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<uint32_t> bits;
+  std::vector<float> src;
+  for (uint32_t special : {0x7f800001u, 0xffc00000u, 0x7fbfffffu, 0x7f800000u, 0xff800000u, 0x00000001u, 0x80008000u,
+                           0x3f808000u, 0x3f818000u, 0x7f7fffffu, 0x00000000u, 0x80000000u})
+    src.push_back(f32_from_bits(special));
+  while (src.size() < 100003) src.push_back(f32_from_bits(bits(rng)));
+  std::vector<uint16_t> dst(src.size());
+  convert_f32_to_bf16(src.data(), dst.data(), src.size());
+  for (size_t i = 0; i < src.size(); ++i) ASSERT_EQ(dst[i], f32_to_bf16(src[i])) << std::hex << bits_from_f32(src[i]);
+}
+
 TEST(DTypeConvert, WidenAndBf16) {
   std::vector<uint16_t> h = {0x3f80, 0xc000, 0x7f80, 0x0001};
   std::vector<float> f(h.size());
