@@ -149,13 +149,15 @@ void naive(const float* q, const std::vector<float>& k, const std::vector<float>
   }
 }
 
-class Int8Attention : public ::testing::TestWithParam<KvDType> {};
+// (int8 mode, head size: 8 is one 8-lane block; 64, SmolLM2's, runs the vector kernel's multi-block loops)
+class Int8Attention : public ::testing::TestWithParam<std::tuple<KvDType, int64_t>> {};
 
 TEST_P(Int8Attention, MatchesNaiveAttentionOverDequantizedRows) {
-  const KvDType dt = GetParam();
+  const auto [dt, hd] = GetParam();
   cpu::CpuBackend backend(2);
-  const KvCacheConfig c = config(dt);
-  const int64_t heads = 4, kvh = 2, hd = 8, kv_size = kvh * hd, total = 11, layer = 1;
+  KvCacheConfig c = config(dt);
+  c.head_dim = hd;
+  const int64_t heads = 4, kvh = 2, kv_size = kvh * hd, total = 11, layer = 1;
   KvCache cache(backend, c);
   std::mt19937 g(9);
   std::normal_distribution<float> nd;
@@ -170,7 +172,7 @@ TEST_P(Int8Attention, MatchesNaiveAttentionOverDequantizedRows) {
   backend.kv_write(cache, layer, k.data(), v.data(), total, kv_size, slots);
   s.length = total;
   std::vector<AttentionSequence> as{{0, total, total, s.blocks}};
-  AttentionParams ap{heads, kvh, hd, float(1 / std::sqrt(8.0)), 0};
+  AttentionParams ap{heads, kvh, hd, float(1 / std::sqrt(double(hd))), 0};
   std::vector<float> out(size_t(total * heads * hd)), ref(size_t(heads * hd)), exact(ref.size());
   backend.attention(q.data(), heads * hd, cache, layer, as, ap, out.data());
   std::vector<float> kd = k, vd = v;
@@ -194,7 +196,9 @@ TEST_P(Int8Attention, MatchesNaiveAttentionOverDequantizedRows) {
   for (int64_t i = 0; i < heads * hd; ++i) ASSERT_EQ(single[size_t(i)], out[size_t((total - 1) * heads * hd + i)]);
 }
 
-INSTANTIATE_TEST_SUITE_P(Modes, Int8Attention, ::testing::Values(KvDType::I8Static, KvDType::I8Online));
+INSTANTIATE_TEST_SUITE_P(Modes, Int8Attention,
+                         ::testing::Combine(::testing::Values(KvDType::I8Static, KvDType::I8Online),
+                                            ::testing::Values(int64_t(8), int64_t(64))));
 
 }  // namespace
 }  // namespace kiln
