@@ -234,37 +234,38 @@ bool Scheduler::step() {
   // threads: each sequence samples with its own state, so the order does not matter. A sampling error (non-finite
   // logits: a model or weights problem that this sequence's tokens trigger) fails that sequence alone, below.
   struct Sampled {
-    size_t entry;
+    bool predicts = false;  // the row's prompt is all computed after this step
     DecodeStep step;
     bool failed = false;
     std::string error;
   };
-  std::vector<Sampled> sampled;
+  std::vector<Sampled> sampled(plan.size());  // by plan entry
   for (size_t e = 0; e < plan.size(); ++e)
-    if (plan[e].first->computed + plan[e].second >= int64_t(plan[e].first->tokens.size()))
-      sampled.push_back({e, {}, false, {}});
-  model_.backend().host_parallel_for(int64_t(sampled.size()), [&](int64_t i) {
+    sampled[e].predicts = plan[e].first->computed + plan[e].second >= int64_t(plan[e].first->tokens.size());
+  model_.backend().host_parallel_for(int64_t(plan.size()), [&](int64_t i) {
     static thread_local Sampler sampler;  // its buffers are reused step after step, one per thread
-    Sampled& x = sampled[size_t(i)];
+    const size_t e = size_t(i);
+    Sampled& x = sampled[e];
+    if (!x.predicts) return;
     try {
-      x.step = plan[x.entry].first->dec->step(sampler, std::span<const float>(r.last(x.entry, batch), size_t(vocab)));
+      x.step = plan[e].first->dec->step(sampler, std::span<const float>(r.last(e, batch), size_t(vocab)));
     } catch (const Error& ex) {
       x.failed = true;
       x.error = ex.what();
     }
   });
   std::unordered_set<const Sequence*> ended;
-  for (size_t e = 0, next = 0; e < plan.size(); ++e) {
+  for (size_t e = 0; e < plan.size(); ++e) {
     Sequence& s = *plan[e].first;
     s.computed += plan[e].second;
     file_blocks(s);
-    if (s.computed < int64_t(s.tokens.size())) continue;  // still prefilling: this row predicts nothing new
+    Sampled& x = sampled[e];
+    if (!x.predicts) continue;  // still prefilling: this row predicts nothing new
     if (!s.held.empty()) {
       // The prompt's full blocks are filed now: the other choices queue first in line and reuse them.
       for (auto it = s.held.rbegin(); it != s.held.rend(); ++it) waiting_.push_front(std::move(*it));
       s.held.clear();
     }
-    Sampled& x = sampled[next++];
     if (x.failed) {
       finish(s, "error", x.error);
       ended.insert(&s);
