@@ -179,39 +179,54 @@ void quantize_rows_int8_default(const float* x, int64_t r0, int64_t r1, int64_t 
 }
 
 #if defined(__x86_64__)
-// The same arithmetic with AVX-512 intrinsics: max |x| is exact in any order, and the multiply, the round to nearest
-// even and the clamp are the same IEEE operations, so the codes and scales are identical to the portable loop's.
+// The same arithmetic with AVX-512 intrinsics: the codes and scales are identical to the portable loop's.
+// - max |x| is taken on the bits of |x| as integers, whose order is the floats' for non-negative values, and puts
+//   infinities and NaNs above every finite value: one integer max per 16 inputs finds both the maximum and whether
+//   the group is finite (abs, compare and float max were three).
+// - Clamping before the conversion's round to nearest even (embedded, so MXCSR does not matter) gives the same codes
+//   as rounding first: the bounds are integers.
+// - Full vectors of codes are narrowed in a register and stored whole; a masked narrowing store is several times
+//   slower. One thread, 32 rows x 576 inputs in groups of 64: 6.7 -> 4.8 us.
+KILN_TARGET_AVX512 inline __attribute__((always_inline)) __m512i int8_codes_avx512(__m512 x, __m512 inv,
+                                                                                   __mmask16 keep) {
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  return _mm512_maskz_cvt_roundps_epi32(keep, _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, inv), lo), hi),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
 KILN_TARGET_AVX512 void quantize_rows_int8_avx512(const float* x, int64_t r0, int64_t r1, int64_t in, int64_t gs,
                                                   Int8Rows& out) {
   const int64_t G = in / gs;
-  const __m512 inf = _mm512_set1_ps(INFINITY), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  const __m512i abs_bits = _mm512_set1_epi32(0x7FFFFFFF);
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t g = 0; g < G; ++g) {
       const float* xg = x + r * in + g * gs;
       int8_t* qg = out.q.data() + r * in + g * gs;
-      __m512 vmax = _mm512_setzero_ps();
-      __mmask16 bad = 0;
+      __m512i vmax = _mm512_setzero_si512();
       for (int64_t k = 0; k < gs; k += 16) {
         const __mmask16 m = gs - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (gs - k)) - 1);
-        const __m512 a = _mm512_abs_ps(_mm512_maskz_loadu_ps(m, xg + k));
-        bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ);  // infinite or NaN
-        vmax = _mm512_max_ps(vmax, a);
+        vmax =
+            _mm512_max_epi32(vmax, _mm512_and_si512(_mm512_castps_si512(_mm512_maskz_loadu_ps(m, xg + k)), abs_bits));
       }
-      const float amax = _mm512_reduce_max_ps(vmax);
-      const bool finite = bad == 0;
+      const int32_t top = _mm512_reduce_max_epi32(vmax);
+      float amax;
+      std::memcpy(&amax, &top, sizeof amax);
+      const bool finite = top < 0x7F800000;
       const float d = finite ? amax / 127.0f : NAN;
       __m512i sum = _mm512_setzero_si512();
       const __m512 vinv = _mm512_set1_ps(1.0f / d);
-      for (int64_t k = 0; k < gs; k += 16) {
-        const __mmask16 m = gs - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (gs - k)) - 1);
-        __m512i q = _mm512_setzero_si512();
-        if (finite && amax > 0.0f) {
-          const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xg + k), vinv);
-          const __m512 rounded = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-          q = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(rounded, lo), hi));
-        }
+      // Groups of zeros, and groups holding a NaN or an infinity, get codes 0.
+      const __mmask16 any = finite && amax > 0.0f ? 0xFFFF : 0;
+      int64_t k = 0;
+      for (; k + 16 <= gs; k += 16) {
+        const __m512i q = int8_codes_avx512(_mm512_loadu_ps(xg + k), vinv, any);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(qg + k), _mm512_cvtepi32_epi8(q));
+        sum = _mm512_add_epi32(sum, q);
+      }
+      if (k < gs) {
+        const __mmask16 m = __mmask16((1u << (gs - k)) - 1);
+        const __m512i q = int8_codes_avx512(_mm512_maskz_loadu_ps(m, xg + k), vinv, any);  // lanes past gs: 0
         _mm512_mask_cvtepi32_storeu_epi8(qg + k, m, q);
-        sum = _mm512_add_epi32(sum, _mm512_maskz_mov_epi32(m, q));
+        sum = _mm512_add_epi32(sum, q);
       }
       out.d[size_t(r * G + g)] = d;
       out.qsum[size_t(r * G + g)] = _mm512_reduce_add_epi32(sum);
