@@ -19,19 +19,13 @@ Int8Linear pack_linear_int8(const Int8WeightView& v) {
   w.out = v.out;
   w.in = v.in;
   const int64_t P = w.panels(), B = w.blocks(), in = v.in;
-  w.q.assign(size_t(P * in * kPanel), 128);  // padding rows: code 0
+  w.q.assign(size_t(P * in * kPanel), 0);  // padding rows: code 0
   w.scales.assign(size_t(P * B * kPanel), 0);
   for (int64_t o = 0; o < v.out; ++o) {
     const int64_t p = o / kPanel, j = o % kPanel;
     uint8_t* panel = w.q.data() + p * in * kPanel;
     const int8_t* src = v.qweight + o * in;
-    // 4 inputs at a time: code + 128 as a byte is the code with its sign bit flipped.
-    for (int64_t c = 0; c < in / 4; ++c) {
-      uint32_t four;
-      std::memcpy(&four, src + 4 * c, 4);
-      four ^= 0x80808080u;
-      std::memcpy(panel + c * 64 + 4 * j, &four, 4);
-    }
+    for (int64_t c = 0; c < in / 4; ++c) std::memcpy(panel + c * 64 + 4 * j, src + 4 * c, 4);
     for (int64_t b = 0; b < B; ++b)
       std::memcpy(&w.scales[size_t((p * B + b) * kPanel + j)], v.scales + 2 * (o * B + b), 2);
   }
@@ -53,12 +47,11 @@ void matmul_int8_scalar(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Lin
         for (int64_t c = 0; c < kInt8Block / 4; ++c) {
           const uint8_t* wc = panel + (b * kInt8Block / 4 + c) * 64;
           for (int j = 0; j < kPanel; ++j)
-            for (int i = 0; i < 4; ++i) dot[j] += int32_t(wc[4 * j + i]) * xb[4 * c + i];
+            for (int i = 0; i < 4; ++i) dot[j] += int32_t(int8_t(wc[4 * j + i])) * xb[4 * c + i];
         }
-        const int32_t bias = 128 * x.qsum[size_t(r * B + b)];
         const float d = x.d[size_t(r * B + b)];
         const uint16_t* s = w.scales.data() + (p * B + b) * kPanel;
-        for (int j = 0; j < kPanel; ++j) acc[j] = std::fma(f16_to_f32(s[j]) * d, float(dot[j] - bias), acc[j]);
+        for (int j = 0; j < kPanel; ++j) acc[j] = std::fma(f16_to_f32(s[j]) * d, float(dot[j]), acc[j]);
       }
       std::memcpy(y + r * w.out + p * kPanel, acc, size_t(width) * sizeof(float));
     }

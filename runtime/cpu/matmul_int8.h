@@ -5,14 +5,15 @@
 // Like llama.cpp's Q8_0 x Q8_0 dot, the activations are quantized to int8 per block of 32 (d = max|x| / 127,
 // x8 = round(x · (1 / d)); matmul_int4.h's quantize_rows_int8) and each block's dot product is exact in int32:
 //   y[o] = Σ_b fp32(s[o, b] · d[b]) · Σ_(k in b) q[o, k] · x8[k]          (one fma per block, blocks in order)
-// vpdpbusd multiplies unsigned by signed bytes, so the weights are stored biased, u = q + 128 in [1, 255], and the
-// bias is removed per block with the activations' block sum: Σ u·x8 − 128·Σ x8 = Σ q·x8 (exact). Biasing the weights
-// rather than the activations puts the correction on the activation side, computed once per row and block instead of
-// stored per weight row.
+// The codes are stored signed, as the AMX kernel's tile products (tdpbssd, signed x signed) read them straight from
+// the panels. vpdpbusd multiplies unsigned by signed bytes, so the VNNI kernel flips each code's sign bit as it loads
+// it, u = q + 128 in [1, 255], and removes the bias per block with the activations' block sum: Σ u·x8 − 128·Σ x8 =
+// Σ q·x8 (exact). Biasing the weights rather than the activations puts the correction on the activation side,
+// computed once per row and block instead of stored per weight row.
 //
 // Layout: panels of 16 output rows; per panel and chunk c of 4 inputs, 64 bytes whose 32-bit lane j holds row j's
-// inputs 4c .. 4c+3 (biased), then per panel and block the 16 rows' fp16 scales. Rows past `out` in the last panel
-// are code 0 with scale 0. A row's result never depends on the other rows of the batch.
+// inputs 4c .. 4c+3, then per panel and block the 16 rows' fp16 scales. Rows past `out` in the last panel are code 0
+// with scale 0. A row's result never depends on the other rows of the batch.
 #include <cstdint>
 #include <vector>
 
@@ -26,7 +27,7 @@ inline constexpr int64_t kInt8Block = 32;
 
 struct Int8Linear : LinearWeight {
   int64_t out = 0, in = 0;
-  WeightVector<uint8_t> q;        // [panels][in / 4][64], each byte a code + 128
+  WeightVector<uint8_t> q;        // [panels][in / 4][64], each byte a signed code
   WeightVector<uint16_t> scales;  // [panels][in / 32][kPanel], fp16 bits
   int64_t out_features() const override { return out; }
   int64_t in_features() const override { return in; }

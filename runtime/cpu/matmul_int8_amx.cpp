@@ -4,11 +4,11 @@
 // Why AMX: the AVX512-VNNI kernels do one `vpdpbusd` (16 outputs x 4 inputs) per row and 4 inputs, so from a few rows
 // up int4 steps are bound by it. One `tdpbssd` multiplies up to 16 rows x 64 inputs of int8 activations by 64 inputs
 // x 16 outputs of int8 weights into 16 x 16 int32 sums. Its weight tile's row c holds, for each output j, inputs
-// 4c..4c+3 in bytes 4j..4j+3, which is how both layouts already lie; each panel is turned into signed bytes once per
-// call and reused by every row tile:
-// - a Vnni int4 block of 8 inputs gives two such rows with one AND and one shift (low nibbles: its first 4 inputs,
-//   high nibbles: its last 4), less the group's zero points;
-// - the int8 head's biased codes lose their bias with one XOR.
+// 4c..4c+3 in bytes 4j..4j+3, which is how both layouts already lie:
+// - an int4 panel is turned into signed bytes once per call and reused by every row tile: a Vnni block of 8 inputs
+//   gives two such rows with one AND and one shift (low nibbles: its first 4 inputs, high nibbles: its last 4), less
+//   the group's zero points;
+// - the int8 head's codes are stored signed, so its tiles are loaded straight from the panels.
 // Signed weights make the int32 sums the ones the scalar kernels scale, Σ x8 (q - z) and Σ x8 q, with no correction
 // per row and group. The activation tile is the rows of Int8Rows::q as they lie.
 //
@@ -84,11 +84,11 @@ struct Int4Scale {
   }
 };
 
-// After each block of 32 of an int8-head panel, whose tiles hold the signed codes (unbias_panel), so the int32 sums
+// After each block of 32 of an int8-head panel, whose tiles hold the signed codes, so the int32 sums
 // are already Σ q x8: acc[i] = fma(s d, dot, acc[i]), matmul_int8_scalar's operations.
 struct Int8Scale {
   const float* d;  // the rows' [rows][B]
-  const float* s;  // this panel's [B][kPanel], widened from fp16 once per panel (unbias_panel)
+  const float* s;  // this panel's [B][kPanel], widened from fp16 once per panel (panel_scales_int8)
   int64_t B;
   // Row r's sums acc after block b, whose int32 sums are dot.
   [[gnu::always_inline]] KILN_TARGET_AVX512 __m512 operator()(int64_t r, int64_t b, const int32_t* dot,
@@ -204,15 +204,9 @@ KILN_TARGET_AVX512 void unpack_panel(const Int4Linear& w, int64_t p, uint8_t* ti
   }
 }
 
-// Int8-head panel p's codes, biased by 128 as the VNNI kernel needs them, back to signed bytes for tdpbssd: one XOR
-// per byte, once per panel and call, against two instructions per row and block for removing the bias from the sums
-// (about 30% of the kernel's scaling work).
-KILN_TARGET_AVX512 void unbias_panel(const Int8Linear& w, int64_t p, uint8_t* tiles, float* scales) {
-  const uint8_t* panel = w.q.data() + p * w.in * kPanel;
-  const __m512i bias = _mm512_set1_epi8(char(0x80));
-  for (int64_t c = 0; c < w.in * kPanel; c += 64)
-    _mm512_storeu_si512(tiles + c, _mm512_xor_si512(_mm512_loadu_si512(panel + c), bias));
-  // And its scales as fp32 [B][kPanel]: widened per row and block, they were a third of the scaling's instructions.
+// Int8-head panel p's scales as fp32 [B][kPanel]: widened per row and block, they were a third of the scaling's
+// instructions. (Its codes need no pass: they are stored signed, in the weight tiles' layout.)
+KILN_TARGET_AVX512 void panel_scales_int8(const Int8Linear& w, int64_t p, float* scales) {
   const uint16_t* s = w.scales.data() + p * w.blocks() * kPanel;
   for (int64_t b = 0; b < w.blocks(); ++b)
     _mm512_store_ps(scales + b * kPanel,
@@ -255,10 +249,8 @@ void matmul_int4_int8_amx(const Int8Rows& x, int64_t r0, int64_t r1, const Int4L
 }
 
 void matmul_int8_amx(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear& w, int64_t p0, int64_t p1, float* y) {
-  // One panel's signed codes and fp32 scales, per thread and only grown.
-  thread_local AlignedVector<uint8_t> tiles;
+  // One panel's fp32 scales, per thread and only grown.
   thread_local AlignedVector<float> scales;
-  if (tiles.size() < size_t(w.in * kPanel)) tiles.resize(size_t(w.in * kPanel));
   if (scales.size() < size_t(w.blocks() * kPanel)) scales.resize(size_t(w.blocks() * kPanel));
   amx::TileConfig loaded;
   loaded.palette = 0;
@@ -266,7 +258,7 @@ void matmul_int8_amx(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear
   for (int64_t p = p0; p < p1; ++p) {
     const uint8_t* panel = w.q.data() + size_t(p) * panel_bytes;
     const char* next = p + 1 < w.panels() ? reinterpret_cast<const char*>(panel + panel_bytes) : nullptr;
-    unbias_panel(w, p, tiles.data(), scales.data());
+    panel_scales_int8(w, p, scales.data());
     const Int8Scale scale{x.d.data(), scales.data(), w.blocks()};
     for (int64_t r = r0; r < r1; r += kTileRows) {
       const int64_t n = std::min(kTileRows, r1 - r);
@@ -274,11 +266,11 @@ void matmul_int8_amx(const Int8Rows& x, int64_t r0, int64_t r1, const Int8Linear
       const int8_t* xr = x.q.data() + r * w.in;
       const char* pf = r == r0 ? next : nullptr;
       if (n == kTileRows)
-        full_row_tile(xr, w.in, r, tiles.data(), w.blocks(), kInt8Block, kInt8Block, pf, kInt8Block * kPanel, scale,
-                      w.out, p * kPanel, y);
+        full_row_tile(xr, w.in, r, panel, w.blocks(), kInt8Block, kInt8Block, pf, kInt8Block * kPanel, scale, w.out,
+                      p * kPanel, y);
       else
-        row_tile(xr, w.in, r, n, tiles.data(), w.blocks(), kInt8Block, kInt8Block, pf, kInt8Block * kPanel, scale,
-                 w.out, p * kPanel, y);
+        row_tile(xr, w.in, r, n, panel, w.blocks(), kInt8Block, kInt8Block, pf, kInt8Block * kPanel, scale, w.out,
+                 p * kPanel, y);
     }
   }
   amx::release();

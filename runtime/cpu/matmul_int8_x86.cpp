@@ -27,6 +27,7 @@ KILN_TARGET_AVX512_VNNI void tile_int8_vnni(const Int8Rows& x, int64_t r0, const
   const int64_t in = w.in, B = w.blocks();
   const uint8_t* panel = w.q.data() + p * in * kPanel;
   const uint16_t* scales = w.scales.data() + p * B * kPanel;
+  const __m512i bias = _mm512_set1_epi8(char(0x80));
   __m512 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t b = 0; b < B; ++b) {
@@ -36,7 +37,9 @@ KILN_TARGET_AVX512_VNNI void tile_int8_vnni(const Int8Rows& x, int64_t r0, const
     for (int c = 0; c < kInt8Block / 4; c += 2) {
       _mm_prefetch(reinterpret_cast<const char*>(wb + in * kPanel + c * 64), _MM_HINT_T1);  // the next panel
       _mm_prefetch(reinterpret_cast<const char*>(wb + in * kPanel + c * 64 + 64), _MM_HINT_T1);
-      const __m512i w0 = _mm512_loadu_si512(wb + c * 64), w1 = _mm512_loadu_si512(wb + c * 64 + 64);
+      // vpdpbusd multiplies unsigned by signed bytes: the codes go in biased, q + 128 (their sign bit flipped).
+      const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(wb + c * 64), bias);
+      const __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512(wb + c * 64 + 64), bias);
       for (int r = 0; r < R; ++r) {
         const int8_t* xc = x.q.data() + (r0 + r) * in + b * kInt8Block + 4 * c;  // activations 4c .. 4c+7
         a0[r] = _mm512_dpbusd_epi32(a0[r], w0, broadcast4(xc));
@@ -46,7 +49,7 @@ KILN_TARGET_AVX512_VNNI void tile_int8_vnni(const Int8Rows& x, int64_t r0, const
     const __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * kPanel)));
     for (int r = 0; r < R; ++r) {
       const size_t rb = size_t((r0 + r) * B + b);
-      // Same operations as matmul_int8_scalar: the bias 128 * Σ x8 removed in int32, then fma(s * d, dot, acc).
+      // The bias 128 * Σ x8 removed in int32 leaves Σ q x8, the scalar kernel's dot; then its fma(s * d, dot, acc).
       const __m512i dot = _mm512_sub_epi32(_mm512_add_epi32(a0[r], a1[r]), _mm512_set1_epi32(128 * x.qsum[rb]));
       acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(x.d[rb])), _mm512_cvtepi32_ps(dot), acc[r]);
     }
@@ -54,19 +57,18 @@ KILN_TARGET_AVX512_VNNI void tile_int8_vnni(const Int8Rows& x, int64_t r0, const
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * kPanel, acc[r]);
 }
 
-// AVX2 has no vpdpbusd, and vpmaddubsw on the biased codes (u up to 255 times |x8| up to 127, two per 16-bit lane)
-// would saturate. So each chunk's codes are unbiased back to q = u - 128 (an xor of the sign bit), and the product is
-// taken as |q| * (x8 with q's sign), as llama.cpp's AVX2 Q8_0 dot does: a pair is at most 2 * 128 * 127 < 2^15, exact.
-// vpmaddwd by ones then sums each row's four products into its 32-bit lane. The block dot is the same exact integer
-// Σ q·x8 as the VNNI and scalar kernels compute (they remove the bias 128·Σx8 afterwards), and the fp32 operations
-// that follow are theirs, so all three agree bit for bit. One panel is two registers of 8 rows; tiles of up to 2
+// AVX2 has no vpdpbusd, and vpmaddubsw on biased codes (u up to 255 times |x8| up to 127, two per 16-bit lane) would
+// saturate. So the product is taken as |q| * (x8 with q's sign), as llama.cpp's AVX2 Q8_0 dot does: a pair is at most
+// 2 * 128 * 127 < 2^15, exact. vpmaddwd by ones then sums each row's four products into its 32-bit lane. The block
+// dot is the same exact integer Σ q·x8 as the VNNI and scalar kernels compute, and the fp32 operations that follow
+// are theirs, so all three agree bit for bit. One panel is two registers of 8 rows; tiles of up to 2
 // rows keep the 4 block accumulators, 4 fp32 accumulators and the operands within the 16 ymm registers.
 template <int R>
 KILN_TARGET_AVX2 void tile_int8_avx2(const Int8Rows& x, int64_t r0, const Int8Linear& w, int64_t p, float* out) {
   const int64_t in = w.in, B = w.blocks();
   const uint8_t* panel = w.q.data() + p * in * kPanel;
   const uint16_t* scales = w.scales.data() + p * B * kPanel;
-  const __m256i sign_bit = _mm256_set1_epi8(char(0x80)), ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
   for (int64_t b = 0; b < B; ++b) {
@@ -76,8 +78,7 @@ KILN_TARGET_AVX2 void tile_int8_avx2(const Int8Rows& x, int64_t r0, const Int8Li
     for (int c = 0; c < kInt8Block / 4; ++c) {
       _mm_prefetch(reinterpret_cast<const char*>(wb + in * kPanel + c * 64), _MM_HINT_T1);  // the next panel
       for (int h = 0; h < 2; ++h) {
-        const __m256i q =
-            _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + 32 * h)), sign_bit);
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + c * 64 + 32 * h));
         const __m256i mag = _mm256_abs_epi8(q);
         for (int r = 0; r < R; ++r) {
           int32_t four;
