@@ -358,6 +358,10 @@ void CpuBackend::softcap(float* y, int64_t n, float cap) {
 
 void CpuBackend::logits(const float* x, int64_t dim, std::span<const int32_t> rows, const LinearWeight& head,
                         float* out) {
+  // Decode asks for every row of the batch, in order: no copy then.
+  bool all = true;
+  for (size_t i = 0; i < rows.size() && all; ++i) all = rows[i] == int32_t(i);
+  if (all) return matmul(x, int64_t(rows.size()), head, out);
   std::vector<float> gathered(rows.size() * size_t(dim));
   for (size_t i = 0; i < rows.size(); ++i)
     std::memcpy(&gathered[i * size_t(dim)], x + int64_t(rows[i]) * dim, size_t(dim) * sizeof(float));
