@@ -447,3 +447,41 @@ TEST(SamplerKernels, RowMaxFindsFirstMaxAndBadValues) {
   EXPECT_EQ(m.max, -1.0f);
   EXPECT_EQ(m.argmax, 1u);
 }
+
+// Against a plain first-index-of-the-max loop, on rows of few distinct values (so the max recurs across the scan's
+// blocks, and sometimes first appears in a later one), with NaNs and -inf sprinkled in.
+TEST(SamplerKernels, RowMaxMatchesAPlainScanOnRowsWithManyTies) {
+  namespace sk = kiln::sampling_kernels;
+  std::mt19937 gen(11);
+  const float values[] = {-2.0f, -1.0f, 0.5f, 3.0f, kNegInf, std::numeric_limits<float>::quiet_NaN()};
+  for (int trial = 0; trial < 400; ++trial) {
+    const size_t n = 1 + gen() % 1500;
+    // Weights that make the max rare in some rows and everywhere in others.
+    const uint32_t top = gen() % 6;
+    std::vector<float> row(n);
+    for (float& x : row) {
+      const uint32_t pick = gen() % 64;
+      x = pick == 0 ? values[5] : pick == 1 ? values[4] : pick < 2 + top ? values[3] : values[gen() % 3];
+    }
+    float want_max = kNegInf;
+    size_t want_arg = 0;
+    bool want_bad = false, seen = false;
+    for (size_t i = 0; i < n; ++i) {
+      if (std::isnan(row[i])) {
+        want_bad = true;
+        continue;
+      }
+      if (!seen || row[i] > want_max) {
+        want_max = row[i];
+        want_arg = i;
+        seen = true;
+      }
+    }
+    const sk::RowMax m = sk::row_max(row.data(), n);
+    ASSERT_EQ(m.bad, want_bad) << "trial " << trial;
+    ASSERT_EQ(m.max, want_max) << "trial " << trial;
+    if (seen) {
+      ASSERT_EQ(m.argmax, want_arg) << "trial " << trial << " n " << n;
+    }
+  }
+}
