@@ -109,13 +109,15 @@ class KvCache {
   int64_t slot(const KvSequence& seq, int64_t pos) const;
 
   // Raw storage of one layer: [num_blocks][num_kv_heads][block_size] rows of kv_row_bytes(dtype, head_dim).
-  void* keys(int64_t layer) { return k_[layer]->data(); }
-  void* values(int64_t layer) { return v_[layer]->data(); }
-  const void* keys(int64_t layer) const { return k_[layer]->data(); }
-  const void* values(int64_t layer) const { return v_[layer]->data(); }
-  // The backend buffers behind keys()/values(), for Backend::download (tests compare caches across backends).
-  const Buffer& key_buffer(int64_t layer) const { return *k_[layer]; }
-  const Buffer& value_buffer(int64_t layer) const { return *v_[layer]; }
+  void* keys(int64_t layer) { return static_cast<uint8_t*>(k_->data()) + layer_offset(layer); }
+  void* values(int64_t layer) { return static_cast<uint8_t*>(v_->data()) + layer_offset(layer); }
+  const void* keys(int64_t layer) const { return static_cast<const uint8_t*>(k_->data()) + layer_offset(layer); }
+  const void* values(int64_t layer) const { return static_cast<const uint8_t*>(v_->data()) + layer_offset(layer); }
+  // The backend buffers behind keys()/values(), every layer's in one, layer l from layer_offset(l): for
+  // Backend::download (tests compare caches across backends).
+  const Buffer& key_buffer() const { return *k_; }
+  const Buffer& value_buffer() const { return *v_; }
+  size_t layer_offset(int64_t layer) const { return size_t(layer) * layer_stride_; }
   // Bytes of one block of one layer (K or V).
   size_t block_bytes() const;
   // Bytes per cached position over all layers, K and V: how a memory budget becomes a block count.
@@ -124,7 +126,8 @@ class KvCache {
  private:
   KvCacheConfig config_;
   BlockAllocator allocator_;
-  std::vector<std::unique_ptr<Buffer>> k_, v_;
+  size_t layer_stride_ = 0;  // a layer's blocks, rounded up to 256 bytes
+  std::unique_ptr<Buffer> k_, v_;
 };
 
 }  // namespace kiln

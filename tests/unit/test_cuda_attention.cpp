@@ -92,8 +92,8 @@ CacheRun fill_and_attend(Backend& b, const KvCacheConfig& c, const Scenario& s, 
   const size_t bytes = cache.block_bytes() * size_t(c.num_blocks);
   r.keys.resize(bytes);
   r.values.resize(bytes);
-  b.download(cache.key_buffer(1), 0, r.keys.data(), bytes);
-  b.download(cache.value_buffer(1), 0, r.values.data(), bytes);
+  b.download(cache.key_buffer(), cache.layer_offset(1), r.keys.data(), bytes);
+  b.download(cache.value_buffer(), cache.layer_offset(1), r.values.data(), bytes);
   r.out = from_backend(b, *out, size_t(rows * heads * hd));
   return r;
 }
