@@ -84,8 +84,8 @@ struct Int4Scale {
   }
 };
 
-// After each block of 32 of an int8-head panel, whose tiles hold the signed codes, so the int32 sums
-// are already Σ q x8: acc[i] = fma(s d, dot, acc[i]), matmul_int8_scalar's operations.
+// After each block of 32 of an int8-head panel, whose tiles hold the signed codes, so the int32 sums are already
+// Σ q x8: acc[i] = fma(s d, dot, acc[i]), matmul_int8_scalar's operations.
 struct Int8Scale {
   const float* d;  // the rows' [rows][B]
   const float* s;  // this panel's [B][kPanel], widened from fp16 once per panel (panel_scales_int8)

@@ -61,8 +61,8 @@ KILN_TARGET_AVX512_VNNI void tile_int8_vnni(const Int8Rows& x, int64_t r0, const
 // saturate. So the product is taken as |q| * (x8 with q's sign), as llama.cpp's AVX2 Q8_0 dot does: a pair is at most
 // 2 * 128 * 127 < 2^15, exact. vpmaddwd by ones then sums each row's four products into its 32-bit lane. The block
 // dot is the same exact integer Σ q·x8 as the VNNI and scalar kernels compute, and the fp32 operations that follow
-// are theirs, so all three agree bit for bit. One panel is two registers of 8 rows; tiles of up to 2
-// rows keep the 4 block accumulators, 4 fp32 accumulators and the operands within the 16 ymm registers.
+// are theirs, so all three agree bit for bit. One panel is two registers of 8 rows; tiles of up to 2 rows keep the 4
+// block accumulators, 4 fp32 accumulators and the operands within the 16 ymm registers.
 template <int R>
 KILN_TARGET_AVX2 void tile_int8_avx2(const Int8Rows& x, int64_t r0, const Int8Linear& w, int64_t p, float* out) {
   const int64_t in = w.in, B = w.blocks();
