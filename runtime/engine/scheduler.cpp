@@ -228,6 +228,7 @@ bool Scheduler::step() {
         {s->kv, std::span<const int32_t>(s->tokens).subspan(size_t(s->computed), size_t(take)), false, s->prompt_len});
     if (s->computed < s->prompt_len) counters_.prompt_tokens += std::min(take, s->prompt_len - s->computed);
   }
+  const Model::ExclusiveUse use(model_);  // until the result is sampled
   const ForwardResult& r = model_.forward(batch, cache_);
   const int64_t vocab = model_.spec().vocab_size;
   // The rows that predict a token (the others are still prefilling) are sampled first, all at once on the backend's

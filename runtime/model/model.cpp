@@ -65,6 +65,13 @@ void Model::load(const Workspace& ws) {
   head_ = pack_output_head(backend_, src, graph_.tied_head ? &embedding_.tokens() : nullptr);
 }
 
+Model::ExclusiveUse::ExclusiveUse(Model& m) : model_(m) {
+  if (m.in_use_.exchange(true))
+    throw Error("the model is in use by another caller at the same time (a model serves one scheduler at a time)");
+}
+
+Model::ExclusiveUse::~ExclusiveUse() { model_.in_use_.store(false); }
+
 KvCacheConfig Model::kv_config(int64_t max_tokens, KvDType dtype, int64_t block_size) const {
   KvCacheConfig c;
   c.num_layers = spec_.num_layers;

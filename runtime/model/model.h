@@ -4,6 +4,7 @@
 // ragged batch of sequences, each contributing some new tokens (a prefill chunk, a single decode token, or a whole
 // evaluation window) on top of what its paged KV cache already holds. Serving, chat, eval and calibration all run
 // through it.
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -94,6 +95,20 @@ class Model {
   // (a fresh [rows, vocab] vector each step was ~3% of a batch-8 decode step in page faults and zero-filling).
   const ForwardResult& forward(std::span<BatchEntry> batch, KvCache& cache, ForwardObserver* observer = nullptr);
 
+  // A model serves one caller at a time: forward's scratch and result, and the backend's thread pool, are shared by
+  // every forward. A caller that runs a forward and then reads its result (a scheduler step, a calibration pass)
+  // holds an ExclusiveUse meanwhile; a second one at the same time throws kiln::Error instead of corrupting both.
+  class ExclusiveUse {
+   public:
+    explicit ExclusiveUse(Model& m);
+    ~ExclusiveUse();
+    ExclusiveUse(const ExclusiveUse&) = delete;
+    ExclusiveUse& operator=(const ExclusiveUse&) = delete;
+
+   private:
+    Model& model_;
+  };
+
  private:
   void load(const Workspace& ws);
 
@@ -108,6 +123,7 @@ class Model {
   std::vector<float> kv_k_scale_, kv_v_scale_;  // static INT8 KV scales; empty when the workspace has none
   std::string kv_scales_label_;                 // the workspace, for the error when they are missing
   ForwardResult result_;                        // forward's result, reused
+  std::atomic<bool> in_use_{false};             // an ExclusiveUse is held
 };
 
 }  // namespace kiln

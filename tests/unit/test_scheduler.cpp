@@ -261,16 +261,37 @@ TEST_F(Scheduler, SequencesSampledTogetherEqualAlone) {
   }
   std::vector<std::shared_ptr<RequestStream>> streams;
   for (size_t i = 0; i < prompts.size(); ++i) streams.push_back(e.submit(prompts[i], params[i]));
+  std::vector<Outcome> together;
+  for (auto& s : streams) together.push_back(collect(*s));
+  // The oracles run once `e` is idle: a Model serves one scheduler at a time.
+  wait_idle(e);
   for (size_t i = 0; i < streams.size(); ++i) {
-    const Outcome together = collect(*streams[i]);
     auto c1 = cache(64);
     Metrics m1;
     AsyncScheduler one(*model_, *c1, SchedulerOptions{}, m1);
     const Outcome alone = collect(*one.submit(prompts[i], params[i]));
-    EXPECT_EQ(together.tokens.at(0), alone.tokens.at(0)) << i;
-    EXPECT_EQ(together.logprobs.at(0), alone.logprobs.at(0)) << i;
-    EXPECT_EQ(together.reason.at(0), "length") << i;
+    EXPECT_EQ(together[i].tokens.at(0), alone.tokens.at(0)) << i;
+    EXPECT_EQ(together[i].logprobs.at(0), alone.logprobs.at(0)) << i;
+    EXPECT_EQ(together[i].reason.at(0), "length") << i;
   }
+  expect_all_free(e);
+}
+
+TEST_F(Scheduler, AModelServesOneCallerAtATime) {
+  // Two schedulers stepping one model at once would share its scratch, its result and the backend's pool (a
+  // heap-use-after-free under ASan, wrong logprobs without it): the second caller gets an error instead.
+  auto c = cache(16);
+  Metrics m;
+  AsyncScheduler e(*model_, *c, SchedulerOptions{}, m);
+  {
+    const Model::ExclusiveUse first(*model_);
+    EXPECT_THROW(Model::ExclusiveUse second(*model_), Error);
+    const Outcome o = collect(*e.submit(prompt(20, 4), greedy(2)));  // the scheduler's step holds one too
+    EXPECT_EQ(o.reason.at(0), "error");
+  }
+  // Released: the scheduler runs again.
+  const Outcome o = collect(*e.submit(prompt(20, 4), greedy(2)));
+  EXPECT_EQ(o.reason.at(0), "length");
   expect_all_free(e);
 }
 
