@@ -38,8 +38,8 @@ python3 scripts/make_fixtures.py --out build/fixtures --tokenizers build/testdat
 
 # The sanitizer/fuzz build (one clang build serves both: everything compiled with ASan+UBSan and fuzzer coverage
 # instrumentation; only the fuzz targets link libFuzzer's driver) runs at the lowest CPU priority behind the tests:
-# pytest leaves about half of the two cores idle (one test at a time, waiting on servers and subprocesses), and the
-# build fills that time instead of adding its own minutes at the end.
+# it fills the time the test workers spend waiting on servers and subprocesses instead of adding its own minutes at
+# the end.
 targets=$(cd tests/fuzz && ls fuzz_*.cpp | sed 's/\.cpp$//')
 (
   cmake -S . -B build-san -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKILN_FUZZ=ON -DKILN_CUDA=OFF \
@@ -52,7 +52,10 @@ echo "== unit tests ($SECONDS s)"
 run_ctest build
 
 echo "== oracle tests: pytest against transformers / tokenizers ($SECONDS s)"
-python3 -m pytest -q -rs --durations=15 --continue-on-collection-errors tests/python -p no:cacheprovider -m "not llama_cpp"
+# One test at a time kept about one core busy (most tests wait on a kiln subprocess, a server or an oracle), 19 of the
+# run's 30 minutes: a worker per core, each taking whole files (a module's fixtures are built once), halves that.
+python3 -m pytest -q -rs --durations=15 --continue-on-collection-errors tests/python -p no:cacheprovider -m "not llama_cpp" \
+  -n "$(nproc)" --dist loadfile
 
 echo "== oracle tests against llama.cpp ($SECONDS s)"
 wait $llama_build || { tail -n 60 llama-cpp-build.log; echo "building llama.cpp failed (log above, also in llama-cpp-build.log)"; exit 1; }

@@ -24,7 +24,7 @@ fi
 
 # Python is only for oracles, fixtures and scripts. Versions are pinned so the oracle does not move under the tests.
 PY_PACKAGES=(
-  torch==2.13.0 transformers==5.23.0 tokenizers==0.23.3 safetensors numpy pytest
+  torch==2.13.0 transformers==5.23.0 tokenizers==0.23.3 safetensors numpy pytest pytest-xdist==3.8.0
   gguf accelerate sentencepiece protobuf jinja2 openai prometheus_client
   selenium==4.51.0
 )
@@ -36,7 +36,7 @@ pip_install() {
   fi
   rm -f "$log"
 }
-if ! python3 -c "import torch, transformers, tokenizers, safetensors, pytest, gguf, accelerate, jinja2, sentencepiece, openai, prometheus_client, selenium" 2>/dev/null \
+if ! python3 -c "import torch, transformers, tokenizers, safetensors, pytest, xdist, gguf, accelerate, jinja2, sentencepiece, openai, prometheus_client, selenium" 2>/dev/null \
    || [ "$(python3 -c 'import transformers; print(transformers.__version__)')" != "5.23.0" ]; then
   echo "setup: installing Python packages"
   pip_install "${PY_PACKAGES[@]}"
