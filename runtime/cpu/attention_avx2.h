@@ -54,11 +54,11 @@ KILN_TARGET_AVX2 KILN_ALWAYS_INLINE float hmax8(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(x, _mm_movehdup_ps(x)));
 }
 
-// 8 values of a cache row from dimension d as fp32, exactly as widen_row gives them (the same conversions, and static
-// int8's one multiply by `scale`), read straight from the cache: decode needs no fp32 copy of the rows, which cost as
-// much as the arithmetic and evicted it from L1.
+// 8 values of a cache row from dimension d as fp32, exactly as widen_row gives them (the same conversions; static
+// int8 codes as they are, their scales applied to the scores and the value sums by the caller), read straight from
+// the cache: decode needs no fp32 copy of the rows, which cost as much as the arithmetic and evicted it from L1.
 template <KvDType T>
-KILN_TARGET_AVX2 KILN_ALWAYS_INLINE __m256 load8(const uint8_t* row, int64_t d, __m256 scale) {
+KILN_TARGET_AVX2 KILN_ALWAYS_INLINE __m256 load8(const uint8_t* row, int64_t d) {
   if constexpr (T == KvDType::F32) {
     return _mm256_loadu_ps(reinterpret_cast<const float*>(row) + d);
   } else if constexpr (T == KvDType::BF16) {
@@ -69,7 +69,7 @@ KILN_TARGET_AVX2 KILN_ALWAYS_INLINE __m256 load8(const uint8_t* row, int64_t d, 
   } else {
     static_assert(T == KvDType::I8Static);
     const __m128i q = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d));
-    return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), scale);
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q));
   }
 }
 
@@ -78,8 +78,7 @@ KILN_TARGET_AVX2 KILN_ALWAYS_INLINE __m256 load8(const uint8_t* row, int64_t d, 
 // and the sum of the 128-bit halves, which add only lanes of one key in a fixed order: a score depends on its own
 // head and key alone, whatever the tile.
 template <KvDType T, int HT, int KT>
-KILN_TARGET_AVX2 KILN_ALWAYS_INLINE void scores_tile(const float* q, const uint8_t* const* k, int64_t hd, __m256 scale,
-                                                     float* out) {
+KILN_TARGET_AVX2 KILN_ALWAYS_INLINE void scores_tile(const float* q, const uint8_t* const* k, int64_t hd, float* out) {
   static_assert(KT == 4 || KT == 8);
   __m256 acc[HT][KT];
 #pragma GCC unroll 3
@@ -92,7 +91,7 @@ KILN_TARGET_AVX2 KILN_ALWAYS_INLINE void scores_tile(const float* q, const uint8
     for (int h = 0; h < HT; ++h) qv[h] = _mm256_loadu_ps(q + h * hd + d);
 #pragma GCC unroll 8
     for (int j = 0; j < KT; ++j) {
-      const __m256 kv = load8<T>(k[j], d, scale);
+      const __m256 kv = load8<T>(k[j], d);
 #pragma GCC unroll 3
       for (int h = 0; h < HT; ++h) acc[h][j] = _mm256_fmadd_ps(qv[h], kv, acc[h][j]);
     }
@@ -137,7 +136,7 @@ KILN_TARGET_AVX2 KILN_ALWAYS_INLINE void softmax_chunk_avx2(float* scores, int64
 // (a value row is loaded once for all HT heads). Every (head, dimension) is one FMA chain over the keys in order.
 template <KvDType T, int HT>
 KILN_TARGET_AVX2 KILN_ALWAYS_INLINE void values_tile(const float* e, const uint8_t* const* vrows, int64_t j0,
-                                                     int64_t j1, int64_t hd, __m256 scale, float* acc) {
+                                                     int64_t j1, int64_t hd, float* acc) {
   constexpr int DB = HT == 1 ? 8 : 4;  // HT * DB accumulators, HT weights and a value row fit the 16 registers
   int64_t d0 = 0;
   for (; d0 + 8 * DB <= hd; d0 += 8 * DB) {
@@ -152,7 +151,7 @@ KILN_TARGET_AVX2 KILN_ALWAYS_INLINE void values_tile(const float* e, const uint8
       for (int h = 0; h < HT; ++h) w[h] = _mm256_broadcast_ss(e + h * kScoreStride + j);
 #pragma GCC unroll 8
       for (int b = 0; b < DB; ++b) {
-        const __m256 vv = load8<T>(vrows[j], d0 + 8 * b, scale);
+        const __m256 vv = load8<T>(vrows[j], d0 + 8 * b);
 #pragma GCC unroll 3
         for (int h = 0; h < HT; ++h) a[h][b] = _mm256_fmadd_ps(w[h], vv, a[h][b]);
       }
@@ -167,7 +166,7 @@ KILN_TARGET_AVX2 KILN_ALWAYS_INLINE void values_tile(const float* e, const uint8
 #pragma GCC unroll 3
     for (int h = 0; h < HT; ++h) a[h] = _mm256_setzero_ps();
     for (int64_t j = j0; j < j1; ++j) {
-      const __m256 vv = load8<T>(vrows[j], d0, scale);
+      const __m256 vv = load8<T>(vrows[j], d0);
 #pragma GCC unroll 3
       for (int h = 0; h < HT; ++h) a[h] = _mm256_fmadd_ps(_mm256_broadcast_ss(e + h * kScoreStride + j), vv, a[h]);
     }
@@ -183,7 +182,7 @@ KILN_TARGET_AVX2 KILN_ALWAYS_INLINE void values_tile(const float* e, const uint8
 template <KvDType T, int HT>
 KILN_TARGET_AVX2 void heads_partial_avx2(const float* q, const uint8_t* const* krows, const uint8_t* const* vrows,
                                          const NextRows& next, int64_t j0, int64_t j1, int64_t hd, float score_scale,
-                                         __m256 kscale, __m256 vscale, float* m, float* s, float* acc) {
+                                         float* m, float* s, float* acc) {
   constexpr int KT = HT == 1 ? 8 : 4;
   alignas(32) float e[HT * kScoreStride];
   const int64_t n = j1 - j0;
@@ -194,10 +193,10 @@ KILN_TARGET_AVX2 void heads_partial_avx2(const float* q, const uint8_t* const* k
           _mm_prefetch(reinterpret_cast<const char*>(next.k[i] + 64 * l), _MM_HINT_T0);
           _mm_prefetch(reinterpret_cast<const char*>(next.v[i] + 64 * l), _MM_HINT_T0);
         }
-    scores_tile<T, HT, KT>(q, krows + j, hd, kscale, e + j);
+    scores_tile<T, HT, KT>(q, krows + j, hd, e + j);
   }
   for (int h = 0; h < HT; ++h) softmax_chunk_avx2(e + h * kScoreStride, j0, j1, score_scale, m + h, s + h);
-  values_tile<T, HT>(e, vrows, j0, j1, hd, vscale, acc);
+  values_tile<T, HT>(e, vrows, j0, j1, hd, acc);
 }
 
 // One row's partials over keys [j0, j1) of a chunk for all `group` heads of a kv head (hd % 8 == 0, no softcap):
@@ -206,19 +205,17 @@ KILN_TARGET_AVX2 void heads_partial_avx2(const float* q, const uint8_t* const* k
 template <KvDType T>
 KILN_TARGET_AVX2 void group_partial_avx2(const float* q, const uint8_t* const* krows, const uint8_t* const* vrows,
                                          const NextRows& next, int64_t j0, int64_t j1, int64_t group, int64_t hd,
-                                         float score_scale, float kscale, float vscale, float* m, float* s,
-                                         float* acc) {
-  const __m256 ks = _mm256_set1_ps(kscale), vs = _mm256_set1_ps(vscale);
+                                         float score_scale, float* m, float* s, float* acc) {
   for (int64_t h = 0; h < group;) {
     const int64_t left = group - h, ht = left == 4 ? 2 : std::min<int64_t>(3, left);
     const float* qh = q + h * hd;
     const NextRows& pre = h == 0 ? next : NextRows{};  // requested once, with the first heads
     if (ht == 3)
-      heads_partial_avx2<T, 3>(qh, krows, vrows, pre, j0, j1, hd, score_scale, ks, vs, m + h, s + h, acc + h * hd);
+      heads_partial_avx2<T, 3>(qh, krows, vrows, pre, j0, j1, hd, score_scale, m + h, s + h, acc + h * hd);
     else if (ht == 2)
-      heads_partial_avx2<T, 2>(qh, krows, vrows, pre, j0, j1, hd, score_scale, ks, vs, m + h, s + h, acc + h * hd);
+      heads_partial_avx2<T, 2>(qh, krows, vrows, pre, j0, j1, hd, score_scale, m + h, s + h, acc + h * hd);
     else
-      heads_partial_avx2<T, 1>(qh, krows, vrows, pre, j0, j1, hd, score_scale, ks, vs, m + h, s + h, acc + h * hd);
+      heads_partial_avx2<T, 1>(qh, krows, vrows, pre, j0, j1, hd, score_scale, m + h, s + h, acc + h * hd);
     h += ht;
   }
 }

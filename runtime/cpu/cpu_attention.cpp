@@ -3,7 +3,9 @@
 // Keys are cut into chunks of kKeyChunk positions, aligned to absolute positions. For each chunk a query row sees
 // (clipped to the keys it may see: causal, sliding window, bidirectional prefix) and each head, a partial result is
 // computed on its own: the chunk's maximum score m, the sum s of exp(score - m) and the value sum acc weighted by
-// those exponentials, all in fp32 (int8 and 16-bit cache rows are converted to fp32 exactly as widen_row does). A
+// those exponentials, all in fp32 (int8 and 16-bit cache rows are converted to fp32 exactly as widen_row does; static
+// int8 codes are taken as they are, their kv head's key scale folded into the score scale and its value scale
+// applied to the finished result, which took a third of the conversion's work off every key and value). A
 // row's partials are then folded in key order (fold_partial). That definition makes a row's result independent of
 // how the work is split and of the rest of the batch:
 //   - a small batch (decode) splits each (row, kv head)'s chunks into runs, a task each, so that a few heads at batch 1
@@ -87,10 +89,9 @@ KILN_ALWAYS_INLINE void prefetch_rows(const LayerView& v, const AttentionSequenc
   }
 }
 
-// A cache row (src) of kv head g as hd fp32 values: the row itself for an fp32 cache, else widened into dst (and dst
-// returned).
-KILN_ALWAYS_INLINE const float* widen_row(const LayerView& v, const uint8_t* src, const float* scales, int64_t g,
-                                          float* dst) {
+// A cache row (src) as hd fp32 values: the row itself for an fp32 cache, else widened into dst (and dst returned);
+// static int8 codes unscaled (the header).
+KILN_ALWAYS_INLINE const float* widen_row(const LayerView& v, const uint8_t* src, float* dst) {
   const auto& c = *v.c;
   const int64_t hd = v.hd;
   switch (c.dtype) {
@@ -109,11 +110,22 @@ KILN_ALWAYS_INLINE const float* widen_row(const LayerView& v, const uint8_t* src
     case KvDType::I8Online:
       kv_dequantize_online(src, hd, dst);
       break;
-    case KvDType::I8Static:
-      kv_dequantize_static(reinterpret_cast<const int8_t*>(src), hd, scales[size_t(v.layer * c.num_kv_heads + g)], dst);
+    case KvDType::I8Static: {
+      const auto* q = reinterpret_cast<const int8_t*>(src);
+      for (int64_t d = 0; d < hd; ++d) dst[d] = float(q[d]);
       break;
+    }
   }
   return dst;
+}
+
+// Static int8's scales of kv head g in this layer (1 for the other dtypes): the codes' products are scaled once per
+// score (key_scale) and once per finished value sum (value_scale).
+float key_scale(const LayerView& v, int64_t g) {
+  return v.c->dtype == KvDType::I8Static ? v.k_scales[size_t(v.layer * v.c->num_kv_heads + g)] : 1.0f;
+}
+float value_scale(const LayerView& v, int64_t g) {
+  return v.c->dtype == KvDType::I8Static ? v.v_scales[size_t(v.layer * v.c->num_kv_heads + g)] : 1.0f;
 }
 
 // Whether a task of `count` rows takes the vector kernel (head size a multiple of 8, no softcap) straight from the
@@ -179,8 +191,8 @@ KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* ro
         kraw[j] = k + at;
         vraw[j] = val + at;
       } else {
-        krows[j] = widen_row(v, k + at, v.k_scales, g, kb + j * hd);
-        vrows[j] = widen_row(v, val + at, v.v_scales, g, vb + j * hd);
+        krows[j] = widen_row(v, k + at, kb + j * hd);
+        vrows[j] = widen_row(v, val + at, vb + j * hd);
         kraw[j] = reinterpret_cast<const uint8_t*>(krows[j]);
         vraw[j] = reinterpret_cast<const uint8_t*>(vrows[j]);
       }
@@ -212,21 +224,19 @@ KILN_ALWAYS_INLINE void chunk_partials_impl(const LayerView& v, const RowRef* ro
     collect(*after->seq, after_g, after->first, std::min(after->last, (after->first / kKeyChunk + 1) * kKeyChunk));
   const NextRows next{nnext ? knext : nullptr, vnext, nnext, int64_t((v.row_bytes + 63) / 64)};
   const KvDType kind = direct ? v.c->dtype : KvDType::F32;
-  const bool fixed_scales = kind == KvDType::I8Static;
-  const float kscale = fixed_scales ? v.k_scales[size_t(v.layer * v.c->num_kv_heads + g)] : 1.0f;
-  const float vscale = fixed_scales ? v.v_scales[size_t(v.layer * v.c->num_kv_heads + g)] : 1.0f;
+  const float kscale = key_scale(v, g);
   for (int64_t t = 0; t < count; ++t) {
     const RowRef& r = rows[t];
     const int64_t j0 = std::max(c0, r.first) - c0, j1 = std::min(c0 + kKeyChunk, r.last) - c0;
     if (j0 >= j1) continue;
-    const float score_scale = p.scale * logn_attention_factor(p.logn_length, r.position);
+    const float score_scale = p.scale * logn_attention_factor(p.logn_length, r.position) * kscale;
     float *m = part + t * stride, *s = m + group, *acc = s + group;
 #if defined(__x86_64__)
     if constexpr (kAvx2) {
       if (vec) {
         const float* q = v.q + r.row * v.q_stride + g * group * hd;
         const auto run = [&]<KvDType T>() {
-          group_partial_avx2<T>(q, kraw, vraw, next, j0, j1, group, hd, score_scale, kscale, vscale, m, s, acc);
+          group_partial_avx2<T>(q, kraw, vraw, next, j0, j1, group, hd, score_scale, m, s, acc);
         };
         switch (kind) {
           case KvDType::BF16:
@@ -372,7 +382,7 @@ void CpuBackend::attention(const float* q, int64_t q_stride, const KvCache& cach
     const float *S = total + group, *O = S + group;
     for (int64_t i = 0; i < group; ++i) {
       float* o = out + r.row * p.num_heads * hd + (g * group + i) * hd;
-      const float inv = 1.0f / S[i];
+      const float inv = value_scale(view, g) / S[i];
       for (int64_t d = 0; d < hd; ++d) o[d] = O[i * hd + d] * inv;
     }
   };
