@@ -3,7 +3,9 @@
 
 Not a test: it prints numbers and ratios. For each workspace (fp32, bf16, and int4 g32/g64/g128 made from the bf16
 one with `kiln quantize --method rtn`, and int4-g64-h8 = g64 with `--head int8`, the LM head in int8 per 32 inputs as
-llama.cpp's Q8_0 head; a group size that does not divide every linear's input is reported and skipped):
+llama.cpp's Q8_0 head; a group size that does not divide every linear's input is reported and skipped; a "-kv8"
+suffix, e.g. int4-g64-h8-kv8, adds a static int8 KV cache, its scales from `kiln calibrate` on the calibration text,
+as the main job serves, against llama.cpp with a Q8_0 KV cache):
   - kiln decode tokens/s at batch 1, 8, 32 (`kiln generate --batch B --ignore-eos`, one ragged forward per step)
     and prefill tokens/s (one 512-token prompt);
   - the memory-bandwidth roofline: bytes read per decode step (every weight once: the tied embedding is read whole
@@ -317,7 +319,7 @@ def make_gguf(src_gguf, out, kind):
     writer.close()
 
 
-def llama_cpp_run(path, prefill_prompt, decode_prompt, n_decode, batches, threads):
+def llama_cpp_run(path, prefill_prompt, decode_prompt, n_decode, batches, threads, kv_q8=False):
     """llama.cpp through its C API (llama-cpp-python's ctypes bindings): prefill tokens/s of prefill_prompt (one
     llama_decode), and for each batch B the decode tokens/s of B sequences decoded together, as kiln's --batch runs
     them: each sequence its own copy of decode_prompt (nothing shared), prefilled in one llama_decode, then one
@@ -327,7 +329,8 @@ def llama_cpp_run(path, prefill_prompt, decode_prompt, n_decode, batches, thread
     batch and an argmax, ~0.1 ms. Prefill and decode are timed with flash attention off (the Llama class's default)
     and on (the C API's default, "auto", enables it on CPU, 28-45% slower after 2,048 tokens here), and batched with
     the KV cache as one buffer for all sequences and one per sequence (kv_unified); the fastest is kept, so the
-    anchor is at its best. Returns (prefill, {B: decode}); prefill is 0 for an empty prefill_prompt."""
+    anchor is at its best. kv_q8: the KV cache in Q8_0 (K and V), with flash attention on, which a quantized V cache
+    needs. Returns (prefill, {B: decode}); prefill is 0 for an empty prefill_prompt."""
     import llama_cpp as lc
     from llama_cpp._logger import set_verbose
     set_verbose(False)  # what Llama(verbose=False) does: llama.cpp's loading and graph logs otherwise reach stderr
@@ -343,6 +346,8 @@ def llama_cpp_run(path, prefill_prompt, decode_prompt, n_decode, batches, thread
         # decode after a 2,048-token prompt ~10% slower.
         cp.n_ctx, cp.n_batch, cp.n_ubatch, cp.n_seq_max, cp.kv_unified = n_ctx, n_batch, 512, seqs, unified
         cp.flash_attn_type = flash
+        if kv_q8:
+            cp.type_k = cp.type_v = lc.GGML_TYPE_Q8_0
         cp.n_threads = cp.n_threads_batch = threads
         ctx = lc.llama_init_from_model(model, cp)
         if not ctx:
@@ -361,8 +366,10 @@ def llama_cpp_run(path, prefill_prompt, decode_prompt, n_decode, batches, thread
         return [int(t) for t in np.argmax(np.ctypeslib.as_array(lc.llama_get_logits(ctx), shape=(n_out, n_vocab)),
                                           axis=1)]
 
+    flashes = [lc.LLAMA_FLASH_ATTN_TYPE_ENABLED] if kv_q8 else [lc.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                                                                 lc.LLAMA_FLASH_ATTN_TYPE_ENABLED]
     n, prefill = len(prefill_prompt), 0.0
-    for flash in (lc.LLAMA_FLASH_ATTN_TYPE_DISABLED, lc.LLAMA_FLASH_ATTN_TYPE_ENABLED) if n else ():
+    for flash in flashes if n else ():
         ctx, b = context(1, n + 8, max(512, n), flash=flash), lc.llama_batch_init(n, 0, 1)
         t0 = time.perf_counter()
         run(ctx, b, list(prefill_prompt), [(0, i) for i in range(n)], lambda i: i == n - 1)
@@ -372,8 +379,7 @@ def llama_cpp_run(path, prefill_prompt, decode_prompt, n_decode, batches, thread
 
     decode, p = {}, len(decode_prompt)
     for batch in batches:
-        for unified, flash in itertools.product((True, False) if batch > 1 else (True,),
-                                                (lc.LLAMA_FLASH_ATTN_TYPE_DISABLED, lc.LLAMA_FLASH_ATTN_TYPE_ENABLED)):
+        for unified, flash in itertools.product((True, False) if batch > 1 else (True,), flashes):
             per_seq = -(-(p + n_decode + 8) // 256) * 256  # llama.cpp rounds n_ctx / n_seq_max to 256 and warns
             ctx = context(batch, batch * per_seq, max(512, batch * p), unified, flash)
             b = lc.llama_batch_init(batch * p, 0, 1)
@@ -455,19 +461,27 @@ def main():
         (tmp / "decode.json").write_text(json.dumps(decode_prompt))
         for dtype in args.dtypes.split(","):
             ws = tmp / f"ws-{dtype}"
+            kv8 = dtype.endswith("-kv8")
             if dtype.startswith("int4-g"):
                 base = tmp / "ws-bf16"
                 if not base.exists():
                     kiln(args, "convert", args.model, "-o", base, "--dtype", "bf16")
                 env = dict(os.environ, KILN_THREADS=str(args.threads))
-                group, _, head = dtype[len("int4-g"):].partition("-")  # "64" or "64", "h8" (--head int8)
+                options = dtype[len("int4-g"):].split("-")  # "64", then "h8" (--head int8) and "kv8"
+                extra = ["--head", "int8"] if "h8" in options else []
+                if kv8:
+                    stats = tmp / "kv-stats.safetensors"
+                    if not stats.exists():
+                        kiln(args, "calibrate", base, "--data", REPO / "tests" / "data" / "text" /
+                             "devils_dictionary_calib.txt", "--samples", 16, "--seqlen", 256, "-o", stats)
+                    extra += ["--kv-cache", "int8", "--kv-mode", "static", "--kv-stats", str(stats)]
                 q = subprocess.run([str(args.kiln), "quantize", str(base), "-o", str(ws), "--method", "rtn",
-                                    "--group-size", group] + (["--head", "int8"] if head == "h8" else []),
-                                   capture_output=True, text=True, env=env)
+                                    "--group-size", options[0]] + extra, capture_output=True, text=True, env=env)
                 if q.returncode != 0:
                     print(f"\n[{dtype}] not measured: {q.stderr.strip().splitlines()[-1]}")
                     continue
-                kinds, kv_bytes = ["Q4_0", "Q4_1"], 2
+                # Bytes per cached value: bf16, or int8 (kiln's static rows; llama.cpp's Q8_0 has 2 more per 32).
+                kinds, kv_bytes = ["Q4_0", "Q4_1"], 1 if kv8 else 2
             else:
                 if not ws.exists():  # ws-bf16 is already there when an int4 row came first (its quantize input)
                     kiln(args, "convert", args.model, "-o", ws, "--dtype", dtype)
@@ -485,13 +499,15 @@ def main():
                 if not g.exists():
                     make_gguf(gguf_src, g, kind)
                 runs = [llama_cpp_run(g, prefill_prompt, decode_prompt, args.decode,
-                                      [] if args.alternate else batches, args.threads) for _ in range(args.repeat)]
+                                      [] if args.alternate else batches, args.threads, kv8)
+                        for _ in range(args.repeat)]
                 # "decode": tokens/s of every run, per batch (filled below, run by run, with --alternate).
-                refs[kind] = {"decode": {bb: [r[1][bb] for r in runs] for bb in batches if not args.alternate},
-                              "prefill": max(r[0] for r in runs), "gguf": g}
-                per_batch = ", ".join(f"batch {bb} {max(v):.1f}" for bb, v in refs[kind]["decode"].items())
-                ref_prefill = refs[kind]["prefill"]
-                print(f"[{dtype}] llama.cpp {kind} GGUF ({g.stat().st_size / 1e6:.0f} MB): "
+                label = kind + (" + Q8_0 KV" if kv8 else "")
+                refs[label] = {"decode": {bb: [r[1][bb] for r in runs] for bb in batches if not args.alternate},
+                               "prefill": max(r[0] for r in runs), "gguf": g}
+                per_batch = ", ".join(f"batch {bb} {max(v):.1f}" for bb, v in refs[label]["decode"].items())
+                ref_prefill = refs[label]["prefill"]
+                print(f"[{dtype}] llama.cpp {label} GGUF ({g.stat().st_size / 1e6:.0f} MB): "
                       f"{'decode tokens/s ' + per_batch + '; ' if per_batch else ''}prefill {ref_prefill:.0f} "
                       f"tokens/s (kiln prefill {ratio(prefill, ref_prefill)})")
 
@@ -507,7 +523,8 @@ def main():
                         kiln_runs.append(kiln_decode(b))
                         for ref in refs.values():
                             ref["decode"].setdefault(b, []).append(
-                                llama_cpp_run(ref["gguf"], [], decode_prompt, args.decode, [b], args.threads)[1][b])
+                                llama_cpp_run(ref["gguf"], [], decode_prompt, args.decode, [b], args.threads,
+                                              kv8)[1][b])
                 else:
                     kiln_runs = [kiln_decode(b) for _ in range(args.repeat)]
                 tps = max(kiln_runs)
