@@ -96,8 +96,9 @@ class Model {
   const ForwardResult& forward(std::span<BatchEntry> batch, KvCache& cache, ForwardObserver* observer = nullptr);
 
   // A model serves one caller at a time: forward's scratch and result, and the backend's thread pool, are shared by
-  // every forward. A caller that runs a forward and then reads its result (a scheduler step, a calibration pass)
-  // holds an ExclusiveUse meanwhile; a second one at the same time throws kiln::Error instead of corrupting both.
+  // every forward. A scheduler step (a forward, then the sampling of its result) holds an ExclusiveUse meanwhile, so
+  // that a second scheduler stepping the same model at once gets kiln::Error instead of corrupting both; eval and
+  // calibration run their forwards from one thread and need none.
   class ExclusiveUse {
    public:
     explicit ExclusiveUse(Model& m);
